@@ -1,0 +1,43 @@
+"""Helpers shared by the benchmark scripts: machine description and result logging."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+
+
+def log_result(name: str, record: dict) -> None:
+    """Append one JSON line to benchmarks/results/NAME.jsonl (and echo it)."""
+    RESULTS_DIR.mkdir(exist_ok=True)
+    record = {
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": machine(),
+        "command": " ".join(shlex.quote(a) for a in sys.argv),
+        **record,
+    }
+    with open(RESULTS_DIR / f"{name}.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    print(json.dumps(record), flush=True)

@@ -1,0 +1,59 @@
+"""Reproduce the reference perplexities of shared/data/README.md (fp16, RTN and GPTQ on SmolLM2).
+
+Usage: python benchmarks/reference_figures.py [--configs fp16,rtn4,rtn3,gptq4,gptq3] [--dtype bfloat16]
+Each configuration is quantized from scratch, saved, reloaded and evaluated on the full WikiText-2
+test set; one JSON line per configuration goes to benchmarks/results/reference_figures.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+
+from _common import log_result
+
+from anybit.config import QuantConfig
+from anybit.model.loading import load_model
+from anybit.pipeline import evaluate_spec, quantize_to_dir
+
+CONFIGS = {
+    "rtn4": dict(method="rtn", bits=4, group_size=64),
+    "rtn3": dict(method="rtn", bits=3, group_size=64),
+    "rtn4pc": dict(method="rtn", bits=4, group_size=0),
+    "gptq4": dict(method="gptq", bits=4, group_size=64),
+    "gptq3": dict(method="gptq", bits=3, group_size=64),
+    "gptq2": dict(method="gptq", bits=2, group_size=64),
+    "gptq4pc": dict(method="gptq", bits=4, group_size=0),
+    "gptq3pc": dict(method="gptq", bits=3, group_size=0),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--configs", default="fp16,rtn4,rtn3,gptq4,gptq3")
+    parser.add_argument("--dtype", default="bfloat16", help="evaluation compute dtype")
+    parser.add_argument("--calib-dtype", default="bfloat16")
+    parser.add_argument("--nsamples", type=int, default=128)
+    parser.add_argument("--max-windows", type=int, default=None)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    eval_kwargs = dict(max_windows=args.max_windows, device=args.device, dtype=args.dtype)
+    for name in args.configs.split(","):
+        if name == "fp16":
+            result = evaluate_spec(load_model(args.model), **eval_kwargs)
+            log_result("reference_figures", {"config": name, "bits_per_weight": 16.0, **result.to_dict()})
+            continue
+        config = QuantConfig(**CONFIGS[name], nsamples=args.nsamples, device=args.device, calib_dtype=args.calib_dtype)
+        with tempfile.TemporaryDirectory() as tmp:
+            outcome = quantize_to_dir(args.model, config, f"{tmp}/q")
+            result = evaluate_spec(load_model(f"{tmp}/q"), **eval_kwargs)
+            log_result(
+                "reference_figures",
+                {"config": name, **config.to_dict(), "bits_per_weight": outcome.bits_per_weight,
+                 "file_bytes": outcome.file_bytes, "quantize_seconds": outcome.report.seconds, **result.to_dict()},
+            )  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

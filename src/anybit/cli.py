@@ -1,0 +1,193 @@
+"""The `anybit` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from anybit.config import DTYPES, QuantConfig
+from anybit.errors import AnybitError
+
+
+class _Group(click.Group):
+    """Turns an AnybitError anywhere below into a one-line message and exit status 1."""
+
+    def invoke(self, ctx: click.Context):  # noqa: ANN201 - click signature
+        try:
+            return super().invoke(ctx)
+        except AnybitError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="anybit")
+def main() -> None:
+    """anybit: quantize causal language models to any average bit-width."""
+
+
+def _quant_options(f):  # noqa: ANN001, ANN202 - decorator
+    options = [
+        click.option("--method", default="gptq", show_default=True, help="Quantization recipe."),
+        click.option("--bits", type=float, default=4.0, show_default=True, help="Target bits per weight."),
+        click.option("--group", "group_size", type=int, default=64, show_default=True, help="Group size (0: per output channel)."),
+        click.option("--act-order/--no-act-order", default=False, show_default=True, help="GPTQ: columns by descending Hessian diagonal."),
+        click.option("--damp", type=float, default=0.01, show_default=True, help="GPTQ dampening, fraction of mean diag(H)."),
+        click.option("--calib", default="wikitext2-valid", show_default=True, help="Calibration corpus name or text file."),
+        click.option("--nsamples", type=int, default=128, show_default=True, help="Calibration windows."),
+        click.option("--seqlen", type=int, default=2048, show_default=True, help="Calibration window length in tokens."),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N]."),
+        click.option("--calib-dtype", type=click.Choice(DTYPES), default="float32", show_default=True, help="Dtype of the calibration forward passes (statistics are float32)."),
+        click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None, help="TOML file with these settings; flags given explicitly win."),
+    ]  # fmt: skip
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _make_config(ctx: click.Context, config_file: str | None, **values: object) -> QuantConfig:
+    if config_file is None:
+        return QuantConfig(**values)
+    explicit = {k: v for k, v in values.items() if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
+    return QuantConfig.from_toml(config_file, **explicit)
+
+
+def _mb(n_bytes: int) -> str:
+    return f"{n_bytes / 1e6:.1f} MB"
+
+
+@main.command()
+@click.argument("model")
+@_quant_options
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+@click.pass_context
+def quantize(ctx: click.Context, model: str, out_dir: str, force: bool, config_file: str | None, **values: object) -> None:
+    """Quantize MODEL (HF directory, .gguf file or alias) and write DIR."""
+    from anybit.pipeline import quantize_to_dir
+
+    config = _make_config(ctx, config_file, **values)
+    outcome = quantize_to_dir(model, config, out_dir, force=force)
+    click.echo(
+        f"wrote {outcome.out_dir}: {config.method} {config.bits:g}-bit, "
+        f"{outcome.bits_per_weight:.4f} counted bits/weight, {_mb(outcome.file_bytes)}, "
+        f"{outcome.report.seconds:.1f} s"
+    )
+
+
+def _eval_options(f):  # noqa: ANN001, ANN202 - decorator
+    options = [
+        click.option("--dataset", default="wikitext2", show_default=True, help="Corpus name or text file."),
+        click.option("--seqlen", type=int, default=2048, show_default=True, help="Window length in tokens."),
+        click.option("--max-windows", type=int, default=None, help="Score only the first N windows."),
+        click.option("--device", default="cpu", show_default=True),
+        click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True, help="Compute dtype."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+@main.command("eval")
+@click.argument("model")
+@_eval_options
+@click.option("--kl", is_flag=True, help="Also KL divergence and top-1 agreement against the unquantized model.")
+@click.option("--reference", default=None, help="Reference model for --kl (default: the source of a quantized DIR).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def eval_cmd(model: str, kl: bool, reference: str | None, as_json: bool, **kwargs: object) -> None:
+    """Perplexity of MODEL (a model spec or a quantized DIR)."""
+    from anybit.model.loading import load_model
+    from anybit.pipeline import evaluate_spec
+
+    loaded = load_model(model)
+    ref = None
+    if kl or reference:
+        source = reference or (loaded.quant_info or {}).get("source")
+        if source is None:
+            raise AnybitError("--kl needs --reference for a model that is not a quantized directory")
+        ref = load_model(source)
+    result = evaluate_spec(loaded, reference=ref, **kwargs)
+    out = {"model": model, **result.to_dict()}
+    if loaded.quant_info is not None:
+        out["bits_per_weight"] = loaded.quant_info["bits_per_weight"]
+        out["method"] = loaded.quant_info["method"]
+    if as_json:
+        click.echo(json.dumps(out))
+        return
+    line = f"{model}: ppl {result.ppl:.3f} over {result.windows} windows of {result.seqlen} ({result.tokens} tokens)"
+    if "bits_per_weight" in out:
+        line += f", {out['bits_per_weight']:.4f} bits/weight"
+    if result.kl is not None:
+        line += f", KL {result.kl:.4f}, top-1 agreement {result.top1_agreement:.4f}"
+    click.echo(line)
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def inspect(directory: str, as_json: bool) -> None:
+    """Per-linear shape, layout, counted bits and bytes of a quantized DIR (read from its file)."""
+    from anybit.report import inspect_directory
+
+    table = inspect_directory(Path(directory))
+    if as_json:
+        click.echo(json.dumps(table))
+        return
+    click.echo(f"{'linear':48} {'shape':>12} {'kind':>9} {'group':>6} {'nominal':>8} {'bits/w':>8} {'bytes':>10}")
+    for row in table["layers"]:
+        shape = "x".join(map(str, row["shape"]))
+        click.echo(
+            f"{row['name']:48} {shape:>12} {row['kind']:>9} {row['group_size']:>6} "
+            f"{row['nominal_bits']:>8.3f} {row['bits_per_weight']:>8.4f} {row['bytes']:>10}"
+        )
+    click.echo(
+        f"total: {table['quantized_weights']} quantized weights, {table['bits_per_weight']:.4f} counted bits/weight, "
+        f"{table['quantized_bytes']} bytes of quantized linears; file {table['file_bytes']} bytes; "
+        f"method {table['method']}"
+    )
+
+
+@main.command()
+@click.argument("model", default="smollm2-135m")
+@_quant_options
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False), help="Output directory (default: under the cache).")
+@click.option("--dataset", default="wikitext2", show_default=True, help="Evaluation corpus.")
+@click.option("--max-windows", type=int, default=None, help="Evaluate only the first N windows.")
+@click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True, help="Evaluation compute dtype.")
+@click.pass_context
+def compare(
+    ctx: click.Context, model: str, out_dir: str | None, dataset: str, max_windows: int | None, dtype: str,
+    config_file: str | None, **values: object,
+) -> None:  # fmt: skip
+    """Quantize MODEL, evaluate it and the original, and print a table (the main job)."""
+    from anybit.model.loading import cache_dir, load_model
+    from anybit.pipeline import evaluate_spec, quantize_to_dir
+    from anybit.report import format_table
+
+    config = _make_config(ctx, config_file, **values)
+    name = f"{Path(model).name}-{config.method}-{config.bits:g}b-g{config.group_size}"
+    out = Path(out_dir) if out_dir else cache_dir() / "runs" / name
+    eval_kwargs = {"dataset": dataset, "max_windows": max_windows, "device": config.device, "dtype": dtype}
+    original = load_model(model)
+    n_weights = sum(p.numel() for p in original.model.parameters())
+    base = evaluate_spec(original, **eval_kwargs)
+    outcome = quantize_to_dir(model, config, out, force=True, loaded=original)
+    quantized = evaluate_spec(load_model(str(out)), **eval_kwargs)
+    rows = [
+        {"model": model, "method": "none (fp16)", "bits_per_weight": 16.0, "size": _mb(2 * n_weights), "ppl": base.ppl},
+        {"model": str(out), "method": f"{config.method} {config.bits:g}-bit g{config.group_size}",
+         "bits_per_weight": outcome.bits_per_weight, "size": _mb(outcome.file_bytes), "ppl": quantized.ppl},
+    ]  # fmt: skip
+    click.echo(format_table(rows, title=f"{dataset}, {base.windows} windows of {base.seqlen} tokens"))
+
+
+def run() -> None:
+    """Console-script entry point."""
+    main(prog_name="anybit")
+
+
+if __name__ == "__main__":
+    sys.exit(run())

@@ -1,0 +1,61 @@
+"""`QuantConfig`: every choice of a quantization run, validated when it is made."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from anybit.errors import AnybitError
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """One quantization run. `group_size` 0 means one group per output channel (per-channel)."""
+
+    method: str = "gptq"
+    bits: float = 4.0
+    group_size: int = 64
+    act_order: bool = False
+    damp: float = 0.01
+    calib: str = "wikitext2-valid"
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    device: str = "cpu"
+    calib_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        from anybit.methods import get_method  # the registry knows each method's bit range
+
+        method = get_method(self.method)
+        method.check_bits(self.bits)
+        if self.group_size < 0:
+            raise AnybitError(f"group size must be positive (or 0 for per-channel), got {self.group_size}")
+        if not 0 <= self.damp < 1:
+            raise AnybitError(f"dampening must be in [0, 1), got {self.damp}")
+        if self.nsamples < 1 or self.seqlen < 1:
+            raise AnybitError("--nsamples and --seqlen must be positive")
+        if self.calib_dtype not in DTYPES:
+            raise AnybitError(f"calibration dtype must be one of {', '.join(DTYPES)}, got {self.calib_dtype}")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise AnybitError(f"device must be cpu or cuda[:N], got {self.device!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_toml(cls, path: str | Path, **overrides: object) -> QuantConfig:
+        """Read a config file (keys as the fields); explicit overrides win."""
+        try:
+            values = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise AnybitError(f"cannot read config {path}: {exc}") from exc
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise AnybitError(f"unknown keys in {path}: {', '.join(sorted(unknown))}")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)

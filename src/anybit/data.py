@@ -1,0 +1,74 @@
+"""Text corpora to token windows: evaluation windows (GPTQ protocol) and seeded calibration samples.
+
+Built-in corpora are the WikiText-2 files shipped in the repository's `data/` folder (see
+`data/README.md`); any other argument is read as a UTF-8 text file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from anybit.errors import AnybitError
+
+BUILTIN_CORPORA = {
+    "wikitext2": "wiki.test.raw",  # evaluation
+    "wikitext2-valid": "wiki.valid.tokens",  # calibration
+}
+
+
+def data_dir() -> Path:
+    """Folder of the shipped corpora: $ANYBIT_DATA, the wheel's copy, or the source checkout's data/."""
+    if "ANYBIT_DATA" in os.environ:
+        return Path(os.environ["ANYBIT_DATA"])
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "data", here.parents[1] / "data"):
+        if (candidate / BUILTIN_CORPORA["wikitext2"]).is_file():
+            return candidate
+    raise AnybitError("the shipped data/ folder was not found; set ANYBIT_DATA to its location")
+
+
+def resolve_corpus(name_or_path: str) -> Path:
+    """Path of a built-in corpus name or of a text file."""
+    if name_or_path in BUILTIN_CORPORA:
+        return data_dir() / BUILTIN_CORPORA[name_or_path]
+    path = Path(name_or_path).expanduser()
+    if not path.is_file():
+        known = ", ".join(BUILTIN_CORPORA)
+        raise AnybitError(f"dataset not found: {name_or_path} (give a text file or one of: {known})")
+    return path
+
+
+def load_corpus(name_or_path: str) -> str:
+    path = resolve_corpus(name_or_path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AnybitError(f"cannot read {path} as UTF-8 text: {exc}") from exc
+
+
+def tokenize_corpus(tokenizer, text: str) -> torch.Tensor:
+    """The whole text tokenized once, as a 1-D int64 tensor (no special tokens added)."""
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    return ids.to(torch.int64)
+
+
+def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
+    """Non-overlapping windows of `seqlen` tokens from the start; the incomplete tail is dropped."""
+    n = ids.numel() // seqlen
+    if n == 0:
+        raise AnybitError(f"the text has {ids.numel()} tokens, fewer than one window of {seqlen}")
+    if max_windows is not None:
+        n = min(n, max_windows)
+    return ids[: n * seqlen].view(n, seqlen)
+
+
+def calibration_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """`nsamples` windows of `seqlen` tokens at uniformly random starts, reproducible from `seed`."""
+    if ids.numel() <= seqlen:
+        raise AnybitError(f"calibration text has {ids.numel()} tokens, needs more than --seqlen {seqlen}")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seqlen, (nsamples,), generator=gen)
+    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])

@@ -1,0 +1,51 @@
+"""Bit packing of unsigned integer codes of any width 1-8 into a dense uint8 stream.
+
+Layout: values are taken in order, eight at a time; each block of eight b-bit values occupies
+exactly b bytes, bit plane by bit plane (byte j of a block holds bit j of the eight values,
+value i in bit i). A stream of n values therefore takes ceil(n / 8) * b bytes: the only waste is
+the padding of the last block, at most 7 values.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SUPPORTED_WIDTHS = tuple(range(1, 9))
+
+
+def packed_nbytes(n_values: int, bits: int) -> int:
+    """Bytes used by `n_values` codes of width `bits`."""
+    return -(-n_values // 8) * bits
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack a tensor of codes in [0, 2**bits) into a flat uint8 tensor (layout in the module doc)."""
+    if bits not in SUPPORTED_WIDTHS:
+        raise ValueError(f"bit width must be 1-8, got {bits}")
+    flat = codes.reshape(-1).to(torch.int32)
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= (1 << bits)):
+        raise ValueError(f"codes out of range for {bits}-bit packing")
+    n = flat.numel()
+    pad = (-n) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    blocks = flat.view(-1, 8)  # (nblocks, 8 values)
+    shifts = torch.arange(bits, device=flat.device, dtype=torch.int32)
+    planes = (blocks.unsqueeze(1) >> shifts.view(1, bits, 1)) & 1  # (nblocks, bits, 8)
+    weights = 1 << torch.arange(8, device=flat.device, dtype=torch.int32)
+    packed = (planes * weights).sum(dim=2)  # (nblocks, bits): one byte per bit plane
+    return packed.to(torch.uint8).reshape(-1)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, n_values: int) -> torch.Tensor:
+    """Inverse of `pack_codes`: the first `n_values` codes, as int64."""
+    if bits not in SUPPORTED_WIDTHS:
+        raise ValueError(f"bit width must be 1-8, got {bits}")
+    expected = packed_nbytes(n_values, bits)
+    if packed.numel() != expected:
+        raise ValueError(f"packed stream has {packed.numel()} bytes, expected {expected} for {n_values} {bits}-bit codes")
+    planes = packed.to(torch.int64).view(-1, bits, 1)  # (nblocks, bits, 1)
+    value_bits = (planes >> torch.arange(8, device=packed.device).view(1, 1, 8)) & 1  # (nblocks, bits, 8)
+    weights = (1 << torch.arange(bits, device=packed.device)).view(1, bits, 1)
+    values = (value_bits * weights).sum(dim=1)  # (nblocks, 8)
+    return values.reshape(-1)[:n_values]

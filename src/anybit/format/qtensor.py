@@ -1,0 +1,262 @@
+"""`QuantizedTensor`: one quantized weight matrix as it is stored, with its exact storage cost.
+
+A weight W of shape (out_features, in_features) is coded as *lines* cut into *segments*:
+
+- axis 0: a line is a row of W (an output channel), cut into segments of `group_size` input columns;
+- axis 1: a line is a column of W (an input channel), cut into segments of `group_size` rows.
+
+Every segment has its own bit width (the bit map, shape (lines, groups)) and is either
+
+- uniform: w = (q - zero) * scale, with an fp16 scale and a `b`-bit integer zero per segment, or
+- codebook: w = codebook[q], with a codebook of 2**b fp16 values per segment.
+
+Codes of all segments of one width are packed together (`packing.py`), in row-major segment order.
+Optional extras: `perm`, the order in which input columns were coded (act-order: the coded matrix is
+W[:, perm]), and sparse fp16 outliers that replace the dequantized value where they sit.
+
+Storage is counted, not claimed: `storage_bits()` is the byte size of exactly the tensors that
+`to_tensors()` hands to the file, times eight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from anybit.format.packing import pack_codes, packed_nbytes, unpack_codes
+from anybit.quant.grid import dequantize_from_grid
+
+KINDS = ("uniform", "codebook")
+BITMAP_WIDTH = 3  # widths 1-8 stored as (b - 1) in 3 bits when the map is not constant
+
+
+@dataclass(frozen=True)
+class SparseOutliers:
+    """Weights kept in fp16 in CSR form over the dense (out, in) matrix; they replace the coded value."""
+
+    row_ptr: torch.Tensor  # int32, (out_features + 1,)
+    col_idx: torch.Tensor  # int16 when in_features < 2**15, else int32
+    values: torch.Tensor  # float16
+
+    @staticmethod
+    def from_mask(W: torch.Tensor, mask: torch.Tensor) -> SparseOutliers:
+        """Keep W where mask is True."""
+        rows, cols = mask.nonzero(as_tuple=True)
+        counts = torch.bincount(rows, minlength=W.shape[0])
+        row_ptr = torch.zeros(W.shape[0] + 1, dtype=torch.int32, device=W.device)
+        row_ptr[1:] = torch.cumsum(counts, 0).to(torch.int32)
+        idx_dtype = torch.int16 if W.shape[1] < 2**15 else torch.int32
+        return SparseOutliers(row_ptr, cols.to(idx_dtype), W[rows, cols].to(torch.float16))
+
+    @property
+    def nnz(self) -> int:
+        return int(self.values.numel())
+
+    def coordinates(self) -> tuple[torch.Tensor, torch.Tensor]:
+        counts = (self.row_ptr[1:] - self.row_ptr[:-1]).to(torch.int64)
+        rows = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
+        return rows, self.col_idx.to(torch.int64)
+
+    def apply_(self, W: torch.Tensor) -> torch.Tensor:
+        """Write the outliers into W in place and return it."""
+        rows, cols = self.coordinates()
+        W[rows, cols] = self.values.to(W.dtype)
+        return W
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """A packed quantized matrix (layout in the module docstring)."""
+
+    shape: tuple[int, int]
+    group_size: int
+    axis: int
+    kind: str
+    bitmap: torch.Tensor  # uint8 (lines, groups)
+    codes: dict[int, torch.Tensor]  # width -> packed uint8 stream
+    scales: torch.Tensor | None = None  # fp16 (lines, groups), uniform only
+    zeros: dict[int, torch.Tensor] = field(default_factory=dict)  # width -> packed zero points, uniform only
+    codebooks: dict[int, torch.Tensor] = field(default_factory=dict)  # width -> fp16 (segments, 2**b)
+    perm: torch.Tensor | None = None  # int32 (in_features,)
+    outliers: SparseOutliers | None = None
+
+    # ---- construction -------------------------------------------------------------------------
+    @staticmethod
+    def _check_layout(shape: tuple[int, int], group_size: int, axis: int, bitmap: torch.Tensor) -> tuple[int, int]:
+        if axis not in (0, 1):
+            raise ValueError(f"axis must be 0 or 1, got {axis}")
+        lines, line_len = (shape[0], shape[1]) if axis == 0 else (shape[1], shape[0])
+        if group_size <= 0 or line_len % group_size:
+            raise ValueError(f"group size {group_size} does not divide the line length {line_len} of a {shape} matrix")
+        if tuple(bitmap.shape) != (lines, line_len // group_size):
+            raise ValueError(f"bit map shape {tuple(bitmap.shape)} != {(lines, line_len // group_size)}")
+        if int(bitmap.min()) < 1 or int(bitmap.max()) > 8:
+            raise ValueError("bit widths must be in 1-8")
+        return lines, line_len
+
+    @classmethod
+    def from_uniform(
+        cls,
+        codes: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor,
+        bitmap: torch.Tensor,
+        shape: tuple[int, int],
+        group_size: int,
+        axis: int = 0,
+        perm: torch.Tensor | None = None,
+        outliers: SparseOutliers | None = None,
+    ) -> QuantizedTensor:
+        """Pack integer codes (lines, line_len) with per-segment scales and integer zeros (lines, groups)."""
+        bitmap = bitmap.to(torch.uint8)
+        lines, _ = cls._check_layout(shape, group_size, axis, bitmap)
+        segs = codes.reshape(lines, -1, group_size)
+        packed, packed_zeros = {}, {}
+        for b in torch.unique(bitmap).tolist():
+            mask = bitmap == b
+            packed[b] = pack_codes(segs[mask], b)
+            packed_zeros[b] = pack_codes(zeros[mask], b)
+        return cls(
+            shape=tuple(shape), group_size=group_size, axis=axis, kind="uniform", bitmap=bitmap, codes=packed,
+            scales=scales.to(torch.float16), zeros=packed_zeros,
+            perm=None if perm is None else perm.to(torch.int32), outliers=outliers,
+        )  # fmt: skip
+
+    @classmethod
+    def from_codebook(
+        cls,
+        codes: torch.Tensor,
+        codebooks: torch.Tensor,
+        bitmap: torch.Tensor,
+        shape: tuple[int, int],
+        group_size: int,
+        axis: int = 0,
+        perm: torch.Tensor | None = None,
+        outliers: SparseOutliers | None = None,
+    ) -> QuantizedTensor:
+        """Pack codes (lines, line_len) with codebooks (lines, groups, >= 2**max_bits); entries past 2**b are dropped."""
+        bitmap = bitmap.to(torch.uint8)
+        lines, _ = cls._check_layout(shape, group_size, axis, bitmap)
+        segs = codes.reshape(lines, -1, group_size)
+        packed, books = {}, {}
+        for b in torch.unique(bitmap).tolist():
+            mask = bitmap == b
+            packed[b] = pack_codes(segs[mask], b)
+            books[b] = codebooks[mask][:, : 1 << b].to(torch.float16).contiguous()
+        return cls(
+            shape=tuple(shape), group_size=group_size, axis=axis, kind="codebook", bitmap=bitmap, codes=packed,
+            codebooks=books, perm=None if perm is None else perm.to(torch.int32), outliers=outliers,
+        )  # fmt: skip
+
+    # ---- decoding -----------------------------------------------------------------------------
+    @property
+    def widths(self) -> list[int]:
+        return sorted(self.codes)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dense (out_features, in_features) weight this tensor stands for."""
+        lines, groups = self.bitmap.shape
+        device = self.bitmap.device
+        values = torch.empty(lines, groups, self.group_size, dtype=dtype, device=device)
+        for b in self.widths:
+            mask = self.bitmap == b
+            n_seg = int(mask.sum())
+            q = unpack_codes(self.codes[b], b, n_seg * self.group_size).view(n_seg, self.group_size)
+            if self.kind == "uniform":
+                zero = unpack_codes(self.zeros[b], b, n_seg).to(dtype)
+                scale = self.scales[mask].to(dtype)
+                values[mask] = dequantize_from_grid(q.to(dtype), scale[:, None], zero[:, None])
+            else:
+                values[mask] = torch.gather(self.codebooks[b].to(dtype), 1, q)
+        W = values.view(lines, groups * self.group_size)
+        if self.axis == 1:
+            W = W.t()
+        if self.perm is not None:
+            W = W[:, torch.argsort(self.perm.to(torch.int64))]
+        W = W.contiguous()
+        if self.outliers is not None:
+            self.outliers.apply_(W)
+        return W
+
+    # ---- storage ------------------------------------------------------------------------------
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        """Exactly the tensors that are stored (names relative to this matrix)."""
+        out: dict[str, torch.Tensor] = {}
+        widths = torch.unique(self.bitmap)
+        if widths.numel() == 1:
+            out["bitmap"] = widths.to(torch.uint8)
+        else:
+            out["bitmap"] = pack_codes(self.bitmap.to(torch.int32) - 1, BITMAP_WIDTH)
+        for b in self.widths:
+            out[f"codes_{b}"] = self.codes[b]
+            if self.kind == "uniform":
+                out[f"zeros_{b}"] = self.zeros[b]
+            else:
+                out[f"codebook_{b}"] = self.codebooks[b]
+        if self.scales is not None:
+            out["scales"] = self.scales
+        if self.perm is not None:
+            out["perm"] = self.perm.to(torch.int16 if self.shape[1] < 2**15 else torch.int32)
+        if self.outliers is not None:
+            out["outliers_row_ptr"] = self.outliers.row_ptr
+            out["outliers_col_idx"] = self.outliers.col_idx
+            out["outliers_values"] = self.outliers.values
+        return {k: v.contiguous() for k, v in out.items()}
+
+    def meta(self) -> dict:
+        """JSON-serializable layout description; with `to_tensors()` it rebuilds this object."""
+        return {"shape": list(self.shape), "group_size": self.group_size, "axis": self.axis, "kind": self.kind}
+
+    @classmethod
+    def from_tensors(cls, meta: dict, tensors: dict[str, torch.Tensor]) -> QuantizedTensor:
+        """Inverse of `meta()` + `to_tensors()`; raises ValueError on anything inconsistent."""
+        try:
+            shape = tuple(int(s) for s in meta["shape"])
+            group_size, axis, kind = int(meta["group_size"]), int(meta["axis"]), meta["kind"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"bad quantized tensor metadata {meta!r}") from exc
+        if kind not in KINDS or len(shape) != 2:
+            raise ValueError(f"bad quantized tensor metadata {meta!r}")
+        lines, line_len = (shape[0], shape[1]) if axis == 0 else (shape[1], shape[0])
+        if group_size <= 0 or line_len % group_size:
+            raise ValueError(f"bad group size {group_size} for shape {shape}")
+        groups = line_len // group_size
+        stored = tensors["bitmap"]
+        if stored.numel() == 1:
+            bitmap = torch.full((lines, groups), int(stored), dtype=torch.uint8, device=stored.device)
+        else:
+            bitmap = (unpack_codes(stored, BITMAP_WIDTH, lines * groups) + 1).to(torch.uint8).view(lines, groups)
+        codes, zeros, books = {}, {}, {}
+        for b in torch.unique(bitmap).tolist():
+            n_seg = int((bitmap == b).sum())
+            codes[b] = tensors[f"codes_{b}"]
+            if codes[b].numel() != packed_nbytes(n_seg * group_size, b):
+                raise ValueError(f"{b}-bit code stream has {codes[b].numel()} bytes, expected a different size")
+            if kind == "uniform":
+                zeros[b] = tensors[f"zeros_{b}"]
+            else:
+                books[b] = tensors[f"codebook_{b}"]
+        outliers = None
+        if "outliers_values" in tensors:
+            outliers = SparseOutliers(tensors["outliers_row_ptr"], tensors["outliers_col_idx"], tensors["outliers_values"])
+        perm = tensors["perm"].to(torch.int32) if "perm" in tensors else None
+        return cls(
+            shape=shape, group_size=group_size, axis=axis, kind=kind, bitmap=bitmap, codes=codes,
+            scales=tensors.get("scales"), zeros=zeros, codebooks=books, perm=perm, outliers=outliers,
+        )  # fmt: skip
+
+    def storage_bits(self) -> int:
+        """Exact stored size in bits: codes, zeros/scales or codebooks, bit map, permutation, outliers."""
+        return sum(t.numel() * t.element_size() * 8 for t in self.to_tensors().values())
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    def bits_per_weight(self) -> float:
+        return self.storage_bits() / self.numel
+
+    def nominal_bits(self) -> float:
+        """Average code width, without any overhead."""
+        return float(self.bitmap.float().mean())

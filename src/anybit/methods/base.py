@@ -1,0 +1,51 @@
+"""The `Method` protocol every recipe implements, and what the driver hands it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from anybit.errors import AnybitError
+from anybit.format.qtensor import QuantizedTensor
+
+if TYPE_CHECKING:
+    from anybit.config import QuantConfig
+    from anybit.quant.gptq import HessianAccumulator
+
+
+@dataclass
+class LayerStats:
+    """Calibration statistics of one linear layer's input."""
+
+    hessian: HessianAccumulator
+
+
+class Method:
+    """A recipe: turns one weight matrix (out, in) and its statistics into a `QuantizedTensor`."""
+
+    name: ClassVar[str]
+    needs_stats: ClassVar[bool] = True
+    integer_bits: ClassVar[tuple[int, int] | None] = (1, 8)  # allowed integer widths; None if fractional
+
+    def check_bits(self, bits: float) -> None:
+        if self.integer_bits is not None:
+            lo, hi = self.integer_bits
+            if bits != int(bits) or not lo <= bits <= hi:
+                raise AnybitError(
+                    f"method {self.name!r} needs an integer bit width in {lo}-{hi}, got {bits:g}"
+                )
+
+    def quantize(self, W: torch.Tensor, stats: LayerStats | None, config: QuantConfig) -> QuantizedTensor:
+        raise NotImplementedError
+
+    @staticmethod
+    def group_size_for(W: torch.Tensor, config: QuantConfig, name: str = "") -> int:
+        """The group size for W, checked against its input dimension."""
+        in_features = W.shape[1]
+        gs = config.group_size or in_features
+        if in_features % gs:
+            where = f" of {name}" if name else ""
+            raise AnybitError(f"group size {gs} does not divide the input dimension {in_features}{where}")
+        return gs

@@ -1,0 +1,1 @@
+"""Quantization primitives: pure functions on tensors, on whatever device the tensors live."""

@@ -1,0 +1,109 @@
+"""GPTQ: Hessian accumulation and the error-feedback solver over any column quantizer.
+
+The solver follows Frantar et al. (2023): H = 2 XᵀX / n, dead inputs zeroed, optional act-order
+(descending diag H), dampening by a fraction of mean(diag H), upper Cholesky factor of H⁻¹, and lazy
+block updates. It does not know how a column is rounded: a `ColumnQuantizer` does that, so uniform
+grids, K-means codebooks and mixed bit maps all share this one loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+class HessianAccumulator:
+    """Running XᵀX (float32) and token count of the inputs of one linear layer."""
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
+        self.XtX = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.tokens = 0
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).to(device=self.XtX.device, dtype=torch.float32)
+        self.XtX.addmm_(x.t(), x)
+        self.tokens += x.shape[0]
+
+    def hessian(self) -> torch.Tensor:
+        """H = 2 XᵀX / n, the Hessian of the layer-wise squared error."""
+        if self.tokens == 0:
+            raise ValueError("no calibration tokens were seen by this layer")
+        return self.XtX * (2.0 / self.tokens)
+
+
+class ColumnQuantizer(Protocol):
+    """Rounds the columns of a weight matrix, one group of columns sharing parameters at a time."""
+
+    group_size: int
+
+    def fit(self, W_group: torch.Tensor, group: int) -> None:
+        """Choose the parameters of group `group` from its current (error-updated) columns."""
+
+    def quantize(self, w: torch.Tensor, column: int) -> torch.Tensor:
+        """Round column `column` (rows,) with its group's parameters, record its codes, return the values."""
+
+
+@dataclass
+class GPTQResult:
+    Q: torch.Tensor  # dequantized weight in coded column order
+    perm: torch.Tensor | None  # coded order of input columns (act-order), None when natural
+    loss: float  # sum over rows of (w - q)² / [H⁻¹]ⱼⱼ² / 2, the GPTQ proxy loss
+
+
+def prepare_hessian(
+    W: torch.Tensor, H: torch.Tensor, damp: float, act_order: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Fix dead inputs, optionally reorder by act-order, and return (W, upper Cholesky of H⁻¹, perm)."""
+    W = W.clone().float()
+    H = H.clone().float()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    diag = torch.arange(H.shape[0], device=H.device)
+    H[diag, diag] += damp * torch.mean(torch.diag(H))
+    L = torch.linalg.cholesky(H)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    return W, Hinv, perm
+
+
+def gptq_quantize(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    quantizer: ColumnQuantizer,
+    damp: float = 0.01,
+    act_order: bool = False,
+    blocksize: int = 128,
+) -> GPTQResult:
+    """Quantize W (rows, columns) column by column with error feedback through H⁻¹."""
+    W, Hinv, perm = prepare_hessian(W, H, damp, act_order)
+    columns = W.shape[1]
+    gs = quantizer.group_size
+    # Blocks are whole groups, so each group's parameters are fitted on fully updated columns.
+    blocksize = max(1, blocksize // gs) * gs if gs <= blocksize else gs
+    Q = torch.zeros_like(W)
+    loss = torch.zeros((), dtype=torch.float64, device=W.device)
+    for i1 in range(0, columns, blocksize):
+        i2 = min(i1 + blocksize, columns)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % gs == 0:
+                quantizer.fit(W1[:, i : i + gs], col // gs)
+            w = W1[:, i]
+            d = Hinv1[i, i]
+            q = quantizer.quantize(w, col)
+            Q[:, col] = q
+            err = (w - q) / d
+            loss += (err.double() ** 2).sum() / 2
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return GPTQResult(Q=Q, perm=perm, loss=float(loss))

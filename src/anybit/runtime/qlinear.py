@@ -1,0 +1,86 @@
+"""`QuantLinear`: a linear layer that holds only the packed quantized weight.
+
+The packed tensors are registered buffers, so `.to(device)` and `state_dict()` see exactly what is
+stored. The reference path dequantizes on every call, then multiplies; `dense_weights` caches the
+dequantized matrices for the duration of a block (evaluation), which changes speed, not results.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from anybit.format.qtensor import QuantizedTensor
+
+
+class QuantLinear(nn.Module):
+    """y = x Ŵᵀ + b with Ŵ decoded from a `QuantizedTensor`."""
+
+    def __init__(self, qtensor: QuantizedTensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = qtensor.shape
+        self.meta = qtensor.meta()
+        self._buffer_names = []
+        for name, tensor in qtensor.to_tensors().items():
+            self.register_buffer(name, tensor)
+            self._buffer_names.append(name)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self._qtensor: QuantizedTensor | None = qtensor
+        self._dense: torch.Tensor | None = None
+
+    @property
+    def qtensor(self) -> QuantizedTensor:
+        if self._qtensor is None:
+            self._qtensor = QuantizedTensor.from_tensors(self.meta, {n: getattr(self, n) for n in self._buffer_names})
+        return self._qtensor
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module signature
+        """Device moves apply; dtype casts do not: the stored dtypes are part of the format."""
+
+        def move_only(t: torch.Tensor) -> torch.Tensor:
+            moved = fn(t)
+            return moved if moved.dtype == t.dtype else t.to(moved.device)
+
+        self._qtensor = None  # buffers may have moved: rebuild the view on next use
+        self._dense = None
+        return super()._apply(move_only, recurse)
+
+    def dequantize(self) -> torch.Tensor:
+        """The dense (out, in) float32 weight."""
+        return self.qtensor.dequantize(torch.float32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        W = self._dense if self._dense is not None else self.dequantize()
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, W.to(x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        qt = self.qtensor
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, kind={qt.kind}, "
+            f"group_size={qt.group_size}, bits/weight={qt.bits_per_weight():.3f}"
+        )
+
+
+def quant_linears(model: nn.Module) -> Iterator[tuple[str, QuantLinear]]:
+    """All `QuantLinear` modules of a model, with their names."""
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            yield name, module
+
+
+@contextmanager
+def dense_weights(model: nn.Module) -> Iterator[None]:
+    """Within the block, every QuantLinear multiplies by a cached dequantized weight."""
+    layers = [m for _, m in quant_linears(model)]
+    try:
+        for layer in layers:
+            layer._dense = layer.dequantize()
+        yield
+    finally:
+        for layer in layers:
+            layer._dense = None
