@@ -11,7 +11,6 @@ import argparse
 import tempfile
 
 from _common import log_result
-
 from anybit.config import QuantConfig
 from anybit.model.loading import load_model
 from anybit.pipeline import evaluate_spec, quantize_to_dir
@@ -50,9 +49,15 @@ def main() -> None:
             result = evaluate_spec(load_model(f"{tmp}/q"), **eval_kwargs)
             log_result(
                 "reference_figures",
-                {"config": name, **config.to_dict(), "bits_per_weight": outcome.bits_per_weight,
-                 "file_bytes": outcome.file_bytes, "quantize_seconds": outcome.report.seconds, **result.to_dict()},
-            )  # fmt: skip
+                {
+                    "config": name,
+                    **config.to_dict(),
+                    "bits_per_weight": outcome.bits_per_weight,
+                    "file_bytes": outcome.file_bytes,
+                    "quantize_seconds": outcome.report.seconds,
+                    **result.to_dict(),
+                },
+            )
 
 
 if __name__ == "__main__":

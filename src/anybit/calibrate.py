@@ -8,6 +8,7 @@ produce the inputs of the next layer. Only the current layer is moved to the com
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -43,7 +44,7 @@ class _InputCatcher(nn.Module):
         self.kwargs: dict = {}
         self.hidden: torch.Tensor | None = None
 
-    def forward(self, hidden: torch.Tensor, *args, **kwargs):  # noqa: ANN002, ANN003 - passes through
+    def forward(self, hidden: torch.Tensor, *args, **kwargs):
         self.hidden, self.args, self.kwargs = hidden, args, kwargs
         raise _Captured
 
@@ -69,7 +70,7 @@ def _move_outside_layers(model: nn.Module, layers: nn.ModuleList, device: torch.
                 module._buffers[key] = move(b, lambda d: d)
 
 
-def _to_device(obj, device: torch.device, dtype: torch.dtype):  # noqa: ANN001, ANN202 - nested args
+def _to_device(obj, device: torch.device, dtype: torch.dtype):
     """Move tensors nested in layer arguments; floating ones (rotary tables, masks) also take `dtype`."""
     if isinstance(obj, torch.Tensor):
         return obj.to(device=device, dtype=dtype) if obj.is_floating_point() else obj.to(device)
@@ -95,10 +96,8 @@ def capture_layer_inputs(
     hidden = None
     try:
         for i, window in enumerate(windows):
-            try:
+            with contextlib.suppress(_Captured):
                 model(window.unsqueeze(0).to(device), use_cache=False)
-            except _Captured:
-                pass
             if hidden is None:
                 hidden = torch.empty((len(windows), *catcher.hidden.shape[1:]), dtype=dtype, device=device)
             hidden[i] = catcher.hidden[0].to(dtype)

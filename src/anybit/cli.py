@@ -15,7 +15,7 @@ from anybit.errors import AnybitError
 class _Group(click.Group):
     """Turns an AnybitError anywhere below into a one-line message and exit status 1."""
 
-    def invoke(self, ctx: click.Context):  # noqa: ANN201 - click signature
+    def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except AnybitError as exc:
@@ -28,21 +28,46 @@ def main() -> None:
     """anybit: quantize causal language models to any average bit-width."""
 
 
-def _quant_options(f):  # noqa: ANN001, ANN202 - decorator
+def _quant_options(f):
     options = [
         click.option("--method", default="gptq", show_default=True, help="Quantization recipe."),
         click.option("--bits", type=float, default=4.0, show_default=True, help="Target bits per weight."),
-        click.option("--group", "group_size", type=int, default=64, show_default=True, help="Group size (0: per output channel)."),
-        click.option("--act-order/--no-act-order", default=False, show_default=True, help="GPTQ: columns by descending Hessian diagonal."),
-        click.option("--damp", type=float, default=0.01, show_default=True, help="GPTQ dampening, fraction of mean diag(H)."),
-        click.option("--calib", default="wikitext2-valid", show_default=True, help="Calibration corpus name or text file."),
+        click.option(
+            "--group", "group_size", type=int, default=64, show_default=True, help="Group size (0: per output channel)."
+        ),
+        click.option(
+            "--act-order/--no-act-order",
+            default=False,
+            show_default=True,
+            help="GPTQ: columns by descending Hessian diagonal.",
+        ),
+        click.option(
+            "--damp", type=float, default=0.01, show_default=True, help="GPTQ dampening, fraction of mean diag(H)."
+        ),
+        click.option(
+            "--calib", default="wikitext2-valid", show_default=True, help="Calibration corpus name or text file."
+        ),
         click.option("--nsamples", type=int, default=128, show_default=True, help="Calibration windows."),
-        click.option("--seqlen", type=int, default=2048, show_default=True, help="Calibration window length in tokens."),
+        click.option(
+            "--seqlen", type=int, default=2048, show_default=True, help="Calibration window length in tokens."
+        ),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N]."),
-        click.option("--calib-dtype", type=click.Choice(DTYPES), default="float32", show_default=True, help="Dtype of the calibration forward passes (statistics are float32)."),
-        click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None, help="TOML file with these settings; flags given explicitly win."),
-    ]  # fmt: skip
+        click.option(
+            "--calib-dtype",
+            type=click.Choice(DTYPES),
+            default="float32",
+            show_default=True,
+            help="Dtype of the calibration forward passes (statistics are float32).",
+        ),
+        click.option(
+            "--config",
+            "config_file",
+            type=click.Path(dir_okay=False),
+            default=None,
+            help="TOML file with these settings; flags given explicitly win.",
+        ),
+    ]
     for option in reversed(options):
         f = option(f)
     return f
@@ -51,7 +76,9 @@ def _quant_options(f):  # noqa: ANN001, ANN202 - decorator
 def _make_config(ctx: click.Context, config_file: str | None, **values: object) -> QuantConfig:
     if config_file is None:
         return QuantConfig(**values)
-    explicit = {k: v for k, v in values.items() if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
+    explicit = {
+        k: v for k, v in values.items() if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE
+    }
     return QuantConfig.from_toml(config_file, **explicit)
 
 
@@ -65,7 +92,9 @@ def _mb(n_bytes: int) -> str:
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output directory.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.pass_context
-def quantize(ctx: click.Context, model: str, out_dir: str, force: bool, config_file: str | None, **values: object) -> None:
+def quantize(
+    ctx: click.Context, model: str, out_dir: str, force: bool, config_file: str | None, **values: object
+) -> None:
     """Quantize MODEL (HF directory, .gguf file or alias) and write DIR."""
     from anybit.pipeline import quantize_to_dir
 
@@ -78,7 +107,7 @@ def quantize(ctx: click.Context, model: str, out_dir: str, force: bool, config_f
     )
 
 
-def _eval_options(f):  # noqa: ANN001, ANN202 - decorator
+def _eval_options(f):
     options = [
         click.option("--dataset", default="wikitext2", show_default=True, help="Corpus name or text file."),
         click.option("--seqlen", type=int, default=2048, show_default=True, help="Window length in tokens."),
@@ -153,15 +182,29 @@ def inspect(directory: str, as_json: bool) -> None:
 @main.command()
 @click.argument("model", default="smollm2-135m")
 @_quant_options
-@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False), help="Output directory (default: under the cache).")
+@click.option(
+    "--out",
+    "out_dir",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Output directory (default: under the cache).",
+)
 @click.option("--dataset", default="wikitext2", show_default=True, help="Evaluation corpus.")
 @click.option("--max-windows", type=int, default=None, help="Evaluate only the first N windows.")
-@click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True, help="Evaluation compute dtype.")
+@click.option(
+    "--dtype", type=click.Choice(DTYPES), default="float32", show_default=True, help="Evaluation compute dtype."
+)
 @click.pass_context
 def compare(
-    ctx: click.Context, model: str, out_dir: str | None, dataset: str, max_windows: int | None, dtype: str,
-    config_file: str | None, **values: object,
-) -> None:  # fmt: skip
+    ctx: click.Context,
+    model: str,
+    out_dir: str | None,
+    dataset: str,
+    max_windows: int | None,
+    dtype: str,
+    config_file: str | None,
+    **values: object,
+) -> None:
     """Quantize MODEL, evaluate it and the original, and print a table (the main job)."""
     from anybit.model.loading import cache_dir, load_model
     from anybit.pipeline import evaluate_spec, quantize_to_dir
@@ -178,9 +221,14 @@ def compare(
     quantized = evaluate_spec(load_model(str(out)), **eval_kwargs)
     rows = [
         {"model": model, "method": "none (fp16)", "bits_per_weight": 16.0, "size": _mb(2 * n_weights), "ppl": base.ppl},
-        {"model": str(out), "method": f"{config.method} {config.bits:g}-bit g{config.group_size}",
-         "bits_per_weight": outcome.bits_per_weight, "size": _mb(outcome.file_bytes), "ppl": quantized.ppl},
-    ]  # fmt: skip
+        {
+            "model": str(out),
+            "method": f"{config.method} {config.bits:g}-bit g{config.group_size}",
+            "bits_per_weight": outcome.bits_per_weight,
+            "size": _mb(outcome.file_bytes),
+            "ppl": quantized.ppl,
+        },
+    ]
     click.echo(format_table(rows, title=f"{dataset}, {base.windows} windows of {base.seqlen} tokens"))
 
 

@@ -39,9 +39,13 @@ def check_device(device: str) -> None:
 
 
 def quantize_to_dir(
-    spec: str, config: QuantConfig, out_dir: str | Path, force: bool = False, progress: bool = True,
+    spec: str,
+    config: QuantConfig,
+    out_dir: str | Path,
+    force: bool = False,
+    progress: bool = True,
     loaded: LoadedModel | None = None,
-) -> QuantizeOutcome:  # fmt: skip
+) -> QuantizeOutcome:
     """Load `spec` (unless already `loaded`), quantize it with `config`, and write `out_dir`."""
     out_dir = Path(out_dir).expanduser()
     if out_dir.exists() and not force:
@@ -61,9 +65,15 @@ def quantize_to_dir(
 
 
 def evaluate_spec(
-    loaded: LoadedModel, dataset: str = "wikitext2", seqlen: int = 2048, max_windows: int | None = None,
-    device: str = "cpu", dtype: str = "float32", reference: LoadedModel | None = None, progress: bool = True,
-) -> EvalResult:  # fmt: skip
+    loaded: LoadedModel,
+    dataset: str = "wikitext2",
+    seqlen: int = 2048,
+    max_windows: int | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    reference: LoadedModel | None = None,
+    progress: bool = True,
+) -> EvalResult:
     """Perplexity of a loaded model on a corpus (and KL/top-1 against `reference` if given)."""
     check_device(device)
     torch_dtype = getattr(torch, dtype)

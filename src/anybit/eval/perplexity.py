@@ -66,9 +66,12 @@ def evaluate(
                 kl += F.kl_div(logp, ref_logp, log_target=True, reduction="sum").item()
                 agree += int((logp.argmax(-1) == ref_logp.argmax(-1)).sum())
     result = EvalResult(
-        ppl=math.exp(nll / tokens), windows=len(windows), tokens=tokens, seqlen=windows.shape[1],
+        ppl=math.exp(nll / tokens),
+        windows=len(windows),
+        tokens=tokens,
+        seqlen=windows.shape[1],
         seconds=time.perf_counter() - start,
-    )  # fmt: skip
+    )
     if reference is not None:
         result.kl, result.top1_agreement = kl / tokens, agree / tokens
     return result

@@ -43,7 +43,9 @@ def unpack_codes(packed: torch.Tensor, bits: int, n_values: int) -> torch.Tensor
         raise ValueError(f"bit width must be 1-8, got {bits}")
     expected = packed_nbytes(n_values, bits)
     if packed.numel() != expected:
-        raise ValueError(f"packed stream has {packed.numel()} bytes, expected {expected} for {n_values} {bits}-bit codes")
+        raise ValueError(
+            f"packed stream has {packed.numel()} bytes, expected {expected} for {n_values} {bits}-bit codes"
+        )
     planes = packed.to(torch.int64).view(-1, bits, 1)  # (nblocks, bits, 1)
     value_bits = (planes >> torch.arange(8, device=packed.device).view(1, 1, 8)) & 1  # (nblocks, bits, 8)
     weights = (1 << torch.arange(bits, device=packed.device)).view(1, bits, 1)

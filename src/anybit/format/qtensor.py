@@ -118,10 +118,17 @@ class QuantizedTensor:
             packed[b] = pack_codes(segs[mask], b)
             packed_zeros[b] = pack_codes(zeros[mask], b)
         return cls(
-            shape=tuple(shape), group_size=group_size, axis=axis, kind="uniform", bitmap=bitmap, codes=packed,
-            scales=scales.to(torch.float16), zeros=packed_zeros,
-            perm=None if perm is None else perm.to(torch.int32), outliers=outliers,
-        )  # fmt: skip
+            shape=tuple(shape),
+            group_size=group_size,
+            axis=axis,
+            kind="uniform",
+            bitmap=bitmap,
+            codes=packed,
+            scales=scales.to(torch.float16),
+            zeros=packed_zeros,
+            perm=None if perm is None else perm.to(torch.int32),
+            outliers=outliers,
+        )
 
     @classmethod
     def from_codebook(
@@ -145,9 +152,16 @@ class QuantizedTensor:
             packed[b] = pack_codes(segs[mask], b)
             books[b] = codebooks[mask][:, : 1 << b].to(torch.float16).contiguous()
         return cls(
-            shape=tuple(shape), group_size=group_size, axis=axis, kind="codebook", bitmap=bitmap, codes=packed,
-            codebooks=books, perm=None if perm is None else perm.to(torch.int32), outliers=outliers,
-        )  # fmt: skip
+            shape=tuple(shape),
+            group_size=group_size,
+            axis=axis,
+            kind="codebook",
+            bitmap=bitmap,
+            codes=packed,
+            codebooks=books,
+            perm=None if perm is None else perm.to(torch.int32),
+            outliers=outliers,
+        )
 
     # ---- decoding -----------------------------------------------------------------------------
     @property
@@ -239,12 +253,23 @@ class QuantizedTensor:
                 books[b] = tensors[f"codebook_{b}"]
         outliers = None
         if "outliers_values" in tensors:
-            outliers = SparseOutliers(tensors["outliers_row_ptr"], tensors["outliers_col_idx"], tensors["outliers_values"])
+            outliers = SparseOutliers(
+                tensors["outliers_row_ptr"], tensors["outliers_col_idx"], tensors["outliers_values"]
+            )
         perm = tensors["perm"].to(torch.int32) if "perm" in tensors else None
         return cls(
-            shape=shape, group_size=group_size, axis=axis, kind=kind, bitmap=bitmap, codes=codes,
-            scales=tensors.get("scales"), zeros=zeros, codebooks=books, perm=perm, outliers=outliers,
-        )  # fmt: skip
+            shape=shape,
+            group_size=group_size,
+            axis=axis,
+            kind=kind,
+            bitmap=bitmap,
+            codes=codes,
+            scales=tensors.get("scales"),
+            zeros=zeros,
+            codebooks=books,
+            perm=perm,
+            outliers=outliers,
+        )
 
     def storage_bits(self) -> int:
         """Exact stored size in bits: codes, zeros/scales or codebooks, bit map, permutation, outliers."""

@@ -33,9 +33,7 @@ class Method:
         if self.integer_bits is not None:
             lo, hi = self.integer_bits
             if bits != int(bits) or not lo <= bits <= hi:
-                raise AnybitError(
-                    f"method {self.name!r} needs an integer bit width in {lo}-{hi}, got {bits:g}"
-                )
+                raise AnybitError(f"method {self.name!r} needs an integer bit width in {lo}-{hi}, got {bits:g}")
 
     def quantize(self, W: torch.Tensor, stats: LayerStats | None, config: QuantConfig) -> QuantizedTensor:
         raise NotImplementedError

@@ -153,7 +153,9 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise AnybitError(f"cannot load model {what}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+        raise AnybitError(
+            f"cannot load model {what}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from exc
     get_adapter(model)
     model.eval()
     model.requires_grad_(False)

@@ -38,7 +38,7 @@ class QuantLinear(nn.Module):
             self._qtensor = QuantizedTensor.from_tensors(self.meta, {n: getattr(self, n) for n in self._buffer_names})
         return self._qtensor
 
-    def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module signature
+    def _apply(self, fn, recurse=True):
         """Device moves apply; dtype casts do not: the stored dtypes are part of the format."""
 
         def move_only(t: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,82 @@
+"""Shared fixtures: seeding, a tiny tokenizer, and tiny random models of every supported family."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+TINY_TEXT = (Path(__file__).resolve().parents[1] / "data" / "wiki.valid.tokens").read_text()[:200_000]
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "text.txt"
+    path.write_text(TINY_TEXT[:60_000])
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer trained here on WikiText-2 validation text (no network)."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([TINY_TEXT], vocab_size=320, min_frequency=2, special_tokens=["<|endoftext|>"])
+    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>")
+
+
+def tiny_config(family: str, vocab_size: int):
+    """A two-layer config of `family` whose dimensions are multiples of 32."""
+    import transformers as tf
+
+    common = dict(
+        vocab_size=vocab_size,
+        num_hidden_layers=2,
+        hidden_size=64,
+        intermediate_size=96,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+    )
+    if family == "llama":
+        return tf.LlamaConfig(**common, num_key_value_heads=2, tie_word_embeddings=True)
+    if family == "mistral":
+        return tf.MistralConfig(**common, num_key_value_heads=2, sliding_window=None)
+    if family == "qwen2":
+        return tf.Qwen2Config(**common, num_key_value_heads=2, tie_word_embeddings=True)
+    if family == "phi3":
+        return tf.Phi3Config(**common, num_key_value_heads=4, pad_token_id=0)
+    if family == "gpt2":
+        return tf.GPT2Config(vocab_size=vocab_size, n_layer=2, n_embd=64, n_head=4, n_positions=256)
+    raise ValueError(family)
+
+
+FAMILIES = ("llama", "mistral", "qwen2", "phi3", "gpt2")
+
+
+def _build_tiny_model(family: str, path: Path, tokenizer) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, len(tokenizer)))
+    model.save_pretrained(path, max_shard_size="100KB" if family == "llama" else "1GB")
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session", params=FAMILIES)
+def tiny_model_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -> Path:
+    """A tiny random model of each family saved as a HF directory (llama's in several shards)."""
+    return _build_tiny_model(request.param, tmp_path_factory.mktemp(f"tiny-{request.param}"), tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -> Path:
+    return _build_tiny_model("llama", tmp_path_factory.mktemp("tiny-llama-cli"), tiny_tokenizer)

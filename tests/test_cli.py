@@ -1,0 +1,103 @@
+"""CLI behaviour: bad input gets a one-line message, a non-zero exit, and leaves nothing behind."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from anybit.cli import main
+
+
+def _run(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def _assert_clean_error(result, needle: str) -> None:
+    assert result.exit_code != 0
+    assert needle in result.output
+    assert "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["quantize", "/no/such/model", "--out", "{out}"], "model not found"),
+        (["quantize", "{model}", "--method", "nope", "--out", "{out}"], "unknown method 'nope'"),
+        (["quantize", "{model}", "--bits", "9", "--out", "{out}"], "integer bit width in 1-8"),
+        (["quantize", "{model}", "--bits", "3.5", "--out", "{out}"], "integer bit width"),
+        (["quantize", "{model}", "--group", "48", "--out", "{out}"], "group size 48 does not divide"),
+        (["quantize", "{model}", "--calib", "/no/such.txt", "--out", "{out}"], "dataset not found"),
+        (["eval", "/no/such/dir"], "model not found"),
+        (["inspect", "{model}"], "not a readable anybit directory"),
+    ],
+    ids=[
+        "missing-model",
+        "unknown-method",
+        "bits-range",
+        "fractional-bits",
+        "group",
+        "calib",
+        "eval-missing",
+        "inspect-foreign",
+    ],
+)
+def test_bad_input(args, needle, tiny_llama_dir, tmp_path) -> None:
+    out = tmp_path / "out"
+    args = [a.format(model=tiny_llama_dir, out=out) for a in args]
+    _assert_clean_error(_run(*args), needle)
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")], "temporary output left behind"
+
+
+def test_unsupported_architecture(tmp_path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
+    result = _run("eval", str(tmp_path))
+    _assert_clean_error(result, "unsupported architecture 'bert'")
+    assert "llama" in result.output
+
+
+def test_corrupt_quantized_dir(tiny_llama_dir, corpus_file, tmp_path) -> None:
+    out = tmp_path / "q"
+    ok = _run("quantize", str(tiny_llama_dir), "--method", "rtn", "--bits", "4", "--group", "32", "--out", str(out))
+    assert ok.exit_code == 0, ok.output
+    _assert_clean_error(_run("quantize", str(tiny_llama_dir), "--method", "rtn", "--out", str(out)), "already exists")
+    inspected = json.loads(_run("inspect", str(out), "--json").stdout)
+    # 4-bit codes, fp16 scale + 4-bit zero per 32 weights, one byte of bit map per (tiny) matrix
+    assert inspected["bits_per_weight"] == pytest.approx(4 + 20 / 32, abs=5e-3)
+    weights = out / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    _assert_clean_error(_run("eval", str(out), "--dataset", str(corpus_file), "--seqlen", "32"), "corrupt")
+
+
+def test_console_script_error_exit(tmp_path) -> None:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "anybit.cli", "eval", str(tmp_path / "missing")], capture_output=True, text=True, env=env
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().startswith("Error: model not found")
+    assert "Traceback" not in proc.stderr
+
+
+def test_eval_json(tiny_llama_dir, corpus_file) -> None:
+    result = _run(
+        "eval", str(tiny_llama_dir), "--dataset", str(corpus_file), "--seqlen", "64", "--max-windows", "2", "--json"
+    )
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["windows"] == 2 and out["tokens"] == 2 * 63 and out["ppl"] > 1
+
+
+def test_config_file(tiny_llama_dir, tmp_path) -> None:
+    cfg = tmp_path / "q.toml"
+    cfg.write_text('method = "rtn"\nbits = 3\ngroup_size = 32\n')
+    out = tmp_path / "q"
+    result = _run("quantize", str(tiny_llama_dir), "--config", str(cfg), "--bits", "2", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    info = json.loads((Path(out) / "anybit.json").read_text())
+    assert info["config"]["method"] == "rtn" and info["config"]["bits"] == 2 and info["config"]["group_size"] == 32

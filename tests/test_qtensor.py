@@ -1,0 +1,79 @@
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from anybit.format.qtensor import QuantizedTensor, SparseOutliers
+from anybit.quant.uniform import rtn_quantize
+
+
+def _mixed_uniform(shape=(12, 96), group_size=32, axis=0, perm=None, outliers=None):
+    lines, line_len = shape if axis == 0 else shape[::-1]
+    groups = line_len // group_size
+    bitmap = torch.randint(1, 9, (lines, groups), dtype=torch.uint8)
+    maxq = (2 ** bitmap.long() - 1).repeat_interleave(group_size, dim=1)
+    codes = (torch.rand(lines, line_len) * (maxq + 1)).long().clamp(max=maxq)
+    scales = (torch.rand(lines, groups) + 0.01).half().float()
+    zeros = (torch.rand(lines, groups) * (2 ** bitmap.float())).long().clamp(max=2 ** bitmap.long() - 1)
+    qt = QuantizedTensor.from_uniform(codes, scales, zeros, bitmap, shape, group_size, axis, perm, outliers)
+    z = zeros.repeat_interleave(group_size, dim=1)
+    s = scales.repeat_interleave(group_size, dim=1)
+    dense = (codes - z) * s
+    return qt, dense if axis == 0 else dense.t()
+
+
+def _round_trip(qt: QuantizedTensor, tmp_path) -> QuantizedTensor:
+    save_file(qt.to_tensors(), tmp_path / "t.safetensors")
+    return QuantizedTensor.from_tensors(qt.meta(), load_file(tmp_path / "t.safetensors"))
+
+
+@pytest.mark.parametrize("axis,group_size", [(0, 32), (0, 96), (1, 4), (1, 12)])
+def test_mixed_width_uniform_decodes_exactly(axis: int, group_size: int, tmp_path) -> None:
+    qt, dense = _mixed_uniform(group_size=group_size, axis=axis)
+    assert torch.equal(qt.dequantize(), dense)
+    back = _round_trip(qt, tmp_path)
+    assert torch.equal(back.dequantize(), dense)
+    assert back.dequantize().dtype == torch.float32
+
+
+def test_codebook_with_mixed_widths(tmp_path) -> None:
+    rows, cols = 10, 64
+    bitmap = torch.randint(1, 5, (rows, 1), dtype=torch.uint8)
+    books = torch.randn(rows, 1, 16).half().float()
+    codes = (torch.rand(rows, cols) * (2 ** bitmap.float())).long()
+    qt = QuantizedTensor.from_codebook(codes, books, bitmap, (rows, cols), cols)
+    expected = torch.gather(books[:, 0], 1, codes)
+    assert torch.equal(qt.dequantize(), expected)
+    assert torch.equal(_round_trip(qt, tmp_path).dequantize(), expected)
+
+
+def test_perm_and_outliers(tmp_path) -> None:
+    W = torch.randn(8, 64)
+    perm = torch.randperm(64)
+    mask = torch.rand(8, 64) < 0.05
+    outliers = SparseOutliers.from_mask(W, mask)
+    qt, coded = _mixed_uniform(shape=(8, 64), perm=perm, outliers=outliers)
+    expected = torch.empty_like(coded)
+    expected[:, perm] = coded
+    expected[mask] = W[mask].half().float()
+    assert torch.equal(qt.dequantize(), expected)
+    assert torch.equal(_round_trip(qt, tmp_path).dequantize(), expected)
+
+
+def test_storage_bits_match_file_and_formula(tmp_path) -> None:
+    W = torch.randn(576, 1536)
+    qt = rtn_quantize(W, 64, torch.full((576, 24), 4, dtype=torch.uint8))
+    groups = 576 * 24
+    # codes 4 bits, fp16 scale and 4-bit zero per group, one byte for the constant bit map
+    assert qt.storage_bits() == W.numel() * 4 + groups * (16 + 4) + 8
+    assert abs(qt.bits_per_weight() - (4 + 20 / 64)) < 1e-4
+    path = tmp_path / "t.safetensors"
+    save_file(qt.to_tensors(), path)
+    header = path.stat().st_size - qt.storage_bits() // 8
+    assert 0 < header < 1024  # the file is the counted bytes plus a small JSON header
+
+
+def test_layout_errors() -> None:
+    with pytest.raises(ValueError, match="does not divide"):
+        QuantizedTensor.from_uniform(
+            torch.zeros(4, 60), torch.ones(4, 1), torch.zeros(4, 1), torch.full((4, 1), 4), (4, 60), 64
+        )

@@ -1,0 +1,36 @@
+"""End to end on the real reference model (SmolLM2-135M-Instruct), with small calibration and two windows."""
+
+import pytest
+import torch
+
+from anybit.config import QuantConfig
+from anybit.data import eval_windows, load_corpus, tokenize_corpus
+from anybit.eval import evaluate
+from anybit.model import load_model
+from anybit.pipeline import quantize_to_dir
+
+pytestmark = pytest.mark.real_model
+
+
+def test_smollm2_gptq_end_to_end(tmp_path) -> None:
+    original = load_model("smollm2-135m")
+    assert original.model.config.num_hidden_layers == 30
+    ids = tokenize_corpus(original.tokenizer, load_corpus("wikitext2"))
+    assert ids.numel() // 2048 == 147  # the reference protocol's window count
+    windows = eval_windows(ids, 2048, max_windows=2)
+    fp = evaluate(original.model, windows, progress=False)
+    assert 15 < fp.ppl < 25, fp  # first two windows of the full-set 21.97 model
+    n_unquantized = sum(p.numel() for n, p in original.model.named_parameters() if "layers" not in n or "norm" in n)
+
+    config = QuantConfig(method="gptq", bits=4, group_size=64, nsamples=4, seqlen=512)
+    outcome = quantize_to_dir("smollm2-135m", config, tmp_path / "q", loaded=original, progress=False)
+    assert outcome.bits_per_weight == pytest.approx(4 + 20 / 64, abs=1e-4)
+    counted_bytes = outcome.meta["storage_bits"] // 8
+    header = outcome.file_bytes - counted_bytes - 2 * n_unquantized  # the rest is fp16
+    assert 0 < header < 100_000, header
+
+    reloaded = load_model(str(tmp_path / "q"))
+    with torch.inference_mode():
+        assert torch.equal(original.model(windows[:1, :256]).logits, reloaded.model(windows[:1, :256]).logits)
+    q = evaluate(reloaded.model, windows, progress=False)
+    assert fp.ppl < q.ppl < 1.4 * fp.ppl, (fp.ppl, q.ppl)
