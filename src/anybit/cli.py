@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from anybit.config import DTYPES, QuantConfig
+from anybit.config import DTYPES, WEIGHTINGS, QuantConfig
 from anybit.errors import AnybitError
 
 
@@ -52,6 +52,14 @@ def _quant_options(f):
             "--seqlen", type=int, default=2048, show_default=True, help="Calibration window length in tokens."
         ),
         click.option("--seed", type=int, default=0, show_default=True),
+        click.option(
+            "--weights",
+            "weighting",
+            type=click.Choice(WEIGHTINGS),
+            default="activation",
+            show_default=True,
+            help="K-means: importance of each weight.",
+        ),
         click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N]."),
         click.option(
             "--calib-dtype",

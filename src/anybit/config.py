@@ -10,6 +10,7 @@ from pathlib import Path
 from anybit.errors import AnybitError
 
 DTYPES = ("float32", "bfloat16", "float16")
+WEIGHTINGS = ("activation", "none")
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class QuantConfig:
     seed: int = 0
     device: str = "cpu"
     calib_dtype: str = "float32"
+    weighting: str = "activation"  # K-means importance of each weight
 
     def __post_init__(self) -> None:
         from anybit.methods import get_method  # the registry knows each method's bit range
@@ -41,6 +43,8 @@ class QuantConfig:
             raise AnybitError("--nsamples and --seqlen must be positive")
         if self.calib_dtype not in DTYPES:
             raise AnybitError(f"calibration dtype must be one of {', '.join(DTYPES)}, got {self.calib_dtype}")
+        if self.weighting not in WEIGHTINGS:
+            raise AnybitError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise AnybitError(f"device must be cpu or cuda[:N], got {self.device!r}")
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from anybit.errors import AnybitError
 from anybit.methods.base import LayerStats, Method
+from anybit.methods.nonuniform import KMeansRows
 from anybit.methods.uniform import GPTQ, RTN
 
-METHODS: dict[str, Method] = {m.name: m for m in (RTN(), GPTQ())}
+METHODS: dict[str, Method] = {m.name: m for m in (RTN(), GPTQ(), KMeansRows())}
 
 
 def get_method(name: str) -> Method:

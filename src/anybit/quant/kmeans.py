@@ -1,0 +1,274 @@
+"""Batched weighted 1-D K-means: many independent vectors (rows or columns) at once.
+
+`fit_codebook` runs Lloyd iterations on V vectors of N values together. In one dimension the
+nearest centroid is found by a search over the sorted centroids' midpoints, so no V × N × k distance
+tensor is ever built: memory is O(V·N + V·k). Each vector may have its own number of clusters
+(mixed widths): unused centroid slots are +inf and never win a point. The default initialisation
+is the exact optimum over a coarse binning of each vector (deterministic; it puts lone outliers in
+clusters of their own, which quantile seeding misses on heavy-tailed rows); weighted quantiles
+and weighted k-means++ (seeded) are the alternatives. Empty clusters keep their previous
+centroid. `optimal_kmeans_1d` is the exact dynamic-programming optimum, for tests and short vectors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+DP_BINS = 256  # edges of the binned DP initialisation; it is used while k <= DP_BINS // 4
+DP_CHUNK_ELEMENTS = 1 << 24  # rows × edges² processed at once by the DP
+
+
+@dataclass
+class KMeansResult:
+    centroids: torch.Tensor  # (V, k_max), sorted ascending per vector; unused slots are +inf
+    codes: torch.Tensor  # (V, N) int64 index of each value's centroid
+    iterations: int
+
+
+def assign(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest centroid for every value; centroids sorted ascending per row (+inf padded)."""
+    mid = (centroids[:, 1:] + centroids[:, :-1]) / 2
+    mid = torch.where(torch.isnan(mid), torch.full_like(mid, float("inf")), mid)
+    return torch.searchsorted(mid.contiguous(), x.contiguous(), right=False)
+
+
+def reconstruct(centroids: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Values of the codes: centroids[v, codes[v, n]]."""
+    return torch.gather(centroids, 1, codes)
+
+
+def weighted_error(
+    x: torch.Tensor, weights: torch.Tensor, centroids: torch.Tensor, codes: torch.Tensor
+) -> torch.Tensor:
+    """Σ w (x − c)² per vector."""
+    return (weights * (x - reconstruct(centroids, codes)) ** 2).sum(dim=1)
+
+
+def _k_per_vector(k: int | torch.Tensor, V: int, device: torch.device) -> torch.Tensor:
+    ks = torch.as_tensor(k, device=device, dtype=torch.int64)
+    return ks.expand(V).clone() if ks.dim() == 0 else ks
+
+
+def _quantile_init(x: torch.Tensor, weights: torch.Tensor, ks: torch.Tensor, k_max: int) -> torch.Tensor:
+    """Centroid j of a vector with k clusters at its weighted (j + 0.5)/k quantile."""
+    xs, order = torch.sort(x, dim=1)
+    ws = torch.gather(weights, 1, order) + 1e-12 * weights.mean(dim=1, keepdim=True).clamp(min=1e-30)
+    cdf = torch.cumsum(ws, dim=1)
+    cdf = cdf / cdf[:, -1:]
+    j = torch.arange(k_max, device=x.device, dtype=x.dtype)
+    levels = ((j + 0.5) / ks[:, None].to(x.dtype)).clamp(max=1.0)
+    idx = torch.searchsorted(cdf.contiguous(), levels.contiguous()).clamp(max=x.shape[1] - 1)
+    return torch.gather(xs, 1, idx)
+
+
+def _binned_dp_init(
+    x: torch.Tensor, weights: torch.Tensor, ks: torch.Tensor, k_max: int, bins: int = DP_BINS
+) -> torch.Tensor:
+    """Optimal centroids among partitions whose boundaries fall on bin edges, for all rows at once.
+
+    The sorted values are cut at `bins/2` rank quantiles and at `bins/2` equal steps of the value range
+    (so lone outliers get bins of their own). Per-bin sums make every cluster's cost exact, and a
+    dynamic programme over the edges finds the best k-cluster partition of each row.
+    """
+    V, N = x.shape
+    chunk = max(1, DP_CHUNK_ELEMENTS // (bins + 2) ** 2)
+    if chunk < V:
+        return torch.cat(
+            [
+                _binned_dp_init(x[i : i + chunk], weights[i : i + chunk], ks[i : i + chunk], k_max, bins)
+                for i in range(0, V, chunk)
+            ]
+        )
+    xs, order = torch.sort(x, dim=1)
+    ws = torch.gather(weights, 1, order).double()
+    xd = xs.double()
+    zero = torch.zeros(V, 1, dtype=torch.float64, device=x.device)
+    cW = torch.cat([zero, torch.cumsum(ws, 1)], 1)
+    cS = torch.cat([zero, torch.cumsum(ws * xd, 1)], 1)
+    cQ = torch.cat([zero, torch.cumsum(ws * xd * xd, 1)], 1)
+    half = max(bins // 2, 1)
+    by_rank = torch.linspace(0, N, half + 1, device=x.device).round().long().expand(V, -1)
+    steps = torch.linspace(0, 1, half + 1, device=x.device, dtype=xs.dtype)
+    levels = xs[:, :1] + (xs[:, -1:] - xs[:, :1]) * steps
+    by_value = torch.searchsorted(xs.contiguous(), levels.contiguous(), right=True)
+    edges = torch.sort(torch.cat([by_rank, by_value.clamp(0, N)], 1), dim=1).values  # (V, B)
+    W, S, Q = (torch.gather(c, 1, edges) for c in (cW, cS, cQ))
+    mass = W[:, None, :] - W[:, :, None]  # [v, a, b]: cluster over edges a..b
+    lin = S[:, None, :] - S[:, :, None]
+    cost = Q[:, None, :] - Q[:, :, None] - torch.where(mass > 0, lin**2 / mass.clamp(min=1e-300), 0.0)
+    B = edges.shape[1]
+    later = torch.arange(B, device=x.device)[None, :] > torch.arange(B, device=x.device)[:, None]
+    cost = torch.where(later, cost.clamp(min=0), torch.full_like(cost, float("inf")))
+    best = cost[:, 0, :].clone()
+    best[:, 0] = 0.0
+    args = []
+    for _ in range(1, k_max):
+        total = best[:, :, None] + cost
+        new_best, arg = total.min(dim=1)
+        new_best[:, 0] = 0.0
+        args.append(arg)
+        best = new_best
+    # walk back from the last edge; rows with fewer clusters stop early (their extra slots become +inf)
+    rows = torch.arange(V, device=x.device)
+    centroids = torch.full((V, k_max), float("inf"), dtype=torch.float64, device=x.device)
+    end = torch.full((V,), B - 1, dtype=torch.long, device=x.device)
+    for t in range(k_max - 1, -1, -1):
+        active = t < ks  # row uses cluster slot t
+        start = args[t - 1][rows, end] if t > 0 else torch.zeros_like(end)
+        m = W[rows, end] - W[rows, start]
+        c = torch.where(m > 0, (S[rows, end] - S[rows, start]) / m.clamp(min=1e-300), float("inf"))
+        centroids[:, t] = torch.where(active, c, centroids[:, t])
+        end = torch.where(active, start, end)
+    return centroids.to(x.dtype)
+
+
+def _kmeanspp_init(x: torch.Tensor, weights: torch.Tensor, k_max: int, generator: torch.Generator) -> torch.Tensor:
+    """Weighted k-means++ seeding, all vectors together."""
+    V, _ = x.shape
+    rows = torch.arange(V, device=x.device)
+    probs = weights + 1e-30
+    first = torch.multinomial(probs.cpu(), 1, generator=generator).to(x.device)[:, 0]
+    cents = [x[rows, first]]
+    d2 = (x - cents[0][:, None]) ** 2
+    for _ in range(1, k_max):
+        p = (weights * d2).cpu() + 1e-30
+        nxt = torch.multinomial(p, 1, generator=generator).to(x.device)[:, 0]
+        cents.append(x[rows, nxt])
+        d2 = torch.minimum(d2, (x - cents[-1][:, None]) ** 2)
+    return torch.stack(cents, dim=1)
+
+
+def _reseed_empty(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    centroids: torch.Tensor,
+    codes: torch.Tensor,
+    mass: torch.Tensor,
+    ks: torch.Tensor,
+) -> torch.Tensor:
+    """Move each empty cluster onto one of the values with the largest weighted error (distinct per slot)."""
+    valid = torch.arange(centroids.shape[1], device=x.device)[None, :] < ks[:, None]
+    empty = (mass <= 0) & valid
+    if not bool(empty.any()):
+        return centroids
+    err = weights * (x - reconstruct(centroids, codes)) ** 2
+    m = int(empty.sum(dim=1).max())
+    worst = torch.gather(x, 1, err.topk(min(m, x.shape[1]), dim=1).indices)  # (V, m)
+    rank = (empty.cumsum(dim=1) - 1).clamp(0, worst.shape[1] - 1)
+    return torch.where(empty, torch.gather(worst, 1, rank), centroids)
+
+
+def _sanitize(centroids: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
+    """Sort, and set slots past each vector's k to +inf."""
+    k_max = centroids.shape[1]
+    unused = torch.arange(k_max, device=centroids.device)[None, :] >= ks[:, None]
+    centroids = torch.where(unused, torch.full_like(centroids, float("inf")), centroids)
+    return torch.sort(centroids, dim=1).values
+
+
+def fit_codebook(
+    x: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    k: int | torch.Tensor = 16,
+    max_iter: int = 50,
+    init: str = "dp",
+    seed: int = 0,
+    chunk: int | None = None,
+) -> KMeansResult:
+    """Weighted K-means of every row of x (V, N) with k clusters (an int or one per row, up to 256).
+
+    Minimises Σₙ wₙ (xₙ − c[codeₙ])² per row. Runs until no assignment changes or `max_iter`.
+    `chunk` bounds how many rows are processed at once (default: all).
+    """
+    if x.dim() != 2:
+        raise ValueError(f"x must be (vectors, values), got shape {tuple(x.shape)}")
+    x = x.float()
+    weights = torch.ones_like(x) if weights is None else weights.float().expand_as(x)
+    if chunk is not None and x.shape[0] > chunk:
+        ks_all = _k_per_vector(k, x.shape[0], x.device)
+        parts = [
+            fit_codebook(x[i : i + chunk], weights[i : i + chunk], ks_all[i : i + chunk], max_iter, init, seed)
+            for i in range(0, x.shape[0], chunk)
+        ]
+        k_max = max(p.centroids.shape[1] for p in parts)
+        pad = [
+            torch.nn.functional.pad(p.centroids, (0, k_max - p.centroids.shape[1]), value=float("inf")) for p in parts
+        ]
+        return KMeansResult(torch.cat(pad), torch.cat([p.codes for p in parts]), max(p.iterations for p in parts))
+    V, _ = x.shape
+    ks = _k_per_vector(k, V, x.device)
+    k_max = int(ks.max())
+    if not 1 <= k_max <= 256 or int(ks.min()) < 1:
+        raise ValueError(f"clusters per vector must be in 1-256, got {int(ks.min())}-{k_max}")
+    if init in ("quantile", "dp"):
+        centroids = _quantile_init(x, weights, ks, k_max)
+        few = ks <= DP_BINS // 4  # the DP initialisation serves rows with few clusters
+        if init == "dp" and bool(few.any()):
+            k_few = int(ks[few].max())
+            centroids[few, :k_few] = _binned_dp_init(x[few], weights[few], ks[few], k_few)
+            centroids[few, k_few:] = float("inf")
+    elif init == "kmeans++":
+        centroids = _kmeanspp_init(x, weights, k_max, torch.Generator().manual_seed(seed))
+    else:
+        raise ValueError(f"unknown init {init!r} (dp, quantile or kmeans++)")
+    centroids = _sanitize(centroids, ks)
+    codes = assign(x, centroids)
+    iterations = 0
+    for iterations in range(1, max_iter + 1):  # noqa: B007 - reported
+        sums = torch.zeros(V, k_max, device=x.device).scatter_add_(1, codes, weights * x)
+        mass = torch.zeros(V, k_max, device=x.device).scatter_add_(1, codes, weights)
+        centroids = torch.where(mass > 0, sums / mass.clamp(min=1e-30), centroids)
+        centroids = _reseed_empty(x, weights, centroids, codes, mass, ks)
+        centroids = _sanitize(centroids, ks)
+        new_codes = assign(x, centroids)
+        if torch.equal(new_codes, codes):
+            break
+        codes = new_codes
+    return KMeansResult(centroids, codes, iterations)
+
+
+def optimal_kmeans_1d(x: torch.Tensor, weights: torch.Tensor | None, k: int) -> tuple[torch.Tensor, float]:
+    """Exact optimum of weighted 1-D K-means by dynamic programming over sorted values, O(k·N²).
+
+    Returns (sorted centroids (k,), optimal Σ w (x − c)²). Meant for short vectors and as a test oracle.
+    """
+    x = x.double().flatten()
+    w = torch.ones_like(x) if weights is None else weights.double().flatten()
+    order = torch.argsort(x)
+    x, w = x[order], w[order]
+    n = x.numel()
+    k = min(k, n)
+    # prefix sums give the cost of one cluster over any sorted range [i, j) in O(1)
+    zero = torch.zeros(1, dtype=torch.float64)
+    W = torch.cat([zero, torch.cumsum(w, 0)])
+    S = torch.cat([zero, torch.cumsum(w * x, 0)])
+    Q = torch.cat([zero, torch.cumsum(w * x * x, 0)])
+    i = torch.arange(n + 1)
+    lo, hi = i[:, None], i[None, :]  # cost[lo, hi] for the range [lo, hi)
+    mass = W[hi] - W[lo]
+    cost = Q[hi] - Q[lo] - torch.where(mass > 0, (S[hi] - S[lo]) ** 2 / mass.clamp(min=1e-300), 0.0)
+    cost = torch.where(hi > lo, cost.clamp(min=0), torch.full_like(cost, float("inf")))
+    best = cost[0].clone()  # best[j]: one cluster over [0, j)
+    best[0] = 0.0
+    splits = []
+    for _ in range(1, k):
+        total = best[:, None] + cost  # last cluster [lo, hi)
+        new_best, arg = total.min(dim=0)
+        new_best[0] = 0.0
+        splits.append(arg)
+        best = new_best
+    # walk back the boundaries of the k clusters over [0, n)
+    bounds = [n]
+    for arg in reversed(splits):
+        bounds.append(int(arg[bounds[-1]]))
+    bounds.append(0)
+    bounds = bounds[::-1]
+    cents = []
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        if b > a and W[b] - W[a] > 0:
+            cents.append(float((S[b] - S[a]) / (W[b] - W[a])))
+        elif b > a:
+            cents.append(float(x[a:b].mean()))
+    return torch.tensor(sorted(cents)), float(best[n])
