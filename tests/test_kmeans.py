@@ -14,7 +14,7 @@ def _brute_force(x: torch.Tensor, w: torch.Tensor, k: int) -> float:
     for cuts in itertools.combinations(range(1, n), k - 1):
         bounds = (0, *cuts, n)
         total = 0.0
-        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        for a, b in itertools.pairwise(bounds):
             c = (ws[a:b] * xs[a:b]).sum() / ws[a:b].sum()
             total += float((ws[a:b] * (xs[a:b] - c) ** 2).sum())
         best = min(best, total)

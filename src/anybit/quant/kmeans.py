@@ -12,6 +12,7 @@ centroid. `optimal_kmeans_1d` is the exact dynamic-programming optimum, for test
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -266,7 +267,7 @@ def optimal_kmeans_1d(x: torch.Tensor, weights: torch.Tensor | None, k: int) -> 
     bounds.append(0)
     bounds = bounds[::-1]
     cents = []
-    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+    for a, b in itertools.pairwise(bounds):
         if b > a and W[b] - W[a] > 0:
             cents.append(float((S[b] - S[a]) / (W[b] - W[a])))
         elif b > a:
