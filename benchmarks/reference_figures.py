@@ -24,6 +24,9 @@ CONFIGS = {
     "gptq2": dict(method="gptq", bits=2, group_size=64),
     "gptq4pc": dict(method="gptq", bits=4, group_size=0),
     "gptq3pc": dict(method="gptq", bits=3, group_size=0),
+    "kmeans4": dict(method="kmeans", bits=4),
+    "kmeans3": dict(method="kmeans", bits=3),
+    "kmeans3u": dict(method="kmeans", bits=3, weighting="none"),
 }
 
 

@@ -101,3 +101,18 @@ def test_config_file(tiny_llama_dir, tmp_path) -> None:
     assert result.exit_code == 0, result.output
     info = json.loads((Path(out) / "anybit.json").read_text())
     assert info["config"]["method"] == "rtn" and info["config"]["bits"] == 2 and info["config"]["group_size"] == 32
+
+
+def test_compare_prints_table(tiny_llama_dir, corpus_file, tmp_path) -> None:
+    out = tmp_path / "q"
+    result = _run(
+        "compare", str(tiny_llama_dir), "--method", "gptq", "--bits", "4", "--group", "32", "--calib", str(corpus_file),
+        "--nsamples", "4", "--seqlen", "64", "--dataset", str(corpus_file), "--max-windows", "3", "--out", str(out),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].startswith("wikitext2") is False and "3 windows of 64 tokens" in lines[0]
+    fp_row, q_row = lines[-2].split(), lines[-1].split()
+    assert fp_row[:3] == ["none", "(fp16)", "16.0000"]
+    assert q_row[:3] == ["gptq", "4-bit", "g32"] and float(q_row[3]) == pytest.approx(4 + 20 / 32, abs=5e-3)
+    assert (out / "anybit.json").is_file()

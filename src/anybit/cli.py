@@ -213,7 +213,10 @@ def compare(
     config_file: str | None,
     **values: object,
 ) -> None:
-    """Quantize MODEL, evaluate it and the original, and print a table (the main job)."""
+    """Quantize MODEL, evaluate it and the original, and print a table (the main job).
+
+    --seqlen sets both the calibration and the evaluation window length.
+    """
     from anybit.model.loading import cache_dir, load_model
     from anybit.pipeline import evaluate_spec, quantize_to_dir
     from anybit.report import format_table
@@ -221,7 +224,13 @@ def compare(
     config = _make_config(ctx, config_file, **values)
     name = f"{Path(model).name}-{config.method}-{config.bits:g}b-g{config.group_size}"
     out = Path(out_dir) if out_dir else cache_dir() / "runs" / name
-    eval_kwargs = {"dataset": dataset, "max_windows": max_windows, "device": config.device, "dtype": dtype}
+    eval_kwargs = {
+        "dataset": dataset,
+        "seqlen": config.seqlen,
+        "max_windows": max_windows,
+        "device": config.device,
+        "dtype": dtype,
+    }
     original = load_model(model)
     n_weights = sum(p.numel() for p in original.model.parameters())
     base = evaluate_spec(original, **eval_kwargs)

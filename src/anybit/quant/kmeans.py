@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-DP_BINS = 256  # edges of the binned DP initialisation; it is used while k <= DP_BINS // 4
+DP_BINS = 128  # edges of the binned DP initialisation; it is used while k <= DP_BINS // 2
 DP_CHUNK_ELEMENTS = 1 << 24  # rows × edges² processed at once by the DP
 
 
@@ -65,7 +65,7 @@ def _quantile_init(x: torch.Tensor, weights: torch.Tensor, ks: torch.Tensor, k_m
 
 
 def _binned_dp_init(
-    x: torch.Tensor, weights: torch.Tensor, ks: torch.Tensor, k_max: int, bins: int = DP_BINS
+    x: torch.Tensor, weights: torch.Tensor, ks: torch.Tensor, k_max: int, bins: int | None = None
 ) -> torch.Tensor:
     """Optimal centroids among partitions whose boundaries fall on bin edges, for all rows at once.
 
@@ -74,6 +74,7 @@ def _binned_dp_init(
     dynamic programme over the edges finds the best k-cluster partition of each row.
     """
     V, N = x.shape
+    bins = bins or DP_BINS
     chunk = max(1, DP_CHUNK_ELEMENTS // (bins + 2) ** 2)
     if chunk < V:
         return torch.cat(
@@ -82,8 +83,12 @@ def _binned_dp_init(
                 for i in range(0, V, chunk)
             ]
         )
-    xs, order = torch.sort(x, dim=1)
+    # standardise each row so the float32 cluster costs below do not lose precision to cancellation
+    mu = x.mean(dim=1, keepdim=True)
+    sd = x.std(dim=1, keepdim=True).clamp(min=1e-12) if N > 1 else torch.ones_like(mu)
+    xs, order = torch.sort((x - mu) / sd, dim=1)
     ws = torch.gather(weights, 1, order).double()
+    ws = ws / ws.sum(dim=1, keepdim=True).clamp(min=1e-300)
     xd = xs.double()
     zero = torch.zeros(V, 1, dtype=torch.float64, device=x.device)
     cW = torch.cat([zero, torch.cumsum(ws, 1)], 1)
@@ -95,13 +100,13 @@ def _binned_dp_init(
     levels = xs[:, :1] + (xs[:, -1:] - xs[:, :1]) * steps
     by_value = torch.searchsorted(xs.contiguous(), levels.contiguous(), right=True)
     edges = torch.sort(torch.cat([by_rank, by_value.clamp(0, N)], 1), dim=1).values  # (V, B)
-    W, S, Q = (torch.gather(c, 1, edges) for c in (cW, cS, cQ))
-    mass = W[:, None, :] - W[:, :, None]  # [v, a, b]: cluster over edges a..b
+    W, S, Q = (torch.gather(c, 1, edges).float() for c in (cW, cS, cQ))
+    mass = W[:, None, :] - W[:, :, None]  # [v, a, b]: one cluster over the values between edges a and b
     lin = S[:, None, :] - S[:, :, None]
-    cost = Q[:, None, :] - Q[:, :, None] - torch.where(mass > 0, lin**2 / mass.clamp(min=1e-300), 0.0)
+    cost = Q[:, None, :] - Q[:, :, None] - lin**2 / mass.clamp(min=1e-30)
     B = edges.shape[1]
     later = torch.arange(B, device=x.device)[None, :] > torch.arange(B, device=x.device)[:, None]
-    cost = torch.where(later, cost.clamp(min=0), torch.full_like(cost, float("inf")))
+    cost = torch.where(later, cost.clamp(min=0), float("inf"))
     best = cost[:, 0, :].clone()
     best[:, 0] = 0.0
     args = []
@@ -113,16 +118,16 @@ def _binned_dp_init(
         best = new_best
     # walk back from the last edge; rows with fewer clusters stop early (their extra slots become +inf)
     rows = torch.arange(V, device=x.device)
-    centroids = torch.full((V, k_max), float("inf"), dtype=torch.float64, device=x.device)
+    centroids = torch.full((V, k_max), float("inf"), dtype=x.dtype, device=x.device)
     end = torch.full((V,), B - 1, dtype=torch.long, device=x.device)
     for t in range(k_max - 1, -1, -1):
         active = t < ks  # row uses cluster slot t
         start = args[t - 1][rows, end] if t > 0 else torch.zeros_like(end)
         m = W[rows, end] - W[rows, start]
-        c = torch.where(m > 0, (S[rows, end] - S[rows, start]) / m.clamp(min=1e-300), float("inf"))
+        c = torch.where(m > 0, (S[rows, end] - S[rows, start]) / m.clamp(min=1e-30), float("inf"))
         centroids[:, t] = torch.where(active, c, centroids[:, t])
         end = torch.where(active, start, end)
-    return centroids.to(x.dtype)
+    return (centroids * sd + mu).to(x.dtype)
 
 
 def _kmeanspp_init(x: torch.Tensor, weights: torch.Tensor, k_max: int, generator: torch.Generator) -> torch.Tensor:
@@ -205,7 +210,7 @@ def fit_codebook(
         raise ValueError(f"clusters per vector must be in 1-256, got {int(ks.min())}-{k_max}")
     if init in ("quantile", "dp"):
         centroids = _quantile_init(x, weights, ks, k_max)
-        few = ks <= DP_BINS // 4  # the DP initialisation serves rows with few clusters
+        few = ks <= DP_BINS // 2  # the DP initialisation serves rows with few clusters
         if init == "dp" and bool(few.any()):
             k_few = int(ks[few].max())
             centroids[few, :k_few] = _binned_dp_init(x[few], weights[few], ks[few], k_few)
