@@ -11,7 +11,7 @@ from anybit.pipeline import quantize_to_dir
 from anybit.runtime import quant_linears
 
 
-@pytest.mark.parametrize("method,bits", [("gptq", 4), ("rtn", 3), ("kmeans", 3)])
+@pytest.mark.parametrize("method,bits", [("gptq", 4), ("rtn", 3), ("kmeans", 3), ("squeezellm", 3)])
 def test_quantize_save_reload_eval(tiny_model_dir, corpus_file, tmp_path, method: str, bits: int) -> None:
     original = load_model(str(tiny_model_dir))
     adapter = get_adapter(original.model)
@@ -37,13 +37,21 @@ def test_quantize_save_reload_eval(tiny_model_dir, corpus_file, tmp_path, method
     assert torch.isfinite(torch.tensor(q.ppl))
     # random tiny models are near-uniform predictors: quantization must not blow them up
     assert q.ppl < 2 * fp.ppl
-    if method == "kmeans":  # one fp16 codebook of 2**bits entries per output row
-        expected = [bits + 16 * 2**bits / qt.shape[1] for _, qt in _qtensors(in_memory)]
+    if method in ("kmeans", "squeezellm"):  # one fp16 codebook of 2**bits entries per output row
+        expected = [bits + 16 * 2**bits / qt.shape[1] + _outlier_bits(qt) / qt.numel for _, qt in _qtensors(in_memory)]
     else:  # fp16 scale and a bits-wide zero point per group of 32
         expected = [bits + (16 + bits) / 32 for _ in _qtensors(in_memory)]
     numels = [qt.numel for _, qt in _qtensors(in_memory)]
     mean = sum(e * n for e, n in zip(expected, numels, strict=True)) / sum(numels)
     assert outcome.bits_per_weight == pytest.approx(mean, abs=0.01)
+
+
+def _outlier_bits(qt) -> int:
+    """A byte of count per row, a 16-bit column index and an fp16 value per outlier."""
+    if qt.outliers is None:
+        return 0
+    assert qt.outliers.nnz == pytest.approx(0.0045 * qt.numel, abs=2)
+    return 8 * qt.shape[0] + 32 * qt.outliers.nnz
 
 
 def _qtensors(model):

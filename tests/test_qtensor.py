@@ -77,3 +77,23 @@ def test_layout_errors() -> None:
         QuantizedTensor.from_uniform(
             torch.zeros(4, 60), torch.ones(4, 1), torch.zeros(4, 1), torch.full((4, 1), 4), (4, 60), 64
         )
+
+
+def test_dense_and_sparse_round_trip(tmp_path) -> None:
+    from anybit.quant.outliers import outlier_mask
+
+    W = torch.randn(64, 128)
+    W[3, 5] = 40.0
+    importance = torch.rand(64, 128)
+    mask = outlier_mask(W, 0.01, 0.005, importance)
+    assert mask[3, 5]
+    assert int(mask.sum()) <= round(0.015 * W.numel())
+    sparse = SparseOutliers.from_mask(W, mask)
+    assert sparse.row_counts.dtype == torch.uint8 and sparse.col_idx.dtype == torch.int16
+    qt = rtn_quantize(W, 32, torch.full((64, 4), 3, dtype=torch.uint8))
+    qt = QuantizedTensor(**{**qt.__dict__, "outliers": sparse})
+    back = _round_trip(qt, tmp_path).dequantize()
+    assert torch.equal(back[mask], W[mask].half().float())  # kept weights come back as fp16
+    assert torch.equal(back[~mask], rtn_quantize(W, 32, qt.bitmap).dequantize()[~mask])
+    # counted: one byte per row count, 16-bit column index and fp16 value per outlier
+    assert qt.storage_bits() - rtn_quantize(W, 32, qt.bitmap).storage_bits() == 64 * 8 + sparse.nnz * 32

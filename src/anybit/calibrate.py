@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from anybit.config import QuantConfig
 from anybit.errors import AnybitError
+from anybit.fisher import fisher_diagonal
 from anybit.format.io import round_unquantized_
 from anybit.methods import LayerStats, get_method
 from anybit.model.adapters import Adapter, get_adapter, get_submodule, set_submodule
@@ -168,17 +169,26 @@ def quantize_model(
     dtype = getattr(torch, config.calib_dtype)
     layers = adapter.layers(model)
     hidden = args = kwargs = None
+    fisher = {}
+    if method.needs_stats and method.weighting(config) == "fisher":
+        if calib_windows is None:
+            raise AnybitError(f"method {config.method!r} needs calibration data")
+        fisher = fisher_diagonal(model, adapter, calib_windows[: config.fisher_nsamples], config.device, progress)
     if method.needs_stats:
         if calib_windows is None:
             raise AnybitError(f"method {config.method!r} needs calibration data")
         hidden, args, kwargs = capture_layer_inputs(model, adapter, calib_windows, device, dtype)
         args, kwargs = _to_device(args, device, dtype), _to_device(kwargs, device, dtype)
     linears = 0
-    for layer in tqdm(layers, desc=f"{config.method} {config.bits:g}-bit", unit="layer", disable=not progress):
+    for index, layer in enumerate(
+        tqdm(layers, desc=f"{config.method} {config.bits:g}-bit", unit="layer", disable=not progress)
+    ):
         layer.to(device)
         originals = {name: _weight_and_bias(adapter, get_submodule(layer, name)) for name in adapter.linear_names}
         layer.to(dtype)  # the forward passes run in the calibration dtype; weights come from `originals`
         stats = _collect_stats(layer, adapter, hidden, args, kwargs) if method.needs_stats else {}
+        for name, layer_stats in stats.items():
+            layer_stats.fisher = fisher.pop(f"{index}.{name}", None)
         for name, (W, bias) in originals.items():
             qt = method.quantize(W, stats.get(name), config)
             set_submodule(layer, name, QuantLinear(qt, bias))

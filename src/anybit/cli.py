@@ -56,9 +56,17 @@ def _quant_options(f):
             "--weights",
             "weighting",
             type=click.Choice(WEIGHTINGS),
-            default="activation",
-            show_default=True,
-            help="K-means: importance of each weight.",
+            default=None,
+            help="K-means: importance of each weight [default: the method's; kmeans activation, squeezellm fisher].",
+        ),
+        click.option(
+            "--outliers",
+            type=float,
+            default=None,
+            help="Share of weights kept in fp16 (dense-and-sparse) [default: the method's; squeezellm 0.0045].",
+        ),
+        click.option(
+            "--fisher-nsamples", type=int, default=None, help="Calibration windows for Fisher [default: all]."
         ),
         click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N]."),
         click.option(

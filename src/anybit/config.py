@@ -10,7 +10,7 @@ from pathlib import Path
 from anybit.errors import AnybitError
 
 DTYPES = ("float32", "bfloat16", "float16")
-WEIGHTINGS = ("activation", "none")
+WEIGHTINGS = ("activation", "fisher", "none")
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,9 @@ class QuantConfig:
     seed: int = 0
     device: str = "cpu"
     calib_dtype: str = "float32"
-    weighting: str = "activation"  # K-means importance of each weight
+    weighting: str | None = None  # K-means importance of each weight; None: the method's default
+    outliers: float | None = None  # share of weights kept in fp16; None: the method's default
+    fisher_nsamples: int | None = None  # calibration windows used for Fisher; None: all of them
 
     def __post_init__(self) -> None:
         from anybit.methods import get_method  # the registry knows each method's bit range
@@ -43,7 +45,11 @@ class QuantConfig:
             raise AnybitError("--nsamples and --seqlen must be positive")
         if self.calib_dtype not in DTYPES:
             raise AnybitError(f"calibration dtype must be one of {', '.join(DTYPES)}, got {self.calib_dtype}")
-        if self.weighting not in WEIGHTINGS:
+        if self.outliers is not None and not 0 <= self.outliers < 0.5:
+            raise AnybitError(f"outlier fraction must be in [0, 0.5), got {self.outliers}")
+        if self.fisher_nsamples is not None and self.fisher_nsamples < 1:
+            raise AnybitError("--fisher-nsamples must be positive")
+        if self.weighting is not None and self.weighting not in WEIGHTINGS:
             raise AnybitError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise AnybitError(f"device must be cpu or cuda[:N], got {self.device!r}")

@@ -31,12 +31,23 @@ KINDS = ("uniform", "codebook")
 BITMAP_WIDTH = 3  # widths 1-8 stored as (b - 1) in 3 bits when the map is not constant
 
 
+def smallest_uint(max_value: int) -> torch.dtype:
+    """The narrowest integer dtype that holds 0..max_value (uint8, int16 or int32)."""
+    if max_value < 2**8:
+        return torch.uint8
+    return torch.int16 if max_value < 2**15 else torch.int32
+
+
 @dataclass(frozen=True)
 class SparseOutliers:
-    """Weights kept in fp16 in CSR form over the dense (out, in) matrix; they replace the coded value."""
+    """Weights kept in fp16 over the dense (out, in) matrix, row-compressed; they replace the coded value.
 
-    row_ptr: torch.Tensor  # int32, (out_features + 1,)
-    col_idx: torch.Tensor  # int16 when in_features < 2**15, else int32
+    Stored: the number of outliers of each row (narrowest integer type), their column indices (int16
+    below 32768 columns) and their fp16 values, row by row.
+    """
+
+    row_counts: torch.Tensor  # (out_features,)
+    col_idx: torch.Tensor
     values: torch.Tensor  # float16
 
     @staticmethod
@@ -44,17 +55,16 @@ class SparseOutliers:
         """Keep W where mask is True."""
         rows, cols = mask.nonzero(as_tuple=True)
         counts = torch.bincount(rows, minlength=W.shape[0])
-        row_ptr = torch.zeros(W.shape[0] + 1, dtype=torch.int32, device=W.device)
-        row_ptr[1:] = torch.cumsum(counts, 0).to(torch.int32)
+        count_dtype = smallest_uint(int(counts.max()) if counts.numel() else 0)
         idx_dtype = torch.int16 if W.shape[1] < 2**15 else torch.int32
-        return SparseOutliers(row_ptr, cols.to(idx_dtype), W[rows, cols].to(torch.float16))
+        return SparseOutliers(counts.to(count_dtype), cols.to(idx_dtype), W[rows, cols].to(torch.float16))
 
     @property
     def nnz(self) -> int:
         return int(self.values.numel())
 
     def coordinates(self) -> tuple[torch.Tensor, torch.Tensor]:
-        counts = (self.row_ptr[1:] - self.row_ptr[:-1]).to(torch.int64)
+        counts = self.row_counts.to(torch.int64)
         rows = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
         return rows, self.col_idx.to(torch.int64)
 
@@ -213,7 +223,7 @@ class QuantizedTensor:
         if self.perm is not None:
             out["perm"] = self.perm.to(torch.int16 if self.shape[1] < 2**15 else torch.int32)
         if self.outliers is not None:
-            out["outliers_row_ptr"] = self.outliers.row_ptr
+            out["outliers_row_counts"] = self.outliers.row_counts
             out["outliers_col_idx"] = self.outliers.col_idx
             out["outliers_values"] = self.outliers.values
         return {k: v.contiguous() for k, v in out.items()}
@@ -254,7 +264,7 @@ class QuantizedTensor:
         outliers = None
         if "outliers_values" in tensors:
             outliers = SparseOutliers(
-                tensors["outliers_row_ptr"], tensors["outliers_col_idx"], tensors["outliers_values"]
+                tensors["outliers_row_counts"], tensors["outliers_col_idx"], tensors["outliers_values"]
             )
         perm = tensors["perm"].to(torch.int32) if "perm" in tensors else None
         return cls(

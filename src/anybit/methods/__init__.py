@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from anybit.errors import AnybitError
 from anybit.methods.base import LayerStats, Method
-from anybit.methods.nonuniform import KMeansRows
+from anybit.methods.nonuniform import KMeansRows, SqueezeLLM
 from anybit.methods.uniform import GPTQ, RTN
 
-METHODS: dict[str, Method] = {m.name: m for m in (RTN(), GPTQ(), KMeansRows())}
+METHODS: dict[str, Method] = {m.name: m for m in (RTN(), GPTQ(), KMeansRows(), SqueezeLLM())}
 
 
 def get_method(name: str) -> Method:

@@ -20,6 +20,7 @@ class LayerStats:
     """Calibration statistics of one linear layer's input."""
 
     hessian: HessianAccumulator
+    fisher: torch.Tensor | None = None  # mean grad² of the LM loss, (out, in), when requested
 
 
 class Method:
@@ -28,6 +29,10 @@ class Method:
     name: ClassVar[str]
     needs_stats: ClassVar[bool] = True
     integer_bits: ClassVar[tuple[int, int] | None] = (1, 8)  # allowed integer widths; None if fractional
+    default_weighting: ClassVar[str] = "activation"  # importance used when the config names none
+
+    def weighting(self, config: QuantConfig) -> str:
+        return config.weighting or self.default_weighting
 
     def check_bits(self, bits: float) -> None:
         if self.integer_bits is not None:
