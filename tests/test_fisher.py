@@ -14,6 +14,7 @@ def test_fisher_is_mean_squared_gradient(tiny_tokenizer) -> None:
     windows = torch.randint(0, len(tiny_tokenizer), (3, 16))
     fisher = fisher_diagonal(model, adapter, windows, progress=False)
     assert set(fisher) == {f"{i}.{n}" for i in range(2) for n in adapter.linear_names}
+    assert not any(p.requires_grad for p in model.parameters())
 
     weight = model.transformer.h[1].mlp.c_fc.weight  # Conv1D: stored (in, out)
     expected = torch.zeros_like(weight)
@@ -23,4 +24,3 @@ def test_fisher_is_mean_squared_gradient(tiny_tokenizer) -> None:
         (grad,) = torch.autograd.grad(loss, weight)
         expected += grad**2 / len(windows)
     torch.testing.assert_close(fisher["1.mlp.c_fc"], expected.t())  # reported as (out, in)
-    assert not any(p.requires_grad for p in model.parameters())
