@@ -62,3 +62,14 @@ def test_hessian_is_running_mean() -> None:
     acc.add_batch(X[30:].view(7, 10, 8))
     assert acc.tokens == 100
     torch.testing.assert_close(acc.hessian(), 2 * X.t() @ X / 100)
+
+
+def test_diagonal_accumulator_matches_full() -> None:
+    X = torch.randn(300, 16)
+    full, diag = HessianAccumulator(16), HessianAccumulator(16, diagonal_only=True)
+    for chunk in X.split(64):
+        full.add_batch(chunk)
+        diag.add_batch(chunk)
+    torch.testing.assert_close(diag.diagonal(), full.diagonal())
+    with pytest.raises(ValueError, match="only the diagonal"):
+        diag.hessian()

@@ -117,7 +117,7 @@ def _run_layer(layer: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict
 
 
 def _collect_stats(
-    layer: nn.Module, adapter: Adapter, hidden: torch.Tensor, args: tuple, kwargs: dict
+    layer: nn.Module, adapter: Adapter, hidden: torch.Tensor, args: tuple, kwargs: dict, diagonal_only: bool
 ) -> dict[str, LayerStats]:
     """One forward pass of the layer with hooks that accumulate XᵀX per input-sharing group."""
     stats: dict[str, LayerStats] = {}
@@ -125,7 +125,7 @@ def _collect_stats(
     for group in adapter.groups:
         first = get_submodule(layer, group[0])
         in_features = adapter.weight_of(first).shape[1]
-        acc = HessianAccumulator(in_features, device=hidden.device)
+        acc = HessianAccumulator(in_features, device=hidden.device, diagonal_only=diagonal_only)
         handles.append(first.register_forward_hook(lambda _m, inp, _out, acc=acc: acc.add_batch(inp[0])))
         for name in group:
             stats[name] = LayerStats(hessian=acc)
@@ -186,7 +186,9 @@ def quantize_model(
         layer.to(device)
         originals = {name: _weight_and_bias(adapter, get_submodule(layer, name)) for name in adapter.linear_names}
         layer.to(dtype)  # the forward passes run in the calibration dtype; weights come from `originals`
-        stats = _collect_stats(layer, adapter, hidden, args, kwargs) if method.needs_stats else {}
+        stats = {}
+        if method.needs_stats:
+            stats = _collect_stats(layer, adapter, hidden, args, kwargs, not method.needs_full_hessian)
         for name, layer_stats in stats.items():
             layer_stats.fisher = fisher.pop(f"{index}.{name}", None)
         for name, (W, bias) in originals.items():

@@ -28,6 +28,7 @@ class Method:
 
     name: ClassVar[str]
     needs_stats: ClassVar[bool] = True
+    needs_full_hessian: ClassVar[bool] = True  # False: diag(XᵀX) suffices (much cheaper to collect)
     integer_bits: ClassVar[tuple[int, int] | None] = (1, 8)  # allowed integer widths; None if fractional
     default_weighting: ClassVar[str] = "activation"  # importance used when the config names none
 

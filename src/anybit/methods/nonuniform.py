@@ -21,7 +21,7 @@ def sensitivity_weights(W: torch.Tensor, stats: LayerStats | None, weighting: st
     if weighting == "none":
         return torch.ones_like(W)
     if weighting == "activation":
-        importance = torch.diagonal(stats.hessian.XtX).clamp(min=0).expand_as(W)
+        importance = stats.hessian.diagonal().clamp(min=0).expand_as(W)
     elif weighting == "fisher":
         if stats is None or stats.fisher is None:
             raise AnybitError("Fisher weighting needs Fisher statistics (the driver computes them)")
@@ -38,6 +38,7 @@ class KMeansRows(Method):
     """
 
     name = "kmeans"
+    needs_full_hessian = False
     default_outliers: float = 0.0
     sensitive_share: float = 0.0  # part of the outlier budget chosen by importance instead of magnitude
 

@@ -15,21 +15,36 @@ import torch
 
 
 class HessianAccumulator:
-    """Running XᵀX (float32) and token count of the inputs of one linear layer."""
+    """Running XᵀX (float32) and token count of the inputs of one linear layer.
 
-    def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
-        self.XtX = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+    With `diagonal_only`, only diag(XᵀX) is kept (what activation-weighted K-means needs): O(d)
+    memory and time per token instead of O(d²).
+    """
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu", diagonal_only: bool = False) -> None:
+        shape = (in_features,) if diagonal_only else (in_features, in_features)
+        self.diagonal_only = diagonal_only
+        self.XtX = torch.zeros(shape, dtype=torch.float32, device=device)
         self.tokens = 0
 
     def add_batch(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).to(device=self.XtX.device, dtype=torch.float32)
-        self.XtX.addmm_(x.t(), x)
+        if self.diagonal_only:
+            self.XtX.add_(x.square().sum(dim=0))
+        else:
+            self.XtX.addmm_(x.t(), x)
         self.tokens += x.shape[0]
+
+    def diagonal(self) -> torch.Tensor:
+        """diag(XᵀX): the summed squared activation of each input channel."""
+        return self.XtX if self.diagonal_only else torch.diagonal(self.XtX)
 
     def hessian(self) -> torch.Tensor:
         """H = 2 XᵀX / n, the Hessian of the layer-wise squared error."""
         if self.tokens == 0:
             raise ValueError("no calibration tokens were seen by this layer")
+        if self.diagonal_only:
+            raise ValueError("this accumulator kept only the diagonal of XᵀX")
         return self.XtX * (2.0 / self.tokens)
 
 
