@@ -27,6 +27,9 @@ CONFIGS = {
     "kmeans4": dict(method="kmeans", bits=4),
     "kmeans3": dict(method="kmeans", bits=3),
     "kmeans3u": dict(method="kmeans", bits=3, weighting="none"),
+    "kmeans3f": dict(method="kmeans", bits=3, weighting="fisher"),
+    "squeezellm3": dict(method="squeezellm", bits=3),
+    "squeezellm4": dict(method="squeezellm", bits=4),
 }
 
 
@@ -37,6 +40,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", help="evaluation compute dtype")
     parser.add_argument("--calib-dtype", default="bfloat16")
     parser.add_argument("--nsamples", type=int, default=128)
+    parser.add_argument("--fisher-nsamples", type=int, default=None)
     parser.add_argument("--max-windows", type=int, default=None)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
@@ -46,7 +50,13 @@ def main() -> None:
             result = evaluate_spec(load_model(args.model), **eval_kwargs)
             log_result("reference_figures", {"config": name, "bits_per_weight": 16.0, **result.to_dict()})
             continue
-        config = QuantConfig(**CONFIGS[name], nsamples=args.nsamples, device=args.device, calib_dtype=args.calib_dtype)
+        config = QuantConfig(
+            **CONFIGS[name],
+            nsamples=args.nsamples,
+            device=args.device,
+            calib_dtype=args.calib_dtype,
+            fisher_nsamples=args.fisher_nsamples,
+        )
         with tempfile.TemporaryDirectory() as tmp:
             outcome = quantize_to_dir(args.model, config, f"{tmp}/q")
             result = evaluate_spec(load_model(f"{tmp}/q"), **eval_kwargs)
