@@ -63,11 +63,12 @@ def _quant_options(f):
             "--outliers",
             type=float,
             default=None,
-            help="Share of weights kept in fp16 (dense-and-sparse) [default: the method's; squeezellm 0.0045].",
+            help="Share of weights kept in fp16 [default: the method's; squeezellm 0.0045; claq: per-tail 0.005].",
         ),
         click.option(
             "--fisher-nsamples", type=int, default=None, help="Calibration windows for Fisher [default: all]."
         ),
+        click.option("--tau", type=float, default=13.0, show_default=True, help="CLAQ: outlier threshold in mean|W|."),
         click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N]."),
         click.option(
             "--calib-dtype",
@@ -118,7 +119,8 @@ def quantize(
     outcome = quantize_to_dir(model, config, out_dir, force=force)
     click.echo(
         f"wrote {outcome.out_dir}: {config.method} {config.bits:g}-bit, "
-        f"{outcome.bits_per_weight:.4f} counted bits/weight, {_mb(outcome.file_bytes)}, "
+        f"{outcome.meta['nominal_bits_per_weight']:.4f} nominal and {outcome.bits_per_weight:.4f} counted bits/weight, "
+        f"{_mb(outcome.file_bytes)}, "
         f"{outcome.report.seconds:.1f} s"
     )
 

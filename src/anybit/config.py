@@ -31,6 +31,7 @@ class QuantConfig:
     weighting: str | None = None  # K-means importance of each weight; None: the method's default
     outliers: float | None = None  # share of weights kept in fp16; None: the method's default
     fisher_nsamples: int | None = None  # calibration windows used for Fisher; None: all of them
+    tau: float = 13.0  # CLAQ: a weight is an outlier when |w| >= tau * mean|W|
 
     def __post_init__(self) -> None:
         from anybit.methods import get_method  # the registry knows each method's bit range
@@ -47,6 +48,8 @@ class QuantConfig:
             raise AnybitError(f"calibration dtype must be one of {', '.join(DTYPES)}, got {self.calib_dtype}")
         if self.outliers is not None and not 0 <= self.outliers < 0.5:
             raise AnybitError(f"outlier fraction must be in [0, 0.5), got {self.outliers}")
+        if self.tau <= 0:
+            raise AnybitError(f"--tau must be positive, got {self.tau}")
         if self.fisher_nsamples is not None and self.fisher_nsamples < 1:
             raise AnybitError("--fisher-nsamples must be positive")
         if self.weighting is not None and self.weighting not in WEIGHTINGS:

@@ -48,18 +48,20 @@ def round_unquantized_(model: nn.Module) -> None:
 
 def quantization_summary(model: nn.Module) -> dict:
     """Counted bits of all quantized linears, and per-linear layout metadata."""
-    layers, total_bits, total_weights = {}, 0, 0
+    layers, total_bits, total_weights, nominal = {}, 0, 0, 0.0
     for name, module in quant_linears(model):
         qt = module.qtensor
         bits = qt.storage_bits()
         layers[name] = {**qt.meta(), "storage_bits": bits, "nominal_bits": qt.nominal_bits()}
         total_bits += bits
         total_weights += qt.numel
+        nominal += qt.nominal_bits() * qt.numel
     return {
         "layers": layers,
         "quantized_weights": total_weights,
         "storage_bits": total_bits,
         "bits_per_weight": total_bits / total_weights if total_weights else None,
+        "nominal_bits_per_weight": nominal / total_weights if total_weights else None,
     }
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from anybit.errors import AnybitError
 from anybit.methods.base import LayerStats, Method
+from anybit.methods.claq import CLAQ
 from anybit.methods.nonuniform import KMeansRows, SqueezeLLM
 from anybit.methods.uniform import GPTQ, RTN
 
-METHODS: dict[str, Method] = {m.name: m for m in (RTN(), GPTQ(), KMeansRows(), SqueezeLLM())}
+METHODS: dict[str, Method] = {m.name: m for m in (RTN(), GPTQ(), KMeansRows(), SqueezeLLM(), CLAQ())}
 
 
 def get_method(name: str) -> Method:

@@ -67,6 +67,13 @@ class GPTQResult:
     loss: float  # sum over rows of (w - q)² / [H⁻¹]ⱼⱼ² / 2, the GPTQ proxy loss
 
 
+def act_order_perm(H: torch.Tensor) -> torch.Tensor:
+    """Columns by descending diag(H) (dead inputs count as 1, as `prepare_hessian` sets them)."""
+    diag = torch.diag(H).clone()
+    diag[diag == 0] = 1
+    return torch.argsort(diag, descending=True)
+
+
 def prepare_hessian(
     W: torch.Tensor, H: torch.Tensor, damp: float, act_order: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -78,7 +85,7 @@ def prepare_hessian(
     W[:, dead] = 0
     perm = None
     if act_order:
-        perm = torch.argsort(torch.diag(H), descending=True)
+        perm = act_order_perm(H)
         W, H = W[:, perm], H[perm][:, perm]
     diag = torch.arange(H.shape[0], device=H.device)
     H[diag, diag] += damp * torch.mean(torch.diag(H))

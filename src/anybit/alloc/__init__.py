@@ -1,0 +1,1 @@
+"""Bit allocation: functions that return bit maps (and reserve ratios); they never quantize."""
