@@ -30,7 +30,7 @@ def _layer(rows=48, cols=64):
     X = torch.randn(1024, cols) @ (torch.eye(cols) + 0.3 * torch.randn(cols, cols) / cols**0.5)
     acc = HessianAccumulator(cols)
     acc.add_batch(X)
-    return torch.randn(rows, cols), acc.hessian(), X
+    return torch.randn(rows, cols), acc.hessian()
 
 
 def test_column_codebooks_exact_when_k_covers_column() -> None:
@@ -44,7 +44,7 @@ def test_column_codebooks_exact_when_k_covers_column() -> None:
 
 @pytest.mark.parametrize("act_order", [False, True])
 def test_column_kmeans_in_gptq_decodes_and_reserves(act_order: bool) -> None:
-    W, H, X = _layer()
+    W, H = _layer()
     W[5, 9] = 25.0
     bits = torch.full((64,), 2)
     bits[::4] = 4

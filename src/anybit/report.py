@@ -28,7 +28,7 @@ def inspect_directory(path: Path) -> dict:
     try:
         with safe_open(weights, "pt") as f:
             sizes = {}
-            for key in f:
+            for key in f.keys():  # noqa: SIM118 - safe_open is not iterable
                 sl = f.get_slice(key)
                 n = 1
                 for d in sl.get_shape():
