@@ -11,7 +11,9 @@ from anybit.pipeline import quantize_to_dir
 from anybit.runtime import quant_linears
 
 
-@pytest.mark.parametrize("method,bits", [("gptq", 4), ("rtn", 3), ("kmeans", 3), ("squeezellm", 3), ("claq", 3.25)])
+@pytest.mark.parametrize(
+    "method,bits", [("gptq", 4), ("rtn", 3), ("kmeans", 3), ("squeezellm", 3), ("claq", 3.25), ("slim", 3)]
+)
 def test_quantize_save_reload_eval(tiny_model_dir, corpus_file, tmp_path, method: str, bits: int) -> None:
     original = load_model(str(tiny_model_dir))
     adapter = get_adapter(original.model)
@@ -37,7 +39,9 @@ def test_quantize_save_reload_eval(tiny_model_dir, corpus_file, tmp_path, method
     assert torch.isfinite(torch.tensor(q.ppl))
     # random tiny models are near-uniform predictors: quantization must not blow them up
     assert q.ppl < 2 * fp.ppl
-    if method == "claq":  # nominal widths + column codebooks, bit map, perm and reserved weights: counted
+    if method == "slim":  # widths N±1 in equal numbers: codes average N; scales, zeros, per-group widths
+        assert outcome.meta["nominal_bits_per_weight"] == pytest.approx(bits)
+    if method in ("claq", "slim"):  # nominal widths plus everything stored beside the codes: counted
         assert outcome.meta["bits_per_weight"] > bits
         return
     if method in ("kmeans", "squeezellm"):  # one fp16 codebook of 2**bits entries per output row

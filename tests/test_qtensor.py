@@ -97,3 +97,14 @@ def test_dense_and_sparse_round_trip(tmp_path) -> None:
     assert torch.equal(back[~mask], rtn_quantize(W, 32, qt.bitmap).dequantize()[~mask])
     # counted: one byte per row count, 16-bit column index and fp16 value per outlier
     assert qt.storage_bits() - rtn_quantize(W, 32, qt.bitmap).storage_bits() == 64 * 8 + sparse.nnz * 32
+
+
+def test_group_bitmap_is_stored_once_per_group(tmp_path) -> None:
+    W = torch.randn(32, 256)
+    per_group = torch.tensor([2, 3, 4, 3], dtype=torch.uint8)
+    qt = rtn_quantize(W, 64, per_group[None, :].expand(32, 4))
+    tensors = qt.to_tensors()
+    assert "bitmap_groups" in tensors and tensors["bitmap_groups"].numel() == 3  # 4 widths × 3 bits, padded
+    back = _round_trip(qt, tmp_path)
+    assert torch.equal(back.bitmap, qt.bitmap)
+    assert torch.equal(back.dequantize(), qt.dequantize())

@@ -20,7 +20,7 @@ from anybit.config import QuantConfig
 from anybit.errors import AnybitError
 from anybit.fisher import fisher_diagonal
 from anybit.format.io import round_unquantized_
-from anybit.methods import LayerStats, get_method
+from anybit.methods import LayerStats, Method, get_method
 from anybit.model.adapters import Adapter, get_adapter, get_submodule, set_submodule
 from anybit.quant.gptq import HessianAccumulator
 from anybit.runtime.qlinear import QuantLinear
@@ -117,7 +117,7 @@ def _run_layer(layer: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict
 
 
 def _collect_stats(
-    layer: nn.Module, adapter: Adapter, hidden: torch.Tensor, args: tuple, kwargs: dict, diagonal_only: bool
+    layer: nn.Module, adapter: Adapter, hidden: torch.Tensor, args: tuple, kwargs: dict, method: Method
 ) -> dict[str, LayerStats]:
     """One forward pass of the layer with hooks that accumulate XᵀX per input-sharing group."""
     stats: dict[str, LayerStats] = {}
@@ -125,7 +125,12 @@ def _collect_stats(
     for group in adapter.groups:
         first = get_submodule(layer, group[0])
         in_features = adapter.weight_of(first).shape[1]
-        acc = HessianAccumulator(in_features, device=hidden.device, diagonal_only=diagonal_only)
+        acc = HessianAccumulator(
+            in_features,
+            device=hidden.device,
+            diagonal_only=not method.needs_full_hessian,
+            sample_stride=method.input_sample_stride,
+        )
         handles.append(first.register_forward_hook(lambda _m, inp, _out, acc=acc: acc.add_batch(inp[0])))
         for name in group:
             stats[name] = LayerStats(hessian=acc)
@@ -188,7 +193,7 @@ def quantize_model(
         layer.to(dtype)  # the forward passes run in the calibration dtype; weights come from `originals`
         stats = {}
         if method.needs_stats:
-            stats = _collect_stats(layer, adapter, hidden, args, kwargs, not method.needs_full_hessian)
+            stats = _collect_stats(layer, adapter, hidden, args, kwargs, method)
         for name, layer_stats in stats.items():
             layer_stats.fisher = fisher.pop(f"{index}.{name}", None)
         for name, (W, bias) in originals.items():

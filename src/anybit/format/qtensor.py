@@ -5,7 +5,8 @@ A weight W of shape (out_features, in_features) is coded as *lines* cut into *se
 - axis 0: a line is a row of W (an output channel), cut into segments of `group_size` input columns;
 - axis 1: a line is a column of W (an input channel), cut into segments of `group_size` rows.
 
-Every segment has its own bit width (the bit map, shape (lines, groups)) and is either
+Every segment has its own bit width (the bit map, shape (lines, groups); stored as one byte when
+constant, as one 3-bit width per group when all lines agree, else as 3 bits per segment) and is either
 
 - uniform: w = (q - zero) * scale, with an fp16 scale and a `b`-bit integer zero per segment, or
 - codebook: w = codebook[q], with a codebook of 2**b fp16 values per segment.
@@ -210,6 +211,8 @@ class QuantizedTensor:
         widths = torch.unique(self.bitmap)
         if widths.numel() == 1:
             out["bitmap"] = widths.to(torch.uint8)
+        elif bool((self.bitmap == self.bitmap[:1]).all()):  # one width per group, shared by all lines
+            out["bitmap_groups"] = pack_codes(self.bitmap[0].to(torch.int32) - 1, BITMAP_WIDTH)
         else:
             out["bitmap"] = pack_codes(self.bitmap.to(torch.int32) - 1, BITMAP_WIDTH)
         for b in self.widths:
@@ -246,8 +249,10 @@ class QuantizedTensor:
         if group_size <= 0 or line_len % group_size:
             raise ValueError(f"bad group size {group_size} for shape {shape}")
         groups = line_len // group_size
-        stored = tensors["bitmap"]
-        if stored.numel() == 1:
+        if "bitmap_groups" in tensors:
+            per_group = unpack_codes(tensors["bitmap_groups"], BITMAP_WIDTH, groups) + 1
+            bitmap = per_group.to(torch.uint8)[None, :].expand(lines, groups).contiguous()
+        elif (stored := tensors["bitmap"]).numel() == 1:
             bitmap = torch.full((lines, groups), int(stored), dtype=torch.uint8, device=stored.device)
         else:
             bitmap = (unpack_codes(stored, BITMAP_WIDTH, lines * groups) + 1).to(torch.uint8).view(lines, groups)

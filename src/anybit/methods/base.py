@@ -29,6 +29,7 @@ class Method:
     name: ClassVar[str]
     needs_stats: ClassVar[bool] = True
     needs_full_hessian: ClassVar[bool] = True  # False: diag(XᵀX) suffices (much cheaper to collect)
+    input_sample_stride: ClassVar[int] = 0  # > 0: also keep every n-th calibration input token
     integer_bits: ClassVar[tuple[int, int] | None] = (1, 8)  # allowed integer widths; None if fractional
     default_weighting: ClassVar[str] = "activation"  # importance used when the config names none
 

@@ -18,14 +18,23 @@ class HessianAccumulator:
     """Running XᵀX (float32) and token count of the inputs of one linear layer.
 
     With `diagonal_only`, only diag(XᵀX) is kept (what activation-weighted K-means needs): O(d)
-    memory and time per token instead of O(d²).
+    memory and time per token instead of O(d²). With `sample_stride` s > 0, every s-th input token
+    is also kept (float32), for methods that measure layer outputs (SliM-LLM's allocation search).
     """
 
-    def __init__(self, in_features: int, device: torch.device | str = "cpu", diagonal_only: bool = False) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        device: torch.device | str = "cpu",
+        diagonal_only: bool = False,
+        sample_stride: int = 0,
+    ) -> None:
         shape = (in_features,) if diagonal_only else (in_features, in_features)
         self.diagonal_only = diagonal_only
         self.XtX = torch.zeros(shape, dtype=torch.float32, device=device)
         self.tokens = 0
+        self.sample_stride = sample_stride
+        self._samples: list[torch.Tensor] = []
 
     def add_batch(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).to(device=self.XtX.device, dtype=torch.float32)
@@ -33,7 +42,15 @@ class HessianAccumulator:
             self.XtX.add_(x.square().sum(dim=0))
         else:
             self.XtX.addmm_(x.t(), x)
+        if self.sample_stride:
+            self._samples.append(x[:: self.sample_stride].clone())
         self.tokens += x.shape[0]
+
+    def input_sample(self) -> torch.Tensor:
+        """The kept input tokens (tokens, in_features)."""
+        if not self._samples:
+            raise ValueError("this accumulator kept no input tokens (sample_stride = 0)")
+        return torch.cat(self._samples)
 
     def diagonal(self) -> torch.Tensor:
         """diag(XᵀX): the summed squared activation of each input channel."""

@@ -39,6 +39,34 @@ class UniformColumnQuantizer:
         )
 
 
+class ClippedColumnQuantizer(UniformColumnQuantizer):
+    """Uniform grid whose min-max range is scaled per row by the factor (from `factors`) that minimises
+    the weighted squared error of the group: SliM-LLM's salience-weighted quantizer calibration.
+
+    `importance(W_group, group)` returns the per-weight error weights of a group (same shape).
+    """
+
+    def __init__(self, rows, columns, group_size, bitmap, factors: torch.Tensor, importance) -> None:
+        super().__init__(rows, columns, group_size, bitmap)
+        self.factors = factors
+        self.importance = importance
+
+    def fit(self, W_group: torch.Tensor, group: int) -> None:
+        self._group = group
+        self._bits = self.bitmap[:, group].to(W_group.dtype)
+        factors = self.factors.to(W_group)
+        # candidate grids for every row × factor, all at once: (rows, F, group_size)
+        scaled = W_group[:, None, :] * factors[None, :, None]
+        bits = self._bits[:, None].expand(-1, factors.numel())
+        scale, zero = minmax_params(scaled, bits)
+        q = quantize_to_grid(W_group[:, None, :], scale[..., None], zero[..., None], bits[..., None])
+        err = dequantize_from_grid(q, scale[..., None], zero[..., None]) - W_group[:, None, :]
+        weights = self.importance(W_group, group)[:, None, :]
+        best = (weights * err.square()).sum(dim=2).argmin(dim=1)
+        rows = torch.arange(W_group.shape[0], device=W_group.device)
+        self.scales[:, group], self.zeros[:, group] = scale[rows, best], zero[rows, best]
+
+
 def rtn_quantize(W: torch.Tensor, group_size: int, bitmap: torch.Tensor) -> QuantizedTensor:
     """Round-to-nearest of W (rows, columns) on min-max grids, all groups at once."""
     rows, columns = W.shape
