@@ -12,7 +12,8 @@ from anybit.runtime import quant_linears
 
 
 @pytest.mark.parametrize(
-    "method,bits", [("gptq", 4), ("rtn", 3), ("kmeans", 3), ("squeezellm", 3), ("claq", 3.25), ("slim", 3)]
+    "method,bits",
+    [("gptq", 4), ("rtn", 3), ("kmeans", 3), ("squeezellm", 3), ("claq", 3.25), ("slim", 3), ("skim", 3.3)],
 )
 def test_quantize_save_reload_eval(tiny_model_dir, corpus_file, tmp_path, method: str, bits: int) -> None:
     original = load_model(str(tiny_model_dir))
@@ -41,6 +42,10 @@ def test_quantize_save_reload_eval(tiny_model_dir, corpus_file, tmp_path, method
     assert q.ppl < 2 * fp.ppl
     if method == "slim":  # widths N±1 in equal numbers: codes average N; scales, zeros, per-group widths
         assert outcome.meta["nominal_bits_per_weight"] == pytest.approx(bits)
+    if method == "skim":  # the budget is in counted bits: every matrix stays within it
+        assert all(qt.bits_per_weight() <= bits + 1e-9 for _, qt in _qtensors(in_memory))
+        assert outcome.bits_per_weight == pytest.approx(bits, abs=0.15)  # tiny 64-wide rows: coarse steps
+        return
     if method in ("claq", "slim"):  # nominal widths plus everything stored beside the codes: counted
         assert outcome.meta["bits_per_weight"] > bits
         return

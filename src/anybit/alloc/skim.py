@@ -1,0 +1,104 @@
+"""SKIM's per-row bit allocation: an error table per row and width, then greedy spending of a budget.
+
+The error of row i at width b is the layer-wise error of that row quantized with its own K-means
+codebook of 2**b entries: e = δᵢᵀ H δᵢ with δᵢ = wᵢ − ŵᵢ (H ∝ XᵀX). Widening a row costs stored bits:
+its codes grow by one bit per weight and its fp16 codebook doubles. The greedy step gives the next
+bits to the row whose error falls most per stored bit. Taken over each row's lower convex hull of
+(cost, error) points, this greedy is optimal for the convex relaxation, and it is what SKIM's
+"largest error reduction first" becomes when steps have different costs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from anybit.format.packing import packed_nbytes
+from anybit.quant.kmeans import fit_codebook, reconstruct
+
+CODEBOOK_ENTRY_BITS = 16  # fp16 centroids
+BITMAP_BITS = 3  # one width (1-8) per row when widths differ
+
+
+@dataclass
+class ErrorTable:
+    widths: list[int]  # candidate widths, ascending
+    errors: torch.Tensor  # (rows, len(widths)) layer-wise error of each row at each width
+    codes: list[torch.Tensor]  # per width: (rows, cols) uint8 K-means codes
+    centroids: list[torch.Tensor]  # per width: (rows, 2**b) centroids
+
+
+def row_cost_bits(cols: int, width: int) -> int:
+    """Stored bits of one row at `width`: its codes and its fp16 codebook."""
+    return cols * width + CODEBOOK_ENTRY_BITS * (1 << width)
+
+
+def error_table(W: torch.Tensor, H: torch.Tensor, weights: torch.Tensor | None, widths: list[int]) -> ErrorTable:
+    """K-means every row at every width (batched over rows) and measure δᵀHδ per row."""
+    errors, codes, centroids = [], [], []
+    for b in widths:
+        result = fit_codebook(W, weights, k=1 << b)
+        cents = result.centroids[:, : 1 << b].to(torch.float16).float()  # the stored values
+        delta = W - reconstruct(cents, result.codes)
+        errors.append(((delta @ H) * delta).sum(dim=1))
+        codes.append(result.codes.to(torch.uint8))
+        centroids.append(cents)
+    return ErrorTable(widths, torch.stack(errors, dim=1), codes, centroids)
+
+
+def _lower_hull(costs: list[float], errors: list[float]) -> list[int]:
+    """Indices of the points on the lower convex hull from the cheapest point, error decreasing."""
+    hull: list[int] = [0]
+    for j in range(1, len(costs)):
+        if errors[j] >= errors[hull[-1]]:
+            continue  # never worth paying for
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            # drop b if it lies on or above the segment a -> j
+            if (errors[b] - errors[a]) * (costs[j] - costs[a]) >= (errors[j] - errors[a]) * (costs[b] - costs[a]):
+                hull.pop()
+            else:
+                break
+        hull.append(j)
+    return hull
+
+
+def greedy_allocation(errors: torch.Tensor, costs: torch.Tensor, budget: float) -> torch.Tensor:
+    """Index of the width for each row, spending at most `budget` stored bits.
+
+    `errors` and `costs` are (rows, widths); every row starts at width index 0. Hull segments are
+    taken in order of error decrease per bit; after the largest affordable prefix, later segments
+    that still fit are taken while they are the next step of their row.
+    """
+    rows = errors.shape[0]
+    choice = torch.zeros(rows, dtype=torch.long)
+    spent = float(costs[:, 0].sum())
+    if spent > budget:
+        raise ValueError(f"budget {budget:.0f} bits is below the cheapest allocation {spent:.0f}")
+    seg_row, seg_from, seg_to, seg_cost, seg_gain = [], [], [], [], []
+    err, cost = errors.double().tolist(), costs.double().tolist()
+    for r in range(rows):
+        hull = _lower_hull(cost[r], err[r])
+        for a, b in zip(hull[:-1], hull[1:], strict=True):
+            seg_row.append(r)
+            seg_from.append(a)
+            seg_to.append(b)
+            seg_cost.append(cost[r][b] - cost[r][a])
+            seg_gain.append(err[r][a] - err[r][b])
+    if not seg_row:
+        return choice
+    gain, dcost = torch.tensor(seg_gain, dtype=torch.float64), torch.tensor(seg_cost, dtype=torch.float64)
+    order = torch.sort(gain / dcost, descending=True, stable=True).indices.tolist()
+    for s in order:
+        r = seg_row[s]
+        if choice[r] == seg_from[s] and spent + seg_cost[s] <= budget:
+            choice[r] = seg_to[s]
+            spent += seg_cost[s]
+    return choice
+
+
+def allocation_budget(rows: int, cols: int, target_bits: float) -> float:
+    """Bits available for codes and codebooks when the whole matrix may average `target_bits`."""
+    bitmap_bits = packed_nbytes(rows, BITMAP_BITS) * 8
+    return target_bits * rows * cols - bitmap_bits

@@ -1,0 +1,73 @@
+import itertools
+
+import pytest
+import torch
+
+from anybit.alloc.skim import allocation_budget, error_table, greedy_allocation, row_cost_bits
+from anybit.config import QuantConfig
+from anybit.methods.base import LayerStats
+from anybit.methods.skim import SKIM
+from anybit.quant.gptq import HessianAccumulator
+
+
+def _convex_table(rows: int, widths: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Errors that halve (or better) with each width: convex and decreasing; costs grow with width."""
+    base = torch.rand(rows, 1) * 10 + 1
+    decay = torch.rand(rows, 1) * 0.4 + 0.1
+    errors = base * decay ** torch.arange(widths)[None, :]
+    costs = torch.tensor([[row_cost_bits(16, b) for b in range(1, widths + 1)]] * rows, dtype=torch.float64)
+    return errors, costs
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_greedy_is_optimal_on_small_convex_cases(seed: int) -> None:
+    torch.manual_seed(seed)
+    rows, widths = 4, 4
+    errors, costs = _convex_table(rows, widths)
+    budget = float(costs[:, 0].sum()) + float(torch.rand(1)) * float((costs[:, -1] - costs[:, 0]).sum())
+    choice = greedy_allocation(errors, costs, budget)
+    spent = float(costs[torch.arange(rows), choice].sum())
+    assert spent <= budget
+    got = float(errors[torch.arange(rows), choice].sum())
+    best = min(
+        float(sum(errors[r, c] for r, c in enumerate(combo)))
+        for combo in itertools.product(range(widths), repeat=rows)
+        if sum(float(costs[r, c]) for r, c in enumerate(combo)) <= budget
+    )
+    # greedy over convex hulls is optimal up to the one segment that did not fit
+    largest_step = float((errors[:, :-1] - errors[:, 1:]).max())
+    assert got <= best + largest_step
+    assert got >= best - 1e-9
+
+
+def test_greedy_exact_when_budget_lands_on_a_hull_point() -> None:
+    torch.manual_seed(0)
+    errors, costs = _convex_table(6, 5)
+    everything = float(costs[:, -1].sum())
+    assert greedy_allocation(errors, costs, everything).tolist() == [4] * 6
+    assert greedy_allocation(errors, costs, float(costs[:, 0].sum())).tolist() == [0] * 6
+    with pytest.raises(ValueError, match="below the cheapest"):
+        greedy_allocation(errors, costs, float(costs[:, 0].sum()) - 1)
+
+
+@pytest.mark.parametrize("target", [2.25, 2.5, 3.2, 4.25])
+def test_skim_meets_fractional_budget(target: float) -> None:
+    torch.manual_seed(0)
+    rows, cols = 96, 576
+    X = torch.randn(2048, cols) * torch.rand(cols) * 3
+    acc = HessianAccumulator(cols)
+    acc.add_batch(X)
+    W = torch.randn(rows, cols) * (torch.rand(rows, 1) + 0.2)
+    qt = SKIM().quantize(W, LayerStats(acc), QuantConfig(method="skim", bits=target))
+    assert qt.bits_per_weight() <= target
+    assert qt.bits_per_weight() == pytest.approx(target, abs=0.01)
+    assert len(qt.widths) > 1  # mixed widths across rows
+
+
+def test_error_table_falls_with_width() -> None:
+    torch.manual_seed(0)
+    W = torch.randn(8, 128)
+    H = torch.eye(128)
+    table = error_table(W, H, None, [1, 2, 3, 4])
+    assert torch.all(table.errors[:, 1:] < table.errors[:, :-1])
+    assert allocation_budget(8, 128, 3.0) == 3.0 * 8 * 128 - 24
