@@ -10,6 +10,7 @@ bits to the row whose error falls most per stored bit. Taken over each row's low
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -80,7 +81,7 @@ def greedy_allocation(errors: torch.Tensor, costs: torch.Tensor, budget: float) 
     err, cost = errors.double().tolist(), costs.double().tolist()
     for r in range(rows):
         hull = _lower_hull(cost[r], err[r])
-        for a, b in zip(hull[:-1], hull[1:], strict=True):
+        for a, b in itertools.pairwise(hull):
             seg_row.append(r)
             seg_from.append(a)
             seg_to.append(b)
