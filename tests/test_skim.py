@@ -71,3 +71,29 @@ def test_error_table_falls_with_width() -> None:
     table = error_table(W, H, None, [1, 2, 3, 4])
     assert torch.all(table.errors[:, 1:] < table.errors[:, :-1])
     assert allocation_budget(8, 128, 3.0) == 3.0 * 8 * 128 - 24
+
+
+def test_scaling_never_raises_the_layer_objective(tmp_path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from anybit.format.qtensor import QuantizedTensor
+    from anybit.quant.scaling import layer_loss
+
+    torch.manual_seed(1)
+    rows, cols = 64, 256
+    X = torch.randn(2048, cols) * (torch.rand(cols) * 2 + 0.1)
+    X[:, :4] *= 10
+    acc = HessianAccumulator(cols)
+    acc.add_batch(X)
+    W = torch.randn(rows, cols)
+    H = acc.hessian()
+    plain = SKIM().quantize(W, LayerStats(acc), QuantConfig(method="skim", bits=3.0, scaling=False))
+    scaled = SKIM().quantize(W, LayerStats(acc), QuantConfig(method="skim", bits=3.0, scaling=True))
+    assert layer_loss(W, scaled.dequantize(), H) <= layer_loss(W, plain.dequantize(), H)
+    if scaled.col_scale is not None:  # the factors are stored (fp16, counted) and divided back out
+        assert (
+            scaled.storage_bits() == plain.storage_bits() + 16 * cols or scaled.nominal_bits() != plain.nominal_bits()
+        )
+        save_file(scaled.to_tensors(), tmp_path / "s.safetensors")
+        back = QuantizedTensor.from_tensors(scaled.meta(), load_file(tmp_path / "s.safetensors"))
+        assert torch.equal(back.dequantize(), scaled.dequantize())

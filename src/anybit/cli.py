@@ -69,6 +69,9 @@ def _quant_options(f):
             "--fisher-nsamples", type=int, default=None, help="Calibration windows for Fisher [default: all]."
         ),
         click.option("--tau", type=float, default=13.0, show_default=True, help="CLAQ: outlier threshold in mean|W|."),
+        click.option(
+            "--scaling/--no-scaling", default=None, help="SKIM: train the per-column scaling vector [default: on]."
+        ),
         click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N]."),
         click.option(
             "--calib-dtype",

@@ -32,6 +32,7 @@ class QuantConfig:
     outliers: float | None = None  # share of weights kept in fp16; None: the method's default
     fisher_nsamples: int | None = None  # calibration windows used for Fisher; None: all of them
     tau: float = 13.0  # CLAQ: a weight is an outlier when |w| >= tau * mean|W|
+    scaling: bool | None = None  # SKIM: train the per-column scaling vector; None: the method's default
 
     def __post_init__(self) -> None:
         from anybit.methods import get_method  # the registry knows each method's bit range

@@ -13,7 +13,9 @@ constant, as one 3-bit width per group when all lines agree, else as 3 bits per 
 
 Codes of all segments of one width are packed together (`packing.py`), in row-major segment order.
 Optional extras: `perm`, the order in which input columns were coded (act-order: the coded matrix is
-W[:, perm]), and sparse fp16 outliers that replace the dequantized value where they sit.
+W[:, perm]); `col_scale`, one fp16 factor per input column (SKIM's scaling vector: the coded matrix
+is W·diag(col_scale), decoding divides it back out); and sparse fp16 outliers that replace the
+dequantized value where they sit.
 
 Storage is counted, not claimed: `storage_bits()` is the byte size of exactly the tensors that
 `to_tensors()` hands to the file, times eight.
@@ -90,6 +92,7 @@ class QuantizedTensor:
     zeros: dict[int, torch.Tensor] = field(default_factory=dict)  # width -> packed zero points, uniform only
     codebooks: dict[int, torch.Tensor] = field(default_factory=dict)  # width -> fp16 (segments, 2**b)
     perm: torch.Tensor | None = None  # int32 (in_features,)
+    col_scale: torch.Tensor | None = None  # fp16 (in_features,): the coded matrix is W·diag(col_scale)
     outliers: SparseOutliers | None = None
 
     # ---- construction -------------------------------------------------------------------------
@@ -152,6 +155,7 @@ class QuantizedTensor:
         axis: int = 0,
         perm: torch.Tensor | None = None,
         outliers: SparseOutliers | None = None,
+        col_scale: torch.Tensor | None = None,
     ) -> QuantizedTensor:
         """Pack codes (lines, line_len) with codebooks (lines, groups, >= 2**max_bits); entries past 2**b are dropped."""
         bitmap = bitmap.to(torch.uint8)
@@ -172,6 +176,7 @@ class QuantizedTensor:
             codebooks=books,
             perm=None if perm is None else perm.to(torch.int32),
             outliers=outliers,
+            col_scale=None if col_scale is None else col_scale.to(torch.float16),
         )
 
     # ---- decoding -----------------------------------------------------------------------------
@@ -199,6 +204,8 @@ class QuantizedTensor:
             W = W.t()
         if self.perm is not None:
             W = W[:, torch.argsort(self.perm.to(torch.int64))]
+        if self.col_scale is not None:
+            W = W / self.col_scale.to(dtype)[None, :]
         W = W.contiguous()
         if self.outliers is not None:
             self.outliers.apply_(W)
@@ -225,6 +232,8 @@ class QuantizedTensor:
             out["scales"] = self.scales
         if self.perm is not None:
             out["perm"] = self.perm.to(torch.int16 if self.shape[1] < 2**15 else torch.int32)
+        if self.col_scale is not None:
+            out["col_scale"] = self.col_scale.to(torch.float16)
         if self.outliers is not None:
             out["outliers_row_counts"] = self.outliers.row_counts
             out["outliers_col_idx"] = self.outliers.col_idx
@@ -280,6 +289,7 @@ class QuantizedTensor:
             bitmap=bitmap,
             codes=codes,
             scales=tensors.get("scales"),
+            col_scale=tensors.get("col_scale"),
             zeros=zeros,
             codebooks=books,
             perm=perm,

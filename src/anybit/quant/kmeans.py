@@ -5,8 +5,9 @@ nearest centroid is found by a search over the sorted centroids' midpoints, so n
 tensor is ever built: memory is O(V·N + V·k). Each vector may have its own number of clusters
 (mixed widths): unused centroid slots are +inf and never win a point. The default initialisation
 is the exact optimum over a coarse binning of each vector (deterministic; it puts lone outliers in
-clusters of their own, which quantile seeding misses on heavy-tailed rows); weighted quantiles
-and weighted k-means++ (seeded) are the alternatives. Empty clusters keep their previous
+clusters of their own, which quantile seeding misses on heavy-tailed rows), for up to 32 clusters;
+larger codebooks grow from it by splitting the highest-error clusters, with Lloyd rounds between.
+Weighted quantiles and weighted k-means++ (seeded) are the alternatives. Empty clusters keep their previous
 centroid. `optimal_kmeans_1d` is the exact dynamic-programming optimum, for tests and short vectors.
 """
 
@@ -17,7 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-DP_BINS = 128  # edges of the binned DP initialisation; it is used while k <= DP_BINS // 2
+DP_BINS = 128  # edges of the binned DP initialisation
+DP_MAX_K = 32  # clusters seeded by the DP; beyond, clusters are split (the DP costs k · bins² per row)
+SPLIT_ROUND_ITERS = 10  # Lloyd iterations between two rounds of splitting
 DP_CHUNK_ELEMENTS = 1 << 24  # rows × edges² processed at once by the DP
 
 
@@ -208,18 +211,30 @@ def fit_codebook(
     k_max = int(ks.max())
     if not 1 <= k_max <= 256 or int(ks.min()) < 1:
         raise ValueError(f"clusters per vector must be in 1-256, got {int(ks.min())}-{k_max}")
-    if init in ("quantile", "dp"):
+    if init == "dp":
+        # the binned DP seeds up to DP_MAX_K clusters; rows with more grow by splitting clusters
+        k_seed = ks.clamp(max=DP_MAX_K)
+        centroids = _sanitize(_binned_dp_init(x, weights, k_seed, int(k_seed.max())), k_seed)
+        while bool((k_seed < ks).any()):
+            centroids, codes, _ = _lloyd(x, weights, centroids, k_seed, SPLIT_ROUND_ITERS)
+            k_next = torch.minimum(ks, 2 * k_seed)
+            centroids = _split_clusters(x, weights, centroids, codes, k_next)
+            k_seed = k_next
+    elif init == "quantile":
         centroids = _quantile_init(x, weights, ks, k_max)
-        few = ks <= DP_BINS // 2  # the DP initialisation serves rows with few clusters
-        if init == "dp" and bool(few.any()):
-            k_few = int(ks[few].max())
-            centroids[few, :k_few] = _binned_dp_init(x[few], weights[few], ks[few], k_few)
-            centroids[few, k_few:] = float("inf")
     elif init == "kmeans++":
         centroids = _kmeanspp_init(x, weights, k_max, torch.Generator().manual_seed(seed))
     else:
         raise ValueError(f"unknown init {init!r} (dp, quantile or kmeans++)")
-    centroids = _sanitize(centroids, ks)
+    centroids, codes, iterations = _lloyd(x, weights, _sanitize(centroids, ks), ks, max_iter)
+    return KMeansResult(centroids, codes, iterations)
+
+
+def _lloyd(
+    x: torch.Tensor, weights: torch.Tensor, centroids: torch.Tensor, ks: torch.Tensor, max_iter: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Lloyd iterations from sorted centroids until no assignment changes (or `max_iter`)."""
+    V, k_max = centroids.shape
     codes = assign(x, centroids)
     iterations = 0
     for iterations in range(1, max_iter + 1):  # noqa: B007 - reported
@@ -232,7 +247,34 @@ def fit_codebook(
         if torch.equal(new_codes, codes):
             break
         codes = new_codes
-    return KMeansResult(centroids, codes, iterations)
+    return centroids, codes, iterations
+
+
+def _split_clusters(
+    x: torch.Tensor, weights: torch.Tensor, centroids: torch.Tensor, codes: torch.Tensor, k_next: torch.Tensor
+) -> torch.Tensor:
+    """Split each row's highest-error clusters in two (the means of their members below and above the
+    centroid) until the row has k_next clusters; returns sorted centroids padded with +inf."""
+    V, k_cur = centroids.shape
+    current = torch.isfinite(centroids).sum(dim=1)
+    need = (k_next - current).clamp(min=0)
+    recon = torch.gather(centroids, 1, codes)
+    zeros = torch.zeros(V, k_cur, device=x.device)
+    sse = zeros.scatter_add(1, codes, weights * (x - recon).square())
+    sse = torch.where(torch.isfinite(centroids), sse, torch.full_like(sse, -1.0))
+    rank = torch.argsort(torch.argsort(sse, dim=1, descending=True, stable=True), dim=1)
+    chosen = rank < need[:, None]
+    upper = (x >= recon).float()
+    mass_hi = zeros.scatter_add(1, codes, weights * upper)
+    sum_hi = zeros.scatter_add(1, codes, weights * upper * x)
+    mass_lo = zeros.scatter_add(1, codes, weights * (1 - upper))
+    sum_lo = zeros.scatter_add(1, codes, weights * (1 - upper) * x)
+    lo = torch.where(mass_lo > 0, sum_lo / mass_lo.clamp(min=1e-30), centroids)
+    hi = torch.where(mass_hi > 0, sum_hi / mass_hi.clamp(min=1e-30), centroids)
+    kept = torch.where(chosen, lo, centroids)
+    added = torch.where(chosen, hi, torch.full_like(hi, float("inf")))
+    grown = torch.sort(torch.cat([kept, added], dim=1), dim=1).values
+    return grown[:, : int(k_next.max())]
 
 
 def optimal_kmeans_1d(x: torch.Tensor, weights: torch.Tensor | None, k: int) -> tuple[torch.Tensor, float]:
