@@ -116,3 +116,17 @@ def test_compare_prints_table(tiny_llama_dir, corpus_file, tmp_path) -> None:
     assert fp_row[:3] == ["none", "(fp16)", "16.0000"]
     assert q_row[:3] == ["gptq", "4-bit", "g32"] and float(q_row[3]) == pytest.approx(4 + 20 / 32, abs=5e-3)
     assert (out / "anybit.json").is_file()
+
+
+def test_generate_is_deterministic_and_streams(tiny_llama_dir, tmp_path) -> None:
+    from anybit.generate import generate
+    from anybit.model import load_model
+
+    loaded = load_model(str(tiny_llama_dir))
+    a = generate(loaded, "The history of", max_new_tokens=12, quiet=True)
+    b = generate(loaded, "The history of", max_new_tokens=12, quiet=True)
+    assert a == b and len(a) > 0
+    result = _run("generate", str(tiny_llama_dir), "--prompt", "The history of", "--max-new-tokens", "12")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == a.strip()
+    _assert_clean_error(_run("generate", str(tiny_llama_dir), "--prompt", "hi", "--chat"), "chat template")

@@ -176,6 +176,26 @@ def eval_cmd(model: str, kl: bool, reference: str | None, as_json: bool, **kwarg
 
 
 @main.command()
+@click.argument("model")
+@click.option("--prompt", required=True, help="Text to continue (or the user message with --chat).")
+@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template.")
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy decoding.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+def generate(
+    model: str, prompt: str, max_new_tokens: int, chat: bool, temperature: float, seed: int, device: str
+) -> None:
+    """Generate text with MODEL (a model spec or a quantized DIR), streaming it to stdout."""
+    from anybit.generate import generate as run_generation
+    from anybit.model.loading import load_model
+    from anybit.pipeline import check_device
+
+    check_device(device)
+    run_generation(load_model(model), prompt, max_new_tokens, chat, device, temperature, seed)
+
+
+@main.command()
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def inspect(directory: str, as_json: bool) -> None:

@@ -1,0 +1,65 @@
+"""Text generation with a (quantized) model, streaming tokens as they are produced."""
+
+from __future__ import annotations
+
+import sys
+from typing import TextIO
+
+import torch
+
+from anybit.errors import AnybitError
+from anybit.model.loading import LoadedModel
+
+
+def build_prompt(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
+    """Token ids of the prompt; with `chat`, wrapped in the tokenizer's chat template as a user turn."""
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise AnybitError("--chat needs a tokenizer with a chat template; this model has none")
+        messages = [{"role": "user", "content": prompt}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+    return tokenizer(prompt, return_tensors="pt").input_ids
+
+
+@torch.inference_mode()
+def generate(
+    loaded: LoadedModel,
+    prompt: str,
+    max_new_tokens: int = 64,
+    chat: bool = False,
+    device: str = "cpu",
+    temperature: float = 0.0,
+    seed: int = 0,
+    stream: TextIO | None = None,
+    quiet: bool = False,
+) -> str:
+    """Generate a continuation (greedy when temperature is 0) and return the new text.
+
+    The text is streamed to `stream` (default: the current stdout) unless `quiet`.
+    """
+    from transformers import TextStreamer
+
+    if max_new_tokens < 1:
+        raise AnybitError("--max-new-tokens must be positive")
+    tokenizer = loaded.tokenizer
+    ids = build_prompt(tokenizer, prompt, chat).to(device)
+    model = loaded.model.to(device)
+    streamer = None
+    if not quiet:
+        stream = stream or sys.stdout
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        streamer.on_finalized_text = lambda text, stream_end=False: print(
+            text, end="\n" if stream_end else "", file=stream, flush=True
+        )
+    torch.manual_seed(seed)
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        streamer=streamer,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        **sampling,
+    )
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
