@@ -34,3 +34,27 @@ def test_smollm2_gptq_end_to_end(tmp_path) -> None:
         assert torch.equal(original.model(windows[:1, :256]).logits, reloaded.model(windows[:1, :256]).logits)
     q = evaluate(reloaded.model, windows, progress=False)
     assert fp.ppl < q.ppl < 1.4 * fp.ppl, (fp.ppl, q.ppl)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "method,bits,limit",
+    [
+        ("rtn", 4, 1.5),
+        ("kmeans", 4, 1.8),
+        ("squeezellm", 4, 1.8),
+        ("claq", 4, 1.5),
+        ("slim", 4, 1.5),
+        ("skim", 4.25, 1.8),
+    ],
+)
+def test_smollm2_every_method(tmp_path, method: str, bits: float, limit: float) -> None:
+    """Every recipe on the real model, small calibration, one window: usable and honestly counted."""
+    loaded = load_model("smollm2-135m")
+    windows = eval_windows(tokenize_corpus(loaded.tokenizer, load_corpus("wikitext2")), 2048, max_windows=1)
+    fp = evaluate(loaded.model, windows, progress=False)
+    config = QuantConfig(method=method, bits=bits, group_size=64, nsamples=4, seqlen=512, fisher_nsamples=2)
+    outcome = quantize_to_dir("smollm2-135m", config, tmp_path / "q", loaded=loaded, progress=False)
+    q = evaluate(load_model(str(tmp_path / "q")).model, windows, progress=False)
+    assert q.ppl < limit * fp.ppl, (method, fp.ppl, q.ppl)
+    assert outcome.bits_per_weight < bits + 0.7
