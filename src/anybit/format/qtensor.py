@@ -110,6 +110,24 @@ class QuantizedTensor:
         return lines, line_len
 
     @classmethod
+    def _pack_segments(
+        cls, codes: torch.Tensor, bitmap: torch.Tensor, shape: tuple[int, int], group_size: int, axis: int
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        """The uint8 bit map, the segment mask of each width, and the packed codes of each width."""
+        bitmap = bitmap.to(torch.uint8)
+        lines, _ = cls._check_layout(shape, group_size, axis, bitmap)
+        segs = codes.reshape(lines, -1, group_size)
+        masks = {b: bitmap == b for b in torch.unique(bitmap).tolist()}
+        return bitmap, masks, {b: pack_codes(segs[mask], b) for b, mask in masks.items()}
+
+    @staticmethod
+    def _extras(perm: torch.Tensor | None, col_scale: torch.Tensor | None) -> dict:
+        return {
+            "perm": None if perm is None else perm.to(torch.int32),
+            "col_scale": None if col_scale is None else col_scale.to(torch.float16),
+        }
+
+    @classmethod
     def from_uniform(
         cls,
         codes: torch.Tensor,
@@ -121,28 +139,15 @@ class QuantizedTensor:
         axis: int = 0,
         perm: torch.Tensor | None = None,
         outliers: SparseOutliers | None = None,
+        col_scale: torch.Tensor | None = None,
     ) -> QuantizedTensor:
         """Pack integer codes (lines, line_len) with per-segment scales and integer zeros (lines, groups)."""
-        bitmap = bitmap.to(torch.uint8)
-        lines, _ = cls._check_layout(shape, group_size, axis, bitmap)
-        segs = codes.reshape(lines, -1, group_size)
-        packed, packed_zeros = {}, {}
-        for b in torch.unique(bitmap).tolist():
-            mask = bitmap == b
-            packed[b] = pack_codes(segs[mask], b)
-            packed_zeros[b] = pack_codes(zeros[mask], b)
+        bitmap, masks, packed = cls._pack_segments(codes, bitmap, shape, group_size, axis)
+        packed_zeros = {b: pack_codes(zeros[mask], b) for b, mask in masks.items()}
         return cls(
-            shape=tuple(shape),
-            group_size=group_size,
-            axis=axis,
-            kind="uniform",
-            bitmap=bitmap,
-            codes=packed,
-            scales=scales.to(torch.float16),
-            zeros=packed_zeros,
-            perm=None if perm is None else perm.to(torch.int32),
-            outliers=outliers,
-        )
+            shape=tuple(shape), group_size=group_size, axis=axis, kind="uniform", bitmap=bitmap, codes=packed,
+            scales=scales.to(torch.float16), zeros=packed_zeros, outliers=outliers, **cls._extras(perm, col_scale),
+        )  # fmt: skip
 
     @classmethod
     def from_codebook(
@@ -158,26 +163,12 @@ class QuantizedTensor:
         col_scale: torch.Tensor | None = None,
     ) -> QuantizedTensor:
         """Pack codes (lines, line_len) with codebooks (lines, groups, >= 2**max_bits); entries past 2**b are dropped."""
-        bitmap = bitmap.to(torch.uint8)
-        lines, _ = cls._check_layout(shape, group_size, axis, bitmap)
-        segs = codes.reshape(lines, -1, group_size)
-        packed, books = {}, {}
-        for b in torch.unique(bitmap).tolist():
-            mask = bitmap == b
-            packed[b] = pack_codes(segs[mask], b)
-            books[b] = codebooks[mask][:, : 1 << b].to(torch.float16).contiguous()
+        bitmap, masks, packed = cls._pack_segments(codes, bitmap, shape, group_size, axis)
+        books = {b: codebooks[mask][:, : 1 << b].to(torch.float16).contiguous() for b, mask in masks.items()}
         return cls(
-            shape=tuple(shape),
-            group_size=group_size,
-            axis=axis,
-            kind="codebook",
-            bitmap=bitmap,
-            codes=packed,
-            codebooks=books,
-            perm=None if perm is None else perm.to(torch.int32),
-            outliers=outliers,
-            col_scale=None if col_scale is None else col_scale.to(torch.float16),
-        )
+            shape=tuple(shape), group_size=group_size, axis=axis, kind="codebook", bitmap=bitmap, codes=packed,
+            codebooks=books, outliers=outliers, **cls._extras(perm, col_scale),
+        )  # fmt: skip
 
     # ---- decoding -----------------------------------------------------------------------------
     @property
