@@ -30,17 +30,18 @@ class Method:
     needs_stats: ClassVar[bool] = True
     needs_full_hessian: ClassVar[bool] = True  # False: diag(XᵀX) suffices (much cheaper to collect)
     input_sample_stride: ClassVar[int] = 0  # > 0: also keep every n-th calibration input token
-    integer_bits: ClassVar[tuple[int, int] | None] = (1, 8)  # allowed integer widths; None if fractional
+    bit_range: ClassVar[tuple[float, float]] = (1, 8)  # allowed --bits
+    integer_bits: ClassVar[bool] = True  # only whole widths (no fractional budgets)
     default_weighting: ClassVar[str] = "activation"  # importance used when the config names none
 
     def weighting(self, config: QuantConfig) -> str:
         return config.weighting or self.default_weighting
 
     def check_bits(self, bits: float) -> None:
-        if self.integer_bits is not None:
-            lo, hi = self.integer_bits
-            if bits != int(bits) or not lo <= bits <= hi:
-                raise AnybitError(f"method {self.name!r} needs an integer bit width in {lo}-{hi}, got {bits:g}")
+        lo, hi = self.bit_range
+        if not lo <= bits <= hi or (self.integer_bits and bits != int(bits)):
+            what = "an integer bit width" if self.integer_bits else "a bit budget"
+            raise AnybitError(f"method {self.name!r} needs {what} in {lo:g}-{hi:g}, got {bits:g}")
 
     def quantize(self, W: torch.Tensor, stats: LayerStats | None, config: QuantConfig) -> QuantizedTensor:
         raise NotImplementedError

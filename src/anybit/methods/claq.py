@@ -6,7 +6,6 @@ import torch
 
 from anybit.alloc.claq import adaptive_precision, outlier_order_scores, outlier_reservation
 from anybit.config import QuantConfig
-from anybit.errors import AnybitError
 from anybit.format.qtensor import QuantizedTensor
 from anybit.methods.base import LayerStats, Method
 from anybit.quant.column_kmeans import ColumnKMeansQuantizer
@@ -23,11 +22,8 @@ class CLAQ(Method):
     """
 
     name = "claq"
-    integer_bits = None
-
-    def check_bits(self, bits: float) -> None:
-        if not 2 <= bits <= 8:
-            raise AnybitError(f"method 'claq' needs 2 <= bits <= 8, got {bits:g}")
+    integer_bits = False
+    bit_range = (2, 8)
 
     def quantize(self, W: torch.Tensor, stats: LayerStats | None, config: QuantConfig) -> QuantizedTensor:
         H = stats.hessian.hessian()

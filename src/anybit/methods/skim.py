@@ -30,11 +30,8 @@ class SKIM(Method):
     """
 
     name = "skim"
-    integer_bits = None
-
-    def check_bits(self, bits: float) -> None:
-        if not 1.5 <= bits <= 8:
-            raise AnybitError(f"method 'skim' needs 1.5 <= bits <= 8, got {bits:g}")
+    integer_bits = False
+    bit_range = (1.5, 8)
 
     def quantize(self, W: torch.Tensor, stats: LayerStats | None, config: QuantConfig) -> QuantizedTensor:
         rows, cols = W.shape
