@@ -73,3 +73,12 @@ def test_diagonal_accumulator_matches_full() -> None:
     torch.testing.assert_close(diag.diagonal(), full.diagonal())
     with pytest.raises(ValueError, match="only the diagonal"):
         diag.hessian()
+
+
+def test_symmetric_grid() -> None:
+    x = torch.tensor([[-1.0, 0.25, 0.5, 0.75]])
+    scale, zero = minmax_params(x, 3, symmetric=True)
+    assert zero.tolist() == [4.0] and scale.item() == pytest.approx(2 / 7, rel=1e-3)
+    q = quantize_to_grid(x, scale[:, None], zero[:, None], 3)
+    assert q.min() >= 0 and q.max() <= 7
+    assert torch.allclose(dequantize_from_grid(q, scale[:, None], zero[:, None]), x, atol=float(scale) / 2 + 1e-6)

@@ -42,6 +42,9 @@ def _quant_options(f):
             help="GPTQ: columns by descending Hessian diagonal.",
         ),
         click.option(
+            "--sym/--asym", default=False, show_default=True, help="rtn/gptq: symmetric grid instead of min-max."
+        ),
+        click.option(
             "--damp", type=float, default=0.01, show_default=True, help="GPTQ dampening, fraction of mean diag(H)."
         ),
         click.option(

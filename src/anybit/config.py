@@ -21,6 +21,7 @@ class QuantConfig:
     bits: float = 4.0
     group_size: int = 64
     act_order: bool = False
+    sym: bool = False  # rtn/gptq: symmetric grid (zero point fixed at the middle) instead of min-max
     damp: float = 0.01
     calib: str = "wikitext2-valid"
     nsamples: int = 128

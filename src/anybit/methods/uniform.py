@@ -23,7 +23,7 @@ class RTN(Method):
 
     def quantize(self, W: torch.Tensor, stats: LayerStats | None, config: QuantConfig) -> QuantizedTensor:
         gs = self.group_size_for(W, config)
-        return rtn_quantize(W, gs, _uniform_bitmap(W, gs, config.bits))
+        return rtn_quantize(W, gs, _uniform_bitmap(W, gs, config.bits), symmetric=config.sym)
 
 
 class GPTQ(Method):
@@ -33,6 +33,7 @@ class GPTQ(Method):
 
     def quantize(self, W: torch.Tensor, stats: LayerStats | None, config: QuantConfig) -> QuantizedTensor:
         gs = self.group_size_for(W, config)
-        quantizer = UniformColumnQuantizer(W.shape[0], W.shape[1], gs, _uniform_bitmap(W, gs, config.bits))
+        bitmap = _uniform_bitmap(W, gs, config.bits)
+        quantizer = UniformColumnQuantizer(W.shape[0], W.shape[1], gs, bitmap, symmetric=config.sym)
         result = gptq_quantize(W, stats.hessian.hessian(), quantizer, damp=config.damp, act_order=config.act_order)
         return quantizer.to_qtensor(tuple(W.shape), perm=result.perm)

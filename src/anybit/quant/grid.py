@@ -12,15 +12,25 @@ from __future__ import annotations
 import torch
 
 
-def minmax_params(x: torch.Tensor, bits: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and integer zero per row of x (..., n) for widths `bits` (broadcastable to x[..., 0])."""
+def minmax_params(
+    x: torch.Tensor, bits: torch.Tensor | int, symmetric: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and integer zero per row of x (..., n) for widths `bits` (broadcastable to x[..., 0]).
+
+    Symmetric grids (GPTQ's `sym`) span [-max|x|, max|x|] with the zero point fixed at (2**b)/2.
+    """
     maxq = (2 ** torch.as_tensor(bits, device=x.device) - 1).to(x.dtype)
     xmin = x.amin(dim=-1).clamp(max=0)
     xmax = x.amax(dim=-1).clamp(min=0)
+    if symmetric:
+        xmax = torch.maximum(-xmin, xmax)
+        xmin = -xmax
     scale = (xmax - xmin) / maxq
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     scale = scale.to(torch.float16).to(x.dtype)
     scale = torch.where(scale > 0, scale, torch.full_like(scale, 2.0**-24))  # fp16 underflow guard
+    if symmetric:
+        return scale, ((maxq + 1) / 2).expand_as(scale).clone()
     zero = torch.clamp(torch.round(-xmin / scale), torch.zeros_like(maxq), maxq)
     return scale, zero
 

@@ -11,8 +11,9 @@ from anybit.quant.grid import dequantize_from_grid, minmax_params, quantize_to_g
 class UniformColumnQuantizer:
     """Asymmetric min-max grid per (row, column group); widths from a (rows, groups) bit map."""
 
-    def __init__(self, rows: int, columns: int, group_size: int, bitmap: torch.Tensor) -> None:
+    def __init__(self, rows: int, columns: int, group_size: int, bitmap: torch.Tensor, symmetric: bool = False) -> None:
         self.group_size = group_size
+        self.symmetric = symmetric
         self.bitmap = bitmap
         device = bitmap.device
         groups = columns // group_size
@@ -24,7 +25,7 @@ class UniformColumnQuantizer:
     def fit(self, W_group: torch.Tensor, group: int) -> None:
         self._group = group
         self._bits = self.bitmap[:, group].to(W_group.dtype)
-        self.scales[:, group], self.zeros[:, group] = minmax_params(W_group, self._bits)
+        self.scales[:, group], self.zeros[:, group] = minmax_params(W_group, self._bits, self.symmetric)
 
     def quantize(self, w: torch.Tensor, column: int) -> torch.Tensor:
         g = column // self.group_size
@@ -67,12 +68,12 @@ class ClippedColumnQuantizer(UniformColumnQuantizer):
         self.scales[:, group], self.zeros[:, group] = scale[rows, best], zero[rows, best]
 
 
-def rtn_quantize(W: torch.Tensor, group_size: int, bitmap: torch.Tensor) -> QuantizedTensor:
+def rtn_quantize(W: torch.Tensor, group_size: int, bitmap: torch.Tensor, symmetric: bool = False) -> QuantizedTensor:
     """Round-to-nearest of W (rows, columns) on min-max grids, all groups at once."""
     rows, columns = W.shape
     segs = W.float().reshape(rows, columns // group_size, group_size)
     bits = bitmap.to(segs.dtype)
-    scale, zero = minmax_params(segs, bits)
+    scale, zero = minmax_params(segs, bits, symmetric)
     q = quantize_to_grid(segs, scale[..., None], zero[..., None], bits[..., None])
     return QuantizedTensor.from_uniform(
         q.reshape(rows, columns).to(torch.uint8), scale, zero.to(torch.int32), bitmap, (rows, columns), group_size
