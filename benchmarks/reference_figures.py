@@ -19,6 +19,9 @@ CONFIGS = {
     "rtn4": dict(method="rtn", bits=4, group_size=64),
     "rtn3": dict(method="rtn", bits=3, group_size=64),
     "rtn4pc": dict(method="rtn", bits=4, group_size=0),
+    "rtn3sym": dict(method="rtn", bits=3, group_size=64, sym=True),
+    "gptq3sym": dict(method="gptq", bits=3, group_size=64, sym=True),
+    "gptq4sym": dict(method="gptq", bits=4, group_size=64, sym=True),
     "gptq4": dict(method="gptq", bits=4, group_size=64),
     "gptq3": dict(method="gptq", bits=3, group_size=64),
     "gptq2": dict(method="gptq", bits=2, group_size=64),
@@ -43,12 +46,13 @@ def main() -> None:
     parser.add_argument("--fisher-nsamples", type=int, default=None)
     parser.add_argument("--max-windows", type=int, default=None)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--results", default="reference_figures", help="name of the results/*.jsonl file")
     args = parser.parse_args()
     eval_kwargs = dict(max_windows=args.max_windows, device=args.device, dtype=args.dtype)
     for name in args.configs.split(","):
         if name == "fp16":
             result = evaluate_spec(load_model(args.model), **eval_kwargs)
-            log_result("reference_figures", {"config": name, "bits_per_weight": 16.0, **result.to_dict()})
+            log_result(args.results, {"config": name, "bits_per_weight": 16.0, **result.to_dict()})
             continue
         config = QuantConfig(
             **CONFIGS[name],
