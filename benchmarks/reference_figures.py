@@ -65,7 +65,7 @@ def main() -> None:
             outcome = quantize_to_dir(args.model, config, f"{tmp}/q")
             result = evaluate_spec(load_model(f"{tmp}/q"), **eval_kwargs)
             log_result(
-                "reference_figures",
+                args.results,
                 {
                     "config": name,
                     **config.to_dict(),
