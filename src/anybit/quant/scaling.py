@@ -31,16 +31,23 @@ def train_scaling(
     steps: int = 50, lr: float = 0.01,
 ) -> torch.Tensor:  # fmt: skip
     """The per-column scale α minimising the layer-wise loss with the K-means labels held fixed."""
+    with torch.inference_mode(False), torch.enable_grad():
+        # the driver runs under inference mode; autograd needs ordinary tensors
+        return _train_scaling(W.clone(), H.clone(), labels.clone(), weights.clone(), k, steps, lr)
+
+
+def _train_scaling(
+    W: torch.Tensor, H: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, k: int, steps: int, lr: float
+) -> torch.Tensor:
     theta = torch.zeros(W.shape[1], dtype=torch.float32, device=W.device, requires_grad=True)
     optimizer = torch.optim.Adam([theta], lr=lr)
     scale = H.diagonal().mean().clamp(min=1e-30)  # keeps the loss O(1) for any layer
-    with torch.enable_grad():
-        for _ in range(steps):
-            alpha = theta.exp()
-            C = closed_form_centroids(W * alpha, labels, weights / alpha.square(), k)
-            W_hat = torch.gather(C, 1, labels) / alpha
-            loss = layer_loss(W, W_hat, H) / scale
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+    for _ in range(steps):
+        alpha = theta.exp()
+        C = closed_form_centroids(W * alpha, labels, weights / alpha.square(), k)
+        W_hat = torch.gather(C, 1, labels) / alpha
+        loss = layer_loss(W, W_hat, H) / scale
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
     return theta.detach().exp()
