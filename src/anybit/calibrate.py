@@ -175,13 +175,11 @@ def quantize_model(
     layers = adapter.layers(model)
     hidden = args = kwargs = None
     fisher = {}
+    if method.needs_stats and calib_windows is None:
+        raise AnybitError(f"method {config.method!r} needs calibration data")
     if method.needs_stats and method.weighting(config) == "fisher":
-        if calib_windows is None:
-            raise AnybitError(f"method {config.method!r} needs calibration data")
         fisher = fisher_diagonal(model, adapter, calib_windows[: config.fisher_nsamples], config.device, progress)
     if method.needs_stats:
-        if calib_windows is None:
-            raise AnybitError(f"method {config.method!r} needs calibration data")
         hidden, args, kwargs = capture_layer_inputs(model, adapter, calib_windows, device, dtype)
         args, kwargs = _to_device(args, device, dtype), _to_device(kwargs, device, dtype)
     linears = 0
