@@ -28,6 +28,12 @@ def main() -> None:
     """anybit: quantize causal language models to any average bit-width."""
 
 
+def _apply_options(options: list, f):
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
 def _quant_options(f):
     options = [
         click.option("--method", default="gptq", show_default=True, help="Quantization recipe."),
@@ -91,9 +97,7 @@ def _quant_options(f):
             help="TOML file with these settings; flags given explicitly win.",
         ),
     ]
-    for option in reversed(options):
-        f = option(f)
-    return f
+    return _apply_options(options, f)
 
 
 def _make_config(ctx: click.Context, config_file: str | None, **values: object) -> QuantConfig:
@@ -139,9 +143,7 @@ def _eval_options(f):
         click.option("--device", default="cpu", show_default=True),
         click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True, help="Compute dtype."),
     ]
-    for option in reversed(options):
-        f = option(f)
-    return f
+    return _apply_options(options, f)
 
 
 @main.command("eval")

@@ -170,10 +170,11 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32) -> tupl
         if target in state:
             state[alias] = state[target]
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    missing = [m for m in missing if any(p.is_meta for n, p in model.named_parameters() if n == m)]
+    still_empty = {n for n, p in model.named_parameters() if p.is_meta}
+    missing = [m for m in missing if m in still_empty]
     if missing or unexpected:
         raise AnybitError(f"corrupt quantized checkpoint {path}: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    if config.tie_word_embeddings if hasattr(config, "tie_word_embeddings") else False:
+    if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     leftover = [n for n, p in model.named_parameters() if p.is_meta]
     if leftover:
