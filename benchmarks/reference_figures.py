@@ -1,6 +1,8 @@
 """Reproduce the reference perplexities of shared/data/README.md (fp16, RTN and GPTQ on SmolLM2).
 
 Usage: python benchmarks/reference_figures.py [--configs fp16,rtn4,rtn3,gptq4,gptq3] [--dtype bfloat16]
+A configuration is a name from CONFIGS or `method:bits[:field=value...]`, e.g. `claq:3.25` or
+`skim:2.5:scaling=false`.
 Each configuration is quantized from scratch, saved, reloaded and evaluated on the full WikiText-2
 test set; one JSON line per configuration goes to benchmarks/results/reference_figures.jsonl.
 """
@@ -36,6 +38,27 @@ CONFIGS = {
 }
 
 
+def parse_config(name: str) -> dict:
+    """A named configuration above, or an ad-hoc one: `method:bits[:field=value...]` (e.g. `skim:2.5:scaling=false`)."""
+    if name in CONFIGS:
+        return dict(CONFIGS[name])
+    method, bits, *fields = name.split(":")
+    config: dict = {"method": method, "bits": float(bits)}
+    for field in fields:
+        key, value = field.split("=", 1)
+        config[key] = {"true": True, "false": False}.get(value.lower(), _number(value))
+    return config
+
+
+def _number(value: str) -> int | float | str:
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -55,7 +78,7 @@ def main() -> None:
             log_result(args.results, {"config": name, "bits_per_weight": 16.0, **result.to_dict()})
             continue
         config = QuantConfig(
-            **CONFIGS[name],
+            **parse_config(name),
             nsamples=args.nsamples,
             device=args.device,
             calib_dtype=args.calib_dtype,

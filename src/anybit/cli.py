@@ -118,21 +118,64 @@ def _mb(n_bytes: int) -> str:
 @_quant_options
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output directory.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
+@click.option("--residual", is_flag=True, help="Also store 4-bit residuals for --dec (as `anybit residual`).")
 @click.pass_context
 def quantize(
-    ctx: click.Context, model: str, out_dir: str, force: bool, config_file: str | None, **values: object
+    ctx: click.Context,
+    model: str,
+    out_dir: str,
+    force: bool,
+    residual: bool,
+    config_file: str | None,
+    **values: object,
 ) -> None:
     """Quantize MODEL (HF directory, .gguf file or alias) and write DIR."""
-    from anybit.pipeline import quantize_to_dir
+    from anybit.pipeline import build_residuals, quantize_to_dir
 
     config = _make_config(ctx, config_file, **values)
     outcome = quantize_to_dir(model, config, out_dir, force=force)
+    if residual:
+        _echo_residual(build_residuals(out_dir, seqlen=config.seqlen, calib=config.calib))
     click.echo(
         f"wrote {outcome.out_dir}: {config.method} {config.bits:g}-bit, "
         f"{outcome.meta['nominal_bits_per_weight']:.4f} nominal and {outcome.bits_per_weight:.4f} counted bits/weight, "
         f"{_mb(outcome.file_bytes)}, "
         f"{outcome.report.seconds:.1f} s"
     )
+
+
+def _echo_residual(meta: dict) -> None:
+    click.echo(
+        f"wrote residuals: {meta['bits_per_weight']:.4f} bits/weight in host memory "
+        f"({_mb(meta['storage_bits'] // 8)}), not counted in the model's bits"
+    )
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--source", default=None, help="The unquantized model (default: the one DIR was made from).")
+@click.option("--nsamples", type=int, default=8, show_default=True, help="Calibration windows for channel means.")
+@click.option("--seqlen", type=int, default=2048, show_default=True)
+@click.option("--calib", default="wikitext2-valid", show_default=True, help="Calibration corpus name or text file.")
+def residual(directory: str, source: str | None, nsamples: int, seqlen: int, calib: str) -> None:
+    """Store the 4-bit residuals W − Q(W) of a quantized DIR, for dynamic error compensation (--dec)."""
+    from anybit.pipeline import build_residuals
+
+    _echo_residual(build_residuals(directory, source, nsamples=nsamples, seqlen=seqlen, calib=calib))
+
+
+def _dec_options(f):
+    options = [
+        click.option(
+            "--dec",
+            type=int,
+            default=None,
+            help="Dynamic error compensation: add back the residual rows of the K largest-|x| input channels "
+            "per 1024 (needs `anybit residual DIR`).",
+        ),
+        click.option("--dec-static", is_flag=True, help="With --dec: fixed channels from calibration (baseline)."),
+    ]
+    return _apply_options(options, f)
 
 
 def _eval_options(f):
@@ -152,6 +195,7 @@ def _eval_options(f):
 @click.option("--kl", is_flag=True, help="Also KL divergence and top-1 agreement against the unquantized model.")
 @click.option("--reference", default=None, help="Reference model for --kl (default: the source of a quantized DIR).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@_dec_options
 def eval_cmd(model: str, kl: bool, reference: str | None, as_json: bool, **kwargs: object) -> None:
     """Perplexity of MODEL (a model spec or a quantized DIR)."""
     from anybit.model.loading import load_model
@@ -169,12 +213,17 @@ def eval_cmd(model: str, kl: bool, reference: str | None, as_json: bool, **kwarg
     if loaded.quant_info is not None:
         out["bits_per_weight"] = loaded.quant_info["bits_per_weight"]
         out["method"] = loaded.quant_info["method"]
+    if kwargs["dec"] is not None:
+        out["dec"] = kwargs["dec"]
+        out["dec_static"] = kwargs["dec_static"]
     if as_json:
         click.echo(json.dumps(out))
         return
     line = f"{model}: ppl {result.ppl:.3f} over {result.windows} windows of {result.seqlen} ({result.tokens} tokens)"
     if "bits_per_weight" in out:
         line += f", {out['bits_per_weight']:.4f} bits/weight"
+    if "dec" in out:
+        line += f", DEC k_chunk {out['dec']}" + (" (static channels)" if out["dec_static"] else "")
     if result.kl is not None:
         line += f", KL {result.kl:.4f}, top-1 agreement {result.top1_agreement:.4f}"
     click.echo(line)
@@ -188,16 +237,27 @@ def eval_cmd(model: str, kl: bool, reference: str | None, as_json: bool, **kwarg
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy decoding.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
+@_dec_options
 def generate(
-    model: str, prompt: str, max_new_tokens: int, chat: bool, temperature: float, seed: int, device: str
+    model: str,
+    prompt: str,
+    max_new_tokens: int,
+    chat: bool,
+    temperature: float,
+    seed: int,
+    device: str,
+    dec: int | None,
+    dec_static: bool,
 ) -> None:
     """Generate text with MODEL (a model spec or a quantized DIR), streaming it to stdout."""
     from anybit.generate import generate as run_generation
     from anybit.model.loading import load_model
-    from anybit.pipeline import check_device
+    from anybit.pipeline import check_device, dec_compensation
 
     check_device(device)
-    run_generation(load_model(model), prompt, max_new_tokens, chat, device, temperature, seed)
+    loaded = load_model(model)
+    with dec_compensation(loaded, dec, dec_static):
+        run_generation(loaded, prompt, max_new_tokens, chat, device, temperature, seed)
 
 
 @main.command()

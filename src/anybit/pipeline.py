@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from anybit.calibrate import QuantReport, quantize_model
 from anybit.config import QuantConfig
 from anybit.data import calibration_windows, eval_windows, load_corpus, tokenize_corpus
 from anybit.errors import AnybitError
 from anybit.eval.perplexity import EvalResult, evaluate
-from anybit.format.io import WEIGHTS_FILE, save_quantized
+from anybit.format.io import WEIGHTS_FILE, load_residuals, save_quantized, save_residuals
 from anybit.methods import get_method
+from anybit.model.adapters import get_adapter
 from anybit.model.loading import LoadedModel, load_model
+from anybit.runtime.dec import RESIDUAL_BITS, ActivationStats, compensation, residual_of
+from anybit.runtime.qlinear import dense_weights, quant_linears
 
 
 @dataclass
@@ -73,14 +78,81 @@ def evaluate_spec(
     dtype: str = "float32",
     reference: LoadedModel | None = None,
     progress: bool = True,
+    dec: int | None = None,
+    dec_static: bool = False,
 ) -> EvalResult:
-    """Perplexity of a loaded model on a corpus (and KL/top-1 against `reference` if given)."""
+    """Perplexity of a loaded model on a corpus (and KL/top-1 against `reference` if given).
+
+    `dec` = k_chunk turns on dynamic error compensation from the directory's stored residuals.
+    """
     check_device(device)
     torch_dtype = getattr(torch, dtype)
     windows = eval_windows(tokenize_corpus(loaded.tokenizer, load_corpus(dataset)), seqlen, max_windows)
     model = loaded.model.to(device=device, dtype=torch_dtype)
     ref = None if reference is None else reference.model.to(device=device, dtype=torch_dtype)
-    result = evaluate(model, windows, device=device, reference=ref, progress=progress, desc=Path(loaded.source).name)
+    with dec_compensation(loaded, dec, dec_static):
+        result = evaluate(
+            model, windows, device=device, reference=ref, progress=progress, desc=Path(loaded.source).name
+        )
     if not math.isfinite(result.ppl):
         result.ppl = float("inf")
     return result
+
+
+def dec_compensation(loaded: LoadedModel, k_chunk: int | None, static: bool = False) -> AbstractContextManager:
+    """Context in which a quantized model's linears add their residual compensation (a no-op for None)."""
+    if k_chunk is None:
+        if static:
+            raise AnybitError("--dec-static needs --dec K")
+        return nullcontext()
+    if k_chunk < 1:
+        raise AnybitError(f"--dec needs a positive k_chunk, got {k_chunk}")
+    if loaded.kind != "quantized":
+        raise AnybitError("--dec needs a quantized directory (with residuals)")
+    residuals, means, _ = load_residuals(loaded.source)
+    layers = dict(quant_linears(loaded.model))
+    if set(layers) != set(residuals):
+        raise AnybitError(f"residuals in {loaded.source} do not match its quantized layers")
+    return compensation(layers, residuals, k_chunk, means if static else None)
+
+
+@torch.inference_mode()
+def build_residuals(
+    quant_dir: str | Path,
+    source: str | None = None,
+    nsamples: int = 8,
+    seqlen: int = 2048,
+    calib: str = "wikitext2-valid",
+    dtype: str = "float32",
+    progress: bool = True,
+) -> dict:
+    """Compute and store the 4-bit residuals W − Q(W) of a quantized directory, plus the calibration
+    mean |x| per input channel (for the static-selection baseline). Returns the residual metadata."""
+    loaded = load_model(str(quant_dir))
+    if loaded.kind != "quantized":
+        raise AnybitError(f"{quant_dir} is not a quantized directory")
+    source = source or loaded.quant_info.get("source")
+    if source is None:
+        raise AnybitError(f"{quant_dir} does not record its source model; pass --source")
+    original = load_model(source)
+    adapter = get_adapter(original.model.config.model_type)
+    layers = dict(quant_linears(loaded.model))
+    residuals = {}
+    for name, layer in tqdm(layers.items(), desc="residuals", unit="linear", disable=not progress):
+        W = adapter.weight_of(original.model.get_submodule(name)).half()
+        if W.shape != (layer.out_features, layer.in_features):
+            raise AnybitError(f"{source} does not match {quant_dir}: {name} has shape {tuple(W.shape)}")
+        residuals[name] = residual_of(W, layer.dequantize())
+    del original
+    ids = tokenize_corpus(loaded.tokenizer, load_corpus(calib))
+    windows = calibration_windows(ids, nsamples, seqlen, seed=0)
+    model = loaded.model.to(dtype=getattr(torch, dtype))
+    stats = ActivationStats(layers)
+    try:
+        with dense_weights(model):
+            for window in tqdm(windows, desc="activation statistics", unit="window", disable=not progress):
+                model(window[None], use_cache=False)
+    finally:
+        means = stats.remove()
+    info = {"source": source, "bits": RESIDUAL_BITS, "calib": calib, "nsamples": nsamples, "seqlen": seqlen}
+    return save_residuals(quant_dir, residuals, means, info)

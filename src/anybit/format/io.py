@@ -17,13 +17,14 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from anybit.errors import AnybitError
 from anybit.format.qtensor import QuantizedTensor
 from anybit.model.adapters import get_adapter, set_submodule
+from anybit.runtime.dec import Residual
 from anybit.runtime.qlinear import QuantLinear, quant_linears
 
 FORMAT_NAME = "anybit"
@@ -182,3 +183,51 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32) -> tupl
     model.eval()
     model.requires_grad_(False)
     return model, tokenizer, info
+
+
+RESIDUAL_FILE = "residuals.safetensors"
+
+
+def save_residuals(
+    quant_dir: str | Path, residuals: dict[str, Residual], activation_means: dict[str, torch.Tensor], info: dict
+) -> dict:
+    """Write the 4-bit residuals (and calibration mean |x| per channel) next to a quantized model, atomically."""
+    quant_dir = Path(quant_dir)
+    tensors: dict[str, torch.Tensor] = {}
+    bits = weights = 0
+    for name, residual in residuals.items():
+        tensors[f"{name}.residual_codes"] = residual.codes.contiguous()
+        tensors[f"{name}.residual_scales"] = residual.scales.contiguous()
+        tensors[f"{name}.act_mean_abs"] = activation_means[name].float().contiguous()
+        bits += residual.storage_bits()
+        weights += residual.in_features * residual.out_features
+    meta = {**info, "storage_bits": bits, "bits_per_weight": bits / weights}
+    fd, tmp = tempfile.mkstemp(prefix=".residuals.", dir=quant_dir)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"format": FORMAT_NAME, "residual": json.dumps(meta)})
+        os.replace(tmp, quant_dir / RESIDUAL_FILE)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return meta
+
+
+def load_residuals(quant_dir: str | Path) -> tuple[dict[str, Residual], dict[str, torch.Tensor], dict]:
+    """Residuals, calibration mean |x| per channel, and the residual metadata of a quantized directory."""
+    path = Path(quant_dir) / RESIDUAL_FILE
+    if not path.exists():
+        raise AnybitError(f"{quant_dir} has no residuals; run `anybit residual {quant_dir}` first")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = json.loads(f.metadata()["residual"])
+        tensors = load_file(path)
+    except (OSError, SafetensorError, KeyError, json.JSONDecodeError) as exc:
+        raise AnybitError(f"corrupt residual file {path}: {exc}") from exc
+    names = {k.rsplit(".", 1)[0] for k in tensors}
+    try:
+        residuals = {n: Residual(tensors[f"{n}.residual_codes"], tensors[f"{n}.residual_scales"]) for n in names}
+        means = {n: tensors[f"{n}.act_mean_abs"] for n in names}
+    except KeyError as exc:
+        raise AnybitError(f"corrupt residual file {path}: missing {exc}") from exc
+    return residuals, means, meta

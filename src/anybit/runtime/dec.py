@@ -1,0 +1,179 @@
+"""Dynamic error compensation (QDEC / DecDEC, Park et al., 2024): the quantization residual
+R = W − Q(W) of every linear, itself stored in 4 bits in host memory, and per token the residual rows
+of the input channels with the largest |x| added back to the quantized product.
+
+Residual format (per linear, PyTorch layout W: (out, in)): `codes` uint8 (in, ceil(out / 2)), two
+4-bit codes per byte (even output channel in the low nibble), so the residual row of one input
+channel is contiguous; `scales` fp16 (out,), one per output channel. A code c stands for
+(c − 8) · scale, c in 1..15: symmetric, 15 levels, no zero point, as in the paper.
+
+Selection: the input vector is cut into chunks of `CHUNK` channels; a chunk of length L keeps its
+floor(k_chunk · L / CHUNK) largest-|x| channels (exact top-k). The static baseline keeps, in each
+chunk, the same number of channels with the largest mean |x| over calibration data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CHUNK = 1024  # channels per selection chunk (the paper's CHUNK_SIZE)
+RESIDUAL_BITS = 4
+LEVELS = 7  # codes -7..7 around 0
+SCALE_CANDIDATES = 32  # scale grid: max|r|/7 · t/32 for t = 1..32, the lowest squared error wins
+
+
+@dataclass
+class Residual:
+    """A 4-bit residual matrix stored row-per-input-channel (format in the module doc)."""
+
+    codes: torch.Tensor  # uint8 (in, ceil(out / 2))
+    scales: torch.Tensor  # fp16 (out,)
+
+    @property
+    def in_features(self) -> int:
+        return self.codes.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.scales.numel()
+
+    def storage_bits(self) -> int:
+        return (self.codes.numel() * self.codes.element_size() + self.scales.numel() * 2) * 8
+
+    def rows(self, channels: torch.Tensor) -> torch.Tensor:
+        """Dequantized residual rows (len(channels), out) of the given input channels, float32."""
+        packed = self.codes.index_select(0, channels.to(self.codes.device)).to(torch.int16)
+        nibbles = torch.stack([packed & 0xF, packed >> 4], dim=-1).flatten(-2)[:, : self.out_features]
+        return (nibbles - 8).float() * self.scales.float()
+
+    def dense(self) -> torch.Tensor:
+        """The whole dequantized residual as (out, in) float32, the layout of W."""
+        return self.rows(torch.arange(self.in_features)).t()
+
+
+def quantize_residual(R: torch.Tensor) -> Residual:
+    """4-bit residual of an (out, in) matrix; each output channel's scale minimises its squared error."""
+    R = R.float()
+    peak = R.abs().amax(dim=1).clamp(min=1e-12) / LEVELS
+    best_err = torch.full_like(peak, float("inf"))
+    best_scale = peak.clone()
+    for t in range(1, SCALE_CANDIDATES + 1):
+        scale = (peak * (t / SCALE_CANDIDATES)).half().float()
+        q = torch.clamp(torch.round(R / scale[:, None]), -LEVELS, LEVELS)
+        err = (R - q * scale[:, None]).square().sum(dim=1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+    codes = (torch.clamp(torch.round(R / best_scale[:, None]), -LEVELS, LEVELS) + 8).to(torch.uint8).t()
+    if codes.shape[1] % 2:
+        codes = torch.cat([codes, torch.full_like(codes[:, :1], 8)], dim=1)
+    packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
+    return Residual(packed.contiguous(), best_scale.half())
+
+
+def chunk_budgets(in_features: int, k_chunk: int) -> list[tuple[int, int, int]]:
+    """(start, length, kept channels) of each selection chunk; a partial chunk keeps proportionally fewer."""
+    out = []
+    for start in range(0, in_features, CHUNK):
+        length = min(CHUNK, in_features - start)
+        out.append((start, length, min(length, k_chunk * length // CHUNK)))
+    return out
+
+
+def select_channels(x: torch.Tensor, k_chunk: int) -> torch.Tensor:
+    """Per row of x (tokens, in): the indices of the channels kept by exact top-|x| per chunk."""
+    picks = []
+    for start, length, k in chunk_budgets(x.shape[-1], k_chunk):
+        if k:
+            picks.append(x[:, start : start + length].abs().topk(k, dim=-1).indices + start)
+    if not picks:
+        return torch.empty(x.shape[0], 0, dtype=torch.long, device=x.device)
+    return torch.cat(picks, dim=-1)
+
+
+def static_channels(mean_abs: torch.Tensor, k_chunk: int) -> torch.Tensor:
+    """The fixed channels of the static baseline: per chunk, the largest mean |x| on calibration data."""
+    return select_channels(mean_abs[None, :], k_chunk)[0]
+
+
+class Compensator:
+    """Adds R̂[:, S] x[S] to a linear's output, with S chosen per token (or fixed, for the baseline).
+
+    Only the residual rows of the channels some token selected are decoded (`Residual.rows`), which
+    is the fetch from host memory of the GPU design; here every tier is the CPU's memory.
+    """
+
+    def __init__(self, residual: Residual, k_chunk: int, fixed: torch.Tensor | None = None) -> None:
+        self.residual = residual
+        self.k_chunk = k_chunk
+        self.fixed = fixed
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        if self.fixed is not None:
+            idx = self.fixed.to(flat.device).expand(flat.shape[0], -1)
+        else:
+            idx = select_channels(flat, self.k_chunk)
+        if idx.shape[1] == 0:
+            return x.new_zeros(*x.shape[:-1], self.residual.out_features)
+        channels, local = torch.unique(idx, return_inverse=True)
+        rows = self.residual.rows(channels).to(flat.device)
+        values = flat.gather(1, idx).float()
+        out = F.embedding_bag(local, rows, per_sample_weights=values, mode="sum")
+        return out.to(x.dtype).reshape(*x.shape[:-1], -1)
+
+
+def residual_of(W: torch.Tensor, W_hat: torch.Tensor) -> Residual:
+    """The 4-bit residual of a weight W (out, in) against its quantized version Ŵ."""
+    return quantize_residual(W.float() - W_hat.float())
+
+
+class ActivationStats:
+    """Mean |x| per input channel of chosen linears, accumulated by forward hooks."""
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        self.sums = {name: torch.zeros(m.in_features, dtype=torch.float64) for name, m in modules.items()}
+        self.counts = dict.fromkeys(modules, 0)
+        self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
+
+    def _hook(self, name: str):
+        def hook(_module: nn.Module, args: tuple) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1])
+            self.sums[name] += x.abs().sum(dim=0, dtype=torch.float64).cpu()
+            self.counts[name] += x.shape[0]
+
+        return hook
+
+    def remove(self) -> dict[str, torch.Tensor]:
+        for handle in self._handles:
+            handle.remove()
+        return {name: (self.sums[name] / max(1, self.counts[name])).float() for name in self.sums}
+
+
+@contextmanager
+def compensation(
+    layers: dict[str, nn.Module],
+    residuals: dict[str, Residual],
+    k_chunk: int,
+    static_means: dict[str, torch.Tensor] | None = None,
+) -> Iterator[None]:
+    """Within the block, each named layer's output gets its residual compensation added.
+
+    With `static_means` the channels are fixed per layer (the static baseline) instead of per token.
+    """
+    handles = []
+    try:
+        for name, module in layers.items():
+            fixed = None if static_means is None else static_channels(static_means[name], k_chunk)
+            comp = Compensator(residuals[name], k_chunk, fixed)
+            handles.append(module.register_forward_hook(lambda _m, args, out, comp=comp: out + comp(args[0])))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

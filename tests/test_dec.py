@@ -1,0 +1,118 @@
+"""Dynamic error compensation: residual format, channel selection, the compensated product, and the CLI."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+
+from anybit.cli import main
+from anybit.quant.uniform import rtn_quantize
+from anybit.runtime.dec import (
+    LEVELS,
+    Compensator,
+    chunk_budgets,
+    quantize_residual,
+    select_channels,
+    static_channels,
+)
+from anybit.runtime.qlinear import QuantLinear
+
+
+class ExactResidual:
+    """An unquantized residual with the `Residual` reading interface."""
+
+    def __init__(self, R: torch.Tensor) -> None:
+        self.R = R.float()
+        self.out_features = R.shape[0]
+
+    def rows(self, channels: torch.Tensor) -> torch.Tensor:
+        return self.R[:, channels].t()
+
+
+@pytest.mark.parametrize("shape", [(96, 64), (33, 40)])
+def test_residual_round_trip_and_error_bound(shape) -> None:
+    R = torch.randn(shape) * torch.rand(shape[0], 1)
+    res = quantize_residual(R)
+    assert res.codes.shape == (shape[1], (shape[0] + 1) // 2) and res.codes.dtype == torch.uint8
+    dense = res.dense()
+    assert dense.shape == R.shape
+    idx = torch.tensor([5, 0, 17])
+    torch.testing.assert_close(res.rows(idx), dense[:, idx].t(), rtol=0, atol=0)
+    # the scale search includes max|r|/7, whose rounding error is at most half a step per weight
+    step = R.abs().amax(dim=1) / LEVELS
+    row_mse = (dense - R).square().mean(dim=1)
+    assert torch.all(row_mse <= (step / 2).square() * 1.01)
+    assert res.storage_bits() == (shape[1] * ((shape[0] + 1) // 2) + 2 * shape[0]) * 8
+
+
+def test_chunked_top_k_selection() -> None:
+    assert chunk_budgets(1536, 8) == [(0, 1024, 8), (1024, 512, 4)]
+    assert chunk_budgets(576, 4) == [(0, 576, 2)]
+    x = torch.randn(5, 1536)
+    idx = select_channels(x, 8)
+    assert idx.shape == (5, 12)
+    for row, chosen in zip(x, idx, strict=True):
+        first = set(row[:1024].abs().argsort(descending=True)[:8].tolist())
+        second = {i + 1024 for i in row[1024:].abs().argsort(descending=True)[:4].tolist()}
+        assert set(chosen.tolist()) == first | second
+    means = torch.arange(1536.0)
+    assert set(static_channels(means, 8).tolist()) == set(range(1016, 1024)) | set(range(1532, 1536))
+
+
+def _quantized_linear(W: torch.Tensor) -> QuantLinear:
+    bitmap = torch.full((W.shape[0], 1), 3, dtype=torch.uint8)
+    return QuantLinear(rtn_quantize(W, W.shape[1], bitmap))
+
+
+def test_compensation_equals_dense_masked_product() -> None:
+    W = torch.randn(48, 1100)
+    layer = _quantized_linear(W)
+    res = quantize_residual(W - layer.dequantize())
+    x = torch.randn(2, 3, 1100)
+    idx = select_channels(x.reshape(-1, 1100), 16)
+    mask = torch.zeros(6, 1100).scatter_(1, idx, 1.0).reshape(2, 3, 1100)
+    expected = layer(x) + (x * mask) @ res.dense().t()
+    torch.testing.assert_close(layer(x) + Compensator(res, 16)(x), expected, rtol=1e-5, atol=1e-5)
+    fixed = static_channels(torch.rand(1100), 16)
+    static_mask = torch.zeros(1100).index_fill_(0, fixed, 1.0)
+    torch.testing.assert_close(
+        Compensator(res, 16, fixed)(x), (x * static_mask) @ res.dense().t(), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_all_channels_with_exact_residual_restore_the_layer() -> None:
+    W = torch.randn(40, 64)
+    layer = _quantized_linear(W)
+    x = torch.randn(7, 64)
+    out = layer(x) + Compensator(ExactResidual(W - layer.dequantize()), k_chunk=1024)(x)
+    torch.testing.assert_close(out, F.linear(x, W), rtol=1e-4, atol=1e-4)
+
+
+def test_dec_cli_end_to_end(tiny_llama_dir, corpus_file, tmp_path) -> None:
+    run = CliRunner().invoke
+    out = tmp_path / "q"
+    common = ["--dataset", str(corpus_file), "--seqlen", "64", "--max-windows", "4", "--json"]
+    result = run(main, ["eval", str(out), "--dec", "8", *common])
+    assert result.exit_code != 0
+    result = run(main, ["quantize", str(tiny_llama_dir), "--method", "rtn", "--bits", "2", "--group", "32",
+                        "--out", str(out), "--residual", "--calib", str(corpus_file), "--seqlen", "64",
+                        "--nsamples", "2"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "wrote residuals" in result.output and (out / "residuals.safetensors").is_file()
+
+    def ppl(*extra: str) -> float:
+        result = run(main, ["eval", str(out), *common, *extra])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)["ppl"]
+
+    fp = json.loads(run(main, ["eval", str(tiny_llama_dir), *common]).stdout)["ppl"]
+    plain, every = ppl(), ppl("--dec", "1024")
+    # all channels with a 4-bit residual: close to the unquantized model, much closer than without DEC
+    assert abs(every - fp) < 0.2 * abs(plain - fp)
+    assert ppl("--dec", "1024") == every  # deterministic
+    static = ppl("--dec", "256", "--dec-static")
+    assert static != plain
+    bad = run(main, ["eval", str(tiny_llama_dir), "--dec", "8", *common])
+    assert bad.exit_code != 0 and "quantized directory" in bad.output
