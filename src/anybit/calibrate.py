@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from anybit.alloc.skim import RowTable, allocate_model
 from anybit.config import QuantConfig
 from anybit.errors import AnybitError
 from anybit.fisher import fisher_diagonal
@@ -161,31 +163,33 @@ def _weight_and_bias(adapter: Adapter, module: nn.Module) -> tuple[torch.Tensor,
     return adapter.weight_of(module).clone(), None if bias is None else bias.detach().float().clone()
 
 
-@torch.inference_mode()
-def quantize_model(
-    model: nn.Module, config: QuantConfig, calib_windows: torch.Tensor | None, progress: bool = True
-) -> QuantReport:
-    """Quantize every decoder-layer linear of `model` in place (they become QuantLinear)."""
-    start = time.perf_counter()
-    adapter = get_adapter(model)
-    method = get_method(config.method)
-    _check_group_sizes(model, adapter, config)
+Visit = Callable[[str, nn.Module, str, torch.Tensor, torch.Tensor | None, LayerStats | None], None]
+
+
+def _layer_pass(
+    model: nn.Module,
+    adapter: Adapter,
+    method: Method,
+    config: QuantConfig,
+    calib_windows: torch.Tensor | None,
+    fisher: dict[str, torch.Tensor],
+    visit: Visit,
+    desc: str,
+    progress: bool,
+    commit: bool,
+) -> None:
+    """Run the calibration data layer by layer and call `visit(key, layer, name, W, bias, stats)` on
+    every linear. With `commit` the visits swap in quantized linears, which then produce the next
+    layer's inputs; without it every layer is left exactly as it was (a statistics-only pass).
+    """
     device = torch.device(config.device)
     dtype = getattr(torch, config.calib_dtype)
-    layers = adapter.layers(model)
     hidden = args = kwargs = None
-    fisher = {}
-    if method.needs_stats and calib_windows is None:
-        raise AnybitError(f"method {config.method!r} needs calibration data")
-    if method.needs_stats and method.weighting(config) == "fisher":
-        fisher = fisher_diagonal(model, adapter, calib_windows[: config.fisher_nsamples], config.device, progress)
     if method.needs_stats:
         hidden, args, kwargs = capture_layer_inputs(model, adapter, calib_windows, device, dtype)
         args, kwargs = _to_device(args, device, dtype), _to_device(kwargs, device, dtype)
-    linears = 0
-    for index, layer in enumerate(
-        tqdm(layers, desc=f"{config.method} {config.bits:g}-bit", unit="layer", disable=not progress)
-    ):
+    for index, layer in enumerate(tqdm(adapter.layers(model), desc=desc, unit="layer", disable=not progress)):
+        saved = None if commit else {k: v.clone() for k, v in layer.state_dict().items()}
         layer.to(device)
         originals = {name: _weight_and_bias(adapter, get_submodule(layer, name)) for name in adapter.linear_names}
         layer.to(dtype)  # the forward passes run in the calibration dtype; weights come from `originals`
@@ -193,14 +197,55 @@ def quantize_model(
         if method.needs_stats:
             stats = _collect_stats(layer, adapter, hidden, args, kwargs, method)
         for name, layer_stats in stats.items():
-            layer_stats.fisher = fisher.pop(f"{index}.{name}", None)
+            layer_stats.fisher = fisher.get(f"{index}.{name}")
         for name, (W, bias) in originals.items():
-            qt = method.quantize(W, stats.get(name), config)
-            set_submodule(layer, name, QuantLinear(qt, bias))
-            linears += 1
+            visit(f"{index}.{name}", layer, name, W, bias, stats.get(name))
         if method.needs_stats:
             hidden = _run_layer(layer, hidden, args, kwargs)
         layer.to("cpu")
         layer.float()  # QuantLinear keeps its stored dtypes; the rest goes back to float32
+        if saved is not None:
+            layer.load_state_dict(saved)
+
+
+@torch.inference_mode()
+def quantize_model(
+    model: nn.Module, config: QuantConfig, calib_windows: torch.Tensor | None, progress: bool = True
+) -> QuantReport:
+    """Quantize every decoder-layer linear of `model` in place (they become QuantLinear).
+
+    With a model-wide scope (`--scope model`) a first pass collects every linear's per-row error table (on the
+    unquantized model), one budget is spent over all rows of the model, and the second pass quantizes
+    each row at its planned width.
+    """
+    start = time.perf_counter()
+    adapter = get_adapter(model)
+    method = get_method(config.method)
+    _check_group_sizes(model, adapter, config)
+    fisher = {}
+    if method.needs_stats and calib_windows is None:
+        raise AnybitError(f"method {config.method!r} needs calibration data")
+    if method.needs_stats and method.needs_fisher(config):
+        fisher = fisher_diagonal(model, adapter, calib_windows[: config.fisher_nsamples], config.device, progress)
+    plan: dict[str, torch.Tensor] = {}
+    if method.scope(config) == "model":
+        tables: dict[str, RowTable] = {}
+
+        def collect(key, _layer, _name, W, _bias, stats):
+            tables[key] = method.row_table(W, stats, config)
+
+        _layer_pass(model, adapter, method, config, calib_windows, fisher, collect, "error tables", progress, False)
+        plan = allocate_model(tables, config.bits)
+    linears = 0
+
+    def commit(key, layer, name, W, bias, stats):
+        nonlocal linears
+        if stats is not None:
+            stats.widths = plan.get(key)
+        set_submodule(layer, name, QuantLinear(method.quantize(W, stats, config), bias))
+        linears += 1
+
+    desc = f"{config.method} {config.bits:g}-bit"
+    _layer_pass(model, adapter, method, config, calib_windows, fisher, commit, desc, progress, True)
     round_unquantized_(model)
-    return QuantReport(seconds=time.perf_counter() - start, layers=len(layers), linears=linears)
+    return QuantReport(seconds=time.perf_counter() - start, layers=len(adapter.layers(model)), linears=linears)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from anybit.config import DTYPES, WEIGHTINGS, QuantConfig
+from anybit.config import DTYPES, SCOPES, WEIGHTINGS, QuantConfig
 from anybit.errors import AnybitError
 
 
@@ -80,6 +80,12 @@ def _quant_options(f):
         click.option("--tau", type=float, default=13.0, show_default=True, help="CLAQ: outlier threshold in mean|W|."),
         click.option(
             "--scaling/--no-scaling", default=None, help="SKIM: train the per-column scaling vector [default: on]."
+        ),
+        click.option(
+            "--scope",
+            type=click.Choice(SCOPES),
+            default=None,
+            help="skim/anybit: one bit budget per matrix or over the whole model [default: per method].",
         ),
         click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N]."),
         click.option(

@@ -11,6 +11,7 @@ from anybit.errors import AnybitError
 
 DTYPES = ("float32", "bfloat16", "float16")
 WEIGHTINGS = ("activation", "fisher", "none")
+SCOPES = ("matrix", "model")
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class QuantConfig:
     fisher_nsamples: int | None = None  # calibration windows used for Fisher; None: all of them
     tau: float = 13.0  # CLAQ: a weight is an outlier when |w| >= tau * mean|W|
     scaling: bool | None = None  # SKIM: train the per-column scaling vector; None: the method's default
+    scope: str | None = None  # SKIM/anybit: budget per "matrix" or over the whole "model"; None: method's default
 
     def __post_init__(self) -> None:
         from anybit.methods import get_method  # the registry knows each method's bit range
@@ -56,6 +58,10 @@ class QuantConfig:
             raise AnybitError("--fisher-nsamples must be positive")
         if self.weighting is not None and self.weighting not in WEIGHTINGS:
             raise AnybitError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
+        if self.scope is not None and self.scope not in SCOPES:
+            raise AnybitError(f"scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
+        if self.scope == "model" and not method.supports_model_scope:
+            raise AnybitError(f"method {self.method!r} has no model-wide allocation (use --scope matrix)")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise AnybitError(f"device must be cpu or cuda[:N], got {self.device!r}")
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from anybit.errors import AnybitError
 from anybit.format.packing import packed_nbytes
 from anybit.quant.kmeans import fit_codebook, reconstruct
 
@@ -73,7 +74,7 @@ def greedy_allocation(errors: torch.Tensor, costs: torch.Tensor, budget: float) 
     that still fit are taken while they are the next step of their row.
     """
     rows = errors.shape[0]
-    choice = torch.zeros(rows, dtype=torch.long)
+    choice = [0] * rows
     spent = float(costs[:, 0].sum())
     if spent > budget:
         raise ValueError(f"budget {budget:.0f} bits is below the cheapest allocation {spent:.0f}")
@@ -88,7 +89,7 @@ def greedy_allocation(errors: torch.Tensor, costs: torch.Tensor, budget: float) 
             seg_cost.append(cost[r][b] - cost[r][a])
             seg_gain.append(err[r][a] - err[r][b])
     if not seg_row:
-        return choice
+        return torch.tensor(choice, dtype=torch.long)
     gain, dcost = torch.tensor(seg_gain, dtype=torch.float64), torch.tensor(seg_cost, dtype=torch.float64)
     order = torch.sort(gain / dcost, descending=True, stable=True).indices.tolist()
     for s in order:
@@ -96,10 +97,41 @@ def greedy_allocation(errors: torch.Tensor, costs: torch.Tensor, budget: float) 
         if choice[r] == seg_from[s] and spent + seg_cost[s] <= budget:
             choice[r] = seg_to[s]
             spent += seg_cost[s]
-    return choice
+    return torch.tensor(choice, dtype=torch.long)
 
 
 def allocation_budget(rows: int, cols: int, target_bits: float) -> float:
     """Bits available for codes and codebooks when the whole matrix may average `target_bits`."""
     bitmap_bits = packed_nbytes(rows, BITMAP_BITS) * 8
     return target_bits * rows * cols - bitmap_bits
+
+
+@dataclass
+class RowTable:
+    """What one matrix contributes to a model-wide allocation."""
+
+    errors: torch.Tensor  # (rows, len(widths)) error of each row at each width, comparable across the model
+    costs: torch.Tensor  # (rows, len(widths)) stored bits of each row at each width
+    widths: list[int]
+    fixed_bits: float  # bits the matrix stores whatever the widths (bit map, scaling vector)
+    weights: int  # number of weights of the matrix
+
+
+def allocate_model(tables: dict[str, RowTable], target_bits: float) -> dict[str, torch.Tensor]:
+    """Per-row widths for every matrix, spending one budget of `target_bits` per weight over all of them."""
+    keys = list(tables)
+    weights = sum(tables[k].weights for k in keys)
+    budget = target_bits * weights - sum(tables[k].fixed_bits for k in keys)
+    errors = torch.cat([tables[k].errors.double() for k in keys])
+    costs = torch.cat([tables[k].costs.double() for k in keys])
+    try:
+        choice = greedy_allocation(errors, costs, budget)
+    except ValueError:
+        minimum = (float(costs[:, 0].sum()) + sum(tables[k].fixed_bits for k in keys)) / weights
+        raise AnybitError(f"{target_bits:g} bits per weight is below the model's minimum of {minimum:.3f}") from None
+    plan, start = {}, 0
+    for k in keys:
+        rows = tables[k].errors.shape[0]
+        plan[k] = torch.tensor(tables[k].widths)[choice[start : start + rows]]
+        start += rows
+    return plan

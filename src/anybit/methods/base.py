@@ -11,6 +11,7 @@ from anybit.errors import AnybitError
 from anybit.format.qtensor import QuantizedTensor
 
 if TYPE_CHECKING:
+    from anybit.alloc.skim import RowTable
     from anybit.config import QuantConfig
     from anybit.quant.gptq import HessianAccumulator
 
@@ -21,6 +22,7 @@ class LayerStats:
 
     hessian: HessianAccumulator
     fisher: torch.Tensor | None = None  # mean grad² of the LM loss, (out, in), when requested
+    widths: torch.Tensor | None = None  # per-row widths planned by a model-wide allocation
 
 
 class Method:
@@ -33,9 +35,21 @@ class Method:
     bit_range: ClassVar[tuple[float, float]] = (1, 8)  # allowed --bits
     integer_bits: ClassVar[bool] = True  # only whole widths (no fractional budgets)
     default_weighting: ClassVar[str] = "activation"  # importance used when the config names none
+    supports_model_scope: ClassVar[bool] = False  # can spend one budget over the whole model
+    default_scope: ClassVar[str] = "matrix"
 
     def weighting(self, config: QuantConfig) -> str:
         return config.weighting or self.default_weighting
+
+    def scope(self, config: QuantConfig) -> str:
+        return config.scope or self.default_scope
+
+    def needs_fisher(self, config: QuantConfig) -> bool:
+        return self.weighting(config) == "fisher"
+
+    def row_table(self, W: torch.Tensor, stats: LayerStats | None, config: QuantConfig) -> RowTable:
+        """Per-row errors and costs at each candidate width, for a model-wide allocation."""
+        raise AnybitError(f"method {self.name!r} has no model-wide allocation (use --scope matrix)")
 
     def check_bits(self, bits: float) -> None:
         lo, hi = self.bit_range

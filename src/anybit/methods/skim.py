@@ -4,9 +4,18 @@ from __future__ import annotations
 
 import torch
 
-from anybit.alloc.skim import ErrorTable, allocation_budget, error_table, greedy_allocation, row_cost_bits
+from anybit.alloc.skim import (
+    BITMAP_BITS,
+    ErrorTable,
+    RowTable,
+    allocation_budget,
+    error_table,
+    greedy_allocation,
+    row_cost_bits,
+)
 from anybit.config import QuantConfig
 from anybit.errors import AnybitError
+from anybit.format.packing import packed_nbytes
 from anybit.format.qtensor import QuantizedTensor
 from anybit.methods.base import LayerStats, Method
 from anybit.methods.nonuniform import sensitivity_weights
@@ -32,11 +41,26 @@ class SKIM(Method):
     name = "skim"
     integer_bits = False
     bit_range = (1.5, 8)
+    supports_model_scope = True
 
-    def quantize(self, W: torch.Tensor, stats: LayerStats | None, config: QuantConfig) -> QuantizedTensor:
+    def row_table(self, W: torch.Tensor, stats: LayerStats | None, config: QuantConfig) -> RowTable:
+        """Each row's layer-wise error at each width, times its output importance (see `row_importance`)."""
         rows, cols = W.shape
         H = stats.hessian.hessian()
+        table = error_table(W, H, sensitivity_weights(W, stats, self.weighting(config)), WIDTHS)
+        costs = torch.tensor([[row_cost_bits(cols, b) for b in WIDTHS]] * rows, dtype=torch.float64)
+        fixed = packed_nbytes(rows, BITMAP_BITS) * 8
+        if config.scaling is not False:
+            fixed += SCALE_BITS * cols
+        errors = table.errors.double() * row_importance(stats, H, rows)[:, None]
+        return RowTable(errors, costs, list(WIDTHS), fixed, rows * cols)
+
+    def quantize(self, W: torch.Tensor, stats: LayerStats | None, config: QuantConfig) -> QuantizedTensor:
+        H = stats.hessian.hessian()
         weights = sensitivity_weights(W, stats, self.weighting(config))
+        if stats.widths is not None:
+            return self._quantize_planned(W, H, weights, stats.widths, config)
+        rows, cols = W.shape
         table = error_table(W, H, weights, WIDTHS)
         budget = allocation_budget(rows, cols, config.bits)
         widths, codes, books = self._allocate(table, rows, cols, budget, config.bits)
@@ -48,6 +72,22 @@ class SKIM(Method):
             scaled_loss = layer_loss(W, torch.gather(scaled_books, 1, scaled_codes) / alpha, H)
             if scaled_loss < plain_loss:
                 return self._pack(reduced[0], scaled_codes, scaled_books, alpha)
+        return self._pack(widths, codes, books, None)
+
+    def _quantize_planned(
+        self, W: torch.Tensor, H: torch.Tensor, weights: torch.Tensor, widths: torch.Tensor, config: QuantConfig
+    ) -> QuantizedTensor:
+        """Rows at widths chosen by the model-wide allocation (its budget already paid for scaling)."""
+        widths = widths.to(torch.long)
+        result = fit_codebook(W, weights, k=1 << widths)
+        books = torch.nan_to_num(result.centroids, posinf=0.0).to(torch.float16).float()
+        codes = result.codes.long()
+        if config.scaling is not False:
+            scaled_codes, scaled_books, alpha = scale_columns(W, H, weights, widths, codes, books)
+            plain_loss = layer_loss(W, torch.gather(books, 1, codes), H)
+            scaled_loss = layer_loss(W, torch.gather(scaled_books, 1, scaled_codes) / alpha, H)
+            if scaled_loss < plain_loss:
+                return self._pack(widths, scaled_codes, scaled_books, alpha)
         return self._pack(widths, codes, books, None)
 
     @staticmethod
@@ -95,3 +135,15 @@ def scale_columns(
     result = fit_codebook(W * alpha, weights / alpha.square(), k=1 << widths)
     new_books = torch.nan_to_num(result.centroids, posinf=0.0).to(torch.float16).float()
     return result.codes, new_books, alpha
+
+
+def row_importance(stats: LayerStats, H: torch.Tensor, rows: int) -> torch.Tensor:
+    """How much a unit of layer-wise output error in each row costs the model's loss, up to one
+    model-wide constant: 1 for every row without Fisher information, else the row's mean squared
+    output gradient, estimated as Σⱼ F_ij / Σⱼ E[x_j²] (F: Fisher diagonal of the weights, which is
+    ≈ E[g_i²] E[x_j²] when gradients and inputs are independent; an approximation).
+    """
+    if stats.fisher is None:
+        return torch.ones(rows, dtype=torch.float64)
+    input_energy = torch.diagonal(H).double().sum().clamp(min=1e-30)
+    return stats.fisher.double().sum(dim=1).cpu() / input_energy.cpu()
