@@ -36,13 +36,24 @@ def row_cost_bits(cols: int, width: int) -> int:
     return cols * width + CODEBOOK_ENTRY_BITS * (1 << width)
 
 
-def error_table(W: torch.Tensor, H: torch.Tensor, weights: torch.Tensor | None, widths: list[int]) -> ErrorTable:
-    """K-means every row at every width (batched over rows) and measure δᵀHδ per row."""
+def error_table(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    weights: torch.Tensor | None,
+    widths: list[int],
+    kept: torch.Tensor | None = None,
+) -> ErrorTable:
+    """K-means every row at every width (batched over rows) and measure δᵀHδ per row.
+
+    `kept` marks weights stored exactly (sparse outliers): their error is zero.
+    """
     errors, codes, centroids = [], [], []
     for b in widths:
         result = fit_codebook(W, weights, k=1 << b)
         cents = result.centroids[:, : 1 << b].to(torch.float16).float()  # the stored values
         delta = W - reconstruct(cents, result.codes)
+        if kept is not None:
+            delta = delta.masked_fill(kept, 0.0)
         errors.append(((delta @ H) * delta).sum(dim=1))
         codes.append(result.codes.to(torch.uint8))
         centroids.append(cents)

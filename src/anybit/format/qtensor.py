@@ -66,6 +66,9 @@ class SparseOutliers:
     def nnz(self) -> int:
         return int(self.values.numel())
 
+    def storage_bits(self) -> int:
+        return 8 * sum(t.numel() * t.element_size() for t in (self.row_counts, self.col_idx, self.values))
+
     def coordinates(self) -> tuple[torch.Tensor, torch.Tensor]:
         counts = self.row_counts.to(torch.int64)
         rows = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)

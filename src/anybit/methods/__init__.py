@@ -6,11 +6,13 @@ from anybit.errors import AnybitError
 from anybit.methods.base import LayerStats, Method
 from anybit.methods.claq import CLAQ
 from anybit.methods.nonuniform import KMeansRows, SqueezeLLM
-from anybit.methods.skim import SKIM
+from anybit.methods.skim import SKIM, AnyBit
 from anybit.methods.slim import SliM
 from anybit.methods.uniform import GPTQ, RTN
 
-METHODS: dict[str, Method] = {m.name: m for m in (RTN(), GPTQ(), KMeansRows(), SqueezeLLM(), CLAQ(), SliM(), SKIM())}
+METHODS: dict[str, Method] = {
+    m.name: m for m in (RTN(), GPTQ(), KMeansRows(), SqueezeLLM(), CLAQ(), SliM(), SKIM(), AnyBit())
+}
 
 
 def get_method(name: str) -> Method:

@@ -31,6 +31,18 @@ def sensitivity_weights(W: torch.Tensor, stats: LayerStats | None, weighting: st
     return importance / importance.mean().clamp(min=1e-30)
 
 
+def split_outliers(
+    W: torch.Tensor, weights: torch.Tensor, fraction: float, sensitive_share: float = 0.0
+) -> tuple[torch.Tensor | None, SparseOutliers | None, torch.Tensor]:
+    """The share `fraction` of W kept in fp16 (part `sensitive_share` of it by importance, the rest by
+    magnitude): its mask, its sparse form, and the K-means weights with those entries zeroed."""
+    if fraction <= 0:
+        return None, None, weights
+    sensitive = fraction * sensitive_share
+    mask = outlier_mask(W, fraction - sensitive, sensitive, weights)
+    return mask, SparseOutliers.from_mask(W, mask), weights.masked_fill(mask, 0.0)
+
+
 class KMeansRows(Method):
     """One weighted K-means codebook of 2**bits fp16 entries per output row, optional fp16 outliers.
 
@@ -46,12 +58,7 @@ class KMeansRows(Method):
         bits = int(config.bits)
         weights = sensitivity_weights(W, stats, self.weighting(config))
         fraction = self.default_outliers if config.outliers is None else config.outliers
-        outliers = None
-        if fraction > 0:
-            sensitive = fraction * self.sensitive_share
-            mask = outlier_mask(W, fraction - sensitive, sensitive, weights)
-            outliers = SparseOutliers.from_mask(W, mask)
-            weights = weights.masked_fill(mask, 0.0)
+        _, outliers, weights = split_outliers(W, weights, fraction, self.sensitive_share)
         result = fit_codebook(W, weights, k=2**bits)
         rows, cols = W.shape
         bitmap = torch.full((rows, 1), bits, dtype=torch.uint8, device=W.device)

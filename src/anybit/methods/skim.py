@@ -1,4 +1,5 @@
-"""SKIM (matrix scope): per-row K-means codebooks with greedily allocated widths for any budget."""
+"""SKIM: per-row K-means codebooks with greedily allocated widths for any budget (per matrix or over
+the whole model), the trainable scaling vector, and anybit's recipe built on the same core."""
 
 from __future__ import annotations
 
@@ -16,10 +17,11 @@ from anybit.alloc.skim import (
 from anybit.config import QuantConfig
 from anybit.errors import AnybitError
 from anybit.format.packing import packed_nbytes
-from anybit.format.qtensor import QuantizedTensor
+from anybit.format.qtensor import QuantizedTensor, SparseOutliers
 from anybit.methods.base import LayerStats, Method
-from anybit.methods.nonuniform import sensitivity_weights
-from anybit.quant.kmeans import fit_codebook
+from anybit.methods.nonuniform import sensitivity_weights, split_outliers
+from anybit.quant.gptq import gptq_quantize
+from anybit.quant.kmeans import assign, fit_codebook, reconstruct
 from anybit.quant.scaling import layer_loss, train_scaling
 
 WIDTHS = list(range(1, 9))
@@ -27,75 +29,108 @@ SCALE_BITS = 16  # one fp16 factor per input column
 
 
 class SKIM(Method):
-    """SKIM's error table, greedy per-row allocation within each matrix, and the scaling vector.
+    """SKIM's error table, greedy per-row allocation, and the scaling vector.
 
-    `--bits B` is the *counted* budget: codes, fp16 codebooks and the per-row width map of every
-    matrix average at most B bits per weight (and within a row's step of it). Rows are clustered with
-    the `--weights` importance (activation by default); the allocation uses the full layer-wise error.
-    `--scaling` (default on) trains one factor per input column after allocation (one alternation, as
-    in the paper). Its fp16 vector (16 bits per input column) is paid for out of the same budget, and
-    the scaled matrix is kept only when its layer-wise error is lower than the unscaled matrix's at
-    the full budget.
+    `--bits B` is the *counted* budget: codes, fp16 codebooks, the per-row width map (and the
+    scaling vector and outliers, when used) average at most B bits per weight. Rows are clustered
+    with the `--weights` importance (activation by default); the allocation uses the full layer-wise
+    error. `--scope matrix` spends B within each matrix; `--scope model` spends one budget over every
+    row of the model (the driver's two-pass flow). `--scaling` (default on) trains one factor per
+    input column after allocation (one alternation, as in the paper), paid for out of the same
+    budget, and kept only when it lowers the layer-wise error.
     """
 
     name = "skim"
     integer_bits = False
     bit_range = (1.5, 8)
     supports_model_scope = True
+    default_scaling = True
+    default_outliers = 0.0
+    error_feedback = False  # anybit: GPTQ-style rounding onto the fitted codebooks
+
+    def scaling(self, config: QuantConfig) -> bool:
+        return self.default_scaling if config.scaling is None else config.scaling
+
+    def _prepare(self, W: torch.Tensor, stats: LayerStats, config: QuantConfig):
+        """H, the K-means weights with outliers removed, and the outliers (mask, sparse form)."""
+        H = stats.hessian.hessian()
+        weights = sensitivity_weights(W, stats, self.weighting(config))
+        fraction = self.default_outliers if config.outliers is None else config.outliers
+        mask, outliers, weights = split_outliers(W, weights, fraction)
+        return H, weights, mask, outliers
+
+    def _fixed_bits(self, rows: int, cols: int, outliers: SparseOutliers | None, config: QuantConfig) -> int:
+        """Stored bits that do not depend on the row widths."""
+        fixed = packed_nbytes(rows, BITMAP_BITS) * 8
+        if self.scaling(config):
+            fixed += SCALE_BITS * cols
+        if outliers is not None:
+            fixed += outliers.storage_bits()
+        return fixed
 
     def row_table(self, W: torch.Tensor, stats: LayerStats | None, config: QuantConfig) -> RowTable:
         """Each row's layer-wise error at each width, times its output importance (see `row_importance`)."""
         rows, cols = W.shape
-        H = stats.hessian.hessian()
-        table = error_table(W, H, sensitivity_weights(W, stats, self.weighting(config)), WIDTHS)
-        costs = torch.tensor([[row_cost_bits(cols, b) for b in WIDTHS]] * rows, dtype=torch.float64)
-        fixed = packed_nbytes(rows, BITMAP_BITS) * 8
-        if config.scaling is not False:
-            fixed += SCALE_BITS * cols
+        H, weights, mask, outliers = self._prepare(W, stats, config)
+        table = error_table(W, H, weights, WIDTHS, kept=mask)
         errors = table.errors.double() * row_importance(stats, H, rows)[:, None]
-        return RowTable(errors, costs, list(WIDTHS), fixed, rows * cols)
+        fixed = self._fixed_bits(rows, cols, outliers, config)
+        return RowTable(errors, _costs(rows, cols), list(WIDTHS), fixed, rows * cols)
 
     def quantize(self, W: torch.Tensor, stats: LayerStats | None, config: QuantConfig) -> QuantizedTensor:
-        H = stats.hessian.hessian()
-        weights = sensitivity_weights(W, stats, self.weighting(config))
-        if stats.widths is not None:
-            return self._quantize_planned(W, H, weights, stats.widths, config)
         rows, cols = W.shape
-        table = error_table(W, H, weights, WIDTHS)
-        budget = allocation_budget(rows, cols, config.bits)
-        widths, codes, books = self._allocate(table, rows, cols, budget, config.bits)
-        if config.scaling is not False:
-            # the fp16 scaling vector is paid for out of the same budget: fewer bits for the codes
-            reduced = self._allocate(table, rows, cols, budget - SCALE_BITS * cols, config.bits)
-            scaled_codes, scaled_books, alpha = scale_columns(W, H, weights, *reduced)
-            plain_loss = layer_loss(W, torch.gather(books, 1, codes), H)
-            scaled_loss = layer_loss(W, torch.gather(scaled_books, 1, scaled_codes) / alpha, H)
-            if scaled_loss < plain_loss:
-                return self._pack(reduced[0], scaled_codes, scaled_books, alpha)
-        return self._pack(widths, codes, books, None)
+        H, weights, mask, outliers = self._prepare(W, stats, config)
+        if stats.widths is not None:  # planned by the model-wide allocation, which paid for the extras
+            widths = stats.widths.to(torch.long)
+            result = fit_codebook(W, weights, k=1 << widths)
+            books = torch.nan_to_num(result.centroids, posinf=0.0).to(torch.float16).float()
+            candidates = self._candidates(W, H, weights, mask, widths, result.codes.long(), books, config)
+        else:
+            table = error_table(W, H, weights, WIDTHS, kept=mask)
+            budget = allocation_budget(rows, cols, config.bits)
+            budget -= 0 if outliers is None else outliers.storage_bits()
+            plain = self._allocate(table, rows, cols, budget, config.bits)
+            candidates = self._candidates(W, H, weights, mask, *plain, config, scaling=False)
+            if self.scaling(config):
+                # the fp16 scaling vector is paid for out of the same budget: fewer bits for the codes
+                reduced = self._allocate(table, rows, cols, budget - SCALE_BITS * cols, config.bits)
+                candidates.append(self._scaled(W, H, weights, mask, *reduced))
+        _, widths, codes, books, alpha = min(candidates, key=lambda c: c[0])
+        return self._pack(widths, codes, books, alpha, outliers)
 
-    def _quantize_planned(
-        self, W: torch.Tensor, H: torch.Tensor, weights: torch.Tensor, widths: torch.Tensor, config: QuantConfig
-    ) -> QuantizedTensor:
-        """Rows at widths chosen by the model-wide allocation (its budget already paid for scaling)."""
-        widths = widths.to(torch.long)
-        result = fit_codebook(W, weights, k=1 << widths)
-        books = torch.nan_to_num(result.centroids, posinf=0.0).to(torch.float16).float()
-        codes = result.codes.long()
-        if config.scaling is not False:
-            scaled_codes, scaled_books, alpha = scale_columns(W, H, weights, widths, codes, books)
-            plain_loss = layer_loss(W, torch.gather(books, 1, codes), H)
-            scaled_loss = layer_loss(W, torch.gather(scaled_books, 1, scaled_codes) / alpha, H)
-            if scaled_loss < plain_loss:
-                return self._pack(widths, scaled_codes, scaled_books, alpha)
-        return self._pack(widths, codes, books, None)
+    def _candidates(
+        self, W, H, weights, mask, widths, codes, books, config: QuantConfig, scaling: bool = True
+    ) -> list[tuple]:
+        """(loss, widths, codes, books, α) of the plain codes, the scaled re-clustering (if on) and,
+        for anybit, GPTQ error feedback onto the same codebooks."""
+        out = [(self._loss(W, H, mask, codes, books, None), widths, codes, books, None)]
+        if scaling and self.scaling(config):
+            out.append(self._scaled(W, H, weights, mask, widths, codes, books))
+        if self.error_feedback:
+            fb_codes, fb_books = feedback_codes(W, H, widths, books, mask, config.damp)
+            out.append((self._loss(W, H, mask, fb_codes, fb_books, None), widths, fb_codes, fb_books, None))
+        return out
+
+    @staticmethod
+    def _loss(W, H, mask, codes, books, alpha) -> float:
+        W_hat = torch.gather(books, 1, codes)
+        if alpha is not None:
+            W_hat = W_hat / alpha
+        if mask is not None:
+            W_hat = torch.where(mask, W.half().float(), W_hat)
+        return float(layer_loss(W, W_hat, H))
+
+    def _scaled(self, W, H, weights, mask, widths, codes, books) -> tuple:
+        """(loss, widths, codes, books, α) after one SKIM alternation."""
+        new_codes, new_books, alpha = scale_columns(W, H, weights, widths, codes, books)
+        return self._loss(W, H, mask, new_codes, new_books, alpha), widths, new_codes, new_books, alpha
 
     @staticmethod
     def _allocate(
         table: ErrorTable, rows: int, cols: int, budget: float, target: float
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-row widths within `budget`, with the matching codes and (rows, 2**max width) codebooks."""
-        costs = torch.tensor([[row_cost_bits(cols, b) for b in WIDTHS]] * rows, dtype=torch.float64)
+        costs = _costs(rows, cols)
         try:
             choice = greedy_allocation(table.errors, costs, budget)
         except ValueError:
@@ -116,11 +151,71 @@ class SKIM(Method):
 
     @staticmethod
     def _pack(
-        widths: torch.Tensor, codes: torch.Tensor, books: torch.Tensor, col_scale: torch.Tensor | None
+        widths: torch.Tensor,
+        codes: torch.Tensor,
+        books: torch.Tensor,
+        col_scale: torch.Tensor | None,
+        outliers: SparseOutliers | None = None,
     ) -> QuantizedTensor:
         rows, cols = codes.shape
         bitmap = widths.to(torch.uint8)[:, None]
-        return QuantizedTensor.from_codebook(codes, books[:, None, :], bitmap, (rows, cols), cols, col_scale=col_scale)
+        return QuantizedTensor.from_codebook(
+            codes, books[:, None, :], bitmap, (rows, cols), cols, col_scale=col_scale, outliers=outliers
+        )
+
+
+class AnyBit(SKIM):
+    """anybit's recipe: SKIM's per-row widths from one model-wide budget, then GPTQ-style rounding of
+    each column onto its row's codebook with error feedback through H⁻¹ (kept when it lowers the
+    layer-wise error, which it nearly always does). Settings chosen by the ablation in RESULTS.md.
+    """
+
+    name = "anybit"
+    default_scope = "model"
+    default_scaling = False
+    error_feedback = True
+
+
+def _costs(rows: int, cols: int) -> torch.Tensor:
+    return torch.tensor([[row_cost_bits(cols, b) for b in WIDTHS]] * rows, dtype=torch.float64)
+
+
+class RowCodebookQuantizer:
+    """GPTQ column quantizer that rounds every weight to the nearest entry of its row's fixed codebook
+    (sorted, +inf padded); weights marked as outliers keep their (error-updated) value in fp16, so
+    their feedback is zero."""
+
+    group_size = 1
+
+    def __init__(self, books: torch.Tensor, kept: torch.Tensor | None) -> None:
+        self.books = books
+        self.kept = kept
+        self.columns: list[torch.Tensor] = []
+
+    def fit(self, W_group: torch.Tensor, group: int) -> None:
+        pass  # the codebooks are fixed before the GPTQ pass
+
+    def quantize(self, w: torch.Tensor, column: int) -> torch.Tensor:
+        codes = assign(w[:, None], self.books)
+        self.columns.append(codes[:, 0])
+        q = reconstruct(self.books, codes)[:, 0]
+        if self.kept is not None:
+            q = torch.where(self.kept[:, column], w.half().float(), q)
+        return q
+
+
+def feedback_codes(
+    W: torch.Tensor, H: torch.Tensor, widths: torch.Tensor, books: torch.Tensor, kept: torch.Tensor | None,
+    damp: float,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Codes (rows, cols) from GPTQ's column-by-column rounding onto the rows' codebooks, and the
+    codebooks (sorted, as the rounding needs them)."""
+    entries = torch.arange(books.shape[1])[None, :]
+    valid = entries < (1 << widths.to(torch.long))[:, None]
+    sorted_books = torch.where(valid, books, torch.full_like(books, float("inf"))).sort(dim=1).values
+    quantizer = RowCodebookQuantizer(sorted_books, kept)
+    gptq_quantize(W, H, quantizer, damp=damp, act_order=False)
+    return torch.stack(quantizer.columns, dim=1), torch.where(valid, sorted_books, torch.zeros_like(books))
 
 
 def scale_columns(
