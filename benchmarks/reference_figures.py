@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+from pathlib import Path
 
 from _common import log_result
 from anybit.config import QuantConfig
@@ -70,6 +71,7 @@ def main() -> None:
     parser.add_argument("--max-windows", type=int, default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--results", default="reference_figures", help="name of the results/*.jsonl file")
+    parser.add_argument("--keep", default=None, help="save each quantized model under KEEP/CONFIG (default: discard)")
     args = parser.parse_args()
     eval_kwargs = dict(max_windows=args.max_windows, device=args.device, dtype=args.dtype)
     for name in args.configs.split(","):
@@ -85,8 +87,9 @@ def main() -> None:
             fisher_nsamples=args.fisher_nsamples,
         )
         with tempfile.TemporaryDirectory() as tmp:
-            outcome = quantize_to_dir(args.model, config, f"{tmp}/q")
-            result = evaluate_spec(load_model(f"{tmp}/q"), **eval_kwargs)
+            out = Path(args.keep) / name.replace(":", "_") if args.keep else Path(tmp) / "q"
+            outcome = quantize_to_dir(args.model, config, out, force=bool(args.keep))
+            result = evaluate_spec(load_model(str(out)), **eval_kwargs)
             log_result(
                 args.results,
                 {

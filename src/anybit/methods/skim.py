@@ -24,7 +24,9 @@ from anybit.quant.gptq import gptq_quantize
 from anybit.quant.kmeans import assign, fit_codebook, reconstruct
 from anybit.quant.scaling import layer_loss, train_scaling
 
-WIDTHS = list(range(1, 9))
+MAX_WIDTH = 8
+WIDTH_HEADROOM = 3  # candidate widths reach floor(budget) + 3: a row wider than that costs 2-4× the
+# budget per weight (codes plus a doubled codebook) and was never chosen in our runs (RESULTS.md)
 SCALE_BITS = 16  # one fp16 factor per input column
 
 
@@ -72,10 +74,10 @@ class SKIM(Method):
         """Each row's layer-wise error at each width, times its output importance (see `row_importance`)."""
         rows, cols = W.shape
         H, weights, mask, outliers = self._prepare(W, stats, config)
-        table = error_table(W, H, weights, WIDTHS, kept=mask)
+        table = error_table(W, H, weights, candidate_widths(config.bits), kept=mask)
         errors = table.errors.double() * row_importance(stats, H, rows)[:, None]
         fixed = self._fixed_bits(rows, cols, outliers, config)
-        return RowTable(errors, _costs(rows, cols), list(WIDTHS), fixed, rows * cols)
+        return RowTable(errors, _costs(rows, cols, table.widths), table.widths, fixed, rows * cols)
 
     def quantize(self, W: torch.Tensor, stats: LayerStats | None, config: QuantConfig) -> QuantizedTensor:
         rows, cols = W.shape
@@ -86,7 +88,7 @@ class SKIM(Method):
             books = torch.nan_to_num(result.centroids, posinf=0.0).to(torch.float16).float()
             candidates = self._candidates(W, H, weights, mask, widths, result.codes.long(), books, config)
         else:
-            table = error_table(W, H, weights, WIDTHS, kept=mask)
+            table = error_table(W, H, weights, candidate_widths(config.bits), kept=mask)
             budget = allocation_budget(rows, cols, config.bits)
             budget -= 0 if outliers is None else outliers.storage_bits()
             plain = self._allocate(table, rows, cols, budget, config.bits)
@@ -130,7 +132,7 @@ class SKIM(Method):
         table: ErrorTable, rows: int, cols: int, budget: float, target: float
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-row widths within `budget`, with the matching codes and (rows, 2**max width) codebooks."""
-        costs = _costs(rows, cols)
+        costs = _costs(rows, cols, table.widths)
         try:
             choice = greedy_allocation(table.errors, costs, budget)
         except ValueError:
@@ -139,10 +141,10 @@ class SKIM(Method):
                 f"{target:g} bits per weight is below what a {rows}x{cols} matrix can store with per-row "
                 f"codebooks (at least {minimum:.3f} plus its bit map)"
             ) from None
-        widths = torch.tensor(WIDTHS)[choice]
+        widths = torch.tensor(table.widths)[choice]
         codes = torch.zeros(rows, cols, dtype=torch.long)
         books = torch.zeros(rows, 1 << int(widths.max()))
-        for i, b in enumerate(WIDTHS):
+        for i, b in enumerate(table.widths):
             picked = choice == i
             if bool(picked.any()):
                 codes[picked] = table.codes[i][picked].long()
@@ -176,8 +178,13 @@ class AnyBit(SKIM):
     error_feedback = True
 
 
-def _costs(rows: int, cols: int) -> torch.Tensor:
-    return torch.tensor([[row_cost_bits(cols, b) for b in WIDTHS]] * rows, dtype=torch.float64)
+def candidate_widths(bits: float) -> list[int]:
+    """Widths a row may get under a budget of `bits` per weight: 1 to floor(bits) + WIDTH_HEADROOM."""
+    return list(range(1, min(MAX_WIDTH, int(bits) + WIDTH_HEADROOM) + 1))
+
+
+def _costs(rows: int, cols: int, widths: list[int]) -> torch.Tensor:
+    return torch.tensor([[row_cost_bits(cols, b) for b in widths]] * rows, dtype=torch.float64)
 
 
 class RowCodebookQuantizer:

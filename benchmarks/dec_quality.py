@@ -1,0 +1,59 @@
+"""Quality of dynamic error compensation (QDEC/DecDEC) on quantized SmolLM2 directories.
+
+Usage: python benchmarks/dec_quality.py DIR [DIR ...] [--ks 4,8,16,32,64] [--static-ks 8,32] [--max-windows N]
+For each quantized DIR: stores its 4-bit residuals if missing (`anybit residual`), then evaluates
+perplexity without DEC, with dynamic top-k selection for every K, and with the static baseline
+(channels with the largest mean |x| on calibration data) for each K in --static-ks. One JSON line
+per evaluation goes to benchmarks/results/dec_quality.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from _common import log_result
+from anybit.format.io import RESIDUAL_FILE, load_residuals
+from anybit.model.loading import load_model
+from anybit.pipeline import build_residuals, evaluate_spec
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("dirs", nargs="+")
+    parser.add_argument("--ks", default="4,8,16,32,64")
+    parser.add_argument("--static-ks", default="8,32")
+    parser.add_argument("--max-windows", type=int, default=None)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--residual-nsamples", type=int, default=8)
+    args = parser.parse_args()
+    for directory in args.dirs:
+        if not (Path(directory) / RESIDUAL_FILE).exists():
+            build_residuals(directory, nsamples=args.residual_nsamples)
+        residual_meta = load_residuals(directory)[2]
+        loaded = load_model(directory)
+        runs = [(None, False)] + [(k, False) for k in _ints(args.ks)] + [(k, True) for k in _ints(args.static_ks)]
+        for k, static in runs:
+            result = evaluate_spec(
+                loaded, max_windows=args.max_windows, dtype=args.dtype, dec=k, dec_static=static, progress=False
+            )
+            log_result(
+                "dec_quality",
+                {
+                    "dir": Path(directory).name,
+                    "method": loaded.quant_info["method"],
+                    "bits_per_weight": loaded.quant_info["bits_per_weight"],
+                    "residual_bits_per_weight": residual_meta["bits_per_weight"],
+                    "k_chunk": k,
+                    "static": static,
+                    **result.to_dict(),
+                },
+            )
+
+
+if __name__ == "__main__":
+    main()
