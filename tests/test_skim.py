@@ -166,3 +166,19 @@ def test_skim_outliers_are_exact_and_counted() -> None:
     assert qt.outliers is not None and qt.outliers.nnz == round(0.01 * W.numel())
     assert qt.bits_per_weight() <= 3.0
     assert float(qt.dequantize()[3, 7]) == 40.0
+
+
+def test_inspect_plot_draws_the_bit_map(tiny_llama_dir, corpus_file, tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from anybit.cli import main
+
+    out = tmp_path / "q"
+    run = CliRunner().invoke
+    args = ["--calib", str(corpus_file), "--seqlen", "64", "--nsamples", "2", "--group", "32"]
+    result = run(main, ["quantize", str(tiny_llama_dir), "--method", "skim", "--bits", "3", "--out", str(out), *args])
+    assert result.exit_code == 0, result.output
+    png = tmp_path / "map.png"
+    result = run(main, ["inspect", str(out), "--plot", str(png)])
+    assert result.exit_code == 0, result.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000

@@ -269,11 +269,14 @@ def generate(
 @main.command()
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def inspect(directory: str, as_json: bool) -> None:
+@click.option("--plot", "plot_file", type=click.Path(dir_okay=False), default=None, help="Also draw the bit map (PNG).")
+def inspect(directory: str, as_json: bool, plot_file: str | None) -> None:
     """Per-linear shape, layout, counted bits and bytes of a quantized DIR (read from its file)."""
-    from anybit.report import inspect_directory
+    from anybit.report import inspect_directory, plot_bit_map
 
     table = inspect_directory(Path(directory))
+    if plot_file:
+        plot_bit_map(Path(directory), Path(plot_file))
     if as_json:
         click.echo(json.dumps(table))
         return

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError, safe_open
 
 from anybit.errors import AnybitError
@@ -51,3 +52,62 @@ def inspect_directory(path: Path) -> dict:
         "bits_per_weight": 8 * total_bytes / total_weights,
         "file_bytes": weights.stat().st_size,
     }
+
+
+def plot_bit_map(path: Path, out_png: Path) -> Path:
+    """Picture of a quantized DIR: the width of every output row (or input column, for per-column
+    layouts) of every linear, one panel per linear kind, layers along x; and counted bits per layer."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise AnybitError("--plot needs matplotlib: pip install 'anybit[plot]'") from None
+    from anybit.format.qtensor import QuantizedTensor
+
+    info = read_quant_info(path)
+    kinds: dict[str, dict[int, torch.Tensor]] = {}
+    layer_bits: dict[int, list[float]] = {}
+    with safe_open(path / WEIGHTS_FILE, "pt") as f:
+        keys = list(f.keys())
+        for name, meta in info["layers"].items():
+            own = {
+                k[len(name) + 1 :]: f.get_tensor(k) for k in keys if k.startswith(f"{name}.") and k != f"{name}.bias"
+            }
+            qt = QuantizedTensor.from_tensors(meta, own)
+            index, kind = _layer_index(name)
+            kinds.setdefault(kind, {})[index] = qt.bitmap.float().mean(dim=1)
+            layer_bits.setdefault(index, [0.0, 0.0])
+            layer_bits[index][0] += meta["storage_bits"]
+            layer_bits[index][1] += qt.numel
+    fig, axes = plt.subplots(1, len(kinds) + 1, figsize=(2.2 * (len(kinds) + 1), 4.5), constrained_layout=True)
+    top = max(float(v.max()) for per in kinds.values() for v in per.values())
+    for ax, (kind, per_layer) in zip(axes, kinds.items(), strict=False):
+        layers = sorted(per_layer)
+        lines = max(per_layer[i].numel() for i in layers)
+        grid = torch.full((lines, len(layers)), float("nan"))
+        for j, i in enumerate(layers):
+            grid[: per_layer[i].numel(), j] = per_layer[i]
+        image = ax.imshow(grid.numpy(), aspect="auto", interpolation="nearest", vmin=1, vmax=top, cmap="viridis")
+        ax.set_title(kind, fontsize=9)
+        ax.set_xlabel("layer")
+    axes[0].set_ylabel("row (or column) index")
+    fig.colorbar(image, ax=axes[len(kinds) - 1], label="bits per code")
+    layers = sorted(layer_bits)
+    axes[-1].bar(layers, [layer_bits[i][0] / layer_bits[i][1] for i in layers], color="gray")
+    axes[-1].set_title("counted bits/weight", fontsize=9)
+    axes[-1].set_xlabel("layer")
+    fig.suptitle(f"{path.name}: {info['method']}, {info['bits_per_weight']:.3f} counted bits/weight", fontsize=10)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
+
+
+def _layer_index(name: str) -> tuple[int, str]:
+    """(decoder-layer index, linear kind) of a dotted linear name such as model.layers.3.mlp.up_proj."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return int(part), ".".join(parts[i + 1 :]).split(".")[-1]
+    return 0, parts[-1]
