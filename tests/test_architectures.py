@@ -13,7 +13,16 @@ from anybit.runtime import quant_linears
 
 @pytest.mark.parametrize(
     "method,bits",
-    [("gptq", 4), ("rtn", 3), ("kmeans", 3), ("squeezellm", 3), ("claq", 3.25), ("slim", 3), ("skim", 3.3), ("anybit", 3.3)],
+    [
+        ("gptq", 4),
+        ("rtn", 3),
+        ("kmeans", 3),
+        ("squeezellm", 3),
+        ("claq", 3.25),
+        ("slim", 3),
+        ("skim", 3.3),
+        ("anybit", 3.3),
+    ],
 )
 def test_quantize_save_reload_eval(tiny_model_dir, corpus_file, tmp_path, method: str, bits: int) -> None:
     original = load_model(str(tiny_model_dir))

@@ -7,6 +7,7 @@ dequantized matrices for the duration of a block (evaluation), which changes spe
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -15,6 +16,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from anybit.format.qtensor import QuantizedTensor
+
+KERNEL_MAX_TOKENS = 8  # above this, dequantize once and use the dense matmul (prefill)
+
+
+def kernel_unavailable(qtensor: QuantizedTensor) -> str:
+    """Why the fused kernel cannot serve this tensor ("" when it can)."""
+    try:
+        from anybit.kernels.lut_gemv import unsupported_reason
+    except ImportError:
+        return "triton is not installed (pip install 'anybit[cuda]')"
+    return unsupported_reason(qtensor) or ""
 
 
 class QuantLinear(nn.Module):
@@ -31,6 +43,9 @@ class QuantLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self._qtensor: QuantizedTensor | None = qtensor
         self._dense: torch.Tensor | None = None
+        self.kernel = "auto"  # "auto": fused kernel for decode on CUDA; "triton": always; "reference": never
+        self._kernel_unsupported: str | None = None  # None: not checked yet; "": supported
+        self._prepared = None
 
     @property
     def qtensor(self) -> QuantizedTensor:
@@ -47,6 +62,7 @@ class QuantLinear(nn.Module):
 
         self._qtensor = None  # buffers may have moved: rebuild the view on next use
         self._dense = None
+        self._prepared = None
         return super()._apply(move_only, recurse)
 
     def dequantize(self) -> torch.Tensor:
@@ -54,9 +70,37 @@ class QuantLinear(nn.Module):
         return self.qtensor.dequantize(torch.float32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        W = self._dense if self._dense is not None else self.dequantize()
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self._dense is None and self._use_kernel(x):
+            flat = x.reshape(-1, self.in_features)
+            y = self._prepared_kernel()(flat).to(x.dtype)
+            if bias is not None:
+                y = y + bias
+            return y.reshape(*x.shape[:-1], self.out_features)
+        W = self._dense if self._dense is not None else self.dequantize()
         return F.linear(x, W.to(x.dtype), bias)
+
+    def _use_kernel(self, x: torch.Tensor) -> bool:
+        """The fused decode kernel serves few-token products on CUDA (or everywhere with kernel='triton')."""
+        if self.kernel == "reference" or x.numel() // self.in_features > KERNEL_MAX_TOKENS:
+            return False
+        if self.kernel == "auto" and not x.is_cuda:
+            return False
+        if self._kernel_unsupported is None:
+            self._kernel_unsupported = kernel_unavailable(self.qtensor)
+            if self._kernel_unsupported:
+                warnings.warn(
+                    f"anybit: no fused kernel ({self._kernel_unsupported}); using the reference path", stacklevel=3
+                )
+        return not self._kernel_unsupported
+
+    def _prepared_kernel(self):
+        if self._prepared is None:
+            from anybit.kernels.lut_gemv import lut_matvec, prepare
+
+            prepared = prepare(self.qtensor)
+            self._prepared = lambda flat: lut_matvec(prepared, flat)
+        return self._prepared
 
     def extra_repr(self) -> str:
         qt = self.qtensor

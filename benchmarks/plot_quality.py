@@ -1,0 +1,66 @@
+"""Perplexity against counted bits per weight for every recipe measured on the full WikiText-2 test.
+
+Usage: python benchmarks/plot_quality.py [--out benchmarks/quality_vs_bits.png]
+Reads results/reference_figures.jsonl and results/recipes.jsonl (full 147-window runs only; the
+latest run of each configuration wins) and draws one marker series per method, fp16 as a line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from _common import RESULTS_DIR
+
+SOURCES = ("reference_figures.jsonl", "recipes.jsonl")
+FULL_WINDOWS = 147
+
+
+def load_points() -> tuple[dict[str, list[tuple[float, float, str]]], float | None]:
+    latest: dict[str, dict] = {}
+    for source in SOURCES:
+        path = RESULTS_DIR / source
+        if not path.exists():
+            continue
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            if record.get("windows") == FULL_WINDOWS:
+                latest[record["config"]] = record
+    fp16 = latest.pop("fp16", {}).get("ppl")
+    series: dict[str, list[tuple[float, float, str]]] = {}
+    for name, record in latest.items():
+        label = record["method"] + (" (model scope)" if record.get("scope") == "model" else "")
+        series.setdefault(label, []).append((record["bits_per_weight"], record["ppl"], name))
+    return series, fp16
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "quality_vs_bits.png"))
+    args = parser.parse_args()
+    series, fp16 = load_points()
+    fig, ax = plt.subplots(figsize=(7.5, 5), constrained_layout=True)
+    markers = "osD^v<>ph*X"
+    for i, (label, points) in enumerate(sorted(series.items())):
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=markers[i % len(markers)], label=label)
+    if fp16 is not None:
+        ax.axhline(fp16, color="black", linestyle="--", linewidth=1, label=f"fp16 ({fp16:.2f})")
+    ax.set_yscale("log")
+    ax.set_xlabel("counted bits per weight (codes, scales, codebooks, maps, outliers)")
+    ax.set_ylabel("WikiText-2 test perplexity (147 × 2048 tokens)")
+    ax.set_title("SmolLM2-135M-Instruct: perplexity against counted bits")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(args.out, dpi=110)
+    print(args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""The fused Triton decode kernel against the reference path, for every layout it serves.
+
+On a machine without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set before the
+kernel module is imported): the results are checked, not the speed.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    assert os.environ.get("TRITON_INTERPRET") == "1", "conftest sets this before triton can be imported"
+pytest.importorskip("triton", reason="triton is not installed (pip install 'anybit[cuda]'): no kernel tests")
+
+from anybit.format.qtensor import QuantizedTensor, SparseOutliers
+from anybit.kernels.lut_gemv import lut_matvec, prepare, unsupported_reason
+from anybit.quant.uniform import rtn_quantize
+from anybit.runtime.qlinear import QuantLinear
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _codebook_tensor(rows: int, cols: int, group_size: int, widths: tuple[int, ...], **extras) -> QuantizedTensor:
+    groups = cols // group_size
+    bitmap = torch.tensor(widths, dtype=torch.uint8)[torch.randint(0, len(widths), (rows, groups))]
+    codes = torch.randint(0, 256, (rows, cols)) % (1 << bitmap.long()).repeat_interleave(group_size, dim=1)
+    books = torch.randn(rows, groups, 1 << max(widths)).sort(dim=-1).values
+    return QuantizedTensor.from_codebook(codes, books, bitmap, (rows, cols), group_size, **extras)
+
+
+def _check(qt: QuantizedTensor, batch: int) -> None:
+    qt_dev = QuantizedTensor.from_tensors(qt.meta(), {k: v.to(DEVICE) for k, v in qt.to_tensors().items()})
+    x = torch.randn(batch, qt.shape[1], device=DEVICE)
+    expected = x @ qt_dev.dequantize().t()
+    torch.testing.assert_close(lut_matvec(prepare(qt_dev), x), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_mixed_width_row_codebooks(batch: int) -> None:
+    torch.manual_seed(batch)
+    _check(_codebook_tensor(48, 192, 192, (1, 2, 3, 4, 5)), batch)
+
+
+def test_group_codebooks_with_scaling_permutation_and_outliers() -> None:
+    torch.manual_seed(1)
+    rows, cols = 24, 128
+    dense = torch.randn(rows, cols)
+    mask = torch.rand(rows, cols) < 0.02
+    qt = _codebook_tensor(
+        rows, cols, 32, (2, 3, 8),
+        perm=torch.randperm(cols), col_scale=torch.rand(cols) + 0.5, outliers=SparseOutliers.from_mask(dense, mask),
+    )  # fmt: skip
+    _check(qt, 2)
+
+
+@pytest.mark.parametrize("widths", [(4,), (2, 3, 4)])
+def test_uniform_groups(widths: tuple[int, ...]) -> None:
+    torch.manual_seed(2)
+    rows, cols, gs = 40, 256, 64
+    bitmap = torch.tensor(widths, dtype=torch.uint8)[torch.randint(0, len(widths), (rows, cols // gs))]
+    _check(rtn_quantize(torch.randn(rows, cols), gs, bitmap), 4)
+
+
+def test_quant_linear_dispatch_and_fallback() -> None:
+    torch.manual_seed(3)
+    qt = _codebook_tensor(32, 64, 64, (3,))
+    layer = QuantLinear(qt, bias=torch.randn(32)).to(DEVICE)
+    x = torch.randn(2, 1, 64, device=DEVICE)
+    reference = layer(x) if DEVICE == "cpu" else None
+    layer.kernel = "triton"
+    if reference is not None:
+        torch.testing.assert_close(layer(x), reference, rtol=1e-4, atol=1e-4)
+    # per-column (CLAQ) layouts have no kernel: one warning, then the reference path
+    column_qt = QuantizedTensor.from_codebook(
+        torch.randint(0, 4, (64, 32)), torch.randn(64, 1, 4).sort(dim=-1).values,
+        torch.full((64, 1), 2, dtype=torch.uint8), (32, 64), 32, axis=1,
+    )  # fmt: skip
+    assert unsupported_reason(column_qt)
+    column = QuantLinear(column_qt).to(DEVICE)
+    column.kernel = "triton"
+    with pytest.warns(UserWarning, match="no fused kernel"):
+        out = column(x)
+    torch.testing.assert_close(out, x @ column_qt.dequantize().to(DEVICE).t())
