@@ -3,7 +3,7 @@ import itertools
 import pytest
 import torch
 
-from anybit.quant.kmeans import assign, fit_codebook, optimal_kmeans_1d, reconstruct, weighted_error
+from anybit.quant.kmeans import assign, fit_codebook, fit_codebooks, optimal_kmeans_1d, reconstruct, weighted_error
 
 
 def _brute_force(x: torch.Tensor, w: torch.Tensor, k: int) -> float:
@@ -77,3 +77,18 @@ def test_zero_weights_and_constant_rows() -> None:
     result = fit_codebook(x, w, 4)
     assert torch.isfinite(result.centroids[:, :4]).all()
     assert torch.allclose(reconstruct(result.centroids, result.codes)[0], x[0])
+
+
+def test_shared_fits_across_widths_match_separate_fits() -> None:
+    torch.manual_seed(4)
+    x = torch.randn(64, 300) * (torch.rand(64, 1) + 0.1)
+    x[:, ::37] *= 8  # heavy tails
+    w = torch.rand(64, 300)
+    shared = fit_codebooks(x, w, [1, 2, 3, 4, 5, 6, 7])
+    for b, result in shared.items():
+        alone = fit_codebook(x, w, k=1 << b)
+        if (1 << b) <= 32:  # the same DP seeds, so the same fit
+            assert torch.equal(result.codes, alone.codes)
+        objective = weighted_error(x, w, result.centroids, result.codes).sum()
+        reference = weighted_error(x, w, alone.centroids, alone.codes).sum()
+        assert objective <= reference * 1.02

@@ -17,7 +17,7 @@ import torch
 
 from anybit.errors import AnybitError
 from anybit.format.packing import packed_nbytes
-from anybit.quant.kmeans import fit_codebook, reconstruct
+from anybit.quant.kmeans import fit_codebooks, reconstruct
 
 CODEBOOK_ENTRY_BITS = 16  # fp16 centroids
 BITMAP_BITS = 3  # one width (1-8) per row when widths differ
@@ -48,8 +48,9 @@ def error_table(
     `kept` marks weights stored exactly (sparse outliers): their error is zero.
     """
     errors, codes, centroids = [], [], []
+    fits = fit_codebooks(W, weights, widths)
     for b in widths:
-        result = fit_codebook(W, weights, k=1 << b)
+        result = fits[b]
         cents = result.centroids[:, : 1 << b].to(torch.float16).float()  # the stored values
         delta = W - reconstruct(cents, result.codes)
         if kept is not None:

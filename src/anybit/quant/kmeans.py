@@ -76,16 +76,25 @@ def _binned_dp_init(
     (so lone outliers get bins of their own). Per-bin sums make every cluster's cost exact, and a
     dynamic programme over the edges finds the best k-cluster partition of each row.
     """
+    return _binned_dp_seeds(x, weights, [ks], k_max, bins)[0]
+
+
+def _binned_dp_seeds(
+    x: torch.Tensor, weights: torch.Tensor, ks_list: list[torch.Tensor], k_max: int, bins: int | None = None
+) -> list[torch.Tensor]:
+    """`_binned_dp_init` for several cluster counts per row from one dynamic programme (its stage t
+    holds the best t-cluster partitions, so every k <= k_max is one walk back)."""
     V, N = x.shape
     bins = bins or DP_BINS
     chunk = max(1, DP_CHUNK_ELEMENTS // (bins + 2) ** 2)
     if chunk < V:
-        return torch.cat(
-            [
-                _binned_dp_init(x[i : i + chunk], weights[i : i + chunk], ks[i : i + chunk], k_max, bins)
-                for i in range(0, V, chunk)
-            ]
-        )
+        parts = [
+            _binned_dp_seeds(
+                x[i : i + chunk], weights[i : i + chunk], [ks[i : i + chunk] for ks in ks_list], k_max, bins
+            )
+            for i in range(0, V, chunk)
+        ]
+        return [torch.cat([p[j] for p in parts]) for j in range(len(ks_list))]
     # standardise each row so the float32 cluster costs below do not lose precision to cancellation
     mu = x.mean(dim=1, keepdim=True)
     sd = x.std(dim=1, keepdim=True).clamp(min=1e-12) if N > 1 else torch.ones_like(mu)
@@ -121,16 +130,19 @@ def _binned_dp_init(
         best = new_best
     # walk back from the last edge; rows with fewer clusters stop early (their extra slots become +inf)
     rows = torch.arange(V, device=x.device)
-    centroids = torch.full((V, k_max), float("inf"), dtype=x.dtype, device=x.device)
-    end = torch.full((V,), B - 1, dtype=torch.long, device=x.device)
-    for t in range(k_max - 1, -1, -1):
-        active = t < ks  # row uses cluster slot t
-        start = args[t - 1][rows, end] if t > 0 else torch.zeros_like(end)
-        m = W[rows, end] - W[rows, start]
-        c = torch.where(m > 0, (S[rows, end] - S[rows, start]) / m.clamp(min=1e-30), float("inf"))
-        centroids[:, t] = torch.where(active, c, centroids[:, t])
-        end = torch.where(active, start, end)
-    return (centroids * sd + mu).to(x.dtype)
+    seeds = []
+    for ks in ks_list:
+        centroids = torch.full((V, k_max), float("inf"), dtype=x.dtype, device=x.device)
+        end = torch.full((V,), B - 1, dtype=torch.long, device=x.device)
+        for t in range(k_max - 1, -1, -1):
+            active = t < ks  # row uses cluster slot t
+            start = args[t - 1][rows, end] if t > 0 else torch.zeros_like(end)
+            m = W[rows, end] - W[rows, start]
+            c = torch.where(m > 0, (S[rows, end] - S[rows, start]) / m.clamp(min=1e-30), float("inf"))
+            centroids[:, t] = torch.where(active, c, centroids[:, t])
+            end = torch.where(active, start, end)
+        seeds.append((centroids * sd + mu).to(x.dtype))
+    return seeds
 
 
 def _kmeanspp_init(x: torch.Tensor, weights: torch.Tensor, k_max: int, generator: torch.Generator) -> torch.Tensor:
@@ -228,6 +240,40 @@ def fit_codebook(
         raise ValueError(f"unknown init {init!r} (dp, quantile or kmeans++)")
     centroids, codes, iterations = _lloyd(x, weights, _sanitize(centroids, ks), ks, max_iter)
     return KMeansResult(centroids, codes, iterations)
+
+
+def fit_codebooks(
+    x: torch.Tensor, weights: torch.Tensor | None, widths: list[int], max_iter: int = 50
+) -> dict[int, KMeansResult]:
+    """`fit_codebook` of every row at each width in `widths` (2**b clusters), sharing work: one binned
+    DP seeds every width up to DP_MAX_K clusters, and each wider codebook grows by splitting the
+    converged codebook one width below it (the same seeds for widths up to 5, better-started ones
+    beyond)."""
+    x = x.float()
+    weights = torch.ones_like(x) if weights is None else weights.float().expand_as(x)
+    V = x.shape[0]
+    full = {b: torch.full((V,), 1 << b, dtype=torch.int64, device=x.device) for b in widths}
+    small = sorted(b for b in widths if (1 << b) <= DP_MAX_K)
+    results: dict[int, KMeansResult] = {}
+    if small:
+        seeds = _binned_dp_seeds(x, weights, [full[b] for b in small], 1 << small[-1])
+        for b, seed in zip(small, seeds, strict=True):
+            seed = _sanitize(seed[:, : 1 << b], full[b])
+            results[b] = KMeansResult(*_lloyd(x, weights, seed, full[b], max_iter))
+    for b in sorted(set(widths) - set(small)):
+        below = max((w for w in results if w < b), default=None)
+        if below is None:
+            results[b] = fit_codebook(x, weights, k=1 << b, max_iter=max_iter)
+            continue
+        centroids, codes, k_cur = results[below].centroids, results[below].codes, full[below]
+        while bool((k_cur < full[b]).any()):
+            k_next = torch.minimum(full[b], 2 * k_cur)
+            centroids = _split_clusters(x, weights, centroids, codes, k_next)
+            k_cur = k_next
+            if bool((k_cur < full[b]).any()):
+                centroids, codes, _ = _lloyd(x, weights, _sanitize(centroids, k_cur), k_cur, SPLIT_ROUND_ITERS)
+        results[b] = KMeansResult(*_lloyd(x, weights, _sanitize(centroids, full[b]), full[b], max_iter))
+    return results
 
 
 def _lloyd(
