@@ -56,13 +56,12 @@ def evaluate(
     nll, kl, agree, tokens = 0.0, 0.0, 0, 0
     with dense_weights(model):
         for window in tqdm(windows, desc=desc, unit="window", disable=not progress):
-            logits = _logits(model, window, dev)
+            logp = F.log_softmax(_logits(model, window, dev), dim=-1)
             targets = window[1:].to(dev)
-            nll += F.cross_entropy(logits, targets, reduction="sum").item()
+            nll += F.nll_loss(logp, targets, reduction="sum").item()
             tokens += targets.numel()
             if reference is not None:
                 ref_logp = F.log_softmax(_logits(reference, window, dev), dim=-1)
-                logp = F.log_softmax(logits, dim=-1)
                 kl += F.kl_div(logp, ref_logp, log_target=True, reduction="sum").item()
                 agree += int((logp.argmax(-1) == ref_logp.argmax(-1)).sum())
     result = EvalResult(
