@@ -46,8 +46,19 @@ def unpack_codes(packed: torch.Tensor, bits: int, n_values: int) -> torch.Tensor
         raise ValueError(
             f"packed stream has {packed.numel()} bytes, expected {expected} for {n_values} {bits}-bit codes"
         )
-    planes = packed.to(torch.int64).view(-1, bits, 1)  # (nblocks, bits, 1)
-    value_bits = (planes >> torch.arange(8, device=packed.device).view(1, 1, 8)) & 1  # (nblocks, bits, 8)
-    weights = (1 << torch.arange(bits, device=packed.device)).view(1, bits, 1)
-    values = (value_bits * weights).sum(dim=1)  # (nblocks, 8)
-    return values.reshape(-1)[:n_values]
+    planes = _bit_table(packed.device)[packed.to(torch.int32)].view(-1, bits, 8)  # (nblocks, bits, 8) 0/1
+    values = planes[:, 0, :].clone()
+    for j in range(1, bits):
+        values |= planes[:, j, :] << j
+    return values.reshape(-1)[:n_values].to(torch.int64)
+
+
+_BIT_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
+def _bit_table(device: torch.device) -> torch.Tensor:
+    """(256, 8) uint8: the eight bits of every byte value, lowest first."""
+    if device not in _BIT_TABLES:
+        byte = torch.arange(256, device=device)[:, None]
+        _BIT_TABLES[device] = ((byte >> torch.arange(8, device=device)) & 1).to(torch.uint8)
+    return _BIT_TABLES[device]
