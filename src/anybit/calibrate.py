@@ -146,7 +146,7 @@ def _collect_stats(
 
 def _check_group_sizes(model: nn.Module, adapter: Adapter, config: QuantConfig) -> None:
     """Fail before any work when the group size does not divide some linear's input dimension."""
-    if not config.group_size:
+    if not config.group_size or not get_method(config.method).uses_groups:
         return
     for layer_idx, layer in enumerate(adapter.layers(model)):
         for name in adapter.linear_names:

@@ -35,6 +35,7 @@ class Method:
     bit_range: ClassVar[tuple[float, float]] = (1, 8)  # allowed --bits
     integer_bits: ClassVar[bool] = True  # only whole widths (no fractional budgets)
     default_weighting: ClassVar[str] = "activation"  # importance used when the config names none
+    uses_groups: ClassVar[bool] = False  # honours --group (the driver checks it divides every linear)
     supports_model_scope: ClassVar[bool] = False  # can spend one budget over the whole model
     default_scope: ClassVar[str] = "matrix"
 

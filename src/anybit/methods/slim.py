@@ -23,6 +23,7 @@ class SliM(Method):
     """
 
     name = "slim"
+    uses_groups = True
     bit_range = (2, 7)  # N - 1 >= 1 and N + 1 <= 8
     input_sample_stride = 64  # 32 tokens per 2048-token window for the KL search
 

@@ -19,6 +19,7 @@ class RTN(Method):
     """Asymmetric min-max round-to-nearest per output channel or per group; needs no calibration."""
 
     name = "rtn"
+    uses_groups = True
     needs_stats = False
 
     def quantize(self, W: torch.Tensor, stats: LayerStats | None, config: QuantConfig) -> QuantizedTensor:
@@ -30,6 +31,7 @@ class GPTQ(Method):
     """GPTQ with a min-max grid per group (Frantar et al., 2023)."""
 
     name = "gptq"
+    uses_groups = True
 
     def quantize(self, W: torch.Tensor, stats: LayerStats | None, config: QuantConfig) -> QuantizedTensor:
         gs = self.group_size_for(W, config)
