@@ -82,3 +82,13 @@ def test_quant_linear_dispatch_and_fallback() -> None:
     with pytest.warns(UserWarning, match="no fused kernel"):
         out = column(x)
     torch.testing.assert_close(out, x @ column_qt.dequantize().to(DEVICE).t())
+
+
+def test_dec_kernel_matches_reference_compensation() -> None:
+    from anybit.runtime.dec import Compensator, quantize_residual
+
+    torch.manual_seed(5)
+    residual = quantize_residual(torch.randn(77, 1500) * 0.01)  # odd output count, partial last chunk
+    x = torch.randn(3, 1500)
+    reference = Compensator(residual, 16, kernel="reference")(x)
+    torch.testing.assert_close(Compensator(residual, 16, kernel="triton")(x), reference, rtol=1e-5, atol=1e-6)

@@ -14,6 +14,7 @@ chunk, the same number of channels with the largest mean |x| over calibration da
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -109,10 +110,13 @@ class Compensator:
     is the fetch from host memory of the GPU design; here every tier is the CPU's memory.
     """
 
-    def __init__(self, residual: Residual, k_chunk: int, fixed: torch.Tensor | None = None) -> None:
+    def __init__(
+        self, residual: Residual, k_chunk: int, fixed: torch.Tensor | None = None, kernel: str = "auto"
+    ) -> None:
         self.residual = residual
         self.k_chunk = k_chunk
         self.fixed = fixed
+        self.kernel = kernel  # "auto": Triton on CUDA; "triton": always (interpreter on CPU); "reference"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
@@ -122,11 +126,45 @@ class Compensator:
             idx = select_channels(flat, self.k_chunk)
         if idx.shape[1] == 0:
             return x.new_zeros(*x.shape[:-1], self.residual.out_features)
+        if self._use_kernel(flat):
+            from anybit.kernels.dec import dec_accumulate
+
+            out = torch.zeros(flat.shape[0], self.residual.out_features, dtype=torch.float32, device=flat.device)
+            scales = self.residual.scales.to(flat.device)
+            try:
+                dec_accumulate(out, flat, idx, self._codes_for_kernel(flat.device), scales)
+            except (RuntimeError, ValueError) as exc:  # a Triton build that refuses host pointers
+                if self.residual.codes.device == flat.device:
+                    raise
+                warnings.warn(f"anybit: residuals copied to {flat.device} ({exc})", stacklevel=2)
+                self.residual.codes = self.residual.codes.to(flat.device)
+                dec_accumulate(out, flat, idx, self.residual.codes, scales)
+            return out.to(x.dtype).reshape(*x.shape[:-1], -1)
         channels, local = torch.unique(idx, return_inverse=True)
         rows = self.residual.rows(channels).to(flat.device)
         values = flat.gather(1, idx).float()
         out = F.embedding_bag(local, rows, per_sample_weights=values, mode="sum")
         return out.to(x.dtype).reshape(*x.shape[:-1], -1)
+
+    def _use_kernel(self, flat: torch.Tensor) -> bool:
+        if self.kernel == "reference" or (self.kernel == "auto" and not flat.is_cuda):
+            return False
+        return _kernel_available()
+
+    def _codes_for_kernel(self, device: torch.device) -> torch.Tensor:
+        """The packed residual as the kernel reads it: pinned host memory for CUDA (no GPU copy)."""
+        codes = self.residual.codes
+        if device.type == "cuda" and codes.device.type == "cpu" and not codes.is_pinned():
+            codes = self.residual.codes = codes.pin_memory()
+        return codes
+
+
+def _kernel_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def residual_of(W: torch.Tensor, W_hat: torch.Tensor) -> Residual:
