@@ -1,0 +1,64 @@
+"""GPU cost of dynamic error compensation per linear layer (needs CUDA and triton).
+
+Usage: python benchmarks/dec_speed.py [--shapes 4096x4096,4096x11008,11008x4096] [--ks 0,4,8,16,32,64] [--bits 3]
+For each (out x in) shape: a random per-row-codebook matrix of `bits` and its 4-bit residual (codes in
+pinned host memory), then the median latency of one decode step (batch 1) of the base kernel alone
+and of base + per-chunk top-k selection + compensation kernel for each K. The slowdown against the
+base product and the host bytes read per step are logged to benchmarks/results/dec_speed.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from _common import log_result
+from anybit.kernels.lut_gemv import lut_matvec, prepare
+from anybit.runtime.dec import Compensator, chunk_budgets, quantize_residual
+from kernel_speed import mixed_width_tensor, time_ms
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="4096x4096,4096x11008,11008x4096")
+    parser.add_argument("--ks", default="0,4,8,16,32,64")
+    parser.add_argument("--bits", type=int, default=3)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("dec_speed.py needs a CUDA device")
+    for shape in args.shapes.split(","):
+        rows, cols = (int(v) for v in shape.split("x"))
+        qt = mixed_width_tensor(rows, cols, args.bits)
+        dense = qt.dequantize()
+        residual = quantize_residual(torch.randn(rows, cols) * dense.abs().mean() * 0.3)
+        qt = qt.__class__.from_tensors(qt.meta(), {k: v.cuda() for k, v in qt.to_tensors().items()})
+        prepared = prepare(qt)
+        x = torch.randn(1, cols, device="cuda")
+        base_ms = time_ms(lambda prepared=prepared, x=x: lut_matvec(prepared, x))
+        for k in (int(v) for v in args.ks.split(",")):
+            comp = Compensator(residual, k)
+
+            def step(prepared=prepared, x=x, comp=comp, k=k):
+                y = lut_matvec(prepared, x)
+                return y + comp(x) if k else y
+
+            ms = time_ms(step)
+            selected = sum(kept for _, _, kept in chunk_budgets(cols, k))
+            log_result(
+                "dec_speed",
+                {
+                    "shape": shape,
+                    "bits": args.bits,
+                    "k_chunk": k,
+                    "channels_per_step": selected,
+                    "host_bytes_per_step": selected * residual.codes.shape[1],
+                    "base_ms": base_ms,
+                    "with_dec_ms": ms,
+                    "slowdown": ms / base_ms - 1,
+                },
+            )
+
+
+if __name__ == "__main__":
+    main()
