@@ -28,9 +28,9 @@ def _assert_clean_error(result, needle: str) -> None:
     [
         (["quantize", "/no/such/model", "--out", "{out}"], "model not found"),
         (["quantize", "{model}", "--method", "nope", "--out", "{out}"], "unknown method 'nope'"),
-        (["quantize", "{model}", "--bits", "9", "--out", "{out}"], "integer bit width in 1-8"),
-        (["quantize", "{model}", "--bits", "3.5", "--out", "{out}"], "integer bit width"),
-        (["quantize", "{model}", "--group", "48", "--out", "{out}"], "group size 48 does not divide"),
+        (["quantize", "{model}", "--bits", "9", "--out", "{out}"], "bit budget in 1.5-8"),
+        (["quantize", "{model}", "--method", "gptq", "--bits", "3.5", "--out", "{out}"], "integer bit width"),
+        (["quantize", "{model}", "--method", "gptq", "--group", "48", "--out", "{out}"], "does not divide"),
         (["quantize", "{model}", "--calib", "/no/such.txt", "--out", "{out}"], "dataset not found"),
         (["eval", "/no/such/dir"], "model not found"),
         (["inspect", "{model}"], "not a readable anybit directory"),

@@ -46,6 +46,7 @@ def test_smollm2_gptq_end_to_end(tmp_path) -> None:
         ("claq", 4, 1.5),
         ("slim", 4, 1.5),
         ("skim", 4.25, 1.8),
+        ("anybit", 4.25, 1.5),
     ],
 )
 def test_smollm2_every_method(tmp_path, method: str, bits: float, limit: float) -> None:

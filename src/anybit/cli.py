@@ -36,8 +36,10 @@ def _apply_options(options: list, f):
 
 def _quant_options(f):
     options = [
-        click.option("--method", default="gptq", show_default=True, help="Quantization recipe."),
-        click.option("--bits", type=float, default=4.0, show_default=True, help="Target bits per weight."),
+        click.option("--method", default=QuantConfig.method, show_default=True, help="Quantization recipe."),
+        click.option(
+            "--bits", type=float, default=None, help="Target bits per weight [default: 3.25 for anybit/skim, else 4]."
+        ),
         click.option(
             "--group", "group_size", type=int, default=64, show_default=True, help="Group size (0: per output channel)."
         ),
@@ -324,12 +326,16 @@ def compare(
 
     --seqlen sets both the calibration and the evaluation window length.
     """
+    from anybit.methods import get_method
     from anybit.model.loading import cache_dir, load_model
     from anybit.pipeline import evaluate_spec, quantize_to_dir
     from anybit.report import format_table
 
     config = _make_config(ctx, config_file, **values)
-    name = f"{Path(model).name}-{config.method}-{config.bits:g}b-g{config.group_size}"
+    label = f"{config.method} {config.bits:g}-bit"
+    if get_method(config.method).uses_groups:
+        label += f" g{config.group_size}"
+    name = f"{Path(model).name}-{label.replace(' ', '-')}"
     out = Path(out_dir) if out_dir else cache_dir() / "runs" / name
     eval_kwargs = {
         "dataset": dataset,
@@ -347,7 +353,7 @@ def compare(
         {"model": model, "method": "none (fp16)", "bits_per_weight": 16.0, "size": _mb(2 * n_weights), "ppl": base.ppl},
         {
             "model": str(out),
-            "method": f"{config.method} {config.bits:g}-bit g{config.group_size}",
+            "method": label,
             "bits_per_weight": outcome.bits_per_weight,
             "size": _mb(outcome.file_bytes),
             "ppl": quantized.ppl,

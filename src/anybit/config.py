@@ -18,8 +18,8 @@ SCOPES = ("matrix", "model")
 class QuantConfig:
     """One quantization run. `group_size` 0 means one group per output channel (per-channel)."""
 
-    method: str = "gptq"
-    bits: float = 4.0
+    method: str = "anybit"
+    bits: float | None = None  # None: the method's default (anybit and skim 3.25, the others 4)
     group_size: int = 64
     act_order: bool = False
     sym: bool = False  # rtn/gptq: symmetric grid (zero point fixed at the middle) instead of min-max
@@ -41,6 +41,8 @@ class QuantConfig:
         from anybit.methods import get_method  # the registry knows each method's bit range
 
         method = get_method(self.method)
+        if self.bits is None:
+            object.__setattr__(self, "bits", method.default_bits)
         method.check_bits(self.bits)
         if self.group_size < 0:
             raise AnybitError(f"group size must be positive (or 0 for per-channel), got {self.group_size}")

@@ -34,6 +34,7 @@ class Method:
     input_sample_stride: ClassVar[int] = 0  # > 0: also keep every n-th calibration input token
     bit_range: ClassVar[tuple[float, float]] = (1, 8)  # allowed --bits
     integer_bits: ClassVar[bool] = True  # only whole widths (no fractional budgets)
+    default_bits: ClassVar[float] = 4  # --bits when none is given
     default_weighting: ClassVar[str] = "activation"  # importance used when the config names none
     uses_groups: ClassVar[bool] = False  # honours --group (the driver checks it divides every linear)
     supports_model_scope: ClassVar[bool] = False  # can spend one budget over the whole model

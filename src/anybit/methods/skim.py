@@ -46,6 +46,7 @@ class SKIM(Method):
     integer_bits = False
     bit_range = (1.5, 8)
     supports_model_scope = True
+    default_bits = 3.25
     default_scaling = True
     default_outliers = 0.0
     error_feedback = False  # anybit: GPTQ-style rounding onto the fitted codebooks
