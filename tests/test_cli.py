@@ -130,3 +130,17 @@ def test_generate_is_deterministic_and_streams(tiny_llama_dir, tmp_path) -> None
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == a.strip()
     _assert_clean_error(_run("generate", str(tiny_llama_dir), "--prompt", "hi", "--chat"), "chat template")
+
+
+def test_generate_with_dense_cache_matches_packed(tiny_llama_dir, tmp_path) -> None:
+    out = tmp_path / "q"
+    assert (
+        _run(
+            "quantize", str(tiny_llama_dir), "--method", "rtn", "--bits", "3", "--group", "32", "--out", str(out)
+        ).exit_code
+        == 0
+    )
+    args = ["generate", str(out), "--prompt", "The history of", "--max-new-tokens", "10"]
+    packed, cached = _run(*args), _run(*args, "--dense-cache")
+    assert packed.exit_code == 0 and cached.exit_code == 0, packed.output + cached.output
+    assert packed.stdout == cached.stdout and packed.stdout.strip()

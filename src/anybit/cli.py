@@ -245,6 +245,11 @@ def eval_cmd(model: str, kl: bool, reference: str | None, as_json: bool, **kwarg
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy decoding.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
+@click.option(
+    "--dense-cache",
+    is_flag=True,
+    help="Decode every quantized weight once before generating: faster on the CPU, at dense memory cost.",
+)
 @_dec_options
 def generate(
     model: str,
@@ -254,17 +259,22 @@ def generate(
     temperature: float,
     seed: int,
     device: str,
+    dense_cache: bool,
     dec: int | None,
     dec_static: bool,
 ) -> None:
     """Generate text with MODEL (a model spec or a quantized DIR), streaming it to stdout."""
+    from contextlib import nullcontext
+
     from anybit.generate import generate as run_generation
     from anybit.model.loading import load_model
     from anybit.pipeline import check_device, dec_compensation
+    from anybit.runtime.qlinear import dense_weights
 
     check_device(device)
     loaded = load_model(model)
-    with dec_compensation(loaded, dec, dec_static):
+    loaded.model.to(device)
+    with dense_weights(loaded.model) if dense_cache else nullcontext(), dec_compensation(loaded, dec, dec_static):
         run_generation(loaded, prompt, max_new_tokens, chat, device, temperature, seed)
 
 
