@@ -152,7 +152,7 @@ def test_anybit_error_feedback_lowers_the_layer_objective() -> None:
 
     W, acc = _correlated_layer()
     H = acc.hessian()
-    config = QuantConfig(method="anybit", bits=3.0, scope="matrix")
+    config = QuantConfig(method="anybit", bits=3.0, scope="matrix", weighting="activation")
     plain = SKIM().quantize(W, LayerStats(acc), QuantConfig(method="skim", bits=3.0, scaling=False))
     fed = AnyBit().quantize(W, LayerStats(acc), config)
     assert fed.bits_per_weight() <= 3.0

@@ -168,13 +168,16 @@ class SKIM(Method):
 
 
 class AnyBit(SKIM):
-    """anybit's recipe: SKIM's per-row widths from one model-wide budget, then GPTQ-style rounding of
-    each column onto its row's codebook with error feedback through H⁻¹ (kept when it lowers the
-    layer-wise error, which it nearly always does). Settings chosen by the ablation in RESULTS.md.
+    """anybit's recipe: SKIM's per-row widths from one model-wide budget, rows compared by their
+    Fisher-estimated effect on the loss and clustered with Fisher weights, then GPTQ-style rounding
+    of each column onto its row's codebook with error feedback through H⁻¹ (kept when it lowers the
+    layer-wise error). Settings chosen by the ablation in RESULTS.md: without Fisher, raw layer-wise
+    errors of different layers are not comparable and the model-wide budget goes wrong.
     """
 
     name = "anybit"
     default_scope = "model"
+    default_weighting = "fisher"
     default_scaling = False
     error_feedback = True
 
