@@ -357,7 +357,8 @@ def compare(
     original = load_model(model)
     n_weights = sum(p.numel() for p in original.model.parameters())
     base = evaluate_spec(original, **eval_kwargs)
-    outcome = quantize_to_dir(model, config, out, force=True, loaded=original)
+    del original  # evaluation cast it to --dtype in place; quantize a fresh copy
+    outcome = quantize_to_dir(model, config, out, force=True)
     quantized = evaluate_spec(load_model(str(out)), **eval_kwargs)
     rows = [
         {"model": model, "method": "none (fp16)", "bits_per_weight": 16.0, "size": _mb(2 * n_weights), "ppl": base.ppl},
