@@ -35,7 +35,8 @@ def load_points() -> tuple[dict[str, list[tuple[float, float, str]]], float | No
     fp16 = latest.pop("fp16", {}).get("ppl")
     series: dict[str, list[tuple[float, float, str]]] = {}
     for name, record in latest.items():
-        label = record["method"] + (" (model scope)" if record.get("scope") == "model" else "")
+        options = [f"{key}={record[key]}" for key in ("weighting", "scope", "scaling") if record.get(key) is not None]
+        label = record["method"] + (f" ({', '.join(options)})" if options else "")
         series.setdefault(label, []).append((record["bits_per_weight"], record["ppl"], name))
     return series, fp16
 
