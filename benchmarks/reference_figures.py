@@ -96,6 +96,7 @@ def main() -> None:
                     "config": name,
                     **config.to_dict(),
                     "bits_per_weight": outcome.bits_per_weight,
+                    "nominal_bits_per_weight": outcome.meta["nominal_bits_per_weight"],
                     "file_bytes": outcome.file_bytes,
                     "quantize_seconds": outcome.report.seconds,
                     **result.to_dict(),
