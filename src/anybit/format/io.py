@@ -221,7 +221,7 @@ def load_residuals(quant_dir: str | Path) -> tuple[dict[str, Residual], dict[str
     try:
         with safe_open(path, framework="pt") as f:
             meta = json.loads(f.metadata()["residual"])
-        tensors = load_file(path)
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 - safe_open is not iterable
     except (OSError, SafetensorError, KeyError, json.JSONDecodeError) as exc:
         raise AnybitError(f"corrupt residual file {path}: {exc}") from exc
     names = {k.rsplit(".", 1)[0] for k in tensors}

@@ -86,7 +86,7 @@ class SKIM(Method):
         if stats.widths is not None:  # planned by the model-wide allocation, which paid for the extras
             widths = stats.widths.to(torch.long)
             result = fit_codebook(W, weights, k=1 << widths)
-            books = torch.nan_to_num(result.centroids, posinf=0.0).to(torch.float16).float()
+            books = stored_books(result.centroids)
             candidates = self._candidates(W, H, weights, mask, widths, result.codes.long(), books, config)
         else:
             table = error_table(W, H, weights, candidate_widths(config.bits), kept=mask)
@@ -239,8 +239,12 @@ def scale_columns(
     """
     alpha = train_scaling(W, H, codes, weights, books.shape[1]).to(torch.float16).float()
     result = fit_codebook(W * alpha, weights / alpha.square(), k=1 << widths)
-    new_books = torch.nan_to_num(result.centroids, posinf=0.0).to(torch.float16).float()
-    return result.codes, new_books, alpha
+    return result.codes, stored_books(result.centroids), alpha
+
+
+def stored_books(centroids: torch.Tensor) -> torch.Tensor:
+    """Centroids as they are stored (fp16 values; unused +inf slots as 0), in float32."""
+    return torch.nan_to_num(centroids, posinf=0.0).to(torch.float16).float()
 
 
 def row_importance(stats: LayerStats, H: torch.Tensor, rows: int) -> torch.Tensor:

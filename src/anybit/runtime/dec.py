@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from anybit.kernels import triton_available
+
 CHUNK = 1024  # channels per selection chunk (the paper's CHUNK_SIZE)
 RESIDUAL_BITS = 4
 LEVELS = 7  # codes -7..7 around 0
@@ -149,7 +151,7 @@ class Compensator:
     def _use_kernel(self, flat: torch.Tensor) -> bool:
         if self.kernel == "reference" or (self.kernel == "auto" and not flat.is_cuda):
             return False
-        return _kernel_available()
+        return triton_available()
 
     def _codes_for_kernel(self, device: torch.device) -> torch.Tensor:
         """The packed residual as the kernel reads it: pinned host memory for CUDA (no GPU copy)."""
@@ -157,14 +159,6 @@ class Compensator:
         if device.type == "cuda" and codes.device.type == "cpu" and not codes.is_pinned():
             codes = self.residual.codes = codes.pin_memory()
         return codes
-
-
-def _kernel_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def residual_of(W: torch.Tensor, W_hat: torch.Tensor) -> Residual:

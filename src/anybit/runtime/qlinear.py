@@ -16,16 +16,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from anybit.format.qtensor import QuantizedTensor
+from anybit.kernels import triton_available
 
 KERNEL_MAX_TOKENS = 8  # above this, dequantize once and use the dense matmul (prefill)
 
 
 def kernel_unavailable(qtensor: QuantizedTensor) -> str:
     """Why the fused kernel cannot serve this tensor ("" when it can)."""
-    try:
-        from anybit.kernels.lut_gemv import unsupported_reason
-    except ImportError:
+    if not triton_available():
         return "triton is not installed (pip install 'anybit[cuda]')"
+    from anybit.kernels.lut_gemv import unsupported_reason
+
     return unsupported_reason(qtensor) or ""
 
 
@@ -73,7 +74,11 @@ class QuantLinear(nn.Module):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if self._dense is None and self._use_kernel(x):
             flat = x.reshape(-1, self.in_features)
-            y = self._prepared_kernel()(flat).to(x.dtype)
+            from anybit.kernels.lut_gemv import lut_matvec, prepare
+
+            if self._prepared is None:
+                self._prepared = prepare(self.qtensor)
+            y = lut_matvec(self._prepared, flat).to(x.dtype)
             if bias is not None:
                 y = y + bias
             return y.reshape(*x.shape[:-1], self.out_features)
@@ -93,14 +98,6 @@ class QuantLinear(nn.Module):
                     f"anybit: no fused kernel ({self._kernel_unsupported}); using the reference path", stacklevel=3
                 )
         return not self._kernel_unsupported
-
-    def _prepared_kernel(self):
-        if self._prepared is None:
-            from anybit.kernels.lut_gemv import lut_matvec, prepare
-
-            prepared = prepare(self.qtensor)
-            self._prepared = lambda flat: lut_matvec(prepared, flat)
-        return self._prepared
 
     def extra_repr(self) -> str:
         qt = self.qtensor
