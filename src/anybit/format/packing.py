@@ -46,19 +46,9 @@ def unpack_codes(packed: torch.Tensor, bits: int, n_values: int) -> torch.Tensor
         raise ValueError(
             f"packed stream has {packed.numel()} bytes, expected {expected} for {n_values} {bits}-bit codes"
         )
-    planes = _bit_table(packed.device)[packed.to(torch.int32)].view(-1, bits, 8)  # (nblocks, bits, 8) 0/1
-    values = planes[:, 0, :].clone()
+    blocks = packed.view(-1, bits)  # (nblocks, bits): byte j holds bit j of the block's eight values
+    shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
+    values = (blocks[:, :1] >> shifts) & 1
     for j in range(1, bits):
-        values |= planes[:, j, :] << j
+        values |= ((blocks[:, j : j + 1] >> shifts) & 1) << j
     return values.reshape(-1)[:n_values].to(torch.int64)
-
-
-_BIT_TABLES: dict[torch.device, torch.Tensor] = {}
-
-
-def _bit_table(device: torch.device) -> torch.Tensor:
-    """(256, 8) uint8: the eight bits of every byte value, lowest first."""
-    if device not in _BIT_TABLES:
-        byte = torch.arange(256, device=device)[:, None]
-        _BIT_TABLES[device] = ((byte >> torch.arange(8, device=device)) & 1).to(torch.uint8)
-    return _BIT_TABLES[device]
