@@ -28,13 +28,8 @@ def peak_mb():
 
 base = peak_mb()
 loaded = load_model(sys.argv[1], dtype=torch.bfloat16)
-seen, tensor_bytes, linear_bytes = set(), 0, 0
-for name, t in list(loaded.model.named_parameters()) + list(loaded.model.named_buffers()):
-    key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
-    if key in seen:
-        continue
-    seen.add(key)
-    tensor_bytes += t.numel() * t.element_size()
+from anybit.bench import tensor_bytes as model_tensor_bytes
+tensor_bytes, linear_bytes = model_tensor_bytes(loaded.model), 0
 from anybit.runtime.qlinear import QuantLinear
 for name, m in loaded.model.named_modules():
     if isinstance(m, QuantLinear):

@@ -144,3 +144,20 @@ def test_generate_with_dense_cache_matches_packed(tiny_llama_dir, tmp_path) -> N
     packed, cached = _run(*args), _run(*args, "--dense-cache")
     assert packed.exit_code == 0 and cached.exit_code == 0, packed.output + cached.output
     assert packed.stdout == cached.stdout and packed.stdout.strip()
+
+
+def test_bench_reports_speed_and_smaller_tensors(tiny_llama_dir, tmp_path) -> None:
+    out = tmp_path / "q"
+    quantized = _run(
+        "quantize", str(tiny_llama_dir), "--method", "rtn", "--bits", "3", "--group", "32", "--out", str(out)
+    )
+    assert quantized.exit_code == 0, quantized.output
+    common = ["--prompt-tokens", "8", "--new-tokens", "4", "--repeats", "1", "--json"]
+    runs = {}
+    for name, model in (("fp", tiny_llama_dir), ("q", out)):
+        result = _run("bench", str(model), *common)
+        assert result.exit_code == 0, result.output
+        runs[name] = json.loads(result.stdout)
+        assert runs[name]["decode_tokens_per_s"] > 0 and runs[name]["prefill_tokens_per_s"] > 0
+    assert runs["q"]["tensor_bytes"] < runs["fp"]["tensor_bytes"]
+    _assert_clean_error(_run("bench", str(out), "--new-tokens", "0"), "must be positive")

@@ -114,5 +114,7 @@ def test_dec_cli_end_to_end(tiny_llama_dir, corpus_file, tmp_path) -> None:
     assert ppl("--dec", "1024") == every  # deterministic
     static = ppl("--dec", "256", "--dec-static")
     assert static != plain
+    bench = run(main, ["bench", str(out), "--dec", "8", "--prompt-tokens", "8", "--new-tokens", "2", "--json"])
+    assert bench.exit_code == 0 and json.loads(bench.stdout)["dec"] == 8, bench.output
     bad = run(main, ["eval", str(tiny_llama_dir), "--dec", "8", *common])
     assert bad.exit_code != 0 and "quantized directory" in bad.output

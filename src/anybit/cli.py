@@ -279,6 +279,59 @@ def generate(
 
 
 @main.command()
+@click.argument("model")
+@click.option("--prompt-tokens", type=int, default=128, show_default=True, help="Length of the (random) prompt.")
+@click.option("--new-tokens", type=int, default=32, show_default=True, help="Greedy decode steps, one token each.")
+@click.option("--repeats", type=int, default=3, show_default=True, help="Timed runs after one warm-up (median).")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True, help="Compute dtype.")
+@click.option("--dense-cache", is_flag=True, help="Decode every quantized weight once first (dense memory cost).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@_dec_options
+def bench(
+    model: str,
+    prompt_tokens: int,
+    new_tokens: int,
+    repeats: int,
+    device: str,
+    dtype: str,
+    dense_cache: bool,
+    as_json: bool,
+    dec: int | None,
+    dec_static: bool,
+) -> None:
+    """Prefill and decode speed of MODEL (a model spec or a quantized DIR), batch 1 with a KV cache."""
+    from contextlib import nullcontext
+
+    import torch
+
+    from anybit.bench import decode_speed
+    from anybit.model.loading import load_model
+    from anybit.pipeline import check_device, dec_compensation
+    from anybit.runtime.qlinear import dense_weights
+
+    check_device(device)
+    loaded = load_model(model, dtype=getattr(torch, dtype))
+    loaded.model.to(device)
+    with dense_weights(loaded.model) if dense_cache else nullcontext(), dec_compensation(loaded, dec, dec_static):
+        result = decode_speed(loaded, prompt_tokens, new_tokens, repeats, device)
+    out = {"model": model, **result.to_dict(), "dense_cache": dense_cache, "dec": dec, "dec_static": dec_static}
+    if as_json:
+        click.echo(json.dumps(out))
+        return
+    line = (
+        f"{model} on {result.device} ({result.dtype}): prefill {result.prefill_tokens_per_s:.1f} tokens/s "
+        f"({prompt_tokens} tokens), decode {result.decode_tokens_per_s:.2f} tokens/s "
+        f"({result.decode_ms_per_token:.1f} ms/token), {_mb(result.tensor_bytes)} of tensors"
+    )
+    if result.peak_gpu_bytes is not None:
+        line += f", peak GPU {_mb(result.peak_gpu_bytes)}"
+    if dec is not None:
+        line += f", DEC k_chunk {dec}" + (" (static channels)" if dec_static else "")
+    click.echo(line)
+
+
+@main.command()
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.option("--plot", "plot_file", type=click.Path(dir_okay=False), default=None, help="Also draw the bit map (PNG).")
