@@ -92,3 +92,28 @@ def test_shared_fits_across_widths_match_separate_fits() -> None:
         objective = weighted_error(x, w, result.centroids, result.codes).sum()
         reference = weighted_error(x, w, alone.centroids, alone.codes).sum()
         assert objective <= reference * 1.02
+
+
+def test_lloyd_on_sorted_rows_matches_textbook_lloyd() -> None:
+    """The boundary-moving Lloyd equals assign-all / re-average Lloyd from the same seeds (mixed k per row)."""
+    from anybit.quant.kmeans import _lloyd, _sanitize
+
+    torch.manual_seed(7)
+    x = torch.randn(6, 200) * torch.rand(6, 1) + 0.3 * torch.randn(6, 1)
+    w = torch.rand(6, 200) + 0.05
+    ks = torch.tensor([2, 3, 4, 8, 8, 16])
+    seeds = _sanitize(torch.sort(x[:, torch.randperm(200)[:16]], dim=1).values, ks)
+    centroids, codes, _ = _lloyd(x, w, seeds, ks, max_iter=100)
+    for v in range(x.shape[0]):
+        c = seeds[v, : ks[v]].double()
+        for _ in range(100):
+            labels = (x[v, :, None].double() - c[None, :]).abs().argmin(dim=1)
+            mass = torch.zeros_like(c).index_add_(0, labels, w[v].double())
+            sums = torch.zeros_like(c).index_add_(0, labels, (w[v] * x[v]).double())
+            updated = torch.where(mass > 0, sums / mass.clamp(min=1e-300), c).sort().values
+            if torch.equal(updated, c):
+                break
+            c = updated
+        torch.testing.assert_close(centroids[v, : ks[v]].double(), c, rtol=1e-5, atol=1e-6)
+        assert torch.isinf(centroids[v, ks[v] :]).all()
+    assert torch.equal(codes, assign(x, centroids))
