@@ -9,7 +9,6 @@ from dataclasses import asdict, dataclass
 import torch
 
 from anybit.errors import AnybitError
-from anybit.model.loading import LoadedModel
 
 
 @dataclass
@@ -47,7 +46,7 @@ def _sync(device: torch.device) -> None:
 
 @torch.inference_mode()
 def decode_speed(
-    loaded: LoadedModel,
+    model: torch.nn.Module,
     prompt_tokens: int = 128,
     new_tokens: int = 32,
     repeats: int = 3,
@@ -60,7 +59,7 @@ def decode_speed(
     """
     if prompt_tokens < 1 or new_tokens < 1 or repeats < 1:
         raise AnybitError("--prompt-tokens, --new-tokens and --repeats must be positive")
-    model = loaded.model.to(device)
+    model = model.to(device)
     dev = torch.device(device)
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (1, prompt_tokens), generator=torch.Generator().manual_seed(seed)).to(dev)

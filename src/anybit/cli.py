@@ -314,7 +314,7 @@ def bench(
     loaded = load_model(model, dtype=getattr(torch, dtype))
     loaded.model.to(device)
     with dense_weights(loaded.model) if dense_cache else nullcontext(), dec_compensation(loaded, dec, dec_static):
-        result = decode_speed(loaded, prompt_tokens, new_tokens, repeats, device)
+        result = decode_speed(loaded.model, prompt_tokens, new_tokens, repeats, device)
     out = {"model": model, **result.to_dict(), "dense_cache": dense_cache, "dec": dec, "dec_static": dec_static}
     if as_json:
         click.echo(json.dumps(out))
