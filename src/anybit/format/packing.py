@@ -46,9 +46,21 @@ def unpack_codes(packed: torch.Tensor, bits: int, n_values: int) -> torch.Tensor
         raise ValueError(
             f"packed stream has {packed.numel()} bytes, expected {expected} for {n_values} {bits}-bit codes"
         )
-    blocks = packed.view(-1, bits)  # (nblocks, bits): byte j holds bit j of the block's eight values
-    shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
-    values = (blocks[:, :1] >> shifts) & 1
+    # byte j of a block holds bit j of its eight values; the table spreads a byte's bits i into bit 0 of
+    # byte i of an int64, so OR-ing the shifted lookups of a block yields its eight values as eight bytes
+    planes = _spread_table(packed.device)[packed.view(-1, bits).long()]  # (nblocks, bits) int64
+    values = planes[:, 0].clone(memory_format=torch.contiguous_format)
     for j in range(1, bits):
-        values |= ((blocks[:, j : j + 1] >> shifts) & 1) << j
-    return values.reshape(-1)[:n_values].to(torch.int64)
+        values |= planes[:, j] << j
+    return values.view(torch.uint8)[:n_values].to(torch.int64)
+
+
+_SPREAD_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
+def _spread_table(device: torch.device) -> torch.Tensor:
+    """(256,) int64: bit i of every byte value moved to bit 8·i (assumes a little-endian int64 view)."""
+    if device not in _SPREAD_TABLES:
+        byte = torch.arange(256, device=device)
+        _SPREAD_TABLES[device] = sum(((byte >> i) & 1) << (8 * i) for i in range(8))
+    return _SPREAD_TABLES[device]
