@@ -82,8 +82,11 @@ class QuantLinear(nn.Module):
             if bias is not None:
                 y = y + bias
             return y.reshape(*x.shape[:-1], self.out_features)
-        W = self._dense if self._dense is not None else self.dequantize()
-        return F.linear(x, W.to(x.dtype), bias)
+        if self._dense is None:
+            return F.linear(x, self.dequantize().to(x.dtype), bias)
+        if self._dense.dtype != x.dtype:  # cast the cached weight once, not on every call
+            self._dense = self._dense.to(x.dtype)
+        return F.linear(x, self._dense, bias)
 
     def _use_kernel(self, x: torch.Tensor) -> bool:
         """The fused decode kernel serves few-token products on CUDA (or everywhere with kernel='triton')."""
