@@ -1,14 +1,15 @@
 """Batched weighted 1-D K-means: many independent vectors (rows or columns) at once.
 
-`fit_codebook` runs Lloyd iterations on V vectors of N values together. In one dimension the
-nearest centroid is found by a search over the sorted centroids' midpoints, so no V × N × k distance
-tensor is ever built: memory is O(V·N + V·k). Each vector may have its own number of clusters
+`fit_codebook` runs Lloyd iterations on V vectors of N values together. In one dimension a cluster
+is a run of the sorted values, so each vector is sorted once and a Lloyd step only moves the k
+cluster boundaries (a search of the centroids' midpoints in the sorted values; prefix sums give each
+run's mass and mean): no V × N × k distance tensor is ever built, memory is O(V·N + V·k). Each vector may have its own number of clusters
 (mixed widths): unused centroid slots are +inf and never win a point. The default initialisation
 is the exact optimum over a coarse binning of each vector (deterministic; it puts lone outliers in
 clusters of their own, which quantile seeding misses on heavy-tailed rows), for up to 32 clusters;
 larger codebooks grow from it by splitting the highest-error clusters, with Lloyd rounds between.
-Weighted quantiles and weighted k-means++ (seeded) are the alternatives. Empty clusters keep their previous
-centroid. `optimal_kmeans_1d` is the exact dynamic-programming optimum, for tests and short vectors.
+Weighted quantiles and weighted k-means++ (seeded) are the alternatives. An empty cluster moves onto the
+value with the largest weighted error. `optimal_kmeans_1d` is the exact dynamic-programming optimum, for tests and short vectors.
 """
 
 from __future__ import annotations
@@ -106,18 +107,6 @@ def _quantile_init(x: torch.Tensor, weights: torch.Tensor, ks: torch.Tensor, k_m
     return torch.gather(xs, 1, idx)
 
 
-def _binned_dp_init(
-    x: torch.Tensor, weights: torch.Tensor, ks: torch.Tensor, k_max: int, bins: int | None = None
-) -> torch.Tensor:
-    """Optimal centroids among partitions whose boundaries fall on bin edges, for all rows at once.
-
-    The sorted values are cut at `bins/2` rank quantiles and at `bins/2` equal steps of the value range
-    (so lone outliers get bins of their own). Per-bin sums make every cluster's cost exact, and a
-    dynamic programme over the edges finds the best k-cluster partition of each row.
-    """
-    return _binned_dp_seeds(x, weights, [ks], k_max, bins)[0]
-
-
 def _binned_dp_seeds(
     x: torch.Tensor,
     weights: torch.Tensor,
@@ -126,8 +115,13 @@ def _binned_dp_seeds(
     bins: int | None = None,
     rows: _SortedRows | None = None,
 ) -> list[torch.Tensor]:
-    """`_binned_dp_init` for several cluster counts per row from one dynamic programme (its stage t
-    holds the best t-cluster partitions, so every k <= k_max is one walk back)."""
+    """Optimal centroids among partitions whose boundaries fall on bin edges, for all rows at once, for
+    each cluster count in `ks_list` (one per row) from one dynamic programme: its stage t holds the best
+    (t + 1)-cluster partitions, so every k <= k_max is one walk back.
+
+    The sorted values are cut at `bins/2` rank quantiles and at `bins/2` equal steps of the value range
+    (so lone outliers get bins of their own). Per-bin sums make every cluster's cost exact.
+    """
     V, N = x.shape
     bins = bins or DP_BINS
     rows = rows or _SortedRows.of(x, weights)
@@ -183,16 +177,16 @@ def _binned_dp_seeds(
         bests.append(best)
     del total
     # walk back from the last edge; rows with fewer clusters stop early (their extra slots become +inf)
-    rows = torch.arange(V, device=x.device)
+    row = torch.arange(V, device=x.device)
     seeds = []
     for ks in ks_list:
         centroids = torch.full((V, k_max), float("inf"), dtype=x.dtype, device=x.device)
         end = torch.full((V,), B - 1, dtype=torch.long, device=x.device)
         for t in range(k_max - 1, -1, -1):
             active = t < ks  # row uses cluster slot t
-            start = (bests[t - 1] + cost[rows, end]).argmin(dim=1) if t > 0 else torch.zeros_like(end)
-            m = W[rows, end] - W[rows, start]
-            c = torch.where(m > 0, (S[rows, end] - S[rows, start]) / m.clamp(min=1e-30), float("inf"))
+            start = (bests[t - 1] + cost[row, end]).argmin(dim=1) if t > 0 else torch.zeros_like(end)
+            m = W[row, end] - W[row, start]
+            c = torch.where(m > 0, (S[row, end] - S[row, start]) / m.clamp(min=1e-30), float("inf"))
             centroids[:, t] = torch.where(active, c, centroids[:, t])
             end = torch.where(active, start, end)
         seeds.append((centroids * sd + mu).to(x.dtype))
