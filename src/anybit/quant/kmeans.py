@@ -3,13 +3,14 @@
 `fit_codebook` runs Lloyd iterations on V vectors of N values together. In one dimension a cluster
 is a run of the sorted values, so each vector is sorted once and a Lloyd step only moves the k
 cluster boundaries (a search of the centroids' midpoints in the sorted values; prefix sums give each
-run's mass and mean): no V × N × k distance tensor is ever built, memory is O(V·N + V·k). Each vector may have its own number of clusters
-(mixed widths): unused centroid slots are +inf and never win a point. The default initialisation
-is the exact optimum over a coarse binning of each vector (deterministic; it puts lone outliers in
-clusters of their own, which quantile seeding misses on heavy-tailed rows), for up to 32 clusters;
-larger codebooks grow from it by splitting the highest-error clusters, with Lloyd rounds between.
-Weighted quantiles and weighted k-means++ (seeded) are the alternatives. An empty cluster moves onto the
-value with the largest weighted error. `optimal_kmeans_1d` is the exact dynamic-programming optimum, for tests and short vectors.
+run's mass and mean): no V × N × k distance tensor is ever built, memory is O(V·N + V·k). Each
+vector may have its own number of clusters (mixed widths): unused centroid slots are +inf and never
+win a point. The default initialisation is the exact optimum over a coarse binning of each vector
+(deterministic; it puts lone outliers in clusters of their own, which quantile seeding misses on
+heavy-tailed rows), for up to 32 clusters; larger codebooks grow from it by splitting the
+highest-error clusters, with Lloyd rounds between. Weighted quantiles and weighted k-means++
+(seeded) are the alternatives. An empty cluster moves onto the value with the largest weighted
+error. `optimal_kmeans_1d` is the exact dynamic-programming optimum, for tests and short vectors.
 """
 
 from __future__ import annotations
