@@ -161,3 +161,32 @@ def test_bench_reports_speed_and_smaller_tensors(tiny_llama_dir, tmp_path) -> No
         assert runs[name]["decode_tokens_per_s"] > 0 and runs[name]["prefill_tokens_per_s"] > 0
     assert runs["q"]["tensor_bytes"] < runs["fp"]["tensor_bytes"]
     _assert_clean_error(_run("bench", str(out), "--new-tokens", "0"), "must be positive")
+
+
+def test_dense_cache_survives_moves_and_is_used(tiny_llama_dir, tmp_path) -> None:
+    import torch
+
+    from anybit.model import load_model
+    from anybit.runtime.qlinear import QuantLinear, dense_weights, quant_linears
+
+    out = tmp_path / "q"
+    assert (
+        _run(
+            "quantize", str(tiny_llama_dir), "--method", "rtn", "--bits", "3", "--group", "32", "--out", str(out)
+        ).exit_code
+        == 0
+    )
+    model = load_model(str(out)).model
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.inference_mode():
+        packed = model(ids).logits
+        with dense_weights(model):
+            model.to("cpu")  # generate and bench move the model after the cache is built
+            original = QuantLinear.dequantize
+            QuantLinear.dequantize = lambda self: (_ for _ in ()).throw(AssertionError("decoded again"))
+            try:
+                assert all(layer._dense is not None for _, layer in quant_linears(model))
+                cached = model(ids).logits
+            finally:
+                QuantLinear.dequantize = original
+    torch.testing.assert_close(cached, packed)

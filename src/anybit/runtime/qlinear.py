@@ -62,8 +62,9 @@ class QuantLinear(nn.Module):
             return moved if moved.dtype == t.dtype else t.to(moved.device)
 
         self._qtensor = None  # buffers may have moved: rebuild the view on next use
-        self._dense = None
         self._prepared = None
+        if self._dense is not None:  # a dense cache (dense_weights) follows the module, casts included
+            self._dense = fn(self._dense)
         return super()._apply(move_only, recurse)
 
     def dequantize(self) -> torch.Tensor:
