@@ -20,6 +20,9 @@ from _common import RESULTS_DIR
 
 SOURCES = ("reference_figures.jsonl", "recipes.jsonl")
 FULL_WINDOWS = 147
+DEFAULTS = {"anybit": {"weighting": "fisher"}}  # settings a run leaves unset (null) but the recipe applies
+# runs made before a recipe default changed: what they really used
+RUN_BEFORE_DEFAULT_CHANGE = {"anybit:3.25": {"weighting": "activation"}}
 
 
 def load_points() -> tuple[dict[str, list[tuple[float, float, str]]], float | None]:
@@ -35,7 +38,10 @@ def load_points() -> tuple[dict[str, list[tuple[float, float, str]]], float | No
     fp16 = latest.pop("fp16", {}).get("ppl")
     series: dict[str, list[tuple[float, float, str]]] = {}
     for name, record in latest.items():
-        options = [f"{key}={record[key]}" for key in ("weighting", "scope", "scaling") if record.get(key) is not None]
+        settings = {**DEFAULTS.get(record["method"], {}), **{k: v for k, v in record.items() if v is not None}}
+        settings.update(RUN_BEFORE_DEFAULT_CHANGE.get(name, {}))
+        keys = ("weighting", "scope", "scaling", "outliers")
+        options = [f"{key}={settings[key]}" for key in keys if settings.get(key) is not None]
         label = record["method"] + (f" ({', '.join(options)})" if options else "")
         series.setdefault(label, []).append((record["bits_per_weight"], record["ppl"], name))
     return series, fp16
