@@ -20,9 +20,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from _common import log_result
 from anybit.bench import decode_speed
-from anybit.format.qtensor import QuantizedTensor
 from anybit.runtime.dec import Residual, compensation
 from anybit.runtime.qlinear import QuantLinear, quant_linears
+from kernel_speed import mixed_width_tensor
 
 SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab
     "llama-7b": (4096, 11008, 32, 32, 32, 32000),
@@ -42,22 +42,12 @@ def random_model(shape: str, device: str) -> LlamaForCausalLM:
         return LlamaForCausalLM(config).to(torch.float16).eval()
 
 
-def random_qtensor(rows: int, cols: int, bits: int, device: str) -> QuantizedTensor:
-    """Per-row codebooks, a third of the rows each at bits - 1, bits and bits + 1."""
-    widths = torch.tensor([max(1, bits - 1), bits, min(8, bits + 1)], dtype=torch.uint8, device=device)
-    widths = widths[torch.arange(rows, device=device) % 3]
-    codes = torch.randint(0, 256, (rows, cols), device=device) % (1 << widths.long())[:, None]
-    books = torch.randn(rows, 1, 256, device=device).sort(dim=-1).values * 0.02
-    return QuantizedTensor.from_codebook(codes, books, widths[:, None], (rows, cols), cols)
-
-
 def quantize_in_place(model: torch.nn.Module, bits: int, device: str) -> None:
     for name, module in list(model.named_modules()):
         if name.rsplit(".", 1)[-1] in DECODER_LINEARS:
             parent = model.get_submodule(name.rsplit(".", 1)[0])
-            qt = random_qtensor(module.out_features, module.in_features, bits, device)
+            qt = mixed_width_tensor(module.out_features, module.in_features, bits, device)
             setattr(parent, name.rsplit(".", 1)[-1], QuantLinear(qt))
-            del module
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()

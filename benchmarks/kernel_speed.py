@@ -18,11 +18,12 @@ from anybit.format.qtensor import QuantizedTensor
 from anybit.kernels.lut_gemv import lut_matvec, prepare
 
 
-def mixed_width_tensor(rows: int, cols: int, bits: int) -> QuantizedTensor:
+def mixed_width_tensor(rows: int, cols: int, bits: int, device: str = "cpu") -> QuantizedTensor:
     """Per-row codebooks: a third of the rows at bits - 1, a third at bits, a third at bits + 1 (1-8)."""
-    widths = torch.tensor([max(1, bits - 1), bits, min(8, bits + 1)], dtype=torch.uint8)[torch.arange(rows) % 3]
-    codes = torch.randint(0, 256, (rows, cols)) % (1 << widths.long())[:, None]
-    books = torch.randn(rows, 1, 256).sort(dim=-1).values * 0.02
+    widths = torch.tensor([max(1, bits - 1), bits, min(8, bits + 1)], dtype=torch.uint8, device=device)
+    widths = widths[torch.arange(rows, device=device) % 3]
+    codes = torch.randint(0, 256, (rows, cols), device=device) % (1 << widths.long())[:, None]
+    books = torch.randn(rows, 1, 256, device=device).sort(dim=-1).values * 0.02
     return QuantizedTensor.from_codebook(codes, books, widths[:, None], (rows, cols), cols)
 
 

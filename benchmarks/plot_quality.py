@@ -20,7 +20,8 @@ from _common import RESULTS_DIR
 
 SOURCES = ("reference_figures.jsonl", "recipes.jsonl")
 FULL_WINDOWS = 147
-DEFAULTS = {"anybit": {"weighting": "fisher"}, "skim": {"scope": "matrix", "scaling": True}}  # settings a run leaves unset (null) but the recipe applies
+# settings a run leaves unset (null) but the recipe applies
+DEFAULTS = {"anybit": {"weighting": "fisher"}, "skim": {"scope": "matrix", "scaling": True}}
 # runs made before a recipe default changed: what they really used
 RUN_BEFORE_DEFAULT_CHANGE = {"anybit:3.25": {"weighting": "activation"}}
 

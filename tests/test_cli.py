@@ -132,14 +132,15 @@ def test_generate_is_deterministic_and_streams(tiny_llama_dir, tmp_path) -> None
     _assert_clean_error(_run("generate", str(tiny_llama_dir), "--prompt", "hi", "--chat"), "chat template")
 
 
+def _quantize_rtn3(model_dir: Path, out: Path) -> Path:
+    """A quick 3-bit group-32 RTN directory of the tiny model."""
+    result = _run("quantize", str(model_dir), "--method", "rtn", "--bits", "3", "--group", "32", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    return out
+
+
 def test_generate_with_dense_cache_matches_packed(tiny_llama_dir, tmp_path) -> None:
-    out = tmp_path / "q"
-    assert (
-        _run(
-            "quantize", str(tiny_llama_dir), "--method", "rtn", "--bits", "3", "--group", "32", "--out", str(out)
-        ).exit_code
-        == 0
-    )
+    out = _quantize_rtn3(tiny_llama_dir, tmp_path / "q")
     args = ["generate", str(out), "--prompt", "The history of", "--max-new-tokens", "10"]
     packed, cached = _run(*args), _run(*args, "--dense-cache")
     assert packed.exit_code == 0 and cached.exit_code == 0, packed.output + cached.output
@@ -147,11 +148,7 @@ def test_generate_with_dense_cache_matches_packed(tiny_llama_dir, tmp_path) -> N
 
 
 def test_bench_reports_speed_and_smaller_tensors(tiny_llama_dir, tmp_path) -> None:
-    out = tmp_path / "q"
-    quantized = _run(
-        "quantize", str(tiny_llama_dir), "--method", "rtn", "--bits", "3", "--group", "32", "--out", str(out)
-    )
-    assert quantized.exit_code == 0, quantized.output
+    out = _quantize_rtn3(tiny_llama_dir, tmp_path / "q")
     common = ["--prompt-tokens", "8", "--new-tokens", "4", "--repeats", "1", "--json"]
     runs = {}
     for name, model in (("fp", tiny_llama_dir), ("q", out)):
@@ -169,13 +166,7 @@ def test_dense_cache_survives_moves_and_is_used(tiny_llama_dir, tmp_path) -> Non
     from anybit.model import load_model
     from anybit.runtime.qlinear import QuantLinear, dense_weights, quant_linears
 
-    out = tmp_path / "q"
-    assert (
-        _run(
-            "quantize", str(tiny_llama_dir), "--method", "rtn", "--bits", "3", "--group", "32", "--out", str(out)
-        ).exit_code
-        == 0
-    )
+    out = _quantize_rtn3(tiny_llama_dir, tmp_path / "q")
     model = load_model(str(out)).model
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.inference_mode():

@@ -96,10 +96,12 @@ class _SortedRows:
         return mass, sums
 
 
-def _quantile_init(x: torch.Tensor, weights: torch.Tensor, ks: torch.Tensor, k_max: int) -> torch.Tensor:
+def _quantile_init(
+    x: torch.Tensor, weights: torch.Tensor, ks: torch.Tensor, k_max: int, rows: _SortedRows
+) -> torch.Tensor:
     """Centroid j of a vector with k clusters at its weighted (j + 0.5)/k quantile."""
-    xs, order = torch.sort(x, dim=1)
-    ws = torch.gather(weights, 1, order) + 1e-12 * weights.mean(dim=1, keepdim=True).clamp(min=1e-30)
+    xs = rows.xs
+    ws = torch.gather(weights, 1, rows.order) + 1e-12 * weights.mean(dim=1, keepdim=True).clamp(min=1e-30)
     cdf = torch.cumsum(ws, dim=1)
     cdf = cdf / cdf[:, -1:]
     j = torch.arange(k_max, device=x.device, dtype=x.dtype)
@@ -284,7 +286,7 @@ def fit_codebook(
             centroids = _split_clusters(x, weights, centroids, codes, k_next)
             k_seed = k_next
     elif init == "quantile":
-        centroids = _quantile_init(x, weights, ks, k_max)
+        centroids = _quantile_init(x, weights, ks, k_max, rows)
     elif init == "kmeans++":
         centroids = _kmeanspp_init(x, weights, k_max, torch.Generator().manual_seed(seed))
     else:
