@@ -13,6 +13,14 @@ def test_group_bits_keep_the_average() -> None:
     assert float(widths.float().mean()) == 3.0
 
 
+def test_fractional_budget_raises_the_most_salient_groups() -> None:
+    salience = torch.tensor([5.0, 1.0, 9.0, 3.0, 7.0, 2.0, 8.0, 4.0])
+    assert group_bits(salience, 2.25, 0).tolist() == [2, 2, 3, 2, 2, 2, 3, 2]
+    widths = group_bits(salience, 2.25, 1)
+    assert widths.tolist() == [2, 1, 4, 2, 2, 2, 3, 2]
+    assert float(widths.float().mean()) == 2.25
+
+
 def test_salience_allocation_prefers_salient_groups() -> None:
     torch.manual_seed(0)
     X = torch.randn(2048, 128)

@@ -7,9 +7,15 @@ p = 0, 1, …, G/2 the p least salient groups get N − 1 bits and the p most sa
 layer averages exactly N), and the p whose round-to-nearest output distribution is closest to the
 full-precision one, KL(softmax(XWᵀ) ‖ softmax(XŴᵀ)) over the output features averaged over
 calibration tokens, wins. Unlike the released code, p = 0 (uniform N bits) is a candidate too.
+
+Fractional N (not in the paper, which allocates integer N only): the base is ⌊N⌋ bits, with the most
+salient share N − ⌊N⌋ of the groups at ⌊N⌋ + 1 (rounded to whole groups, so a layer with few groups
+lands near N, not on it: the counted bits say where); the same ±1 pairs are searched on top.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -23,13 +29,24 @@ def group_salience(W: torch.Tensor, Hinv_upper: torch.Tensor, group_size: int) -
     return delta.sum(dim=0).view(-1, group_size).sum(dim=1)
 
 
-def group_bits(salience: torch.Tensor, bits: int, pairs: int) -> torch.Tensor:
-    """N − 1 bits for the `pairs` least salient groups, N + 1 for the `pairs` most salient, N elsewhere."""
+def base_widths(salience: torch.Tensor, bits: float) -> torch.Tensor:
+    """⌊B⌋ bits everywhere, ⌊B⌋ + 1 for the most salient share B − ⌊B⌋ of the groups (rounded to whole groups)."""
+    low = math.floor(bits)
+    widths = torch.full(salience.shape, low, dtype=torch.uint8, device=salience.device)
+    n_high = round((bits - low) * salience.numel())
+    if n_high:
+        widths[torch.argsort(salience, descending=True, stable=True)[:n_high]] = low + 1
+    return widths
+
+
+def group_bits(salience: torch.Tensor, bits: float, pairs: int) -> torch.Tensor:
+    """The base widths, one bit less for the `pairs` least salient groups and one more for the `pairs`
+    most salient: the average is kept."""
     order = torch.argsort(salience, stable=True)
-    widths = torch.full(salience.shape, bits, dtype=torch.uint8, device=salience.device)
+    widths = base_widths(salience, bits)
     if pairs:
-        widths[order[:pairs]] = bits - 1
-        widths[order[-pairs:]] = bits + 1
+        widths[order[:pairs]] -= 1
+        widths[order[-pairs:]] += 1
     return widths
 
 
@@ -41,12 +58,12 @@ def output_kl(X: torch.Tensor, W: torch.Tensor, W_hat: torch.Tensor) -> float:
 
 
 def salience_allocation(
-    W: torch.Tensor, Hinv_upper: torch.Tensor, X: torch.Tensor, bits: int, group_size: int
+    W: torch.Tensor, Hinv_upper: torch.Tensor, X: torch.Tensor, bits: float, group_size: int
 ) -> tuple[torch.Tensor, list[float]]:
     """Per-group widths averaging `bits`, chosen by the double-pointer search; also the KL of each p."""
     salience = group_salience(W, Hinv_upper, group_size)
     rows, groups = W.shape[0], salience.numel()
-    max_pairs = groups // 2 if bits > 1 else 0
+    max_pairs = groups // 2 if math.floor(bits) > 1 else 0
     best, best_kl, kls = None, float("inf"), []
     for pairs in range(max_pairs + 1):
         widths = group_bits(salience, bits, pairs)

@@ -16,15 +16,16 @@ SALIENT_Z = 2.0  # a weight is salient when its salience is this many std above 
 
 
 class SliM(Method):
-    """SliM-LLM (Huang et al., 2024): per-group widths N−1/N/N+1 averaging N, chosen by output KL, and a
-    per-row clipping search on each group minimising the OBS-weighted squared error, where salient
+    """SliM-LLM (Huang et al., 2024): per-group widths N−1/N/N+1 averaging N (fractional N: see
+    `anybit.alloc.slim`), chosen by output KL, and a per-row clipping search on each group minimising the OBS-weighted squared error, where salient
     weights (salience z-score > 2 within the group) count double. GPTQ without act-order, as in the
     paper. The per-group widths are stored once per group (3 bits each) and counted.
     """
 
     name = "slim"
     uses_groups = True
-    bit_range = (2, 7)  # N - 1 >= 1 and N + 1 <= 8
+    bit_range = (2, 7)  # widths from N - 1 >= 1 to N + 1 (fractional N: ⌊N⌋ + 2) <= 8
+    integer_bits = False
     input_sample_stride = 64  # 32 tokens per 2048-token window for the KL search
 
     def quantize(self, W: torch.Tensor, stats: LayerStats | None, config: QuantConfig) -> QuantizedTensor:
@@ -32,7 +33,7 @@ class SliM(Method):
         rows, columns = W.shape
         H = stats.hessian.hessian()
         W_fixed, Hinv, _ = prepare_hessian(W, H, config.damp, act_order=False)
-        widths, _ = salience_allocation(W_fixed, Hinv, stats.hessian.input_sample(), int(config.bits), gs)
+        widths, _ = salience_allocation(W_fixed, Hinv, stats.hessian.input_sample(), config.bits, gs)
         cost = torch.diagonal(Hinv).square().reciprocal()  # OBS cost of a unit error in column j
 
         def importance(W_group: torch.Tensor, group: int) -> torch.Tensor:
