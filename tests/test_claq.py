@@ -1,7 +1,16 @@
 import pytest
 import torch
 
-from anybit.alloc.claq import adaptive_precision, outlier_order_scores, outlier_reservation, split_widths
+from anybit.alloc.claq import (
+    adaptive_precision,
+    candidate_highs,
+    outlier_order_scores,
+    outlier_reservation,
+    split_widths,
+)
+from anybit.config import QuantConfig
+from anybit.methods.base import LayerStats
+from anybit.methods.claq import CLAQ
 from anybit.quant.column_kmeans import ColumnKMeansQuantizer
 from anybit.quant.gptq import HessianAccumulator, gptq_quantize
 
@@ -70,3 +79,33 @@ def test_column_kmeans_in_gptq_decodes_and_reserves(act_order: bool) -> None:
         + 32 * qt.outliers.nnz
     )
     assert qt.storage_bits() == expected_bits
+
+
+def test_split_candidates_start_with_the_papers() -> None:
+    assert candidate_highs(2.2) == [4, 3, 5]
+    assert candidate_highs(3.25) == [4, 5, 6]
+    assert candidate_highs(3.0) == [4]  # a whole target has no high columns to place
+    assert candidate_highs(7.5) == [8]
+
+
+def test_split_search_never_worse_than_the_papers_split() -> None:
+    torch.manual_seed(0)
+    X = torch.randn(1024, 64) * torch.linspace(0.2, 3.0, 64)
+    acc = HessianAccumulator(64)
+    acc.add_batch(X)
+    W = torch.randn(48, 64)
+    W[:, 3] *= 12  # outlier-heavy columns for the high widths
+    W[:, 40] *= 8
+    H = acc.hessian()
+
+    def output_error(search: bool) -> tuple[float, list[int]]:
+        config = QuantConfig(method="claq", bits=2.2, outliers=0.0, tau=3.0, search_split=search)
+        qt = CLAQ().quantize(W, LayerStats(acc), config)
+        delta = W - qt.dequantize()
+        return float(((delta @ H) * delta).sum()), sorted(qt.bitmap.unique().tolist())
+
+    paper, paper_widths = output_error(False)
+    searched, searched_widths = output_error(True)
+    assert paper_widths == [2, 4]
+    assert searched <= paper
+    assert searched_widths[0] == 2 and searched_widths[-1] in (3, 4, 5)

@@ -81,6 +81,11 @@ def _quant_options(f):
         ),
         click.option("--tau", type=float, default=13.0, show_default=True, help="CLAQ: outlier threshold in mean|W|."),
         click.option(
+            "--search-split",
+            is_flag=True,
+            help="CLAQ: per matrix, try high widths ⌊B⌋+1 to ⌊B⌋+3 and keep the least output error.",
+        ),
+        click.option(
             "--scaling/--no-scaling", default=None, help="SKIM: train the per-column scaling vector [default: on]."
         ),
         click.option(

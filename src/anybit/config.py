@@ -34,6 +34,7 @@ class QuantConfig:
     outliers: float | None = None  # share of weights kept in fp16; None: the method's default
     fisher_nsamples: int | None = None  # calibration windows used for Fisher; None: all of them
     tau: float = 13.0  # CLAQ: a weight is an outlier when |w| >= tau * mean|W|
+    search_split: bool = False  # CLAQ: try several high widths per matrix, keep the least output error
     scaling: bool | None = None  # SKIM: train the per-column scaling vector; None: the method's default
     scope: str | None = None  # SKIM/anybit: budget per "matrix" or over the whole "model"; None: method's default
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from anybit.alloc.claq import adaptive_precision, outlier_order_scores, outlier_reservation
+from anybit.alloc.claq import adaptive_precision, candidate_highs, outlier_order_scores, outlier_reservation
 from anybit.config import QuantConfig
 from anybit.format.qtensor import QuantizedTensor
 from anybit.methods.base import LayerStats, Method
@@ -17,8 +17,9 @@ class CLAQ(Method):
 
     `--bits B` is the average code width (fractional: adaptive precision); `--outliers P` the mean
     per-tail reserve ratio (default 0.005 as in the paper; 0 turns reservation off); `--tau` the
-    outlier threshold in units of mean|W|. Counted bits add the fp16 column codebooks, the column
-    bit map, the permutation and the reserved weights to the nominal width.
+    outlier threshold in units of mean|W|; `--search-split` quantizes each matrix with every candidate
+    high width and keeps the one with the least layer-wise error tr(ΔWHΔWᵀ). Counted bits add the fp16
+    column codebooks, the column bit map, the permutation and the reserved weights to the nominal width.
     """
 
     name = "claq"
@@ -27,9 +28,21 @@ class CLAQ(Method):
 
     def quantize(self, W: torch.Tensor, stats: LayerStats | None, config: QuantConfig) -> QuantizedTensor:
         H = stats.hessian.hessian()
+        highs = candidate_highs(config.bits) if config.search_split else [None]
+        best, best_error = None, float("inf")
+        for high in highs:
+            qt = self._quantize_split(W, H, config, high)
+            delta = W - qt.dequantize().to(W.dtype)
+            error = float(((delta @ H) * delta).sum())
+            if error < best_error:
+                best, best_error = qt, error
+        return best
+
+    @staticmethod
+    def _quantize_split(W: torch.Tensor, H: torch.Tensor, config: QuantConfig, high: int | None) -> QuantizedTensor:
         perm = act_order_perm(H)
         scores = outlier_order_scores(W, config.tau)
-        bits = adaptive_precision(scores, config.bits)
+        bits = adaptive_precision(scores, config.bits, high)
         mean_reserve = 0.005 if config.outliers is None else config.outliers
         reserve = outlier_reservation(scores, mean_reserve)[perm] if mean_reserve > 0 else None
         quantizer = ColumnKMeansQuantizer(W.shape[0], bits[perm], reserve)
