@@ -1,6 +1,7 @@
 """Quality of dynamic error compensation (QDEC/DecDEC) on quantized SmolLM2 directories.
 
 Usage: python benchmarks/dec_quality.py DIR [DIR ...] [--ks 4,8,16,32,64] [--static-ks 8,32] [--max-windows N]
+                                        [--score activation|contribution]
 For each quantized DIR: stores its 4-bit residuals if missing (`anybit residual`), then evaluates
 perplexity without DEC, with dynamic top-k selection for every K, and with the static baseline
 (channels with the largest mean |x| on calibration data) for each K in --static-ks. One JSON line
@@ -30,6 +31,7 @@ def main() -> None:
     parser.add_argument("--max-windows", type=int, default=None)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--residual-nsamples", type=int, default=8)
+    parser.add_argument("--score", default="activation", help="channel ranking: activation or contribution")
     args = parser.parse_args()
     for directory in args.dirs:
         if not (Path(directory) / RESIDUAL_FILE).exists():
@@ -39,7 +41,13 @@ def main() -> None:
         runs = [(None, False)] + [(k, False) for k in _ints(args.ks)] + [(k, True) for k in _ints(args.static_ks)]
         for k, static in runs:
             result = evaluate_spec(
-                loaded, max_windows=args.max_windows, dtype=args.dtype, dec=k, dec_static=static, progress=False
+                loaded,
+                max_windows=args.max_windows,
+                dtype=args.dtype,
+                dec=k,
+                dec_static=static,
+                dec_score=args.score,
+                progress=False,
             )
             log_result(
                 "dec_quality",
@@ -50,6 +58,7 @@ def main() -> None:
                     "residual_bits_per_weight": residual_meta["bits_per_weight"],
                     "k_chunk": k,
                     "static": static,
+                    "score": args.score if k is not None else None,
                     **result.to_dict(),
                 },
             )

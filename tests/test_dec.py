@@ -61,6 +61,17 @@ def test_chunked_top_k_selection() -> None:
     assert set(static_channels(means, 8).tolist()) == set(range(1016, 1024)) | set(range(1532, 1536))
 
 
+def test_contribution_score_weighs_channels_by_residual_norm() -> None:
+    x = torch.tensor([[3.0, 2.0, 1.0, 0.5]])
+    assert set(select_channels(x, 512).tolist()[0]) == {0, 1}  # |x| alone (512 per 1024: 2 of 4)
+    norms = torch.tensor([0.1, 1.0, 4.0, 1.0])  # contributions 0.3, 2, 4, 0.5
+    assert set(select_channels(x, 512, norms).tolist()[0]) == {1, 2}
+    R = torch.randn(6, 4) * norms
+    res = quantize_residual(R)
+    torch.testing.assert_close(res.row_norms(), res.dense().norm(dim=0))
+    assert set(static_channels(x[0], 512, norms).tolist()) == {1, 2}
+
+
 def _quantized_linear(W: torch.Tensor) -> QuantLinear:
     bitmap = torch.full((W.shape[0], 1), 3, dtype=torch.uint8)
     return QuantLinear(rtn_quantize(W, W.shape[1], bitmap))
@@ -114,6 +125,8 @@ def test_dec_cli_end_to_end(tiny_llama_dir, corpus_file, tmp_path) -> None:
     assert ppl("--dec", "1024") == every  # deterministic
     static = ppl("--dec", "256", "--dec-static")
     assert static != plain
+    contribution = ppl("--dec", "256", "--dec-score", "contribution")
+    assert contribution != ppl("--dec", "256") and abs(contribution - fp) < abs(plain - fp)
     bench = run(main, ["bench", str(out), "--dec", "8", "--prompt-tokens", "8", "--new-tokens", "2", "--json"])
     assert bench.exit_code == 0 and json.loads(bench.stdout)["dec"] == 8, bench.output
     bad = run(main, ["eval", str(tiny_llama_dir), "--dec", "8", *common])

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from anybit.config import DTYPES, SCOPES, WEIGHTINGS, QuantConfig
+from anybit.config import DEC_SCORES, DTYPES, SCOPES, WEIGHTINGS, QuantConfig
 from anybit.errors import AnybitError
 
 
@@ -187,8 +187,19 @@ def _dec_options(f):
             "per 1024 (needs `anybit residual DIR`).",
         ),
         click.option("--dec-static", is_flag=True, help="With --dec: fixed channels from calibration (baseline)."),
+        click.option(
+            "--dec-score",
+            type=click.Choice(DEC_SCORES),
+            default="activation",
+            show_default=True,
+            help="With --dec: rank channels by |x| (the paper's) or by |x| times the residual row's norm.",
+        ),
     ]
     return _apply_options(options, f)
+
+
+def _dec_note(k_chunk: int, static: bool, score: str) -> str:
+    return f", DEC k_chunk {k_chunk}" + (" (static channels)" if static else "") + f", ranked by {score}"
 
 
 def _eval_options(f):
@@ -229,6 +240,7 @@ def eval_cmd(model: str, kl: bool, reference: str | None, as_json: bool, **kwarg
     if kwargs["dec"] is not None:
         out["dec"] = kwargs["dec"]
         out["dec_static"] = kwargs["dec_static"]
+        out["dec_score"] = kwargs["dec_score"]
     if as_json:
         click.echo(json.dumps(out))
         return
@@ -236,7 +248,7 @@ def eval_cmd(model: str, kl: bool, reference: str | None, as_json: bool, **kwarg
     if "bits_per_weight" in out:
         line += f", {out['bits_per_weight']:.4f} bits/weight"
     if "dec" in out:
-        line += f", DEC k_chunk {out['dec']}" + (" (static channels)" if out["dec_static"] else "")
+        line += _dec_note(out["dec"], out["dec_static"], out["dec_score"])
     if result.kl is not None:
         line += f", KL {result.kl:.4f}, top-1 agreement {result.top1_agreement:.4f}"
     click.echo(line)
@@ -267,6 +279,7 @@ def generate(
     dense_cache: bool,
     dec: int | None,
     dec_static: bool,
+    dec_score: str,
 ) -> None:
     """Generate text with MODEL (a model spec or a quantized DIR), streaming it to stdout."""
     from contextlib import nullcontext
@@ -279,7 +292,8 @@ def generate(
     check_device(device)
     loaded = load_model(model)
     loaded.model.to(device)
-    with dense_weights(loaded.model) if dense_cache else nullcontext(), dec_compensation(loaded, dec, dec_static):
+    dec_context = dec_compensation(loaded, dec, dec_static, dec_score)
+    with dense_weights(loaded.model) if dense_cache else nullcontext(), dec_context:
         run_generation(loaded, prompt, max_new_tokens, chat, device, temperature, seed)
 
 
@@ -304,6 +318,7 @@ def bench(
     as_json: bool,
     dec: int | None,
     dec_static: bool,
+    dec_score: str,
 ) -> None:
     """Prefill and decode speed of MODEL (a model spec or a quantized DIR), batch 1 with a KV cache."""
     from contextlib import nullcontext
@@ -318,9 +333,11 @@ def bench(
     check_device(device)
     loaded = load_model(model, dtype=getattr(torch, dtype))
     loaded.model.to(device)
-    with dense_weights(loaded.model) if dense_cache else nullcontext(), dec_compensation(loaded, dec, dec_static):
+    dec_context = dec_compensation(loaded, dec, dec_static, dec_score)
+    with dense_weights(loaded.model) if dense_cache else nullcontext(), dec_context:
         result = decode_speed(loaded.model, prompt_tokens, new_tokens, repeats, device)
-    out = {"model": model, **result.to_dict(), "dense_cache": dense_cache, "dec": dec, "dec_static": dec_static}
+    out = {"model": model, **result.to_dict(), "dense_cache": dense_cache}
+    out.update(dec=dec, dec_static=dec_static, dec_score=dec_score)
     if as_json:
         click.echo(json.dumps(out))
         return
@@ -332,7 +349,7 @@ def bench(
     if result.peak_gpu_bytes is not None:
         line += f", peak GPU {_mb(result.peak_gpu_bytes)}"
     if dec is not None:
-        line += f", DEC k_chunk {dec}" + (" (static channels)" if dec_static else "")
+        line += _dec_note(dec, dec_static, dec_score)
     click.echo(line)
 
 

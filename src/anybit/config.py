@@ -12,6 +12,7 @@ from anybit.errors import AnybitError
 DTYPES = ("float32", "bfloat16", "float16")
 WEIGHTINGS = ("activation", "fisher", "none")
 SCOPES = ("matrix", "model")
+DEC_SCORES = ("activation", "contribution")  # how dynamic error compensation ranks input channels
 
 
 @dataclass(frozen=True)

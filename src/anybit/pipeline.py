@@ -80,6 +80,7 @@ def evaluate_spec(
     progress: bool = True,
     dec: int | None = None,
     dec_static: bool = False,
+    dec_score: str = "activation",
 ) -> EvalResult:
     """Perplexity of a loaded model on a corpus (and KL/top-1 against `reference` if given).
 
@@ -90,7 +91,7 @@ def evaluate_spec(
     windows = eval_windows(tokenize_corpus(loaded.tokenizer, load_corpus(dataset)), seqlen, max_windows)
     model = loaded.model.to(device=device, dtype=torch_dtype)
     ref = None if reference is None else reference.model.to(device=device, dtype=torch_dtype)
-    with dec_compensation(loaded, dec, dec_static):
+    with dec_compensation(loaded, dec, dec_static, dec_score):
         result = evaluate(
             model, windows, device=device, reference=ref, progress=progress, desc=Path(loaded.source).name
         )
@@ -99,8 +100,11 @@ def evaluate_spec(
     return result
 
 
-def dec_compensation(loaded: LoadedModel, k_chunk: int | None, static: bool = False) -> AbstractContextManager:
-    """Context in which a quantized model's linears add their residual compensation (a no-op for None)."""
+def dec_compensation(
+    loaded: LoadedModel, k_chunk: int | None, static: bool = False, score: str = "activation"
+) -> AbstractContextManager:
+    """Context in which a quantized model's linears add their residual compensation (a no-op for None);
+    `score` is how channels are ranked (`anybit.config.DEC_SCORES`)."""
     if k_chunk is None:
         if static:
             raise AnybitError("--dec-static needs --dec K")
@@ -113,7 +117,7 @@ def dec_compensation(loaded: LoadedModel, k_chunk: int | None, static: bool = Fa
     layers = dict(quant_linears(loaded.model))
     if set(layers) != set(residuals):
         raise AnybitError(f"residuals in {loaded.source} do not match its quantized layers")
-    return compensation(layers, residuals, k_chunk, means if static else None)
+    return compensation(layers, residuals, k_chunk, means if static else None, score)
 
 
 @torch.inference_mode()

@@ -8,8 +8,10 @@ channel is contiguous; `scales` fp16 (out,), one per output channel. A code c st
 (c − 8) · scale, c in 1..15: symmetric, 15 levels, no zero point, as in the paper.
 
 Selection: the input vector is cut into chunks of `CHUNK` channels; a chunk of length L keeps its
-floor(k_chunk · L / CHUNK) largest-|x| channels (exact top-k). The static baseline keeps, in each
-chunk, the same number of channels with the largest mean |x| over calibration data.
+floor(k_chunk · L / CHUNK) channels of largest score (exact top-k). The paper's score is |x_j|
+("activation"); "contribution" scores |x_j| · ‖R̂[:, j]‖, the size of the correction channel j would
+add, which costs one precomputed norm per input channel. The static baseline keeps, in each chunk,
+the same number of channels with the largest mean score over calibration data.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from anybit.config import DEC_SCORES
 from anybit.kernels import triton_available
 
 CHUNK = 1024  # channels per selection chunk (the paper's CHUNK_SIZE)
@@ -59,6 +62,10 @@ class Residual:
         """The whole dequantized residual as (out, in) float32, the layout of W."""
         return self.rows(torch.arange(self.in_features)).t()
 
+    def row_norms(self) -> torch.Tensor:
+        """‖R̂[:, j]‖ of every input channel j, float32 (in,)."""
+        return torch.linalg.vector_norm(self.rows(torch.arange(self.in_features)), dim=1)
+
 
 def quantize_residual(R: torch.Tensor) -> Residual:
     """4-bit residual of an (out, in) matrix; each output channel's scale minimises its squared error."""
@@ -89,20 +96,23 @@ def chunk_budgets(in_features: int, k_chunk: int) -> list[tuple[int, int, int]]:
     return out
 
 
-def select_channels(x: torch.Tensor, k_chunk: int) -> torch.Tensor:
-    """Per row of x (tokens, in): the indices of the channels kept by exact top-|x| per chunk."""
+def select_channels(x: torch.Tensor, k_chunk: int, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Per row of x (tokens, in): the indices of the channels kept by exact top-k per chunk of the
+    score |x|, times `weight` (in,) per channel when given."""
+    score = x.abs() if weight is None else x.abs() * weight
     picks = []
     for start, length, k in chunk_budgets(x.shape[-1], k_chunk):
         if k:
-            picks.append(x[:, start : start + length].abs().topk(k, dim=-1).indices + start)
+            picks.append(score[:, start : start + length].topk(k, dim=-1).indices + start)
     if not picks:
         return torch.empty(x.shape[0], 0, dtype=torch.long, device=x.device)
     return torch.cat(picks, dim=-1)
 
 
-def static_channels(mean_abs: torch.Tensor, k_chunk: int) -> torch.Tensor:
-    """The fixed channels of the static baseline: per chunk, the largest mean |x| on calibration data."""
-    return select_channels(mean_abs[None, :], k_chunk)[0]
+def static_channels(mean_abs: torch.Tensor, k_chunk: int, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The fixed channels of the static baseline: per chunk, the largest mean |x| (times `weight`) on
+    calibration data."""
+    return select_channels(mean_abs[None, :], k_chunk, weight)[0]
 
 
 class Compensator:
@@ -113,19 +123,27 @@ class Compensator:
     """
 
     def __init__(
-        self, residual: Residual, k_chunk: int, fixed: torch.Tensor | None = None, kernel: str = "auto"
+        self,
+        residual: Residual,
+        k_chunk: int,
+        fixed: torch.Tensor | None = None,
+        kernel: str = "auto",
+        weight: torch.Tensor | None = None,
     ) -> None:
         self.residual = residual
         self.k_chunk = k_chunk
         self.fixed = fixed
         self.kernel = kernel  # "auto": Triton on CUDA; "triton": always (interpreter on CPU); "reference"
+        self.weight = weight  # per-channel factor of the selection score (None: |x| alone)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         if self.fixed is not None:
             idx = self.fixed.to(flat.device).expand(flat.shape[0], -1)
         else:
-            idx = select_channels(flat, self.k_chunk)
+            if self.weight is not None and self.weight.device != flat.device:
+                self.weight = self.weight.to(flat.device)
+            idx = select_channels(flat, self.k_chunk, self.weight)
         if idx.shape[1] == 0:
             return x.new_zeros(*x.shape[:-1], self.residual.out_features)
         if self._use_kernel(flat):
@@ -194,16 +212,21 @@ def compensation(
     residuals: dict[str, Residual],
     k_chunk: int,
     static_means: dict[str, torch.Tensor] | None = None,
+    score: str = "activation",
 ) -> Iterator[None]:
-    """Within the block, each named layer's output gets its residual compensation added.
+    """Within the block, each named layer's output gets its residual compensation added, its channels
+    chosen by `score` (one of DEC_SCORES).
 
     With `static_means` the channels are fixed per layer (the static baseline) instead of per token.
     """
+    if score not in DEC_SCORES:
+        raise ValueError(f"DEC score must be one of {', '.join(DEC_SCORES)}, got {score!r}")
     handles = []
     try:
         for name, module in layers.items():
-            fixed = None if static_means is None else static_channels(static_means[name], k_chunk)
-            comp = Compensator(residuals[name], k_chunk, fixed)
+            weight = residuals[name].row_norms() if score == "contribution" else None
+            fixed = None if static_means is None else static_channels(static_means[name], k_chunk, weight)
+            comp = Compensator(residuals[name], k_chunk, fixed, weight=weight)
             handles.append(module.register_forward_hook(lambda _m, args, out, comp=comp: out + comp(args[0])))
         yield
     finally:
