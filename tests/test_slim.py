@@ -2,6 +2,9 @@ import pytest
 import torch
 
 from anybit.alloc.slim import group_bits, group_salience, output_kl, salience_allocation
+from anybit.config import QuantConfig
+from anybit.errors import AnybitError
+from anybit.methods.slim import clip_factors
 from anybit.quant.gptq import HessianAccumulator, gptq_quantize, prepare_hessian
 from anybit.quant.uniform import ClippedColumnQuantizer, UniformColumnQuantizer
 
@@ -52,6 +55,27 @@ def test_clipping_search_never_worse_than_minmax() -> None:
     for name, quantizer in (("clipped", clipped), ("plain", plain)):
         err[name] = sum(float((quantizer.quantize(W[:, j], j) - W[:, j]).square().sum()) for j in range(64))
     assert err["clipped"] <= err["plain"] + 1e-6
+
+
+def test_wider_clipping_range_helps_at_two_bits() -> None:
+    torch.manual_seed(0)
+    W = torch.randn(64, 128)
+    bitmap = torch.full((64, 2), 2, dtype=torch.uint8)
+    ones = lambda Wg, g: torch.ones_like(Wg)  # noqa: E731
+    errors = []
+    for low in (0.9, 0.5):
+        quantizer = ClippedColumnQuantizer(64, 128, 64, bitmap, clip_factors(low), ones)
+        error = 0.0
+        for group in range(2):
+            quantizer.fit(W[:, group * 64 : (group + 1) * 64], group)
+            error += sum(
+                float((quantizer.quantize(W[:, j], j) - W[:, j]).square().sum())
+                for j in range(64 * group, 64 * group + 64)
+            )
+        errors.append(error)
+    assert errors[1] < 0.9 * errors[0]  # Gaussian weights at 2 bits want a range well inside min-max
+    with pytest.raises(AnybitError, match="clip-min"):
+        QuantConfig(method="slim", bits=3, clip_min=1.5)
 
 
 def test_mixed_group_widths_in_gptq_decode_exactly() -> None:

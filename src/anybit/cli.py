@@ -81,6 +81,13 @@ def _quant_options(f):
         ),
         click.option("--tau", type=float, default=13.0, show_default=True, help="CLAQ: outlier threshold in mean|W|."),
         click.option(
+            "--clip-min",
+            type=float,
+            default=0.9,
+            show_default=True,
+            help="SliM: lowest clipping factor searched (grid to 1.1 in steps of 0.002).",
+        ),
+        click.option(
             "--search-split",
             is_flag=True,
             help="CLAQ: per matrix, try high widths ⌊B⌋+1 to ⌊B⌋+3 and keep the least output error.",

@@ -36,6 +36,7 @@ class QuantConfig:
     fisher_nsamples: int | None = None  # calibration windows used for Fisher; None: all of them
     tau: float = 13.0  # CLAQ: a weight is an outlier when |w| >= tau * mean|W|
     search_split: bool = False  # CLAQ: try several high widths per matrix, keep the least output error
+    clip_min: float = 0.9  # SliM: lowest clipping factor of the range searched (the paper's 0.9)
     scaling: bool | None = None  # SKIM: train the per-column scaling vector; None: the method's default
     scope: str | None = None  # SKIM/anybit: budget per "matrix" or over the whole "model"; None: method's default
 
@@ -56,6 +57,8 @@ class QuantConfig:
             raise AnybitError(f"calibration dtype must be one of {', '.join(DTYPES)}, got {self.calib_dtype}")
         if self.outliers is not None and not 0 <= self.outliers < 0.5:
             raise AnybitError(f"outlier fraction must be in [0, 0.5), got {self.outliers}")
+        if not 0 < self.clip_min <= 1:
+            raise AnybitError(f"--clip-min must be in (0, 1], got {self.clip_min}")
         if self.tau <= 0:
             raise AnybitError(f"--tau must be positive, got {self.tau}")
         if self.fisher_nsamples is not None and self.fisher_nsamples < 1:

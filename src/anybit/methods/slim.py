@@ -11,7 +11,7 @@ from anybit.methods.base import LayerStats, Method
 from anybit.quant.gptq import gptq_quantize, prepare_hessian
 from anybit.quant.uniform import ClippedColumnQuantizer
 
-CLIP_FACTORS = torch.linspace(0.9, 1.1, 101)  # the paper's range, 100 steps (1.0 included)
+CLIP_MAX, CLIP_STEP = 1.1, 0.002  # the paper's grid: 0.9 to 1.1 in 100 steps (1.0 included)
 SALIENT_Z = 2.0  # a weight is salient when its salience is this many std above its group's mean
 
 
@@ -19,7 +19,8 @@ class SliM(Method):
     """SliM-LLM (Huang et al., 2024): per-group widths N−1/N/N+1 averaging N (fractional N: see
     `anybit.alloc.slim`), chosen by output KL, and a per-row clipping search on each group minimising the OBS-weighted squared error, where salient
     weights (salience z-score > 2 within the group) count double. GPTQ without act-order, as in the
-    paper. The per-group widths are stored once per group (3 bits each) and counted.
+    paper. The per-group widths are stored once per group (3 bits each) and counted. `--clip-min`
+    lowers the start of the clipping grid (same step); the paper's 0.9 is the default.
     """
 
     name = "slim"
@@ -43,6 +44,11 @@ class SliM(Method):
             return (1.0 + (z.abs() > SALIENT_Z).float()) * column_cost
 
         bitmap = widths[None, :].expand(rows, columns // gs).contiguous()
-        quantizer = ClippedColumnQuantizer(rows, columns, gs, bitmap, CLIP_FACTORS, importance)
+        quantizer = ClippedColumnQuantizer(rows, columns, gs, bitmap, clip_factors(config.clip_min), importance)
         gptq_quantize(W, H, quantizer, damp=config.damp, act_order=False)
         return quantizer.to_qtensor((rows, columns))
+
+
+def clip_factors(low: float) -> torch.Tensor:
+    """The clipping factors searched: `low` to 1.1 in steps of 0.002."""
+    return torch.linspace(low, CLIP_MAX, round((CLIP_MAX - low) / CLIP_STEP) + 1)
