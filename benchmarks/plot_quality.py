@@ -24,6 +24,8 @@ FULL_WINDOWS = 147
 DEFAULTS = {"anybit": {"weighting": "fisher"}, "skim": {"scope": "matrix", "scaling": True}}
 # runs made before a recipe default changed: what they really used
 RUN_BEFORE_DEFAULT_CHANGE = {"anybit:3.25": {"weighting": "activation"}}
+# recipe options named in a label only when they differ from QuantConfig's default
+OPTIONAL = {"search_split": False, "clip_min": 0.9}
 
 
 def load_points() -> tuple[dict[str, list[tuple[float, float, str]]], float | None]:
@@ -43,6 +45,9 @@ def load_points() -> tuple[dict[str, list[tuple[float, float, str]]], float | No
         settings.update(RUN_BEFORE_DEFAULT_CHANGE.get(name, {}))
         keys = ("weighting", "scope", "scaling", "outliers")
         options = [f"{key}={settings[key]}" for key in keys if settings.get(key) is not None]
+        options += [
+            f"{key}={settings[key]}" for key, default in OPTIONAL.items() if settings.get(key, default) != default
+        ]
         label = record["method"] + (f" ({', '.join(options)})" if options else "")
         series.setdefault(label, []).append((record["bits_per_weight"], record["ppl"], name))
     return series, fp16
