@@ -81,11 +81,11 @@ def main() -> None:
         for name, layer in quant_linears(loaded.model):
             x = inputs[name]
             R = adapter.weight_of(original.model.get_submodule(name)).float() - layer.dequantize().float()
-            residual = residuals[name]
-            weight = residual.row_norms() if args.score == "contribution" else None
+            R_hat = residuals[name].dense()
+            weight = residuals[name].row_norms() if args.score == "contribution" else None
             static = static_channels(means[name], args.k, weight).expand(x.shape[0], -1)
             for selection, idx in (("dynamic", select_channels(x, args.k, weight)), ("static", static)):
-                for key, value in error_terms(x, R, residual.dense(), idx).items():
+                for key, value in error_terms(x, R, R_hat, idx).items():
                     totals[selection, layer_type(name)][key] += value
                     totals[selection, "all"][key] += value
         print(f"{Path(directory).name}: k_chunk {args.k}, ranked by {args.score}")

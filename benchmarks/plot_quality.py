@@ -8,6 +8,7 @@ latest run of each configuration wins) and draws one marker series per method, f
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -17,6 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from _common import RESULTS_DIR
+from anybit.config import QuantConfig
 
 SOURCES = ("reference_figures.jsonl", "recipes.jsonl")
 FULL_WINDOWS = 147
@@ -25,7 +27,7 @@ DEFAULTS = {"anybit": {"weighting": "fisher"}, "skim": {"scope": "matrix", "scal
 # runs made before a recipe default changed: what they really used
 RUN_BEFORE_DEFAULT_CHANGE = {"anybit:3.25": {"weighting": "activation"}}
 # recipe options named in a label only when they differ from QuantConfig's default
-OPTIONAL = {"search_split": False, "clip_min": 0.9}
+OPTIONAL = {f.name: f.default for f in dataclasses.fields(QuantConfig) if f.name in ("search_split", "clip_min")}
 
 
 def load_points() -> tuple[dict[str, list[tuple[float, float, str]]], float | None]:

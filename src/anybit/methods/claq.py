@@ -28,9 +28,10 @@ class CLAQ(Method):
 
     def quantize(self, W: torch.Tensor, stats: LayerStats | None, config: QuantConfig) -> QuantizedTensor:
         H = stats.hessian.hessian()
-        highs = candidate_highs(config.bits) if config.search_split else [None]
+        if not config.search_split:
+            return self._quantize_split(W, H, config, None)
         best, best_error = None, float("inf")
-        for high in highs:
+        for high in candidate_highs(config.bits):
             qt = self._quantize_split(W, H, config, high)
             delta = W - qt.dequantize().to(W.dtype)
             error = float(((delta @ H) * delta).sum())

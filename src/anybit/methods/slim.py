@@ -17,8 +17,9 @@ SALIENT_Z = 2.0  # a weight is salient when its salience is this many std above 
 
 class SliM(Method):
     """SliM-LLM (Huang et al., 2024): per-group widths N−1/N/N+1 averaging N (fractional N: see
-    `anybit.alloc.slim`), chosen by output KL, and a per-row clipping search on each group minimising the OBS-weighted squared error, where salient
-    weights (salience z-score > 2 within the group) count double. GPTQ without act-order, as in the
+    `anybit.alloc.slim`), chosen by output KL, and a per-row clipping search on each group minimising
+    the OBS-weighted squared error, where salient weights (salience z-score > 2 within the group)
+    count double. GPTQ without act-order, as in the
     paper. The per-group widths are stored once per group (3 bits each) and counted. `--clip-min`
     lowers the start of the clipping grid (same step); the paper's 0.9 is the default.
     """

@@ -64,7 +64,7 @@ class Residual:
 
     def row_norms(self) -> torch.Tensor:
         """‖R̂[:, j]‖ of every input channel j, float32 (in,)."""
-        return torch.linalg.vector_norm(self.rows(torch.arange(self.in_features)), dim=1)
+        return torch.linalg.vector_norm(self.dense(), dim=0)
 
 
 def quantize_residual(R: torch.Tensor) -> Residual:
