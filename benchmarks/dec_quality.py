@@ -1,7 +1,7 @@
 """Quality of dynamic error compensation (QDEC/DecDEC) on quantized SmolLM2 directories.
 
 Usage: python benchmarks/dec_quality.py DIR [DIR ...] [--ks 4,8,16,32,64] [--static-ks 8,32] [--max-windows N]
-                                        [--score activation|contribution]
+                                        [--score activation|contribution] [--device cuda]
 For each quantized DIR: stores its 4-bit residuals if missing (`anybit residual`), then evaluates
 perplexity without DEC, with dynamic top-k selection for every K, and with the static baseline
 (channels with the largest mean |x| on calibration data) for each K in --static-ks. One JSON line
@@ -30,6 +30,7 @@ def main() -> None:
     parser.add_argument("--static-ks", default="8,32")
     parser.add_argument("--max-windows", type=int, default=None)
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--device", default="cpu", help="evaluation device (cpu or cuda)")
     parser.add_argument("--residual-nsamples", type=int, default=8)
     parser.add_argument("--score", default="activation", help="channel ranking: activation or contribution")
     args = parser.parse_args()
@@ -44,6 +45,7 @@ def main() -> None:
                 loaded,
                 max_windows=args.max_windows,
                 dtype=args.dtype,
+                device=args.device,
                 dec=k,
                 dec_static=static,
                 dec_score=args.score,
@@ -59,6 +61,7 @@ def main() -> None:
                     "k_chunk": k,
                     "static": static,
                     "score": args.score if k is not None else None,
+                    "device": args.device,
                     **result.to_dict(),
                 },
             )

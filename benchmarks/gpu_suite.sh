@@ -1,5 +1,6 @@
 #!/bin/bash
-# Every GPU figure the open issues ask for, in one run on a CUDA machine (about 10 minutes on an H100).
+# The GPU tests, then every GPU figure the open issues ask for, in one run on a CUDA machine (10-20 minutes
+# on an H100; the figures in RESULTS.md came from these commands run piecewise).
 # Usage: bash benchmarks/gpu_suite.sh [OUT_DIR]   (JSON lines are appended under benchmarks/results/
 # and copied to OUT_DIR, default $OUT). Needs torch with CUDA, triton, transformers, and anybit
 # importable (pip install -e . or PYTHONPATH=src); the quantize-time step also needs the SmolLM2 model
@@ -10,6 +11,7 @@ mkdir -p "$out"
 cd "$(dirname "$0")"
 export PYTHONPATH=../src${PYTHONPATH:+:$PYTHONPATH}
 run() { echo "== $*"; timeout 900 python "$@" || echo "!! failed: $*"; }
+(cd .. && timeout 600 python -m pytest -q tests/test_kernels.py tests/test_cuda.py tests/test_dec.py) || echo "!! GPU tests failed"
 run kernel_speed.py --bits 2,3,4
 run dec_speed.py --ks 0,4,8,16,32,64
 run decode_speed.py --shape llama-7b --bits 3 --dec 0,4,8,16,32,64

@@ -40,6 +40,7 @@ def _check(qt: QuantizedTensor, batch: int) -> None:
 def test_mixed_width_row_codebooks(batch: int) -> None:
     torch.manual_seed(batch)
     _check(_codebook_tensor(48, 192, 192, (1, 2, 3, 4, 5)), batch)
+    _check(_codebook_tensor(37, 136, 136, (8, 2, 6)), batch)  # rows and columns off every block size
 
 
 def test_group_codebooks_with_scaling_permutation_and_outliers() -> None:
@@ -54,10 +55,11 @@ def test_group_codebooks_with_scaling_permutation_and_outliers() -> None:
     _check(qt, 2)
 
 
-@pytest.mark.parametrize("widths", [(4,), (2, 3, 4)])
-def test_uniform_groups(widths: tuple[int, ...]) -> None:
+@pytest.mark.parametrize("widths,gs", [((4,), 64), ((2, 3, 4), 64), ((2, 3, 4), 200)])
+def test_uniform_groups(widths: tuple[int, ...], gs: int) -> None:
+    """Uniform grids per group, and per row (one segment per row: the row kernel) with mixed widths."""
     torch.manual_seed(2)
-    rows, cols, gs = 40, 256, 64
+    rows, cols = 40, 200 if gs == 200 else 256
     bitmap = torch.tensor(widths, dtype=torch.uint8)[torch.randint(0, len(widths), (rows, cols // gs))]
     _check(rtn_quantize(torch.randn(rows, cols), gs, bitmap), 4)
 
@@ -89,6 +91,6 @@ def test_dec_kernel_matches_reference_compensation() -> None:
 
     torch.manual_seed(5)
     residual = quantize_residual(torch.randn(77, 1500) * 0.01)  # odd output count, partial last chunk
-    x = torch.randn(3, 1500)
+    x = torch.randn(3, 1500, device=DEVICE)
     reference = Compensator(residual, 16, kernel="reference")(x)
     torch.testing.assert_close(Compensator(residual, 16, kernel="triton")(x), reference, rtol=1e-5, atol=1e-6)

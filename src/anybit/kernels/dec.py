@@ -2,13 +2,13 @@
 
 The selected channels S_t (exact per-chunk top-|x|, chosen on the GPU with torch.topk) index rows of
 the 4-bit residual in the `anybit.runtime.dec` layout: (in, ceil(out / 2)) uint8, two codes per byte,
-one fp16 scale per output channel. A program takes one token and a block of output channels, reads
-the selected channels' packed rows (only those), dequantizes and accumulates in fp32.
+one fp16 scale per output channel. A program takes one token, a block of output channels and a
+block of selected channels, reads that tile of the selected rows in one parallel load (only those
+rows), dequantizes, reduces over its channels and adds its partial sums atomically.
 
-On CUDA the residual can stay in pinned host memory: the kernel reads it across the bus without a GPU
-copy (zero-copy through unified addressing). That placement, and overlapping this kernel with the
-base product on a second stream, are untested here: no GPU machine was lent to the session that
-wrote this. The tests run the kernel in Triton's interpreter on the CPU.
+On CUDA the residual stays in pinned host memory: the kernel reads it across the bus without a GPU
+copy (zero-copy through unified addressing). Overlapping this kernel with the base product on a
+second stream is not done. The tests run the kernel in Triton's interpreter on the CPU.
 """
 
 from __future__ import annotations
@@ -17,29 +17,32 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_OUT = 128  # output channels per program (64 bytes of each selected row)
+BLOCK_OUT = 256  # output channels per program (128 bytes of each selected row)
+BLOCK_SEL = 16  # selected channels per program: their rows are fetched in one parallel load
 
 
 @triton.jit
 def _dec_kernel(
     x_ptr, idx_ptr, codes_ptr, scales_ptr, out_ptr,
     n_sel, n_out, row_bytes, stride_x, stride_idx, stride_out,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, SEL: tl.constexpr,
 ):  # fmt: skip
     token = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     col_ok = cols < n_out
+    s = tl.program_id(2) * SEL + tl.arange(0, SEL)
+    s_ok = s < n_sel
+    channel = tl.load(idx_ptr + token * stride_idx + s, mask=s_ok, other=0).to(tl.int64)
+    xv = tl.load(x_ptr + token * stride_x + channel, mask=s_ok, other=0.0).to(tl.float32)
+    byte = tl.load(
+        codes_ptr + channel[:, None] * row_bytes + (cols // 2)[None, :],
+        mask=s_ok[:, None] & col_ok[None, :],
+        other=0x88,
+    ).to(tl.int32)
+    nibble = (byte >> ((cols % 2) * 4)[None, :]) & 0xF
+    acc = tl.sum(xv[:, None] * (nibble - 8).to(tl.float32), axis=0)
     scale = tl.load(scales_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for s in range(n_sel):
-        channel = tl.load(idx_ptr + token * stride_idx + s)
-        xv = tl.load(x_ptr + token * stride_x + channel).to(tl.float32)
-        byte = tl.load(codes_ptr + channel * row_bytes + cols // 2, mask=col_ok, other=0x88).to(tl.int32)
-        nibble = (byte >> ((cols % 2) * 4)) & 0xF
-        acc += xv * (nibble - 8).to(tl.float32)
-    acc = acc * scale
-    prev = tl.load(out_ptr + token * stride_out + cols, mask=col_ok, other=0.0)
-    tl.store(out_ptr + token * stride_out + cols, prev + acc, mask=col_ok)
+    tl.atomic_add(out_ptr + token * stride_out + cols, acc * scale, mask=col_ok, sem="relaxed")
 
 
 def dec_accumulate(
@@ -50,9 +53,9 @@ def dec_accumulate(
     n_out = scales.numel()
     idx = idx.to(torch.int32).contiguous()
     x = x.contiguous()
-    grid = (tokens, triton.cdiv(n_out, BLOCK_OUT))
+    grid = (tokens, triton.cdiv(n_out, BLOCK_OUT), triton.cdiv(k, BLOCK_SEL))
     _dec_kernel[grid](
         x, idx, codes, scales, out, k, n_out, codes.shape[1], x.stride(0), idx.stride(0), out.stride(0),
-        BLOCK=BLOCK_OUT,
+        BLOCK=BLOCK_OUT, SEL=BLOCK_SEL,
     )  # fmt: skip
     return out

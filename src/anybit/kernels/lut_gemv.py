@@ -1,6 +1,14 @@
-"""Triton kernel for decode-time products y = W x with W packed by `QuantizedTensor` (batch 1-8).
+"""Triton kernels for decode-time products y = W x with W packed by `QuantizedTensor` (batch 1-8).
 
-One launch per code width present in the matrix. A program takes a block of segments of that width
+Row layouts (one segment per output row: SKIM/anybit/SqueezeLLM per-row codebooks, per-channel
+uniform grids) take one launch for the whole matrix, whatever the mix of widths: rows are visited
+grouped by width, each program takes a block of rows and a slice of the columns (split-K, partial
+sums added atomically), reads each row's bit planes straight from its width's stream (a per-row
+byte offset from one base pointer: no copy of the codes is made), decodes in registers, looks the
+codes up in the row's codebook and multiplies by a tile of x loaded once for all its rows. Block
+sizes and the split are autotuned per shape on CUDA.
+
+Grouped layouts take one launch per code width present in the matrix. A program takes a block of segments of that width
 (a segment is `group_size` codes of one row, stored contiguously in the width's bit-plane stream:
 `b` bytes per 8 codes), unpacks the codes in registers, looks each code up in its segment's 2**b
 codebook (codebook kind) or applies its segment's scale and zero point (uniform kind), multiplies by
@@ -16,16 +24,110 @@ tests check them on the CPU; no speed figure comes from there.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from anybit.format.packing import unpack_codes
 from anybit.format.qtensor import QuantizedTensor
 
-BLOCK_S = 16  # segments per program
+BLOCK_S = 16  # segments per program (grouped layouts)
 MAX_BATCH = 8
+# two codings of the row kernel's decode step, compared in RESULTS.md; ANYBIT_ROW_KERNEL=flat picks the other
+ROW_FLAT = os.environ.get("ANYBIT_ROW_KERNEL", "3d") == "flat"
+
+
+@triton.jit
+def _row_lut_kernel(
+    codes_ptr, table_ptr, x_ptr, y_ptr, row_ptr, bits_ptr, code_off_ptr, table_off_ptr, scale_ptr, zero_ptr,
+    rows, cols, stride_x, stride_y, batch,
+    UNIFORM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, K_SPLIT: tl.constexpr,
+    BLOCK_B: tl.constexpr, FLAT: tl.constexpr,
+):  # fmt: skip
+    """Rows (in width order) p = block of BLOCK_R, columns [pid_k · K_SPLIT, +K_SPLIT), accumulated in fp32."""
+    p = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    p_ok = p < rows
+    row = tl.load(row_ptr + p, mask=p_ok, other=0)
+    bits = tl.load(bits_ptr + p, mask=p_ok, other=0)
+    code_off = tl.load(code_off_ptr + p, mask=p_ok, other=0)  # int64 bytes from codes_ptr
+    if UNIFORM:
+        scale = tl.load(scale_ptr + p, mask=p_ok, other=0.0)
+        zero = tl.load(zero_ptr + p, mask=p_ok, other=0)
+    else:
+        table_off = tl.load(table_off_ptr + p, mask=p_ok, other=0)  # int64 entries from table_ptr
+    n_planes = tl.max(bits, axis=0)  # rows are sorted by width: a block mostly shares one
+    t = tl.arange(0, 8)
+    bidx = tl.arange(0, BLOCK_B)
+    acc = tl.zeros([BLOCK_R, BLOCK_B], dtype=tl.float32)
+    k_start = tl.program_id(1) * K_SPLIT
+    for k0 in tl.range(k_start, k_start + K_SPLIT, BLOCK_K):
+        chunk = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+        m = p_ok[:, None] & (chunk < cols // 8)[None, :]
+        byte_ptr = codes_ptr + code_off[:, None] + chunk[None, :] * bits[:, None]
+        code = tl.zeros([BLOCK_R, BLOCK_K // 8, 8], dtype=tl.int32)
+        for j in range(0, n_planes):
+            byte = tl.load(byte_ptr + j, mask=m & (j < bits)[:, None], other=0).to(tl.int32)
+            code |= ((byte[:, :, None] >> t[None, None, :]) & 1) << j
+        if FLAT:  # one (rows, BLOCK_K) tile: the reshape may cost a layout conversion
+            code = tl.reshape(code, [BLOCK_R, BLOCK_K])
+            if UNIFORM:
+                w = (code - zero[:, None]).to(tl.float32) * scale[:, None]
+            else:
+                w = tl.load(table_ptr + table_off[:, None] + code, mask=p_ok[:, None], other=0.0).to(tl.float32)
+            k = k0 + tl.arange(0, BLOCK_K)
+            xv = tl.load(
+                x_ptr + bidx[None, :] * stride_x + k[:, None],
+                mask=(k < cols)[:, None] & (bidx < batch)[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            acc += tl.sum(w[:, :, None] * xv[None, :, :], axis=1)
+        else:  # stay in (rows, chunks, 8): no reshape; one reduction per batch row
+            if UNIFORM:
+                w = (code - zero[:, None, None]).to(tl.float32) * scale[:, None, None]
+            else:
+                w = tl.load(table_ptr + table_off[:, None, None] + code, mask=p_ok[:, None, None], other=0.0)
+                w = w.to(tl.float32)
+            k = chunk[:, None] * 8 + t[None, :]
+            for b in tl.static_range(BLOCK_B):
+                row_b = tl.minimum(batch - 1, b)  # padding rows repeat the last one; never stored
+                xv = tl.load(x_ptr + row_b * stride_x + k, mask=k < cols, other=0.0).to(tl.float32)
+                part = tl.sum(tl.sum(w * xv[None, :, :], axis=2), axis=1)
+                acc += tl.where(bidx[None, :] == b, part[:, None], 0.0)
+    out = y_ptr + bidx[None, :] * stride_y + row[:, None]
+    tl.atomic_add(out, acc, mask=p_ok[:, None] & (bidx < batch)[None, :], sem="relaxed")
+
+
+def _row_configs() -> list[triton.Config]:
+    configs = []
+    for block_r, block_k, k_split, warps in (
+        (16, 256, 1024, 4), (16, 256, 2048, 4), (32, 128, 1024, 4), (32, 256, 1024, 8), (8, 512, 1024, 4),
+        (16, 128, 512, 4), (64, 128, 1024, 8), (16, 256, 4096, 4), (32, 256, 2048, 8), (8, 256, 512, 2),
+    ):  # fmt: skip
+        configs.append(triton.Config({"BLOCK_R": block_r, "BLOCK_K": block_k, "K_SPLIT": k_split}, num_warps=warps))
+    return configs
+
+
+def _prune(configs, named_args, **kwargs):
+    """Batch > 1 multiplies the register tile: keep the smaller tiles there; never split below a tile."""
+    batch = kwargs.get("BLOCK_B", 1)
+    kept = [c for c in configs if c.kwargs["BLOCK_K"] <= c.kwargs["K_SPLIT"]]
+    if batch > 1:
+        kept = [c for c in kept if c.kwargs["BLOCK_R"] * c.kwargs["BLOCK_K"] * batch <= 16384] or kept[:1]
+    return kept
+
+
+if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    _row_kernel = triton.autotune(
+        _row_configs(), key=["rows", "cols", "BLOCK_B"], reset_to_zero=["y_ptr"],
+        prune_configs_by={"early_config_prune": _prune},
+    )(_row_lut_kernel)  # fmt: skip
+    _ROW_FIXED: dict = {}
+else:  # the interpreter (tests on CPU): one fixed configuration, small enough to be quick
+    _row_kernel = _row_lut_kernel
+    _ROW_FIXED = {"BLOCK_R": 8, "BLOCK_K": 64, "K_SPLIT": 128, "num_warps": 4}
 
 
 @triton.jit
@@ -89,6 +191,21 @@ class _Launch:
 
 
 @dataclass
+class _RowLaunch:
+    """Per-row launch data in width order (a few bytes per row; the codes and codebooks stay where they are)."""
+
+    codes: torch.Tensor  # base of the byte offsets: one width's code stream
+    table: torch.Tensor  # base of the entry offsets: one width's codebooks (codebook kind)
+    rows: torch.Tensor  # int32 row of each position
+    bits: torch.Tensor  # int32 width
+    code_off: torch.Tensor  # int64 byte offset of the row's codes from `codes`
+    table_off: torch.Tensor  # int64 entry offset of the row's codebook from `table`
+    scale: torch.Tensor  # float32 per-row scale (uniform kind)
+    zero: torch.Tensor  # int32 per-row zero point (uniform kind)
+    uniform: bool
+
+
+@dataclass
 class PreparedMatrix:
     """Device-resident launch data of one `QuantizedTensor` (only index vectors are added to it)."""
 
@@ -96,6 +213,7 @@ class PreparedMatrix:
     in_features: int
     group_size: int
     launches: list[_Launch]
+    row_launch: _RowLaunch | None
     perm: torch.Tensor | None
     col_scale: torch.Tensor | None
     outlier_rows: torch.Tensor | None
@@ -112,15 +230,61 @@ def unsupported_reason(qt: QuantizedTensor) -> str | None:
     return None
 
 
+def _address_offset(tensor: torch.Tensor, base: torch.Tensor) -> int:
+    """Elements from `base`'s first element to `tensor`'s (both on one device, same dtype)."""
+    delta = tensor.data_ptr() - base.data_ptr()
+    if delta % tensor.element_size():
+        raise ValueError("tensors are not aligned to their element size")
+    return delta // tensor.element_size()
+
+
+def _prepare_rows(qt: QuantizedTensor) -> _RowLaunch:
+    """Row order by width, each row's offsets into its width's stream and codebooks (one segment per row)."""
+    rows, cols = qt.shape
+    device = qt.bitmap.device
+    widths = qt.bitmap[:, 0].to(torch.int64)
+    order = torch.argsort(widths, stable=True)
+    sorted_widths = widths[order]
+    # rank of each row among the rows of its width = its segment index in that width's stream
+    position = torch.arange(rows, device=device) - torch.searchsorted(sorted_widths, sorted_widths)
+
+    def per_width(tensors: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Offset of each sorted row's width's tensor from the first width's."""
+        offsets = torch.zeros(9, dtype=torch.int64)
+        for b in qt.widths:
+            offsets[b] = _address_offset(tensors[b], tensors[qt.widths[0]])
+        return offsets.to(device)[sorted_widths]
+
+    code_off = per_width(qt.codes) + position * (cols // 8) * sorted_widths
+    uniform = qt.kind == "uniform"
+    empty_f, empty_i = torch.zeros(1, device=device), torch.zeros(1, dtype=torch.int32, device=device)
+    if uniform:
+        table, table_off = empty_f, torch.zeros(1, dtype=torch.int64, device=device)
+        scale = qt.scales[order, 0].float()
+        zero = torch.zeros(rows, dtype=torch.int32, device=device)
+        for b in qt.widths:
+            mask = sorted_widths == b
+            zero[mask] = unpack_codes(qt.zeros[b], b, int(mask.sum())).to(torch.int32)
+    else:
+        table = qt.codebooks[qt.widths[0]]
+        table_off = per_width(qt.codebooks) + position * (1 << sorted_widths)
+        scale, zero = empty_f, empty_i
+    return _RowLaunch(
+        qt.codes[qt.widths[0]], table, order.to(torch.int32), sorted_widths.to(torch.int32), code_off, table_off,
+        scale, zero, uniform,
+    )  # fmt: skip
+
+
 def prepare(qt: QuantizedTensor) -> PreparedMatrix:
-    """Index vectors for each width's launch, and the outlier corrections."""
+    """Launch data (row layouts: one launch; grouped: one per width), and the outlier corrections."""
     rows, cols = qt.shape
     groups = cols // qt.group_size
     device = qt.bitmap.device
+    row_launch = _prepare_rows(qt) if groups == 1 else None
     grid_row = torch.arange(rows, device=device)[:, None].expand(rows, groups)
     grid_col = (torch.arange(groups, device=device) * qt.group_size)[None, :].expand(rows, groups)
     launches = []
-    for b in qt.widths:
+    for b in [] if row_launch is not None else qt.widths:
         mask = qt.bitmap == b
         if qt.kind == "codebook":
             table, zeros = qt.codebooks[b], torch.zeros(1, dtype=torch.uint8, device=device)
@@ -142,22 +306,36 @@ def prepare(qt: QuantizedTensor) -> PreparedMatrix:
         o_rows, o_cols = qt.outliers.coordinates()
         decoded = dataclasses.replace(qt, outliers=None).dequantize(torch.float32)  # once, at preparation
         deltas = qt.outliers.values.float() - decoded[o_rows, o_cols]
-    return PreparedMatrix(rows, cols, qt.group_size, launches, qt.perm, qt.col_scale, o_rows, o_cols, deltas)
+    return PreparedMatrix(
+        rows, cols, qt.group_size, launches, row_launch, qt.perm, qt.col_scale, o_rows, o_cols, deltas
+    )
 
 
 def lut_matvec(prepared: PreparedMatrix, x: torch.Tensor) -> torch.Tensor:
     """y = W x for x of shape (batch ≤ 8, in_features); float32 result (batch, out_features)."""
     if x.dim() != 2 or x.shape[1] != prepared.in_features or x.shape[0] > MAX_BATCH:
         raise ValueError(f"x must be (batch <= {MAX_BATCH}, {prepared.in_features}), got {tuple(x.shape)}")
-    xs = x.float()
+    xs = x
     if prepared.col_scale is not None:  # in original column order, before the coded order is applied
-        xs = xs / prepared.col_scale.float()[None, :]
+        xs = xs.float() / prepared.col_scale.float()[None, :]
     if prepared.perm is not None:
         xs = xs[:, prepared.perm.to(torch.int64)]
     xs = xs.contiguous()
     batch = x.shape[0]
     y = torch.zeros(batch, prepared.out_features, dtype=torch.float32, device=x.device)
     block_b = triton.next_power_of_2(batch)
+    r = prepared.row_launch
+    if r is not None:
+        rows, cols = prepared.out_features, prepared.in_features
+
+        def grid(meta):
+            return (triton.cdiv(rows, meta["BLOCK_R"]), triton.cdiv(cols, meta["K_SPLIT"]))
+
+        _row_kernel[grid](
+            r.codes, r.table, xs, y, r.rows, r.bits, r.code_off, r.table_off, r.scale, r.zero,
+            rows, cols, xs.stride(0), y.stride(0), batch, UNIFORM=r.uniform, BLOCK_B=block_b, FLAT=ROW_FLAT,
+            **_ROW_FIXED,
+        )  # fmt: skip
     block_k = min(64, triton.next_power_of_2(prepared.group_size))
     for launch in prepared.launches:
         n_seg = launch.seg_row.numel()

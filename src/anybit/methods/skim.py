@@ -76,7 +76,7 @@ class SKIM(Method):
         rows, cols = W.shape
         H, weights, mask, outliers = self._prepare(W, stats, config)
         table = error_table(W, H, weights, candidate_widths(config.bits), kept=mask)
-        errors = table.errors.double() * row_importance(stats, H, rows)[:, None]
+        errors = table.errors.double().cpu() * row_importance(stats, H, rows)[:, None]  # all tables meet on CPU
         fixed = self._fixed_bits(rows, cols, outliers, config)
         return RowTable(errors, _costs(rows, cols, table.widths), table.widths, fixed, rows * cols)
 
@@ -84,7 +84,7 @@ class SKIM(Method):
         rows, cols = W.shape
         H, weights, mask, outliers = self._prepare(W, stats, config)
         if stats.widths is not None:  # planned by the model-wide allocation, which paid for the extras
-            widths = stats.widths.to(torch.long)
+            widths = stats.widths.to(W.device, torch.long)
             result = fit_codebook(W, weights, k=1 << widths)
             books = stored_books(result.centroids)
             candidates = self._candidates(W, H, weights, mask, widths, result.codes.long(), books, config)
@@ -142,9 +142,11 @@ class SKIM(Method):
                 f"{target:g} bits per weight is below what a {rows}x{cols} matrix can store with per-row "
                 f"codebooks (at least {minimum:.3f} plus its bit map)"
             ) from None
-        widths = torch.tensor(table.widths)[choice]
-        codes = torch.zeros(rows, cols, dtype=torch.long)
-        books = torch.zeros(rows, 1 << int(widths.max()))
+        device = table.codes[0].device
+        choice = choice.to(device)
+        widths = torch.tensor(table.widths, device=device)[choice]
+        codes = torch.zeros(rows, cols, dtype=torch.long, device=device)
+        books = torch.zeros(rows, 1 << int(widths.max()), device=device)
         for i, b in enumerate(table.widths):
             picked = choice == i
             if bool(picked.any()):
@@ -221,7 +223,7 @@ def feedback_codes(
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Codes (rows, cols) from GPTQ's column-by-column rounding onto the rows' codebooks, and the
     codebooks (sorted, as the rounding needs them)."""
-    entries = torch.arange(books.shape[1])[None, :]
+    entries = torch.arange(books.shape[1], device=books.device)[None, :]
     valid = entries < (1 << widths.to(torch.long))[:, None]
     sorted_books = torch.where(valid, books, torch.full_like(books, float("inf"))).sort(dim=1).values
     quantizer = RowCodebookQuantizer(sorted_books, kept)

@@ -100,8 +100,14 @@ def select_channels(x: torch.Tensor, k_chunk: int, weight: torch.Tensor | None =
     """Per row of x (tokens, in): the indices of the channels kept by exact top-k per chunk of the
     score |x|, times `weight` (in,) per channel when given."""
     score = x.abs() if weight is None else x.abs() * weight
+    budgets = chunk_budgets(x.shape[-1], k_chunk)
+    full = [b for b in budgets if b[1] == CHUNK]
     picks = []
-    for start, length, k in chunk_budgets(x.shape[-1], k_chunk):
+    if full and full[0][2]:  # all full chunks in one top-k (one launch on a GPU, not one per chunk)
+        chunks = score[:, : len(full) * CHUNK].reshape(x.shape[0], len(full), CHUNK)
+        offsets = torch.arange(len(full), device=x.device)[:, None] * CHUNK
+        picks.append((chunks.topk(full[0][2], dim=-1).indices + offsets).flatten(1))
+    for start, length, k in budgets[len(full) :]:
         if k:
             picks.append(score[:, start : start + length].topk(k, dim=-1).indices + start)
     if not picks:
@@ -135,6 +141,7 @@ class Compensator:
         self.fixed = fixed
         self.kernel = kernel  # "auto": Triton on CUDA; "triton": always (interpreter on CPU); "reference"
         self.weight = weight  # per-channel factor of the selection score (None: |x| alone)
+        self._scales: torch.Tensor | None = None  # the scales on the activations' device, kept between calls
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
@@ -150,7 +157,9 @@ class Compensator:
             from anybit.kernels.dec import dec_accumulate
 
             out = torch.zeros(flat.shape[0], self.residual.out_features, dtype=torch.float32, device=flat.device)
-            scales = self.residual.scales.to(flat.device)
+            if self._scales is None or self._scales.device != flat.device:
+                self._scales = self.residual.scales.to(flat.device)
+            scales = self._scales
             try:
                 dec_accumulate(out, flat, idx, self._codes_for_kernel(flat.device), scales)
             except (RuntimeError, ValueError) as exc:  # a Triton build that refuses host pointers
