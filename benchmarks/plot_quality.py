@@ -64,7 +64,13 @@ def main() -> None:
     markers = "osD^v<>ph*X"
     for i, (label, points) in enumerate(sorted(series.items())):
         points.sort()
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker=markers[i % len(markers)], label=label)
+        ax.plot(
+            [p[0] for p in points],
+            [p[1] for p in points],
+            marker=markers[i % len(markers)],
+            color=matplotlib.colormaps["tab20"](i % 20),  # the default cycle repeats after 10 series
+            label=label,
+        )
     if fp16 is not None:
         ax.axhline(fp16, color="black", linestyle="--", linewidth=1, label=f"fp16 ({fp16:.2f})")
     ax.set_yscale("log")
