@@ -36,8 +36,6 @@ from anybit.format.qtensor import QuantizedTensor
 
 BLOCK_S = 16  # segments per program (grouped layouts)
 MAX_BATCH = 8
-# two codings of the row kernel's decode step, compared in RESULTS.md; ANYBIT_ROW_KERNEL=flat picks the other
-ROW_FLAT = os.environ.get("ANYBIT_ROW_KERNEL", "3d") == "flat"
 
 
 @triton.jit
@@ -45,7 +43,7 @@ def _row_lut_kernel(
     codes_ptr, table_ptr, x_ptr, y_ptr, row_ptr, bits_ptr, code_off_ptr, table_off_ptr, scale_ptr, zero_ptr,
     rows, cols, stride_x, stride_y, batch,
     UNIFORM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, K_SPLIT: tl.constexpr,
-    BLOCK_B: tl.constexpr, FLAT: tl.constexpr,
+    BLOCK_B: tl.constexpr,
 ):  # fmt: skip
     """Rows (in width order) p = block of BLOCK_R, columns [pid_k · K_SPLIT, +K_SPLIT), accumulated in fp32."""
     p = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -71,31 +69,18 @@ def _row_lut_kernel(
         for j in range(0, n_planes):
             byte = tl.load(byte_ptr + j, mask=m & (j < bits)[:, None], other=0).to(tl.int32)
             code |= ((byte[:, :, None] >> t[None, None, :]) & 1) << j
-        if FLAT:  # one (rows, BLOCK_K) tile: the reshape may cost a layout conversion
-            code = tl.reshape(code, [BLOCK_R, BLOCK_K])
-            if UNIFORM:
-                w = (code - zero[:, None]).to(tl.float32) * scale[:, None]
-            else:
-                w = tl.load(table_ptr + table_off[:, None] + code, mask=p_ok[:, None], other=0.0).to(tl.float32)
-            k = k0 + tl.arange(0, BLOCK_K)
-            xv = tl.load(
-                x_ptr + bidx[None, :] * stride_x + k[:, None],
-                mask=(k < cols)[:, None] & (bidx < batch)[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            acc += tl.sum(w[:, :, None] * xv[None, :, :], axis=1)
-        else:  # stay in (rows, chunks, 8): no reshape; one reduction per batch row
-            if UNIFORM:
-                w = (code - zero[:, None, None]).to(tl.float32) * scale[:, None, None]
-            else:
-                w = tl.load(table_ptr + table_off[:, None, None] + code, mask=p_ok[:, None, None], other=0.0)
-                w = w.to(tl.float32)
-            k = chunk[:, None] * 8 + t[None, :]
-            for b in tl.static_range(BLOCK_B):
-                row_b = tl.minimum(batch - 1, b)  # padding rows repeat the last one; never stored
-                xv = tl.load(x_ptr + row_b * stride_x + k, mask=k < cols, other=0.0).to(tl.float32)
-                part = tl.sum(tl.sum(w * xv[None, :, :], axis=2), axis=1)
-                acc += tl.where(bidx[None, :] == b, part[:, None], 0.0)
+        # stay in (rows, chunks, 8): no reshape (a layout conversion); one reduction per batch row
+        if UNIFORM:
+            w = (code - zero[:, None, None]).to(tl.float32) * scale[:, None, None]
+        else:
+            w = tl.load(table_ptr + table_off[:, None, None] + code, mask=p_ok[:, None, None], other=0.0)
+            w = w.to(tl.float32)
+        k = chunk[:, None] * 8 + t[None, :]
+        for b in tl.static_range(BLOCK_B):
+            row_b = tl.minimum(batch - 1, b)  # padding rows repeat the last one; never stored
+            xv = tl.load(x_ptr + row_b * stride_x + k, mask=k < cols, other=0.0).to(tl.float32)
+            part = tl.sum(tl.sum(w * xv[None, :, :], axis=2), axis=1)
+            acc += tl.where(bidx[None, :] == b, part[:, None], 0.0)
     out = y_ptr + bidx[None, :] * stride_y + row[:, None]
     tl.atomic_add(out, acc, mask=p_ok[:, None] & (bidx < batch)[None, :], sem="relaxed")
 
@@ -275,16 +260,15 @@ def _prepare_rows(qt: QuantizedTensor) -> _RowLaunch:
     )  # fmt: skip
 
 
-def prepare(qt: QuantizedTensor) -> PreparedMatrix:
-    """Launch data (row layouts: one launch; grouped: one per width), and the outlier corrections."""
+def _prepare_groups(qt: QuantizedTensor) -> list[_Launch]:
+    """One launch per width: the (row, first column) of each of its segments, and its tables."""
     rows, cols = qt.shape
     groups = cols // qt.group_size
     device = qt.bitmap.device
-    row_launch = _prepare_rows(qt) if groups == 1 else None
     grid_row = torch.arange(rows, device=device)[:, None].expand(rows, groups)
     grid_col = (torch.arange(groups, device=device) * qt.group_size)[None, :].expand(rows, groups)
     launches = []
-    for b in [] if row_launch is not None else qt.widths:
+    for b in qt.widths:
         mask = qt.bitmap == b
         if qt.kind == "codebook":
             table, zeros = qt.codebooks[b], torch.zeros(1, dtype=torch.uint8, device=device)
@@ -301,6 +285,15 @@ def prepare(qt: QuantizedTensor) -> PreparedMatrix:
                 grid_col[mask].to(torch.int32),
             )
         )
+    return launches
+
+
+def prepare(qt: QuantizedTensor) -> PreparedMatrix:
+    """Launch data (row layouts: one launch; grouped: one per width), and the outlier corrections."""
+    rows, cols = qt.shape
+    row_layout = qt.group_size == cols
+    row_launch = _prepare_rows(qt) if row_layout else None
+    launches = [] if row_layout else _prepare_groups(qt)
     o_rows = o_cols = deltas = None
     if qt.outliers is not None:
         o_rows, o_cols = qt.outliers.coordinates()
@@ -333,8 +326,7 @@ def lut_matvec(prepared: PreparedMatrix, x: torch.Tensor) -> torch.Tensor:
 
         _row_kernel[grid](
             r.codes, r.table, xs, y, r.rows, r.bits, r.code_off, r.table_off, r.scale, r.zero,
-            rows, cols, xs.stride(0), y.stride(0), batch, UNIFORM=r.uniform, BLOCK_B=block_b, FLAT=ROW_FLAT,
-            **_ROW_FIXED,
+            rows, cols, xs.stride(0), y.stride(0), batch, UNIFORM=r.uniform, BLOCK_B=block_b, **_ROW_FIXED,
         )  # fmt: skip
     block_k = min(64, triton.next_power_of_2(prepared.group_size))
     for launch in prepared.launches:
