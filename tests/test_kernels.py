@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton", reason="triton is not installed (pip install 'anybit[cuda]'): no kernel tests")
 
 from anybit.format.qtensor import QuantizedTensor, SparseOutliers
-from anybit.kernels.lut_gemv import lut_matvec, prepare, unsupported_reason
+from anybit.kernels.lut_gemv import MAX_BATCH, lut_matmul, lut_matvec, prepare, unsupported_reason
 from anybit.quant.uniform import rtn_quantize
 from anybit.runtime.qlinear import QuantLinear
 
@@ -30,10 +30,13 @@ def _codebook_tensor(rows: int, cols: int, group_size: int, widths: tuple[int, .
 
 
 def _check(qt: QuantizedTensor, batch: int) -> None:
+    """The decode kernel (batch rows) and the prefill path (more rows than the decode kernel takes)."""
     qt_dev = QuantizedTensor.from_tensors(qt.meta(), {k: v.to(DEVICE) for k, v in qt.to_tensors().items()})
-    x = torch.randn(batch, qt.shape[1], device=DEVICE)
-    expected = x @ qt_dev.dequantize().t()
-    torch.testing.assert_close(lut_matvec(prepare(qt_dev), x), expected, rtol=1e-4, atol=1e-4)
+    prepared = prepare(qt_dev)
+    for tokens, product in ((batch, lut_matvec), (MAX_BATCH + 5, lut_matmul)):
+        x = torch.randn(tokens, qt.shape[1], device=DEVICE)
+        expected = x @ qt_dev.dequantize().t()
+        torch.testing.assert_close(product(prepared, x), expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("batch", [1, 3, 8])
@@ -68,10 +71,11 @@ def test_quant_linear_dispatch_and_fallback() -> None:
     torch.manual_seed(3)
     qt = _codebook_tensor(32, 64, 64, (3,))
     layer = QuantLinear(qt, bias=torch.randn(32)).to(DEVICE)
-    x = torch.randn(2, 1, 64, device=DEVICE)
-    reference = layer(x) if DEVICE == "cpu" else None
-    layer.kernel = "triton"
-    if reference is not None:
+    for tokens in (1, 12):  # the decode kernel, then the prefill path
+        x = torch.randn(2, tokens, 64, device=DEVICE)
+        layer.kernel = "reference"
+        reference = layer(x)
+        layer.kernel = "triton"
         torch.testing.assert_close(layer(x), reference, rtol=1e-4, atol=1e-4)
     # per-column (CLAQ) layouts have no kernel: one warning, then the reference path
     column_qt = QuantizedTensor.from_codebook(

@@ -18,7 +18,7 @@ from torch import nn
 from anybit.format.qtensor import QuantizedTensor
 from anybit.kernels import triton_available
 
-KERNEL_MAX_TOKENS = 8  # above this, dequantize once and use the dense matmul (prefill)
+KERNEL_MAX_TOKENS = 8  # above this, decode the matrix with a kernel and use the dense matmul (prefill)
 
 
 def kernel_unavailable(qtensor: QuantizedTensor) -> str:
@@ -44,7 +44,7 @@ class QuantLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self._qtensor: QuantizedTensor | None = qtensor
         self._dense: torch.Tensor | None = None
-        self.kernel = "auto"  # "auto": fused kernel for decode on CUDA; "triton": always; "reference": never
+        self.kernel = "auto"  # "auto": the kernels on CUDA; "triton": everywhere; "reference": never
         self._kernel_unsupported: str | None = None  # None: not checked yet; "": supported
         self._prepared = None
 
@@ -75,11 +75,14 @@ class QuantLinear(nn.Module):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if self._dense is None and self._use_kernel(x):
             flat = x.reshape(-1, self.in_features)
-            from anybit.kernels.lut_gemv import lut_matvec, prepare
+            from anybit.kernels.lut_gemv import lut_matmul, lut_matvec, prepare
 
             if self._prepared is None:
                 self._prepared = prepare(self.qtensor)
-            y = lut_matvec(self._prepared, flat).to(x.dtype)
+            if flat.shape[0] <= KERNEL_MAX_TOKENS:
+                y = lut_matvec(self._prepared, flat).to(x.dtype)
+            else:  # prefill: decode into a transient dense matrix with the kernel, then one GEMM
+                y = lut_matmul(self._prepared, flat)
             if bias is not None:
                 y = y + bias
             return y.reshape(*x.shape[:-1], self.out_features)
@@ -90,8 +93,8 @@ class QuantLinear(nn.Module):
         return F.linear(x, self._dense, bias)
 
     def _use_kernel(self, x: torch.Tensor) -> bool:
-        """The fused decode kernel serves few-token products on CUDA (or everywhere with kernel='triton')."""
-        if self.kernel == "reference" or x.numel() // self.in_features > KERNEL_MAX_TOKENS:
+        """The kernels serve products on CUDA (or everywhere with kernel='triton')."""
+        if self.kernel == "reference":
             return False
         if self.kernel == "auto" and not x.is_cuda:
             return False
