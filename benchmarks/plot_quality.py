@@ -1,8 +1,8 @@
 """Perplexity against counted bits per weight for every recipe measured on the full WikiText-2 test.
 
 Usage: python benchmarks/plot_quality.py [--out benchmarks/quality_vs_bits.png]
-Reads results/reference_figures.jsonl and results/recipes.jsonl (full 147-window runs only; the
-latest run of each configuration wins) and draws one marker series per method, fp16 as a line.
+Reads results/recipes_gpu.jsonl, results/reference_figures.jsonl and results/recipes.jsonl (full
+147-window runs only; the latest run of each configuration wins, a CPU run over a GPU one) and draws one marker series per method, fp16 as a line.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import matplotlib.pyplot as plt
 from _common import RESULTS_DIR
 from anybit.config import QuantConfig
 
-SOURCES = ("reference_figures.jsonl", "recipes.jsonl")
+# GPU runs first: where a configuration was also run on the CPU, the CPU run (the tables' figure) wins
+SOURCES = ("recipes_gpu.jsonl", "reference_figures.jsonl", "recipes.jsonl")
 FULL_WINDOWS = 147
 # settings a run leaves unset (null) but the recipe applies
 DEFAULTS = {"anybit": {"weighting": "fisher"}, "skim": {"scope": "matrix", "scaling": True}}
