@@ -13,6 +13,7 @@ export PYTHONPATH=../src${PYTHONPATH:+:$PYTHONPATH}
 run() { echo "== $*"; timeout 900 python "$@" || echo "!! failed: $*"; }
 (cd .. && timeout 600 python -m pytest -q tests/test_kernels.py tests/test_cuda.py tests/test_dec.py) || echo "!! GPU tests failed"
 run kernel_speed.py --bits 2,3,4
+run kernel_speed.py --bits 3 --batch 512
 run dec_speed.py --ks 0,4,8,16,32,64
 run decode_speed.py --shape llama-7b --bits 3 --dec 0,4,8,16,32,64
 run decode_speed.py --shape smollm2-135m --bits 3 --dec 0,8,32
