@@ -69,7 +69,7 @@ class _SortedRows:
 
     @classmethod
     def of(cls, x: torch.Tensor, weights: torch.Tensor) -> _SortedRows:
-        xs, order = torch.sort(x, dim=1)
+        xs, order = torch.sort(x.contiguous(), dim=1)  # a transposed view would sort into strided rows
         ws = torch.gather(weights, 1, order).double()
         zero = torch.zeros(x.shape[0], 1, dtype=torch.float64, device=x.device)
         cw = torch.cat([zero, torch.cumsum(ws, 1)], 1)
