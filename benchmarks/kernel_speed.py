@@ -77,7 +77,10 @@ def main() -> None:
             qt = QuantizedTensor.from_tensors(qt.meta(), {k: v.cuda() for k, v in qt.to_tensors().items()})
             prepared = prepare(qt)
             expected = x.float() @ qt.dequantize().t()
-            torch.testing.assert_close(product(prepared, x).float(), expected, rtol=2e-2, atol=2e-2)
+            if product is lut_matvec:  # fp32 accumulation
+                torch.testing.assert_close(lut_matvec(prepared, x.float()), expected, rtol=2e-3, atol=2e-3)
+            else:  # an fp16 GEMM on an fp16 matrix
+                torch.testing.assert_close(lut_matmul(prepared, x).float(), expected, rtol=2e-2, atol=2e-2)
             ms = time_ms(lambda prepared=prepared, x=x: product(prepared, x))
             g_ms = graph_ms(lambda prepared=prepared, x=x: product(prepared, x))
             stored = qt.storage_bits() / 8

@@ -2,7 +2,8 @@
 
 Usage: python benchmarks/plot_quality.py [--out benchmarks/quality_vs_bits.png]
 Reads results/recipes_gpu.jsonl, results/reference_figures.jsonl and results/recipes.jsonl (full
-147-window runs only; the latest run of each configuration wins, a CPU run over a GPU one) and draws one marker series per method, fp16 as a line.
+147-window runs only; the latest run of each configuration wins, a CPU run over a GPU one) and draws
+one marker series per method, fp16 as a line.
 """
 
 from __future__ import annotations

@@ -33,9 +33,9 @@ import triton.language as tl
 
 from anybit.format.packing import unpack_codes
 from anybit.format.qtensor import QuantizedTensor
+from anybit.kernels import MAX_BATCH
 
 BLOCK_S = 16  # segments per program (grouped layouts)
-MAX_BATCH = 8
 
 
 @triton.jit

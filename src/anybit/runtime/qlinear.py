@@ -16,9 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from anybit.format.qtensor import QuantizedTensor
-from anybit.kernels import triton_available
-
-KERNEL_MAX_TOKENS = 8  # above this, decode the matrix with a kernel and use the dense matmul (prefill)
+from anybit.kernels import MAX_BATCH, triton_available
 
 
 def kernel_unavailable(qtensor: QuantizedTensor) -> str:
@@ -79,7 +77,7 @@ class QuantLinear(nn.Module):
 
             if self._prepared is None:
                 self._prepared = prepare(self.qtensor)
-            if flat.shape[0] <= KERNEL_MAX_TOKENS:
+            if flat.shape[0] <= MAX_BATCH:
                 y = lut_matvec(self._prepared, flat).to(x.dtype)
             else:  # prefill: decode into a transient dense matrix with the kernel, then one GEMM
                 y = lut_matmul(self._prepared, flat)
