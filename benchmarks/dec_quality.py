@@ -1,8 +1,9 @@
 """Quality of dynamic error compensation (QDEC/DecDEC) on quantized SmolLM2 directories.
 
 Usage: python benchmarks/dec_quality.py DIR [DIR ...] [--ks 4,8,16,32,64] [--static-ks 8,32] [--max-windows N]
-                                        [--score activation|contribution] [--device cuda]
-For each quantized DIR: stores its 4-bit residuals if missing (`anybit residual`), then evaluates
+                                        [--score activation|contribution] [--device cuda] [--fit K]
+For each quantized DIR: stores its 4-bit residuals (`anybit residual [--fit K]`) unless those stored
+already match, then evaluates
 perplexity without DEC, with dynamic top-k selection for every K, and with the static baseline
 (channels with the largest mean |x| on calibration data) for each K in --static-ks. One JSON line
 per evaluation goes to benchmarks/results/dec_quality.jsonl.
@@ -17,6 +18,7 @@ from _common import log_result
 from anybit.format.io import RESIDUAL_FILE, load_residuals
 from anybit.model.loading import load_model
 from anybit.pipeline import build_residuals, evaluate_spec
+from anybit.runtime.dec import FIT_RIDGE
 
 
 def _ints(text: str) -> list[int]:
@@ -29,17 +31,32 @@ def main() -> None:
     parser.add_argument("--ks", default="4,8,16,32,64")
     parser.add_argument("--static-ks", default="8,32")
     parser.add_argument("--max-windows", type=int, default=None)
+    parser.add_argument("--skip-base", action="store_true", help="do not evaluate without DEC")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--device", default="cpu", help="evaluation device (cpu or cuda)")
     parser.add_argument("--residual-nsamples", type=int, default=8)
     parser.add_argument("--score", default="activation", help="channel ranking: activation or contribution")
+    parser.add_argument("--fit", type=int, default=None, help="residuals fitted for k_chunk K (default: W - Q(W))")
+    parser.add_argument("--ridge", type=float, default=FIT_RIDGE, help="with --fit: the fit's ridge")
+    parser.add_argument("--fit-target", default="layer", help="with --fit: layer or model")
     args = parser.parse_args()
     for directory in args.dirs:
-        if not (Path(directory) / RESIDUAL_FILE).exists():
-            build_residuals(directory, nsamples=args.residual_nsamples)
+        wanted = (args.fit, args.ridge, args.fit_target) if args.fit else (None, None, None)
+        stored = None
+        if (Path(directory) / RESIDUAL_FILE).exists():
+            meta = load_residuals(directory)[2]
+            stored = (meta.get("fit_k"), meta.get("ridge"), meta.get("fit_target"))
+        if stored != wanted:
+            build_residuals(
+                directory, nsamples=args.residual_nsamples, fit_k=args.fit, ridge=args.ridge, fit_target=args.fit_target
+            )
         residual_meta = load_residuals(directory)[2]
         loaded = load_model(directory)
-        runs = [(None, False)] + [(k, False) for k in _ints(args.ks)] + [(k, True) for k in _ints(args.static_ks)]
+        runs = (
+            [(None, False)] * (not args.skip_base)
+            + [(k, False) for k in _ints(args.ks)]
+            + [(k, True) for k in _ints(args.static_ks)]
+        )
         for k, static in runs:
             result = evaluate_spec(
                 loaded,
@@ -61,6 +78,9 @@ def main() -> None:
                     "k_chunk": k,
                     "static": static,
                     "score": args.score if k is not None else None,
+                    "fit_k": residual_meta.get("fit_k"),
+                    "ridge": residual_meta.get("ridge"),
+                    "fit_target": residual_meta.get("fit_target"),
                     "device": args.device,
                     **result.to_dict(),
                 },

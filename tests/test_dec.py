@@ -1,6 +1,7 @@
 """Dynamic error compensation: residual format, channel selection, the compensated product, and the CLI."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -12,7 +13,9 @@ from anybit.quant.uniform import rtn_quantize
 from anybit.runtime.dec import (
     LEVELS,
     Compensator,
+    CorrectionStats,
     chunk_budgets,
+    fit_correction,
     quantize_residual,
     select_channels,
     static_channels,
@@ -101,6 +104,74 @@ def test_all_channels_with_exact_residual_restore_the_layer() -> None:
     torch.testing.assert_close(out, F.linear(x, W), rtol=1e-4, atol=1e-4)
 
 
+def _correlated_inputs(n: int, d: int, noise_seed: int) -> torch.Tensor:
+    """Tokens of unequal channel scales, mixed by one fixed random matrix (so channels correlate)."""
+    mix = torch.eye(d) + 0.3 * torch.randn(d, d, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(n, d, generator=torch.Generator().manual_seed(noise_seed))
+    return (noise * torch.linspace(0.2, 3, d)) @ mix
+
+
+def _selected(x: torch.Tensor, k_chunk: int) -> torch.Tensor:
+    idx = select_channels(x, k_chunk)
+    return torch.zeros_like(x).scatter_(1, idx, x.gather(1, idx))
+
+
+def test_correction_statistics_and_fit() -> None:
+    d, out = 64, 24
+    W = torch.randn(out, d)
+    W_hat = W + 0.1 * torch.randn(out, d)
+    R = W - W_hat
+    layers = {"q": torch.nn.Linear(d, 8), "k": torch.nn.Linear(d, 8), "down": torch.nn.Linear(d, 8)}
+    stats = CorrectionStats(layers, k_chunk=128)  # 8 of 64 channels per token
+    x = _correlated_inputs(300, d, noise_seed=1)
+    layers["q"](x), layers["k"](x)  # the same tensor: computed once, counted for both
+    layers["down"](x[:100]), layers["down"](x[100:])  # accumulated over calls
+    stats.remove()
+    z = _selected(x, 128)
+    for name in layers:
+        torch.testing.assert_close(stats.sums["A"][name].float(), x.t() @ z, rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(stats.sums["G"][name].float(), z.t() @ z, rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(stats.sums["D"][name].float(), x.square().sum(0), rtol=1e-4, atol=1e-3)
+    C = stats.fit("q", W, W_hat, ridge=0.01)
+
+    def left(M: torch.Tensor, x: torch.Tensor) -> float:  # share of the layer error R x the correction leaves
+        error = x @ R.t()
+        return ((error - _selected(x, 128) @ M.t()).square().sum() / error.square().sum()).item()
+
+    held_out = _correlated_inputs(2000, d, noise_seed=7)
+    assert left(C, x) < left(R, x) and left(C, held_out) < left(R, held_out)
+    # every channel selected: the fit is the residual itself, whatever the ridge
+    A = G = x.t() @ x
+    torch.testing.assert_close(fit_correction(R, A, G, x.square().sum(0), ridge=0.5), R, rtol=1e-4, atol=1e-4)
+    # a channel never selected keeps its residual
+    A, G = A.clone(), G.clone()
+    A[:, 3] = G[:, 3] = G[3, :] = 0
+    torch.testing.assert_close(fit_correction(R, A, G, x.square().sum(0), ridge=0.1)[:, 3], R[:, 3])
+
+
+def test_correction_fitted_to_the_unquantized_model_output() -> None:
+    d, out = 64, 24
+    W = torch.randn(out, d)
+    W_hat = W + 0.1 * torch.randn(out, d)
+    x = _correlated_inputs(400, d, noise_seed=1)
+    x_ref = x + 0.05 * _correlated_inputs(400, d, noise_seed=2)  # the unquantized model's inputs drifted away
+    layer = torch.nn.Linear(d, 8)
+    reference: dict[str, torch.Tensor] = {}
+    stats = CorrectionStats({"l": layer}, k_chunk=128, reference=reference)
+    reference["l"] = x_ref
+    layer(x)
+    stats.remove()
+    torch.testing.assert_close(stats.sums["B"]["l"].float(), x_ref.t() @ _selected(x, 128), rtol=1e-4, atol=1e-3)
+    C = stats.fit("l", W, W_hat, ridge=0.01)
+    C_layer = fit_correction(W - W_hat, *(stats.sums[key]["l"] for key in "AGD"), ridge=0.01)
+
+    def left(M: torch.Tensor) -> float:  # share of the error against the unquantized output left
+        error = x_ref @ W.t() - x @ W_hat.t()
+        return ((error - _selected(x, 128) @ M.t()).square().sum() / error.square().sum()).item()
+
+    assert left(C) < left(C_layer) < left(W - W_hat)
+
+
 def test_dec_cli_end_to_end(tiny_llama_dir, corpus_file, tmp_path) -> None:
     run = CliRunner().invoke
     out = tmp_path / "q"
@@ -125,9 +196,16 @@ def test_dec_cli_end_to_end(tiny_llama_dir, corpus_file, tmp_path) -> None:
     assert ppl("--dec", "1024") == every  # deterministic
     static = ppl("--dec", "256", "--dec-static")
     assert static != plain
-    contribution = ppl("--dec", "256", "--dec-score", "contribution")
-    assert contribution != ppl("--dec", "256") and abs(contribution - fp) < abs(plain - fp)
+    contribution, ppl_plain_256 = ppl("--dec", "256", "--dec-score", "contribution"), ppl("--dec", "256")
+    assert contribution != ppl_plain_256 and abs(contribution - fp) < abs(plain - fp)
     bench = run(main, ["bench", str(out), "--dec", "8", "--prompt-tokens", "8", "--new-tokens", "2", "--json"])
     assert bench.exit_code == 0 and json.loads(bench.stdout)["dec"] == 8, bench.output
     bad = run(main, ["eval", str(tiny_llama_dir), "--dec", "8", *common])
     assert bad.exit_code != 0 and "quantized directory" in bad.output
+    result = run(main, ["residual", str(out), "--fit", "256", "--fit-target", "model", "--calib", str(corpus_file),
+                        "--seqlen", "64", "--nsamples", "2"])  # fmt: skip
+    assert result.exit_code == 0 and "fitted for --dec 256" in result.output, result.output
+    fitted = ppl("--dec", "256")
+    assert math.isfinite(fitted) and fitted != ppl_plain_256
+    with pytest.warns(UserWarning, match="fitted for dynamic --dec 256"):
+        ppl("--dec", "8")

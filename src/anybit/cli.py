@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from anybit.config import DEC_SCORES, DTYPES, SCOPES, WEIGHTINGS, QuantConfig
+from anybit.config import DEC_SCORES, DTYPES, FIT_TARGETS, SCOPES, WEIGHTINGS, QuantConfig
 from anybit.errors import AnybitError
 
 
@@ -165,8 +165,10 @@ def quantize(
 
 
 def _echo_residual(meta: dict) -> None:
+    fitted = f" fitted for --dec {meta['fit_k']}" if "fit_k" in meta else ""
     click.echo(
-        f"wrote residuals: {meta['bits_per_weight']:.4f} bits/weight in host memory "
+        f"wrote residuals{fitted}: "
+        f"{meta['bits_per_weight']:.4f} bits/weight in host memory "
         f"({_mb(meta['storage_bits'] // 8)}), not counted in the model's bits"
     )
 
@@ -177,11 +179,31 @@ def _echo_residual(meta: dict) -> None:
 @click.option("--nsamples", type=int, default=8, show_default=True, help="Calibration windows for channel means.")
 @click.option("--seqlen", type=int, default=2048, show_default=True)
 @click.option("--calib", default="wikitext2-valid", show_default=True, help="Calibration corpus name or text file.")
-def residual(directory: str, source: str | None, nsamples: int, seqlen: int, calib: str) -> None:
+@click.option(
+    "--fit",
+    "fit_k",
+    type=int,
+    default=None,
+    help="Store, instead of W − Q(W), the correction fitted on the calibration data to predict each layer's "
+    "whole error from the channels --dec K selects (best used with --dec K).",
+)
+@click.option(
+    "--fit-target",
+    type=click.Choice(FIT_TARGETS),
+    default="layer",
+    show_default=True,
+    help="With --fit: predict each layer's own error, or its error against the unquantized model's output.",
+)
+def residual(
+    directory: str, source: str | None, nsamples: int, seqlen: int, calib: str, fit_k: int | None, fit_target: str
+) -> None:
     """Store the 4-bit residuals W − Q(W) of a quantized DIR, for dynamic error compensation (--dec)."""
     from anybit.pipeline import build_residuals
 
-    _echo_residual(build_residuals(directory, source, nsamples=nsamples, seqlen=seqlen, calib=calib))
+    meta = build_residuals(
+        directory, source, nsamples=nsamples, seqlen=seqlen, calib=calib, fit_k=fit_k, fit_target=fit_target
+    )
+    _echo_residual(meta)
 
 
 def _dec_options(f):

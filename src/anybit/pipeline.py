@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from anybit.calibrate import QuantReport, quantize_model
-from anybit.config import QuantConfig
+from anybit.config import FIT_TARGETS, QuantConfig
 from anybit.data import calibration_windows, eval_windows, load_corpus, tokenize_corpus
 from anybit.errors import AnybitError
 from anybit.eval.perplexity import EvalResult, evaluate
@@ -19,7 +20,15 @@ from anybit.format.io import WEIGHTS_FILE, load_residuals, save_quantized, save_
 from anybit.methods import get_method
 from anybit.model.adapters import get_adapter
 from anybit.model.loading import LoadedModel, load_model
-from anybit.runtime.dec import RESIDUAL_BITS, ActivationStats, compensation, residual_of
+from anybit.runtime.dec import (
+    FIT_RIDGE,
+    RESIDUAL_BITS,
+    ActivationStats,
+    CorrectionStats,
+    InputRecorder,
+    compensation,
+    quantize_residual,
+)
 from anybit.runtime.qlinear import dense_weights, quant_linears
 
 
@@ -113,7 +122,13 @@ def dec_compensation(
         raise AnybitError(f"--dec needs a positive k_chunk, got {k_chunk}")
     if loaded.kind != "quantized":
         raise AnybitError("--dec needs a quantized directory (with residuals)")
-    residuals, means, _ = load_residuals(loaded.source)
+    residuals, means, meta = load_residuals(loaded.source)
+    if meta.get("fit_k", k_chunk) != k_chunk or (static and "fit_k" in meta):
+        warnings.warn(
+            f"anybit: the residuals of {loaded.source} were fitted for dynamic --dec {meta['fit_k']}, "
+            f"not {'static ' if static else ''}--dec {k_chunk}",
+            stacklevel=2,
+        )
     layers = dict(quant_linears(loaded.model))
     if set(layers) != set(residuals):
         raise AnybitError(f"residuals in {loaded.source} do not match its quantized layers")
@@ -129,9 +144,21 @@ def build_residuals(
     calib: str = "wikitext2-valid",
     dtype: str = "float32",
     progress: bool = True,
+    fit_k: int | None = None,
+    ridge: float = FIT_RIDGE,
+    fit_target: str = "layer",
 ) -> dict:
     """Compute and store the 4-bit residuals W − Q(W) of a quantized directory, plus the calibration
-    mean |x| per input channel (for the static-selection baseline). Returns the residual metadata."""
+    mean |x| per input channel (for the static-selection baseline). Returns the residual metadata.
+
+    With `fit_k`, each stored matrix is instead the correction fitted on the calibration data for
+    dynamic selection at k_chunk = fit_k (`anybit.runtime.dec.fit_correction`), predicting either
+    each layer's own error (`fit_target` "layer") or its error against the unquantized model's
+    output on the same tokens ("model")."""
+    if fit_k is not None and fit_k < 1:
+        raise AnybitError(f"--fit needs a positive k_chunk, got {fit_k}")
+    if fit_target not in FIT_TARGETS:
+        raise AnybitError(f"fit target must be one of {', '.join(FIT_TARGETS)}, got {fit_target!r}")
     loaded = load_model(str(quant_dir))
     if loaded.kind != "quantized":
         raise AnybitError(f"{quant_dir} is not a quantized directory")
@@ -141,22 +168,44 @@ def build_residuals(
     original = load_model(source)
     adapter = get_adapter(original.model.config.model_type)
     layers = dict(quant_linears(loaded.model))
-    residuals = {}
-    for name, layer in tqdm(layers.items(), desc="residuals", unit="linear", disable=not progress):
+
+    def weight_of(name: str) -> torch.Tensor:
+        layer = layers[name]
         W = adapter.weight_of(original.model.get_submodule(name)).half()
         if W.shape != (layer.out_features, layer.in_features):
             raise AnybitError(f"{source} does not match {quant_dir}: {name} has shape {tuple(W.shape)}")
-        residuals[name] = residual_of(W, layer.dequantize())
-    del original
+        return W
+
+    for name in layers:  # a mismatched source fails before the calibration pass
+        weight_of(name)
     ids = tokenize_corpus(loaded.tokenizer, load_corpus(calib))
     windows = calibration_windows(ids, nsamples, seqlen, seed=0)
-    model = loaded.model.to(dtype=getattr(torch, dtype))
+    torch_dtype = getattr(torch, dtype)
+    model = loaded.model.to(dtype=torch_dtype)
     stats = ActivationStats(layers)
+    fit_stats = recorder = None
+    if fit_k is not None and fit_target == "model":
+        recorder = InputRecorder({name: original.model.get_submodule(name) for name in layers})
+        original.model.to(dtype=torch_dtype)
+    if fit_k is not None:
+        fit_stats = CorrectionStats(layers, fit_k, None if recorder is None else recorder.inputs)
     try:
         with dense_weights(model):
             for window in tqdm(windows, desc="activation statistics", unit="window", disable=not progress):
+                if recorder is not None:
+                    original.model(window[None], use_cache=False)
                 model(window[None], use_cache=False)
     finally:
         means = stats.remove()
+        for hooks in (fit_stats, recorder):
+            if hooks is not None:
+                hooks.remove()
+    residuals = {}
+    for name in tqdm(layers, desc="residuals", unit="linear", disable=not progress):
+        W, W_hat = weight_of(name).float(), layers[name].dequantize().float()
+        R = W - W_hat if fit_stats is None else fit_stats.fit(name, W, W_hat, ridge)
+        residuals[name] = quantize_residual(R)
     info = {"source": source, "bits": RESIDUAL_BITS, "calib": calib, "nsamples": nsamples, "seqlen": seqlen}
+    if fit_k is not None:
+        info |= {"fit_k": fit_k, "ridge": ridge, "fit_target": fit_target}
     return save_residuals(quant_dir, residuals, means, info)
