@@ -38,18 +38,15 @@ def main() -> None:
     parser.add_argument("--score", default="activation", help="channel ranking: activation or contribution")
     parser.add_argument("--fit", type=int, default=None, help="residuals fitted for k_chunk K (default: W - Q(W))")
     parser.add_argument("--ridge", type=float, default=FIT_RIDGE, help="with --fit: the fit's ridge")
-    parser.add_argument("--fit-target", default="layer", help="with --fit: layer or model")
     args = parser.parse_args()
     for directory in args.dirs:
-        wanted = (args.fit, args.ridge, args.fit_target) if args.fit else (None, None, None)
+        wanted = (args.fit, args.ridge) if args.fit else (None, None)
         stored = None
         if (Path(directory) / RESIDUAL_FILE).exists():
             meta = load_residuals(directory)[2]
-            stored = (meta.get("fit_k"), meta.get("ridge"), meta.get("fit_target"))
+            stored = (meta.get("fit_k"), meta.get("ridge"))
         if stored != wanted:
-            build_residuals(
-                directory, nsamples=args.residual_nsamples, fit_k=args.fit, ridge=args.ridge, fit_target=args.fit_target
-            )
+            build_residuals(directory, nsamples=args.residual_nsamples, fit_k=args.fit, ridge=args.ridge)
         residual_meta = load_residuals(directory)[2]
         loaded = load_model(directory)
         runs = (
@@ -80,7 +77,6 @@ def main() -> None:
                     "score": args.score if k is not None else None,
                     "fit_k": residual_meta.get("fit_k"),
                     "ridge": residual_meta.get("ridge"),
-                    "fit_target": residual_meta.get("fit_target"),
                     "device": args.device,
                     **result.to_dict(),
                 },

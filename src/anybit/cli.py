@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from anybit.config import DEC_SCORES, DTYPES, FIT_TARGETS, SCOPES, WEIGHTINGS, QuantConfig
+from anybit.config import DEC_SCORES, DTYPES, SCOPES, WEIGHTINGS, QuantConfig
 from anybit.errors import AnybitError
 
 
@@ -187,22 +187,11 @@ def _echo_residual(meta: dict) -> None:
     help="Store, instead of W − Q(W), the correction fitted on the calibration data to predict each layer's "
     "whole error from the channels --dec K selects (best used with --dec K).",
 )
-@click.option(
-    "--fit-target",
-    type=click.Choice(FIT_TARGETS),
-    default="layer",
-    show_default=True,
-    help="With --fit: predict each layer's own error, or its error against the unquantized model's output.",
-)
-def residual(
-    directory: str, source: str | None, nsamples: int, seqlen: int, calib: str, fit_k: int | None, fit_target: str
-) -> None:
+def residual(directory: str, source: str | None, nsamples: int, seqlen: int, calib: str, fit_k: int | None) -> None:
     """Store the 4-bit residuals W − Q(W) of a quantized DIR, for dynamic error compensation (--dec)."""
     from anybit.pipeline import build_residuals
 
-    meta = build_residuals(
-        directory, source, nsamples=nsamples, seqlen=seqlen, calib=calib, fit_k=fit_k, fit_target=fit_target
-    )
+    meta = build_residuals(directory, source, nsamples=nsamples, seqlen=seqlen, calib=calib, fit_k=fit_k)
     _echo_residual(meta)
 
 

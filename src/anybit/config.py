@@ -13,7 +13,6 @@ DTYPES = ("float32", "bfloat16", "float16")
 WEIGHTINGS = ("activation", "fisher", "none")
 SCOPES = ("matrix", "model")
 DEC_SCORES = ("activation", "contribution")  # how dynamic error compensation ranks input channels
-FIT_TARGETS = ("layer", "model")  # what a fitted DEC correction predicts (`anybit.runtime.dec.fit_correction`)
 
 
 @dataclass(frozen=True)

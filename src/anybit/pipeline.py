@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from anybit.calibrate import QuantReport, quantize_model
-from anybit.config import FIT_TARGETS, QuantConfig
+from anybit.config import QuantConfig
 from anybit.data import calibration_windows, eval_windows, load_corpus, tokenize_corpus
 from anybit.errors import AnybitError
 from anybit.eval.perplexity import EvalResult, evaluate
@@ -25,7 +25,6 @@ from anybit.runtime.dec import (
     RESIDUAL_BITS,
     ActivationStats,
     CorrectionStats,
-    InputRecorder,
     compensation,
     quantize_residual,
 )
@@ -146,19 +145,14 @@ def build_residuals(
     progress: bool = True,
     fit_k: int | None = None,
     ridge: float = FIT_RIDGE,
-    fit_target: str = "layer",
 ) -> dict:
     """Compute and store the 4-bit residuals W − Q(W) of a quantized directory, plus the calibration
     mean |x| per input channel (for the static-selection baseline). Returns the residual metadata.
 
     With `fit_k`, each stored matrix is instead the correction fitted on the calibration data for
-    dynamic selection at k_chunk = fit_k (`anybit.runtime.dec.fit_correction`), predicting either
-    each layer's own error (`fit_target` "layer") or its error against the unquantized model's
-    output on the same tokens ("model")."""
+    dynamic selection at k_chunk = fit_k (`anybit.runtime.dec.fit_correction`)."""
     if fit_k is not None and fit_k < 1:
         raise AnybitError(f"--fit needs a positive k_chunk, got {fit_k}")
-    if fit_target not in FIT_TARGETS:
-        raise AnybitError(f"fit target must be one of {', '.join(FIT_TARGETS)}, got {fit_target!r}")
     loaded = load_model(str(quant_dir))
     if loaded.kind != "quantized":
         raise AnybitError(f"{quant_dir} is not a quantized directory")
@@ -180,32 +174,22 @@ def build_residuals(
         weight_of(name)
     ids = tokenize_corpus(loaded.tokenizer, load_corpus(calib))
     windows = calibration_windows(ids, nsamples, seqlen, seed=0)
-    torch_dtype = getattr(torch, dtype)
-    model = loaded.model.to(dtype=torch_dtype)
+    model = loaded.model.to(dtype=getattr(torch, dtype))
     stats = ActivationStats(layers)
-    fit_stats = recorder = None
-    if fit_k is not None and fit_target == "model":
-        recorder = InputRecorder({name: original.model.get_submodule(name) for name in layers})
-        original.model.to(dtype=torch_dtype)
-    if fit_k is not None:
-        fit_stats = CorrectionStats(layers, fit_k, None if recorder is None else recorder.inputs)
+    fit_stats = None if fit_k is None else CorrectionStats(layers, fit_k)
     try:
         with dense_weights(model):
             for window in tqdm(windows, desc="activation statistics", unit="window", disable=not progress):
-                if recorder is not None:
-                    original.model(window[None], use_cache=False)
                 model(window[None], use_cache=False)
     finally:
         means = stats.remove()
-        for hooks in (fit_stats, recorder):
-            if hooks is not None:
-                hooks.remove()
+        if fit_stats is not None:
+            fit_stats.remove()
     residuals = {}
     for name in tqdm(layers, desc="residuals", unit="linear", disable=not progress):
-        W, W_hat = weight_of(name).float(), layers[name].dequantize().float()
-        R = W - W_hat if fit_stats is None else fit_stats.fit(name, W, W_hat, ridge)
-        residuals[name] = quantize_residual(R)
+        R = weight_of(name).float() - layers[name].dequantize().float()
+        residuals[name] = quantize_residual(R if fit_stats is None else fit_stats.fit(name, R, ridge))
     info = {"source": source, "bits": RESIDUAL_BITS, "calib": calib, "nsamples": nsamples, "seqlen": seqlen}
     if fit_k is not None:
-        info |= {"fit_k": fit_k, "ridge": ridge, "fit_target": fit_target}
+        info |= {"fit_k": fit_k, "ridge": ridge}
     return save_residuals(quant_dir, residuals, means, info)

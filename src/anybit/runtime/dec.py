@@ -189,68 +189,39 @@ class Compensator:
         return codes
 
 
-class InputRecorder:
-    """The latest input of each named module (by forward pre-hooks), for `CorrectionStats`' reference."""
-
-    def __init__(self, modules: dict[str, nn.Module]) -> None:
-        self.inputs: dict[str, torch.Tensor] = {}
-        self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
-
-    def _hook(self, name: str):
-        def hook(_module: nn.Module, args: tuple) -> None:
-            self.inputs[name] = args[0].detach()
-
-        return hook
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self.inputs.clear()
-
-
 class CorrectionStats:
     """Per linear, over calibration tokens x_t and their selected parts z_t (x_t with only the channels
     top-k per chunk keeps): A = Σ x_t z_tᵀ, G = Σ z_t z_tᵀ and D = Σ x_t², the inputs of
-    `fit_correction`; with `reference` (each linear's input in the unquantized model on the same
-    tokens, filled in before each forward pass) also B = Σ x̄_t z_tᵀ. Linears fed the same tensor
-    (q/k/v, gate/up) share one computation."""
+    `fit_correction`. Linears fed the same tensor (q/k/v, gate/up) share one computation."""
 
-    def __init__(
-        self, modules: dict[str, nn.Module], k_chunk: int, reference: dict[str, torch.Tensor] | None = None
-    ) -> None:
+    def __init__(self, modules: dict[str, nn.Module], k_chunk: int) -> None:
         self.k_chunk = k_chunk
-        self.reference = reference
-        self.sums: dict[str, dict[str, torch.Tensor]] = {key: {} for key in "AGDB"}
+        self.sums: dict[str, dict[str, torch.Tensor]] = {key: {} for key in "AGD"}
         self._last: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
         self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
 
-    def _increments(self, name: str, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _increments(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         if self._last is not None and self._last[0] is x:
             return self._last[1]
         flat = x.detach().reshape(-1, x.shape[-1]).float()
         idx = select_channels(flat, self.k_chunk)
         z = torch.zeros_like(flat).scatter_(1, idx, flat.gather(1, idx))
         inc = {"A": flat.t() @ z, "G": z.t() @ z, "D": flat.square().sum(dim=0)}
-        if self.reference is not None:
-            inc["B"] = self.reference[name].reshape(flat.shape).float().t() @ z
         self._last = (x, inc)
         return inc
 
     def _hook(self, name: str):
         def hook(_module: nn.Module, args: tuple) -> None:
-            for key, value in self._increments(name, args[0]).items():
+            for key, value in self._increments(args[0]).items():
                 value = value.double().cpu()
                 store = self.sums[key]
                 store[name] = store[name] + value if name in store else value
 
         return hook
 
-    def fit(self, name: str, W: torch.Tensor, W_hat: torch.Tensor, ridge: float) -> torch.Tensor:
-        """The fitted correction of one linear (`fit_correction`) from its weight W and quantized Ŵ."""
-        R = W.double() - W_hat.double()
-        A, G, D = (self.sums[key][name] for key in "AGD")
-        drift = None if self.reference is None else W.double() @ (self.sums["B"][name] - A)
-        return fit_correction(R, A, G, D, ridge, drift)
+    def fit(self, name: str, R: torch.Tensor, ridge: float) -> torch.Tensor:
+        """The fitted correction of one linear (`fit_correction`) from its residual R = W − Ŵ."""
+        return fit_correction(R, *(self.sums[key][name] for key in "AGD"), ridge)
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -258,24 +229,13 @@ class CorrectionStats:
         self._last = None
 
 
-def fit_correction(
-    R: torch.Tensor,
-    A: torch.Tensor,
-    G: torch.Tensor,
-    D: torch.Tensor,
-    ridge: float,
-    drift: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The compensation matrix C (out, in) minimising Σ_t ‖e_t − C z_t‖² + ridge · Σ_j D_j ‖C_j − R_j‖²
-    over calibration tokens (statistics of `CorrectionStats`), where e_t = R x_t is the layer's error:
-    the correction that, added for the selected channels only, best predicts the whole error,
-    including the part the unselected channels' residuals cancel. With `drift` = W (B − A), e_t is
-    instead W x̄_t − Ŵ x_t, the error against the unquantized model's output, which includes what
-    the inputs inherited from earlier layers. A channel never selected keeps C_j = R_j."""
+def fit_correction(R: torch.Tensor, A: torch.Tensor, G: torch.Tensor, D: torch.Tensor, ridge: float) -> torch.Tensor:
+    """The compensation matrix C (out, in) minimising Σ_t ‖R x_t − C z_t‖² + ridge · Σ_j D_j ‖C_j − R_j‖²
+    over calibration tokens (statistics of `CorrectionStats`): the correction that, added for the
+    selected channels only, best predicts the layer's whole error R x_t, including the part the
+    unselected channels' residuals cancel. A channel never selected keeps C_j = R_j."""
     reg = ridge * D.double() + 1e-12 * D.double().mean().clamp(min=1e-30)
     rhs = R.double() @ (A.double() + torch.diag(reg))
-    if drift is not None:
-        rhs = rhs + drift.double()
     lhs = G.double() + torch.diag(reg)
     return torch.linalg.solve(lhs, rhs.t()).t().float()  # C · lhs = rhs, lhs symmetric
 
