@@ -40,11 +40,11 @@ def main() -> None:
     parser.add_argument("--ridge", type=float, default=FIT_RIDGE, help="with --fit: the fit's ridge")
     args = parser.parse_args()
     for directory in args.dirs:
-        wanted = (args.fit, args.ridge) if args.fit else (None, None)
+        wanted = (args.residual_nsamples, args.fit, args.ridge if args.fit else None)
         stored = None
         if (Path(directory) / RESIDUAL_FILE).exists():
             meta = load_residuals(directory)[2]
-            stored = (meta.get("fit_k"), meta.get("ridge"))
+            stored = (meta.get("nsamples"), meta.get("fit_k"), meta.get("ridge"))
         if stored != wanted:
             build_residuals(directory, nsamples=args.residual_nsamples, fit_k=args.fit, ridge=args.ridge)
         residual_meta = load_residuals(directory)[2]
@@ -75,6 +75,7 @@ def main() -> None:
                     "k_chunk": k,
                     "static": static,
                     "score": args.score if k is not None else None,
+                    "residual_nsamples": residual_meta.get("nsamples"),
                     "fit_k": residual_meta.get("fit_k"),
                     "ridge": residual_meta.get("ridge"),
                     "device": args.device,
