@@ -12,6 +12,9 @@ floor(k_chunk · L / CHUNK) channels of largest score (exact top-k). The paper's
 ("activation"); "contribution" scores |x_j| · ‖R̂[:, j]‖, the size of the correction channel j would
 add, which costs one precomputed norm per input channel. The static baseline keeps, in each chunk,
 the same number of channels with the largest mean score over calibration data.
+
+Fitted residuals (`fit_correction`, not in the paper) store, in the same format, the correction
+that best predicts each layer's whole error from the channels a given k_chunk selects.
 """
 
 from __future__ import annotations
