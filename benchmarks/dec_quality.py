@@ -41,13 +41,11 @@ def main() -> None:
     args = parser.parse_args()
     for directory in args.dirs:
         wanted = (args.residual_nsamples, args.fit, args.ridge if args.fit else None)
-        stored = None
-        if (Path(directory) / RESIDUAL_FILE).exists():
-            meta = load_residuals(directory)[2]
-            stored = (meta.get("nsamples"), meta.get("fit_k"), meta.get("ridge"))
-        if stored != wanted:
-            build_residuals(directory, nsamples=args.residual_nsamples, fit_k=args.fit, ridge=args.ridge)
-        residual_meta = load_residuals(directory)[2]
+        residual_meta = load_residuals(directory)[2] if (Path(directory) / RESIDUAL_FILE).exists() else {}
+        if tuple(residual_meta.get(key) for key in ("nsamples", "fit_k", "ridge")) != wanted:
+            residual_meta = build_residuals(
+                directory, nsamples=args.residual_nsamples, fit_k=args.fit, ridge=args.ridge
+            )
         loaded = load_model(directory)
         runs = (
             [(None, False)] * (not args.skip_base)

@@ -122,7 +122,7 @@ def dec_compensation(
     if loaded.kind != "quantized":
         raise AnybitError("--dec needs a quantized directory (with residuals)")
     residuals, means, meta = load_residuals(loaded.source)
-    if meta.get("fit_k", k_chunk) != k_chunk or (static and "fit_k" in meta):
+    if "fit_k" in meta and (static or meta["fit_k"] != k_chunk):
         warnings.warn(
             f"anybit: the residuals of {loaded.source} were fitted for dynamic --dec {meta['fit_k']}, "
             f"not {'static ' if static else ''}--dec {k_chunk}",
@@ -162,16 +162,17 @@ def build_residuals(
     original = load_model(source)
     adapter = get_adapter(original.model.config.model_type)
     layers = dict(quant_linears(loaded.model))
-
-    def weight_of(name: str) -> torch.Tensor:
-        layer = layers[name]
+    residuals, errors = {}, {}  # errors: float32 R = W − Ŵ, kept only to be fitted after the calibration pass
+    for name, layer in tqdm(layers.items(), desc="residuals", unit="linear", disable=not progress):
         W = adapter.weight_of(original.model.get_submodule(name)).half()
         if W.shape != (layer.out_features, layer.in_features):
             raise AnybitError(f"{source} does not match {quant_dir}: {name} has shape {tuple(W.shape)}")
-        return W
-
-    for name in layers:  # a mismatched source fails before the calibration pass
-        weight_of(name)
+        R = W.float() - layer.dequantize().float()
+        if fit_k is None:
+            residuals[name] = quantize_residual(R)
+        else:
+            errors[name] = R
+    del original
     ids = tokenize_corpus(loaded.tokenizer, load_corpus(calib))
     windows = calibration_windows(ids, nsamples, seqlen, seed=0)
     model = loaded.model.to(dtype=getattr(torch, dtype))
@@ -185,10 +186,8 @@ def build_residuals(
         means = stats.remove()
         if fit_stats is not None:
             fit_stats.remove()
-    residuals = {}
-    for name in tqdm(layers, desc="residuals", unit="linear", disable=not progress):
-        R = weight_of(name).float() - layers[name].dequantize().float()
-        residuals[name] = quantize_residual(R if fit_stats is None else fit_stats.fit(name, R, ridge))
+    for name, R in errors.items():
+        residuals[name] = quantize_residual(fit_stats.fit(name, R, ridge))
     info = {"source": source, "bits": RESIDUAL_BITS, "calib": calib, "nsamples": nsamples, "seqlen": seqlen}
     if fit_k is not None:
         info |= {"fit_k": fit_k, "ridge": ridge}
