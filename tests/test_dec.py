@@ -12,8 +12,8 @@ from anybit.cli import main
 from anybit.quant.uniform import rtn_quantize
 from anybit.runtime.dec import (
     LEVELS,
+    CalibrationStats,
     Compensator,
-    CorrectionStats,
     chunk_budgets,
     fit_correction,
     quantize_residual,
@@ -120,17 +120,18 @@ def test_correction_statistics_and_fit() -> None:
     d, out = 64, 24
     R = 0.1 * torch.randn(out, d)
     layers = {"q": torch.nn.Linear(d, 8), "k": torch.nn.Linear(d, 8), "down": torch.nn.Linear(d, 8)}
-    stats = CorrectionStats(layers, k_chunk=128)  # 8 of 64 channels per token
+    stats = CalibrationStats(layers, k_chunk=128)  # 8 of 64 channels per token
     x = _correlated_inputs(300, d, noise_seed=1)
     layers["q"](x), layers["k"](x)  # the same tensor: computed once, counted for both
     layers["down"](x[:100]), layers["down"](x[100:])  # accumulated over calls
     stats.remove()
     z = _selected(x, 128)
     for name in layers:
-        torch.testing.assert_close(stats.sums["A"][name].float(), x.t() @ z, rtol=1e-4, atol=1e-3)
-        torch.testing.assert_close(stats.sums["G"][name].float(), z.t() @ z, rtol=1e-4, atol=1e-3)
-        torch.testing.assert_close(stats.sums["D"][name].float(), x.square().sum(0), rtol=1e-4, atol=1e-3)
-    C = stats.fit("q", R, ridge=0.01)
+        torch.testing.assert_close(stats.sums[name]["A"].float(), x.t() @ z, rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(stats.sums[name]["G"].float(), z.t() @ z, rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(stats.sums[name]["D"].float(), x.square().sum(0), rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(stats.mean_abs()[name], x.abs().mean(0))
+    C = stats.fit("q", R, ridge=0.01).dense()
 
     def left(M: torch.Tensor, x: torch.Tensor) -> float:  # share of the layer error R x the correction leaves
         error = x @ R.t()

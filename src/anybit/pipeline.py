@@ -23,8 +23,7 @@ from anybit.model.loading import LoadedModel, load_model
 from anybit.runtime.dec import (
     FIT_RIDGE,
     RESIDUAL_BITS,
-    ActivationStats,
-    CorrectionStats,
+    CalibrationStats,
     compensation,
     quantize_residual,
 )
@@ -176,18 +175,16 @@ def build_residuals(
     ids = tokenize_corpus(loaded.tokenizer, load_corpus(calib))
     windows = calibration_windows(ids, nsamples, seqlen, seed=0)
     model = loaded.model.to(dtype=getattr(torch, dtype))
-    stats = ActivationStats(layers)
-    fit_stats = None if fit_k is None else CorrectionStats(layers, fit_k)
+    stats = CalibrationStats(layers, fit_k)
     try:
         with dense_weights(model):
             for window in tqdm(windows, desc="activation statistics", unit="window", disable=not progress):
                 model(window[None], use_cache=False)
     finally:
-        means = stats.remove()
-        if fit_stats is not None:
-            fit_stats.remove()
+        stats.remove()
     for name, R in errors.items():
-        residuals[name] = quantize_residual(fit_stats.fit(name, R, ridge))
+        residuals[name] = stats.fit(name, R, ridge)
+    means = stats.mean_abs()
     info = {"source": source, "bits": RESIDUAL_BITS, "calib": calib, "nsamples": nsamples, "seqlen": seqlen}
     if fit_k is not None:
         info |= {"fit_k": fit_k, "ridge": ridge}

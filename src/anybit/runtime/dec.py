@@ -192,14 +192,15 @@ class Compensator:
         return codes
 
 
-class CorrectionStats:
-    """Per linear, over calibration tokens x_t and their selected parts z_t (x_t with only the channels
-    top-k per chunk keeps): A = Σ x_t z_tᵀ, G = Σ z_t z_tᵀ and D = Σ x_t², the inputs of
-    `fit_correction`. Linears fed the same tensor (q/k/v, gate/up) share one computation."""
+class CalibrationStats:
+    """Per linear, summed over calibration tokens x_t by forward pre-hooks: |x_t| and the token count
+    (the static baseline's mean |x|) and, with `k_chunk`, the inputs of `fit_correction`: A = Σ x_t z_tᵀ,
+    G = Σ z_t z_tᵀ and D = Σ x_t², where z_t is x_t with only the channels top-k per chunk keeps.
+    Linears fed the same tensor (q/k/v, gate/up) share one computation."""
 
-    def __init__(self, modules: dict[str, nn.Module], k_chunk: int) -> None:
+    def __init__(self, modules: dict[str, nn.Module], k_chunk: int | None = None) -> None:
         self.k_chunk = k_chunk
-        self.sums: dict[str, dict[str, torch.Tensor]] = {key: {} for key in "AGD"}
+        self.sums: dict[str, dict[str, torch.Tensor]] = {}
         self._last: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
         self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
 
@@ -207,62 +208,46 @@ class CorrectionStats:
         if self._last is not None and self._last[0] is x:
             return self._last[1]
         flat = x.detach().reshape(-1, x.shape[-1]).float()
-        idx = select_channels(flat, self.k_chunk)
-        z = torch.zeros_like(flat).scatter_(1, idx, flat.gather(1, idx))
-        inc = {"A": flat.t() @ z, "G": z.t() @ z, "D": flat.square().sum(dim=0)}
+        inc = {"abs": flat.abs().sum(dim=0), "count": torch.tensor(float(flat.shape[0]))}
+        if self.k_chunk is not None:
+            idx = select_channels(flat, self.k_chunk)
+            z = torch.zeros_like(flat).scatter_(1, idx, flat.gather(1, idx))
+            inc |= {"A": flat.t() @ z, "G": z.t() @ z, "D": flat.square().sum(dim=0)}
         self._last = (x, inc)
         return inc
 
     def _hook(self, name: str):
         def hook(_module: nn.Module, args: tuple) -> None:
+            store = self.sums.setdefault(name, {})
             for key, value in self._increments(args[0]).items():
                 value = value.double().cpu()
-                store = self.sums[key]
-                store[name] = store[name] + value if name in store else value
+                store[key] = store[key] + value if key in store else value
 
         return hook
-
-    def fit(self, name: str, R: torch.Tensor, ridge: float) -> torch.Tensor:
-        """The fitted correction of one linear (`fit_correction`) from its residual R = W − Ŵ."""
-        return fit_correction(R, *(self.sums[key][name] for key in "AGD"), ridge)
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._last = None
 
+    def mean_abs(self) -> dict[str, torch.Tensor]:
+        """Mean |x| per input channel of every linear that saw calibration data."""
+        return {name: (s["abs"] / s["count"]).float() for name, s in self.sums.items()}
+
+    def fit(self, name: str, R: torch.Tensor, ridge: float) -> Residual:
+        """The fitted correction of one linear (`fit_correction`) from its residual R = W − Ŵ, in 4 bits."""
+        return quantize_residual(fit_correction(R, *(self.sums[name][key] for key in "AGD"), ridge))
+
 
 def fit_correction(R: torch.Tensor, A: torch.Tensor, G: torch.Tensor, D: torch.Tensor, ridge: float) -> torch.Tensor:
     """The compensation matrix C (out, in) minimising Σ_t ‖R x_t − C z_t‖² + ridge · Σ_j D_j ‖C_j − R_j‖²
-    over calibration tokens (statistics of `CorrectionStats`): the correction that, added for the
+    over calibration tokens (statistics of `CalibrationStats`): the correction that, added for the
     selected channels only, best predicts the layer's whole error R x_t, including the part the
     unselected channels' residuals cancel. A channel never selected keeps C_j = R_j."""
     reg = ridge * D.double() + 1e-12 * D.double().mean().clamp(min=1e-30)
     rhs = R.double() @ (A.double() + torch.diag(reg))
     lhs = G.double() + torch.diag(reg)
     return torch.linalg.solve(lhs, rhs.t()).t().float()  # C · lhs = rhs, lhs symmetric
-
-
-class ActivationStats:
-    """Mean |x| per input channel of chosen linears, accumulated by forward hooks."""
-
-    def __init__(self, modules: dict[str, nn.Module]) -> None:
-        self.sums = {name: torch.zeros(m.in_features, dtype=torch.float64) for name, m in modules.items()}
-        self.counts = dict.fromkeys(modules, 0)
-        self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
-
-    def _hook(self, name: str):
-        def hook(_module: nn.Module, args: tuple) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1])
-            self.sums[name] += x.abs().sum(dim=0, dtype=torch.float64).cpu()
-            self.counts[name] += x.shape[0]
-
-        return hook
-
-    def remove(self) -> dict[str, torch.Tensor]:
-        for handle in self._handles:
-            handle.remove()
-        return {name: (self.sums[name] / max(1, self.counts[name])).float() for name in self.sums}
 
 
 @contextmanager
