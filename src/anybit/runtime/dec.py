@@ -71,18 +71,16 @@ class Residual:
         return torch.linalg.vector_norm(self.dense(), dim=0)
 
 
-def quantize_residual(R: torch.Tensor, weight: torch.Tensor | None = None) -> Residual:
-    """4-bit residual of an (out, in) matrix; each output channel's scale minimises its squared error,
-    each input channel's term weighted by `weight` (in,) when given."""
+def quantize_residual(R: torch.Tensor) -> Residual:
+    """4-bit residual of an (out, in) matrix; each output channel's scale minimises its squared error."""
     R = R.float()
-    weight = torch.ones(R.shape[1]) if weight is None else weight.float()
     peak = R.abs().amax(dim=1).clamp(min=1e-12) / LEVELS
     best_err = torch.full_like(peak, float("inf"))
     best_scale = peak.clone()
     for t in range(1, SCALE_CANDIDATES + 1):
         scale = (peak * (t / SCALE_CANDIDATES)).half().float()
         q = torch.clamp(torch.round(R / scale[:, None]), -LEVELS, LEVELS)
-        err = (R - q * scale[:, None]).square() @ weight.to(R.device)
+        err = (R - q * scale[:, None]).square().sum(dim=1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale, best_scale)
@@ -237,11 +235,8 @@ class CalibrationStats:
         return {name: (s["abs"] / s["count"]).float() for name, s in self.sums.items()}
 
     def fit(self, name: str, R: torch.Tensor, ridge: float) -> Residual:
-        """The fitted correction of one linear (`fit_correction`) from its residual R = W − Ŵ, stored
-        in 4 bits with scales weighted per input channel by G_jj + ridge · D_j (the diagonal of the
-        fit objective's curvature)."""
-        A, G, D = (self.sums[name][key] for key in "AGD")
-        return quantize_residual(fit_correction(R, A, G, D, ridge), weight=G.diagonal() + ridge * D)
+        """The fitted correction of one linear (`fit_correction`) from its residual R = W − Ŵ, in 4 bits."""
+        return quantize_residual(fit_correction(R, *(self.sums[name][key] for key in "AGD"), ridge))
 
 
 def fit_correction(R: torch.Tensor, A: torch.Tensor, G: torch.Tensor, D: torch.Tensor, ridge: float) -> torch.Tensor:
