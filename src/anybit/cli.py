@@ -176,7 +176,9 @@ def _echo_residual(meta: dict) -> None:
 @main.command()
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--source", default=None, help="The unquantized model (default: the one DIR was made from).")
-@click.option("--nsamples", type=int, default=8, show_default=True, help="Calibration windows for channel means.")
+@click.option(
+    "--nsamples", type=int, default=8, show_default=True, help="Calibration windows (means; --fit statistics)."
+)
 @click.option("--seqlen", type=int, default=2048, show_default=True)
 @click.option("--calib", default="wikitext2-valid", show_default=True, help="Calibration corpus name or text file.")
 @click.option(
