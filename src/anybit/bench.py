@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -65,6 +66,8 @@ def decode_speed(
     ids = torch.randint(0, vocab, (1, prompt_tokens), generator=torch.Generator().manual_seed(seed)).to(dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
+    # the KV cache argument and output field: "cache" in newer transformers, "past_key_values" before
+    cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     prefill, decode = [], []
     for run in range(repeats + 1):
         _sync(dev)
@@ -72,10 +75,10 @@ def decode_speed(
         out = model(ids, use_cache=True)
         _sync(dev)
         mid = time.perf_counter()
-        past, token = out.past_key_values, out.logits[:, -1:].argmax(dim=-1)
+        past, token = getattr(out, cache_name), out.logits[:, -1:].argmax(dim=-1)
         for _ in range(new_tokens):
-            out = model(token, past_key_values=past, use_cache=True)
-            past, token = out.past_key_values, out.logits[:, -1:].argmax(dim=-1)
+            out = model(token, use_cache=True, **{cache_name: past})
+            past, token = getattr(out, cache_name), out.logits[:, -1:].argmax(dim=-1)
         _sync(dev)
         end = time.perf_counter()
         if run:  # run 0 is the warm-up
