@@ -1,10 +1,12 @@
 """Quality of dynamic error compensation (QDEC/DecDEC) on quantized SmolLM2 directories.
 
 Usage: python benchmarks/dec_quality.py DIR [DIR ...] [--ks 4,8,16,32,64] [--static-ks 8,32] [--max-windows N]
-                                        [--score activation|contribution] [--device cuda] [--fit K]
+                                        [--plans PLAN ...] [--score activation|contribution] [--device cuda]
+                                        [--fit K|PLAN]
 For each quantized DIR: stores its 4-bit residuals (`anybit residual [--fit K]`) unless those stored
 already match, then evaluates
-perplexity without DEC, with dynamic top-k selection for every K, and with the static baseline
+perplexity without DEC, with dynamic top-k selection for every K and every per-layer-type PLAN
+("qkv=4,o=8,gu=4,down=16", see `anybit.runtime.dec.DecPlan`), and with the static baseline
 (channels with the largest mean |x| on calibration data) for each K in --static-ks. One JSON line
 per evaluation goes to benchmarks/results/dec_quality.jsonl.
 """
@@ -16,13 +18,20 @@ from pathlib import Path
 
 from _common import log_result
 from anybit.format.io import RESIDUAL_FILE, load_residuals
+from anybit.model.adapters import get_adapter
 from anybit.model.loading import load_model
 from anybit.pipeline import build_residuals, evaluate_spec
-from anybit.runtime.dec import FIT_RIDGE
+from anybit.runtime.dec import FIT_RIDGE, DecPlan
 
 
 def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v]
+
+
+def fetch_bytes(loaded, residuals: dict, plan: DecPlan) -> int:
+    """Residual bytes one token's compensation reads from host memory under `plan`."""
+    k_chunks = plan.for_layers(residuals, get_adapter(loaded.model))
+    return sum(residuals[name].fetch_bytes(k) for name, k in k_chunks.items())
 
 
 def main() -> None:
@@ -36,21 +45,22 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="evaluation device (cpu or cuda)")
     parser.add_argument("--residual-nsamples", type=int, default=8)
     parser.add_argument("--score", default="activation", help="channel ranking: activation or contribution")
-    parser.add_argument("--fit", type=int, default=None, help="residuals fitted for k_chunk K (default: W - Q(W))")
+    parser.add_argument("--plans", nargs="*", default=[], help="per-layer-type k_chunk plans, dynamic selection")
+    parser.add_argument("--fit", default=None, help="residuals fitted for k_chunk K or a PLAN (default: W - Q(W))")
     parser.add_argument("--ridge", type=float, default=FIT_RIDGE, help="with --fit: the fit's ridge")
     args = parser.parse_args()
     for directory in args.dirs:
-        wanted = (args.residual_nsamples, args.fit, args.ridge if args.fit else None)
+        fit = None if args.fit is None else DecPlan.parse(args.fit).to_json()
+        wanted = (args.residual_nsamples, fit, args.ridge if fit is not None else None)
         residual_meta = load_residuals(directory)[2] if (Path(directory) / RESIDUAL_FILE).exists() else {}
         if tuple(residual_meta.get(key) for key in ("nsamples", "fit_k", "ridge")) != wanted:
-            residual_meta = build_residuals(
-                directory, nsamples=args.residual_nsamples, fit_k=args.fit, ridge=args.ridge
-            )
+            residual_meta = build_residuals(directory, nsamples=args.residual_nsamples, fit_k=fit, ridge=args.ridge)
         loaded = load_model(directory)
+        residuals = load_residuals(directory)[0]
         runs = (
             [(None, False)] * (not args.skip_base)
-            + [(k, False) for k in _ints(args.ks)]
-            + [(k, True) for k in _ints(args.static_ks)]
+            + [(DecPlan.parse(k), False) for k in _ints(args.ks) + args.plans]
+            + [(DecPlan.parse(k), True) for k in _ints(args.static_ks)]
         )
         for k, static in runs:
             result = evaluate_spec(
@@ -70,7 +80,8 @@ def main() -> None:
                     "method": loaded.quant_info["method"],
                     "bits_per_weight": loaded.quant_info["bits_per_weight"],
                     "residual_bits_per_weight": residual_meta["bits_per_weight"],
-                    "k_chunk": k,
+                    "k_chunk": None if k is None else k.to_json(),
+                    "fetch_bytes_per_token": None if k is None else fetch_bytes(loaded, residuals, k),
                     "static": static,
                     "score": args.score if k is not None else None,
                     "residual_nsamples": residual_meta.get("nsamples"),

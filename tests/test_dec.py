@@ -9,12 +9,15 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 
 from anybit.cli import main
+from anybit.model.adapters import ADAPTERS
 from anybit.quant.uniform import rtn_quantize
 from anybit.runtime.dec import (
     LEVELS,
     CalibrationStats,
     Compensator,
+    DecPlan,
     chunk_budgets,
+    compensation,
     fit_correction,
     quantize_residual,
     select_channels,
@@ -48,6 +51,11 @@ def test_residual_round_trip_and_error_bound(shape) -> None:
     row_mse = (dense - R).square().mean(dim=1)
     assert torch.all(row_mse <= (step / 2).square() * 1.01)
     assert res.storage_bits() == (shape[1] * ((shape[0] + 1) // 2) + 2 * shape[0]) * 8
+    # k_chunk 1024 on fewer than 1024 inputs keeps every channel: a token reads all the codes
+    assert (
+        res.fetch_bytes(1024) == res.codes.numel()
+        and res.fetch_bytes(16) == (16 * shape[1] // 1024) * res.codes.shape[1]
+    )
 
 
 def test_chunked_top_k_selection() -> None:
@@ -96,6 +104,39 @@ def test_compensation_equals_dense_masked_product() -> None:
     )
 
 
+def test_dec_plan_text_and_layer_types() -> None:
+    assert DecPlan.parse("8").ks == (8, 8, 8, 8) and str(DecPlan.parse(" 8 ")) == "8"
+    assert DecPlan.parse(8).to_json() == 8
+    named = DecPlan.parse("qkv=4,down=16")
+    assert named.ks == (4, 0, 0, 16) and str(named) == "qkv=4,o=0,gu=0,down=16" == named.to_json()
+    assert DecPlan.parse("8,down=16").ks == (8, 8, 8, 16) == DecPlan.parse(str(DecPlan.parse("8,down=16"))).ks
+    for bad, message in [("0", "one of them > 0"), ("-2,o=4", ">= 0"), ("attn=4", "unknown layer type"),
+                         ("qkv=four", "not an integer"), ("", "not an integer")]:  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            DecPlan.parse(bad)
+    assert all(len(adapter.groups) == 4 for adapter in ADAPTERS.values())  # the four types, in order
+    names = ["model.layers.0.self_attn.k_proj", "model.layers.3.self_attn.o_proj", "model.layers.3.mlp.up_proj",
+             "model.layers.11.mlp.down_proj"]  # fmt: skip
+    assert list(DecPlan.parse("1,o=2,gu=3,down=4").for_layers(names, ADAPTERS["llama"]).values()) == [1, 2, 3, 4]
+    with pytest.raises(ValueError, match="layer type"):
+        DecPlan.parse("8").for_layers(["lm_head"], ADAPTERS["llama"])
+
+
+def test_compensation_per_layer_k_chunk() -> None:
+    torch.manual_seed(0)
+    layers = {name: _quantized_linear(torch.randn(24, 64)) for name in ("a", "b", "c")}
+    residuals = {name: quantize_residual(torch.randn(24, 64)) for name in layers}
+    x = torch.randn(5, 64)
+    plain = {name: layer(x) for name, layer in layers.items()}
+    with compensation(layers, residuals, {"a": 0, "b": 128, "c": 512}):
+        out = {name: layer(x) for name, layer in layers.items()}
+    torch.testing.assert_close(out["a"], plain["a"])  # k_chunk 0: left alone
+    for name, k in [("b", 128), ("c", 512)]:
+        torch.testing.assert_close(out[name], plain[name] + Compensator(residuals[name], k)(x))
+    with pytest.raises(ValueError, match="exactly"), compensation(layers, residuals, {"a": 8}):
+        pass
+
+
 def test_all_channels_with_exact_residual_restore_the_layer() -> None:
     W = torch.randn(40, 64)
     layer = _quantized_linear(W)
@@ -120,7 +161,7 @@ def test_correction_statistics_and_fit() -> None:
     d, out = 64, 24
     R = 0.1 * torch.randn(out, d)
     layers = {"q": torch.nn.Linear(d, 8), "k": torch.nn.Linear(d, 8), "down": torch.nn.Linear(d, 8)}
-    stats = CalibrationStats(layers, k_chunk=128)  # 8 of 64 channels per token
+    stats = CalibrationStats(layers, k_chunks=128)  # 8 of 64 channels per token
     x = _correlated_inputs(300, d, noise_seed=1)
     layers["q"](x), layers["k"](x)  # the same tensor: computed once, counted for both
     layers["down"](x[:100]), layers["down"](x[100:])  # accumulated over calls
@@ -185,3 +226,32 @@ def test_dec_cli_end_to_end(tiny_llama_dir, corpus_file, tmp_path) -> None:
     assert math.isfinite(fitted) and fitted != ppl_plain_256
     with pytest.warns(UserWarning, match="fitted for dynamic --dec 256"):
         ppl("--dec", "8")
+
+
+def test_dec_cli_per_layer_type_plans(tiny_llama_dir, corpus_file, tmp_path) -> None:
+    run = CliRunner().invoke
+    out = tmp_path / "q"
+    common = ["--dataset", str(corpus_file), "--seqlen", "64", "--max-windows", "4", "--json"]
+    result = run(main, ["quantize", str(tiny_llama_dir), "--method", "rtn", "--bits", "2", "--group", "32",
+                        "--out", str(out), "--residual", "--calib", str(corpus_file), "--seqlen", "64",
+                        "--nsamples", "2"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+
+    def evaluate(*extra: str) -> dict:
+        result = run(main, ["eval", str(out), *common, *extra])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)
+
+    plain, every = evaluate()["ppl"], evaluate("--dec", "1024")["ppl"]
+    assert evaluate("--dec", "1024,down=1024")["ppl"] == every  # a plan naming the default is the default
+    down_only = evaluate("--dec", "down=1024")
+    assert down_only["dec"] == "qkv=0,o=0,gu=0,down=1024"
+    assert len({plain, down_only["ppl"], every}) == 3
+    bad = run(main, ["eval", str(out), *common, "--dec", "mlp=4"])
+    assert bad.exit_code == 2 and "unknown layer type 'mlp'" in bad.output
+    result = run(main, ["residual", str(out), "--fit", "256,down=512", "--calib", str(corpus_file), "--seqlen",
+                        "64", "--nsamples", "2"])  # fmt: skip
+    assert result.exit_code == 0 and "fitted for --dec qkv=256,o=256,gu=256,down=512" in result.output, result.output
+    assert math.isfinite(evaluate("--dec", "256,down=512")["ppl"])
+    with pytest.warns(UserWarning, match="not --dec 256"):
+        evaluate("--dec", "256")

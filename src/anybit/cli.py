@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from anybit.config import DEC_SCORES, DTYPES, SCOPES, WEIGHTINGS, QuantConfig
 from anybit.errors import AnybitError
+
+if TYPE_CHECKING:
+    from anybit.runtime.dec import DecPlan
 
 
 class _Group(click.Group):
@@ -32,6 +36,25 @@ def _apply_options(options: list, f):
     for option in reversed(options):
         f = option(f)
     return f
+
+
+class _DecPlanType(click.ParamType):
+    """A k_chunk, or one per layer type: "8", "qkv=4,o=8,gu=8,down=16", "8,down=16"."""
+
+    name = "K"
+
+    def convert(self, value, param, ctx):
+        from anybit.runtime.dec import DecPlan
+
+        if isinstance(value, DecPlan):
+            return value
+        try:
+            return DecPlan.parse(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+DEC_PLAN = _DecPlanType()
 
 
 def _quant_options(f):
@@ -184,12 +207,12 @@ def _echo_residual(meta: dict) -> None:
 @click.option(
     "--fit",
     "fit_k",
-    type=int,
+    type=DEC_PLAN,
     default=None,
     help="Store, instead of W − Q(W), the correction fitted on the calibration data to predict each layer's "
-    "whole error from the channels --dec K selects (best used with --dec K).",
+    "whole error from the channels --dec K selects (best used with the same --dec K).",
 )
-def residual(directory: str, source: str | None, nsamples: int, seqlen: int, calib: str, fit_k: int | None) -> None:
+def residual(directory: str, source: str | None, nsamples: int, seqlen: int, calib: str, fit_k: DecPlan | None) -> None:
     """Store the 4-bit residuals W − Q(W) of a quantized DIR, for dynamic error compensation (--dec)."""
     from anybit.pipeline import build_residuals
 
@@ -201,10 +224,11 @@ def _dec_options(f):
     options = [
         click.option(
             "--dec",
-            type=int,
+            type=DEC_PLAN,
             default=None,
             help="Dynamic error compensation: add back the residual rows of the K largest-|x| input channels "
-            "per 1024 (needs `anybit residual DIR`).",
+            "per 1024 (needs `anybit residual DIR`). K per layer type: qkv=4,o=8,gu=8,down=16 (unnamed "
+            "types off) or 8,down=16 (8 for the others).",
         ),
         click.option("--dec-static", is_flag=True, help="With --dec: fixed channels from calibration (baseline)."),
         click.option(
@@ -218,8 +242,8 @@ def _dec_options(f):
     return _apply_options(options, f)
 
 
-def _dec_note(k_chunk: int, static: bool, score: str) -> str:
-    return f", DEC k_chunk {k_chunk}" + (" (static channels)" if static else "") + f", ranked by {score}"
+def _dec_note(plan: object, static: bool, score: str) -> str:
+    return f", DEC k_chunk {plan}" + (" (static channels)" if static else "") + f", ranked by {score}"
 
 
 def _eval_options(f):
@@ -258,7 +282,7 @@ def eval_cmd(model: str, kl: bool, reference: str | None, as_json: bool, **kwarg
         out["bits_per_weight"] = loaded.quant_info["bits_per_weight"]
         out["method"] = loaded.quant_info["method"]
     if kwargs["dec"] is not None:
-        out["dec"] = kwargs["dec"]
+        out["dec"] = kwargs["dec"].to_json()
         out["dec_static"] = kwargs["dec_static"]
         out["dec_score"] = kwargs["dec_score"]
     if as_json:
@@ -268,7 +292,7 @@ def eval_cmd(model: str, kl: bool, reference: str | None, as_json: bool, **kwarg
     if "bits_per_weight" in out:
         line += f", {out['bits_per_weight']:.4f} bits/weight"
     if "dec" in out:
-        line += _dec_note(out["dec"], out["dec_static"], out["dec_score"])
+        line += _dec_note(kwargs["dec"], out["dec_static"], out["dec_score"])
     if result.kl is not None:
         line += f", KL {result.kl:.4f}, top-1 agreement {result.top1_agreement:.4f}"
     click.echo(line)
@@ -297,7 +321,7 @@ def generate(
     seed: int,
     device: str,
     dense_cache: bool,
-    dec: int | None,
+    dec: DecPlan | None,
     dec_static: bool,
     dec_score: str,
 ) -> None:
@@ -336,7 +360,7 @@ def bench(
     dtype: str,
     dense_cache: bool,
     as_json: bool,
-    dec: int | None,
+    dec: DecPlan | None,
     dec_static: bool,
     dec_score: str,
 ) -> None:
@@ -357,7 +381,7 @@ def bench(
     with dense_weights(loaded.model) if dense_cache else nullcontext(), dec_context:
         result = decode_speed(loaded.model, prompt_tokens, new_tokens, repeats, device)
     out = {"model": model, **result.to_dict(), "dense_cache": dense_cache}
-    out.update(dec=dec, dec_static=dec_static, dec_score=dec_score)
+    out.update(dec=None if dec is None else dec.to_json(), dec_static=dec_static, dec_score=dec_score)
     if as_json:
         click.echo(json.dumps(out))
         return

@@ -24,6 +24,7 @@ from anybit.runtime.dec import (
     FIT_RIDGE,
     RESIDUAL_BITS,
     CalibrationStats,
+    DecPlan,
     compensation,
     quantize_residual,
 )
@@ -85,13 +86,14 @@ def evaluate_spec(
     dtype: str = "float32",
     reference: LoadedModel | None = None,
     progress: bool = True,
-    dec: int | None = None,
+    dec: DecPlan | int | str | None = None,
     dec_static: bool = False,
     dec_score: str = "activation",
 ) -> EvalResult:
     """Perplexity of a loaded model on a corpus (and KL/top-1 against `reference` if given).
 
-    `dec` = k_chunk turns on dynamic error compensation from the directory's stored residuals.
+    `dec` (a k_chunk or a `DecPlan`) turns on dynamic error compensation from the directory's stored
+    residuals.
     """
     check_device(device)
     torch_dtype = getattr(torch, dtype)
@@ -107,30 +109,40 @@ def evaluate_spec(
     return result
 
 
+def dec_plan(value: DecPlan | int | str | None, option: str = "--dec") -> DecPlan | None:
+    """A `DecPlan` from a k_chunk or its text form ("8", "qkv=4,down=16", "8,down=16"); None stays None."""
+    if value is None or isinstance(value, DecPlan):
+        return value
+    try:
+        return DecPlan.parse(value)
+    except ValueError as exc:
+        raise AnybitError(f"{option}: {exc}") from None
+
+
 def dec_compensation(
-    loaded: LoadedModel, k_chunk: int | None, static: bool = False, score: str = "activation"
+    loaded: LoadedModel, plan: DecPlan | int | str | None, static: bool = False, score: str = "activation"
 ) -> AbstractContextManager:
-    """Context in which a quantized model's linears add their residual compensation (a no-op for None);
-    `score` is how channels are ranked (`anybit.config.DEC_SCORES`)."""
-    if k_chunk is None:
+    """Context in which a quantized model's linears add their residual compensation, k_chunk per layer
+    type from `plan` (a no-op for None); `score` is how channels are ranked (`anybit.config.DEC_SCORES`)."""
+    plan = dec_plan(plan)
+    if plan is None:
         if static:
             raise AnybitError("--dec-static needs --dec K")
         return nullcontext()
-    if k_chunk < 1:
-        raise AnybitError(f"--dec needs a positive k_chunk, got {k_chunk}")
     if loaded.kind != "quantized":
         raise AnybitError("--dec needs a quantized directory (with residuals)")
     residuals, means, meta = load_residuals(loaded.source)
-    if "fit_k" in meta and (static or meta["fit_k"] != k_chunk):
+    if "fit_k" in meta and (static or dec_plan(meta["fit_k"]) != plan):
         warnings.warn(
             f"anybit: the residuals of {loaded.source} were fitted for dynamic --dec {meta['fit_k']}, "
-            f"not {'static ' if static else ''}--dec {k_chunk}",
+            f"not {'static ' if static else ''}--dec {plan}",
             stacklevel=2,
         )
     layers = dict(quant_linears(loaded.model))
     if set(layers) != set(residuals):
         raise AnybitError(f"residuals in {loaded.source} do not match its quantized layers")
-    return compensation(layers, residuals, k_chunk, means if static else None, score)
+    k_chunks = plan.for_layers(layers, get_adapter(loaded.model))
+    return compensation(layers, residuals, k_chunks, means if static else None, score)
 
 
 @torch.inference_mode()
@@ -142,16 +154,15 @@ def build_residuals(
     calib: str = "wikitext2-valid",
     dtype: str = "float32",
     progress: bool = True,
-    fit_k: int | None = None,
+    fit_k: DecPlan | int | str | None = None,
     ridge: float = FIT_RIDGE,
 ) -> dict:
     """Compute and store the 4-bit residuals W − Q(W) of a quantized directory, plus the calibration
     mean |x| per input channel (for the static-selection baseline). Returns the residual metadata.
 
-    With `fit_k`, each stored matrix is instead the correction fitted on the calibration data for
-    dynamic selection at k_chunk = fit_k (`anybit.runtime.dec.fit_correction`)."""
-    if fit_k is not None and fit_k < 1:
-        raise AnybitError(f"--fit needs a positive k_chunk, got {fit_k}")
+    With `fit_k` (a k_chunk or a `DecPlan`), each stored matrix is instead the correction fitted on the
+    calibration data for dynamic selection at that plan (`anybit.runtime.dec.fit_correction`)."""
+    fit_k = dec_plan(fit_k, "--fit")
     loaded = load_model(str(quant_dir))
     if loaded.kind != "quantized":
         raise AnybitError(f"{quant_dir} is not a quantized directory")
@@ -175,7 +186,7 @@ def build_residuals(
     ids = tokenize_corpus(loaded.tokenizer, load_corpus(calib))
     windows = calibration_windows(ids, nsamples, seqlen, seed=0)
     model = loaded.model.to(dtype=getattr(torch, dtype))
-    stats = CalibrationStats(layers, fit_k)
+    stats = CalibrationStats(layers, None if fit_k is None else fit_k.for_layers(layers, adapter))
     try:
         with dense_weights(model):
             for window in tqdm(windows, desc="activation statistics", unit="window", disable=not progress):
@@ -187,5 +198,5 @@ def build_residuals(
     means = stats.mean_abs()
     info = {"source": source, "bits": RESIDUAL_BITS, "calib": calib, "nsamples": nsamples, "seqlen": seqlen}
     if fit_k is not None:
-        info |= {"fit_k": fit_k, "ridge": ridge}
+        info |= {"fit_k": fit_k.to_json(), "ridge": ridge}
     return save_residuals(quant_dir, residuals, means, info)

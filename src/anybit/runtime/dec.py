@@ -11,7 +11,9 @@ Selection: the input vector is cut into chunks of `CHUNK` channels; a chunk of l
 floor(k_chunk · L / CHUNK) channels of largest score (exact top-k). The paper's score is |x_j|
 ("activation"); "contribution" scores |x_j| · ‖R̂[:, j]‖, the size of the correction channel j would
 add, which costs one precomputed norm per input channel. The static baseline keeps, in each chunk,
-the same number of channels with the largest mean score over calibration data.
+the same number of channels with the largest mean score over calibration data. k_chunk may differ by
+layer type (`DecPlan`: qkv, o, gate/up, down, as the paper's tuner sets it); a token's compensation
+reads the selected rows only, `Residual.fetch_bytes` of them.
 
 Fitted residuals (`fit_correction`, not in the paper) store, in the same format, the correction
 that best predicts each layer's whole error from the channels a given k_chunk selects.
@@ -20,7 +22,7 @@ that best predicts each layer's whole error from the channels a given k_chunk se
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -30,6 +32,7 @@ from torch import nn
 
 from anybit.config import DEC_SCORES
 from anybit.kernels import triton_available
+from anybit.model.adapters import Adapter
 
 CHUNK = 1024  # channels per selection chunk (the paper's CHUNK_SIZE)
 RESIDUAL_BITS = 4
@@ -55,6 +58,11 @@ class Residual:
 
     def storage_bits(self) -> int:
         return (self.codes.numel() * self.codes.element_size() + self.scales.numel() * 2) * 8
+
+    def fetch_bytes(self, k_chunk: int) -> int:
+        """Bytes of residual codes one token's compensation reads at this k_chunk (the PCIe traffic)."""
+        kept = sum(k for _, _, k in chunk_budgets(self.in_features, k_chunk))
+        return kept * self.codes.shape[1] * self.codes.element_size()
 
     def rows(self, channels: torch.Tensor) -> torch.Tensor:
         """Dequantized residual rows (len(channels), out) of the given input channels, float32."""
@@ -89,6 +97,68 @@ def quantize_residual(R: torch.Tensor) -> Residual:
         codes = torch.cat([codes, torch.full_like(codes[:, :1], 8)], dim=1)
     packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
     return Residual(packed.contiguous(), best_scale.half())
+
+
+DEC_ROLES = ("qkv", "o", "gu", "down")  # the paper's layer types: the adapters' linear groups, in order
+
+
+@dataclass(frozen=True)
+class DecPlan:
+    """k_chunk per layer type (`DEC_ROLES`); 0 leaves that type uncompensated.
+
+    Written "8" (every type), "qkv=4,down=16" (types not named get 0) or "8,down=16" (a default for
+    the types not named)."""
+
+    ks: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.ks) != len(DEC_ROLES) or min(self.ks) < 0 or max(self.ks) < 1:
+            raise ValueError(f"a DEC plan needs k_chunk >= 0 for each of {', '.join(DEC_ROLES)}, one of them > 0")
+
+    @classmethod
+    def parse(cls, text: str | int) -> DecPlan:
+        default, named = 0, {}
+        for item in str(text).replace(" ", "").split(","):
+            role, _, value = item.rpartition("=")
+            if role and role not in DEC_ROLES:
+                raise ValueError(f"unknown layer type {role!r} in DEC plan {text!r}; known: {', '.join(DEC_ROLES)}")
+            try:
+                k = int(value)
+            except ValueError:
+                raise ValueError(f"DEC plan {text!r}: {value!r} is not an integer k_chunk") from None
+            if role:
+                named[role] = k
+            else:
+                default = k
+        try:
+            return cls(tuple(named.get(role, default) for role in DEC_ROLES))
+        except ValueError as exc:
+            raise ValueError(f"DEC plan {text!r}: {exc}") from None
+
+    @property
+    def uniform(self) -> int | None:
+        """The k_chunk shared by every layer type, or None."""
+        return self.ks[0] if len(set(self.ks)) == 1 else None
+
+    def __str__(self) -> str:
+        if self.uniform is not None:
+            return str(self.uniform)
+        return ",".join(f"{role}={k}" for role, k in zip(DEC_ROLES, self.ks, strict=True))
+
+    def to_json(self) -> int | str:
+        return self.uniform if self.uniform is not None else str(self)
+
+    def for_layers(self, names: Iterable[str], adapter: Adapter) -> dict[str, int]:
+        """k_chunk of each named linear (dotted module names ending in one of the adapter's linears)."""
+        return {name: self.ks[layer_type(name, adapter)] for name in names}
+
+
+def layer_type(name: str, adapter: Adapter) -> int:
+    """The position in `DEC_ROLES` of a linear's type: its group in the adapter."""
+    types = [i for i, group in enumerate(adapter.groups) for linear in group if name.endswith("." + linear)]
+    if len(types) != 1 or len(adapter.groups) != len(DEC_ROLES):
+        raise ValueError(f"cannot tell the DEC layer type of {name}")
+    return types[0]
 
 
 def chunk_budgets(in_features: int, k_chunk: int) -> list[tuple[int, int, int]]:
@@ -196,30 +266,33 @@ class CalibrationStats:
     """Per linear, summed over calibration tokens x_t by forward pre-hooks: |x_t| and the token count
     (the static baseline's mean |x|) and, with `k_chunk`, the inputs of `fit_correction`: A = Σ x_t z_tᵀ,
     G = Σ z_t z_tᵀ and D = Σ x_t², where z_t is x_t with only the channels top-k per chunk keeps.
-    Linears fed the same tensor (q/k/v, gate/up) share one computation."""
+    `k_chunks` gives each linear's k_chunk (one int for all). Linears fed the same tensor with the same
+    k_chunk (q/k/v, gate/up) share one computation."""
 
-    def __init__(self, modules: dict[str, nn.Module], k_chunk: int | None = None) -> None:
-        self.k_chunk = k_chunk
+    def __init__(self, modules: dict[str, nn.Module], k_chunks: int | Mapping[str, int] | None = None) -> None:
+        self.k_chunks = _per_layer(k_chunks, modules) if k_chunks is not None else None
         self.sums: dict[str, dict[str, torch.Tensor]] = {}
-        self._last: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
+        self._last: tuple[torch.Tensor, int | None, dict[str, torch.Tensor]] | None = None
         self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
 
-    def _increments(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self._last is not None and self._last[0] is x:
-            return self._last[1]
+    def _increments(self, x: torch.Tensor, k_chunk: int | None) -> dict[str, torch.Tensor]:
+        if self._last is not None and self._last[0] is x and self._last[1] == k_chunk:
+            return self._last[2]
         flat = x.detach().reshape(-1, x.shape[-1]).float()
         inc = {"abs": flat.abs().sum(dim=0), "count": torch.tensor(float(flat.shape[0]))}
-        if self.k_chunk is not None:
-            idx = select_channels(flat, self.k_chunk)
+        if k_chunk is not None:
+            idx = select_channels(flat, k_chunk)
             z = torch.zeros_like(flat).scatter_(1, idx, flat.gather(1, idx))
             inc |= {"A": flat.t() @ z, "G": z.t() @ z, "D": flat.square().sum(dim=0)}
-        self._last = (x, inc)
+        self._last = (x, k_chunk, inc)
         return inc
 
     def _hook(self, name: str):
+        k_chunk = None if self.k_chunks is None else self.k_chunks[name]
+
         def hook(_module: nn.Module, args: tuple) -> None:
             store = self.sums.setdefault(name, {})
-            for key, value in self._increments(args[0]).items():
+            for key, value in self._increments(args[0], k_chunk).items():
                 value = value.double().cpu()
                 store[key] = store[key] + value if key in store else value
 
@@ -250,24 +323,37 @@ def fit_correction(R: torch.Tensor, A: torch.Tensor, G: torch.Tensor, D: torch.T
     return torch.linalg.solve(lhs, rhs.t()).t().float()  # C · lhs = rhs, lhs symmetric
 
 
+def _per_layer(k_chunks: int | Mapping[str, int], layers: Mapping[str, object]) -> dict[str, int]:
+    if isinstance(k_chunks, int):
+        return dict.fromkeys(layers, k_chunks)
+    if set(k_chunks) != set(layers):
+        raise ValueError("k_chunks must name exactly the compensated layers")
+    return dict(k_chunks)
+
+
 @contextmanager
 def compensation(
     layers: dict[str, nn.Module],
     residuals: dict[str, Residual],
-    k_chunk: int,
+    k_chunks: int | Mapping[str, int],
     static_means: dict[str, torch.Tensor] | None = None,
     score: str = "activation",
 ) -> Iterator[None]:
     """Within the block, each named layer's output gets its residual compensation added, its channels
-    chosen by `score` (one of DEC_SCORES).
+    chosen by `score` (one of DEC_SCORES), k_chunk per layer from `k_chunks` (one int for all; a
+    layer at 0 is left alone).
 
     With `static_means` the channels are fixed per layer (the static baseline) instead of per token.
     """
     if score not in DEC_SCORES:
         raise ValueError(f"DEC score must be one of {', '.join(DEC_SCORES)}, got {score!r}")
+    k_chunks = _per_layer(k_chunks, layers)
     handles = []
     try:
         for name, module in layers.items():
+            k_chunk = k_chunks[name]
+            if k_chunk == 0:
+                continue
             weight = residuals[name].row_norms() if score == "contribution" else None
             fixed = None if static_means is None else static_channels(static_means[name], k_chunk, weight)
             comp = Compensator(residuals[name], k_chunk, fixed, weight=weight)
