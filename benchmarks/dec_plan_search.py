@@ -15,7 +15,7 @@ import argparse
 
 from _common import log_result
 from anybit.format.io import load_residuals
-from anybit.model.adapters import get_adapter
+from anybit.model.adapters import Adapter, get_adapter
 from anybit.model.loading import load_model
 from anybit.pipeline import evaluate_spec
 from anybit.runtime.dec import CHUNK, DEC_ROLES, DecPlan, layer_type
@@ -26,10 +26,9 @@ SEARCH_CORPUS = "wikitext2-valid"
 class Traffic:
     """Residual bytes per token of a plan, by layer type."""
 
-    def __init__(self, directory: str, loaded) -> None:
-        adapter = get_adapter(loaded.model)
+    def __init__(self, residuals: dict, adapter: Adapter) -> None:
         self.by_type: list[list] = [[] for _ in DEC_ROLES]
-        for name, residual in load_residuals(directory)[0].items():
+        for name, residual in residuals.items():
             self.by_type[layer_type(name, adapter)].append(residual)
 
     def of(self, ks: tuple[int, ...]) -> int:
@@ -60,8 +59,13 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
+    residuals, _, meta = load_residuals(args.dir)
+    if "fit_k" in meta:
+        raise SystemExit(
+            f"{args.dir} holds residuals fitted for --dec {meta['fit_k']}; `anybit residual {args.dir}` first"
+        )
     loaded = load_model(args.dir)
-    traffic = Traffic(args.dir, loaded)
+    traffic = Traffic(residuals, get_adapter(loaded.model))
     limit = traffic.of((args.budget,) * len(DEC_ROLES))
     step = -(-limit // args.rounds)
 

@@ -2,7 +2,7 @@
 
 Usage: python benchmarks/dec_quality.py DIR [DIR ...] [--ks 4,8,16,32,64] [--static-ks 8,32] [--max-windows N]
                                         [--plans PLAN ...] [--score activation|contribution] [--device cuda]
-                                        [--fit K|PLAN]
+                                        [--fit K|PLAN] [--dataset wikitext2|wikitext2-valid]
 For each quantized DIR: stores its 4-bit residuals (`anybit residual [--fit K]`) unless those stored
 already match, then evaluates
 perplexity without DEC, with dynamic top-k selection for every K and every per-layer-type PLAN
@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--ks", default="4,8,16,32,64")
     parser.add_argument("--static-ks", default="8,32")
     parser.add_argument("--max-windows", type=int, default=None)
+    parser.add_argument("--dataset", default="wikitext2", help="evaluation text (wikitext2-valid: calibration text)")
     parser.add_argument("--skip-base", action="store_true", help="do not evaluate without DEC")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--device", default="cpu", help="evaluation device (cpu or cuda)")
@@ -65,6 +66,7 @@ def main() -> None:
         for k, static in runs:
             result = evaluate_spec(
                 loaded,
+                args.dataset,
                 max_windows=args.max_windows,
                 dtype=args.dtype,
                 device=args.device,
@@ -88,6 +90,7 @@ def main() -> None:
                     "fit_k": residual_meta.get("fit_k"),
                     "ridge": residual_meta.get("ridge"),
                     "device": args.device,
+                    "dataset": args.dataset,
                     **result.to_dict(),
                 },
             )
