@@ -18,21 +18,19 @@ from anybit.format.io import load_residuals
 from anybit.model.adapters import Adapter, get_adapter
 from anybit.model.loading import load_model
 from anybit.pipeline import evaluate_spec
-from anybit.runtime.dec import CHUNK, DEC_ROLES, DecPlan, layer_type
+from anybit.runtime.dec import CHUNK, DEC_ROLES, DecPlan
 
 SEARCH_CORPUS = "wikitext2-valid"
 
 
 class Traffic:
-    """Residual bytes per token of a plan, by layer type."""
+    """Residual bytes per token of the plan with these k_chunks (all 0: none)."""
 
     def __init__(self, residuals: dict, adapter: Adapter) -> None:
-        self.by_type: list[list] = [[] for _ in DEC_ROLES]
-        for name, residual in residuals.items():
-            self.by_type[layer_type(name, adapter)].append(residual)
+        self.residuals, self.adapter = residuals, adapter
 
     def of(self, ks: tuple[int, ...]) -> int:
-        return sum(r.fetch_bytes(k) for k, group in zip(ks, self.by_type, strict=True) for r in group if k)
+        return DecPlan(ks).fetch_bytes(self.residuals, self.adapter) if max(ks) else 0
 
 
 def raise_type(ks: tuple[int, ...], i: int, traffic: Traffic, step: int, limit: int) -> tuple[int, ...] | None:

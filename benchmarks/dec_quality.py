@@ -28,12 +28,6 @@ def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v]
 
 
-def fetch_bytes(loaded, residuals: dict, plan: DecPlan) -> int:
-    """Residual bytes one token's compensation reads from host memory under `plan`."""
-    k_chunks = plan.for_layers(residuals, get_adapter(loaded.model))
-    return sum(residuals[name].fetch_bytes(k) for name, k in k_chunks.items())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dirs", nargs="+")
@@ -53,11 +47,13 @@ def main() -> None:
     for directory in args.dirs:
         fit = None if args.fit is None else DecPlan.parse(args.fit).to_json()
         wanted = (args.residual_nsamples, fit, args.ridge if fit is not None else None)
-        residual_meta = load_residuals(directory)[2] if (Path(directory) / RESIDUAL_FILE).exists() else {}
+        stored = (Path(directory) / RESIDUAL_FILE).exists()
+        residual_meta = load_residuals(directory)[2] if stored else {}
         if tuple(residual_meta.get(key) for key in ("nsamples", "fit_k", "ridge")) != wanted:
-            residual_meta = build_residuals(directory, nsamples=args.residual_nsamples, fit_k=fit, ridge=args.ridge)
+            build_residuals(directory, nsamples=args.residual_nsamples, fit_k=fit, ridge=args.ridge)
+        residuals, _, residual_meta = load_residuals(directory)
         loaded = load_model(directory)
-        residuals = load_residuals(directory)[0]
+        adapter = get_adapter(loaded.model)
         runs = (
             [(None, False)] * (not args.skip_base)
             + [(DecPlan.parse(k), False) for k in _ints(args.ks) + args.plans]
@@ -83,7 +79,7 @@ def main() -> None:
                     "bits_per_weight": loaded.quant_info["bits_per_weight"],
                     "residual_bits_per_weight": residual_meta["bits_per_weight"],
                     "k_chunk": None if k is None else k.to_json(),
-                    "fetch_bytes_per_token": None if k is None else fetch_bytes(loaded, residuals, k),
+                    "fetch_bytes_per_token": None if k is None else k.fetch_bytes(residuals, adapter),
                     "static": static,
                     "score": args.score if k is not None else None,
                     "residual_nsamples": residual_meta.get("nsamples"),

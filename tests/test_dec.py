@@ -118,6 +118,9 @@ def test_dec_plan_text_and_layer_types() -> None:
     names = ["model.layers.0.self_attn.k_proj", "model.layers.3.self_attn.o_proj", "model.layers.3.mlp.up_proj",
              "model.layers.11.mlp.down_proj"]  # fmt: skip
     assert list(DecPlan.parse("1,o=2,gu=3,down=4").for_layers(names, ADAPTERS["llama"]).values()) == [1, 2, 3, 4]
+    residuals = {name: quantize_residual(torch.randn(10, 2048)) for name in names}  # 5 bytes per row
+    # rows kept: 2 chunks of 1024 per layer, k_chunk each; o_proj at 0 reads nothing
+    assert DecPlan.parse("1,o=0,gu=3,down=4").fetch_bytes(residuals, ADAPTERS["llama"]) == 2 * (1 + 3 + 4) * 5
     with pytest.raises(ValueError, match="layer type"):
         DecPlan.parse("8").for_layers(["lm_head"], ADAPTERS["llama"])
 

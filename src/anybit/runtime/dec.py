@@ -152,6 +152,10 @@ class DecPlan:
         """k_chunk of each named linear (dotted module names ending in one of the adapter's linears)."""
         return {name: self.ks[layer_type(name, adapter)] for name in names}
 
+    def fetch_bytes(self, residuals: Mapping[str, Residual], adapter: Adapter) -> int:
+        """Residual bytes one token's compensation reads from host memory under this plan."""
+        return sum(residuals[name].fetch_bytes(k) for name, k in self.for_layers(residuals, adapter).items())
+
 
 def layer_type(name: str, adapter: Adapter) -> int:
     """The position in `DEC_ROLES` of a linear's type: its group in the adapter."""
