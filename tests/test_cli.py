@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from anybit.cli import main
 
@@ -72,6 +74,28 @@ def test_corrupt_quantized_dir(tiny_llama_dir, corpus_file, tmp_path) -> None:
     weights = out / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     _assert_clean_error(_run("eval", str(out), "--dataset", str(corpus_file), "--seqlen", "32"), "corrupt")
+
+
+@pytest.mark.parametrize("damage", ["fit_k", "codes", "truncated"])
+def test_corrupt_residual_file(damage, tiny_llama_dir, corpus_file, tmp_path) -> None:
+    out = tmp_path / "q"
+    ok = _run("quantize", str(tiny_llama_dir), "--method", "rtn", "--bits", "2", "--group", "32", "--out", str(out),
+              "--residual", "--calib", str(corpus_file), "--seqlen", "32", "--nsamples", "2")  # fmt: skip
+    assert ok.exit_code == 0, ok.output
+    path = out / "residuals.safetensors"
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        with safe_open(path, framework="pt") as f:
+            metadata, tensors = f.metadata(), {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
+        if damage == "fit_k":
+            metadata["residual"] = json.dumps({**json.loads(metadata["residual"]), "fit_k": "mlp=4"})
+        else:
+            key = next(key for key in tensors if key.endswith("residual_codes"))
+            tensors[key] = tensors[key][:, :-1].contiguous()
+        save_file(tensors, path, metadata=metadata)
+    evaluated = _run("eval", str(out), "--dataset", str(corpus_file), "--seqlen", "32", "--dec", "8")
+    _assert_clean_error(evaluated, "corrupt residual file")
 
 
 def test_console_script_error_exit(tmp_path) -> None:

@@ -132,14 +132,15 @@ def dec_compensation(
     if loaded.kind != "quantized":
         raise AnybitError("--dec needs a quantized directory (with residuals)")
     residuals, means, meta = load_residuals(loaded.source)
-    if "fit_k" in meta and (static or dec_plan(meta["fit_k"]) != plan):
+    if "fit_k" in meta and (static or DecPlan.parse(meta["fit_k"]) != plan):
         warnings.warn(
             f"anybit: the residuals of {loaded.source} were fitted for dynamic --dec {meta['fit_k']}, "
             f"not {'static ' if static else ''}--dec {plan}",
             stacklevel=2,
         )
     layers = dict(quant_linears(loaded.model))
-    if set(layers) != set(residuals):
+    shapes = {name: (layer.out_features, layer.in_features) for name, layer in layers.items()}
+    if shapes != {name: (r.out_features, r.in_features) for name, r in residuals.items()}:
         raise AnybitError(f"residuals in {loaded.source} do not match its quantized layers")
     k_chunks = plan.for_layers(layers, get_adapter(loaded.model))
     return compensation(layers, residuals, k_chunks, means if static else None, score)

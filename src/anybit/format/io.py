@@ -24,7 +24,7 @@ from torch import nn
 from anybit.errors import AnybitError
 from anybit.format.qtensor import QuantizedTensor
 from anybit.model.adapters import get_adapter, set_submodule
-from anybit.runtime.dec import Residual
+from anybit.runtime.dec import DecPlan, Residual
 from anybit.runtime.qlinear import QuantLinear, quant_linears
 
 FORMAT_NAME = "anybit"
@@ -230,4 +230,15 @@ def load_residuals(quant_dir: str | Path) -> tuple[dict[str, Residual], dict[str
         means = {n: tensors[f"{n}.act_mean_abs"] for n in names}
     except KeyError as exc:
         raise AnybitError(f"corrupt residual file {path}: missing {exc}") from exc
+    for name, residual in residuals.items():
+        codes, out = residual.codes, residual.out_features
+        if codes.dtype != torch.uint8 or codes.dim() != 2 or codes.shape[1] != (out + 1) // 2:
+            raise AnybitError(f"corrupt residual file {path}: {name} codes do not fit {out} output channels")
+        if means[name].shape != (residual.in_features,):
+            raise AnybitError(f"corrupt residual file {path}: {name} activation means do not fit its codes")
+    if "fit_k" in meta:
+        try:
+            DecPlan.parse(meta["fit_k"])
+        except ValueError as exc:
+            raise AnybitError(f"corrupt residual file {path}: fit_k {meta['fit_k']!r}: {exc}") from None
     return residuals, means, meta
