@@ -1,7 +1,7 @@
 """End-to-end decode speed of a Llama-shaped model: fp16 dense against anybit's packed layers, and DEC.
 
 Usage: python benchmarks/decode_speed.py [--shape llama-7b|smollm2-135m|tiny] [--bits 3] [--device cuda]
-                                         [--dec 0,4,8,16,32] [--prompt-tokens 128] [--new-tokens 64]
+                                         [--dec 0,4,8,16,32] [--overlap 0,1] [--prompt-tokens 128] [--new-tokens 64]
 Random weights (speed does not depend on the values): the model in fp16, then the same model with
 every decoder linear replaced by a per-row-codebook `QuantLinear` of mixed widths (a third of the
 rows at bits - 1, bits, bits + 1), built from random codes on the device (no dense copy is kept),
@@ -71,6 +71,7 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--overlap", default="1", help="with DEC: 1 second stream, 0 same stream, 0,1 both")
     args = parser.parse_args()
     timing = dict(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, repeats=args.repeats)
     common = {"shape": args.shape, "device": args.device}
@@ -84,11 +85,13 @@ def main() -> None:
         variant = {**common, "variant": f"anybit {args.bits}-bit mixed widths", "bits": args.bits, "dec": k}
         if k == 0:
             result = decode_speed(model, device=args.device, **timing)
-        else:
-            residuals = residuals or random_residuals(model)
-            with compensation(dict(quant_linears(model)), residuals, k):
+            log_result("decode_speed", {**variant, **result.to_dict()})
+            continue
+        residuals = residuals or random_residuals(model)
+        for overlap in (bool(int(v)) for v in args.overlap.split(",")):
+            with compensation(dict(quant_linears(model)), residuals, k, overlap=overlap):
                 result = decode_speed(model, device=args.device, **timing)
-        log_result("decode_speed", {**variant, **result.to_dict()})
+            log_result("decode_speed", {**variant, "overlap": overlap, **result.to_dict()})
 
 
 if __name__ == "__main__":

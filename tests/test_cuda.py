@@ -50,7 +50,7 @@ def test_every_recipe_quantizes_on_cuda(method, tiny_llama_dir, corpus_file, tmp
 
 def test_decode_kernel_and_dec_kernel_inside_the_model(tiny_llama_dir, corpus_file, tmp_path) -> None:
     from anybit.model import load_model
-    from anybit.runtime.dec import Compensator
+    from anybit.runtime.dec import Compensator, compensation
     from anybit.runtime.qlinear import quant_linears
 
     out = tmp_path / "q"
@@ -72,3 +72,12 @@ def test_decode_kernel_and_dec_kernel_inside_the_model(tiny_llama_dir, corpus_fi
     x = torch.randn(3, residual.in_features, device="cuda")
     expected = Compensator(residual, 16, kernel="reference")(x)
     torch.testing.assert_close(Compensator(residual, 16, kernel="triton")(x), expected, rtol=1e-4, atol=1e-5)
+
+    residuals = load_residuals(str(out))[0]
+    with torch.inference_mode():
+        logits = {}
+        for overlap in (False, True):  # compensation on the base product's stream, then on a second one
+            with compensation(layers, residuals, 16, overlap=overlap):
+                logits[overlap] = model(ids).logits
+    torch.testing.assert_close(logits[True], logits[False], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(logits[True], fused, rtol=1e-4, atol=1e-4)  # the compensation was added

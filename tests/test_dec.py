@@ -136,6 +136,8 @@ def test_compensation_per_layer_k_chunk() -> None:
     torch.testing.assert_close(out["a"], plain["a"])  # k_chunk 0: left alone
     for name, k in [("b", 128), ("c", 512)]:
         torch.testing.assert_close(out[name], plain[name] + Compensator(residuals[name], k)(x))
+    with compensation(layers, residuals, {"a": 0, "b": 128, "c": 512}, overlap=False):
+        assert all(torch.equal(layer(x), out[name]) for name, layer in layers.items())
     with pytest.raises(ValueError, match="exactly"), compensation(layers, residuals, {"a": 8}):
         pass
 

@@ -7,8 +7,9 @@ block of selected channels, reads that tile of the selected rows in one parallel
 rows), dequantizes, reduces over its channels and adds its partial sums atomically.
 
 On CUDA the residual stays in pinned host memory: the kernel reads it across the bus without a GPU
-copy (zero-copy through unified addressing). Overlapping this kernel with the base product on a
-second stream is not done. The tests run the kernel in Triton's interpreter on the CPU.
+copy (zero-copy through unified addressing). `anybit.runtime.dec.launch_compensation` queues it on a
+second stream, concurrent with the base product. The tests run the kernel in Triton's interpreter on
+the CPU.
 """
 
 from __future__ import annotations

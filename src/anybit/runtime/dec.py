@@ -266,6 +266,53 @@ class Compensator:
         return codes
 
 
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
+
+
+def launch_compensation(comp: Compensator, x: torch.Tensor) -> torch.Tensor:
+    """comp(x); on CUDA queued on a second stream, after the work already queued, so that it overlaps the
+    work queued next on the current stream (the base product). Pass the result to `join_compensation`
+    before using it."""
+    if not x.is_cuda:
+        return comp(x)
+    side = _side_stream(x.device)
+    side.wait_stream(torch.cuda.current_stream(x.device))
+    with torch.cuda.stream(side):
+        return comp(x)
+
+
+def join_compensation(y: torch.Tensor) -> torch.Tensor:
+    """The result of `launch_compensation`, safe to use on the current stream."""
+    if y.is_cuda:
+        # No record_stream for y (allocated on the side stream): its memory can only be reused by a later
+        # side-stream allocation, and every one comes after a launch that waits for this stream's work.
+        torch.cuda.current_stream(y.device).wait_stream(_side_stream(y.device))
+    return y
+
+
+class _LayerHooks:
+    """One compensated layer: the pre-hook launches the compensation of the layer's input, before the
+    base product is queued; the forward hook adds it to the output."""
+
+    def __init__(self, comp: Compensator, overlap: bool) -> None:
+        self.comp = comp
+        self.overlap = overlap
+        self.pending: torch.Tensor | None = None
+
+    def pre(self, _module: nn.Module, args: tuple) -> None:
+        self.pending = launch_compensation(self.comp, args[0]) if self.overlap else None
+
+    def post(self, _module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        pending, self.pending = self.pending, None
+        return out + (self.comp(args[0]) if pending is None else join_compensation(pending))
+
+
 class CalibrationStats:
     """Per linear, summed over calibration tokens x_t by forward pre-hooks: |x_t| and the token count
     (the static baseline's mean |x|) and, with `k_chunk`, the inputs of `fit_correction`: A = Σ x_t z_tᵀ,
@@ -342,10 +389,12 @@ def compensation(
     k_chunks: int | Mapping[str, int],
     static_means: dict[str, torch.Tensor] | None = None,
     score: str = "activation",
+    overlap: bool = True,
 ) -> Iterator[None]:
     """Within the block, each named layer's output gets its residual compensation added, its channels
     chosen by `score` (one of DEC_SCORES), k_chunk per layer from `k_chunks` (one int for all; a
-    layer at 0 is left alone).
+    layer at 0 is left alone). With `overlap`, a CUDA layer's compensation runs on a second stream,
+    concurrently with its base product (`launch_compensation`); the result is the same.
 
     With `static_means` the channels are fixed per layer (the static baseline) instead of per token.
     """
@@ -360,8 +409,9 @@ def compensation(
                 continue
             weight = residuals[name].row_norms() if score == "contribution" else None
             fixed = None if static_means is None else static_channels(static_means[name], k_chunk, weight)
-            comp = Compensator(residuals[name], k_chunk, fixed, weight=weight)
-            handles.append(module.register_forward_hook(lambda _m, args, out, comp=comp: out + comp(args[0])))
+            hooks = _LayerHooks(Compensator(residuals[name], k_chunk, fixed, weight=weight), overlap)
+            handles.append(module.register_forward_pre_hook(hooks.pre))
+            handles.append(module.register_forward_hook(hooks.post))
         yield
     finally:
         for handle in handles:
