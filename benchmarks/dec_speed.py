@@ -5,8 +5,9 @@ For each (out x in) shape: a random per-row-codebook matrix of `bits` and its 4-
 pinned host memory), then the median latency of one decode step (batch 1) of the base kernel alone
 and of base + per-chunk top-k selection + compensation kernel for each K, called from Python and replayed
 from a CUDA graph (`*_graph_ms`: GPU time alone), with the compensation on the same stream after the base
-product and (`overlap_*`) on a second stream, concurrent with it. The slowdowns against the base product and the
-host bytes read per step are logged to benchmarks/results/dec_speed.jsonl.
+product and (`overlap_*`) on a second stream, concurrent with it; `select_graph_ms` is the exact per-chunk
+top-k alone. The slowdowns against the base product and the host bytes read per step are logged to
+benchmarks/results/dec_speed.jsonl.
 """
 
 from __future__ import annotations
@@ -17,7 +18,14 @@ import torch
 
 from _common import log_result
 from anybit.kernels.lut_gemv import lut_matvec, prepare
-from anybit.runtime.dec import Compensator, chunk_budgets, join_compensation, launch_compensation, quantize_residual
+from anybit.runtime.dec import (
+    Compensator,
+    chunk_budgets,
+    join_compensation,
+    launch_compensation,
+    quantize_residual,
+    select_channels,
+)
 from kernel_speed import graph_ms, mixed_width_tensor, time_ms
 
 
@@ -55,6 +63,7 @@ def main() -> None:
             g_ms = graph_ms(step)
             overlap_ms = time_ms(overlapped) if k else ms
             overlap_g_ms = graph_ms(overlapped) if k else g_ms
+            select_g_ms = graph_ms(lambda x=x, k=k: select_channels(x, k)) if k else 0.0
             selected = sum(kept for _, _, kept in chunk_budgets(cols, k))
             log_result(
                 "dec_speed",
@@ -74,6 +83,7 @@ def main() -> None:
                     "overlap_ms": overlap_ms,
                     "overlap_graph_ms": overlap_g_ms,
                     "overlap_graph_slowdown": overlap_g_ms / base_graph_ms - 1,
+                    "select_graph_ms": select_g_ms,
                 },
             )
 

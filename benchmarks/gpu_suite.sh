@@ -15,7 +15,7 @@ run() { echo "== $*"; timeout 900 python "$@" || echo "!! failed: $*"; }
 run kernel_speed.py --bits 2,3,4
 run kernel_speed.py --bits 3 --batch 512
 run dec_speed.py --ks 0,4,8,16,32,64
-run decode_speed.py --shape llama-7b --bits 3 --dec 0,4,8,16,32,64
+run decode_speed.py --shape llama-7b --bits 3 --dec 0,4,8,16,32,64 --overlap 0,1
 run decode_speed.py --shape smollm2-135m --bits 3 --dec 0,8,32
 if python -c "from anybit.model.loading import resolve_spec; resolve_spec('smollm2-135m')" 2>/dev/null; then
   run reference_figures.py --configs anybit:3.25,squeezellm3,claq:3.25,slim:3,skim:3.25 --nsamples 32 \
