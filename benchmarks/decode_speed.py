@@ -1,7 +1,8 @@
 """End-to-end decode speed of a Llama-shaped model: fp16 dense against anybit's packed layers, and DEC.
 
 Usage: python benchmarks/decode_speed.py [--shape llama-7b|smollm2-135m|tiny] [--bits 3] [--device cuda]
-                                         [--dec 0,4,8,16,32] [--overlap 0,1] [--prompt-tokens 128] [--new-tokens 64]
+                                         [--dec 0,4,8,16,32] [--overlap 0,1] [--cuda-graph]
+                                         [--prompt-tokens 128] [--new-tokens 64]
 Random weights (speed does not depend on the values): the model in fp16, then the same model with
 every decoder linear replaced by a per-row-codebook `QuantLinear` of mixed widths (a third of the
 rows at bits - 1, bits, bits + 1), built from random codes on the device (no dense copy is kept),
@@ -72,8 +73,11 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--overlap", default="1", help="with DEC: 1 second stream, 0 same stream, 0,1 both")
+    parser.add_argument("--cuda-graph", action="store_true", help="static KV cache, decode steps replayed from a graph")
     args = parser.parse_args()
-    timing = dict(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, repeats=args.repeats)
+    timing = dict(
+        prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, repeats=args.repeats, cuda_graph=args.cuda_graph
+    )
     common = {"shape": args.shape, "device": args.device}
     model = random_model(args.shape, args.device)
     log_result(

@@ -17,6 +17,8 @@ run kernel_speed.py --bits 3 --batch 512
 run dec_speed.py --ks 0,4,8,16,32,64
 run decode_speed.py --shape llama-7b --bits 3 --dec 0,4,8,16,32,64 --overlap 0,1
 run decode_speed.py --shape smollm2-135m --bits 3 --dec 0,8,32
+run decode_speed.py --shape llama-7b --bits 3 --dec 0,8,32 --overlap 0,1 --cuda-graph
+run decode_speed.py --shape smollm2-135m --bits 3 --dec 0,8 --overlap 0,1 --cuda-graph
 if python -c "from anybit.model.loading import resolve_spec; resolve_spec('smollm2-135m')" 2>/dev/null; then
   run reference_figures.py --configs anybit:3.25,squeezellm3,claq:3.25,slim:3,skim:3.25 --nsamples 32 \
     --fisher-nsamples 8 --device cuda --dtype float16 --calib-dtype float16 --results recipes_gpu

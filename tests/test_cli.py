@@ -12,6 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from anybit.cli import main
+from anybit.errors import AnybitError
 
 
 def _run(*args: str):
@@ -182,6 +183,25 @@ def test_bench_reports_speed_and_smaller_tensors(tiny_llama_dir, tmp_path) -> No
         assert runs[name]["decode_tokens_per_s"] > 0 and runs[name]["prefill_tokens_per_s"] > 0
     assert runs["q"]["tensor_bytes"] < runs["fp"]["tensor_bytes"]
     _assert_clean_error(_run("bench", str(out), "--new-tokens", "0"), "must be positive")
+    _assert_clean_error(_run("bench", str(out), "--cuda-graph"), "--cuda-graph needs --device cuda")
+
+
+def test_static_cache_decoding_matches_dynamic_cache(tiny_llama_dir, tmp_path) -> None:
+    import torch
+
+    from anybit.bench import StaticDecoder
+    from anybit.model import load_model
+
+    model = load_model(str(_quantize_rtn3(tiny_llama_dir, tmp_path / "q"))).model
+    prompt = torch.tensor([[5, 17, 42, 7, 99]])
+    with torch.inference_mode():
+        expected = model.generate(prompt, max_new_tokens=8, do_sample=False)[0, prompt.shape[1] :].tolist()
+        decoder = StaticDecoder(model, max_len=16)  # the eager form of what a CUDA graph replays
+        for _ in range(2):  # a second prefill starts from an empty cache
+            tokens = [decoder.prefill(prompt).item()] + [decoder.step().item() for _ in range(7)]
+            assert tokens == expected
+    with pytest.raises(AnybitError, match="CUDA device"):
+        StaticDecoder(model, max_len=16, graph=True)
 
 
 def test_dense_cache_survives_moves_and_is_used(tiny_llama_dir, tmp_path) -> None:

@@ -4,6 +4,7 @@ no CUDA device is present (CI); run on the GPU machine with `pytest tests/test_c
 
 import json
 import math
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -81,3 +82,26 @@ def test_decode_kernel_and_dec_kernel_inside_the_model(tiny_llama_dir, corpus_fi
                 logits[overlap] = model(ids).logits
     torch.testing.assert_close(logits[True], logits[False], rtol=1e-4, atol=1e-4)
     assert not torch.allclose(logits[True], fused, rtol=1e-4, atol=1e-4)  # the compensation was added
+
+
+def test_cuda_graph_decoding_matches_eager(tiny_llama_dir, corpus_file, tmp_path) -> None:
+    from anybit.bench import StaticDecoder
+    from anybit.format.io import load_residuals
+    from anybit.model import load_model
+    from anybit.runtime.dec import compensation
+    from anybit.runtime.qlinear import quant_linears
+
+    out = tmp_path / "q"
+    _run("quantize", str(tiny_llama_dir), "--method", "anybit", "--bits", "3.25", "--device", "cuda",
+         "--out", str(out), "--residual", *_calib(corpus_file))  # fmt: skip
+    model = load_model(str(out)).model.to("cuda")
+    prompt = torch.tensor([[5, 17, 42, 7, 99]], device="cuda")
+    residuals = load_residuals(str(out))[0]
+    with torch.inference_mode():
+        for dec in (0, 16):  # the fused kernels alone, then with DEC on its second stream
+            with compensation(dict(quant_linears(model)), residuals, dec) if dec else nullcontext():
+                runs = []
+                for graph in (False, True):
+                    decoder = StaticDecoder(model, max_len=24, graph=graph)
+                    runs.append([decoder.prefill(prompt).item()] + [decoder.step().item() for _ in range(10)])
+            assert runs[0] == runs[1], dec

@@ -22,6 +22,7 @@ class SpeedResult:
     prefill_tokens_per_s: float  # median over repeats
     decode_tokens_per_s: float  # median over repeats, one token per forward (batch 1, KV cache)
     decode_ms_per_token: float
+    cuda_graph: bool  # decode steps replayed from a CUDA graph (static KV cache)
     tensor_bytes: int  # parameters and buffers the model holds, shared ones once
     peak_gpu_bytes: int | None  # CUDA only: peak allocated during the runs
 
@@ -45,6 +46,75 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _cache_argument(model: torch.nn.Module) -> str:
+    """The KV cache argument and output field: "cache" in newer transformers, "past_key_values" before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+class StaticDecoder:
+    """Greedy batch-1 decoding on a static KV cache: each step is one forward on fixed buffers that writes
+    the next token in place, the form a CUDA graph can capture. With `graph` (CUDA only) every step
+    replays one graph captured at construction."""
+
+    def __init__(self, model: torch.nn.Module, max_len: int, graph: bool = False) -> None:
+        from transformers import StaticCache
+
+        param = next(model.parameters())
+        if graph and param.device.type != "cuda":
+            raise AnybitError("CUDA graphs need the model on a CUDA device")
+        self.model = model
+        # keywords for both cache APIs: transformers 5 takes (config, max_cache_len), 4.x also batch, device, dtype
+        self.cache = StaticCache(
+            config=model.config, max_cache_len=max_len, max_batch_size=1, device=param.device, dtype=param.dtype
+        )
+        self.cache_name = _cache_argument(model)
+        self.positional = "cache_position" in inspect.signature(model.forward).parameters  # transformers 4.x
+        self.token = torch.zeros(1, 1, dtype=torch.long, device=param.device)
+        self.position = torch.zeros(1, dtype=torch.long, device=param.device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        if graph:
+            self._capture()
+
+    def _logits(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        kwargs = {self.cache_name: self.cache, "use_cache": True}
+        if self.positional:
+            kwargs["cache_position"] = positions
+        return self.model(ids, **kwargs).logits
+
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        """Empty the cache, run the prompt (1, n) and hold its greedy next token (returned: the held buffer)."""
+        self.cache.reset()
+        logits = self._logits(ids, torch.arange(ids.shape[1], device=ids.device))
+        self.token.copy_(logits[:, -1:].argmax(dim=-1))
+        self.position.fill_(ids.shape[1])
+        return self.token
+
+    def _step(self) -> None:
+        logits = self._logits(self.token, self.position)
+        self.token.copy_(logits[:, -1:].argmax(dim=-1))
+        self.position.add_(1)
+
+    def step(self) -> torch.Tensor:
+        """Feed the held token, hold the next greedy one (returned: the held buffer, overwritten next step)."""
+        if self.graph is None:
+            self._step()
+        else:
+            self.graph.replay()
+        return self.token
+
+    def _capture(self) -> None:
+        self.prefill(self.token)  # a one-token prompt allocates the cache; prefill() empties it again later
+        warmup = torch.cuda.Stream(self.token.device)
+        warmup.wait_stream(torch.cuda.current_stream(self.token.device))
+        with torch.cuda.stream(warmup):  # compile and autotune kernels, allocate their buffers
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream(self.token.device).wait_stream(warmup)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._step()
+
+
 @torch.inference_mode()
 def decode_speed(
     model: torch.nn.Module,
@@ -53,8 +123,10 @@ def decode_speed(
     repeats: int = 3,
     device: str = "cpu",
     seed: int = 0,
+    cuda_graph: bool = False,
 ) -> SpeedResult:
-    """Time one prefill of `prompt_tokens` random tokens, then `new_tokens` greedy decode steps.
+    """Time one prefill of `prompt_tokens` random tokens, then `new_tokens` greedy decode steps; with
+    `cuda_graph`, on a static KV cache with every decode step replayed from one CUDA graph.
 
     A first untimed run warms up kernels and caches; the figures are medians over `repeats` runs.
     """
@@ -66,19 +138,26 @@ def decode_speed(
     ids = torch.randint(0, vocab, (1, prompt_tokens), generator=torch.Generator().manual_seed(seed)).to(dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    # the KV cache argument and output field: "cache" in newer transformers, "past_key_values" before
-    cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache_name = _cache_argument(model)
+    static = StaticDecoder(model, prompt_tokens + new_tokens + 1, graph=True) if cuda_graph else None
     prefill, decode = [], []
     for run in range(repeats + 1):
         _sync(dev)
         start = time.perf_counter()
-        out = model(ids, use_cache=True)
+        if static is not None:
+            static.prefill(ids)
+        else:
+            out = model(ids, use_cache=True)
         _sync(dev)
         mid = time.perf_counter()
-        past, token = getattr(out, cache_name), out.logits[:, -1:].argmax(dim=-1)
-        for _ in range(new_tokens):
-            out = model(token, use_cache=True, **{cache_name: past})
+        if static is not None:
+            for _ in range(new_tokens):
+                static.step()
+        else:
             past, token = getattr(out, cache_name), out.logits[:, -1:].argmax(dim=-1)
+            for _ in range(new_tokens):
+                out = model(token, use_cache=True, **{cache_name: past})
+                past, token = getattr(out, cache_name), out.logits[:, -1:].argmax(dim=-1)
         _sync(dev)
         end = time.perf_counter()
         if run:  # run 0 is the warm-up
@@ -94,6 +173,7 @@ def decode_speed(
         prefill_tokens_per_s=prompt_tokens / statistics.median(prefill),
         decode_tokens_per_s=new_tokens / decode_s,
         decode_ms_per_token=1000 * decode_s / new_tokens,
+        cuda_graph=cuda_graph,
         tensor_bytes=tensor_bytes(model),
         peak_gpu_bytes=torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
     )

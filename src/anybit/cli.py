@@ -349,6 +349,7 @@ def generate(
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True, help="Compute dtype.")
 @click.option("--dense-cache", is_flag=True, help="Decode every quantized weight once first (dense memory cost).")
+@click.option("--cuda-graph", is_flag=True, help="CUDA: static KV cache, each decode step replayed from a graph.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @_dec_options
 def bench(
@@ -359,6 +360,7 @@ def bench(
     device: str,
     dtype: str,
     dense_cache: bool,
+    cuda_graph: bool,
     as_json: bool,
     dec: DecPlan | None,
     dec_static: bool,
@@ -375,11 +377,13 @@ def bench(
     from anybit.runtime.qlinear import dense_weights
 
     check_device(device)
+    if cuda_graph and not device.startswith("cuda"):
+        raise AnybitError("--cuda-graph needs --device cuda")
     loaded = load_model(model, dtype=getattr(torch, dtype))
     loaded.model.to(device)
     dec_context = dec_compensation(loaded, dec, dec_static, dec_score)
     with dense_weights(loaded.model) if dense_cache else nullcontext(), dec_context:
-        result = decode_speed(loaded.model, prompt_tokens, new_tokens, repeats, device)
+        result = decode_speed(loaded.model, prompt_tokens, new_tokens, repeats, device, cuda_graph=cuda_graph)
     out = {"model": model, **result.to_dict(), "dense_cache": dense_cache}
     out.update(dec=None if dec is None else dec.to_json(), dec_static=dec_static, dec_score=dec_score)
     if as_json:
