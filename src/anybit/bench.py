@@ -63,10 +63,14 @@ class StaticDecoder:
         if graph and param.device.type != "cuda":
             raise AnybitError("CUDA graphs need the model on a CUDA device")
         self.model = model
-        # keywords for both cache APIs: transformers 5 takes (config, max_cache_len), 4.x also batch, device, dtype
-        self.cache = StaticCache(
+        # transformers 5 takes (config, max_cache_len) and sizes the cache lazily; 4.x also batch, device, dtype
+        wanted = dict(
             config=model.config, max_cache_len=max_len, max_batch_size=1, device=param.device, dtype=param.dtype
         )
+        accepted = inspect.signature(StaticCache.__init__).parameters
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+            wanted = {key: value for key, value in wanted.items() if key in accepted}
+        self.cache = StaticCache(**wanted)
         self.cache_name = _cache_argument(model)
         self.positional = "cache_position" in inspect.signature(model.forward).parameters  # transformers 4.x
         self.token = torch.zeros(1, 1, dtype=torch.long, device=param.device)
