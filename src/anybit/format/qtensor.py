@@ -186,12 +186,13 @@ class QuantizedTensor:
         for b in self.widths:
             mask = self.bitmap == b
             n_seg = int(mask.sum())
-            q = unpack_codes(self.codes[b], b, n_seg * self.group_size).view(n_seg, self.group_size)
             if self.kind == "uniform":
-                zero = unpack_codes(self.zeros[b], b, n_seg).to(dtype)
+                q = unpack_codes(self.codes[b], b, n_seg * self.group_size, dtype).view(n_seg, self.group_size)
+                zero = unpack_codes(self.zeros[b], b, n_seg, dtype)
                 scale = self.scales[mask].to(dtype)
-                values[mask] = dequantize_from_grid(q.to(dtype), scale[:, None], zero[:, None])
+                values[mask] = dequantize_from_grid(q, scale[:, None], zero[:, None])
             else:
+                q = unpack_codes(self.codes[b], b, n_seg * self.group_size).view(n_seg, self.group_size)
                 values[mask] = torch.gather(self.codebooks[b].to(dtype), 1, q)
         W = values.view(lines, groups * self.group_size)
         if self.axis == 1:
