@@ -142,26 +142,36 @@ def decode_speed(
     ids = torch.randint(0, vocab, (1, prompt_tokens), generator=torch.Generator().manual_seed(seed)).to(dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    cache_name = _cache_argument(model)
-    static = StaticDecoder(model, prompt_tokens + new_tokens + 1, graph=True) if cuda_graph else None
-    prefill, decode = [], []
-    for run in range(repeats + 1):
-        _sync(dev)
-        start = time.perf_counter()
-        if static is not None:
-            static.prefill(ids)
-        else:
-            out = model(ids, use_cache=True)
-        _sync(dev)
-        mid = time.perf_counter()
-        if static is not None:
+    if cuda_graph:
+        static = StaticDecoder(model, prompt_tokens + new_tokens + 1, graph=True)
+
+        def run_prefill() -> object:
+            return static.prefill(ids)
+
+        def run_decode(_prefilled: object) -> None:
             for _ in range(new_tokens):
                 static.step()
-        else:
+
+    else:
+        cache_name = _cache_argument(model)
+
+        def run_prefill() -> object:
+            return model(ids, use_cache=True)
+
+        def run_decode(out: object) -> None:
             past, token = getattr(out, cache_name), out.logits[:, -1:].argmax(dim=-1)
             for _ in range(new_tokens):
                 out = model(token, use_cache=True, **{cache_name: past})
                 past, token = getattr(out, cache_name), out.logits[:, -1:].argmax(dim=-1)
+
+    prefill, decode = [], []
+    for run in range(repeats + 1):
+        _sync(dev)
+        start = time.perf_counter()
+        prefilled = run_prefill()
+        _sync(dev)
+        mid = time.perf_counter()
+        run_decode(prefilled)
         _sync(dev)
         end = time.perf_counter()
         if run:  # run 0 is the warm-up
