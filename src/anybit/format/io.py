@@ -225,16 +225,16 @@ def load_residuals(quant_dir: str | Path) -> tuple[dict[str, Residual], dict[str
     except (OSError, SafetensorError, KeyError, json.JSONDecodeError) as exc:
         raise AnybitError(f"corrupt residual file {path}: {exc}") from exc
     names = {k.rsplit(".", 1)[0] for k in tensors}
-    try:
-        residuals = {n: Residual(tensors[f"{n}.residual_codes"], tensors[f"{n}.residual_scales"]) for n in names}
-        means = {n: tensors[f"{n}.act_mean_abs"] for n in names}
-    except KeyError as exc:
-        raise AnybitError(f"corrupt residual file {path}: missing {exc}") from exc
-    for name, residual in residuals.items():
-        codes, out = residual.codes, residual.out_features
-        if codes.dtype != torch.uint8 or codes.dim() != 2 or codes.shape[1] != (out + 1) // 2:
-            raise AnybitError(f"corrupt residual file {path}: {name} codes do not fit {out} output channels")
-        if means[name].shape != (residual.in_features,):
+    residuals, means = {}, {}
+    for name in names:
+        try:
+            residuals[name] = Residual(tensors[f"{name}.residual_codes"], tensors[f"{name}.residual_scales"])
+            means[name] = tensors[f"{name}.act_mean_abs"]
+        except KeyError as exc:
+            raise AnybitError(f"corrupt residual file {path}: missing {exc}") from exc
+        except ValueError as exc:
+            raise AnybitError(f"corrupt residual file {path}: {name}: {exc}") from None
+        if means[name].shape != (residuals[name].in_features,):
             raise AnybitError(f"corrupt residual file {path}: {name} activation means do not fit its codes")
     if "fit_k" in meta:
         try:

@@ -48,6 +48,13 @@ class Residual:
     codes: torch.Tensor  # uint8 (in, ceil(out / 2))
     scales: torch.Tensor  # fp16 (out,)
 
+    def __post_init__(self) -> None:
+        if self.scales.dim() != 1:
+            raise ValueError(f"residual scales must be one per output channel, got shape {tuple(self.scales.shape)}")
+        out = self.scales.numel()
+        if self.codes.dtype != torch.uint8 or self.codes.dim() != 2 or self.codes.shape[1] != (out + 1) // 2:
+            raise ValueError(f"residual codes {tuple(self.codes.shape)} do not fit {out} output channels")
+
     @property
     def in_features(self) -> int:
         return self.codes.shape[0]
@@ -297,16 +304,15 @@ def join_compensation(y: torch.Tensor) -> torch.Tensor:
 
 
 class _LayerHooks:
-    """One compensated layer: the pre-hook launches the compensation of the layer's input, before the
-    base product is queued; the forward hook adds it to the output."""
+    """One compensated layer: the pre-hook (when registered) launches the compensation of the layer's
+    input before the base product is queued; the forward hook adds it, computing it first if not launched."""
 
-    def __init__(self, comp: Compensator, overlap: bool) -> None:
+    def __init__(self, comp: Compensator) -> None:
         self.comp = comp
-        self.overlap = overlap
         self.pending: torch.Tensor | None = None
 
     def pre(self, _module: nn.Module, args: tuple) -> None:
-        self.pending = launch_compensation(self.comp, args[0]) if self.overlap else None
+        self.pending = launch_compensation(self.comp, args[0])
 
     def post(self, _module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
         pending, self.pending = self.pending, None
@@ -409,8 +415,9 @@ def compensation(
                 continue
             weight = residuals[name].row_norms() if score == "contribution" else None
             fixed = None if static_means is None else static_channels(static_means[name], k_chunk, weight)
-            hooks = _LayerHooks(Compensator(residuals[name], k_chunk, fixed, weight=weight), overlap)
-            handles.append(module.register_forward_pre_hook(hooks.pre))
+            hooks = _LayerHooks(Compensator(residuals[name], k_chunk, fixed, weight=weight))
+            if overlap:  # without the pre-hook, the forward hook computes the compensation itself
+                handles.append(module.register_forward_pre_hook(hooks.pre))
             handles.append(module.register_forward_hook(hooks.post))
         yield
     finally:
