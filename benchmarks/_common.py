@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# Peak memory bandwidth (GB/s) of the GPUs these benchmarks have met, from the vendors' data sheets.
+PEAK_GBS = {"H200": 4800.0, "H100 80GB HBM3": 3350.0, "H100 PCIe": 2000.0}
 
 
 def machine() -> str:
@@ -27,6 +29,15 @@ def machine() -> str:
     except OSError:
         pass
     return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+
+
+def device_peak_gbs() -> float:
+    """The CUDA device's peak memory bandwidth in GB/s; fails for a device not in PEAK_GBS."""
+    name = torch.cuda.get_device_name(0)
+    for key, gbs in PEAK_GBS.items():
+        if key in name:
+            return gbs
+    raise SystemExit(f"peak bandwidth of {name!r} unknown: pass --peak-gbs")
 
 
 def log_result(name: str, record: dict) -> None:

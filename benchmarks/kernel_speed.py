@@ -18,7 +18,7 @@ import argparse
 
 import torch
 
-from _common import log_result
+from _common import device_peak_gbs, log_result
 from anybit.format.qtensor import QuantizedTensor
 from anybit.kernels.lut_gemv import MAX_BATCH, lut_matmul, lut_matvec, prepare
 
@@ -61,10 +61,11 @@ def main() -> None:
     parser.add_argument("--shapes", default="4096x4096,4096x11008,11008x4096")
     parser.add_argument("--bits", default="2,3,4")
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--peak-gbs", type=float, default=3350.0, help="device memory bandwidth (H100 SXM: 3350)")
+    parser.add_argument("--peak-gbs", type=float, default=None, help="device memory bandwidth (default: by name)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("kernel_speed.py needs a CUDA device")
+    peak_gbs = args.peak_gbs or device_peak_gbs()
     product = lut_matvec if args.batch <= MAX_BATCH else lut_matmul
     for shape in args.shapes.split(","):
         rows, cols = (int(v) for v in shape.split("x"))
@@ -97,8 +98,9 @@ def main() -> None:
                     "fp16_graph_ms": fp16_graph_ms,
                     "graph_speedup": fp16_graph_ms / g_ms,
                     "achieved_gbs": stored / g_ms / 1e6,
-                    "share_of_peak": stored / g_ms / 1e6 / args.peak_gbs,
-                    "fp16_share_of_peak": rows * cols * 2 / fp16_graph_ms / 1e6 / args.peak_gbs,
+                    "peak_gbs": peak_gbs,
+                    "share_of_peak": stored / g_ms / 1e6 / peak_gbs,
+                    "fp16_share_of_peak": rows * cols * 2 / fp16_graph_ms / 1e6 / peak_gbs,
                 },
             )
 
