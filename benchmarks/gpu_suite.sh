@@ -6,6 +6,8 @@
 # and copied to OUT_DIR, default $OUT, after every step, so a call stopped at its limit keeps what ran).
 # Needs torch with CUDA, triton, transformers, and anybit importable (pip install -e . or PYTHONPATH=src);
 # the last step (quantize times) also needs the SmolLM2 model in ANYBIT_CACHE (see data/README.md).
+# On a lent device machine, one call does it all: SUITE_SECONDS=520 bash benchmarks/gpu_suite.sh "$OUT"
+# with a 600-second limit; the random-weight benchmarks need no model file and no gguf package.
 set -u
 out=${1:-${OUT:-/tmp/anybit-gpu}}
 mkdir -p "$out"
@@ -26,6 +28,7 @@ step() { # step MAX_SECONDS COMMAND...
   cp results/*.jsonl "$out"/ 2>/dev/null
 }
 
+python -c "import pytest" 2>/dev/null || echo "!! pytest is not installed here: the GPU tests will not run"
 step 200 python -m pytest -q ../tests/test_kernels.py ../tests/test_cuda.py ../tests/test_dec.py
 # Issue 7's speed target (K = 8 under 5 % of decode time on the large model), in its best form: graphs,
 # compensation on the second stream, against the same stream.
