@@ -115,8 +115,14 @@ class StaticDecoder:
                 self._step()
         torch.cuda.current_stream(self.token.device).wait_stream(warmup)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self._step()
+        try:
+            with torch.cuda.graph(self.graph):
+                self._step()
+        except RuntimeError as exc:  # e.g. a host sync inside the model's forward (transformers version dependent)
+            first_line = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+            raise AnybitError(
+                f"the decode step cannot be captured in a CUDA graph ({first_line}); run without --cuda-graph"
+            ) from exc
 
 
 @torch.inference_mode()
