@@ -17,16 +17,9 @@ from anybit.format.qtensor import QuantizedTensor, SparseOutliers
 from anybit.kernels.lut_gemv import MAX_BATCH, lut_matmul, lut_matvec, prepare, unsupported_reason
 from anybit.quant.uniform import rtn_quantize
 from anybit.runtime.qlinear import QuantLinear
+from qtensors import codebook_tensor
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _codebook_tensor(rows: int, cols: int, group_size: int, widths: tuple[int, ...], **extras) -> QuantizedTensor:
-    groups = cols // group_size
-    bitmap = torch.tensor(widths, dtype=torch.uint8)[torch.randint(0, len(widths), (rows, groups))]
-    codes = torch.randint(0, 256, (rows, cols)) % (1 << bitmap.long()).repeat_interleave(group_size, dim=1)
-    books = torch.randn(rows, groups, 1 << max(widths)).sort(dim=-1).values
-    return QuantizedTensor.from_codebook(codes, books, bitmap, (rows, cols), group_size, **extras)
 
 
 def _check(qt: QuantizedTensor, batch: int) -> None:
@@ -42,8 +35,8 @@ def _check(qt: QuantizedTensor, batch: int) -> None:
 @pytest.mark.parametrize("batch", [1, 3, 8])
 def test_mixed_width_row_codebooks(batch: int) -> None:
     torch.manual_seed(batch)
-    _check(_codebook_tensor(48, 192, 192, (1, 2, 3, 4, 5)), batch)
-    _check(_codebook_tensor(37, 136, 136, (8, 2, 6)), batch)  # rows and columns off every block size
+    _check(codebook_tensor(48, 192, 192, (1, 2, 3, 4, 5)), batch)
+    _check(codebook_tensor(37, 136, 136, (8, 2, 6)), batch)  # rows and columns off every block size
 
 
 def test_group_codebooks_with_scaling_permutation_and_outliers() -> None:
@@ -51,7 +44,7 @@ def test_group_codebooks_with_scaling_permutation_and_outliers() -> None:
     rows, cols = 24, 128
     dense = torch.randn(rows, cols)
     mask = torch.rand(rows, cols) < 0.02
-    qt = _codebook_tensor(
+    qt = codebook_tensor(
         rows, cols, 32, (2, 3, 8),
         perm=torch.randperm(cols), col_scale=torch.rand(cols) + 0.5, outliers=SparseOutliers.from_mask(dense, mask),
     )  # fmt: skip
@@ -69,7 +62,7 @@ def test_uniform_groups(widths: tuple[int, ...], gs: int) -> None:
 
 def test_quant_linear_dispatch_and_fallback() -> None:
     torch.manual_seed(3)
-    qt = _codebook_tensor(32, 64, 64, (3,))
+    qt = codebook_tensor(32, 64, 64, (3,))
     layer = QuantLinear(qt, bias=torch.randn(32)).to(DEVICE)
     for tokens in (1, 12):  # the decode kernel, then the prefill path
         x = torch.randn(2, tokens, 64, device=DEVICE)

@@ -1,12 +1,40 @@
-"""Triton kernels (optional `cuda` extra). Importing this package does not import triton."""
+"""Kernels: Triton for CUDA (optional `cuda` extra) and C for the CPU (`cpu`), with the helpers they share.
+Importing this package does not import triton."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+from typing import TYPE_CHECKING
 
-MAX_BATCH = 8  # rows of x the fused decode kernel takes; longer inputs go through the prefill path
+import torch
+
+if TYPE_CHECKING:
+    from anybit.format.qtensor import QuantizedTensor
+
+MAX_BATCH = 8  # rows of x the fused decode kernels take; longer inputs go through the prefill path
 
 
 def triton_available() -> bool:
     """Whether triton can be imported (the kernels' only extra dependency)."""
     return importlib.util.find_spec("triton") is not None
+
+
+def coded_input(x: torch.Tensor, perm: torch.Tensor | None, col_scale: torch.Tensor | None) -> torch.Tensor:
+    """x in the coded column order, divided by the scaling vector: what the coded matrix multiplies."""
+    xs = x
+    if col_scale is not None:  # in original column order, before the coded order is applied
+        xs = xs.float() / col_scale.float()[None, :]
+    if perm is not None:
+        xs = xs[:, perm.to(torch.int64)]
+    return xs.contiguous()
+
+
+def outlier_corrections(qt: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Rows, columns and (stored − decoded) value of each sparse outlier, None without outliers: a kernel
+    that multiplies by the codes alone adds deltas · x[:, cols] into y[:, rows]."""
+    if qt.outliers is None:
+        return None
+    rows, cols = qt.outliers.coordinates()
+    decoded = dataclasses.replace(qt, outliers=None).dequantize(torch.float32)  # once, at preparation
+    return rows, cols, qt.outliers.values.float() - decoded[rows, cols]

@@ -23,7 +23,6 @@ tests check them on the CPU; no speed figure comes from there.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -33,7 +32,7 @@ import triton.language as tl
 
 from anybit.format.packing import unpack_codes
 from anybit.format.qtensor import QuantizedTensor
-from anybit.kernels import MAX_BATCH
+from anybit.kernels import MAX_BATCH, coded_input, outlier_corrections
 
 BLOCK_S = 16  # segments per program (grouped layouts)
 
@@ -381,10 +380,9 @@ def prepare(qt: QuantizedTensor) -> PreparedMatrix:
     row_launch = _prepare_rows(qt) if row_layout else None
     launches = [] if row_layout else _prepare_groups(qt)
     o_rows = o_cols = deltas = coded_index = coded_deltas = None
-    if qt.outliers is not None:
-        o_rows, o_cols = qt.outliers.coordinates()
-        decoded = dataclasses.replace(qt, outliers=None).dequantize(torch.float32)  # once, at preparation
-        deltas = qt.outliers.values.float() - decoded[o_rows, o_cols]
+    corrections = outlier_corrections(qt)
+    if corrections is not None:
+        o_rows, o_cols, deltas = corrections
         # y = W_coded · (x / s)[perm]: the outlier at original column c sits at coded column perm⁻¹(c), times s[c]
         coded_cols, coded_deltas = o_cols, deltas
         if qt.perm is not None:
@@ -396,16 +394,6 @@ def prepare(qt: QuantizedTensor) -> PreparedMatrix:
         rows, cols, qt.group_size, launches, row_launch, qt.perm, qt.col_scale, o_rows, o_cols, deltas,
         coded_index, coded_deltas,
     )  # fmt: skip
-
-
-def _coded_input(prepared: PreparedMatrix, x: torch.Tensor) -> torch.Tensor:
-    """x in the coded column order, divided by the scaling vector: what the coded matrix multiplies."""
-    xs = x
-    if prepared.col_scale is not None:  # in original column order, before the coded order is applied
-        xs = xs.float() / prepared.col_scale.float()[None, :]
-    if prepared.perm is not None:
-        xs = xs[:, prepared.perm.to(torch.int64)]
-    return xs.contiguous()
 
 
 def dequantize_coded(prepared: PreparedMatrix, dtype: torch.dtype = torch.float16) -> torch.Tensor:
@@ -440,14 +428,14 @@ def lut_matmul(prepared: PreparedMatrix, x: torch.Tensor) -> torch.Tensor:
     """
     if x.dim() != 2 or x.shape[1] != prepared.in_features:
         raise ValueError(f"x must be (tokens, {prepared.in_features}), got {tuple(x.shape)}")
-    return _coded_input(prepared, x).to(x.dtype) @ dequantize_coded(prepared, x.dtype).t()
+    return coded_input(x, prepared.perm, prepared.col_scale).to(x.dtype) @ dequantize_coded(prepared, x.dtype).t()
 
 
 def lut_matvec(prepared: PreparedMatrix, x: torch.Tensor) -> torch.Tensor:
     """y = W x for x of shape (batch ≤ 8, in_features); float32 result (batch, out_features)."""
     if x.dim() != 2 or x.shape[1] != prepared.in_features or x.shape[0] > MAX_BATCH:
         raise ValueError(f"x must be (batch <= {MAX_BATCH}, {prepared.in_features}), got {tuple(x.shape)}")
-    xs = _coded_input(prepared, x)
+    xs = coded_input(x, prepared.perm, prepared.col_scale)
     batch = x.shape[0]
     y = torch.zeros(batch, prepared.out_features, dtype=torch.float32, device=x.device)
     block_b = triton.next_power_of_2(batch)

@@ -1,8 +1,10 @@
 """`QuantLinear`: a linear layer that holds only the packed quantized weight.
 
 The packed tensors are registered buffers, so `.to(device)` and `state_dict()` see exactly what is
-stored. The reference path dequantizes on every call, then multiplies; `dense_weights` caches the
-dequantized matrices for the duration of a block (evaluation), which changes speed, not results.
+stored. Decode-sized products (up to MAX_BATCH rows) run on kernels that read the packed codes: Triton
+on CUDA, C on the CPU for row layouts (`anybit.kernels.cpu`). Otherwise the reference path dequantizes
+on every call, then multiplies; `dense_weights` caches the dequantized matrices for the duration of a
+block (evaluation), which changes speed, not results.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from torch import nn
 
 from anybit.format.qtensor import QuantizedTensor
 from anybit.kernels import MAX_BATCH, triton_available
+from anybit.kernels import cpu as cpu_kernel
 
 
 def kernel_unavailable(qtensor: QuantizedTensor) -> str:
@@ -42,9 +45,13 @@ class QuantLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self._qtensor: QuantizedTensor | None = qtensor
         self._dense: torch.Tensor | None = None
-        self.kernel = "auto"  # "auto": the kernels on CUDA; "triton": everywhere; "reference": never
+        # "auto": Triton on CUDA, the C kernel on the CPU (row layouts, decode-sized inputs); "triton": Triton
+        # everywhere; "reference": neither
+        self.kernel = "auto"
         self._kernel_unsupported: str | None = None  # None: not checked yet; "": supported
+        self._cpu_unsupported: str | None = None  # the same for the CPU kernel
         self._prepared = None
+        self._cpu_prepared = None
 
     @property
     def qtensor(self) -> QuantizedTensor:
@@ -60,7 +67,7 @@ class QuantLinear(nn.Module):
             return moved if moved.dtype == t.dtype else t.to(moved.device)
 
         self._qtensor = None  # buffers may have moved: rebuild the view on next use
-        self._prepared = None
+        self._prepared = self._cpu_prepared = None
         if self._dense is not None:  # a dense cache (dense_weights) follows the module, casts included
             self._dense = fn(self._dense)
         return super()._apply(move_only, recurse)
@@ -84,6 +91,13 @@ class QuantLinear(nn.Module):
             if bias is not None:
                 y = y + bias
             return y.reshape(*x.shape[:-1], self.out_features)
+        if self._dense is None and self._use_cpu_kernel(x):
+            if self._cpu_prepared is None:
+                self._cpu_prepared = cpu_kernel.prepare(self.qtensor)
+            y = cpu_kernel.row_matvec(self._cpu_prepared, x.reshape(-1, self.in_features)).to(x.dtype)
+            if bias is not None:
+                y = y + bias
+            return y.reshape(*x.shape[:-1], self.out_features)
         if self._dense is None:
             return F.linear(x, self.dequantize().to(x.dtype), bias)
         if self._dense.dtype != x.dtype:  # cast the cached weight once, not on every call
@@ -103,6 +117,14 @@ class QuantLinear(nn.Module):
                     f"anybit: no fused kernel ({self._kernel_unsupported}); using the reference path", stacklevel=3
                 )
         return not self._kernel_unsupported
+
+    def _use_cpu_kernel(self, x: torch.Tensor) -> bool:
+        """The C kernel serves decode-sized products on the CPU, for the layouts it has."""
+        if self.kernel != "auto" or x.device.type != "cpu" or x.numel() > MAX_BATCH * self.in_features:
+            return False
+        if self._cpu_unsupported is None:
+            self._cpu_unsupported = cpu_kernel.unavailable(self.qtensor)
+        return not self._cpu_unsupported
 
     def extra_repr(self) -> str:
         qt = self.qtensor
