@@ -37,11 +37,11 @@ def main() -> None:
     prepared = {name: cpu.prepare(layer.qtensor) for name, layer in served.items()}
     for name in served:
         expected = inputs[name] @ dense[name].t()
-        torch.testing.assert_close(cpu.row_matvec(prepared[name], inputs[name]), expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(cpu.matvec(prepared[name], inputs[name]), expected, rtol=1e-4, atol=1e-4)
 
     passes = {
         "reference": lambda: [inputs[n] @ layer.dequantize().t() for n, layer in served.items()],
-        "kernel": lambda: [cpu.row_matvec(prepared[n], inputs[n]) for n in served],
+        "kernel": lambda: [cpu.matvec(prepared[n], inputs[n]) for n in served],
         "dense": lambda: [inputs[n] @ dense[n].t() for n in served],
     }
     seconds: dict[str, list[float]] = {key: [] for key in passes}

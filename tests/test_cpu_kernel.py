@@ -1,4 +1,4 @@
-"""The C kernel for CPU decode products against the reference path, for the layouts it serves."""
+"""The C kernels for CPU products against the reference path, for every layout they serve."""
 
 import warnings
 
@@ -16,8 +16,11 @@ if reason := cpu.unavailable(codebook_tensor(8, 16, 16, (2,))):
 
 
 def _check(qt: QuantizedTensor, batch: int) -> None:
-    x = torch.randn(batch, qt.shape[1])
-    torch.testing.assert_close(cpu.row_matvec(cpu.prepare(qt), x), x @ qt.dequantize().t(), rtol=1e-5, atol=1e-5)
+    """The decode product (batch rows) and the prefill path (more rows than it takes)."""
+    prepared = cpu.prepare(qt)
+    for tokens, product in ((batch, cpu.matvec), (MAX_BATCH + 5, cpu.matmul)):
+        x = torch.randn(tokens, qt.shape[1])
+        torch.testing.assert_close(product(prepared, x), x @ qt.dequantize().t(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("batch", [1, 3, MAX_BATCH])
@@ -27,56 +30,64 @@ def test_row_codebooks_of_every_width(batch: int) -> None:
     _check(codebook_tensor(37, 136, 136, (8, 6, 2, 7)), batch)  # wider codebooks: the scalar path
 
 
-@pytest.mark.parametrize("widths", [(4,), (2, 3, 4, 8)])
-def test_per_channel_uniform_grids(widths: tuple[int, ...]) -> None:
-    torch.manual_seed(2)
-    rows, cols = 40, 256
-    bitmap = torch.tensor(widths, dtype=torch.uint8)[torch.randint(0, len(widths), (rows, 1))]
-    _check(rtn_quantize(torch.randn(rows, cols) * 0.1, cols, bitmap), 4)
-
-
-def test_scaling_vector_permutation_and_outliers() -> None:
+def test_group_codebooks_with_scaling_permutation_and_outliers() -> None:
     torch.manual_seed(3)
     rows, cols = 24, 128
     mask = torch.rand(rows, cols) < 0.02
     qt = codebook_tensor(
-        rows, cols, cols, (2, 3, 4),
+        rows, cols, 32, (2, 3, 4, 8),
         perm=torch.randperm(cols), col_scale=torch.rand(cols) + 0.5,
         outliers=SparseOutliers.from_mask(torch.randn(rows, cols), mask),
     )  # fmt: skip
     _check(qt, 2)
 
 
+@pytest.mark.parametrize("widths,gs", [((4,), 64), ((2, 3, 4), 64), ((2, 3, 4, 8), 256)])
+def test_uniform_grids_per_group_and_per_channel(widths: tuple[int, ...], gs: int) -> None:
+    torch.manual_seed(2)
+    rows, cols = 40, 256
+    bitmap = torch.tensor(widths, dtype=torch.uint8)[torch.randint(0, len(widths), (rows, cols // gs))]
+    _check(rtn_quantize(torch.randn(rows, cols) * 0.1, gs, bitmap), 4)
+
+
 def test_same_result_whatever_the_thread_count() -> None:
     torch.manual_seed(4)
-    prepared = cpu.prepare(codebook_tensor(301, 512, 512, (2, 3, 4)))
+    prepared = cpu.prepare(codebook_tensor(301, 512, 64, (2, 3, 4)))
     x = torch.randn(2, 512)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = cpu.row_matvec(prepared, x)
+        one = cpu.matvec(prepared, x), cpu.matmul(prepared, x)
         torch.set_num_threads(2)
-        assert torch.equal(cpu.row_matvec(prepared, x), one)
+        assert torch.equal(cpu.matvec(prepared, x), one[0])
+        assert torch.equal(cpu.matmul(prepared, x), one[1])
     finally:
         torch.set_num_threads(threads)
 
 
-def test_quant_linear_uses_it_for_decode_sized_inputs_only() -> None:
+def test_quant_linear_dispatch() -> None:
     torch.manual_seed(5)
     layer = QuantLinear(codebook_tensor(32, 64, 64, (3, 4)), bias=torch.randn(32))
-    for tokens, kernel_used in ((MAX_BATCH + 4, False), (1, True)):
+    for tokens in (1, MAX_BATCH + 4):  # the decode product, then the prefill path
         x = torch.randn(1, tokens, 64)
         layer.kernel = "reference"
         reference = layer(x)
         layer.kernel = "auto"
         torch.testing.assert_close(layer(x), reference, rtol=1e-5, atol=1e-5)
-        assert (layer._cpu_prepared is not None) == kernel_used
-    grouped = QuantLinear(codebook_tensor(32, 64, 16, (3,)))  # group codebooks: the reference path, silently
-    assert cpu.unavailable(grouped.qtensor)
+        assert layer._cpu_prepared is not None
+    # per-column (CLAQ) layouts have no CPU kernel: the reference path, silently
+    column = QuantLinear(
+        QuantizedTensor.from_codebook(
+            torch.randint(0, 4, (64, 32)), torch.randn(64, 1, 4).sort(dim=-1).values,
+            torch.full((64, 1), 2, dtype=torch.uint8), (32, 64), 32, axis=1,
+        )
+    )  # fmt: skip
+    assert cpu.unavailable(column.qtensor)
+    x = torch.randn(1, 64)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        grouped(torch.randn(1, 64))
-    assert grouped._cpu_prepared is None
+        torch.testing.assert_close(column(x), x @ column.dequantize().t())
+    assert column._cpu_prepared is None
 
 
 def test_without_a_compiler_one_warning_then_the_reference_path(tmp_path, monkeypatch) -> None:

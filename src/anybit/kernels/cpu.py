@@ -1,9 +1,10 @@
-"""CPU kernel for decode-time products y = W x (batch 1-8) on row layouts of the packed format.
+"""CPU kernels for the packed format on axis 0 (every layout but CLAQ's per-column codebooks).
 
-Row layouts (one segment per output row: anybit, SKIM and SqueezeLLM per-row codebooks of mixed widths,
-per-channel uniform grids) are multiplied straight from their bit-plane codes by a small C kernel
-(`row_lut.c`: one OpenMP thread per block of rows, codebook lookups by AVX2 permutes where the CPU has
-them), without decoding the matrix. Grouped layouts and per-column codebooks keep the reference path.
+Decode-time products y = W x (batch 1-8) multiply straight from the bit-plane codes with a small C kernel
+(`segment_lut.c`: OpenMP over rows, codebook lookups by AVX2 permutes where the CPU has them), without
+decoding the matrix: per-row codebooks of mixed widths (anybit, SKIM, SqueezeLLM), per-channel or
+group-wise uniform grids (RTN, GPTQ), group bit maps (SliM-LLM). Longer inputs (prefill) decode the matrix
+with the same kernel's decoder, then take one GEMM.
 
 The kernel is compiled on first use with the system's C compiler (`CC`, else `cc`) into the anybit
 cache, once per source and CPU; without a compiler the reference path serves, after one warning.
@@ -28,7 +29,7 @@ from anybit.format.packing import unpack_codes
 from anybit.format.qtensor import QuantizedTensor
 from anybit.kernels import MAX_BATCH, coded_input, outlier_corrections
 
-SOURCE = Path(__file__).with_name("row_lut.c")
+SOURCE = Path(__file__).with_name("segment_lut.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 
 
@@ -49,11 +50,11 @@ def _library() -> ctypes.CDLL | str:
 
     source = SOURCE.read_bytes()
     key = hashlib.sha256(source + " ".join(FLAGS).encode() + _cpu_signature().encode()).hexdigest()[:16]
-    target = cache_dir() / "kernels" / f"row_lut-{key}.so"
+    target = cache_dir() / "kernels" / f"segment_lut-{key}.so"
     if not target.exists():
         compiler = os.environ.get("CC", "cc")
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".row_lut.", suffix=".so", dir=target.parent)
+        fd, tmp = tempfile.mkstemp(prefix=".segment_lut.", suffix=".so", dir=target.parent)
         os.close(fd)
         try:
             done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
@@ -66,9 +67,10 @@ def _library() -> ctypes.CDLL | str:
         finally:
             Path(tmp).unlink(missing_ok=True)
     lib = ctypes.CDLL(str(target))
-    lib.anybit_row_matvec.restype = None
-    lib.anybit_row_matvec.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    lib.anybit_row_matvec.argtypes += [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+    common = [ctypes.c_void_p] * 5 + [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
+    lib.anybit_segment_matvec.restype = lib.anybit_segment_dequantize.restype = None
+    lib.anybit_segment_matvec.argtypes = [*common, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+    lib.anybit_segment_dequantize.argtypes = [*common, ctypes.c_void_p, ctypes.c_int]
     return lib
 
 
@@ -78,11 +80,11 @@ def _without(reason: str) -> str:
 
 
 def unavailable(qt: QuantizedTensor) -> str:
-    """Why the CPU kernel cannot serve this tensor ("" when it can)."""
-    if qt.axis != 0 or qt.group_size != qt.shape[1]:
-        return "only row layouts (one segment per output row) have a CPU kernel"
-    if qt.shape[1] % 8:
-        return f"{qt.shape[1]} input features is not a multiple of 8"
+    """Why the CPU kernels cannot serve this tensor ("" when they can)."""
+    if qt.axis != 0:
+        return "per-column (axis 1) layouts have no CPU kernel"
+    if qt.group_size % 8:
+        return f"group size {qt.group_size} is not a multiple of 8"
     if qt.bitmap.device.type != "cpu":
         return "the tensor is not in CPU memory"
     lib = _library()
@@ -91,42 +93,57 @@ def unavailable(qt: QuantizedTensor) -> str:
 
 @dataclass
 class CpuPrepared:
-    """Per-row addresses into a `QuantizedTensor`'s own code streams and codebooks (which it keeps alive)."""
+    """Per-segment addresses into a `QuantizedTensor`'s own code streams and codebooks (kept alive here);
+    segments in row-major order, `group_size` columns each."""
 
     qt: QuantizedTensor
-    code_addr: torch.Tensor  # int64 address of each row's first code byte
-    bits: torch.Tensor  # int32 width of each row
-    table_addr: torch.Tensor  # int64 address of each row's fp16 codebook (codebook kind)
-    scale: torch.Tensor  # float32 per-row scale (uniform kind)
-    zero: torch.Tensor  # int32 per-row zero point (uniform kind)
+    code_addr: torch.Tensor  # int64 address of each segment's first code byte
+    bits: torch.Tensor  # int32 width of each segment
+    table_addr: torch.Tensor  # int64 address of each segment's fp16 codebook (codebook kind)
+    scale: torch.Tensor  # float32 scale of each segment (uniform kind)
+    zero: torch.Tensor  # int32 zero point of each segment (uniform kind)
     outliers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # rows, cols, stored − decoded
+
+    def arguments(self) -> tuple:
+        """The leading arguments both kernels take."""
+        rows, cols = self.qt.shape
+        return (
+            self.code_addr.data_ptr(), self.bits.data_ptr(), self.table_addr.data_ptr(), self.scale.data_ptr(),
+            self.zero.data_ptr(), self.qt.kind == "uniform", rows, cols, self.qt.group_size,
+        )  # fmt: skip
 
 
 def prepare(qt: QuantizedTensor) -> CpuPrepared:
-    """The kernel's view of a row-layout tensor (see `unavailable`)."""
+    """The kernels' view of a tensor they serve (see `unavailable`)."""
     reason = unavailable(qt)
     if reason:
         raise ValueError(reason)
-    rows, cols = qt.shape
-    widths = qt.bitmap[:, 0].to(torch.int64)
-    code_addr = torch.zeros(rows, dtype=torch.int64)
-    table_addr = torch.zeros(rows, dtype=torch.int64)
-    zero = torch.zeros(rows, dtype=torch.int32)
+    widths = qt.bitmap.reshape(-1).to(torch.int64)
+    code_addr = torch.zeros(widths.numel(), dtype=torch.int64)
+    table_addr = torch.zeros(widths.numel(), dtype=torch.int64)
+    zero = torch.zeros(widths.numel(), dtype=torch.int32)
     uniform = qt.kind == "uniform"
-    for b in qt.widths:  # a width's segments are stored in row order
-        row = (widths == b).nonzero()[:, 0]
-        rank = torch.arange(row.numel(), dtype=torch.int64)
-        code_addr[row] = qt.codes[b].data_ptr() + rank * (cols // 8) * b
+    for b in qt.widths:  # a width's segments are stored in row-major order
+        seg = (widths == b).nonzero()[:, 0]
+        rank = torch.arange(seg.numel(), dtype=torch.int64)
+        code_addr[seg] = qt.codes[b].data_ptr() + rank * (qt.group_size // 8) * b
         if uniform:
-            zero[row] = unpack_codes(qt.zeros[b], b, row.numel()).to(torch.int32)
+            zero[seg] = unpack_codes(qt.zeros[b], b, seg.numel()).to(torch.int32)
         else:
             book = qt.codebooks[b]
-            table_addr[row] = book.data_ptr() + rank * book.stride(0) * book.element_size()
-    scale = qt.scales[:, 0].float().contiguous() if uniform else torch.zeros(1)
+            table_addr[seg] = book.data_ptr() + rank * book.stride(0) * book.element_size()
+    scale = qt.scales.reshape(-1).float().contiguous() if uniform else torch.zeros(1)
     return CpuPrepared(qt, code_addr, widths.to(torch.int32), table_addr, scale, zero, outlier_corrections(qt))
 
 
-def row_matvec(prepared: CpuPrepared, x: torch.Tensor) -> torch.Tensor:
+def _add_outliers(prepared: CpuPrepared, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    if prepared.outliers is not None:
+        rows, cols, deltas = prepared.outliers
+        y.index_add_(1, rows, (deltas[None, :] * x.float()[:, cols]).to(y.dtype))
+    return y
+
+
+def matvec(prepared: CpuPrepared, x: torch.Tensor) -> torch.Tensor:
     """y = W x for x of shape (batch ≤ 8, in_features); float32 result (batch, out_features)."""
     qt = prepared.qt
     rows, cols = qt.shape
@@ -134,12 +151,19 @@ def row_matvec(prepared: CpuPrepared, x: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"x must be a CPU tensor (batch <= {MAX_BATCH}, {cols}), got {tuple(x.shape)} on {x.device}")
     xs = coded_input(x, qt.perm, qt.col_scale).float().contiguous()
     y = torch.empty(x.shape[0], rows, dtype=torch.float32)
-    p = prepared
-    _library().anybit_row_matvec(
-        p.code_addr.data_ptr(), p.bits.data_ptr(), p.table_addr.data_ptr(), p.scale.data_ptr(), p.zero.data_ptr(),
-        qt.kind == "uniform", rows, cols, xs.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads(),
-    )  # fmt: skip
-    if p.outliers is not None:
-        o_rows, o_cols, deltas = p.outliers
-        y.index_add_(1, o_rows, deltas[None, :] * x.float()[:, o_cols])
-    return y
+    _library().anybit_segment_matvec(
+        *prepared.arguments(), xs.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads()
+    )
+    return _add_outliers(prepared, y, x)
+
+
+def matmul(prepared: CpuPrepared, x: torch.Tensor) -> torch.Tensor:
+    """y = x Wᵀ for any number of rows of x (prefill): the coded matrix decoded once into a transient dense
+    float32 matrix, then one GEMM in x's dtype."""
+    qt = prepared.qt
+    if x.dim() != 2 or x.shape[1] != qt.shape[1] or x.device.type != "cpu":
+        raise ValueError(f"x must be a CPU tensor (tokens, {qt.shape[1]}), got {tuple(x.shape)} on {x.device}")
+    dense = torch.empty(qt.shape, dtype=torch.float32)
+    _library().anybit_segment_dequantize(*prepared.arguments(), dense.data_ptr(), torch.get_num_threads())
+    y = coded_input(x, qt.perm, qt.col_scale).to(x.dtype) @ dense.to(x.dtype).t()
+    return _add_outliers(prepared, y, x)

@@ -1,8 +1,8 @@
 """`QuantLinear`: a linear layer that holds only the packed quantized weight.
 
 The packed tensors are registered buffers, so `.to(device)` and `state_dict()` see exactly what is
-stored. Decode-sized products (up to MAX_BATCH rows) run on kernels that read the packed codes: Triton
-on CUDA, C on the CPU for row layouts (`anybit.kernels.cpu`). Otherwise the reference path dequantizes
+stored. Products run on kernels that read the packed codes: Triton on CUDA, C on the CPU
+(`anybit.kernels.cpu`, every layout but per-column codebooks). Otherwise the reference path dequantizes
 on every call, then multiplies; `dense_weights` caches the dequantized matrices for the duration of a
 block (evaluation), which changes speed, not results.
 """
@@ -45,8 +45,8 @@ class QuantLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self._qtensor: QuantizedTensor | None = qtensor
         self._dense: torch.Tensor | None = None
-        # "auto": Triton on CUDA, the C kernel on the CPU (row layouts, decode-sized inputs); "triton": Triton
-        # everywhere; "reference": neither
+        # "auto": Triton on CUDA, the C kernels on the CPU (axis-0 layouts); "triton": Triton everywhere;
+        # "reference": neither
         self.kernel = "auto"
         self._kernel_unsupported: str | None = None  # None: not checked yet; "": supported
         self._cpu_unsupported: str | None = None  # the same for the CPU kernel
@@ -94,7 +94,9 @@ class QuantLinear(nn.Module):
         if self._dense is None and self._use_cpu_kernel(x):
             if self._cpu_prepared is None:
                 self._cpu_prepared = cpu_kernel.prepare(self.qtensor)
-            y = cpu_kernel.row_matvec(self._cpu_prepared, x.reshape(-1, self.in_features)).to(x.dtype)
+            flat = x.reshape(-1, self.in_features)
+            product = cpu_kernel.matvec if flat.shape[0] <= MAX_BATCH else cpu_kernel.matmul
+            y = product(self._cpu_prepared, flat).to(x.dtype)
             if bias is not None:
                 y = y + bias
             return y.reshape(*x.shape[:-1], self.out_features)
@@ -119,8 +121,8 @@ class QuantLinear(nn.Module):
         return not self._kernel_unsupported
 
     def _use_cpu_kernel(self, x: torch.Tensor) -> bool:
-        """The C kernel serves decode-sized products on the CPU, for the layouts it has."""
-        if self.kernel != "auto" or x.device.type != "cpu" or x.numel() > MAX_BATCH * self.in_features:
+        """The C kernels serve products on the CPU, for the layouts they have."""
+        if self.kernel != "auto" or x.device.type != "cpu":
             return False
         if self._cpu_unsupported is None:
             self._cpu_unsupported = cpu_kernel.unavailable(self.qtensor)
