@@ -90,17 +90,24 @@ def test_quant_linear_dispatch() -> None:
     assert column._cpu_prepared is None
 
 
-def test_without_a_compiler_one_warning_then_the_reference_path(tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("compiler,message", [("missing", "no C compiler"), ("failing", "the C compiler failed")])
+def test_without_a_working_compiler_one_warning_then_the_reference_path(
+    tmp_path, monkeypatch, compiler: str, message: str
+) -> None:
+    fake = tmp_path / "cc"
+    if compiler == "failing":
+        fake.write_text("#!/bin/sh\necho 'fatal error: no such header' >&2\nexit 1\n")
+        fake.chmod(0o755)
     monkeypatch.setenv("ANYBIT_CACHE", str(tmp_path))
-    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("CC", str(fake))
     cpu._library.cache_clear()
     try:
         layer = QuantLinear(codebook_tensor(16, 64, 64, (3,)))
         x = torch.randn(1, 64)
-        with pytest.warns(UserWarning, match="no CPU kernel .*no C compiler"):
+        with pytest.warns(UserWarning, match=f"no CPU kernel \\({message}"):
             out = layer(x)
         torch.testing.assert_close(out, x @ layer.dequantize().t())
         assert layer._cpu_prepared is None
-        assert not list(tmp_path.glob("kernels/*.so"))  # nothing half-written left behind
+        assert not list(tmp_path.glob("kernels/*"))  # nothing half-written left behind
     finally:
         cpu._library.cache_clear()

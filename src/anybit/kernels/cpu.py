@@ -31,6 +31,7 @@ from anybit.kernels import MAX_BATCH, coded_input, outlier_corrections
 
 SOURCE = Path(__file__).with_name("segment_lut.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+PLAIN_FLAGS = ("-O3", "-shared", "-fPIC")
 
 
 def _cpu_signature() -> str:
@@ -43,6 +44,27 @@ def _cpu_signature() -> str:
     return "\n".join([platform.machine(), *lines])
 
 
+def _compile(target: Path) -> str:
+    """Build the kernel into `target` atomically; "" on success, else why not. Compilers without OpenMP or
+    -march=native get a second, plain try (single-threaded, no AVX2 unless the default target has it)."""
+    compiler = os.environ.get("CC", "cc")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".segment_lut.", suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        for flags in (FLAGS, PLAIN_FLAGS):
+            done = subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+            if not done.returncode:
+                os.replace(tmp, target)
+                return ""
+        detail = (done.stderr.strip().splitlines() or ["no output"])[0]
+        return f"the C compiler failed ({compiler}: {detail})"
+    except OSError as exc:
+        return f"no C compiler ({compiler}: {exc.strerror or exc})"
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
 @cache
 def _library() -> ctypes.CDLL | str:
     """The compiled kernel, or why there is none (a one-line reason)."""
@@ -51,22 +73,12 @@ def _library() -> ctypes.CDLL | str:
     source = SOURCE.read_bytes()
     key = hashlib.sha256(source + " ".join(FLAGS).encode() + _cpu_signature().encode()).hexdigest()[:16]
     target = cache_dir() / "kernels" / f"segment_lut-{key}.so"
-    if not target.exists():
-        compiler = os.environ.get("CC", "cc")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".segment_lut.", suffix=".so", dir=target.parent)
-        os.close(fd)
-        try:
-            done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
-            if done.returncode:
-                detail = (done.stderr.strip().splitlines() or ["no output"])[0]
-                return _without(f"the C compiler failed ({compiler}: {detail})")
-            os.replace(tmp, target)
-        except OSError as exc:
-            return _without(f"no C compiler ({compiler}: {exc.strerror or exc})")
-        finally:
-            Path(tmp).unlink(missing_ok=True)
-    lib = ctypes.CDLL(str(target))
+    if not target.exists() and (failure := _compile(target)):
+        return _without(failure)
+    try:
+        lib = ctypes.CDLL(str(target))
+    except OSError as exc:
+        return _without(f"the compiled kernel does not load ({exc})")
     common = [ctypes.c_void_p] * 5 + [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
     lib.anybit_segment_matvec.restype = lib.anybit_segment_dequantize.restype = None
     lib.anybit_segment_matvec.argtypes = [*common, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
