@@ -8,7 +8,7 @@ import torch
 from anybit.format.qtensor import QuantizedTensor, SparseOutliers
 from anybit.kernels import MAX_BATCH, cpu
 from anybit.quant.uniform import rtn_quantize
-from anybit.runtime.qlinear import QuantLinear
+from anybit.runtime.qlinear import QuantLinear, dense_weights
 from qtensors import codebook_tensor
 
 if reason := cpu.unavailable(codebook_tensor(8, 16, 16, (2,))):
@@ -111,3 +111,22 @@ def test_without_a_working_compiler_one_warning_then_the_reference_path(
         assert not list(tmp_path.glob("kernels/*"))  # nothing half-written left behind
     finally:
         cpu._library.cache_clear()
+
+
+def test_evaluation_caches_dense_weights_only_where_no_kernel_serves() -> None:
+    torch.manual_seed(6)
+    served = QuantLinear(codebook_tensor(32, 64, 64, (3,)))
+    column = QuantLinear(
+        QuantizedTensor.from_codebook(
+            torch.randint(0, 4, (64, 32)), torch.randn(64, 1, 4).sort(dim=-1).values,
+            torch.full((64, 1), 2, dtype=torch.uint8), (32, 64), 32, axis=1,
+        )
+    )  # fmt: skip
+    model = torch.nn.Sequential(served, torch.nn.Linear(32, 64), column)
+    x = torch.randn(MAX_BATCH + 3, 64)
+    expected = model(x)
+    with dense_weights(model, skip_kernel_layers=True):
+        assert served._dense is None and column._dense is not None
+        torch.testing.assert_close(model(x), expected)
+    with dense_weights(model):
+        assert served._dense is not None

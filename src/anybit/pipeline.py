@@ -189,7 +189,7 @@ def build_residuals(
     model = loaded.model.to(dtype=getattr(torch, dtype))
     stats = CalibrationStats(layers, None if fit_k is None else fit_k.for_layers(layers, adapter))
     try:
-        with dense_weights(model):
+        with dense_weights(model, skip_kernel_layers=True):
             for window in tqdm(windows, desc="activation statistics", unit="window", disable=not progress):
                 model(window[None], use_cache=False)
     finally:

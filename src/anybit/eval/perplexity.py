@@ -54,7 +54,7 @@ def evaluate(
     start = time.perf_counter()
     dev = torch.device(device)
     nll, kl, agree, tokens = 0.0, 0.0, 0, 0
-    with dense_weights(model):
+    with dense_weights(model, skip_kernel_layers=True):
         for window in tqdm(windows, desc=desc, unit="window", disable=not progress):
             logp = F.log_softmax(_logits(model, window, dev), dim=-1)
             targets = window[1:].to(dev)

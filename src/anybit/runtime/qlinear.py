@@ -4,7 +4,7 @@ The packed tensors are registered buffers, so `.to(device)` and `state_dict()` s
 stored. Products run on kernels that read the packed codes: Triton on CUDA, C on the CPU
 (`anybit.kernels.cpu`, every layout but per-column codebooks). Otherwise the reference path dequantizes
 on every call, then multiplies; `dense_weights` caches the dequantized matrices for the duration of a
-block (evaluation), which changes speed, not results.
+block (evaluation, of the layers no CPU kernel serves), which changes speed, not results.
 """
 
 from __future__ import annotations
@@ -121,8 +121,11 @@ class QuantLinear(nn.Module):
         return not self._kernel_unsupported
 
     def _use_cpu_kernel(self, x: torch.Tensor) -> bool:
-        """The C kernels serve products on the CPU, for the layouts they have."""
-        if self.kernel != "auto" or x.device.type != "cpu":
+        return x.device.type == "cpu" and self.cpu_kernel_serves()
+
+    def cpu_kernel_serves(self) -> bool:
+        """Whether the C kernels serve this layer's products (its codes in CPU memory, a layout they have)."""
+        if self.kernel != "auto" or self.qtensor.bitmap.device.type != "cpu":
             return False
         if self._cpu_unsupported is None:
             self._cpu_unsupported = cpu_kernel.unavailable(self.qtensor)
@@ -144,9 +147,11 @@ def quant_linears(model: nn.Module) -> Iterator[tuple[str, QuantLinear]]:
 
 
 @contextmanager
-def dense_weights(model: nn.Module) -> Iterator[None]:
-    """Within the block, every QuantLinear multiplies by a cached dequantized weight."""
-    layers = [m for _, m in quant_linears(model)]
+def dense_weights(model: nn.Module, skip_kernel_layers: bool = False) -> Iterator[None]:
+    """Within the block, every QuantLinear multiplies by a cached dequantized weight; with
+    `skip_kernel_layers`, all but those the CPU kernels serve, which decode one matrix per product
+    at about the same speed for long inputs and keep memory near the packed size."""
+    layers = [m for _, m in quant_linears(model) if not (skip_kernel_layers and m.cpu_kernel_serves())]
     try:
         for layer in layers:
             layer._dense = layer.dequantize()
