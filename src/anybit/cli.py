@@ -309,7 +309,7 @@ def eval_cmd(model: str, kl: bool, reference: str | None, as_json: bool, **kwarg
 @click.option(
     "--dense-cache",
     is_flag=True,
-    help="Decode every quantized weight once before generating: faster on the CPU, at dense memory cost.",
+    help="Decode every quantized weight once before generating: dense memory, a little faster (CPU: ~10 %).",
 )
 @_dec_options
 def generate(
@@ -348,7 +348,9 @@ def generate(
 @click.option("--repeats", type=int, default=3, show_default=True, help="Timed runs after one warm-up (median).")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True, help="Compute dtype.")
-@click.option("--dense-cache", is_flag=True, help="Decode every quantized weight once first (dense memory cost).")
+@click.option(
+    "--dense-cache", is_flag=True, help="Decode every quantized weight once first (dense memory, a little faster)."
+)
 @click.option("--cuda-graph", is_flag=True, help="CUDA: static KV cache, each decode step replayed from a graph.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @_dec_options
