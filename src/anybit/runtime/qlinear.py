@@ -78,33 +78,34 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        if self._dense is None and self._use_kernel(x):
-            flat = x.reshape(-1, self.in_features)
+        if self._dense is None:
+            y = self._kernel_product(x.reshape(-1, self.in_features))
+            if y is None:
+                return F.linear(x, self.dequantize().to(x.dtype), bias)
+            y = y.to(x.dtype)
+            if bias is not None:
+                y = y + bias
+            return y.reshape(*x.shape[:-1], self.out_features)
+        if self._dense.dtype != x.dtype:  # cast the cached weight once, not on every call
+            self._dense = self._dense.to(x.dtype)
+        return F.linear(x, self._dense, bias)
+
+    def _kernel_product(self, flat: torch.Tensor) -> torch.Tensor | None:
+        """flat Ŵᵀ on a kernel that reads the packed codes (Triton, or C on the CPU), None where none serves.
+        Up to MAX_BATCH rows multiply straight from the codes; longer inputs (prefill) decode a transient
+        dense matrix with the kernel, then take one GEMM."""
+        decode = flat.shape[0] <= MAX_BATCH
+        if self._use_kernel(flat):
             from anybit.kernels.lut_gemv import lut_matmul, lut_matvec, prepare
 
             if self._prepared is None:
                 self._prepared = prepare(self.qtensor)
-            if flat.shape[0] <= MAX_BATCH:
-                y = lut_matvec(self._prepared, flat).to(x.dtype)
-            else:  # prefill: decode into a transient dense matrix with the kernel, then one GEMM
-                y = lut_matmul(self._prepared, flat)
-            if bias is not None:
-                y = y + bias
-            return y.reshape(*x.shape[:-1], self.out_features)
-        if self._dense is None and self._use_cpu_kernel(x):
+            return (lut_matvec if decode else lut_matmul)(self._prepared, flat)
+        if flat.device.type == "cpu" and self.cpu_kernel_serves():
             if self._cpu_prepared is None:
                 self._cpu_prepared = cpu_kernel.prepare(self.qtensor)
-            flat = x.reshape(-1, self.in_features)
-            product = cpu_kernel.matvec if flat.shape[0] <= MAX_BATCH else cpu_kernel.matmul
-            y = product(self._cpu_prepared, flat).to(x.dtype)
-            if bias is not None:
-                y = y + bias
-            return y.reshape(*x.shape[:-1], self.out_features)
-        if self._dense is None:
-            return F.linear(x, self.dequantize().to(x.dtype), bias)
-        if self._dense.dtype != x.dtype:  # cast the cached weight once, not on every call
-            self._dense = self._dense.to(x.dtype)
-        return F.linear(x, self._dense, bias)
+            return (cpu_kernel.matvec if decode else cpu_kernel.matmul)(self._cpu_prepared, flat)
+        return None
 
     def _use_kernel(self, x: torch.Tensor) -> bool:
         """The kernels serve products on CUDA (or everywhere with kernel='triton')."""
@@ -116,12 +117,9 @@ class QuantLinear(nn.Module):
             self._kernel_unsupported = kernel_unavailable(self.qtensor)
             if self._kernel_unsupported:
                 warnings.warn(
-                    f"anybit: no fused kernel ({self._kernel_unsupported}); using the reference path", stacklevel=3
+                    f"anybit: no fused kernel ({self._kernel_unsupported}); using the reference path", stacklevel=4
                 )
         return not self._kernel_unsupported
-
-    def _use_cpu_kernel(self, x: torch.Tensor) -> bool:
-        return x.device.type == "cpu" and self.cpu_kernel_serves()
 
     def cpu_kernel_serves(self) -> bool:
         """Whether the C kernels serve this layer's products (its codes in CPU memory, a layout they have)."""
