@@ -16,14 +16,25 @@ if TYPE_CHECKING:
     from anybit.runtime.dec import DecPlan
 
 
+class _UsageLine(click.ClickException):
+    """A bad command line, shown in one line like every other error (exit status 2, as click's)."""
+
+    exit_code = 2
+
+
 class _Group(click.Group):
-    """Turns an AnybitError anywhere below into a one-line message and exit status 1."""
+    """Turns an AnybitError (exit status 1) or a bad option value (2) anywhere below into a one-line message."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except AnybitError as exc:
             raise click.ClickException(str(exc)) from None
+        except click.UsageError as exc:
+            raise _UsageLine(exc.format_message()) from None
+
+
+POSITIVE = click.IntRange(min=1)
 
 
 @click.group(cls=_Group)
@@ -64,7 +75,12 @@ def _quant_options(f):
             "--bits", type=float, default=None, help="Target bits per weight [default: 3.25 for anybit/skim, else 4]."
         ),
         click.option(
-            "--group", "group_size", type=int, default=64, show_default=True, help="Group size (0: per output channel)."
+            "--group",
+            "group_size",
+            type=click.IntRange(min=0),
+            default=64,
+            show_default=True,
+            help="Group size (0: per output channel).",
         ),
         click.option(
             "--act-order/--no-act-order",
@@ -81,9 +97,9 @@ def _quant_options(f):
         click.option(
             "--calib", default="wikitext2-valid", show_default=True, help="Calibration corpus name or text file."
         ),
-        click.option("--nsamples", type=int, default=128, show_default=True, help="Calibration windows."),
+        click.option("--nsamples", type=POSITIVE, default=128, show_default=True, help="Calibration windows."),
         click.option(
-            "--seqlen", type=int, default=2048, show_default=True, help="Calibration window length in tokens."
+            "--seqlen", type=POSITIVE, default=2048, show_default=True, help="Calibration window length in tokens."
         ),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option(
@@ -100,7 +116,7 @@ def _quant_options(f):
             help="Share of weights kept in fp16 [default: the method's; squeezellm 0.0045; claq: per-tail 0.005].",
         ),
         click.option(
-            "--fisher-nsamples", type=int, default=None, help="Calibration windows for Fisher [default: all]."
+            "--fisher-nsamples", type=POSITIVE, default=None, help="Calibration windows for Fisher [default: all]."
         ),
         click.option("--tau", type=float, default=13.0, show_default=True, help="CLAQ: outlier threshold in mean|W|."),
         click.option(
@@ -200,9 +216,9 @@ def _echo_residual(meta: dict) -> None:
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--source", default=None, help="The unquantized model (default: the one DIR was made from).")
 @click.option(
-    "--nsamples", type=int, default=8, show_default=True, help="Calibration windows (means; --fit statistics)."
+    "--nsamples", type=POSITIVE, default=8, show_default=True, help="Calibration windows (means; --fit statistics)."
 )
-@click.option("--seqlen", type=int, default=2048, show_default=True)
+@click.option("--seqlen", type=POSITIVE, default=2048, show_default=True)
 @click.option("--calib", default="wikitext2-valid", show_default=True, help="Calibration corpus name or text file.")
 @click.option(
     "--fit",
@@ -249,8 +265,8 @@ def _dec_note(plan: object, static: bool, score: str) -> str:
 def _eval_options(f):
     options = [
         click.option("--dataset", default="wikitext2", show_default=True, help="Corpus name or text file."),
-        click.option("--seqlen", type=int, default=2048, show_default=True, help="Window length in tokens."),
-        click.option("--max-windows", type=int, default=None, help="Score only the first N windows."),
+        click.option("--seqlen", type=POSITIVE, default=2048, show_default=True, help="Window length in tokens."),
+        click.option("--max-windows", type=POSITIVE, default=None, help="Score only the first N windows."),
         click.option("--device", default="cpu", show_default=True),
         click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True, help="Compute dtype."),
     ]
@@ -267,8 +283,9 @@ def _eval_options(f):
 def eval_cmd(model: str, kl: bool, reference: str | None, as_json: bool, **kwargs: object) -> None:
     """Perplexity of MODEL (a model spec or a quantized DIR)."""
     from anybit.model.loading import load_model
-    from anybit.pipeline import evaluate_spec
+    from anybit.pipeline import check_device, evaluate_spec
 
+    check_device(kwargs["device"])
     loaded = load_model(model)
     ref = None
     if kl or reference:
@@ -301,9 +318,9 @@ def eval_cmd(model: str, kl: bool, reference: str | None, as_json: bool, **kwarg
 @main.command()
 @click.argument("model")
 @click.option("--prompt", required=True, help="Text to continue (or the user message with --chat).")
-@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--max-new-tokens", type=POSITIVE, default=64, show_default=True)
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template.")
-@click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy decoding.")
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True, help="0: greedy decoding.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option(
@@ -328,12 +345,14 @@ def generate(
     """Generate text with MODEL (a model spec or a quantized DIR), streaming it to stdout."""
     from contextlib import nullcontext
 
+    from anybit.generate import check_prompt
     from anybit.generate import generate as run_generation
     from anybit.model.loading import load_model
     from anybit.pipeline import check_device, dec_compensation
     from anybit.runtime.qlinear import dense_weights
 
     check_device(device)
+    check_prompt(prompt)
     loaded = load_model(model)
     loaded.model.to(device)
     dec_context = dec_compensation(loaded, dec, dec_static, dec_score)
@@ -343,9 +362,9 @@ def generate(
 
 @main.command()
 @click.argument("model")
-@click.option("--prompt-tokens", type=int, default=128, show_default=True, help="Length of the (random) prompt.")
-@click.option("--new-tokens", type=int, default=32, show_default=True, help="Greedy decode steps, one token each.")
-@click.option("--repeats", type=int, default=3, show_default=True, help="Timed runs after one warm-up (median).")
+@click.option("--prompt-tokens", type=POSITIVE, default=128, show_default=True, help="Length of the (random) prompt.")
+@click.option("--new-tokens", type=POSITIVE, default=32, show_default=True, help="Greedy decode steps, one token each.")
+@click.option("--repeats", type=POSITIVE, default=3, show_default=True, help="Timed runs after one warm-up (median).")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True, help="Compute dtype.")
 @click.option(
@@ -441,8 +460,9 @@ def inspect(directory: str, as_json: bool, plot_file: str | None) -> None:
     type=click.Path(file_okay=False),
     help="Output directory (default: under the cache).",
 )
+@click.option("--force", is_flag=True, help="Replace an existing --out directory (one anybit wrote).")
 @click.option("--dataset", default="wikitext2", show_default=True, help="Evaluation corpus.")
-@click.option("--max-windows", type=int, default=None, help="Evaluate only the first N windows.")
+@click.option("--max-windows", type=POSITIVE, default=None, help="Evaluate only the first N windows.")
 @click.option(
     "--dtype", type=click.Choice(DTYPES), default="float32", show_default=True, help="Evaluation compute dtype."
 )
@@ -451,6 +471,7 @@ def compare(
     ctx: click.Context,
     model: str,
     out_dir: str | None,
+    force: bool,
     dataset: str,
     max_windows: int | None,
     dtype: str,
@@ -461,8 +482,9 @@ def compare(
 
     --seqlen sets both the calibration and the evaluation window length.
     """
+    from anybit.format.io import check_output
     from anybit.methods import get_method
-    from anybit.model.loading import cache_dir, load_model
+    from anybit.model.loading import cache_dir, load_model, resolve_spec
     from anybit.pipeline import evaluate_spec, quantize_to_dir
     from anybit.report import format_table
 
@@ -472,6 +494,8 @@ def compare(
         label += f" g{config.group_size}"
     name = f"{Path(model).name}-{label.replace(' ', '-')}"
     out = Path(out_dir) if out_dir else cache_dir() / "runs" / name
+    force = force or out_dir is None  # the default lies in anybit's own cache, one per model and recipe
+    check_output(out, force, sources=(resolve_spec(model)[1],))
     eval_kwargs = {
         "dataset": dataset,
         "seqlen": config.seqlen,
@@ -483,7 +507,7 @@ def compare(
     n_weights = sum(p.numel() for p in original.model.parameters())
     base = evaluate_spec(original, **eval_kwargs)
     del original  # evaluation cast it to --dtype in place; quantize a fresh copy
-    outcome = quantize_to_dir(model, config, out, force=True)
+    outcome = quantize_to_dir(model, config, out, force=force)
     quantized = evaluate_spec(load_model(str(out)), **eval_kwargs)
     rows = [
         {"model": model, "method": "none (fp16)", "bits_per_weight": 16.0, "size": _mb(2 * n_weights), "ppl": base.ppl},

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +15,13 @@ DTYPES = ("float32", "bfloat16", "float16")
 WEIGHTINGS = ("activation", "fisher", "none")
 SCOPES = ("matrix", "model")
 DEC_SCORES = ("activation", "contribution")  # how dynamic error compensation ranks input channels
+_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+
+
+def check_device_name(device: object) -> None:
+    """An AnybitError unless `device` names a device anybit runs on: cpu, cuda or cuda:N."""
+    if not isinstance(device, str) or not _DEVICE.fullmatch(device):
+        raise AnybitError(f"device must be cpu, cuda or cuda:N, got {device!r}")
 
 
 @dataclass(frozen=True)
@@ -43,6 +52,7 @@ class QuantConfig:
     def __post_init__(self) -> None:
         from anybit.methods import get_method  # the registry knows each method's bit range
 
+        self._check_types()
         method = get_method(self.method)
         if self.bits is None:
             object.__setattr__(self, "bits", method.default_bits)
@@ -69,8 +79,21 @@ class QuantConfig:
             raise AnybitError(f"scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
         if self.scope == "model" and not method.supports_model_scope:
             raise AnybitError(f"method {self.method!r} has no model-wide allocation (use --scope matrix)")
-        if not (self.device == "cpu" or self.device.startswith("cuda")):
-            raise AnybitError(f"device must be cpu or cuda[:N], got {self.device!r}")
+        check_device_name(self.device)
+
+    def _check_types(self) -> None:
+        """Each field holds a value of its declared type (a TOML file can hold anything)."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            allowed = typing.get_args(hints[f.name]) or (hints[f.name],)
+            if float in allowed:
+                allowed = (*allowed, int)  # 3 is a fine 3.0
+            if (isinstance(value, bool) and bool not in allowed) or not isinstance(value, allowed):
+                names = " or ".join(
+                    "none" if t is type(None) else t.__name__ for t in allowed if t is not int or float not in allowed
+                )
+                raise AnybitError(f"{f.name} must be {names}, got {value!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -11,15 +11,25 @@ from anybit.errors import AnybitError
 from anybit.model.loading import LoadedModel
 
 
+def check_prompt(prompt: str) -> None:
+    """An AnybitError for a prompt with no text."""
+    if not prompt.strip():
+        raise AnybitError("the prompt is empty: give --prompt some text")
+
+
 def build_prompt(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
     """Token ids of the prompt; with `chat`, wrapped in the tokenizer's chat template as a user turn."""
+    check_prompt(prompt)
     if chat:
         if not getattr(tokenizer, "chat_template", None):
             raise AnybitError("--chat needs a tokenizer with a chat template; this model has none")
         messages = [{"role": "user", "content": prompt}]
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
-    return tokenizer(prompt, return_tensors="pt").input_ids
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    if ids.numel() == 0:
+        raise AnybitError("the prompt holds no tokens: give --prompt some text")
+    return ids
 
 
 @torch.inference_mode()

@@ -12,14 +12,14 @@ import torch
 from tqdm.auto import tqdm
 
 from anybit.calibrate import QuantReport, quantize_model
-from anybit.config import QuantConfig
+from anybit.config import QuantConfig, check_device_name
 from anybit.data import calibration_windows, eval_windows, load_corpus, tokenize_corpus
 from anybit.errors import AnybitError
 from anybit.eval.perplexity import EvalResult, evaluate
-from anybit.format.io import WEIGHTS_FILE, load_residuals, save_quantized, save_residuals
+from anybit.format.io import WEIGHTS_FILE, check_output, load_residuals, save_quantized, save_residuals
 from anybit.methods import get_method
 from anybit.model.adapters import get_adapter
-from anybit.model.loading import LoadedModel, load_model
+from anybit.model.loading import LoadedModel, load_model, resolve_spec
 from anybit.runtime.dec import (
     FIT_RIDGE,
     RESIDUAL_BITS,
@@ -47,8 +47,12 @@ class QuantizeOutcome:
 
 
 def check_device(device: str) -> None:
+    """An AnybitError unless `device` is a well-formed name of a device present here."""
+    check_device_name(device)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise AnybitError(f"device {device} requested but CUDA is not available")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise AnybitError(f"device {device} requested but there are {torch.cuda.device_count()} CUDA devices")
 
 
 def quantize_to_dir(
@@ -60,10 +64,8 @@ def quantize_to_dir(
     loaded: LoadedModel | None = None,
 ) -> QuantizeOutcome:
     """Load `spec` (unless already `loaded`), quantize it with `config`, and write `out_dir`."""
-    out_dir = Path(out_dir).expanduser()
-    if out_dir.exists() and not force:
-        raise AnybitError(f"output {out_dir} already exists (use --force to replace it)")
     check_device(config.device)
+    out_dir = check_output(out_dir, force, sources=(resolve_spec(spec)[1],))
     loaded = loaded or load_model(spec)
     if loaded.kind == "quantized":
         raise AnybitError(f"{spec} is already quantized; quantize the original model instead")

@@ -5,12 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from torch import nn
 
 from anybit.errors import AnybitError
-from anybit.format.io import WEIGHTS_FILE, read_quant_info
-
-DTYPE_BYTES = {"U8": 1, "I8": 1, "I16": 2, "F16": 2, "BF16": 2, "I32": 4, "F32": 4, "I64": 8, "F64": 8}
+from anybit.format.io import WEIGHTS_FILE, load_quantized
+from anybit.runtime.qlinear import quant_linears
 
 
 def format_table(rows: list[dict], title: str = "") -> str:
@@ -23,35 +22,34 @@ def format_table(rows: list[dict], title: str = "") -> str:
 
 
 def inspect_directory(path: Path) -> dict:
-    """Per-linear layout and stored bytes, measured from the safetensors header of `path`."""
-    info = read_quant_info(path)
-    weights = path / WEIGHTS_FILE
-    try:
-        with safe_open(weights, "pt") as f:
-            sizes = {}
-            for key in f.keys():  # noqa: SIM118 - safe_open is not iterable
-                sl = f.get_slice(key)
-                n = 1
-                for d in sl.get_shape():
-                    n *= d
-                sizes[key] = n * DTYPE_BYTES[sl.get_dtype()]
-    except (OSError, SafetensorError) as exc:
-        raise AnybitError(f"corrupt or missing {weights}: {exc}") from exc
-    rows, total_bytes, total_weights = [], 0, 0
-    for name, meta in info["layers"].items():
-        stored = sum(v for k, v in sizes.items() if k.startswith(f"{name}.") and k != f"{name}.bias")
-        numel = meta["shape"][0] * meta["shape"][1]
-        rows.append({"name": name, **meta, "bytes": stored, "bits_per_weight": 8 * stored / numel})
-        total_bytes += stored
-        total_weights += numel
+    """Per-linear layout and stored bytes of a quantized directory, measured from its tensors after the
+    same checks as any load."""
+    _, info = _load_checked(path)
+    rows = []
+    for name, layer in info["layers"].items():
+        numel = layer["shape"][0] * layer["shape"][1]
+        rows.append(
+            {
+                "name": name,
+                **layer,
+                "bytes": layer["storage_bits"] // 8,
+                "bits_per_weight": layer["storage_bits"] / numel,
+            }
+        )
     return {
         "layers": rows,
         "method": info["method"],
-        "quantized_weights": total_weights,
-        "quantized_bytes": total_bytes,
-        "bits_per_weight": 8 * total_bytes / total_weights,
-        "file_bytes": weights.stat().st_size,
+        "quantized_weights": info["quantized_weights"],
+        "quantized_bytes": info["storage_bits"] // 8,
+        "bits_per_weight": info["bits_per_weight"],
+        "file_bytes": (path / WEIGHTS_FILE).stat().st_size,
     }
+
+
+def _load_checked(path: Path) -> tuple[nn.Module, dict]:
+    """The quantized model in `path` and its measured summary; an AnybitError for anything else."""
+    model, _, info = load_quantized(path)
+    return model, info
 
 
 def plot_bit_map(path: Path, out_png: Path) -> Path:
@@ -64,23 +62,16 @@ def plot_bit_map(path: Path, out_png: Path) -> Path:
         import matplotlib.pyplot as plt
     except ImportError:
         raise AnybitError("--plot needs matplotlib: pip install 'anybit[plot]'") from None
-    from anybit.format.qtensor import QuantizedTensor
-
-    info = read_quant_info(path)
+    model, info = _load_checked(path)
     kinds: dict[str, dict[int, torch.Tensor]] = {}
     layer_bits: dict[int, list[float]] = {}
-    with safe_open(path / WEIGHTS_FILE, "pt") as f:
-        keys = list(f.keys())
-        for name, meta in info["layers"].items():
-            own = {
-                k[len(name) + 1 :]: f.get_tensor(k) for k in keys if k.startswith(f"{name}.") and k != f"{name}.bias"
-            }
-            qt = QuantizedTensor.from_tensors(meta, own)
-            index, kind = _layer_index(name)
-            kinds.setdefault(kind, {})[index] = qt.bitmap.float().mean(dim=1)
-            layer_bits.setdefault(index, [0.0, 0.0])
-            layer_bits[index][0] += meta["storage_bits"]
-            layer_bits[index][1] += qt.numel
+    for name, module in quant_linears(model):
+        qt = module.qtensor
+        index, kind = _layer_index(name)
+        kinds.setdefault(kind, {})[index] = qt.bitmap.float().mean(dim=1)
+        layer_bits.setdefault(index, [0.0, 0.0])
+        layer_bits[index][0] += qt.storage_bits()
+        layer_bits[index][1] += qt.numel
     fig, axes = plt.subplots(1, len(kinds) + 1, figsize=(2.2 * (len(kinds) + 1), 4.5), constrained_layout=True)
     top = max(float(v.max()) for per in kinds.values() for v in per.values())
     for ax, (kind, per_layer) in zip(axes, kinds.items(), strict=False):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -22,6 +21,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from anybit.errors import AnybitError
+from anybit.format.files import (
+    check_writable_dir,
+    make_temp_dir,
+    make_temp_file,
+    remove_stale_temporaries,
+    replace_dir,
+    temporary_target,
+)
 from anybit.format.qtensor import QuantizedTensor
 from anybit.model.adapters import get_adapter, set_submodule
 from anybit.runtime.dec import DecPlan, Residual
@@ -85,12 +92,59 @@ def _state_to_store(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str
     return tensors, aliases
 
 
+# what anybit writes into a directory; older directories have no "files" list in their anybit.json
+LEGACY_FILES = frozenset(
+    {QUANT_FILE, WEIGHTS_FILE, "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+     "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt", "tokenizer.model",
+     "added_tokens.json"}
+)  # fmt: skip
+RESIDUAL_FILE = "residuals.safetensors"
+
+
+def check_output(out_dir: str | Path, force: bool, sources: tuple[Path, ...] = ()) -> Path:
+    """Before any work: the output directory anybit may write, or an AnybitError saying why not.
+
+    An existing `out_dir` is replaced only with `force`, and only when it is an anybit output holding
+    nothing but the files anybit wrote; never a source model or a directory holding one. Stale
+    temporaries of earlier, killed writes are removed, and the parent is proven writable.
+    """
+    out = Path(out_dir).expanduser()
+    for source in sources:
+        if out.resolve() == source.resolve() or out.resolve() in source.resolve().parents:
+            raise AnybitError(f"refusing to write {out}: it would replace the source model {source}")
+    if out.exists() or out.is_symlink():
+        if out.is_symlink() or not out.is_dir():
+            raise AnybitError(f"output {out} exists and is not a directory anybit wrote")
+        if not force:
+            raise AnybitError(f"output {out} already exists (use --force to replace it)")
+        problem = _not_ours(out)
+        if problem:
+            raise AnybitError(f"refusing to replace {out}: {problem}")
+    remove_stale_temporaries(out)
+    check_writable_dir(out.parent)
+    return out
+
+
+def _not_ours(directory: Path) -> str:
+    """Why `directory` is not an anybit output that may be replaced ("" when it is)."""
+    try:
+        info = json.loads((directory / QUANT_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return f"it is not an anybit output (no readable {QUANT_FILE})"
+    if not isinstance(info, dict) or info.get("format") != FORMAT_NAME:
+        return f"it is not an anybit output ({QUANT_FILE} is not anybit's)"
+    files = info.get("files")
+    allowed = {*files, RESIDUAL_FILE} if isinstance(files, list) else set(LEGACY_FILES | {RESIDUAL_FILE})
+    for entry in directory.iterdir():
+        name = temporary_target(entry.name) or entry.name  # a killed `anybit residual` leaves one
+        if entry.is_symlink() or not entry.is_file() or name not in allowed:
+            return f"it holds {entry.name}, which anybit did not write"
+    return ""
+
+
 def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path, info: dict, force: bool = False) -> dict:
     """Write the quantized model to `out_dir` atomically; returns the written anybit.json content."""
-    out_dir = Path(out_dir).expanduser()
-    if out_dir.exists() and not force:
-        raise AnybitError(f"output {out_dir} already exists (use --force to replace it)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    out_dir = check_output(out_dir, force)
     tensors, aliases = _state_to_store(model)
     meta = {
         "format": FORMAT_NAME,
@@ -99,20 +153,14 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path, info: dict,
         "aliases": aliases,
         **quantization_summary(model),
     }
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    tmp.chmod(0o755)
+    tmp = make_temp_dir(out_dir)
     try:
         save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": FORMAT_NAME})
         model.config.to_json_file(tmp / "config.json")
         tokenizer.save_pretrained(tmp)
+        meta["files"] = sorted({*(p.name for p in tmp.iterdir()), QUANT_FILE})
         (tmp / QUANT_FILE).write_text(json.dumps(meta, indent=1))
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old")
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -120,21 +168,61 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path, info: dict,
 
 
 def read_quant_info(path: str | Path) -> dict:
-    """anybit.json of a quantized directory, checked to be ours."""
+    """anybit.json of a quantized directory, checked to be ours and to have every field this anybit reads."""
     path = Path(path)
     try:
         info = json.loads((path / QUANT_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise AnybitError(f"{path} is not a readable anybit directory: {exc}") from exc
     if not isinstance(info, dict) or info.get("format") != FORMAT_NAME:
         raise AnybitError(f"{path / QUANT_FILE} is not an anybit quantization file")
     if info.get("format_version") != FORMAT_VERSION:
         raise AnybitError(f"{path} has format version {info.get('format_version')}, this anybit reads {FORMAT_VERSION}")
+    problem = _info_problem(info)
+    if problem:
+        raise AnybitError(f"corrupt {path / QUANT_FILE}: {problem}")
     return info
 
 
+_INFO_FIELDS = {
+    "method": str,
+    "source": str,
+    "config": dict,
+    "aliases": dict,
+    "layers": dict,
+    "quantized_weights": int,
+    "storage_bits": int,
+    "bits_per_weight": (int, float),
+    "nominal_bits_per_weight": (int, float),
+}
+_LAYER_FIELDS = {"shape": list, "group_size": int, "axis": int, "kind": str, "storage_bits": int}
+
+
+def _info_problem(info: dict) -> str:
+    """What is wrong with the fields of an anybit.json ("" when nothing is)."""
+    for key, kind in _INFO_FIELDS.items():
+        if not isinstance(info.get(key), kind) or isinstance(info.get(key), bool):
+            return f"field {key!r} is missing or not a {getattr(kind, '__name__', 'number')}"
+    if not info["layers"]:
+        return "no quantized layers"
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in info["aliases"].items()):
+        return "aliases must map names to names"
+    for name, meta in info["layers"].items():
+        if not isinstance(meta, dict):
+            return f"layer {name}: not an object"
+        for key, kind in _LAYER_FIELDS.items():
+            if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+                return f"layer {name}: field {key!r} is missing or not a {kind.__name__}"
+    return ""
+
+
 def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object, dict]:
-    """The model (with QuantLinear layers) and tokenizer stored in `path`, and its anybit.json."""
+    """The model (with QuantLinear layers) and tokenizer stored in `path`, and its anybit.json.
+
+    Everything stored is checked before any kernel sees it: each packed tensor against its layout, each
+    other tensor against the architecture's parameter of that name, and the counted bits against the
+    figures anybit.json claims. Anything that does not fit is an AnybitError naming the tensor.
+    """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -147,45 +235,106 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32) -> tupl
     try:
         config = AutoConfig.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         raise AnybitError(f"cannot read the model config or tokenizer in {path}: {exc}") from exc
     get_adapter(config.model_type)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-
     try:
-        for name, layer_meta in info["layers"].items():
-            prefix = f"{name}."
-            own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix) and k != f"{name}.bias"}
-            qt = QuantizedTensor.from_tensors(layer_meta, own)
-            bias = tensors.get(f"{name}.bias")
-            set_submodule(model, name, QuantLinear(qt, None if bias is None else bias.to(dtype)))
-            for k in own:
-                del tensors[f"{prefix}{k}"]
-            tensors.pop(f"{name}.bias", None)
+        _install_quantized(model, info, tensors, dtype)
+        _install_unquantized(model, info, tensors, dtype)
+        _check_counted_bits(model, info)
     except (KeyError, ValueError) as exc:
         raise AnybitError(f"corrupt quantized checkpoint {path}: {exc}") from exc
-
-    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
-    for alias, target in info.get("aliases", {}).items():
-        if target in state:
-            state[alias] = state[target]
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    still_empty = {n for n, p in model.named_parameters() if p.is_meta}
-    missing = [m for m in missing if m in still_empty]
-    if missing or unexpected:
-        raise AnybitError(f"corrupt quantized checkpoint {path}: missing {missing[:3]}, unexpected {unexpected[:3]}")
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     leftover = [n for n, p in model.named_parameters() if p.is_meta]
     if leftover:
-        raise AnybitError(f"corrupt quantized checkpoint {path}: no values for {leftover[:3]}")
+        raise AnybitError(f"corrupt quantized checkpoint {path}: no values for {', '.join(leftover[:3])}")
     model.eval()
     model.requires_grad_(False)
     return model, tokenizer, info
 
 
-RESIDUAL_FILE = "residuals.safetensors"
+def _install_quantized(model: nn.Module, info: dict, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    """Replace each linear named in anybit.json by a QuantLinear built from its (checked) stored tensors;
+    the tensors used are removed from `tensors`."""
+    for name, layer_meta in info["layers"].items():
+        try:
+            target = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{name}: the architecture has no such layer") from None
+        expected = getattr(target, "weight", None)
+        if expected is None or tuple(layer_meta["shape"]) != tuple(get_adapter(model).weight_of(target).shape):
+            raise ValueError(f"{name}: quantized shape {layer_meta['shape']} does not fit the architecture")
+        prefix = f"{name}."
+        own = {
+            k[len(prefix) :]: tensors.pop(k)
+            for k in list(tensors)
+            if k.startswith(prefix) and "." not in k[len(prefix) :]
+        }
+        bias = own.pop("bias", None)
+        try:
+            qt = QuantizedTensor.from_tensors(layer_meta, own)
+        except ValueError as exc:
+            raise ValueError(f"{prefix}{exc}") from None
+        if bias is not None:
+            bias = _checked_float(f"{prefix}bias", bias, (qt.shape[0],), dtype)
+        set_submodule(model, name, QuantLinear(qt, bias))
+
+
+def _checked_float(name: str, tensor: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A stored unquantized floating tensor, checked for dtype, shape and finite values, cast to `dtype`."""
+    if tensor.dtype != STORE_DTYPE:
+        raise ValueError(f"{name}: stored as {str(tensor.dtype).removeprefix('torch.')}, expected float16")
+    if tuple(tensor.shape) != tuple(shape):
+        raise ValueError(f"{name}: shape {tuple(tensor.shape)}, expected {tuple(shape)}")
+    if not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{name}: holds NaN or infinite values")
+    return tensor.to(dtype)
+
+
+def _install_unquantized(model: nn.Module, info: dict, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    """Load every remaining stored tensor into the parameter (or buffer) of its name, each checked against it."""
+    expected = model.state_dict(keep_vars=True)
+    unexpected = sorted(set(tensors) - set(expected))
+    if unexpected:
+        raise ValueError(f"unexpected stored tensors {', '.join(unexpected[:3])}")
+    state = {}
+    for name, tensor in tensors.items():
+        like = expected[name]
+        if like.is_floating_point():
+            state[name] = _checked_float(name, tensor, tuple(like.shape), dtype)
+        elif tensor.dtype != like.dtype or tensor.shape != like.shape:
+            raise ValueError(
+                f"{name}: stored as {tensor.dtype} {tuple(tensor.shape)}, expected {like.dtype} {tuple(like.shape)}"
+            )
+        else:
+            state[name] = tensor
+    for alias, target in info["aliases"].items():
+        if alias not in expected or target not in state or expected[alias].shape != state[target].shape:
+            raise ValueError(f"alias {alias} -> {target} does not fit the architecture")
+        state[alias] = state[target]
+    model.load_state_dict(state, strict=False, assign=True)
+
+
+def _check_counted_bits(model: nn.Module, info: dict) -> None:
+    """The counted bits anybit.json claims must be those of the stored tensors; the info then carries the
+    measured figures."""
+    measured = quantization_summary(model)
+    for name, layer in measured["layers"].items():
+        if layer["storage_bits"] != info["layers"][name]["storage_bits"]:
+            raise ValueError(
+                f"{name}: anybit.json counts {info['layers'][name]['storage_bits']} bits, "
+                f"the stored tensors hold {layer['storage_bits']}"
+            )
+    claimed = info["bits_per_weight"]
+    if measured["storage_bits"] != info["storage_bits"] or abs(measured["bits_per_weight"] - claimed) > 1e-9:
+        raise ValueError(
+            f"anybit.json claims {claimed} bits per weight, the stored tensors hold {measured['bits_per_weight']:.6f}"
+        )
+    info.update({k: measured[k] for k in ("layers", "quantized_weights", "storage_bits", "bits_per_weight")})
+    info["nominal_bits_per_weight"] = measured["nominal_bits_per_weight"]
 
 
 def save_residuals(
@@ -202,8 +351,8 @@ def save_residuals(
         bits += residual.storage_bits()
         weights += residual.in_features * residual.out_features
     meta = {**info, "storage_bits": bits, "bits_per_weight": bits / weights}
-    fd, tmp = tempfile.mkstemp(prefix=".residuals.", dir=quant_dir)
-    os.close(fd)
+    remove_stale_temporaries(quant_dir / RESIDUAL_FILE)
+    tmp = make_temp_file(quant_dir / RESIDUAL_FILE)
     try:
         save_file(tensors, tmp, metadata={"format": FORMAT_NAME, "residual": json.dumps(meta)})
         os.replace(tmp, quant_dir / RESIDUAL_FILE)

@@ -240,56 +240,44 @@ class QuantizedTensor:
         return {"shape": list(self.shape), "group_size": self.group_size, "axis": self.axis, "kind": self.kind}
 
     @classmethod
-    def from_tensors(cls, meta: dict, tensors: dict[str, torch.Tensor]) -> QuantizedTensor:
-        """Inverse of `meta()` + `to_tensors()`; raises ValueError on anything inconsistent."""
-        try:
-            shape = tuple(int(s) for s in meta["shape"])
-            group_size, axis, kind = int(meta["group_size"]), int(meta["axis"]), meta["kind"]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"bad quantized tensor metadata {meta!r}") from exc
-        if kind not in KINDS or len(shape) != 2:
-            raise ValueError(f"bad quantized tensor metadata {meta!r}")
+    def from_tensors(cls, meta: dict, tensors: dict[str, torch.Tensor], check: bool = True) -> QuantizedTensor:
+        """Inverse of `meta()` + `to_tensors()`.
+
+        With `check` (always, for anything read from disk), every stored tensor is validated against the
+        layout the metadata describes: its presence, dtype, shape and value range; a ValueError names the
+        first stored tensor that does not fit. Kernels may then trust the result.
+        """
+        shape, group_size, axis, kind = _parse_meta(meta)
         lines, line_len = (shape[0], shape[1]) if axis == 0 else (shape[1], shape[0])
-        if group_size <= 0 or line_len % group_size:
-            raise ValueError(f"bad group size {group_size} for shape {shape}")
         groups = line_len // group_size
-        if "bitmap_groups" in tensors:
-            per_group = unpack_codes(tensors["bitmap_groups"], BITMAP_WIDTH, groups) + 1
-            bitmap = per_group.to(torch.uint8)[None, :].expand(lines, groups).contiguous()
-        elif (stored := tensors["bitmap"]).numel() == 1:
-            bitmap = torch.full((lines, groups), int(stored), dtype=torch.uint8, device=stored.device)
-        else:
-            bitmap = (unpack_codes(stored, BITMAP_WIDTH, lines * groups) + 1).to(torch.uint8).view(lines, groups)
+        stored = _StoredTensors(tensors, check)
+        bitmap = _read_bitmap(stored, lines, groups)
         codes, zeros, books = {}, {}, {}
         for b in torch.unique(bitmap).tolist():
             n_seg = int((bitmap == b).sum())
-            codes[b] = tensors[f"codes_{b}"]
-            if codes[b].numel() != packed_nbytes(n_seg * group_size, b):
-                raise ValueError(f"{b}-bit code stream has {codes[b].numel()} bytes, expected a different size")
+            codes[b] = stored.take(f"codes_{b}", _BYTE, (packed_nbytes(n_seg * group_size, b),))
             if kind == "uniform":
-                zeros[b] = tensors[f"zeros_{b}"]
+                zeros[b] = stored.take(f"zeros_{b}", _BYTE, (packed_nbytes(n_seg, b),))
             else:
-                books[b] = tensors[f"codebook_{b}"]
-        outliers = None
-        if "outliers_values" in tensors:
-            outliers = SparseOutliers(
-                tensors["outliers_row_counts"], tensors["outliers_col_idx"], tensors["outliers_values"]
-            )
-        perm = tensors["perm"].to(torch.int32) if "perm" in tensors else None
+                books[b] = stored.take(f"codebook_{b}", _HALF, (n_seg, 1 << b), finite=True)
+        scales = stored.take("scales", _HALF, (lines, groups), finite=True) if kind == "uniform" else None
+        perm = stored.take("perm", _INDEX, (shape[1],), optional=True)
+        if (
+            check
+            and perm is not None
+            and not torch.equal(torch.sort(perm.to(torch.int64)).values, torch.arange(shape[1]))
+        ):
+            raise ValueError(f"perm: not a permutation of the {shape[1]} input columns")
+        col_scale = stored.take("col_scale", _HALF, (shape[1],), optional=True, finite=True)
+        if check and col_scale is not None and bool((col_scale == 0).any()):
+            raise ValueError("col_scale: holds zeros (decoding divides by it)")
+        outliers = _read_outliers(stored, shape)
+        stored.finish()
         return cls(
-            shape=shape,
-            group_size=group_size,
-            axis=axis,
-            kind=kind,
-            bitmap=bitmap,
-            codes=codes,
-            scales=tensors.get("scales"),
-            col_scale=tensors.get("col_scale"),
-            zeros=zeros,
-            codebooks=books,
-            perm=perm,
+            shape=shape, group_size=group_size, axis=axis, kind=kind, bitmap=bitmap, codes=codes, scales=scales,
+            zeros=zeros, codebooks=books, perm=None if perm is None else perm.to(torch.int32), col_scale=col_scale,
             outliers=outliers,
-        )
+        )  # fmt: skip
 
     def storage_bits(self) -> int:
         """Exact stored size in bits: codes, zeros/scales or codebooks, bit map, permutation, outliers."""
@@ -305,3 +293,101 @@ class QuantizedTensor:
     def nominal_bits(self) -> float:
         """Average code width, without any overhead."""
         return float(self.bitmap.float().mean())
+
+
+# ---- reading stored tensors back -------------------------------------------------------------------
+_BYTE = (torch.uint8,)
+_HALF = (torch.float16,)
+_INDEX = (torch.int16, torch.int32)
+_COUNT = (torch.uint8, torch.int16, torch.int32)
+
+
+def _parse_meta(meta: dict) -> tuple[tuple[int, int], int, int, str]:
+    """(shape, group_size, axis, kind) of a layout's JSON metadata, checked."""
+    try:
+        shape = tuple(int(s) for s in meta["shape"])
+        group_size, axis, kind = int(meta["group_size"]), int(meta["axis"]), meta["kind"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"bad quantized tensor metadata {meta!r}") from exc
+    if kind not in KINDS or axis not in (0, 1) or len(shape) != 2 or min(shape) <= 0:
+        raise ValueError(f"bad quantized tensor metadata {meta!r}")
+    line_len = shape[1] if axis == 0 else shape[0]
+    if group_size <= 0 or line_len % group_size:
+        raise ValueError(f"bad group size {group_size} for shape {shape}")
+    return shape, group_size, axis, kind
+
+
+class _StoredTensors:
+    """The stored tensors of one matrix, taken one by one with their expected dtype and shape; what is left
+    at the end was not expected."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], check: bool) -> None:
+        self.left = dict(tensors)
+        self.check = check
+
+    def take(
+        self,
+        name: str,
+        dtypes: tuple[torch.dtype, ...],
+        shape: tuple[int, ...],
+        optional: bool = False,
+        finite: bool = False,
+    ) -> torch.Tensor | None:
+        if name not in self.left:
+            if optional:
+                return None
+            raise ValueError(f"{name}: missing")
+        tensor = self.left.pop(name)
+        if not self.check:
+            return tensor
+        if tensor.dtype not in dtypes:
+            expected = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
+            raise ValueError(f"{name}: stored as {str(tensor.dtype).removeprefix('torch.')}, expected {expected}")
+        if tuple(tensor.shape) != tuple(shape):
+            raise ValueError(f"{name}: shape {tuple(tensor.shape)}, expected {tuple(shape)}")
+        if finite and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{name}: holds NaN or infinite values")
+        return tensor
+
+    def finish(self) -> None:
+        if self.check and self.left:
+            raise ValueError(f"unexpected stored tensors {', '.join(sorted(self.left))}")
+
+
+def _read_bitmap(stored: _StoredTensors, lines: int, groups: int) -> torch.Tensor:
+    """The (lines, groups) uint8 bit map from whichever of its three stored forms is present."""
+    present = [name for name in ("bitmap", "bitmap_groups") if name in stored.left]
+    if len(present) != 1:
+        raise ValueError("bitmap: missing" if not present else "bitmap and bitmap_groups: both stored")
+    if present[0] == "bitmap_groups":
+        packed = stored.take("bitmap_groups", _BYTE, (packed_nbytes(groups, BITMAP_WIDTH),))
+        per_group = (unpack_codes(packed, BITMAP_WIDTH, groups) + 1).to(torch.uint8)
+        return per_group[None, :].expand(lines, groups).contiguous()
+    raw = stored.left["bitmap"]
+    if raw.numel() == 1:
+        constant = stored.take("bitmap", _BYTE, (1,))
+        if stored.check and not 1 <= int(constant) <= 8:
+            raise ValueError(f"bitmap: width {int(constant)} outside 1-8")
+        return torch.full((lines, groups), int(constant), dtype=torch.uint8, device=constant.device)
+    packed = stored.take("bitmap", _BYTE, (packed_nbytes(lines * groups, BITMAP_WIDTH),))
+    return (unpack_codes(packed, BITMAP_WIDTH, lines * groups) + 1).to(torch.uint8).view(lines, groups)
+
+
+def _read_outliers(stored: _StoredTensors, shape: tuple[int, int]) -> SparseOutliers | None:
+    """The sparse outliers, all three of their tensors or none, their counts and columns in range."""
+    names = ("outliers_row_counts", "outliers_col_idx", "outliers_values")
+    present = [name for name in names if name in stored.left]
+    if not present:
+        return None
+    if len(present) != len(names):
+        raise ValueError(f"{next(n for n in names if n not in present)}: missing")
+    nnz = stored.left["outliers_values"].numel()
+    counts = stored.take("outliers_row_counts", _COUNT, (shape[0],))
+    cols = stored.take("outliers_col_idx", _INDEX, (nnz,))
+    values = stored.take("outliers_values", _HALF, (nnz,), finite=True)
+    if stored.check:
+        if int(counts.to(torch.int64).min()) < 0 or int(counts.to(torch.int64).sum()) != nnz:
+            raise ValueError(f"outliers_row_counts: do not add up to the {nnz} stored outliers")
+        if nnz and (int(cols.min()) < 0 or int(cols.max()) >= shape[1]):
+            raise ValueError(f"outliers_col_idx: column outside 0-{shape[1] - 1}")
+    return SparseOutliers(counts, cols, values)

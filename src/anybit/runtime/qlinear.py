@@ -56,7 +56,8 @@ class QuantLinear(nn.Module):
     @property
     def qtensor(self) -> QuantizedTensor:
         if self._qtensor is None:
-            self._qtensor = QuantizedTensor.from_tensors(self.meta, {n: getattr(self, n) for n in self._buffer_names})
+            buffers = {n: getattr(self, n) for n in self._buffer_names}
+            self._qtensor = QuantizedTensor.from_tensors(self.meta, buffers, check=False)  # checked when built
         return self._qtensor
 
     def _apply(self, fn, recurse=True):
