@@ -108,3 +108,99 @@ def test_group_bitmap_is_stored_once_per_group(tmp_path) -> None:
     back = _round_trip(qt, tmp_path)
     assert torch.equal(back.bitmap, qt.bitmap)
     assert torch.equal(back.dequantize(), qt.dequantize())
+
+
+# ---- every stored tensor is checked against its layout when read back ---------------------------------------
+def _full_codebook_tensor() -> QuantizedTensor:
+    """Mixed widths, a permutation, a scaling vector and outliers: every optional stored tensor present."""
+    rows, cols, group = 8, 64, 32
+    bitmap = torch.randint(1, 5, (rows, cols // group), dtype=torch.uint8)
+    books = torch.randn(rows, cols // group, 16)
+    codes = (torch.rand(rows, cols) * (2 ** bitmap.float()).repeat_interleave(group, dim=1)).long()
+    outliers = SparseOutliers.from_mask(torch.randn(rows, cols), torch.rand(rows, cols) < 0.1)
+    col_scale = torch.rand(cols) + 0.5
+    return QuantizedTensor.from_codebook(
+        codes, books, bitmap, (rows, cols), group, perm=torch.randperm(cols), outliers=outliers, col_scale=col_scale
+    )
+
+
+def _layouts() -> dict[str, QuantizedTensor]:
+    torch.manual_seed(3)
+    uniform, _ = _mixed_uniform(shape=(12, 96), perm=torch.randperm(96))
+    shared = torch.randint(1, 9, (1, 3), dtype=torch.uint8).expand(12, 3)  # one width per group: bitmap_groups
+    grouped = QuantizedTensor.from_uniform(
+        torch.zeros(12, 96, dtype=torch.long),
+        torch.rand(12, 3),
+        torch.zeros(12, 3, dtype=torch.long),
+        shared,
+        (12, 96),
+        32,
+    )
+    constant = QuantizedTensor.from_codebook(
+        torch.randint(0, 8, (6, 64)), torch.randn(6, 1, 8), torch.full((6, 1), 3, dtype=torch.uint8), (6, 64), 64
+    )
+    return {"codebook": _full_codebook_tensor(), "uniform": uniform, "grouped": grouped, "constant": constant}
+
+
+# optional tensors whose absence only the directory's per-layer bit count reveals (tests/test_reliability.py)
+OPTIONAL = ("perm", "col_scale")
+
+
+def _damages(key: str, t: torch.Tensor) -> dict[str, torch.Tensor | None]:
+    """Ways a stored tensor can be damaged: gone, cut, stored as another dtype."""
+    out = {"missing": None, "zero rows": t[:0], "two rows": t[:2], "float32": t.float(), "int32": t.to(torch.int32)}
+    if key in OPTIONAL:
+        del out["missing"]
+    return {k: v for k, v in out.items() if v is None or v.dtype != t.dtype or v.shape != t.shape}
+
+
+@pytest.mark.parametrize("layout", ["codebook", "uniform", "grouped", "constant"])
+def test_every_damaged_stored_tensor_is_named(layout: str) -> None:
+    qt = _layouts()[layout]
+    stored = qt.to_tensors()
+    QuantizedTensor.from_tensors(qt.meta(), stored)  # intact: accepted
+    tried = 0
+    for key, tensor in stored.items():
+        for damage, value in _damages(key, tensor).items():
+            damaged = {k: v for k, v in stored.items() if k != key}
+            if value is not None:
+                damaged[key] = value
+            named = "bitmap" if key == "bitmap_groups" and value is None else key  # either form may be missing
+            with pytest.raises(ValueError, match=f"^{named}: ") as caught:
+                QuantizedTensor.from_tensors(qt.meta(), damaged)
+            assert caught.value is not None, (key, damage)
+            tried += 1
+    assert tried >= 4 * len(stored) - 3  # a one-element tensor cannot be cut to two rows; optional ones not removed
+
+
+@pytest.mark.parametrize(
+    "key,edit,message",
+    [
+        ("perm", lambda t: torch.cat([t[:1], t[:-1]]), "not a permutation"),
+        ("outliers_col_idx", lambda t: t.clone().fill_(64), "column outside"),
+        ("outliers_row_counts", lambda t: t.clone().fill_(0), "add up to 0"),
+        ("col_scale", lambda t: t.clone().fill_(0), "holds zeros"),
+        ("codebook_1", lambda t: t.clone().fill_(float("nan")), "NaN"),
+        ("outliers_values", lambda t: t.clone().fill_(float("inf")), "NaN or infinite"),
+    ],
+)
+def test_stored_values_out_of_range_are_named(key, edit, message) -> None:
+    torch.manual_seed(4)
+    qt = _full_codebook_tensor()
+    stored = qt.to_tensors()
+    if key not in stored:  # codebook_1 needs a 1-bit segment
+        key = next(k for k in stored if k.startswith("codebook_"))
+    stored[key] = edit(stored[key])
+    with pytest.raises(ValueError, match=f"^{key}: .*{message}"):
+        QuantizedTensor.from_tensors(qt.meta(), stored)
+
+
+def test_unexpected_and_conflicting_tensors_are_refused() -> None:
+    qt = _layouts()["uniform"]
+    with pytest.raises(ValueError, match="unexpected stored tensors codebook_9"):
+        QuantizedTensor.from_tensors(qt.meta(), {**qt.to_tensors(), "codebook_9": torch.zeros(2, dtype=torch.float16)})
+    constant = _layouts()["constant"].to_tensors()
+    with pytest.raises(ValueError, match="bitmap: width 9"):
+        QuantizedTensor.from_tensors(
+            _layouts()["constant"].meta(), {**constant, "bitmap": torch.tensor([9], dtype=torch.uint8)}
+        )

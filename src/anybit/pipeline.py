@@ -16,7 +16,14 @@ from anybit.config import QuantConfig, check_device_name
 from anybit.data import calibration_windows, eval_windows, load_corpus, tokenize_corpus
 from anybit.errors import AnybitError
 from anybit.eval.perplexity import EvalResult, evaluate
-from anybit.format.io import WEIGHTS_FILE, check_output, load_residuals, save_quantized, save_residuals
+from anybit.format.io import (
+    WEIGHTS_FILE,
+    check_output,
+    load_residuals,
+    packed_fingerprint,
+    save_quantized,
+    save_residuals,
+)
 from anybit.methods import get_method
 from anybit.model.adapters import get_adapter
 from anybit.model.loading import LoadedModel, load_model, resolve_spec
@@ -134,6 +141,11 @@ def dec_compensation(
     if loaded.kind != "quantized":
         raise AnybitError("--dec needs a quantized directory (with residuals)")
     residuals, means, meta = load_residuals(loaded.source)
+    if meta.get("model_fingerprint") != packed_fingerprint(loaded.model):
+        raise AnybitError(
+            f"the residuals in {loaded.source} were not computed for this quantized model; "
+            f"run `anybit residual {loaded.source}` again"
+        )
     if "fit_k" in meta and (static or DecPlan.parse(meta["fit_k"]) != plan):
         warnings.warn(
             f"anybit: the residuals of {loaded.source} were fitted for dynamic --dec {meta['fit_k']}, "
@@ -199,7 +211,14 @@ def build_residuals(
     for name, R in errors.items():
         residuals[name] = stats.fit(name, R, ridge)
     means = stats.mean_abs()
-    info = {"source": source, "bits": RESIDUAL_BITS, "calib": calib, "nsamples": nsamples, "seqlen": seqlen}
+    info = {
+        "model_fingerprint": packed_fingerprint(loaded.model),
+        "source": source,
+        "bits": RESIDUAL_BITS,
+        "calib": calib,
+        "nsamples": nsamples,
+        "seqlen": seqlen,
+    }
     if fit_k is not None:
         info |= {"fit_k": fit_k.to_json(), "ridge": ridge}
     return save_residuals(quant_dir, residuals, means, info)

@@ -10,6 +10,7 @@ Layout of DIR:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -71,6 +72,16 @@ def quantization_summary(model: nn.Module) -> dict:
         "bits_per_weight": total_bits / total_weights if total_weights else None,
         "nominal_bits_per_weight": nominal / total_weights if total_weights else None,
     }
+
+
+def packed_fingerprint(model: nn.Module) -> str:
+    """sha256 of every quantized linear's name and packed tensors: identifies one quantization of a model."""
+    digest = hashlib.sha256()
+    for name, module in quant_linears(model):
+        for key, tensor in sorted(module.named_buffers()):
+            digest.update(f"{name}.{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _state_to_store(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -41,6 +41,11 @@ def smallest_uint(max_value: int) -> torch.dtype:
     return torch.int16 if max_value < 2**15 else torch.int32
 
 
+def index_dtype(n_columns: int) -> torch.dtype:
+    """The stored dtype of column indices below `n_columns` (permutations, outlier columns)."""
+    return torch.int16 if n_columns < 2**15 else torch.int32
+
+
 @dataclass(frozen=True)
 class SparseOutliers:
     """Weights kept in fp16 over the dense (out, in) matrix, row-compressed; they replace the coded value.
@@ -59,8 +64,7 @@ class SparseOutliers:
         rows, cols = mask.nonzero(as_tuple=True)
         counts = torch.bincount(rows, minlength=W.shape[0])
         count_dtype = smallest_uint(int(counts.max()) if counts.numel() else 0)
-        idx_dtype = torch.int16 if W.shape[1] < 2**15 else torch.int32
-        return SparseOutliers(counts.to(count_dtype), cols.to(idx_dtype), W[rows, cols].to(torch.float16))
+        return SparseOutliers(counts.to(count_dtype), cols.to(index_dtype(W.shape[1])), W[rows, cols].to(torch.float16))
 
     @property
     def nnz(self) -> int:
@@ -226,7 +230,7 @@ class QuantizedTensor:
         if self.scales is not None:
             out["scales"] = self.scales
         if self.perm is not None:
-            out["perm"] = self.perm.to(torch.int16 if self.shape[1] < 2**15 else torch.int32)
+            out["perm"] = self.perm.to(index_dtype(self.shape[1]))
         if self.col_scale is not None:
             out["col_scale"] = self.col_scale.to(torch.float16)
         if self.outliers is not None:
@@ -261,7 +265,7 @@ class QuantizedTensor:
             else:
                 books[b] = stored.take(f"codebook_{b}", _HALF, (n_seg, 1 << b), finite=True)
         scales = stored.take("scales", _HALF, (lines, groups), finite=True) if kind == "uniform" else None
-        perm = stored.take("perm", _INDEX, (shape[1],), optional=True)
+        perm = stored.take("perm", (index_dtype(shape[1]),), (shape[1],), optional=True)
         if (
             check
             and perm is not None
@@ -298,7 +302,6 @@ class QuantizedTensor:
 # ---- reading stored tensors back -------------------------------------------------------------------
 _BYTE = (torch.uint8,)
 _HALF = (torch.float16,)
-_INDEX = (torch.int16, torch.int32)
 _COUNT = (torch.uint8, torch.int16, torch.int32)
 
 
@@ -358,7 +361,7 @@ def _read_bitmap(stored: _StoredTensors, lines: int, groups: int) -> torch.Tenso
     """The (lines, groups) uint8 bit map from whichever of its three stored forms is present."""
     present = [name for name in ("bitmap", "bitmap_groups") if name in stored.left]
     if len(present) != 1:
-        raise ValueError("bitmap: missing" if not present else "bitmap and bitmap_groups: both stored")
+        raise ValueError("bitmap: missing (nor bitmap_groups)" if not present else "bitmap: stored beside bitmap_groups")
     if present[0] == "bitmap_groups":
         packed = stored.take("bitmap_groups", _BYTE, (packed_nbytes(groups, BITMAP_WIDTH),))
         per_group = (unpack_codes(packed, BITMAP_WIDTH, groups) + 1).to(torch.uint8)
@@ -381,13 +384,19 @@ def _read_outliers(stored: _StoredTensors, shape: tuple[int, int]) -> SparseOutl
         return None
     if len(present) != len(names):
         raise ValueError(f"{next(n for n in names if n not in present)}: missing")
-    nnz = stored.left["outliers_values"].numel()
     counts = stored.take("outliers_row_counts", _COUNT, (shape[0],))
-    cols = stored.take("outliers_col_idx", _INDEX, (nnz,))
-    values = stored.take("outliers_values", _HALF, (nnz,), finite=True)
+    total = int(counts.to(torch.int64).sum())
+    n_cols, n_values = stored.left["outliers_col_idx"].numel(), stored.left["outliers_values"].numel()
+    nnz = n_values if n_cols == n_values else total  # the two that agree name the third as damaged
     if stored.check:
-        if int(counts.to(torch.int64).min()) < 0 or int(counts.to(torch.int64).sum()) != nnz:
-            raise ValueError(f"outliers_row_counts: do not add up to the {nnz} stored outliers")
-        if nnz and (int(cols.min()) < 0 or int(cols.max()) >= shape[1]):
-            raise ValueError(f"outliers_col_idx: column outside 0-{shape[1] - 1}")
+        if counts.numel() and counts.dtype != smallest_uint(int(counts.max())):
+            raise ValueError(
+                f"outliers_row_counts: stored as {counts.dtype}, expected {smallest_uint(int(counts.max()))}"
+            )
+        if int(counts.to(torch.int64).min()) < 0 or total != nnz:
+            raise ValueError(f"outliers_row_counts: add up to {total}, but {nnz} outliers are stored")
+    cols = stored.take("outliers_col_idx", (index_dtype(shape[1]),), (nnz,))
+    values = stored.take("outliers_values", _HALF, (nnz,), finite=True)
+    if stored.check and nnz and (int(cols.min()) < 0 or int(cols.max()) >= shape[1]):
+        raise ValueError(f"outliers_col_idx: column outside 0-{shape[1] - 1}")
     return SparseOutliers(counts, cols, values)

@@ -7,7 +7,8 @@ group-wise uniform grids (RTN, GPTQ), group bit maps (SliM-LLM). Longer inputs (
 with the same kernel's decoder, then take one GEMM.
 
 The kernel is compiled on first use with the system's C compiler (`CC`, else `cc`) into the anybit
-cache, once per source and CPU; without a compiler the reference path serves, after one warning.
+cache, once per source, compiler, flags and CPU, and loaded only while its sha256 is the one recorded when
+it was built; without a compiler the reference path serves, after one warning.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import hashlib
 import os
 import platform
 import subprocess
-import tempfile
 import warnings
 from dataclasses import dataclass
 from functools import cache
@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from anybit.cache import cache_dir
+from anybit.format.files import make_temp_file, remove_stale_temporaries
 from anybit.format.packing import unpack_codes
 from anybit.format.qtensor import QuantizedTensor
 from anybit.kernels import MAX_BATCH, coded_input, outlier_corrections
@@ -44,37 +46,73 @@ def _cpu_signature() -> str:
     return "\n".join([platform.machine(), *lines])
 
 
-def _compile(target: Path) -> str:
-    """Build the kernel into `target` atomically; "" on success, else why not. Compilers without OpenMP or
-    -march=native get a second, plain try (single-threaded, no AVX2 unless the default target has it)."""
-    compiler = os.environ.get("CC", "cc")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".segment_lut.", suffix=".so", dir=target.parent)
-    os.close(fd)
+def _compiler_identity(compiler: str) -> str:
+    """What the compiler says it is (its path and first line of --version); "" when it does not answer."""
     try:
-        for flags in (FLAGS, PLAIN_FLAGS):
-            done = subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True)
-            if not done.returncode:
-                os.replace(tmp, target)
-                return ""
-        detail = (done.stderr.strip().splitlines() or ["no output"])[0]
-        return f"the C compiler failed ({compiler}: {detail})"
+        done = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return f"{compiler}\n{(done.stdout.strip().splitlines() or [''])[0]}"
+
+
+def _library_path(compiler: str, flags: tuple[str, ...]) -> Path:
+    """The cache entry of one build: keyed by the source, the compiler, its flags and the CPU."""
+    key = hashlib.sha256(
+        SOURCE.read_bytes() + "\n".join([_compiler_identity(compiler), *flags, _cpu_signature()]).encode()
+    ).hexdigest()[:16]
+    return cache_dir() / "kernels" / f"segment_lut-{key}.so"
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _built_by_us(library: Path) -> bool:
+    """Whether `library` is the file this cache built: its sha256 matches the one recorded beside it."""
+    record = library.with_name(library.name + ".sha256")
+    try:
+        return library.is_file() and record.read_text().strip() == _digest(library)
+    except OSError:
+        return False
+
+
+def _compile(compiler: str, flags: tuple[str, ...], target: Path) -> str:
+    """Build the kernel into a private temporary, record its sha256, then rename it to `target`;
+    "" on success, else why not."""
+    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = make_temp_file(target, suffix=".so")
+    try:
+        done = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True)
+        if done.returncode:
+            detail = (done.stderr.strip().splitlines() or ["no output"])[0]
+            return f"the C compiler failed ({compiler}: {detail})"
+        record = make_temp_file(target, suffix=".sha256")
+        record.write_text(_digest(tmp))
+        os.replace(record, target.with_name(target.name + ".sha256"))
+        os.replace(tmp, target)
+        return ""
     except OSError as exc:
         return f"no C compiler ({compiler}: {exc.strerror or exc})"
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
 
 
 @cache
 def _library() -> ctypes.CDLL | str:
-    """The compiled kernel, or why there is none (a one-line reason)."""
-    from anybit.model.loading import cache_dir
-
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(FLAGS).encode() + _cpu_signature().encode()).hexdigest()[:16]
-    target = cache_dir() / "kernels" / f"segment_lut-{key}.so"
-    if not target.exists() and (failure := _compile(target)):
+    """The compiled kernel, or why there is none (a one-line reason). The optimized build first; a compiler
+    without OpenMP or -march=native gets a second, plain try (single-threaded, no AVX2 unless the default
+    target has it). A cached library is loaded only if its sha256 is the one recorded when it was built."""
+    compiler = os.environ.get("CC", "cc")
+    failure = ""
+    for flags in (FLAGS, PLAIN_FLAGS):
+        target = _library_path(compiler, flags)
+        remove_stale_temporaries(target)
+        if _built_by_us(target) or not (failure := _compile(compiler, flags, target)):
+            break
+    else:
         return _without(failure)
+    if not _built_by_us(target):
+        return _without(f"the compiled kernel {target} changed after it was built")
     try:
         lib = ctypes.CDLL(str(target))
     except OSError as exc:
