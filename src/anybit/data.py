@@ -55,6 +55,16 @@ def tokenize_corpus(tokenizer, text: str) -> torch.Tensor:
     return ids.to(torch.int64)
 
 
+def check_token_ids(ids: torch.Tensor, embedding_rows: int) -> torch.Tensor:
+    """`ids`, once every id is known to have a row in the model's embedding (the tokenizer may be foreign)."""
+    if ids.numel() and int(ids.max()) >= embedding_rows:
+        raise AnybitError(
+            f"the tokenizer produced token id {int(ids.max())}, but the model's embedding has {embedding_rows} rows: "
+            "tokenizer and model do not belong together"
+        )
+    return ids
+
+
 def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
     """Non-overlapping windows of `seqlen` tokens from the start; the incomplete tail is dropped."""
     n = ids.numel() // seqlen

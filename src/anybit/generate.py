@@ -7,6 +7,7 @@ from typing import TextIO
 
 import torch
 
+from anybit.data import check_token_ids
 from anybit.errors import AnybitError
 from anybit.model.loading import LoadedModel
 
@@ -53,7 +54,8 @@ def generate(
     if max_new_tokens < 1:
         raise AnybitError("--max-new-tokens must be positive")
     tokenizer = loaded.tokenizer
-    ids = build_prompt(tokenizer, prompt, chat).to(device)
+    ids = check_token_ids(build_prompt(tokenizer, prompt, chat), loaded.model.get_input_embeddings().num_embeddings)
+    ids = ids.to(device)
     model = loaded.model.to(device)
     streamer = None
     if not quiet:

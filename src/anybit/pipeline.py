@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from anybit.calibrate import QuantReport, quantize_model
 from anybit.config import QuantConfig, check_device_name
-from anybit.data import calibration_windows, eval_windows, load_corpus, tokenize_corpus
+from anybit.data import calibration_windows, check_token_ids, eval_windows, load_corpus, tokenize_corpus
 from anybit.errors import AnybitError
 from anybit.eval.perplexity import EvalResult, evaluate
 from anybit.format.io import (
@@ -62,6 +62,12 @@ def check_device(device: str) -> None:
         raise AnybitError(f"device {device} requested but there are {torch.cuda.device_count()} CUDA devices")
 
 
+def corpus_ids(loaded: LoadedModel, corpus: str) -> torch.Tensor:
+    """A corpus (name or text file) tokenized by the model's tokenizer, every id checked against its embedding."""
+    ids = tokenize_corpus(loaded.tokenizer, load_corpus(corpus))
+    return check_token_ids(ids, loaded.model.get_input_embeddings().num_embeddings)
+
+
 def quantize_to_dir(
     spec: str,
     config: QuantConfig,
@@ -78,7 +84,7 @@ def quantize_to_dir(
         raise AnybitError(f"{spec} is already quantized; quantize the original model instead")
     calib = None
     if get_method(config.method).needs_stats:
-        ids = tokenize_corpus(loaded.tokenizer, load_corpus(config.calib))
+        ids = corpus_ids(loaded, config.calib)
         calib = calibration_windows(ids, config.nsamples, config.seqlen, config.seed)
     report = quantize_model(loaded.model, config, calib, progress=progress)
     info = {"method": config.method, "source": spec, "config": config.to_dict(), "quantize_seconds": report.seconds}
@@ -106,7 +112,7 @@ def evaluate_spec(
     """
     check_device(device)
     torch_dtype = getattr(torch, dtype)
-    windows = eval_windows(tokenize_corpus(loaded.tokenizer, load_corpus(dataset)), seqlen, max_windows)
+    windows = eval_windows(corpus_ids(loaded, dataset), seqlen, max_windows)
     model = loaded.model.to(device=device, dtype=torch_dtype)
     ref = None if reference is None else reference.model.to(device=device, dtype=torch_dtype)
     with dec_compensation(loaded, dec, dec_static, dec_score):
@@ -198,7 +204,7 @@ def build_residuals(
         else:
             errors[name] = R
     del original
-    ids = tokenize_corpus(loaded.tokenizer, load_corpus(calib))
+    ids = corpus_ids(loaded, calib)
     windows = calibration_windows(ids, nsamples, seqlen, seed=0)
     model = loaded.model.to(dtype=getattr(torch, dtype))
     stats = CalibrationStats(layers, None if fit_k is None else fit_k.for_layers(layers, adapter))

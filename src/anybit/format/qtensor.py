@@ -361,7 +361,9 @@ def _read_bitmap(stored: _StoredTensors, lines: int, groups: int) -> torch.Tenso
     """The (lines, groups) uint8 bit map from whichever of its three stored forms is present."""
     present = [name for name in ("bitmap", "bitmap_groups") if name in stored.left]
     if len(present) != 1:
-        raise ValueError("bitmap: missing (nor bitmap_groups)" if not present else "bitmap: stored beside bitmap_groups")
+        raise ValueError(
+            "bitmap: missing (nor bitmap_groups)" if not present else "bitmap: stored beside bitmap_groups"
+        )
     if present[0] == "bitmap_groups":
         packed = stored.take("bitmap_groups", _BYTE, (packed_nbytes(groups, BITMAP_WIDTH),))
         per_group = (unpack_codes(packed, BITMAP_WIDTH, groups) + 1).to(torch.uint8)

@@ -159,7 +159,6 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
         raise AnybitError(f"cannot load model {what}: {_first_line(exc)}") from exc
     _check_loading(what, loading)
     get_adapter(model)
-    _check_vocabulary(what, tokenizer, model)
     _check_finite(what, model)
     model.eval()
     model.requires_grad_(False)
@@ -230,15 +229,6 @@ def _check_loading(what: str, loading: dict) -> None:
     mismatched = sorted(str(m[0] if isinstance(m, tuple) else m) for m in loading.get("mismatched_keys") or [])
     if mismatched:
         raise AnybitError(f"cannot load model {what}: wrong shape for {_names(mismatched)}")
-
-
-def _check_vocabulary(what: str, tokenizer, model: nn.Module) -> None:
-    """The tokenizer's ids all have an embedding row."""
-    rows = model.get_input_embeddings().num_embeddings
-    if len(tokenizer) > rows:
-        raise AnybitError(
-            f"cannot use model {what}: its tokenizer has {len(tokenizer)} tokens, the embedding {rows} rows"
-        )
 
 
 def _check_finite(what: str, model: nn.Module) -> None:
