@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,6 +32,19 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
 
+def commit() -> str:
+    """The commit the measured code is at; "+changes" when src/ or the benchmark scripts differ from it."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    head = git("rev-parse", "--short=12", "HEAD") or "unknown"
+    changed = git("status", "--porcelain", "--", "src", "benchmarks", ":(exclude)benchmarks/results", ":(exclude)*.md")
+    return head + ("+changes" if changed else "")
+
+
 def device_peak_gbs() -> float:
     """The CUDA device's peak memory bandwidth in GB/s; fails for a device not in PEAK_GBS."""
     name = torch.cuda.get_device_name(0)
@@ -47,6 +61,7 @@ def log_result(name: str, record: dict) -> None:
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": machine(),
         "command": " ".join(shlex.quote(a) for a in sys.argv),
+        "commit": commit(),
         **record,
     }
     with open(RESULTS_DIR / f"{name}.jsonl", "a") as f:

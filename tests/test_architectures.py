@@ -11,6 +11,14 @@ from anybit.pipeline import quantize_to_dir
 from anybit.runtime import quant_linears
 
 
+# Mean relative weight error ||W - Ŵ|| / ||W|| over a tiny random model's linears: the largest of the five
+# families as measured (llama, mistral, qwen2, phi3, gpt2; seed 0); the test allows 1.25 times it. A wrong code,
+# codebook, scale, permutation or layout lands near or above 1. anybit's error feedback and model-wide
+# allocation minimise the output error, not the weight error: its weights move furthest.
+WEIGHT_ERROR_BOUND = {"gptq": 0.115, "rtn": 0.173, "kmeans": 0.150, "squeezellm": 0.150, "claq": 0.193,
+                      "slim": 0.230, "skim": 0.295, "anybit": 0.461}  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "method,bits",
     [
@@ -31,6 +39,7 @@ def test_quantize_save_reload_eval(tiny_model_dir, corpus_file, tmp_path, method
     windows = eval_windows(ids, 64, max_windows=4)
     fp = evaluate(original.model, windows, progress=False)
 
+    originals = {name: adapter.weight_of(module).clone() for name, module in _linears(original.model, adapter)}
     config = QuantConfig(method=method, bits=bits, group_size=32, nsamples=4, seqlen=64, calib=str(corpus_file))
     outcome = quantize_to_dir(str(tiny_model_dir), config, tmp_path / "q", loaded=original, progress=False)
     in_memory = original.model  # quantized in place
@@ -46,9 +55,11 @@ def test_quantize_save_reload_eval(tiny_model_dir, corpus_file, tmp_path, method
     assert torch.equal(a, b), "reloaded logits differ from the in-memory quantized model"
 
     q = evaluate(reloaded.model, windows, progress=False)
-    assert torch.isfinite(torch.tensor(q.ppl))
-    # random tiny models are near-uniform predictors: quantization must not blow them up
-    assert q.ppl < 2 * fp.ppl
+    assert torch.isfinite(torch.tensor(q.ppl)) and q.ppl != fp.ppl
+    errors = [
+        float((m.dequantize() - originals[n]).norm() / originals[n].norm()) for n, m in quant_linears(reloaded.model)
+    ]
+    assert sum(errors) / len(errors) < 1.25 * WEIGHT_ERROR_BOUND[method], errors
     if method == "slim":  # widths N±1 in equal numbers: codes average N; scales, zeros, per-group widths
         assert outcome.meta["nominal_bits_per_weight"] == pytest.approx(bits)
     if method == "skim":  # the budget is in counted bits: every matrix stays within it
@@ -68,6 +79,10 @@ def test_quantize_save_reload_eval(tiny_model_dir, corpus_file, tmp_path, method
     numels = [qt.numel for _, qt in _qtensors(in_memory)]
     mean = sum(e * n for e, n in zip(expected, numels, strict=True)) / sum(numels)
     assert outcome.bits_per_weight == pytest.approx(mean, abs=0.01)
+
+
+def _linears(model, adapter):
+    return [(name, module) for name, module in model.named_modules() if name.endswith(tuple(adapter.linear_names))]
 
 
 def _outlier_bits(qt) -> int:

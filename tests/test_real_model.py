@@ -19,7 +19,8 @@ def test_smollm2_gptq_end_to_end(tmp_path) -> None:
     assert ids.numel() // 2048 == 147  # the reference protocol's window count
     windows = eval_windows(ids, 2048, max_windows=2)
     fp = evaluate(original.model, windows, progress=False)
-    assert 15 < fp.ppl < 25, fp  # first two windows of the full-set 21.97 model
+    # pinned: measured 19.0186 on the first two windows (float32, AMD EPYC AVX2); 0.5 % covers other CPUs' rounding
+    assert fp.ppl == pytest.approx(19.0186, rel=0.005), fp
     n_unquantized = sum(p.numel() for n, p in original.model.named_parameters() if "layers" not in n or "norm" in n)
 
     config = QuantConfig(method="gptq", bits=4, group_size=64, nsamples=4, seqlen=512)
@@ -33,7 +34,8 @@ def test_smollm2_gptq_end_to_end(tmp_path) -> None:
     with torch.inference_mode():
         assert torch.equal(original.model(windows[:1, :256]).logits, reloaded.model(windows[:1, :256]).logits)
     q = evaluate(reloaded.model, windows, progress=False)
-    assert fp.ppl < q.ppl < 1.4 * fp.ppl, (fp.ppl, q.ppl)
+    # pinned: measured 24.2886 at these settings; 2 % catches a 5 % regression of the recipe or the protocol
+    assert q.ppl == pytest.approx(24.2886, rel=0.02), (fp.ppl, q.ppl)
 
 
 @pytest.mark.slow

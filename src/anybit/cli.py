@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from anybit.config import DEC_SCORES, DTYPES, SCOPES, WEIGHTINGS, QuantConfig
+from anybit.config import DEC_SCORES, DTYPES, SCOPES, WEIGHTINGS, QuantConfig, compute_dtype
 from anybit.errors import AnybitError
 
 if TYPE_CHECKING:
@@ -35,6 +35,7 @@ class _Group(click.Group):
 
 
 POSITIVE = click.IntRange(min=1)
+DTYPE_AUTO = "auto: bfloat16 where the hardware multiplies it natively, else float32"
 
 
 @click.group(cls=_Group)
@@ -144,9 +145,9 @@ def _quant_options(f):
         click.option(
             "--calib-dtype",
             type=click.Choice(DTYPES),
-            default="float32",
+            default="auto",
             show_default=True,
-            help="Dtype of the calibration forward passes (statistics are float32).",
+            help=f"Dtype of the calibration forward passes (statistics are float32); {DTYPE_AUTO}.",
         ),
         click.option(
             "--config",
@@ -268,7 +269,13 @@ def _eval_options(f):
         click.option("--seqlen", type=POSITIVE, default=2048, show_default=True, help="Window length in tokens."),
         click.option("--max-windows", type=POSITIVE, default=None, help="Score only the first N windows."),
         click.option("--device", default="cpu", show_default=True),
-        click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True, help="Compute dtype."),
+        click.option(
+            "--dtype",
+            type=click.Choice(DTYPES),
+            default="auto",
+            show_default=True,
+            help=f"Compute dtype; {DTYPE_AUTO}.",
+        ),
     ]
     return _apply_options(options, f)
 
@@ -366,7 +373,9 @@ def generate(
 @click.option("--new-tokens", type=POSITIVE, default=32, show_default=True, help="Greedy decode steps, one token each.")
 @click.option("--repeats", type=POSITIVE, default=3, show_default=True, help="Timed runs after one warm-up (median).")
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True, help="Compute dtype.")
+@click.option(
+    "--dtype", type=click.Choice(DTYPES), default="auto", show_default=True, help=f"Compute dtype; {DTYPE_AUTO}."
+)
 @click.option(
     "--dense-cache", is_flag=True, help="Decode every quantized weight once first (dense memory, a little faster)."
 )
@@ -400,7 +409,7 @@ def bench(
     check_device(device)
     if cuda_graph and not device.startswith("cuda"):
         raise AnybitError("--cuda-graph needs --device cuda")
-    loaded = load_model(model, dtype=getattr(torch, dtype))
+    loaded = load_model(model, dtype=getattr(torch, compute_dtype(dtype, device)))
     loaded.model.to(device)
     dec_context = dec_compensation(loaded, dec, dec_static, dec_score)
     with dense_weights(loaded.model) if dense_cache else nullcontext(), dec_context:
@@ -464,7 +473,7 @@ def inspect(directory: str, as_json: bool, plot_file: str | None) -> None:
 @click.option("--dataset", default="wikitext2", show_default=True, help="Evaluation corpus.")
 @click.option("--max-windows", type=POSITIVE, default=None, help="Evaluate only the first N windows.")
 @click.option(
-    "--dtype", type=click.Choice(DTYPES), default="float32", show_default=True, help="Evaluation compute dtype."
+    "--dtype", type=click.Choice(DTYPES), default="auto", show_default=True, help=f"Evaluation dtype; {DTYPE_AUTO}."
 )
 @click.pass_context
 def compare(

@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from anybit.calibrate import QuantReport, quantize_model
-from anybit.config import QuantConfig, check_device_name
+from anybit.config import QuantConfig, check_device_name, compute_dtype
 from anybit.data import calibration_windows, check_token_ids, eval_windows, load_corpus, tokenize_corpus
 from anybit.errors import AnybitError
 from anybit.eval.perplexity import EvalResult, evaluate
@@ -98,7 +98,7 @@ def evaluate_spec(
     seqlen: int = 2048,
     max_windows: int | None = None,
     device: str = "cpu",
-    dtype: str = "float32",
+    dtype: str = "auto",
     reference: LoadedModel | None = None,
     progress: bool = True,
     dec: DecPlan | int | str | None = None,
@@ -111,7 +111,7 @@ def evaluate_spec(
     residuals.
     """
     check_device(device)
-    torch_dtype = getattr(torch, dtype)
+    torch_dtype = getattr(torch, compute_dtype(dtype, device))
     windows = eval_windows(corpus_ids(loaded, dataset), seqlen, max_windows)
     model = loaded.model.to(device=device, dtype=torch_dtype)
     ref = None if reference is None else reference.model.to(device=device, dtype=torch_dtype)
@@ -173,7 +173,7 @@ def build_residuals(
     nsamples: int = 8,
     seqlen: int = 2048,
     calib: str = "wikitext2-valid",
-    dtype: str = "float32",
+    dtype: str = "auto",
     progress: bool = True,
     fit_k: DecPlan | int | str | None = None,
     ridge: float = FIT_RIDGE,
@@ -206,7 +206,7 @@ def build_residuals(
     del original
     ids = corpus_ids(loaded, calib)
     windows = calibration_windows(ids, nsamples, seqlen, seed=0)
-    model = loaded.model.to(dtype=getattr(torch, dtype))
+    model = loaded.model.to(dtype=getattr(torch, compute_dtype(dtype)))
     stats = CalibrationStats(layers, None if fit_k is None else fit_k.for_layers(layers, adapter))
     try:
         with dense_weights(model, skip_kernel_layers=True):
