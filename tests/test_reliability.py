@@ -483,3 +483,30 @@ def test_a_tokenizer_foreign_to_the_model_is_one_line(tiny_llama_dir, corpus_fil
         save_file(tensors, shard, metadata={"format": "pt"})
     result = _run("eval", source, "--dataset", corpus_file, "--seqlen", 32, "--max-windows", 1)
     _assert_one_line_error(result, "tokenizer and model do not belong together")
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda t, k: t.update({k + ".residual_scales": t[k + ".residual_scales"].float()}),
+        lambda t, k: t[k + ".residual_scales"].fill_(float("nan")),
+        lambda t, k: t.update({k + ".act_mean_abs": t[k + ".act_mean_abs"].half()}),
+        lambda t, k: t.update({k + ".residual_codes": t[k + ".residual_codes"].to(torch.int32)}),
+        lambda t, k: t.pop(k + ".act_mean_abs"),
+    ],
+    ids=["scales-float32", "scales-nan", "means-float16", "codes-int32", "means-missing"],
+)
+def test_damaged_residuals_are_refused(edit, tiny_llama_dir, corpus_file, tmp_path) -> None:
+    out = tmp_path / "q"
+    assert (
+        _quantize(tiny_llama_dir, out, "--residual", "--calib", corpus_file, "--seqlen", 32, "--nsamples", 2).exit_code
+        == 0
+    )
+    path = out / "residuals.safetensors"
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(path)
+    edit(tensors, LINEAR)
+    save_file(tensors, path, metadata=metadata)
+    result = _run("eval", out, "--dataset", corpus_file, "--seqlen", 32, "--max-windows", 1, "--dec", 8)
+    _assert_one_line_error(result, "corrupt residual file")

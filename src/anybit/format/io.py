@@ -394,6 +394,8 @@ def load_residuals(quant_dir: str | Path) -> tuple[dict[str, Residual], dict[str
             raise AnybitError(f"corrupt residual file {path}: missing {exc}") from exc
         except ValueError as exc:
             raise AnybitError(f"corrupt residual file {path}: {name}: {exc}") from None
+        if means[name].dtype != torch.float32 or not bool(torch.isfinite(means[name]).all()):
+            raise AnybitError(f"corrupt residual file {path}: {name} activation means are not finite float32")
         if means[name].shape != (residuals[name].in_features,):
             raise AnybitError(f"corrupt residual file {path}: {name} activation means do not fit its codes")
     if "fit_k" in meta:

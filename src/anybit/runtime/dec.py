@@ -51,6 +51,8 @@ class Residual:
     def __post_init__(self) -> None:
         if self.scales.dim() != 1:
             raise ValueError(f"residual scales must be one per output channel, got shape {tuple(self.scales.shape)}")
+        if self.scales.dtype != torch.float16 or not bool(torch.isfinite(self.scales).all()):
+            raise ValueError(f"residual scales must be finite float16, got {self.scales.dtype}")
         out = self.scales.numel()
         if self.codes.dtype != torch.uint8 or self.codes.dim() != 2 or self.codes.shape[1] != (out + 1) // 2:
             raise ValueError(f"residual codes {tuple(self.codes.shape)} do not fit {out} output channels")
