@@ -510,3 +510,25 @@ def test_damaged_residuals_are_refused(edit, tiny_llama_dir, corpus_file, tmp_pa
     save_file(tensors, path, metadata=metadata)
     result = _run("eval", out, "--dataset", corpus_file, "--seqlen", 32, "--max-windows", 1, "--dec", 8)
     _assert_one_line_error(result, "corrupt residual file")
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["quantize", "{model}", "--out", "{out}", "--tau", "nan"], "'nan' is not a finite number"),
+        (["quantize", "{model}", "--out", "{out}", "--damp", "inf"], "'inf' is not a finite number"),
+        (["quantize", "{model}", "--out", "{out}", "--bits", "nan"], "'nan' is not a finite number"),
+        (["generate", "{model}", "--prompt", "hi", "--temperature", "nan"], "'nan' is not a finite number"),
+    ],
+)
+def test_numbers_that_are_not_numbers(args, needle, tiny_llama_dir, tmp_path) -> None:
+    args = [a.format(model=tiny_llama_dir, out=tmp_path / "q") for a in args]
+    _assert_one_line_error(_run(*args), needle)
+
+
+def test_config_file_numbers_must_be_finite(tiny_llama_dir, tmp_path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text("tau = inf\n")
+    _assert_one_line_error(
+        _run("quantize", tiny_llama_dir, "--config", config, "--out", tmp_path / "q"), "tau must be a finite number"
+    )

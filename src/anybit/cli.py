@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,7 +36,30 @@ class _Group(click.Group):
 
 
 POSITIVE = click.IntRange(min=1)
-DTYPE_AUTO = "auto: bfloat16 where the hardware multiplies it natively, else float32"
+
+
+class _FiniteFloat(click.FloatRange):
+    """A float option that is a number: nan and inf are refused like any value out of range."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+FLOAT = _FiniteFloat()
+
+
+def _dtype_option(name: str, what: str):
+    """A dtype option whose default, auto, picks bfloat16 only where the hardware multiplies it natively."""
+    return click.option(
+        name,
+        type=click.Choice(DTYPES),
+        default="auto",
+        show_default=True,
+        help=f"{what}; auto: bfloat16 where the hardware multiplies it natively, else float32.",
+    )
 
 
 @click.group(cls=_Group)
@@ -73,7 +97,7 @@ def _quant_options(f):
     options = [
         click.option("--method", default=QuantConfig.method, show_default=True, help="Quantization recipe."),
         click.option(
-            "--bits", type=float, default=None, help="Target bits per weight [default: 3.25 for anybit/skim, else 4]."
+            "--bits", type=FLOAT, default=None, help="Target bits per weight [default: 3.25 for anybit/skim, else 4]."
         ),
         click.option(
             "--group",
@@ -93,7 +117,7 @@ def _quant_options(f):
             "--sym/--asym", default=False, show_default=True, help="rtn/gptq: symmetric grid instead of min-max."
         ),
         click.option(
-            "--damp", type=float, default=0.01, show_default=True, help="GPTQ dampening, fraction of mean diag(H)."
+            "--damp", type=FLOAT, default=0.01, show_default=True, help="GPTQ dampening, fraction of mean diag(H)."
         ),
         click.option(
             "--calib", default="wikitext2-valid", show_default=True, help="Calibration corpus name or text file."
@@ -112,17 +136,17 @@ def _quant_options(f):
         ),
         click.option(
             "--outliers",
-            type=float,
+            type=FLOAT,
             default=None,
             help="Share of weights kept in fp16 [default: the method's; squeezellm 0.0045; claq: per-tail 0.005].",
         ),
         click.option(
             "--fisher-nsamples", type=POSITIVE, default=None, help="Calibration windows for Fisher [default: all]."
         ),
-        click.option("--tau", type=float, default=13.0, show_default=True, help="CLAQ: outlier threshold in mean|W|."),
+        click.option("--tau", type=FLOAT, default=13.0, show_default=True, help="CLAQ: outlier threshold in mean|W|."),
         click.option(
             "--clip-min",
-            type=float,
+            type=FLOAT,
             default=0.9,
             show_default=True,
             help="SliM: lowest clipping factor searched (grid to 1.1 in steps of 0.002).",
@@ -142,13 +166,7 @@ def _quant_options(f):
             help="skim/anybit: one bit budget per matrix or over the whole model [default: per method].",
         ),
         click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N]."),
-        click.option(
-            "--calib-dtype",
-            type=click.Choice(DTYPES),
-            default="auto",
-            show_default=True,
-            help=f"Dtype of the calibration forward passes (statistics are float32); {DTYPE_AUTO}.",
-        ),
+        _dtype_option("--calib-dtype", "Dtype of the calibration forward passes (statistics are float32)"),
         click.option(
             "--config",
             "config_file",
@@ -269,13 +287,7 @@ def _eval_options(f):
         click.option("--seqlen", type=POSITIVE, default=2048, show_default=True, help="Window length in tokens."),
         click.option("--max-windows", type=POSITIVE, default=None, help="Score only the first N windows."),
         click.option("--device", default="cpu", show_default=True),
-        click.option(
-            "--dtype",
-            type=click.Choice(DTYPES),
-            default="auto",
-            show_default=True,
-            help=f"Compute dtype; {DTYPE_AUTO}.",
-        ),
+        _dtype_option("--dtype", "Compute dtype"),
     ]
     return _apply_options(options, f)
 
@@ -327,7 +339,7 @@ def eval_cmd(model: str, kl: bool, reference: str | None, as_json: bool, **kwarg
 @click.option("--prompt", required=True, help="Text to continue (or the user message with --chat).")
 @click.option("--max-new-tokens", type=POSITIVE, default=64, show_default=True)
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template.")
-@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True, help="0: greedy decoding.")
+@click.option("--temperature", type=_FiniteFloat(min=0), default=0.0, show_default=True, help="0: greedy decoding.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option(
@@ -373,9 +385,7 @@ def generate(
 @click.option("--new-tokens", type=POSITIVE, default=32, show_default=True, help="Greedy decode steps, one token each.")
 @click.option("--repeats", type=POSITIVE, default=3, show_default=True, help="Timed runs after one warm-up (median).")
 @click.option("--device", default="cpu", show_default=True)
-@click.option(
-    "--dtype", type=click.Choice(DTYPES), default="auto", show_default=True, help=f"Compute dtype; {DTYPE_AUTO}."
-)
+@_dtype_option("--dtype", "Compute dtype")
 @click.option(
     "--dense-cache", is_flag=True, help="Decode every quantized weight once first (dense memory, a little faster)."
 )
@@ -472,9 +482,7 @@ def inspect(directory: str, as_json: bool, plot_file: str | None) -> None:
 @click.option("--force", is_flag=True, help="Replace an existing --out directory (one anybit wrote).")
 @click.option("--dataset", default="wikitext2", show_default=True, help="Evaluation corpus.")
 @click.option("--max-windows", type=POSITIVE, default=None, help="Evaluate only the first N windows.")
-@click.option(
-    "--dtype", type=click.Choice(DTYPES), default="auto", show_default=True, help=f"Evaluation dtype; {DTYPE_AUTO}."
-)
+@_dtype_option("--dtype", "Evaluation compute dtype")
 @click.pass_context
 def compare(
     ctx: click.Context,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import tomllib
 import typing
@@ -118,6 +119,8 @@ class QuantConfig:
                     "none" if t is type(None) else t.__name__ for t in allowed if t is not int or float not in allowed
                 )
                 raise AnybitError(f"{f.name} must be {names}, got {value!r}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise AnybitError(f"{f.name} must be a finite number, got {value!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
