@@ -22,8 +22,8 @@ import torch
 
 from _common import log_result
 from anybit.data import eval_windows, load_corpus, tokenize_corpus
-from anybit.format.io import load_residuals
 from anybit.model.adapters import get_adapter
+from anybit.model.checkpoint import load_residuals
 from anybit.model.loading import load_model
 from anybit.runtime.dec import select_channels, static_channels
 from anybit.runtime.qlinear import dense_weights, quant_linears

@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 
 from _common import log_result
-from anybit.format.io import load_residuals
 from anybit.model.adapters import Adapter, get_adapter
+from anybit.model.checkpoint import load_residuals
 from anybit.model.loading import load_model
 from anybit.pipeline import evaluate_spec
 from anybit.runtime.dec import CHUNK, DEC_ROLES, DecPlan

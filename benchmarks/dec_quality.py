@@ -17,8 +17,9 @@ import argparse
 from pathlib import Path
 
 from _common import log_result
-from anybit.format.io import RESIDUAL_FILE, load_residuals
+from anybit.format.directory import RESIDUAL_FILE
 from anybit.model.adapters import get_adapter
+from anybit.model.checkpoint import load_residuals
 from anybit.model.loading import load_model
 from anybit.pipeline import build_residuals, evaluate_spec
 from anybit.runtime.dec import FIT_RIDGE, DecPlan

@@ -10,7 +10,6 @@ from anybit.model import get_adapter, load_model
 from anybit.pipeline import quantize_to_dir
 from anybit.runtime import quant_linears
 
-
 # Mean relative weight error ||W - Ŵ|| / ||W|| over a tiny random model's linears: the largest of the five
 # families as measured (llama, mistral, qwen2, phi3, gpt2; seed 0); the test allows 1.25 times it. A wrong code,
 # codebook, scale, permutation or layout lands near or above 1. anybit's error feedback and model-wide

@@ -67,7 +67,7 @@ def test_decode_kernel_and_dec_kernel_inside_the_model(tiny_llama_dir, corpus_fi
         reference = model(ids).logits
     torch.testing.assert_close(fused, reference, rtol=1e-3, atol=1e-3)
 
-    from anybit.format.io import load_residuals
+    from anybit.model.checkpoint import load_residuals
 
     residual = load_residuals(str(out))[0][next(iter(layers))]
     x = torch.randn(3, residual.in_features, device="cuda")
@@ -86,8 +86,8 @@ def test_decode_kernel_and_dec_kernel_inside_the_model(tiny_llama_dir, corpus_fi
 
 def test_cuda_graph_decoding_matches_eager(tiny_llama_dir, corpus_file, tmp_path) -> None:
     from anybit.bench import StaticDecoder
-    from anybit.format.io import load_residuals
     from anybit.model import load_model
+    from anybit.model.checkpoint import load_residuals
     from anybit.runtime.dec import compensation
     from anybit.runtime.qlinear import quant_linears
 

@@ -21,9 +21,9 @@ from anybit.alloc.skim import RowTable, allocate_model
 from anybit.config import QuantConfig
 from anybit.errors import AnybitError
 from anybit.fisher import fisher_diagonal
-from anybit.format.io import round_unquantized_
 from anybit.methods import LayerStats, Method, get_method
 from anybit.model.adapters import Adapter, get_adapter, get_submodule, set_submodule
+from anybit.model.checkpoint import round_unquantized_
 from anybit.quant.gptq import HessianAccumulator
 from anybit.runtime.qlinear import QuantLinear
 

@@ -500,7 +500,7 @@ def compare(
     --seqlen sets both the calibration and the evaluation window length.
     """
     from anybit.cache import cache_dir
-    from anybit.format.io import check_output
+    from anybit.format.directory import check_output
     from anybit.methods import get_method
     from anybit.model.loading import load_model, resolve_spec
     from anybit.pipeline import evaluate_spec, quantize_to_dir

@@ -16,16 +16,10 @@ from anybit.config import QuantConfig, check_device_name, compute_dtype
 from anybit.data import calibration_windows, check_token_ids, eval_windows, load_corpus, tokenize_corpus
 from anybit.errors import AnybitError
 from anybit.eval.perplexity import EvalResult, evaluate
-from anybit.format.io import (
-    WEIGHTS_FILE,
-    check_output,
-    load_residuals,
-    packed_fingerprint,
-    save_quantized,
-    save_residuals,
-)
+from anybit.format.directory import WEIGHTS_FILE, check_output
 from anybit.methods import get_method
 from anybit.model.adapters import get_adapter
+from anybit.model.checkpoint import load_residuals, packed_fingerprint, save_quantized, save_residuals
 from anybit.model.loading import LoadedModel, load_model, resolve_spec
 from anybit.runtime.dec import (
     FIT_RIDGE,

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from anybit.errors import AnybitError
-from anybit.format.io import WEIGHTS_FILE, load_quantized
+from anybit.format.directory import WEIGHTS_FILE
+from anybit.model.checkpoint import load_quantized
 from anybit.runtime.qlinear import quant_linears
 
 

@@ -102,7 +102,7 @@ def resolve_spec(spec: str) -> tuple[str, Path]:
         if path.suffix.lower() != ".gguf":
             raise AnybitError(f"{spec} is a file but not a .gguf model")
         return "gguf", path
-    from anybit.format.io import QUANT_FILE
+    from anybit.format.directory import QUANT_FILE
 
     if (path / QUANT_FILE).is_file():
         return "quantized", path
@@ -130,7 +130,7 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
     kind, path = resolve_spec(spec)
     _quiet_transformers()
     if kind == "quantized":
-        from anybit.format.io import load_quantized
+        from anybit.model.checkpoint import load_quantized
 
         model, tokenizer, info = load_quantized(path, dtype=dtype)
         return LoadedModel(model, tokenizer, spec, kind, info)

@@ -1,0 +1,122 @@
+"""The quantized model directory on disk: its file names, its anybit.json, and which directories anybit
+may write or replace. Storage only: nothing here imports torch modules, the runtime or the model code.
+
+Layout of DIR:
+- `model.safetensors`: every tensor of the model; quantized linears as their packed buffers
+  (`<linear>.codes_4`, `<linear>.scales`, ...), all other parameters in fp16;
+- `anybit.json`: format name and version, the quantization config, per-linear layout metadata,
+  tied-parameter aliases, the counted bits, and the list of files anybit wrote;
+- `config.json` and the tokenizer files, as Hugging Face writes them;
+- `residuals.safetensors` (optional): the residuals of dynamic error compensation.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from anybit.errors import AnybitError
+from anybit.format.files import check_writable_dir, remove_stale_temporaries, temporary_target
+
+FORMAT_NAME = "anybit"
+FORMAT_VERSION = 1
+QUANT_FILE = "anybit.json"
+WEIGHTS_FILE = "model.safetensors"
+RESIDUAL_FILE = "residuals.safetensors"
+
+
+LEGACY_FILES = frozenset(
+    {QUANT_FILE, WEIGHTS_FILE, "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+     "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt", "tokenizer.model",
+     "added_tokens.json"}
+)  # fmt: skip
+
+
+def check_output(out_dir: str | Path, force: bool, sources: tuple[Path, ...] = ()) -> Path:
+    """Before any work: the output directory anybit may write, or an AnybitError saying why not.
+
+    An existing `out_dir` is replaced only with `force`, and only when it is an anybit output holding
+    nothing but the files anybit wrote; never a source model or a directory holding one. Stale
+    temporaries of earlier, killed writes are removed, and the parent is proven writable.
+    """
+    out = Path(out_dir).expanduser()
+    for source in sources:
+        if out.resolve() == source.resolve() or out.resolve() in source.resolve().parents:
+            raise AnybitError(f"refusing to write {out}: it would replace the source model {source}")
+    if out.exists() or out.is_symlink():
+        if out.is_symlink() or not out.is_dir():
+            raise AnybitError(f"output {out} exists and is not a directory anybit wrote")
+        if not force:
+            raise AnybitError(f"output {out} already exists (use --force to replace it)")
+        problem = _not_ours(out)
+        if problem:
+            raise AnybitError(f"refusing to replace {out}: {problem}")
+    remove_stale_temporaries(out)
+    check_writable_dir(out.parent)
+    return out
+
+
+def _not_ours(directory: Path) -> str:
+    """Why `directory` is not an anybit output that may be replaced ("" when it is)."""
+    try:
+        info = json.loads((directory / QUANT_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return f"it is not an anybit output (no readable {QUANT_FILE})"
+    if not isinstance(info, dict) or info.get("format") != FORMAT_NAME:
+        return f"it is not an anybit output ({QUANT_FILE} is not anybit's)"
+    files = info.get("files")
+    allowed = {*files, RESIDUAL_FILE} if isinstance(files, list) else set(LEGACY_FILES | {RESIDUAL_FILE})
+    for entry in directory.iterdir():
+        name = temporary_target(entry.name) or entry.name  # a killed `anybit residual` leaves one
+        if entry.is_symlink() or not entry.is_file() or name not in allowed:
+            return f"it holds {entry.name}, which anybit did not write"
+    return ""
+
+
+def read_quant_info(path: str | Path) -> dict:
+    """anybit.json of a quantized directory, checked to be ours and to have every field this anybit reads."""
+    path = Path(path)
+    try:
+        info = json.loads((path / QUANT_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AnybitError(f"{path} is not a readable anybit directory: {exc}") from exc
+    if not isinstance(info, dict) or info.get("format") != FORMAT_NAME:
+        raise AnybitError(f"{path / QUANT_FILE} is not an anybit quantization file")
+    if info.get("format_version") != FORMAT_VERSION:
+        raise AnybitError(f"{path} has format version {info.get('format_version')}, this anybit reads {FORMAT_VERSION}")
+    problem = _info_problem(info)
+    if problem:
+        raise AnybitError(f"corrupt {path / QUANT_FILE}: {problem}")
+    return info
+
+
+_INFO_FIELDS = {
+    "method": str,
+    "source": str,
+    "config": dict,
+    "aliases": dict,
+    "layers": dict,
+    "quantized_weights": int,
+    "storage_bits": int,
+    "bits_per_weight": (int, float),
+    "nominal_bits_per_weight": (int, float),
+}
+_LAYER_FIELDS = {"shape": list, "group_size": int, "axis": int, "kind": str, "storage_bits": int}
+
+
+def _info_problem(info: dict) -> str:
+    """What is wrong with the fields of an anybit.json ("" when nothing is)."""
+    for key, kind in _INFO_FIELDS.items():
+        if not isinstance(info.get(key), kind) or isinstance(info.get(key), bool):
+            return f"field {key!r} is missing or not a {getattr(kind, '__name__', 'number')}"
+    if not info["layers"]:
+        return "no quantized layers"
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in info["aliases"].items()):
+        return "aliases must map names to names"
+    for name, meta in info["layers"].items():
+        if not isinstance(meta, dict):
+            return f"layer {name}: not an object"
+        for key, kind in _LAYER_FIELDS.items():
+            if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+                return f"layer {name}: field {key!r} is missing or not a {kind.__name__}"
+    return ""
