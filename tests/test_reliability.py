@@ -532,3 +532,48 @@ def test_config_file_numbers_must_be_finite(tiny_llama_dir, tmp_path) -> None:
     _assert_one_line_error(
         _run("quantize", tiny_llama_dir, "--config", config, "--out", tmp_path / "q"), "tau must be a finite number"
     )
+
+
+def test_a_full_disk_while_writing_is_one_line_and_leaves_nothing(tiny_llama_dir, tmp_path, monkeypatch) -> None:
+    """The disk fills while the weights are written: one line, no output, no temporary, the previous
+    output (here: one anybit wrote before) and the source untouched."""
+    import errno
+
+    import anybit.model.checkpoint as checkpoint
+
+    out = tmp_path / "q"
+    assert _quantize(tiny_llama_dir, out).exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    source_files = {p.name: p.stat().st_mtime_ns for p in tiny_llama_dir.iterdir()}
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    result = _quantize(tiny_llama_dir, out, "--force")  # after the work: its progress bar, then one line
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.strip().splitlines()[-1].startswith("Error: cannot write") and "No space left" in result.output
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["q"]
+    assert {p.name: p.stat().st_mtime_ns for p in tiny_llama_dir.iterdir()} == source_files
+
+
+def test_a_failed_swap_keeps_the_previous_output(tmp_path, monkeypatch) -> None:
+    from anybit.format import files
+
+    target, new = tmp_path / "q", tmp_path / "new"
+    target.mkdir()
+    (target / "a").write_text("old")
+    new.mkdir()
+    real = os.replace
+
+    def failing(src, dst):
+        if Path(src) == new:
+            raise OSError("rename failed")
+        real(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", failing)
+    with pytest.raises(OSError):
+        files.replace_dir(new, target)
+    assert (target / "a").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "q"]

@@ -17,6 +17,7 @@ from anybit.data import calibration_windows, check_token_ids, eval_windows, load
 from anybit.errors import AnybitError
 from anybit.eval.perplexity import EvalResult, evaluate
 from anybit.format.directory import WEIGHTS_FILE, check_output
+from anybit.format.files import check_writable_dir
 from anybit.methods import get_method
 from anybit.model.adapters import get_adapter
 from anybit.model.checkpoint import load_residuals, packed_fingerprint, save_quantized, save_residuals
@@ -179,6 +180,7 @@ def build_residuals(
     calibration data for dynamic selection at that plan (`anybit.runtime.dec.fit_correction`)."""
     fit_k = dec_plan(fit_k, "--fit")
     loaded = load_model(str(quant_dir))
+    check_writable_dir(Path(quant_dir))  # before the calibration pass, not after it
     if loaded.kind != "quantized":
         raise AnybitError(f"{quant_dir} is not a quantized directory")
     source = source or loaded.quant_info.get("source")

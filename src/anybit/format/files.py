@@ -90,5 +90,10 @@ def replace_dir(tmp: Path, target: Path) -> None:
         return
     old = Path(tempfile.mkdtemp(prefix=temp_prefix(target), dir=target.parent))
     os.replace(target, old / "old")
-    os.replace(tmp, target)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        os.replace(old / "old", target)  # the previous output stays where it was
+        old.rmdir()
+        raise
     shutil.rmtree(old)

@@ -118,6 +118,9 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path, info: dict,
         meta["files"] = sorted({*(p.name for p in tmp.iterdir()), QUANT_FILE})
         (tmp / QUANT_FILE).write_text(json.dumps(meta, indent=1))
         replace_dir(tmp, out_dir)
+    except (OSError, SafetensorError) as exc:  # a full disk, a quota, a vanished parent
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise AnybitError(f"cannot write {out_dir}: {getattr(exc, 'strerror', None) or exc}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -264,6 +267,11 @@ def save_residuals(
     try:
         save_file(tensors, tmp, metadata={"format": FORMAT_NAME, "residual": json.dumps(meta)})
         os.replace(tmp, quant_dir / RESIDUAL_FILE)
+    except (OSError, SafetensorError) as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise AnybitError(
+            f"cannot write {quant_dir / RESIDUAL_FILE}: {getattr(exc, 'strerror', None) or exc}"
+        ) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
