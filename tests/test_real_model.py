@@ -38,26 +38,29 @@ def test_smollm2_gptq_end_to_end(tmp_path) -> None:
     assert q.ppl == pytest.approx(24.2886, rel=0.02), (fp.ppl, q.ppl)
 
 
+# Measured at the settings below (first window, float32, AMD EPYC AVX2): fp 15.2331; each recipe's perplexity
+# and counted bits. 2 % on the perplexity catches a 5 % regression; the counted bits are exact.
+EVERY_METHOD = [
+    ("rtn", 4, 19.8628, 4.312516),
+    ("kmeans", 4, 17.1814, 4.375016),
+    ("squeezellm", 4, 16.8301, 4.531743),
+    ("claq", 4, 17.4894, 4.707018),
+    ("slim", 4, 19.1867, 4.312544),
+    ("skim", 4.25, 17.5759, 4.249393),
+    ("anybit", 4.25, 17.7681, 4.250000),
+]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "method,bits,limit",
-    [
-        ("rtn", 4, 1.5),
-        ("kmeans", 4, 1.8),
-        ("squeezellm", 4, 1.8),
-        ("claq", 4, 1.5),
-        ("slim", 4, 1.5),
-        ("skim", 4.25, 1.8),
-        ("anybit", 4.25, 1.5),
-    ],
-)
-def test_smollm2_every_method(tmp_path, method: str, bits: float, limit: float) -> None:
-    """Every recipe on the real model, small calibration, one window: usable and honestly counted."""
+@pytest.mark.parametrize("method,bits,ppl,counted", EVERY_METHOD, ids=[row[0] for row in EVERY_METHOD])
+def test_smollm2_every_method(tmp_path, method: str, bits: float, ppl: float, counted: float) -> None:
+    """Every recipe on the real model, small calibration, one window: its pinned quality and counted bits."""
     loaded = load_model("smollm2-135m")
     windows = eval_windows(tokenize_corpus(loaded.tokenizer, load_corpus("wikitext2")), 2048, max_windows=1)
     fp = evaluate(loaded.model, windows, progress=False)
+    assert fp.ppl == pytest.approx(15.2331, rel=0.005)
     config = QuantConfig(method=method, bits=bits, group_size=64, nsamples=4, seqlen=512, fisher_nsamples=2)
     outcome = quantize_to_dir("smollm2-135m", config, tmp_path / "q", loaded=loaded, progress=False)
     q = evaluate(load_model(str(tmp_path / "q")).model, windows, progress=False)
-    assert q.ppl < limit * fp.ppl, (method, fp.ppl, q.ppl)
-    assert outcome.bits_per_weight < bits + 0.7
+    assert q.ppl == pytest.approx(ppl, rel=0.02), (method, fp.ppl, q.ppl)
+    assert outcome.bits_per_weight == pytest.approx(counted, abs=1e-6)
