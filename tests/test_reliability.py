@@ -577,3 +577,11 @@ def test_a_failed_swap_keeps_the_previous_output(tmp_path, monkeypatch) -> None:
         files.replace_dir(new, target)
     assert (target / "a").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "q"]
+
+
+def test_a_damaged_file_list_keeps_the_directory(tiny_llama_dir, tmp_path) -> None:
+    out = tmp_path / "q"
+    assert _quantize(tiny_llama_dir, out).exit_code == 0
+    _edit_info(out, lambda info: info.update(files=[{"x": 1}]))
+    _assert_one_line_error(_quantize(tiny_llama_dir, out, "--force"), "damaged list of files")
+    assert (out / "model.safetensors").is_file()

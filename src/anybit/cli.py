@@ -513,7 +513,7 @@ def compare(
     name = f"{Path(model).name}-{label.replace(' ', '-')}"
     out = Path(out_dir) if out_dir else cache_dir() / "runs" / name
     force = force or out_dir is None  # the default lies in anybit's own cache, one per model and recipe
-    check_output(out, force, sources=(resolve_spec(model)[1],))
+    check_output(out, force, sources=(resolve_spec(model)[1],))  # before evaluating the original, not after
     eval_kwargs = {
         "dataset": dataset,
         "seqlen": config.seqlen,

@@ -25,6 +25,7 @@ WEIGHTS_FILE = "model.safetensors"
 RESIDUAL_FILE = "residuals.safetensors"
 
 
+# what anybit writes into a directory, for older directories whose anybit.json has no "files" list
 LEGACY_FILES = frozenset(
     {QUANT_FILE, WEIGHTS_FILE, "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
      "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt", "tokenizer.model",
@@ -64,8 +65,10 @@ def _not_ours(directory: Path) -> str:
         return f"it is not an anybit output (no readable {QUANT_FILE})"
     if not isinstance(info, dict) or info.get("format") != FORMAT_NAME:
         return f"it is not an anybit output ({QUANT_FILE} is not anybit's)"
-    files = info.get("files")
-    allowed = {*files, RESIDUAL_FILE} if isinstance(files, list) else set(LEGACY_FILES | {RESIDUAL_FILE})
+    files = info.get("files", sorted(LEGACY_FILES))
+    if not isinstance(files, list) or not all(isinstance(name, str) for name in files):
+        return f"its {QUANT_FILE} has a damaged list of files"
+    allowed = {*files, RESIDUAL_FILE}
     for entry in directory.iterdir():
         name = temporary_target(entry.name) or entry.name  # a killed `anybit residual` leaves one
         if entry.is_symlink() or not entry.is_file() or name not in allowed:

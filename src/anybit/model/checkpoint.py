@@ -96,9 +96,6 @@ def _state_to_store(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str
     return tensors, aliases
 
 
-# what anybit writes into a directory; older directories have no "files" list in their anybit.json
-
-
 def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path, info: dict, force: bool = False) -> dict:
     """Write the quantized model to `out_dir` atomically; returns the written anybit.json content."""
     out_dir = check_output(out_dir, force)
