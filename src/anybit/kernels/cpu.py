@@ -46,6 +46,7 @@ def _cpu_signature() -> str:
     return "\n".join([platform.machine(), *lines])
 
 
+@cache  # asked once per process, not once per build tried
 def _compiler_identity(compiler: str) -> str:
     """What the compiler says it is (its path and first line of --version); "" when it does not answer."""
     try:
