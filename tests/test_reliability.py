@@ -244,8 +244,8 @@ def test_a_killed_save_leaves_nothing_behind(tiny_llama_dir, tmp_path) -> None:
         "def die(*a, **k):\n"
         "    real(*a, **k)\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
-        "import anybit.model.checkpoint as checkpoint\n"
-        "checkpoint.save_file = die\n"
+        "import anybit.format.shards as shards\n"
+        "shards.save_file = die\n"
         "from anybit.cli import run\n"
         "sys.argv = ['anybit', 'quantize', sys.argv[1], '--method', 'rtn', '--bits', '4', '--group', '32', '--out', sys.argv[2]]\n"
         "run()\n"
@@ -294,48 +294,6 @@ def test_damaged_shards_are_refused(tiny_llama_dir, tmp_path) -> None:
     _assert_one_line_error(_quantize(source, tmp_path / "q"), f"the shard {shards[0].name} named in")
 
 
-@pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory) -> Path:
-    """A small Llama GGUF with a vocabulary, written with gguf-py."""
-    import gguf
-    import numpy as np
-
-    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
-    vocab, hidden, ffn, layers = 64, 32, 64, 2
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_block_count(layers)
-    writer.add_context_length(128)
-    writer.add_embedding_length(hidden)
-    writer.add_feed_forward_length(ffn)
-    writer.add_head_count(4)
-    writer.add_head_count_kv(2)
-    writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_tokenizer_model("gpt2")
-    tokens = ["<s>", "</s>", "a", "b", "ab"] + [chr(ord("c") + i) for i in range(vocab - 5)]
-    writer.add_token_list(tokens)
-    writer.add_token_types([1] * vocab)
-    writer.add_token_merges(["a b"])
-    writer.add_bos_token_id(0)
-    writer.add_eos_token_id(1)
-    rng = np.random.default_rng(0)
-    shapes = {"token_embd.weight": (vocab, hidden), "output_norm.weight": (hidden,)}
-    for i in range(layers):
-        shapes |= {
-            f"blk.{i}.attn_norm.weight": (hidden,), f"blk.{i}.ffn_norm.weight": (hidden,),
-            f"blk.{i}.attn_q.weight": (hidden, hidden), f"blk.{i}.attn_k.weight": (hidden // 2, hidden),
-            f"blk.{i}.attn_v.weight": (hidden // 2, hidden), f"blk.{i}.attn_output.weight": (hidden, hidden),
-            f"blk.{i}.ffn_gate.weight": (ffn, hidden), f"blk.{i}.ffn_up.weight": (ffn, hidden),
-            f"blk.{i}.ffn_down.weight": (hidden, ffn),
-        }  # fmt: skip
-    for name, shape in shapes.items():
-        writer.add_tensor(name, rng.standard_normal(shape).astype(np.float32) * 0.02)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
-
-
 def _gguf_without(src: Path, dst: Path, drop) -> Path:
     """A copy of `src` holding every key-value field and the tensors `drop` does not name."""
     import gguf
@@ -363,9 +321,9 @@ def test_gguf_inputs_are_strict(tiny_gguf, tmp_path) -> None:
 
     assert load_model(str(tiny_gguf)).model.config.num_hidden_layers == 2  # the intact file loads
     empty = _gguf_without(tiny_gguf, tmp_path / "empty.gguf", lambda name: True)
-    _assert_one_line_error(_quantize(empty, tmp_path / "q"), "holds 0 weights")
+    _assert_one_line_error(_quantize(empty, tmp_path / "q"), "no weights for model.embed_tokens.weight")
     one_less = _gguf_without(tiny_gguf, tmp_path / "less.gguf", lambda name: name == "blk.1.ffn_up.weight")
-    _assert_one_line_error(_quantize(one_less, tmp_path / "q"), "tensors are missing")
+    _assert_one_line_error(_quantize(one_less, tmp_path / "q"), "no weights for model.layers.1.mlp.up_proj.weight")
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(tiny_gguf.read_bytes()[:300])
     _assert_one_line_error(_quantize(cut, tmp_path / "q"), "corrupt GGUF file")
@@ -539,7 +497,7 @@ def test_a_full_disk_while_writing_is_one_line_and_leaves_nothing(tiny_llama_dir
     output (here: one anybit wrote before) and the source untouched."""
     import errno
 
-    import anybit.model.checkpoint as checkpoint
+    import anybit.format.shards as shards
 
     out = tmp_path / "q"
     assert _quantize(tiny_llama_dir, out).exit_code == 0
@@ -549,7 +507,7 @@ def test_a_full_disk_while_writing_is_one_line_and_leaves_nothing(tiny_llama_dir
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(checkpoint, "save_file", full)
+    monkeypatch.setattr(shards, "save_file", full)
     result = _quantize(tiny_llama_dir, out, "--force")  # after the work: its progress bar, then one line
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert result.output.strip().splitlines()[-1].startswith("Error: cannot write") and "No space left" in result.output

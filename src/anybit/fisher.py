@@ -1,48 +1,204 @@
 """Fisher sensitivity: the mean squared gradient of the language-model loss for each linear weight.
 
-SqueezeLLM weights its K-means objective by this diagonal Fisher approximation. Gradients are taken
-one calibration window at a time; after each backward pass the squared gradients are added to
-float32 accumulators and the gradients are dropped, so at most one copy of the gradients exists.
-Only decoder-layer linear weights require gradients (embeddings and head are not differentiated).
+SqueezeLLM weights its K-means objective by this diagonal Fisher approximation; anybit's recipe also
+compares rows across the model by it. The gradients are taken one decoder layer at a time, so that only one
+layer's weights need to be in memory (the layer-wise driver's `Supply`): for a batch of windows, a forward
+pass stores each layer's input, the model's own head gives the loss gradient at the last hidden state, and
+a backward pass recomputes each layer from its stored input, in reverse, adding the squared gradient of
+each window's loss to float32 accumulators. Accumulators for models too large for memory live in an
+unlinked temporary file, memory-mapped.
 """
 
 from __future__ import annotations
+
+import os
+import tempfile
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from anybit.layerwise import Resident, Supply, capture_layer_inputs, layer_output, move_outside_layers
 from anybit.model.adapters import Adapter, get_submodule
+
+STORED_INPUT_BYTES = 1 << 30  # layer inputs kept for one batch of windows
+RESIDENT_ACCUMULATOR_BYTES = 4 << 30  # larger Fisher accumulators go to a memory-mapped file
+
+
+class _Replay(nn.Module):
+    """Stands in for the first decoder layer: returns the given last hidden state; the others pass it on."""
+
+    def __init__(self, hidden: torch.Tensor | None, as_tuple: bool) -> None:
+        super().__init__()
+        self.hidden, self.as_tuple = hidden, as_tuple
+
+    def forward(self, hidden: torch.Tensor, *args, **kwargs):
+        out = hidden if self.hidden is None else self.hidden
+        return (out,) if self.as_tuple else out
+
+
+def _accumulators(shapes: dict[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
+    """Zeroed float32 tensors of the given shapes, in memory or (when large) in one mapped temporary file."""
+    total = sum(r * c for r, c in shapes.values())
+    if total * 4 <= RESIDENT_ACCUMULATOR_BYTES:
+        return {key: torch.zeros(shape, dtype=torch.float32) for key, shape in shapes.items()}
+    fd, path = tempfile.mkstemp(prefix="anybit-fisher-")
+    try:
+        os.ftruncate(fd, total * 4)
+        flat = torch.from_file(path, shared=True, size=total, dtype=torch.float32)
+    finally:
+        os.close(fd)
+        os.unlink(path)  # the mapping keeps the storage until the tensors are gone
+    out, offset = {}, 0
+    for key, (r, c) in shapes.items():
+        out[key] = flat[offset : offset + r * c].view(r, c)
+        offset += r * c
+    return out
 
 
 @torch.inference_mode(False)
-@torch.enable_grad()
+def _tail_gradient(
+    model: nn.Module, layers: nn.ModuleList, window: torch.Tensor, last: torch.Tensor, as_tuple: bool
+) -> torch.Tensor:
+    """d loss / d (last hidden state) of one window, through the model's own final norm, head and loss."""
+    last = last.detach().requires_grad_(True)
+    originals = list(layers)
+    for i in range(len(layers)):
+        layers[i] = _Replay(last if i == 0 else None, as_tuple)
+    try:
+        with torch.enable_grad():
+            loss = model(window[None], labels=window[None], use_cache=False).loss
+            (grad,) = torch.autograd.grad(loss, last)
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+    return grad
+
+
+def _clone(obj):
+    """`obj` with every tensor nested in it cloned."""
+    if isinstance(obj, torch.Tensor):
+        return obj.clone()
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_clone(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _clone(v) for k, v in obj.items()}
+    return obj
+
+
+def _batches(n: int, per_window_bytes: int) -> list[range]:
+    size = max(1, STORED_INPUT_BYTES // max(1, per_window_bytes))
+    return [range(i, min(n, i + size)) for i in range(0, n, size)]
+
+
+@torch.inference_mode(False)
 def fisher_diagonal(
-    model: nn.Module, adapter: Adapter, windows: torch.Tensor, device: str = "cpu", progress: bool = True
+    model: nn.Module,
+    adapter: Adapter,
+    windows: torch.Tensor,
+    device: str = "cpu",
+    progress: bool = True,
+    supply: Supply | None = None,
 ) -> dict[str, torch.Tensor]:
     """Mean of grad² over windows for every decoder linear, keyed "LAYER.NAME", as (out, in) float32 on CPU."""
-    params: dict[str, nn.Parameter] = {}
-    for i, layer in enumerate(adapter.layers(model)):
-        for name in adapter.linear_names:
-            params[f"{i}.{name}"] = get_submodule(layer, name).weight
-    fisher = {key: torch.zeros(p.shape, dtype=torch.float32, device=device) for key, p in params.items()}
-    model.to(device)
-    model.requires_grad_(False)
-    for p in params.values():
-        p.requires_grad_(True)
-    was_training = model.training
-    model.eval()
+    supply = supply or Resident()
+    model.requires_grad_(False)  # only the linear being differentiated takes a gradient
+    dev = torch.device(device)
+    layers = adapter.layers(model)
+    names = adapter.linear_names
+    shapes = {}
+    for i, layer in enumerate(layers):
+        for name in names:
+            shape = tuple(get_submodule(layer, name).weight.shape)
+            shapes[f"{i}.{name}"] = shape[::-1] if adapter.transposed_weights else shape
+    fisher = _accumulators(shapes)
+    bar = tqdm(total=len(windows), desc="fisher", unit="window", disable=not progress)
+    stored_per_window = windows.shape[1] * model.config.hidden_size * 4 * len(layers)
+    for batch in _batches(len(windows), stored_per_window):
+        _batch_fisher(model, adapter, windows[batch.start : batch.stop], dev, supply, fisher)
+        bar.update(len(batch))
+    bar.close()
+    for f in fisher.values():
+        f.div_(len(windows))
+    return fisher
+
+
+def _batch_fisher(
+    model: nn.Module,
+    adapter: Adapter,
+    windows: torch.Tensor,
+    device: torch.device,
+    supply: Supply,
+    fisher: dict[str, torch.Tensor],
+) -> None:
+    """Add the squared gradients of each window's loss to `fisher`."""
+    layers = adapter.layers(model)
+    # clones: tensors made in inference mode cannot take part in autograd
+    hidden, args, kwargs = _clone(capture_layer_inputs(model, adapter, windows, device, torch.float32, supply))
+    inputs, as_tuple = [], False
+    with torch.no_grad():
+        for layer in layers:
+            supply.enter(layer)
+            layer.to(device)
+            inputs.append(hidden)
+            outputs = []
+            for i in range(hidden.shape[0]):
+                result = layer(hidden[i : i + 1], *args, **kwargs)
+                as_tuple = isinstance(result, tuple)
+                outputs.append(layer_output(result))
+            hidden = torch.cat(outputs)
+            layer.to("cpu")
+            supply.leave(layer)
+    supply.outside(model, layers)
+    move_outside_layers(model, layers, device)
     try:
-        for window in tqdm(windows, desc="fisher", unit="window", disable=not progress):
-            ids = window.unsqueeze(0).to(device)
-            loss = model(ids, labels=ids, use_cache=False).loss
-            loss.backward()
-            for key, p in params.items():
-                fisher[key].add_(p.grad.float().square())
-                p.grad = None
+        grads = torch.cat(
+            [_tail_gradient(model, layers, w.to(device), hidden[i : i + 1], as_tuple) for i, w in enumerate(windows)]
+        )
     finally:
-        model.requires_grad_(False)
-        model.train(was_training)
-        model.to("cpu")
-    n = len(windows)
-    return {k: (f.t() if adapter.transposed_weights else f).div_(n).cpu().contiguous() for k, f in fisher.items()}
+        move_outside_layers(model, layers, torch.device("cpu"))
+        supply.release_outside(model, layers)
+    del hidden
+    for index in reversed(range(len(layers))):
+        grads = _layer_backward(
+            layers[index], index, adapter, inputs.pop(), grads, args, kwargs, device, supply, fisher
+        )
+
+
+@torch.inference_mode(False)
+def _layer_backward(
+    layer: nn.Module,
+    index: int,
+    adapter: Adapter,
+    inputs: torch.Tensor,
+    grads: torch.Tensor,
+    args: tuple,
+    kwargs: dict,
+    device: torch.device,
+    supply: Supply,
+    fisher: dict[str, torch.Tensor],
+) -> torch.Tensor:
+    """Recompute the layer on each window's input, add grad² of its linear weights to `fisher`; returns the
+    gradient at the layer's input."""
+    supply.enter(layer)
+    layer.to(device)
+    weights = {name: get_submodule(layer, name).weight for name in adapter.linear_names}
+    for w in weights.values():
+        w.requires_grad_(True)
+    upstream = torch.empty_like(inputs)
+    try:
+        with torch.enable_grad():
+            for i in range(inputs.shape[0]):
+                x = inputs[i : i + 1].detach().requires_grad_(True)
+                out = layer_output(layer(x, *args, **kwargs))
+                got = torch.autograd.grad(out, [x, *weights.values()], grads[i : i + 1])
+                upstream[i] = got[0][0]
+                for name, g in zip(weights, got[1:], strict=True):
+                    g = g.t() if adapter.transposed_weights else g
+                    fisher[f"{index}.{name}"].add_(g.float().square().cpu())
+    finally:
+        for w in weights.values():
+            w.requires_grad_(False)
+        layer.to("cpu")
+        supply.leave(layer)
+    return upstream

@@ -16,12 +16,22 @@ from anybit.config import QuantConfig, check_device_name, compute_dtype
 from anybit.data import calibration_windows, check_token_ids, eval_windows, load_corpus, tokenize_corpus
 from anybit.errors import AnybitError
 from anybit.eval.perplexity import EvalResult, evaluate
-from anybit.format.directory import WEIGHTS_FILE, check_output
+from anybit.format.directory import check_output
 from anybit.format.files import check_writable_dir
+from anybit.format.shards import stored_bytes
+from anybit.layerwise import Streamed
 from anybit.methods import get_method
 from anybit.model.adapters import get_adapter
-from anybit.model.checkpoint import load_residuals, packed_fingerprint, save_quantized, save_residuals
-from anybit.model.loading import LoadedModel, load_model, resolve_spec
+from anybit.model.checkpoint import (
+    CheckpointWriter,
+    load_residuals,
+    packed_fingerprint,
+    save_quantized,
+    save_residuals,
+    tied_aliases,
+)
+from anybit.model.loading import LoadedModel, load_model, load_tokenizer, resolve_spec
+from anybit.model.sources import Skeleton, open_skeleton
 from anybit.runtime.dec import (
     FIT_RIDGE,
     RESIDUAL_BITS,
@@ -45,7 +55,7 @@ class QuantizeOutcome:
 
     @property
     def file_bytes(self) -> int:
-        return (self.out_dir / WEIGHTS_FILE).stat().st_size
+        return stored_bytes(self.out_dir)
 
 
 def check_device(device: str) -> None:
@@ -59,8 +69,12 @@ def check_device(device: str) -> None:
 
 def corpus_ids(loaded: LoadedModel, corpus: str) -> torch.Tensor:
     """A corpus (name or text file) tokenized by the model's tokenizer, every id checked against its embedding."""
-    ids = tokenize_corpus(loaded.tokenizer, load_corpus(corpus))
-    return check_token_ids(ids, loaded.model.get_input_embeddings().num_embeddings)
+    return _corpus_ids(loaded.tokenizer, loaded.model, corpus)
+
+
+def _corpus_ids(tokenizer, model: torch.nn.Module, corpus: str) -> torch.Tensor:
+    ids = tokenize_corpus(tokenizer, load_corpus(corpus))
+    return check_token_ids(ids, model.get_input_embeddings().num_embeddings)
 
 
 def quantize_to_dir(
@@ -71,20 +85,51 @@ def quantize_to_dir(
     progress: bool = True,
     loaded: LoadedModel | None = None,
 ) -> QuantizeOutcome:
-    """Load `spec` (unless already `loaded`), quantize it with `config`, and write `out_dir`."""
+    """Quantize the model `spec` with `config` and write `out_dir`.
+
+    The model is streamed: its decoder layers are read from its files one at a time, quantized, written
+    and freed, so peak memory is about one layer, not the model. With `loaded` (a model already in
+    memory), that model is quantized in place instead; both give the same tensors.
+    """
     check_device(config.device)
-    out_dir = check_output(out_dir, force, sources=(resolve_spec(spec)[1],))
-    loaded = loaded or load_model(spec)
-    if loaded.kind == "quantized":
+    kind, path = resolve_spec(spec)
+    out_dir = check_output(out_dir, force, sources=(path,))
+    if kind == "quantized":
         raise AnybitError(f"{spec} is already quantized; quantize the original model instead")
-    calib = None
-    if get_method(config.method).needs_stats:
-        ids = corpus_ids(loaded, config.calib)
-        calib = calibration_windows(ids, config.nsamples, config.seqlen, config.seed)
-    report = quantize_model(loaded.model, config, calib, progress=progress)
-    info = {"method": config.method, "source": spec, "config": config.to_dict(), "quantize_seconds": report.seconds}
-    meta = save_quantized(loaded.model, loaded.tokenizer, out_dir, info, force=force)
+    needs_calibration = get_method(config.method).needs_stats
+    info = {"method": config.method, "source": spec, "config": config.to_dict()}
+    if loaded is not None:
+        calib = _calibration(loaded.tokenizer, loaded.model, config) if needs_calibration else None
+        report = quantize_model(loaded.model, config, calib, progress=progress)
+        meta = save_quantized(
+            loaded.model, loaded.tokenizer, out_dir, {**info, "quantize_seconds": report.seconds}, force=force
+        )
+        return QuantizeOutcome(out_dir, meta, report)
+    skeleton = open_skeleton(kind, path)
+    try:
+        model, tokenizer = skeleton.model, load_tokenizer(kind, path)
+        calib = _calibration(tokenizer, model, config) if needs_calibration else None
+        layers_prefix = f"{get_adapter(model).layers_path}."
+        with CheckpointWriter(out_dir, tied_aliases(model)) as writer:
+            report = quantize_model(
+                model,
+                config,
+                calib,
+                progress=progress,
+                supply=Streamed(skeleton),
+                on_layer=lambda index, layer: writer.add(layer, f"{layers_prefix}{index}."),
+            )
+            skeleton.materialize(*model.modules())  # what is left: embeddings, final norm, head
+            writer.add(model)
+            meta = writer.finish(model.config, tokenizer, {**info, "quantize_seconds": report.seconds})
+    finally:
+        skeleton.source.close()
     return QuantizeOutcome(out_dir, meta, report)
+
+
+def _calibration(tokenizer, model: torch.nn.Module, config: QuantConfig) -> torch.Tensor:
+    ids = _corpus_ids(tokenizer, model, config.calib)
+    return calibration_windows(ids, config.nsamples, config.seqlen, config.seed)
 
 
 def evaluate_spec(
@@ -161,6 +206,27 @@ def dec_compensation(
     return compensation(layers, residuals, k_chunks, means if static else None, score)
 
 
+def _source_skeleton(spec: str) -> Skeleton:
+    """The weightless skeleton of an original (unquantized) model, its weights to be read one linear at a time."""
+    kind, path = resolve_spec(spec)
+    if kind == "quantized":
+        raise AnybitError(f"{spec} is a quantized directory; the residuals need the original model")
+    return open_skeleton(kind, path)
+
+
+def _source_weight(original: Skeleton, adapter, name: str, spec: str) -> torch.Tensor:
+    """The fp16 (out, in) weight of linear `name`, read from the original model's files."""
+    try:
+        module = original.model.get_submodule(name)
+    except AttributeError:
+        raise AnybitError(f"{spec} has no layer {name}: it is not the source of this quantized model") from None
+    original.materialize(module)
+    try:
+        return adapter.weight_of(module).half()
+    finally:
+        original.release(module)
+
+
 @torch.inference_mode()
 def build_residuals(
     quant_dir: str | Path,
@@ -186,20 +252,22 @@ def build_residuals(
     source = source or loaded.quant_info.get("source")
     if source is None:
         raise AnybitError(f"{quant_dir} does not record its source model; pass --source")
-    original = load_model(source)
+    original = _source_skeleton(source)
     adapter = get_adapter(original.model.config.model_type)
     layers = dict(quant_linears(loaded.model))
     residuals, errors = {}, {}  # errors: float32 R = W − Ŵ, kept only to be fitted after the calibration pass
-    for name, layer in tqdm(layers.items(), desc="residuals", unit="linear", disable=not progress):
-        W = adapter.weight_of(original.model.get_submodule(name)).half()
-        if W.shape != (layer.out_features, layer.in_features):
-            raise AnybitError(f"{source} does not match {quant_dir}: {name} has shape {tuple(W.shape)}")
-        R = W.float() - layer.dequantize().float()
-        if fit_k is None:
-            residuals[name] = quantize_residual(R)
-        else:
-            errors[name] = R
-    del original
+    try:
+        for name, layer in tqdm(layers.items(), desc="residuals", unit="linear", disable=not progress):
+            W = _source_weight(original, adapter, name, source)
+            if W.shape != (layer.out_features, layer.in_features):
+                raise AnybitError(f"{source} does not match {quant_dir}: {name} has shape {tuple(W.shape)}")
+            R = W.float() - layer.dequantize().float()
+            if fit_k is None:
+                residuals[name] = quantize_residual(R)
+            else:
+                errors[name] = R
+    finally:
+        original.source.close()
     ids = corpus_ids(loaded, calib)
     windows = calibration_windows(ids, nsamples, seqlen, seed=0)
     model = loaded.model.to(dtype=getattr(torch, compute_dtype(dtype)))

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from anybit.errors import AnybitError
-from anybit.format.directory import WEIGHTS_FILE
+from anybit.format.shards import stored_bytes
 from anybit.model.checkpoint import load_quantized
 from anybit.runtime.qlinear import quant_linears
 
@@ -43,7 +43,7 @@ def inspect_directory(path: Path) -> dict:
         "quantized_weights": info["quantized_weights"],
         "quantized_bytes": info["storage_bits"] // 8,
         "bits_per_weight": info["bits_per_weight"],
-        "file_bytes": (path / WEIGHTS_FILE).stat().st_size,
+        "file_bytes": stored_bytes(path),
     }
 
 

@@ -2,8 +2,10 @@
 may write or replace. Storage only: nothing here imports torch modules, the runtime or the model code.
 
 Layout of DIR:
-- `model.safetensors`: every tensor of the model; quantized linears as their packed buffers
-  (`<linear>.codes_4`, `<linear>.scales`, ...), all other parameters in fp16;
+- `model.safetensors` (or, for a large model, shards `model-0000i-of-0000N.safetensors` and their
+  `model.safetensors.index.json`, as `anybit.format.shards` writes them): every tensor of the model;
+  quantized linears as their packed buffers (`<linear>.codes_4`, `<linear>.scales`, ...), all other
+  parameters in fp16;
 - `anybit.json`: format name and version, the quantization config, per-linear layout metadata,
   tied-parameter aliases, the counted bits, and the list of files anybit wrote;
 - `config.json` and the tokenizer files, as Hugging Face writes them;
@@ -17,11 +19,11 @@ from pathlib import Path
 
 from anybit.errors import AnybitError
 from anybit.format.files import check_writable_dir, remove_stale_temporaries, temporary_target
+from anybit.format.shards import WEIGHTS_FILE
 
 FORMAT_NAME = "anybit"
 FORMAT_VERSION = 1
 QUANT_FILE = "anybit.json"
-WEIGHTS_FILE = "model.safetensors"
 RESIDUAL_FILE = "residuals.safetensors"
 
 

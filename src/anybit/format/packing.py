@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 SUPPORTED_WIDTHS = tuple(range(1, 9))
+PACK_CHUNK_BLOCKS = 1 << 16  # blocks of eight values packed at once
 
 
 def packed_nbytes(n_values: int, bits: int) -> int:
@@ -31,10 +32,13 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
         flat = torch.cat([flat, flat.new_zeros(pad)])
     blocks = flat.view(-1, 8)  # (nblocks, 8 values)
     shifts = torch.arange(bits, device=flat.device, dtype=torch.int32)
-    planes = (blocks.unsqueeze(1) >> shifts.view(1, bits, 1)) & 1  # (nblocks, bits, 8)
     weights = 1 << torch.arange(8, device=flat.device, dtype=torch.int32)
-    packed = (planes * weights).sum(dim=2)  # (nblocks, bits): one byte per bit plane
-    return packed.to(torch.uint8).reshape(-1)
+    packed = torch.empty((blocks.shape[0], bits), dtype=torch.uint8, device=flat.device)
+    for start in range(0, blocks.shape[0], PACK_CHUNK_BLOCKS):  # chunks bound the int32 temporaries
+        chunk = blocks[start : start + PACK_CHUNK_BLOCKS]
+        planes = (chunk.unsqueeze(1) >> shifts.view(1, bits, 1)) & 1  # (nblocks, bits, 8)
+        packed[start : start + PACK_CHUNK_BLOCKS] = (planes * weights).sum(dim=2)  # one byte per bit plane
+    return packed.reshape(-1)
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, n_values: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:

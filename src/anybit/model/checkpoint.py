@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from anybit.errors import AnybitError
@@ -22,12 +23,12 @@ from anybit.format.directory import (
     FORMAT_VERSION,
     QUANT_FILE,
     RESIDUAL_FILE,
-    WEIGHTS_FILE,
     check_output,
     read_quant_info,
 )
 from anybit.format.files import make_temp_dir, make_temp_file, remove_stale_temporaries, replace_dir
 from anybit.format.qtensor import QuantizedTensor
+from anybit.format.shards import ShardWriter, iter_tensors, weight_files
 from anybit.model.adapters import get_adapter, set_submodule
 from anybit.runtime.dec import DecPlan, Residual
 from anybit.runtime.qlinear import QuantLinear, quant_linears
@@ -48,23 +49,29 @@ def round_unquantized_(model: nn.Module) -> None:
                 p.data = p.data.to(STORE_DTYPE).to(p.dtype)
 
 
-def quantization_summary(model: nn.Module) -> dict:
-    """Counted bits of all quantized linears, and per-linear layout metadata."""
-    layers, total_bits, total_weights, nominal = {}, 0, 0, 0.0
-    for name, module in quant_linears(model):
-        qt = module.qtensor
-        bits = qt.storage_bits()
-        layers[name] = {**qt.meta(), "storage_bits": bits, "nominal_bits": qt.nominal_bits()}
-        total_bits += bits
-        total_weights += qt.numel
-        nominal += qt.nominal_bits() * qt.numel
+def layer_record(qt: QuantizedTensor) -> dict:
+    """What anybit.json says of one quantized linear: its layout metadata and counted bits."""
+    return {**qt.meta(), "storage_bits": qt.storage_bits(), "nominal_bits": qt.nominal_bits()}
+
+
+def summarize(records: dict[str, dict]) -> dict:
+    """Counted bits of the quantized linears described by `records` (name -> `layer_record`)."""
+    total_bits = sum(r["storage_bits"] for r in records.values())
+    numels = {name: math.prod(r["shape"]) for name, r in records.items()}
+    total_weights = sum(numels.values())
+    nominal = sum(r["nominal_bits"] * numels[name] for name, r in records.items())
     return {
-        "layers": layers,
+        "layers": records,
         "quantized_weights": total_weights,
         "storage_bits": total_bits,
         "bits_per_weight": total_bits / total_weights if total_weights else None,
         "nominal_bits_per_weight": nominal / total_weights if total_weights else None,
     }
+
+
+def quantization_summary(model: nn.Module) -> dict:
+    """Counted bits of all quantized linears, and per-linear layout metadata."""
+    return summarize({name: layer_record(module.qtensor) for name, module in quant_linears(model)})
 
 
 def packed_fingerprint(model: nn.Module) -> str:
@@ -77,51 +84,79 @@ def packed_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _state_to_store(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors to write (shared tensors once) and the aliases of the shared ones."""
-    tensors: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    seen: dict[tuple[int, int], str] = {}
-    quantized_prefixes = tuple(f"{name}." for name, _ in quant_linears(model))
-    for name, tensor in model.state_dict(keep_vars=False).items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
-        if tensor.numel() and key in seen:
-            aliases[name] = seen[key]
-            continue
-        seen[key] = name
-        packed = name.startswith(quantized_prefixes) and not name.endswith(".bias")
-        if tensor.is_floating_point() and not packed:
-            tensor = tensor.to(STORE_DTYPE)
-        tensors[name] = tensor.detach().cpu().contiguous()
-    return tensors, aliases
+def tied_aliases(model: nn.Module) -> dict[str, str]:
+    """Parameter name -> the name it is stored under, for every parameter tied to an earlier one."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return aliases
+
+
+class CheckpointWriter:
+    """Writes a quantized model into a temporary directory beside `out_dir`, part by part as the parts are
+    finished (one decoder layer at a time when streaming); `finish` puts the directory in place atomically.
+    Nothing is left behind when writing fails."""
+
+    def __init__(self, out_dir: Path, aliases: dict[str, str]) -> None:
+        self.out_dir = out_dir
+        self.aliases = aliases
+        self.records: dict[str, dict] = {}
+        self.tmp = make_temp_dir(out_dir)
+        self.shards = ShardWriter(self.tmp, {"format": FORMAT_NAME})
+
+    def __enter__(self) -> CheckpointWriter:
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        if kind is None:
+            return
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        if isinstance(exc, (OSError, SafetensorError)):  # a full disk, a quota, a vanished parent
+            raise AnybitError(f"cannot write {self.out_dir}: {getattr(exc, 'strerror', None) or exc}") from None
+
+    def add(self, module: nn.Module, prefix: str = "") -> None:
+        """Store every tensor of `module` under `prefix`: quantized linears as their packed buffers, other
+        floating tensors in the stored dtype, tied parameters once."""
+        quantized = {f"{prefix}{name}": m for name, m in quant_linears(module)}
+        for name, m in quantized.items():
+            self.records[name] = layer_record(m.qtensor)
+        packed_prefixes = tuple(f"{name}." for name in quantized)
+        for name, tensor in module.state_dict(prefix=prefix).items():
+            if name in self.aliases:
+                continue
+            packed = name.startswith(packed_prefixes) and not name.endswith(".bias")
+            if tensor.is_floating_point() and not packed:
+                tensor = tensor.to(STORE_DTYPE)
+            self.shards.add(name, tensor)
+
+    def finish(self, config, tokenizer, info: dict) -> dict:
+        """Write the weights' index, config, tokenizer and anybit.json, and put the directory at `out_dir`."""
+        meta = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            **info,
+            "aliases": self.aliases,
+            **summarize(self.records),
+        }
+        self.shards.finish()
+        config.to_json_file(self.tmp / "config.json")
+        tokenizer.save_pretrained(self.tmp)
+        meta["files"] = sorted({*(p.name for p in self.tmp.iterdir()), QUANT_FILE})
+        (self.tmp / QUANT_FILE).write_text(json.dumps(meta, indent=1))
+        replace_dir(self.tmp, self.out_dir)
+        return meta
 
 
 def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path, info: dict, force: bool = False) -> dict:
     """Write the quantized model to `out_dir` atomically; returns the written anybit.json content."""
     out_dir = check_output(out_dir, force)
-    tensors, aliases = _state_to_store(model)
-    meta = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        **info,
-        "aliases": aliases,
-        **quantization_summary(model),
-    }
-    tmp = make_temp_dir(out_dir)
-    try:
-        save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": FORMAT_NAME})
-        model.config.to_json_file(tmp / "config.json")
-        tokenizer.save_pretrained(tmp)
-        meta["files"] = sorted({*(p.name for p in tmp.iterdir()), QUANT_FILE})
-        (tmp / QUANT_FILE).write_text(json.dumps(meta, indent=1))
-        replace_dir(tmp, out_dir)
-    except (OSError, SafetensorError) as exc:  # a full disk, a quota, a vanished parent
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise AnybitError(f"cannot write {out_dir}: {getattr(exc, 'strerror', None) or exc}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return meta
+    with CheckpointWriter(out_dir, tied_aliases(model)) as writer:
+        writer.add(model)
+        return writer.finish(model.config, tokenizer, info)
 
 
 def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object, dict]:
@@ -136,10 +171,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32) -> tupl
 
     path = Path(path)
     info = read_quant_info(path)
-    try:
-        tensors = load_file(path / WEIGHTS_FILE)
-    except (OSError, SafetensorError) as exc:
-        raise AnybitError(f"corrupt or missing {path / WEIGHTS_FILE}: {exc}") from exc
+    tensors = dict(iter_tensors(path, weight_files(path)))  # the packed model: never a dense copy
     try:
         config = AutoConfig.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)

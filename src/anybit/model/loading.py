@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import os
 import subprocess
 import sys
@@ -19,12 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from torch import nn
 
 from anybit.cache import cache_dir
 from anybit.errors import AnybitError
-from anybit.model.adapters import get_adapter
+from anybit.model.sources import first_line, hf_location, name_list, open_skeleton
 
 
 @dataclass(frozen=True)
@@ -135,103 +134,42 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
         model, tokenizer, info = load_quantized(path, dtype=dtype)
         return LoadedModel(model, tokenizer, spec, kind, info)
 
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    if kind == "hf":
-        try:
-            config = AutoConfig.from_pretrained(path)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise AnybitError(f"cannot read {path / 'config.json'}: {exc}") from exc
-        get_adapter(config.model_type)  # fail before reading any weights
-        _check_shards(path)
-        kwargs: dict = {}
-        where, what = path, str(path)
-    else:
-        _check_gguf(path)
-        kwargs = {"gguf_file": path.name}
-        where, what = path.parent, str(path)
+    open_skeleton(kind, path).source.close()  # every weight present, in its shape, finite: before loading any
+    where, kwargs = hf_location(kind, path)
+    tokenizer = load_tokenizer(kind, path)
+    what = str(path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
         model, loading = AutoModelForCausalLM.from_pretrained(
             where, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
         )
     except (OSError, ValueError, KeyError, RuntimeError, TypeError, SafetensorError) as exc:
-        raise AnybitError(f"cannot load model {what}: {_first_line(exc)}") from exc
+        raise AnybitError(f"cannot load model {what}: {first_line(exc)}") from exc
     _check_loading(what, loading)
-    get_adapter(model)
-    _check_finite(what, model)
     model.eval()
     model.requires_grad_(False)
     model.hf_quantizer = None  # GGUF loading marks the model as quantized; it is dense now
     return LoadedModel(model, tokenizer, spec, kind)
 
 
-def _first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+def load_tokenizer(kind: str, path: Path):
+    """The tokenizer of a Hugging Face directory or a GGUF file (no weights are read)."""
+    from transformers import AutoTokenizer
 
-
-def _names(names: list[str]) -> str:
-    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-
-
-def _check_shards(path: Path) -> None:
-    """Every safetensors file the directory (or its shard index) names exists and has a readable header."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-            raise AnybitError(f"corrupt shard index {index}: {_first_line(exc)}") from None
-    else:
-        files = [p.name for p in path.glob("*.safetensors")]
-    if not files and not list(path.glob("*.bin")):
-        raise AnybitError(f"{path} holds no weights (no *.safetensors file)")
-    for name in files:
-        shard = path / name
-        if not shard.is_file():
-            raise AnybitError(f"{path}: the shard {name} named in {index.name} does not exist")
-        try:
-            with safe_open(shard, framework="pt"):
-                pass
-        except (OSError, SafetensorError) as exc:
-            raise AnybitError(f"corrupt weights file {shard}: {_first_line(exc)}") from None
-
-
-def _check_gguf(path: Path) -> None:
-    """Before any weight is read: the file parses, and it holds at least as many weights as the architecture
-    its header describes (a header alone would otherwise build a model of random weights)."""
-    from accelerate import init_empty_weights
-    from gguf import GGUFReader
-    from transformers import AutoConfig, AutoModelForCausalLM
-
+    _quiet_transformers()
+    where, kwargs = hf_location(kind, path)
     try:
-        stored = sum(int(t.n_elements) for t in GGUFReader(path).tensors)
-        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-    except Exception as exc:
-        raise AnybitError(f"corrupt GGUF file {path}: {_first_line(exc)}") from None
-    get_adapter(config.model_type)
-    with init_empty_weights():
-        skeleton = AutoModelForCausalLM.from_config(config)
-    skeleton.tie_weights()  # empty-weight construction leaves tied parameters apart
-    needed = sum(p.numel() for p in skeleton.parameters())
-    if stored < needed:
-        raise AnybitError(
-            f"{path} holds {stored} weights, its {config.model_type} architecture needs {needed}: tensors are missing"
-        )
+        return AutoTokenizer.from_pretrained(where, **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
+        raise AnybitError(f"cannot load the tokenizer of {path}: {first_line(exc)}") from exc
 
 
 def _check_loading(what: str, loading: dict) -> None:
     """Every parameter came from the file, in its shape: nothing was initialized at random."""
     missing = sorted(loading.get("missing_keys") or [])
     if missing:
-        raise AnybitError(f"cannot load model {what}: no weights for {_names(missing)}")
+        raise AnybitError(f"cannot load model {what}: no weights for {name_list(missing)}")
     mismatched = sorted(str(m[0] if isinstance(m, tuple) else m) for m in loading.get("mismatched_keys") or [])
     if mismatched:
-        raise AnybitError(f"cannot load model {what}: wrong shape for {_names(mismatched)}")
-
-
-def _check_finite(what: str, model: nn.Module) -> None:
-    bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
-    if bad:
-        raise AnybitError(f"cannot use model {what}: NaN or infinite weights in {_names(bad)}")
+        raise AnybitError(f"cannot load model {what}: wrong shape for {name_list(mismatched)}")

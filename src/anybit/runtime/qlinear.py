@@ -145,16 +145,29 @@ def quant_linears(model: nn.Module) -> Iterator[tuple[str, QuantLinear]]:
             yield name, module
 
 
+DENSE_CACHE_BYTES = 1 << 30  # at most this much float32 is cached: a large model is never dense in memory
+
+
 @contextmanager
-def dense_weights(model: nn.Module, skip_kernel_layers: bool = False) -> Iterator[None]:
-    """Within the block, every QuantLinear multiplies by a cached dequantized weight; with
-    `skip_kernel_layers`, all but those the CPU kernels serve, which decode one matrix per product
-    at about the same speed for long inputs and keep memory near the packed size."""
+def dense_weights(
+    model: nn.Module, skip_kernel_layers: bool = False, max_bytes: int = DENSE_CACHE_BYTES
+) -> Iterator[None]:
+    """Within the block, QuantLinears multiply by a cached dequantized weight, up to `max_bytes` of them in all
+    (the rest decode on every call); with `skip_kernel_layers`, none of those the CPU kernels serve, which
+    decode one matrix per product at about the same speed for long inputs and keep memory near the packed
+    size."""
     layers = [m for _, m in quant_linears(model) if not (skip_kernel_layers and m.cpu_kernel_serves())]
+    cached = []
     try:
+        budget = max_bytes
         for layer in layers:
+            size = layer.out_features * layer.in_features * 4
+            if size > budget:
+                break
             layer._dense = layer.dequantize()
+            cached.append(layer)
+            budget -= size
         yield
     finally:
-        for layer in layers:
+        for layer in cached:
             layer._dense = None
