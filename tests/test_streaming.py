@@ -152,5 +152,6 @@ def test_peak_memory_is_flat_in_depth(tmp_path_factory, tiny_tokenizer, corpus_f
     deep = _write_wide_llama(tmp_path_factory.mktemp("deep"), DEEP, tiny_tokenizer)
     grown = {n: _peak_growth(m, tmp_path / f"q{n}", method, corpus_file) for n, m in ((SHALLOW, shallow), (DEEP, deep))}
     mib = {n: f"{g / 2**20:.0f} MiB" for n, g in grown.items()}
-    assert grown[DEEP] - grown[SHALLOW] < 1.5 * LAYER_BYTES, f"peak growth by depth {mib}; a layer is 49 MiB"
+    # allocator noise moves the peak by a layer or so; the in-memory path would add DEEP - SHALLOW = 9 layers
+    assert grown[DEEP] - grown[SHALLOW] < 3 * LAYER_BYTES, f"peak growth by depth {mib}; a layer is 49 MiB"
     assert grown[DEEP] < (DEEP / 2) * LAYER_BYTES + (300 << 20), mib  # the whole model alone is DEEP layers

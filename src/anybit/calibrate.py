@@ -78,9 +78,11 @@ def _check_group_sizes(model: nn.Module, adapter: Adapter, config: QuantConfig) 
                 )
 
 
-def _weight_and_bias(adapter: Adapter, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _weight_and_bias(adapter: Adapter, module: nn.Module, copy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The float32 (out, in) weight and bias of a linear; copies unless the layer is read afresh for each pass."""
     bias = getattr(module, "bias", None)
-    return adapter.weight_of(module).clone(), None if bias is None else bias.detach().float().clone()
+    W, b = adapter.weight_of(module), None if bias is None else bias.detach().float()
+    return (W.clone(), None if b is None else b.clone()) if copy else (W, b)
 
 
 Visit = Callable[[str, nn.Module, str, torch.Tensor, torch.Tensor | None, LayerStats | None], None]
@@ -119,7 +121,10 @@ def _layer_pass(
         supply.enter(layer)
         saved = None if commit or supply.streamed else {k: v.clone() for k, v in layer.state_dict().items()}
         layer.to(device)
-        originals = {name: _weight_and_bias(adapter, get_submodule(layer, name)) for name in adapter.linear_names}
+        originals = {
+            name: _weight_and_bias(adapter, get_submodule(layer, name), copy=not supply.streamed)
+            for name in adapter.linear_names
+        }
         layer.to(dtype)  # the forward passes run in the calibration dtype; weights come from `originals`
         stats = {}
         if method.needs_stats:

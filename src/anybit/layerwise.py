@@ -40,18 +40,34 @@ Resident = Supply
 
 
 class Streamed(Supply):
-    """Layers read from a `Skeleton`'s source when entered and put back on the meta device when left."""
+    """Layers read from a `Skeleton`'s source when entered and put back on the meta device when left. The
+    modules outside the layers are read when first called (only the embedding, for capturing inputs)."""
 
     streamed = True
 
     def __init__(self, skeleton: Skeleton) -> None:
         self.skeleton = skeleton
+        self._hooks: list = []
 
     def outside(self, model: nn.Module, layers: nn.ModuleList) -> None:
-        self.skeleton.materialize(*outside_modules(model, layers))
+        for module in outside_modules(model, layers):
+            if any(p.is_meta for p in module.parameters(recurse=False)):
+                self._hooks.append(module.register_forward_pre_hook(self._materialize_on_call))
+
+    def _materialize_on_call(self, module: nn.Module, args: tuple) -> None:
+        if any(p.is_meta for p in module.parameters(recurse=False)):
+            self.skeleton.materialize(module)
+            device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
+            for key, p in module._parameters.items():
+                if p is not None and p.device != device:
+                    module._parameters[key] = nn.Parameter(p.data.to(device), requires_grad=False)
 
     def release_outside(self, model: nn.Module, layers: nn.ModuleList) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
         self.skeleton.release(*outside_modules(model, layers))
+        return_freed_memory()
 
     def enter(self, layer: nn.Module) -> None:
         self.skeleton.materialize(*layer.modules())

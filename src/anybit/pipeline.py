@@ -25,6 +25,7 @@ from anybit.model.adapters import get_adapter
 from anybit.model.checkpoint import (
     CheckpointWriter,
     load_residuals,
+    own_state,
     packed_fingerprint,
     save_quantized,
     save_residuals,
@@ -119,12 +120,23 @@ def quantize_to_dir(
                 supply=Streamed(skeleton),
                 on_layer=lambda index, layer: writer.add(layer, f"{layers_prefix}{index}."),
             )
-            skeleton.materialize(*model.modules())  # what is left: embeddings, final norm, head
-            writer.add(model)
+            _write_outside(skeleton, writer)
             meta = writer.finish(model.config, tokenizer, {**info, "quantize_seconds": report.seconds})
     finally:
         skeleton.source.close()
     return QuantizeOutcome(out_dir, meta, report)
+
+
+def _write_outside(skeleton: Skeleton, writer: CheckpointWriter) -> None:
+    """Write what the decoder layers leave (embeddings, final norm, head), one module's weights in memory at a
+    time; the layers themselves are already written and gone."""
+    for name, module in skeleton.model.named_modules():
+        prefix = f"{name}." if name else ""
+        if all(key in writer.aliases for key in own_state(module, prefix)):
+            continue  # nothing of its own to store (or only a parameter tied to one stored elsewhere)
+        skeleton.materialize(module)
+        writer.add(module, prefix, recurse=False)
+        skeleton.release(module)
 
 
 def _calibration(tokenizer, model: torch.nn.Module, config: QuantConfig) -> torch.Tensor:

@@ -96,6 +96,17 @@ def tied_aliases(model: nn.Module) -> dict[str, str]:
     return aliases
 
 
+def own_state(module: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+    """A module's own parameters and persistent buffers (not its children's), named under `prefix`."""
+    state = {f"{prefix}{k}": p.detach() for k, p in module._parameters.items() if p is not None}
+    persistent = {
+        f"{prefix}{k}": b
+        for k, b in module._buffers.items()
+        if b is not None and k not in module._non_persistent_buffers_set
+    }
+    return state | persistent
+
+
 class CheckpointWriter:
     """Writes a quantized model into a temporary directory beside `out_dir`, part by part as the parts are
     finished (one decoder layer at a time when streaming); `finish` puts the directory in place atomically.
@@ -118,14 +129,15 @@ class CheckpointWriter:
         if isinstance(exc, (OSError, SafetensorError)):  # a full disk, a quota, a vanished parent
             raise AnybitError(f"cannot write {self.out_dir}: {getattr(exc, 'strerror', None) or exc}") from None
 
-    def add(self, module: nn.Module, prefix: str = "") -> None:
-        """Store every tensor of `module` under `prefix`: quantized linears as their packed buffers, other
-        floating tensors in the stored dtype, tied parameters once."""
-        quantized = {f"{prefix}{name}": m for name, m in quant_linears(module)}
+    def add(self, module: nn.Module, prefix: str = "", recurse: bool = True) -> None:
+        """Store every tensor of `module` (without `recurse`: its own parameters and persistent buffers only)
+        under `prefix`: quantized linears as their packed buffers, other floating tensors in the stored
+        dtype, tied parameters once."""
+        quantized = {f"{prefix}{name}": m for name, m in quant_linears(module)} if recurse else {}
         for name, m in quantized.items():
             self.records[name] = layer_record(m.qtensor)
         packed_prefixes = tuple(f"{name}." for name in quantized)
-        for name, tensor in module.state_dict(prefix=prefix).items():
+        for name, tensor in (module.state_dict(prefix=prefix) if recurse else own_state(module, prefix)).items():
             if name in self.aliases:
                 continue
             packed = name.startswith(packed_prefixes) and not name.endswith(".bias")
