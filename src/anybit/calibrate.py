@@ -131,8 +131,12 @@ def _layer_pass(
             stats = _collect_stats(layer, adapter, hidden, args, kwargs, method)
         for name, layer_stats in stats.items():
             layer_stats.fisher = fisher.get(f"{index}.{name}")
-        for name, (W, bias) in originals.items():
-            visit(f"{index}.{name}", layer, name, W, bias, stats.get(name))
+        for name in adapter.linear_names:
+            W, bias = originals.pop(name)
+            # once swapped for its quantized form, a linear's float weight and (after the last linear of
+            # its group) its XᵀX are freed before the next linear is quantized
+            visit(f"{index}.{name}", layer, name, W, bias, stats.pop(name, None) if commit else stats.get(name))
+            del W, bias
         del originals, stats
         if method.needs_stats:
             hidden = run_layer(layer, hidden, args, kwargs)
