@@ -1,6 +1,7 @@
 """Quantizing a model larger than memory allows: wall time and peak resident memory against depth.
 
-Usage: python benchmarks/scale.py [--layers 4 8 16 32] [--methods rtn gptq anybit] [--max-layers-for anybit=4]
+Usage: python benchmarks/scale.py [--layers 1 2 4 8 16 32] [--methods rtn gptq anybit]
+       [--max-layers-for gptq=8 anybit=1]
        [--nsamples 4] [--seqlen 128] [--work DIR]
 
 Writes a random model with Llama-2-7B's shapes (hidden 4096, intermediate 11008, 32 heads, vocabulary 32000)
@@ -150,9 +151,11 @@ def dir_bytes(path: Path) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, nargs="+", default=[4, 8, 16, 32])
+    parser.add_argument("--layers", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     parser.add_argument("--methods", nargs="+", default=["rtn", "gptq", "anybit"])
-    parser.add_argument("--max-layers-for", nargs="*", default=["anybit=4"], help="METHOD=N: skip deeper models")
+    parser.add_argument(
+        "--max-layers-for", nargs="*", default=["gptq=8", "anybit=1"], help="METHOD=N: skip deeper models"
+    )
     parser.add_argument("--nsamples", type=int, default=4)
     parser.add_argument("--seqlen", type=int, default=128)
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "anybit" / "scale")
@@ -161,12 +164,12 @@ def main() -> None:
 
     tokenizer = train_tokenizer()
     write_shards(args.work / "shards")
-    for layers in sorted(args.layers):
-        model = model_dir(args.work, layers, tokenizer)
-        source_bytes = dir_bytes(model)
-        for method in args.methods:
+    for method in args.methods:
+        for layers in sorted(args.layers):
             if layers > limits.get(method, FULL_DEPTH):
                 continue
+            model = model_dir(args.work, layers, tokenizer)
+            source_bytes = dir_bytes(model)
             out = args.work / f"out-{method}-{layers}l"
             start = time.perf_counter()
             measured = quantize(model, out, method, args.nsamples, args.seqlen)

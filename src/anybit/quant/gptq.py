@@ -35,8 +35,11 @@ class HessianAccumulator:
         self.tokens = 0
         self.sample_stride = sample_stride
         self._samples: list[torch.Tensor] = []
+        self._raw_diagonal: torch.Tensor | None = None  # diag(XᵀX), kept once XtX holds H
 
     def add_batch(self, x: torch.Tensor) -> None:
+        if self._raw_diagonal is not None:
+            raise ValueError("the Hessian was already taken from this accumulator")
         x = x.reshape(-1, x.shape[-1]).to(device=self.XtX.device, dtype=torch.float32)
         if self.diagonal_only:
             self.XtX.add_(x.square().sum(dim=0))
@@ -54,15 +57,23 @@ class HessianAccumulator:
 
     def diagonal(self) -> torch.Tensor:
         """diag(XᵀX): the summed squared activation of each input channel."""
-        return self.XtX if self.diagonal_only else torch.diagonal(self.XtX)
+        if self.diagonal_only:
+            return self.XtX
+        return torch.diagonal(self.XtX).clone() if self._raw_diagonal is None else self._raw_diagonal
 
     def hessian(self) -> torch.Tensor:
-        """H = 2 XᵀX / n, the Hessian of the layer-wise squared error."""
+        """H = 2 XᵀX / n, the Hessian of the layer-wise squared error (read-only: shared by every caller).
+
+        The first call turns the accumulator's XᵀX into H in place: no second d×d matrix (485 MB for an
+        11008-wide input) and no more batches."""
         if self.tokens == 0:
             raise ValueError("no calibration tokens were seen by this layer")
         if self.diagonal_only:
             raise ValueError("this accumulator kept only the diagonal of XᵀX")
-        return self.XtX * (2.0 / self.tokens)
+        if self._raw_diagonal is None:
+            self._raw_diagonal = torch.diagonal(self.XtX).clone()
+            self.XtX.mul_(2.0 / self.tokens)
+        return self.XtX
 
 
 class ColumnQuantizer(Protocol):
@@ -106,9 +117,10 @@ def prepare_hessian(
         W, H = W[:, perm], H[perm][:, perm]
     diag = torch.arange(H.shape[0], device=H.device)
     H[diag, diag] += damp * torch.mean(torch.diag(H))
-    L = torch.linalg.cholesky(H)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
-    return W, Hinv, perm
+    # each d×d intermediate is dropped as soon as the next exists: two alive at a time, not four
+    H = torch.linalg.cholesky(H)
+    H = torch.cholesky_inverse(H)
+    return W, torch.linalg.cholesky(H, upper=True), perm
 
 
 def gptq_quantize(
