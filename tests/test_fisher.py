@@ -24,3 +24,22 @@ def test_fisher_is_mean_squared_gradient(tiny_tokenizer) -> None:
         (grad,) = torch.autograd.grad(loss, weight)
         expected += grad**2 / len(windows)
     torch.testing.assert_close(fisher["1.mlp.c_fc"], expected.t())  # reported as (out, in)
+
+
+def test_fisher_accumulators_spill_to_a_mapped_file_alike(tiny_tokenizer, monkeypatch) -> None:
+    """Accumulators too large for memory live in a memory-mapped file; the values are the same."""
+    from transformers import AutoModelForCausalLM
+
+    import anybit.fisher as fisher_module
+    from conftest import tiny_config
+
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", len(tiny_tokenizer))).eval()
+    adapter = get_adapter(model)
+    windows = torch.randint(0, len(tiny_tokenizer), (2, 16))
+    in_memory = fisher_diagonal(model, adapter, windows, progress=False)
+    monkeypatch.setattr(fisher_module, "RESIDENT_ACCUMULATOR_BYTES", 0)
+    monkeypatch.setattr(fisher_module, "STORED_INPUT_BYTES", 1)  # one window per batch
+    mapped = fisher_diagonal(model, adapter, windows, progress=False)
+    assert in_memory.keys() == mapped.keys()
+    for key in in_memory:
+        assert torch.equal(in_memory[key], mapped[key]), key
