@@ -92,6 +92,11 @@ def weight_files(directory: Path) -> dict[str, str]:
                 return dict.fromkeys(f.keys(), WEIGHTS_FILE)
         except (OSError, SafetensorError) as exc:
             raise AnybitError(f"corrupt or missing {path}: {exc}") from None
+    return read_index(index)
+
+
+def read_index(index: Path) -> dict[str, str]:
+    """The weight map (tensor name -> file name) of a `model.safetensors.index.json`, checked."""
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):

@@ -9,7 +9,6 @@ before any weight is read.
 
 from __future__ import annotations
 
-import json
 import mmap
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from anybit.errors import AnybitError
+from anybit.format.shards import INDEX_FILE, read_index
 from anybit.memory import return_freed_memory
 from anybit.model.adapters import get_adapter
 
@@ -56,13 +56,9 @@ class SafetensorsSource(WeightSource):
 
     def __init__(self, path: Path, skeleton: nn.Module) -> None:
         self.path = path
-        index = path / "model.safetensors.index.json"
+        index = path / INDEX_FILE
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-                files = sorted(set(weight_map.values()))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-                raise AnybitError(f"corrupt shard index {index}: {exc}") from None
+            files = sorted(set(read_index(index).values()))
         else:
             files = sorted(p.name for p in path.glob("*.safetensors"))
         if not files:
