@@ -225,3 +225,26 @@ def test_dense_cache_survives_moves_and_is_used(tiny_llama_dir, tmp_path) -> Non
             finally:
                 QuantLinear.dequantize = original
     torch.testing.assert_close(cached, packed)
+
+
+def test_default_group_fits_every_matrix(tiny_llama_dir, tmp_path) -> None:
+    """Without --group, a matrix whose inputs 64 does not divide (the tiny MLP's 96) gets a group that does,
+    and inspect says so; an explicit --group that does not divide stays an error."""
+    out = tmp_path / "q"
+    ok = _run("quantize", str(tiny_llama_dir), "--method", "rtn", "--bits", "4", "--out", str(out))
+    assert ok.exit_code == 0, ok.output
+    info = json.loads((out / "anybit.json").read_text())
+    groups = {name.rsplit(".", 1)[-1]: layer["group_size"] for name, layer in info["layers"].items()}
+    assert groups["down_proj"] == 48 and groups["q_proj"] == 64 and groups["gate_proj"] == 64
+    shown = _run("inspect", str(out))
+    assert shown.exit_code == 0, shown.output
+    assert "note: the default group 64 does not divide 96 inputs: 2 linear(s) use group 48" in shown.output
+    refused = _run("quantize", str(tiny_llama_dir), "--method", "rtn", "--group", "64", "--out", str(tmp_path / "r"))
+    _assert_clean_error(refused, "group size 64 does not divide the input dimension 96")
+
+
+@pytest.mark.parametrize("in_features,group", [(576, 64), (96, 48), (1000, 50), (97, 97), (4096, 64), (130, 65)])
+def test_default_group_size(in_features: int, group: int) -> None:
+    from anybit.config import default_group_size
+
+    assert default_group_size(in_features) == group

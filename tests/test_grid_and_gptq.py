@@ -64,6 +64,17 @@ def test_hessian_is_running_mean() -> None:
     torch.testing.assert_close(acc.hessian(), 2 * X.t() @ X / 100)
 
 
+@pytest.mark.parametrize("d", [8, 200, 577])
+def test_hessian_is_symmetric_product_whatever_the_blocks(d: int) -> None:
+    X = torch.randn(90, d, dtype=torch.float64).float()
+    acc = HessianAccumulator(d)
+    acc.add_batch(X[:50])
+    acc.add_batch(X[50:])
+    H = acc.hessian()
+    torch.testing.assert_close(H, 2 * X.t() @ X / 90, rtol=1e-5, atol=1e-4)
+    assert torch.equal(H, H.t())
+
+
 def test_diagonal_accumulator_matches_full() -> None:
     X = torch.randn(300, 16)
     full, diag = HessianAccumulator(16), HessianAccumulator(16, diagonal_only=True)

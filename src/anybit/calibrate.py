@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from anybit.alloc.skim import RowTable, allocate_model
+from anybit.alloc.skim import RowPlan, RowTable, allocate_model
 from anybit.config import QuantConfig
 from anybit.errors import AnybitError
 from anybit.fisher import fisher_diagonal
@@ -40,8 +40,9 @@ class QuantReport:
 
 def _collect_stats(
     layer: nn.Module, adapter: Adapter, hidden: torch.Tensor, args: tuple, kwargs: dict, method: Method
-) -> dict[str, LayerStats]:
-    """One forward pass of the layer with hooks that accumulate XᵀX per input-sharing group."""
+) -> tuple[dict[str, LayerStats], torch.Tensor]:
+    """One forward pass of the layer with hooks that accumulate XᵀX per input-sharing group; returns the
+    statistics and the (unquantized) layer's output."""
     stats: dict[str, LayerStats] = {}
     handles = []
     for group in adapter.groups:
@@ -57,15 +58,15 @@ def _collect_stats(
         for name in group:
             stats[name] = LayerStats(hessian=acc)
     try:
-        run_layer(layer, hidden, args, kwargs)
+        output = run_layer(layer, hidden, args, kwargs)
     finally:
         for h in handles:
             h.remove()
-    return stats
+    return stats, output
 
 
 def _check_group_sizes(model: nn.Module, adapter: Adapter, config: QuantConfig) -> None:
-    """Fail before any work when the group size does not divide some linear's input dimension."""
+    """Fail before any work when the group size asked for does not divide some linear's input dimension."""
     if not config.group_size or not get_method(config.method).uses_groups:
         return
     for layer_idx, layer in enumerate(adapter.layers(model)):
@@ -128,7 +129,10 @@ def _layer_pass(
         layer.to(dtype)  # the forward passes run in the calibration dtype; weights come from `originals`
         stats = {}
         if method.needs_stats:
-            stats = _collect_stats(layer, adapter, hidden, args, kwargs, method)
+            stats, unquantized_output = _collect_stats(layer, adapter, hidden, args, kwargs, method)
+            if not commit:  # the layer stays as it is, so this is already the next layer's input
+                hidden = unquantized_output
+            del unquantized_output  # when committing, the next input comes from the quantized layer
         for name, layer_stats in stats.items():
             layer_stats.fisher = fisher.get(f"{index}.{name}")
         for name in adapter.linear_names:
@@ -138,7 +142,7 @@ def _layer_pass(
             visit(f"{index}.{name}", layer, name, W, bias, stats.pop(name, None) if commit else stats.get(name))
             del W, bias
         del originals, stats
-        if method.needs_stats:
+        if commit and method.needs_stats:
             hidden = run_layer(layer, hidden, args, kwargs)
         layer.to("cpu")
         layer.float()  # QuantLinear keeps its stored dtypes; the rest goes back to float32
@@ -167,8 +171,8 @@ def quantize_model(
     decoder layer handed to `on_layer(index, layer)`.
 
     With a model-wide scope (`--scope model`) a first pass collects every linear's per-row error table (on the
-    unquantized model), one budget is spent over all rows of the model, and the second pass quantizes
-    each row at its planned width. With a `Streamed` supply `model` is a weightless skeleton and the
+    unquantized model; with Fisher weighting, on the Fisher windows only), one budget is spent over all rows of
+    the model, and the second pass quantizes each row at its planned width and codebook. With a `Streamed` supply `model` is a weightless skeleton and the
     finished layers are freed after `on_layer`.
     """
     start = time.perf_counter()
@@ -179,10 +183,13 @@ def quantize_model(
     fisher = {}
     if method.needs_stats and calib_windows is None:
         raise AnybitError(f"method {config.method!r} needs calibration data")
+    table_windows = calib_windows
     if method.needs_stats and method.needs_fisher(config):
-        windows = calib_windows[: config.fisher_nsamples]
-        fisher = fisher_diagonal(model, adapter, windows, config.device, progress, supply)
-    plan: dict[str, torch.Tensor] = {}
+        # the error tables are measured on the windows the Fisher pass saw: the row importances they are
+        # scaled by then come from the same text, and the statistics pass costs only those windows
+        table_windows = calib_windows[: config.fisher_nsamples]
+        fisher = fisher_diagonal(model, adapter, table_windows, config.device, progress, supply)
+    plan: dict[str, RowPlan] = {}
     passes = dict(supply=supply, progress=progress)
     if method.scope(config) == "model":
         tables: dict[str, RowTable] = {}
@@ -191,7 +198,7 @@ def quantize_model(
             tables[key] = method.row_table(W, stats, config)
 
         _layer_pass(
-            model, adapter, method, config, calib_windows, fisher, collect, "error tables", commit=False, **passes
+            model, adapter, method, config, table_windows, fisher, collect, "error tables", commit=False, **passes
         )
         plan = allocate_model(tables, config.bits)
     linears = 0
@@ -199,7 +206,7 @@ def quantize_model(
     def commit(key, layer, name, W, bias, stats):
         nonlocal linears
         if stats is not None:
-            stats.widths = plan.get(key)
+            stats.plan = plan.get(key)
         set_submodule(layer, name, QuantLinear(method.quantize(W, stats, config), bias))
         linears += 1
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from anybit.config import DEC_SCORES, DTYPES, SCOPES, WEIGHTINGS, QuantConfig, compute_dtype
+from anybit.config import DEC_SCORES, DEFAULT_GROUP, DTYPES, SCOPES, WEIGHTINGS, QuantConfig, compute_dtype
 from anybit.errors import AnybitError
 
 if TYPE_CHECKING:
@@ -103,9 +103,9 @@ def _quant_options(f):
             "--group",
             "group_size",
             type=click.IntRange(min=0),
-            default=64,
-            show_default=True,
-            help="Group size (0: per output channel).",
+            default=None,
+            help="Group size (0: per output channel) [default: 64; for a matrix whose inputs 64 does not divide, "
+            "the divisor of them closest to 64 in 32-128, else per channel].",
         ),
         click.option(
             "--act-order/--no-act-order",
@@ -467,6 +467,8 @@ def inspect(directory: str, as_json: bool, plot_file: str | None) -> None:
         f"{table['quantized_bytes']} bytes of quantized linears; file {table['file_bytes']} bytes; "
         f"method {table['method']}"
     )
+    for note in table["notes"]:
+        click.echo(f"note: {note}")
 
 
 @main.command()
@@ -509,7 +511,7 @@ def compare(
     config = _make_config(ctx, config_file, **values)
     label = f"{config.method} {config.bits:g}-bit"
     if get_method(config.method).uses_groups:
-        label += f" g{config.group_size}"
+        label += f" g{DEFAULT_GROUP if config.group_size is None else config.group_size}"
     name = f"{Path(model).name}-{label.replace(' ', '-')}"
     out = Path(out_dir) if out_dir else cache_dir() / "runs" / name
     force = force or out_dir is None  # the default lies in anybit's own cache, one per model and recipe

@@ -48,13 +48,29 @@ def check_device_name(device: object) -> None:
         raise AnybitError(f"device must be cpu, cuda or cuda:N, got {device!r}")
 
 
+DEFAULT_GROUP = 64
+DEFAULT_GROUP_RANGE = (32, 128)  # where DEFAULT_GROUP does not divide, a divisor in this range is used
+
+
+def default_group_size(in_features: int) -> int:
+    """The group of a matrix with `in_features` inputs when none was asked for: DEFAULT_GROUP where it divides,
+    else the divisor of in_features in DEFAULT_GROUP_RANGE closest to it (the smaller on a tie), else one group
+    per row (in_features)."""
+    if in_features % DEFAULT_GROUP == 0:
+        return DEFAULT_GROUP
+    lo, hi = DEFAULT_GROUP_RANGE
+    divisors = [g for g in range(lo, min(hi, in_features) + 1) if in_features % g == 0]
+    return min(divisors, key=lambda g: (abs(g - DEFAULT_GROUP), g)) if divisors else in_features
+
+
 @dataclass(frozen=True)
 class QuantConfig:
-    """One quantization run. `group_size` 0 means one group per output channel (per-channel)."""
+    """One quantization run. `group_size` 0 means one group per output channel (per-channel); None, the
+    default, means DEFAULT_GROUP wherever it divides a matrix's input dimension (`default_group_size`)."""
 
     method: str = "anybit"
     bits: float | None = None  # None: the method's default (anybit and skim 3.25, the others 4)
-    group_size: int = 64
+    group_size: int | None = None
     act_order: bool = False
     sym: bool = False  # rtn/gptq: symmetric grid (zero point fixed at the middle) instead of min-max
     damp: float = 0.01
@@ -81,7 +97,7 @@ class QuantConfig:
         if self.bits is None:
             object.__setattr__(self, "bits", method.default_bits)
         method.check_bits(self.bits)
-        if self.group_size < 0:
+        if self.group_size is not None and self.group_size < 0:
             raise AnybitError(f"group size must be positive (or 0 for per-channel), got {self.group_size}")
         if not 0 <= self.damp < 1:
             raise AnybitError(f"dampening must be in [0, 1), got {self.damp}")

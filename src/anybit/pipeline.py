@@ -32,7 +32,7 @@ from anybit.model.checkpoint import (
     tied_aliases,
 )
 from anybit.model.loading import LoadedModel, load_model, load_tokenizer, resolve_spec
-from anybit.model.sources import Skeleton, open_skeleton
+from anybit.model.sources import Skeleton, gguf_parsed_once, open_skeleton
 from anybit.runtime.dec import (
     FIT_RIDGE,
     RESIDUAL_BITS,
@@ -106,9 +106,15 @@ def quantize_to_dir(
             loaded.model, loaded.tokenizer, out_dir, {**info, "quantize_seconds": report.seconds}, force=force
         )
         return QuantizeOutcome(out_dir, meta, report)
-    skeleton = open_skeleton(kind, path)
+    with gguf_parsed_once():
+        skeleton = open_skeleton(kind, path)
+        try:
+            tokenizer = load_tokenizer(kind, path)
+        except BaseException:
+            skeleton.source.close()
+            raise
     try:
-        model, tokenizer = skeleton.model, load_tokenizer(kind, path)
+        model = skeleton.model
         calib = _calibration(tokenizer, model, config) if needs_calibration else None
         layers_prefix = f"{get_adapter(model).layers_path}."
         with CheckpointWriter(out_dir, tied_aliases(model)) as writer:
@@ -223,7 +229,8 @@ def _source_skeleton(spec: str) -> Skeleton:
     kind, path = resolve_spec(spec)
     if kind == "quantized":
         raise AnybitError(f"{spec} is a quantized directory; the residuals need the original model")
-    return open_skeleton(kind, path)
+    with gguf_parsed_once():
+        return open_skeleton(kind, path)
 
 
 def _source_weight(original: Skeleton, adapter, name: str, spec: str) -> torch.Tensor:

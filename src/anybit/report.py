@@ -7,8 +7,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from anybit.config import DEFAULT_GROUP
 from anybit.errors import AnybitError
 from anybit.format.shards import stored_bytes
+from anybit.methods import METHODS, get_method
 from anybit.model.checkpoint import load_quantized
 from anybit.runtime.qlinear import quant_linears
 
@@ -39,12 +41,33 @@ def inspect_directory(path: Path) -> dict:
         )
     return {
         "layers": rows,
+        "notes": _group_notes(info),
         "method": info["method"],
         "quantized_weights": info["quantized_weights"],
         "quantized_bytes": info["storage_bits"] // 8,
         "bits_per_weight": info["bits_per_weight"],
         "file_bytes": stored_bytes(path),
     }
+
+
+def _group_notes(info: dict) -> list[str]:
+    """Where a run without --group gave a matrix another group than the default (it does not divide its inputs)."""
+    if info.get("config", {}).get("group_size", DEFAULT_GROUP) is not None:
+        return []
+    if info["method"] not in METHODS or not get_method(info["method"]).uses_groups:
+        return []
+    other: dict[tuple[int, int], list[str]] = {}
+    for name, layer in info["layers"].items():
+        if layer["group_size"] != DEFAULT_GROUP:
+            other.setdefault((layer["shape"][1], layer["group_size"]), []).append(name)
+    notes = []
+    for (in_features, group), names in sorted(other.items()):
+        used = "per channel" if group == in_features else f"group {group}"
+        notes.append(
+            f"the default group {DEFAULT_GROUP} does not divide {in_features} inputs: {len(names)} linear(s) use "
+            f"{used} ({names[0]}{', ...' if len(names) > 1 else ''})"
+        )
+    return notes
 
 
 def _load_checked(path: Path) -> tuple[nn.Module, dict]:

@@ -118,6 +118,20 @@ def allocation_budget(rows: int, cols: int, target_bits: float) -> float:
     return target_bits * rows * cols - bitmap_bits
 
 
+def chosen_codebooks(choice: torch.Tensor, widths: list[int], centroids: list[torch.Tensor]) -> torch.Tensor:
+    """(rows, 2**max chosen width) float32: each row's codebook at the width index `choice` picks from
+    `centroids` (one (rows, 2**b) tensor per width); unused slots 0."""
+    device = centroids[0].device
+    choice = choice.to(device)
+    top = int(torch.tensor(widths)[choice.cpu()].max())
+    books = torch.zeros(choice.shape[0], 1 << top, device=device)
+    for i, b in enumerate(widths):
+        picked = choice == i
+        if bool(picked.any()):
+            books[picked, : 1 << b] = centroids[i][picked].float()
+    return books
+
+
 @dataclass
 class RowTable:
     """What one matrix contributes to a model-wide allocation."""
@@ -127,10 +141,22 @@ class RowTable:
     widths: list[int]
     fixed_bits: float  # bits the matrix stores whatever the widths (bit map, scaling vector)
     weights: int  # number of weights of the matrix
+    # per width, the (rows, 2**b) fp16 codebooks the errors were measured with
+    centroids: list[torch.Tensor] | None = None
 
 
-def allocate_model(tables: dict[str, RowTable], target_bits: float) -> dict[str, torch.Tensor]:
-    """Per-row widths for every matrix, spending one budget of `target_bits` per weight over all of them."""
+@dataclass
+class RowPlan:
+    """A matrix's share of the model-wide allocation: each row's width and, when its table kept them, the
+    codebooks its errors were measured with (rows, 2**max width; float32 of fp16 values, unused slots 0)."""
+
+    widths: torch.Tensor
+    books: torch.Tensor | None = None
+
+
+def allocate_model(tables: dict[str, RowTable], target_bits: float) -> dict[str, RowPlan]:
+    """Per-row widths (and codebooks) for every matrix, spending one budget of `target_bits` per weight over
+    all of them."""
     keys = list(tables)
     weights = sum(tables[k].weights for k in keys)
     budget = target_bits * weights - sum(tables[k].fixed_bits for k in keys)
@@ -143,7 +169,10 @@ def allocate_model(tables: dict[str, RowTable], target_bits: float) -> dict[str,
         raise AnybitError(f"{target_bits:g} bits per weight is below the model's minimum of {minimum:.3f}") from None
     plan, start = {}, 0
     for k in keys:
-        rows = tables[k].errors.shape[0]
-        plan[k] = torch.tensor(tables[k].widths)[choice[start : start + rows]]
+        table = tables[k]
+        rows = table.errors.shape[0]
+        mine = choice[start : start + rows]
+        books = None if table.centroids is None else chosen_codebooks(mine, table.widths, table.centroids)
+        plan[k] = RowPlan(torch.tensor(table.widths)[mine], books)
         start += rows
     return plan

@@ -7,11 +7,12 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
+from anybit.config import default_group_size
 from anybit.errors import AnybitError
 from anybit.format.qtensor import QuantizedTensor
 
 if TYPE_CHECKING:
-    from anybit.alloc.skim import RowTable
+    from anybit.alloc.skim import RowPlan, RowTable
     from anybit.config import QuantConfig
     from anybit.quant.gptq import HessianAccumulator
 
@@ -22,7 +23,7 @@ class LayerStats:
 
     hessian: HessianAccumulator
     fisher: torch.Tensor | None = None  # mean grad² of the LM loss, (out, in), when requested
-    widths: torch.Tensor | None = None  # per-row widths planned by a model-wide allocation
+    plan: RowPlan | None = None  # per-row widths (and codebooks) planned by a model-wide allocation
 
 
 class Method:
@@ -64,8 +65,10 @@ class Method:
 
     @staticmethod
     def group_size_for(W: torch.Tensor, config: QuantConfig, name: str = "") -> int:
-        """The group size for W, checked against its input dimension."""
+        """The group size for W: the one asked for (checked against its input dimension), else the default for it."""
         in_features = W.shape[1]
+        if config.group_size is None:
+            return default_group_size(in_features)
         gs = config.group_size or in_features
         if in_features % gs:
             where = f" of {name}" if name else ""

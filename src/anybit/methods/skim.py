@@ -10,6 +10,7 @@ from anybit.alloc.skim import (
     ErrorTable,
     RowTable,
     allocation_budget,
+    chosen_codebooks,
     error_table,
     greedy_allocation,
     row_cost_bits,
@@ -21,7 +22,7 @@ from anybit.format.qtensor import QuantizedTensor, SparseOutliers
 from anybit.methods.base import LayerStats, Method
 from anybit.methods.nonuniform import sensitivity_weights, split_outliers
 from anybit.quant.gptq import gptq_quantize
-from anybit.quant.kmeans import assign, fit_codebook, reconstruct
+from anybit.quant.kmeans import assign, fit_codebook, midpoints, reconstruct
 from anybit.quant.scaling import layer_loss, train_scaling
 
 MAX_WIDTH = 8
@@ -78,16 +79,21 @@ class SKIM(Method):
         table = error_table(W, H, weights, candidate_widths(config.bits), kept=mask)
         errors = table.errors.double().cpu() * row_importance(stats, H, rows)[:, None]  # all tables meet on CPU
         fixed = self._fixed_bits(rows, cols, outliers, config)
-        return RowTable(errors, _costs(rows, cols, table.widths), table.widths, fixed, rows * cols)
+        books = [c.to("cpu", torch.float16) for c in table.centroids]  # reused by the second pass: no refit
+        return RowTable(errors, _costs(rows, cols, table.widths), table.widths, fixed, rows * cols, books)
 
     def quantize(self, W: torch.Tensor, stats: LayerStats | None, config: QuantConfig) -> QuantizedTensor:
         rows, cols = W.shape
         H, weights, mask, outliers = self._prepare(W, stats, config)
-        if stats.widths is not None:  # planned by the model-wide allocation, which paid for the extras
-            widths = stats.widths.to(W.device, torch.long)
-            result = fit_codebook(W, weights, k=1 << widths)
-            books = stored_books(result.centroids)
-            candidates = self._candidates(W, H, weights, mask, widths, result.codes.long(), books, config)
+        if stats.plan is not None:  # planned by the model-wide allocation, which paid for the extras
+            widths = stats.plan.widths.to(W.device, torch.long)
+            if stats.plan.books is None:
+                result = fit_codebook(W, weights, k=1 << widths)
+                books, codes = stored_books(result.centroids), result.codes.long()
+            else:  # the codebooks the allocation's errors were measured with
+                books = stats.plan.books.to(W.device)
+                codes = assign(W, sorted_codebooks(books, widths)).long()
+            candidates = self._candidates(W, H, weights, mask, widths, codes, books, config)
         else:
             table = error_table(W, H, weights, candidate_widths(config.bits), kept=mask)
             budget = allocation_budget(rows, cols, config.bits)
@@ -146,13 +152,11 @@ class SKIM(Method):
         choice = choice.to(device)
         widths = torch.tensor(table.widths, device=device)[choice]
         codes = torch.zeros(rows, cols, dtype=torch.long, device=device)
-        books = torch.zeros(rows, 1 << int(widths.max()), device=device)
-        for i, b in enumerate(table.widths):
+        for i in range(len(table.widths)):
             picked = choice == i
             if bool(picked.any()):
                 codes[picked] = table.codes[i][picked].long()
-                books[picked, : 1 << b] = table.centroids[i][picked]
-        return widths, codes, books
+        return widths, codes, chosen_codebooks(choice, table.widths, table.centroids)
 
     @staticmethod
     def _pack(
@@ -202,6 +206,7 @@ class RowCodebookQuantizer:
 
     def __init__(self, books: torch.Tensor, kept: torch.Tensor | None) -> None:
         self.books = books
+        self.mid = midpoints(books)
         self.kept = kept
         self.columns: list[torch.Tensor] = []
 
@@ -209,7 +214,7 @@ class RowCodebookQuantizer:
         pass  # the codebooks are fixed before the GPTQ pass
 
     def quantize(self, w: torch.Tensor, column: int) -> torch.Tensor:
-        codes = assign(w[:, None], self.books)
+        codes = assign(w[:, None], self.books, self.mid)
         self.columns.append(codes[:, 0])
         q = reconstruct(self.books, codes)[:, 0]
         if self.kept is not None:
@@ -223,12 +228,18 @@ def feedback_codes(
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Codes (rows, cols) from GPTQ's column-by-column rounding onto the rows' codebooks, and the
     codebooks (sorted, as the rounding needs them)."""
-    entries = torch.arange(books.shape[1], device=books.device)[None, :]
-    valid = entries < (1 << widths.to(torch.long))[:, None]
-    sorted_books = torch.where(valid, books, torch.full_like(books, float("inf"))).sort(dim=1).values
+    sorted_books = sorted_codebooks(books, widths)
+    valid = torch.isfinite(sorted_books)
     quantizer = RowCodebookQuantizer(sorted_books, kept)
     gptq_quantize(W, H, quantizer, damp=damp, act_order=False)
     return torch.stack(quantizer.columns, dim=1), torch.where(valid, sorted_books, torch.zeros_like(books))
+
+
+def sorted_codebooks(books: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
+    """Each row's 2**width entries sorted ascending, the unused slots +inf (what `assign` needs)."""
+    entries = torch.arange(books.shape[1], device=books.device)[None, :]
+    valid = entries < (1 << widths.to(torch.long))[:, None]
+    return torch.where(valid, books, torch.full_like(books, float("inf"))).sort(dim=1).values
 
 
 def scale_columns(

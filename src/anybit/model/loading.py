@@ -23,7 +23,7 @@ from torch import nn
 
 from anybit.cache import cache_dir
 from anybit.errors import AnybitError
-from anybit.model.sources import first_line, hf_location, name_list, open_skeleton
+from anybit.model.sources import first_line, gguf_parsed_once, hf_location, name_list, open_skeleton
 
 
 @dataclass(frozen=True)
@@ -136,16 +136,17 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
 
     from transformers import AutoModelForCausalLM
 
-    open_skeleton(kind, path).source.close()  # every weight present, in its shape, finite: before loading any
-    where, kwargs = hf_location(kind, path)
-    tokenizer = load_tokenizer(kind, path)
-    what = str(path)
-    try:
-        model, loading = AutoModelForCausalLM.from_pretrained(
-            where, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
-        )
-    except (OSError, ValueError, KeyError, RuntimeError, TypeError, SafetensorError) as exc:
-        raise AnybitError(f"cannot load model {what}: {first_line(exc)}") from exc
+    with gguf_parsed_once():
+        open_skeleton(kind, path).source.close()  # every weight present, in its shape, finite: before loading any
+        where, kwargs = hf_location(kind, path)
+        tokenizer = load_tokenizer(kind, path)
+        what = str(path)
+        try:
+            model, loading = AutoModelForCausalLM.from_pretrained(
+                where, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+            )
+        except (OSError, ValueError, KeyError, RuntimeError, TypeError, SafetensorError) as exc:
+            raise AnybitError(f"cannot load model {what}: {first_line(exc)}") from exc
     _check_loading(what, loading)
     model.eval()
     model.requires_grad_(False)

@@ -9,7 +9,11 @@ before any weight is read.
 
 from __future__ import annotations
 
+import copy
+import functools
 import mmap
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +26,42 @@ from anybit.errors import AnybitError
 from anybit.format.shards import INDEX_FILE, read_index
 from anybit.memory import return_freed_memory
 from anybit.model.adapters import get_adapter
+
+
+@contextmanager
+def gguf_parsed_once() -> Iterator[None]:
+    """Within the block each GGUF file is parsed once. transformers parses a GGUF's metadata afresh for its
+    config, its tokenizer and its weights (6 s each for a 49k-token vocabulary on the development machine)
+    and rebuilds the same tensor-name table for every module it maps; here gguf-py's reader of a file, the
+    metadata transformers reads from it (handed out as copies) and that table are made once and shared."""
+    import gguf
+    import transformers.modeling_gguf_pytorch_utils as hf_gguf
+
+    reader_class, name_map, load_checkpoint = gguf.GGUFReader, gguf.get_tensor_name_map, hf_gguf.load_gguf_checkpoint
+    readers: dict[tuple[str, str], object] = {}
+    metadata: dict[str, dict] = {}
+
+    def shared_reader(path, mode="r"):
+        key = (str(Path(path).resolve()), mode)
+        if key not in readers:
+            readers[key] = reader_class(path, mode)
+        return readers[key]
+
+    def shared_metadata(path, return_tensors=False, **kwargs):
+        if return_tensors or kwargs:
+            return load_checkpoint(path, return_tensors=return_tensors, **kwargs)
+        key = str(Path(path).resolve())
+        if key not in metadata:
+            metadata[key] = load_checkpoint(path, return_tensors=False)
+        return copy.deepcopy(metadata[key])  # callers may change what they get
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = shared_reader, functools.cache(name_map)
+    hf_gguf.load_gguf_checkpoint = shared_metadata
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader_class, name_map
+        hf_gguf.load_gguf_checkpoint = load_checkpoint
 
 
 class WeightSource:

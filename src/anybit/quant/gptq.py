@@ -20,6 +20,9 @@ class HessianAccumulator:
     With `diagonal_only`, only diag(XᵀX) is kept (what activation-weighted K-means needs): O(d)
     memory and time per token instead of O(d²). With `sample_stride` s > 0, every s-th input token
     is also kept (float32), for methods that measure layer outputs (SliM-LLM's allocation search).
+
+    XᵀX is symmetric, so batches only add its upper triangle, in a few row blocks (about 5/8 of the full
+    product's work); `hessian()` mirrors it once.
     """
 
     def __init__(
@@ -44,10 +47,26 @@ class HessianAccumulator:
         if self.diagonal_only:
             self.XtX.add_(x.square().sum(dim=0))
         else:
-            self.XtX.addmm_(x.t(), x)
+            self._add_upper(x)
         if self.sample_stride:
             self._samples.append(x[:: self.sample_stride].clone())
         self.tokens += x.shape[0]
+
+    def _add_upper(self, x: torch.Tensor) -> None:
+        """XtX's blocks on and above the diagonal += their part of xᵀx (diagonal blocks in full)."""
+        d = x.shape[1]
+        step = _upper_block(d)
+        for start in range(0, d, step):
+            stop = min(start + step, d)
+            self.XtX[start:stop, start:].addmm_(x[:, start:stop].t(), x[:, start:])
+
+    def _mirror_upper(self) -> None:
+        """Fill the blocks below the diagonal from those above it."""
+        d = self.XtX.shape[0]
+        step = _upper_block(d)
+        for start in range(0, d, step):
+            stop = min(start + step, d)
+            self.XtX[stop:, start:stop].copy_(self.XtX[start:stop, stop:].t())
 
     def input_sample(self) -> torch.Tensor:
         """The kept input tokens (tokens, in_features)."""
@@ -71,9 +90,15 @@ class HessianAccumulator:
         if self.diagonal_only:
             raise ValueError("this accumulator kept only the diagonal of XᵀX")
         if self._raw_diagonal is None:
+            self._mirror_upper()
             self._raw_diagonal = torch.diagonal(self.XtX).clone()
             self.XtX.mul_(2.0 / self.tokens)
         return self.XtX
+
+
+def _upper_block(d: int) -> int:
+    """Rows per block of the upper-triangular XᵀX update: a quarter of d, in multiples of 64."""
+    return max(64, -(-d // 256) * 64)
 
 
 class ColumnQuantizer(Protocol):
