@@ -203,3 +203,28 @@ def test_inspect_plot_draws_the_bit_map(tiny_llama_dir, corpus_file, tmp_path) -
     result = run(main, ["inspect", str(out), "--plot", str(png)])
     assert result.exit_code == 0, result.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_planned_rows_keep_the_codebooks_their_errors_were_measured_with() -> None:
+    """The model-wide plan hands each row the codebook of its chosen width from the error table, and the
+    second pass quantizes onto exactly those codebooks (no refit)."""
+    from anybit.alloc.skim import allocate_model
+    from anybit.methods.skim import AnyBit
+
+    W, acc = _correlated_layer()
+    config = QuantConfig(method="anybit", bits=3.0, weighting="activation")
+    method = AnyBit()
+    table = method.row_table(W, LayerStats(acc), config)
+    plan = allocate_model({"m": table}, 3.0)["m"]
+    assert len(set(plan.widths.tolist())) > 1  # mixed widths, so the rows come from several tables
+    for row in range(W.shape[0]):
+        i = table.widths.index(int(plan.widths[row]))
+        torch.testing.assert_close(plan.books[row, : 1 << table.widths[i]], table.centroids[i][row].float())
+    # codebooks a refit would never produce: the quantized rows must take their values from them all the same
+    moved = dataclasses.replace(plan, books=(plan.books * 1.01 + 0.001).half().float())
+    stats = LayerStats(acc)
+    stats.plan = moved
+    stored = method.quantize(W, stats, config).dequantize()
+    for row in range(W.shape[0]):
+        entries = moved.books[row, : 1 << int(moved.widths[row])]
+        assert torch.isin(stored[row], entries).all()
