@@ -18,6 +18,9 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 PEAK_GBS = {"H200": 4800.0, "H100 80GB HBM3": 3350.0, "H100 PCIe": 2000.0}
 
 
+_ISA_LIMITS = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")  # emulate a smaller CPU
+
+
 def machine() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
@@ -34,6 +37,8 @@ def machine() -> str:
     isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else ""
     isa += " with native bfloat16" if flags & {"avx512_bf16", "amx_bf16"} else ""
     isa = f", {isa}" if isa else ""
+    limits = [f"{k}={os.environ[k]}" for k in _ISA_LIMITS if k in os.environ]
+    isa += f" (restricted: {' '.join(limits)})" if limits else ""
     return f"{cpu}{isa}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
 
