@@ -172,8 +172,8 @@ def quantize_model(
 
     With a model-wide scope (`--scope model`) a first pass collects every linear's per-row error table (on the
     unquantized model; with Fisher weighting, on the Fisher windows only), one budget is spent over all rows of
-    the model, and the second pass quantizes each row at its planned width and codebook. With a `Streamed` supply `model` is a weightless skeleton and the
-    finished layers are freed after `on_layer`.
+    the model, and the second pass quantizes each row at its planned width and codebook. With a `Streamed`
+    supply `model` is a weightless skeleton and the finished layers are freed after `on_layer`.
     """
     start = time.perf_counter()
     supply = supply or Resident()

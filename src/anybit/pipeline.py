@@ -109,27 +109,22 @@ def quantize_to_dir(
     with gguf_parsed_once():
         skeleton = open_skeleton(kind, path)
         try:
-            tokenizer = load_tokenizer(kind, path)
-        except BaseException:
+            model, tokenizer = skeleton.model, load_tokenizer(kind, path)
+            calib = _calibration(tokenizer, model, config) if needs_calibration else None
+            layers_prefix = f"{get_adapter(model).layers_path}."
+            with CheckpointWriter(out_dir, tied_aliases(model)) as writer:
+                report = quantize_model(
+                    model,
+                    config,
+                    calib,
+                    progress=progress,
+                    supply=Streamed(skeleton),
+                    on_layer=lambda index, layer: writer.add(layer, f"{layers_prefix}{index}."),
+                )
+                _write_outside(skeleton, writer)
+                meta = writer.finish(model.config, tokenizer, {**info, "quantize_seconds": report.seconds})
+        finally:
             skeleton.source.close()
-            raise
-    try:
-        model = skeleton.model
-        calib = _calibration(tokenizer, model, config) if needs_calibration else None
-        layers_prefix = f"{get_adapter(model).layers_path}."
-        with CheckpointWriter(out_dir, tied_aliases(model)) as writer:
-            report = quantize_model(
-                model,
-                config,
-                calib,
-                progress=progress,
-                supply=Streamed(skeleton),
-                on_layer=lambda index, layer: writer.add(layer, f"{layers_prefix}{index}."),
-            )
-            _write_outside(skeleton, writer)
-            meta = writer.finish(model.config, tokenizer, {**info, "quantize_seconds": report.seconds})
-    finally:
-        skeleton.source.close()
     return QuantizeOutcome(out_dir, meta, report)
 
 

@@ -141,17 +141,16 @@ class RowTable:
     widths: list[int]
     fixed_bits: float  # bits the matrix stores whatever the widths (bit map, scaling vector)
     weights: int  # number of weights of the matrix
-    # per width, the (rows, 2**b) fp16 codebooks the errors were measured with
-    centroids: list[torch.Tensor] | None = None
+    centroids: list[torch.Tensor]  # per width, the (rows, 2**b) fp16 codebooks the errors were measured with
 
 
 @dataclass
 class RowPlan:
-    """A matrix's share of the model-wide allocation: each row's width and, when its table kept them, the
-    codebooks its errors were measured with (rows, 2**max width; float32 of fp16 values, unused slots 0)."""
+    """A matrix's share of the model-wide allocation: each row's width and the codebook its error was
+    measured with (rows, 2**max width; float32 of fp16 values, unused slots 0)."""
 
     widths: torch.Tensor
-    books: torch.Tensor | None = None
+    books: torch.Tensor
 
 
 def allocate_model(tables: dict[str, RowTable], target_bits: float) -> dict[str, RowPlan]:
@@ -172,7 +171,6 @@ def allocate_model(tables: dict[str, RowTable], target_bits: float) -> dict[str,
         table = tables[k]
         rows = table.errors.shape[0]
         mine = choice[start : start + rows]
-        books = None if table.centroids is None else chosen_codebooks(mine, table.widths, table.centroids)
-        plan[k] = RowPlan(torch.tensor(table.widths)[mine], books)
+        plan[k] = RowPlan(torch.tensor(table.widths)[mine], chosen_codebooks(mine, table.widths, table.centroids))
         start += rows
     return plan

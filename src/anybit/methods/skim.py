@@ -87,12 +87,8 @@ class SKIM(Method):
         H, weights, mask, outliers = self._prepare(W, stats, config)
         if stats.plan is not None:  # planned by the model-wide allocation, which paid for the extras
             widths = stats.plan.widths.to(W.device, torch.long)
-            if stats.plan.books is None:
-                result = fit_codebook(W, weights, k=1 << widths)
-                books, codes = stored_books(result.centroids), result.codes.long()
-            else:  # the codebooks the allocation's errors were measured with
-                books = stats.plan.books.to(W.device)
-                codes = assign(W, sorted_codebooks(books, widths)).long()
+            books = stats.plan.books.to(W.device)  # the codebooks the allocation's errors were measured with
+            codes = assign(W, sorted_codebooks(books, widths)).long()
             candidates = self._candidates(W, H, weights, mask, widths, codes, books, config)
         else:
             table = error_table(W, H, weights, candidate_widths(config.bits), kept=mask)

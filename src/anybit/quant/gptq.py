@@ -54,18 +54,12 @@ class HessianAccumulator:
 
     def _add_upper(self, x: torch.Tensor) -> None:
         """XtX's blocks on and above the diagonal += their part of xᵀx (diagonal blocks in full)."""
-        d = x.shape[1]
-        step = _upper_block(d)
-        for start in range(0, d, step):
-            stop = min(start + step, d)
+        for start, stop in _row_blocks(x.shape[1]):
             self.XtX[start:stop, start:].addmm_(x[:, start:stop].t(), x[:, start:])
 
     def _mirror_upper(self) -> None:
         """Fill the blocks below the diagonal from those above it."""
-        d = self.XtX.shape[0]
-        step = _upper_block(d)
-        for start in range(0, d, step):
-            stop = min(start + step, d)
+        for start, stop in _row_blocks(self.XtX.shape[0]):
             self.XtX[stop:, start:stop].copy_(self.XtX[start:stop, stop:].t())
 
     def input_sample(self) -> torch.Tensor:
@@ -96,9 +90,11 @@ class HessianAccumulator:
         return self.XtX
 
 
-def _upper_block(d: int) -> int:
-    """Rows per block of the upper-triangular XᵀX update: a quarter of d, in multiples of 64."""
-    return max(64, -(-d // 256) * 64)
+def _row_blocks(d: int) -> list[tuple[int, int]]:
+    """(start, stop) of the row blocks of the upper-triangular XᵀX update: about a quarter of d each, in
+    multiples of 64."""
+    step = max(64, -(-d // 256) * 64)
+    return [(start, min(start + step, d)) for start in range(0, d, step)]
 
 
 class ColumnQuantizer(Protocol):
