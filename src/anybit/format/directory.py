@@ -8,7 +8,8 @@ Layout of DIR:
   parameters in fp16;
 - `anybit.json`: format name and version, the quantization config, per-linear layout metadata,
   tied-parameter aliases, the counted bits, and the list of files anybit wrote;
-- `config.json` and the tokenizer files, as Hugging Face writes them;
+- `config.json` and the tokenizer files, as Hugging Face writes them; config.json's `quantization_config`
+  (`transformers_quantization_config`) lets transformers load the directory once anybit is imported;
 - `residuals.safetensors` (optional): the residuals of dynamic error compensation.
 """
 
@@ -33,6 +34,16 @@ LEGACY_FILES = frozenset(
      "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt", "tokenizer.model",
      "added_tokens.json"}
 )  # fmt: skip
+
+
+def transformers_quantization_config(info: dict) -> dict:
+    """The `quantization_config` of config.json: names anybit as the method that loads the directory."""
+    return {
+        "quant_method": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "method": info["method"],
+        "bits_per_weight": info["bits_per_weight"],
+    }
 
 
 def check_output(out_dir: str | Path, force: bool, sources: tuple[Path, ...] = ()) -> Path:

@@ -111,22 +111,59 @@ def stored_bytes(directory: Path) -> int:
     return sum((directory / name).stat().st_size for name in set(weight_files(directory).values()))
 
 
-def iter_tensors(directory: Path, weight_map: dict[str, str]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every tensor of `weight_map`, read shard by shard from memory-mapped files."""
+def _files_of(directory: Path, weight_map: dict[str, str]) -> Iterator[tuple[Path, list[str]]]:
+    """(shard path, names of its tensors) for every file of `weight_map`, each checked to lie in `directory`."""
     by_file: dict[str, list[str]] = {}
     for name, file in weight_map.items():
         by_file.setdefault(file, []).append(name)
+    for file, names in by_file.items():
+        path = directory / file
+        if path.resolve().parent != directory.resolve():
+            raise AnybitError(f"corrupt shard index in {directory}: {file} is not a file of the directory")
+        yield path, names
+
+
+def _open_checked(stack: ExitStack, path: Path, names: list[str]):
+    """The open safetensors file at `path`, checked to hold every tensor of `names`."""
+    handle = stack.enter_context(safe_open(path, framework="pt"))
+    missing = set(names) - set(handle.keys())
+    if missing:
+        raise AnybitError(f"corrupt weights file {path}: no tensor {sorted(missing)[0]}")
+    return handle
+
+
+def iter_tensors(directory: Path, weight_map: dict[str, str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor of `weight_map`, read shard by shard from memory-mapped files."""
     with ExitStack() as stack:
-        for file, names in by_file.items():
-            path = directory / file
-            if path.resolve().parent != directory.resolve():
-                raise AnybitError(f"corrupt shard index in {directory}: {file} is not a file of the directory")
+        for path, names in _files_of(directory, weight_map):
             try:
-                handle = stack.enter_context(safe_open(path, framework="pt"))
-                missing = set(names) - set(handle.keys())
-                if missing:
-                    raise AnybitError(f"corrupt weights file {path}: no tensor {sorted(missing)[0]}")
+                handle = _open_checked(stack, path, names)
                 for name in names:
                     yield name, handle.get_tensor(name)
             except (OSError, SafetensorError) as exc:
                 raise AnybitError(f"corrupt or missing weights file {path}: {exc}") from None
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "BOOL": torch.bool,
+}  # fmt: skip
+
+
+def tensor_specs(directory: Path, weight_map: dict[str, str]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Shape and dtype of every tensor of `weight_map`, read from the shards' headers (no tensor data)."""
+    specs = {}
+    with ExitStack() as stack:
+        for path, names in _files_of(directory, weight_map):
+            try:
+                handle = _open_checked(stack, path, names)
+                for name in names:
+                    view = handle.get_slice(name)
+                    dtype = _SAFETENSORS_DTYPES.get(view.get_dtype())
+                    if dtype is None:
+                        raise AnybitError(f"corrupt weights file {path}: {name} has dtype {view.get_dtype()}")
+                    specs[name] = (tuple(view.get_shape()), dtype)
+            except (OSError, SafetensorError) as exc:
+                raise AnybitError(f"corrupt or missing weights file {path}: {exc}") from None
+    return specs

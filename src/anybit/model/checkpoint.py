@@ -5,6 +5,7 @@ directory's layout and anybit.json are `anybit.format.directory`'s.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -25,6 +26,7 @@ from anybit.format.directory import (
     RESIDUAL_FILE,
     check_output,
     read_quant_info,
+    transformers_quantization_config,
 )
 from anybit.format.files import make_temp_dir, make_temp_file, remove_stale_temporaries, replace_dir
 from anybit.format.qtensor import QuantizedTensor
@@ -155,8 +157,11 @@ class CheckpointWriter:
             **summarize(self.records),
         }
         self.shards.finish()
+        config = copy.deepcopy(config)
+        config.quantization_config = transformers_quantization_config(meta)
         config.to_json_file(self.tmp / "config.json")
-        tokenizer.save_pretrained(self.tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(self.tmp)
         meta["files"] = sorted({*(p.name for p in self.tmp.iterdir()), QUANT_FILE})
         (self.tmp / QUANT_FILE).write_text(json.dumps(meta, indent=1))
         replace_dir(self.tmp, self.out_dir)
@@ -195,7 +200,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32) -> tupl
     try:
         _install_quantized(model, info, tensors, dtype)
         _install_unquantized(model, info, tensors, dtype)
-        _check_counted_bits(model, info)
+        check_counted_bits(model, info)
     except (KeyError, ValueError) as exc:
         raise AnybitError(f"corrupt quantized checkpoint {path}: {exc}") from exc
     if getattr(config, "tie_word_embeddings", False):
@@ -212,27 +217,42 @@ def _install_quantized(model: nn.Module, info: dict, tensors: dict[str, torch.Te
     """Replace each linear named in anybit.json by a QuantLinear built from its (checked) stored tensors;
     the tensors used are removed from `tensors`."""
     for name, layer_meta in info["layers"].items():
-        try:
-            target = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"{name}: the architecture has no such layer") from None
-        expected = getattr(target, "weight", None)
-        if expected is None or tuple(layer_meta["shape"]) != tuple(get_adapter(model).weight_of(target).shape):
-            raise ValueError(f"{name}: quantized shape {layer_meta['shape']} does not fit the architecture")
+        check_layer_fits(model, name, layer_meta)
         prefix = f"{name}."
         own = {
             k[len(prefix) :]: tensors.pop(k)
             for k in list(tensors)
             if k.startswith(prefix) and "." not in k[len(prefix) :]
         }
-        bias = own.pop("bias", None)
-        try:
-            qt = QuantizedTensor.from_tensors(layer_meta, own)
-        except ValueError as exc:
-            raise ValueError(f"{prefix}{exc}") from None
-        if bias is not None:
-            bias = _checked_float(f"{prefix}bias", bias, (qt.shape[0],), dtype)
-        set_submodule(model, name, QuantLinear(qt, bias))
+        set_submodule(model, name, quant_linear_from_stored(name, layer_meta, own, dtype))
+
+
+def check_layer_fits(model: nn.Module, name: str, layer_meta: dict) -> None:
+    """A ValueError unless the architecture has a linear `name` of the shape anybit.json gives it."""
+    try:
+        target = model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"{name}: the architecture has no such layer") from None
+    if getattr(target, "weight", None) is None or tuple(layer_meta["shape"]) != tuple(
+        get_adapter(model).weight_of(target).shape
+    ):
+        raise ValueError(f"{name}: quantized shape {layer_meta['shape']} does not fit the architecture")
+
+
+def quant_linear_from_stored(
+    name: str, layer_meta: dict, own: dict[str, torch.Tensor], dtype: torch.dtype
+) -> QuantLinear:
+    """The QuantLinear of linear `name` from its stored tensors (`own`: packed buffers and an optional bias,
+    by their short names), each checked against the layout in `layer_meta`; a ValueError names what does not fit."""
+    own = dict(own)
+    bias = own.pop("bias", None)
+    try:
+        qt = QuantizedTensor.from_tensors(layer_meta, own)
+    except ValueError as exc:
+        raise ValueError(f"{name}.{exc}") from None
+    if bias is not None:
+        bias = _checked_float(f"{name}.bias", bias, (qt.shape[0],), dtype)
+    return QuantLinear(qt, bias)
 
 
 def _checked_float(name: str, tensor: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -270,7 +290,7 @@ def _install_unquantized(model: nn.Module, info: dict, tensors: dict[str, torch.
     model.load_state_dict(state, strict=False, assign=True)
 
 
-def _check_counted_bits(model: nn.Module, info: dict) -> None:
+def check_counted_bits(model: nn.Module, info: dict) -> None:
     """The counted bits anybit.json claims must be those of the stored tensors; the info then carries the
     measured figures."""
     measured = quantization_summary(model)
