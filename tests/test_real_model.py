@@ -2,6 +2,9 @@
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
+
+import anybit  # noqa: F401 - registers anybit's format with transformers
 
 from anybit.config import QuantConfig
 from anybit.data import eval_windows, load_corpus, tokenize_corpus
@@ -31,8 +34,12 @@ def test_smollm2_gptq_end_to_end(tmp_path) -> None:
     assert 0 < header < 100_000, header
 
     reloaded = load_model(str(tmp_path / "q"))
+    in_transformers = AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32)
     with torch.inference_mode():
-        assert torch.equal(original.model(windows[:1, :256]).logits, reloaded.model(windows[:1, :256]).logits)
+        expected = original.model(windows[:1, :256]).logits
+        assert torch.equal(expected, reloaded.model(windows[:1, :256]).logits)
+        assert torch.equal(expected, in_transformers(windows[:1, :256]).logits)
+    del in_transformers
     q = evaluate(reloaded.model, windows, progress=False)
     # pinned: measured 24.2886 at these settings; 2 % catches a 5 % regression of the recipe or the protocol
     assert q.ppl == pytest.approx(24.2886, rel=0.02), (fp.ppl, q.ppl)
