@@ -5,7 +5,6 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import anybit  # noqa: F401 - registers anybit's format with transformers
-
 from anybit.config import QuantConfig
 from anybit.data import eval_windows, load_corpus, tokenize_corpus
 from anybit.eval import evaluate

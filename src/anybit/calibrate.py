@@ -79,6 +79,21 @@ def _check_group_sizes(model: nn.Module, adapter: Adapter, config: QuantConfig) 
                 )
 
 
+def _check_model_budget(model: nn.Module, adapter: Adapter, method: Method, config: QuantConfig) -> None:
+    """Fail before any work when a model-wide budget is below what the narrowest widths already cost."""
+    if method.scope(config) != "model":
+        return
+    shapes = [
+        tuple(adapter.weight_of(get_submodule(layer, name)).shape)
+        for layer in adapter.layers(model)
+        for name in adapter.linear_names
+    ]
+    weights = sum(rows * cols for rows, cols in shapes)
+    minimum = sum(method.cheapest_bits(shape, config) for shape in shapes) / weights
+    if config.bits < minimum:
+        raise AnybitError(f"{config.bits:g} bits per weight is below the model's minimum of {minimum:.3f}")
+
+
 def _weight_and_bias(adapter: Adapter, module: nn.Module, copy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The float32 (out, in) weight and bias of a linear; copies unless the layer is read afresh for each pass."""
     bias = getattr(module, "bias", None)
@@ -180,6 +195,7 @@ def quantize_model(
     adapter = get_adapter(model)
     method = get_method(config.method)
     _check_group_sizes(model, adapter, config)
+    _check_model_budget(model, adapter, method, config)
     fisher = {}
     if method.needs_stats and calib_windows is None:
         raise AnybitError(f"method {config.method!r} needs calibration data")

@@ -443,6 +443,30 @@ def bench(
 
 @main.command()
 @click.argument("directory", type=click.Path(file_okay=False))
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["gptq", "gptq_v2"]),
+    default="gptq",
+    show_default=True,
+    help="gptq: zero points stored minus one (read everywhere); gptq_v2: stored as they are (GPTQModel, recent vLLM).",
+)
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="New output directory.")
+def export(directory: str, fmt: str, out_dir: str) -> None:
+    """Write a quantized DIR (rtn or gptq) in the GPTQ layout that vLLM, SGLang, GPTQModel and transformers load."""
+    from anybit.model.export import export_gptq
+
+    config = export_gptq(directory, out_dir, fmt)
+    overrides = len(config.get("dynamic", {}))
+    group = "per channel" if config["group_size"] == -1 else f"group {config['group_size']}"
+    click.echo(
+        f"wrote {out_dir}: {fmt} {config['bits']}-bit {group}"
+        + (f", {overrides} linears with their own width or group (dynamic)" if overrides else "")
+    )
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.option("--plot", "plot_file", type=click.Path(dir_okay=False), default=None, help="Also draw the bit map (PNG).")
 def inspect(directory: str, as_json: bool, plot_file: str | None) -> None:

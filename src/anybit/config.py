@@ -96,7 +96,7 @@ class QuantConfig:
         method = get_method(self.method)
         if self.bits is None:
             object.__setattr__(self, "bits", method.default_bits)
-        method.check_bits(self.bits)
+        method.check_bits(self.bits, self.scope)
         if self.group_size is not None and self.group_size < 0:
             raise AnybitError(f"group size must be positive (or 0 for per-channel), got {self.group_size}")
         if not 0 <= self.damp < 1:

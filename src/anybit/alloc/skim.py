@@ -141,21 +141,22 @@ class RowTable:
     widths: list[int]
     fixed_bits: float  # bits the matrix stores whatever the widths (bit map, scaling vector)
     weights: int  # number of weights of the matrix
-    centroids: list[torch.Tensor]  # per width, the (rows, 2**b) fp16 codebooks the errors were measured with
+    centroids: list[torch.Tensor] | None = None  # per width, the (rows, 2**b) fp16 codebooks the errors were
+    # measured with (codebook recipes; None for grids, whose parameters are fitted again at the planned width)
 
 
 @dataclass
 class RowPlan:
-    """A matrix's share of the model-wide allocation: each row's width and the codebook its error was
-    measured with (rows, 2**max width; float32 of fp16 values, unused slots 0)."""
+    """A matrix's share of the model-wide allocation: each row's width and, for codebook recipes, the codebook
+    its error was measured with (rows, 2**max width; float32 of fp16 values, unused slots 0)."""
 
     widths: torch.Tensor
-    books: torch.Tensor
+    books: torch.Tensor | None = None
 
 
 def allocate_model(tables: dict[str, RowTable], target_bits: float) -> dict[str, RowPlan]:
     """Per-row widths (and codebooks) for every matrix, spending one budget of `target_bits` per weight over
-    all of them."""
+    all of them. A "row" is whatever unit a table lists: a matrix's rows, or the whole matrix as one unit."""
     keys = list(tables)
     weights = sum(tables[k].weights for k in keys)
     budget = target_bits * weights - sum(tables[k].fixed_bits for k in keys)
@@ -171,6 +172,7 @@ def allocate_model(tables: dict[str, RowTable], target_bits: float) -> dict[str,
         table = tables[k]
         rows = table.errors.shape[0]
         mine = choice[start : start + rows]
-        plan[k] = RowPlan(torch.tensor(table.widths)[mine], chosen_codebooks(mine, table.widths, table.centroids))
+        books = None if table.centroids is None else chosen_codebooks(mine, table.widths, table.centroids)
+        plan[k] = RowPlan(torch.tensor(table.widths)[mine], books)
         start += rows
     return plan

@@ -23,7 +23,7 @@ class LayerStats:
 
     hessian: HessianAccumulator
     fisher: torch.Tensor | None = None  # mean grad² of the LM loss, (out, in), when requested
-    plan: RowPlan | None = None  # per-row widths (and codebooks) planned by a model-wide allocation
+    plan: RowPlan | None = None  # widths (and codebooks) planned by a model-wide allocation
 
 
 class Method:
@@ -54,10 +54,16 @@ class Method:
         """Per-row errors and costs at each candidate width, for a model-wide allocation."""
         raise AnybitError(f"method {self.name!r} has no model-wide allocation (use --scope matrix)")
 
-    def check_bits(self, bits: float) -> None:
+    def cheapest_bits(self, shape: tuple[int, int], config: QuantConfig) -> float:
+        """A lower bound of the counted bits a model-wide allocation can give a linear of `shape` (0: none known)."""
+        return 0.0
+
+    def check_bits(self, bits: float, scope: str | None = None) -> None:
+        """An AnybitError unless `bits` is a budget this method takes (at `scope`, None: its default)."""
         lo, hi = self.bit_range
-        if not lo <= bits <= hi or (self.integer_bits and bits != int(bits)):
-            what = "an integer bit width" if self.integer_bits else "a bit budget"
+        integer = self.integer_bits and (scope or self.default_scope) != "model"
+        if not lo <= bits <= hi or (integer and bits != int(bits)):
+            what = "an integer bit width" if integer else "a bit budget"
             raise AnybitError(f"method {self.name!r} needs {what} in {lo:g}-{hi:g}, got {bits:g}")
 
     def quantize(self, W: torch.Tensor, stats: LayerStats | None, config: QuantConfig) -> QuantizedTensor:
@@ -66,7 +72,11 @@ class Method:
     @staticmethod
     def group_size_for(W: torch.Tensor, config: QuantConfig, name: str = "") -> int:
         """The group size for W: the one asked for (checked against its input dimension), else the default for it."""
-        in_features = W.shape[1]
+        return Method.group_size_of(W.shape[1], config, name)
+
+    @staticmethod
+    def group_size_of(in_features: int, config: QuantConfig, name: str = "") -> int:
+        """`group_size_for` a matrix of `in_features` inputs."""
         if config.group_size is None:
             return default_group_size(in_features)
         gs = config.group_size or in_features
@@ -74,3 +84,15 @@ class Method:
             where = f" of {name}" if name else ""
             raise AnybitError(f"group size {gs} does not divide the input dimension {in_features}{where}")
         return gs
+
+
+def row_importance(stats: LayerStats, H: torch.Tensor, rows: int) -> torch.Tensor:
+    """How much a unit of layer-wise output error in each row costs the model's loss, up to one
+    model-wide constant: 1 for every row without Fisher information, else the row's mean squared
+    output gradient, estimated as Σⱼ F_ij / Σⱼ E[x_j²] (F: Fisher diagonal of the weights, which is
+    ≈ E[g_i²] E[x_j²] when gradients and inputs are independent; an approximation).
+    """
+    if stats.fisher is None:
+        return torch.ones(rows, dtype=torch.float64)
+    input_energy = torch.diagonal(H).double().sum().clamp(min=1e-30)
+    return stats.fisher.double().sum(dim=1).cpu() / input_energy.cpu()

@@ -19,7 +19,7 @@ from anybit.config import QuantConfig
 from anybit.errors import AnybitError
 from anybit.format.packing import packed_nbytes
 from anybit.format.qtensor import QuantizedTensor, SparseOutliers
-from anybit.methods.base import LayerStats, Method
+from anybit.methods.base import LayerStats, Method, row_importance
 from anybit.methods.nonuniform import sensitivity_weights, split_outliers
 from anybit.quant.gptq import gptq_quantize
 from anybit.quant.kmeans import assign, fit_codebook, midpoints, reconstruct
@@ -254,15 +254,3 @@ def scale_columns(
 def stored_books(centroids: torch.Tensor) -> torch.Tensor:
     """Centroids as they are stored (fp16 values; unused +inf slots as 0), in float32."""
     return torch.nan_to_num(centroids, posinf=0.0).to(torch.float16).float()
-
-
-def row_importance(stats: LayerStats, H: torch.Tensor, rows: int) -> torch.Tensor:
-    """How much a unit of layer-wise output error in each row costs the model's loss, up to one
-    model-wide constant: 1 for every row without Fisher information, else the row's mean squared
-    output gradient, estimated as Σⱼ F_ij / Σⱼ E[x_j²] (F: Fisher diagonal of the weights, which is
-    ≈ E[g_i²] E[x_j²] when gradients and inputs are independent; an approximation).
-    """
-    if stats.fisher is None:
-        return torch.ones(rows, dtype=torch.float64)
-    input_energy = torch.diagonal(H).double().sum().clamp(min=1e-30)
-    return stats.fisher.double().sum(dim=1).cpu() / input_energy.cpu()
