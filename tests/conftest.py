@@ -56,6 +56,13 @@ def tiny_config(family: str, vocab_size: int):
         return tf.MistralConfig(**common, num_key_value_heads=2, sliding_window=None)
     if family == "qwen2":
         return tf.Qwen2Config(**common, num_key_value_heads=2, tie_word_embeddings=True)
+    if family == "qwen3":
+        return tf.Qwen3Config(**common, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)
+    if family == "gemma3_text":
+        layer_types = ["sliding_attention", "full_attention"]
+        return tf.Gemma3TextConfig(
+            **common, num_key_value_heads=2, head_dim=16, sliding_window=32, layer_types=layer_types
+        )
     if family == "phi3":
         return tf.Phi3Config(**common, num_key_value_heads=4, pad_token_id=0)
     if family == "gpt2":
@@ -63,7 +70,7 @@ def tiny_config(family: str, vocab_size: int):
     raise ValueError(family)
 
 
-FAMILIES = ("llama", "mistral", "qwen2", "phi3", "gpt2")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3", "gpt2")
 
 
 def _build_tiny_model(family: str, path: Path, tokenizer) -> Path:

@@ -163,7 +163,8 @@ def _quant_options(f):
             "--scope",
             type=click.Choice(SCOPES),
             default=None,
-            help="skim/anybit: one bit budget per matrix or over the whole model [default: per method].",
+            help="skim/anybit: one bit budget per matrix or over the whole model (per-row widths); gptq: model gives "
+            "each linear 2, 3, 4 or 8 bits within a fractional budget [default: per method].",
         ),
         click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N]."),
         _dtype_option("--calib-dtype", "Dtype of the calibration forward passes (statistics are float32)"),

