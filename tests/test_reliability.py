@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from anybit.cli import main
+from damage import damaged_copy
 
 LINEAR = "model.layers.0.self_attn.q_proj"
 
@@ -53,17 +54,6 @@ def quantized(tmp_path_factory, tiny_llama_dir, corpus_file) -> dict[str, Path]:
     return dirs
 
 
-def _damaged_copy(src: Path, dst: Path, edit) -> Path:
-    shutil.copytree(src, dst)
-    weights = dst / "model.safetensors"
-    with safe_open(weights, framework="pt") as f:
-        metadata = f.metadata()
-    tensors = load_file(weights)
-    edit(tensors)
-    save_file(tensors, weights, metadata=metadata)
-    return dst
-
-
 DAMAGES = {
     "zero rows": lambda t: t[:0],
     "two rows": lambda t: t[:2],
@@ -83,7 +73,7 @@ def test_a_damaged_stored_tensor_never_reaches_a_kernel(quantized, recipe, damag
         original = load_file(quantized[recipe] / "model.safetensors")[key]
         if DAMAGES[damage](original).shape == original.shape and DAMAGES[damage](original).dtype == original.dtype:
             continue  # a one-element tensor has no second row
-        out = _damaged_copy(quantized[recipe], tmp_path / key, lambda t, k=key: t.update({k: DAMAGES[damage](t[k])}))
+        out = damaged_copy(quantized[recipe], tmp_path / key, lambda t, k=key: t.update({k: DAMAGES[damage](t[k])}))
         for command in (["eval", out, "--dataset", corpus_file, "--seqlen", 32, "--max-windows", 1], ["inspect", out]):
             _assert_one_line_error(_run(*command), key)
 
@@ -91,7 +81,7 @@ def test_a_damaged_stored_tensor_never_reaches_a_kernel(quantized, recipe, damag
 @pytest.mark.parametrize("key", ["perm", "codebook_3", "outliers_values", "bitmap"])
 def test_a_removed_stored_tensor_is_named_or_counted(quantized, key, tmp_path) -> None:
     recipe = "gptq" if key == "perm" else "squeezellm"
-    out = _damaged_copy(quantized[recipe], tmp_path / "d", lambda t: t.pop(f"{LINEAR}.{key}"))
+    out = damaged_copy(quantized[recipe], tmp_path / "d", lambda t: t.pop(f"{LINEAR}.{key}"))
     # a missing optional tensor (the permutation) shows in the layer's counted bits
     _assert_one_line_error(_run("inspect", out), "corrupt quantized checkpoint")
     _assert_one_line_error(_run("inspect", out), LINEAR)
@@ -157,9 +147,9 @@ def test_unquantized_tensors_are_checked_too(quantized, tmp_path) -> None:
         "model.layers.1.input_layernorm.weight": (lambda t: t.fill_(float("nan")), "NaN or infinite"),
     }
     for key, (damage, needle) in cases.items():
-        out = _damaged_copy(quantized["slim"], tmp_path / key, lambda t, k=key, d=damage: t.update({k: d(t[k])}))
+        out = damaged_copy(quantized["slim"], tmp_path / key, lambda t, k=key, d=damage: t.update({k: d(t[k])}))
         _assert_one_line_error(_run("inspect", out), needle)
-    out = _damaged_copy(quantized["slim"], tmp_path / "extra", lambda t: t.update({"model.extra": torch.zeros(2)}))
+    out = damaged_copy(quantized["slim"], tmp_path / "extra", lambda t: t.update({"model.extra": torch.zeros(2)}))
     _assert_one_line_error(_run("inspect", out), "unexpected stored tensors model.extra")
 
 

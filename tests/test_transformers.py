@@ -4,7 +4,6 @@ as anybit's own loader, with every stored tensor checked."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, pipeline
 
 import anybit  # noqa: F401 - registers the quantizer
@@ -21,6 +19,7 @@ from anybit.errors import AnybitError
 from anybit.model.checkpoint import load_quantized, packed_fingerprint
 from anybit.pipeline import quantize_to_dir
 from anybit.runtime.qlinear import QuantLinear, quant_linears
+from damage import damaged_copy
 
 LINEAR = "model.layers.0.self_attn.q_proj"
 
@@ -94,17 +93,6 @@ def test_save_pretrained_writes_an_anybit_directory(anybit_dir, tmp_path) -> Non
     assert (foreign / "notes.txt").read_text() == "mine"
 
 
-def _damaged(src: Path, dst: Path, edit) -> Path:
-    shutil.copytree(src, dst)
-    weights = dst / "model.safetensors"
-    with safe_open(weights, framework="pt") as f:
-        metadata = f.metadata()
-    tensors = load_file(weights)
-    edit(tensors)
-    save_file(tensors, weights, metadata=metadata)
-    return dst
-
-
 def _codes_key(directory: Path) -> str:
     with safe_open(directory / "model.safetensors", framework="pt") as f:
         return next(k for k in f.keys() if k.startswith(f"{LINEAR}.codes_"))  # noqa: SIM118
@@ -129,7 +117,7 @@ def _codes_key(directory: Path) -> str:
 )
 def test_damaged_directories_are_refused_by_from_pretrained(anybit_dir, tmp_path, damage, needle) -> None:
     codes = _codes_key(anybit_dir)
-    out = _damaged(anybit_dir, tmp_path / "d", lambda t: damage(t, codes))
+    out = damaged_copy(anybit_dir, tmp_path / "d", lambda t: damage(t, codes))
     with pytest.raises(AnybitError, match="corrupt") as caught:
         AutoModelForCausalLM.from_pretrained(out)
     assert needle.format(codes=codes) in str(caught.value)
