@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,8 @@ from anybit.model.checkpoint import load_quantized
 from anybit.quant.gptq import gptq_quantize
 from anybit.quant.uniform import UniformColumnQuantizer, rtn_quantize
 from anybit.runtime.qlinear import quant_linears
+
+LINEAR = "model.layers.0.self_attn.q_proj"
 
 
 def _run(*args: object):
@@ -135,7 +138,8 @@ def test_export_holds_exactly_anybits_weights(model_scope_dir, tmp_path) -> None
     result = _run("export", model_scope_dir, "--format", "gptq", "--out", out)
     assert result.exit_code == 0, result.output
     qconfig = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert qconfig["quant_method"] == "gptq" and qconfig["checkpoint_format"] == "gptq" and qconfig["desc_act"]
+    assert qconfig["quant_method"] == "gptq" and qconfig["desc_act"]
+    v2 = qconfig["checkpoint_format"] == "gptq_v2"  # only where a group has zero point 0 (next test)
     stored = load_file(out / "model.safetensors")
     model, _, _ = load_quantized(model_scope_dir)
     for name, module in quant_linears(model):
@@ -146,9 +150,38 @@ def test_export_holds_exactly_anybits_weights(model_scope_dir, tmp_path) -> None
                 bits, group = override["bits"], override["group_size"]
         assert [bits] == module.qtensor.widths and group == module.qtensor.group_size
         tensors = {k.removeprefix(f"{name}."): v for k, v in stored.items() if k.startswith(f"{name}.")}
-        assert torch.equal(read_gptq_weight(tensors, bits), module.dequantize()), name
+        assert torch.equal(read_gptq_weight(tensors, bits, v2), module.dequantize()), name
     assert stored["model.embed_tokens.weight"].dtype == torch.float16
     assert "lm_head.weight" not in stored  # tied to the embedding, as in the source
+
+
+def test_zero_points_of_0_are_exported_exactly_in_the_v2_convention(tiny_llama_dir, tmp_path) -> None:
+    """v1 stores zero - 1, so a group whose zero point is 0 (all its weights >= 0) needs gptq_v2: the export
+    says so and switches, keeping the weights exact."""
+    from transformers import AutoModelForCausalLM
+
+    source = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    with torch.no_grad():
+        source.get_submodule(LINEAR).weight.abs_()
+    source.save_pretrained(tmp_path / "positive")
+    shutil.copy(tiny_llama_dir / "tokenizer.json", tmp_path / "positive")
+    shutil.copy(tiny_llama_dir / "tokenizer_config.json", tmp_path / "positive")
+    quantized = tmp_path / "q"
+    assert (
+        _run(
+            "quantize", tmp_path / "positive", "--method", "rtn", "--bits", 4, "--group", 32, "--out", quantized
+        ).exit_code
+        == 0
+    )
+    result = _run("export", quantized, "--format", "gptq", "--out", tmp_path / "gptq")
+    assert result.exit_code == 0, result.output
+    assert "gptq_v2" in result.output and "zero point 0" in result.output
+    qconfig = json.loads((tmp_path / "gptq" / "config.json").read_text())["quantization_config"]
+    assert qconfig["checkpoint_format"] == "gptq_v2"
+    stored = load_file(tmp_path / "gptq" / "model.safetensors")
+    model, _, _ = load_quantized(quantized)
+    tensors = {k.removeprefix(f"{LINEAR}."): v for k, v in stored.items() if k.startswith(f"{LINEAR}.")}
+    assert torch.equal(read_gptq_weight(tensors, 4, v2=True), model.get_submodule(LINEAR).dequantize())
 
 
 def test_export_refusals_are_one_line_and_touch_nothing(model_scope_dir, tiny_llama_dir, corpus_file, tmp_path) -> None:

@@ -450,7 +450,8 @@ def bench(
     type=click.Choice(["gptq", "gptq_v2"]),
     default="gptq",
     show_default=True,
-    help="gptq: zero points stored minus one (read everywhere); gptq_v2: stored as they are (GPTQModel, recent vLLM).",
+    help="gptq: zero points stored minus one (read everywhere), or as gptq_v2 where a zero point is 0; "
+    "gptq_v2: stored as they are (GPTQModel, vLLM since late 2025).",
 )
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="New output directory.")
 def export(directory: str, fmt: str, out_dir: str) -> None:
@@ -458,12 +459,17 @@ def export(directory: str, fmt: str, out_dir: str) -> None:
     from anybit.model.export import export_gptq
 
     config = export_gptq(directory, out_dir, fmt)
+    written = config["checkpoint_format"]
     overrides = len(config.get("dynamic", {}))
     group = "per channel" if config["group_size"] == -1 else f"group {config['group_size']}"
     click.echo(
-        f"wrote {out_dir}: {fmt} {config['bits']}-bit {group}"
+        f"wrote {out_dir}: {written} {config['bits']}-bit {group}"
         + (f", {overrides} linears with their own width or group (dynamic)" if overrides else "")
     )
+    if written != fmt:
+        click.echo(
+            f"note: {written}, not {fmt}: a group has zero point 0, which {fmt} stores as -1 (use --sym for {fmt})"
+        )
 
 
 @main.command()

@@ -53,6 +53,12 @@ def why_not_exportable(qt: QuantizedTensor) -> str:
     return ""
 
 
+def has_zero_point_zero(qt: QuantizedTensor) -> bool:
+    """Whether some group of a uniform tensor has zero point 0, which the v1 ("gptq") layout cannot store."""
+    bits = qt.widths[0]
+    return bool((unpack_codes(qt.zeros[bits], bits, qt.bitmap.numel()) == 0).any())
+
+
 def gptq_tensors(qt: QuantizedTensor, checkpoint_format: str = "gptq") -> tuple[dict[str, torch.Tensor], int, int]:
     """The GPTQ tensors (qweight, qzeros, scales, g_idx) of an exportable uniform tensor in `checkpoint_format`,
     its width and its group size. The exported weight equals `qt.dequantize()` exactly (same integers, same

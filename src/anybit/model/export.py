@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from anybit import __version__
 from anybit.errors import AnybitError
 from anybit.format.files import check_writable_dir, make_temp_dir, remove_stale_temporaries, replace_dir
-from anybit.format.gptq import ZERO_OFFSETS, gptq_tensors, why_not_exportable
+from anybit.format.gptq import ZERO_OFFSETS, gptq_tensors, has_zero_point_zero, why_not_exportable
 from anybit.format.shards import ShardWriter
 from anybit.model.checkpoint import STORE_DTYPE, load_quantized, tied_aliases
 from anybit.runtime.qlinear import quant_linears
@@ -30,7 +30,8 @@ FORMATS = tuple(ZERO_OFFSETS)  # gptq (v1), gptq_v2
 
 def export_gptq(quant_dir: str | Path, out_dir: str | Path, checkpoint_format: str = "gptq") -> dict:
     """Write the GPTQ form (`checkpoint_format` gptq or gptq_v2) of the anybit directory `quant_dir` to `out_dir`;
-    returns its quantization_config."""
+    returns its quantization_config. "gptq" becomes "gptq_v2" where a group has zero point 0, which v1
+    cannot store (the config's checkpoint_format says which was written)."""
     out = Path(out_dir).expanduser()
     if out.exists() or out.is_symlink():
         raise AnybitError(f"output {out} already exists; anybit export never replaces a directory")
@@ -42,6 +43,8 @@ def export_gptq(quant_dir: str | Path, out_dir: str | Path, checkpoint_format: s
         problem = why_not_exportable(module.qtensor)
         if problem:
             raise AnybitError(f"cannot export {name} to GPTQ: {problem}")
+    if checkpoint_format == "gptq" and any(has_zero_point_zero(m.qtensor) for m in linears.values()):
+        checkpoint_format = "gptq_v2"
     tmp = make_temp_dir(out)
     try:
         layouts = _write_weights(model, linears, tmp, checkpoint_format)
