@@ -155,7 +155,7 @@ def test_model_scope_rejected_where_unsupported() -> None:
     from anybit.errors import AnybitError
 
     with pytest.raises(AnybitError, match="no model-wide allocation"):
-        QuantConfig(method="gptq", bits=3, scope="model")
+        QuantConfig(method="kmeans", bits=3, scope="model")
 
 
 def _correlated_layer(rows: int = 64, cols: int = 256):
