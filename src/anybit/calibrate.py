@@ -65,29 +65,31 @@ def _collect_stats(
     return stats, output
 
 
+def _linear_shapes(model: nn.Module, adapter: Adapter) -> list[tuple[str, tuple[int, int]]]:
+    """(name, (out, in)) of every decoder-layer linear, in order; read from the skeleton, no weights needed."""
+    return [
+        (f"layers.{index}.{name}", tuple(adapter.weight_of(get_submodule(layer, name)).shape))
+        for index, layer in enumerate(adapter.layers(model))
+        for name in adapter.linear_names
+    ]
+
+
 def _check_group_sizes(model: nn.Module, adapter: Adapter, config: QuantConfig) -> None:
     """Fail before any work when the group size asked for does not divide some linear's input dimension."""
     if not config.group_size or not get_method(config.method).uses_groups:
         return
-    for layer_idx, layer in enumerate(adapter.layers(model)):
-        for name in adapter.linear_names:
-            in_features = adapter.weight_of(get_submodule(layer, name)).shape[1]
-            if in_features % config.group_size:
-                raise AnybitError(
-                    f"group size {config.group_size} does not divide the input dimension {in_features} "
-                    f"of layers.{layer_idx}.{name}"
-                )
+    for name, (_, in_features) in _linear_shapes(model, adapter):
+        if in_features % config.group_size:
+            raise AnybitError(
+                f"group size {config.group_size} does not divide the input dimension {in_features} of {name}"
+            )
 
 
 def _check_model_budget(model: nn.Module, adapter: Adapter, method: Method, config: QuantConfig) -> None:
     """Fail before any work when a model-wide budget is below what the narrowest widths already cost."""
     if method.scope(config) != "model":
         return
-    shapes = [
-        tuple(adapter.weight_of(get_submodule(layer, name)).shape)
-        for layer in adapter.layers(model)
-        for name in adapter.linear_names
-    ]
+    shapes = [shape for _, shape in _linear_shapes(model, adapter)]
     weights = sum(rows * cols for rows, cols in shapes)
     minimum = sum(method.cheapest_bits(shape, config) for shape in shapes) / weights
     if config.bits < minimum:
