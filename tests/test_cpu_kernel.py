@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from anybit.format.qtensor import QuantizedTensor, SparseOutliers
-from anybit.kernels import MAX_BATCH, cpu
+from anybit.kernels import MAX_BATCH, cpu, cpu_fast
 from anybit.quant.uniform import rtn_quantize
 from anybit.runtime.qlinear import QuantLinear, dense_weights
 from qtensors import codebook_tensor
@@ -72,9 +72,9 @@ def test_quant_linear_dispatch() -> None:
         x = torch.randn(1, tokens, 64)
         layer.kernel = "reference"
         reference = layer(x)
-        layer.kernel = "auto"
+        layer.kernel = "exact"
         torch.testing.assert_close(layer(x), reference, rtol=1e-5, atol=1e-5)
-        assert layer._cpu_prepared is not None
+        assert layer.backend("cpu") == "exact" and "exact" in layer._prepared
     # per-column (CLAQ) layouts have no CPU kernel: the reference path, silently
     column = QuantLinear(
         QuantizedTensor.from_codebook(
@@ -87,7 +87,7 @@ def test_quant_linear_dispatch() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         torch.testing.assert_close(column(x), x @ column.dequantize().t())
-    assert column._cpu_prepared is None
+    assert column.backend("cpu") == "reference" and not column._prepared
 
 
 @pytest.mark.parametrize("compiler,message", [("missing", "no C compiler"), ("failing", "the C compiler failed")])
@@ -100,17 +100,21 @@ def test_without_a_working_compiler_one_warning_then_the_reference_path(
         fake.chmod(0o755)
     monkeypatch.setenv("ANYBIT_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", str(fake))
-    cpu._library.cache_clear()
+    kernels = (cpu.KERNEL, cpu_fast.KERNEL)
+    for kernel in kernels:
+        kernel.cache_clear()
     try:
         layer = QuantLinear(codebook_tensor(16, 64, 64, (3,)))
         x = torch.randn(1, 64)
-        with pytest.warns(UserWarning, match=f"no CPU kernel \\({message}"):
+        with pytest.warns(UserWarning, match=f"no CPU kernel \\({message}") as caught:
             out = layer(x)
+        assert len([w for w in caught if "no CPU kernel" in str(w.message)]) == 1
         torch.testing.assert_close(out, x @ layer.dequantize().t())
-        assert layer._cpu_prepared is None
+        assert layer.backend("cpu") == "reference" and not layer._prepared
         assert not list(tmp_path.glob("kernels/*"))  # nothing half-written left behind
     finally:
-        cpu._library.cache_clear()
+        for kernel in kernels:
+            kernel.cache_clear()
 
 
 def test_evaluation_caches_dense_weights_only_where_no_kernel_serves() -> None:

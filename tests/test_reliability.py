@@ -380,41 +380,42 @@ def test_residuals_of_another_quantization_are_refused(tiny_llama_dir, corpus_fi
 
 # ---- the compiled-kernel cache runs only what it built -----------------------------------------------------
 def test_a_planted_kernel_library_is_never_loaded(tmp_path, monkeypatch) -> None:
-    from anybit.kernels import cpu
+    from anybit.kernels import build, cpu
 
     monkeypatch.setenv("ANYBIT_CACHE", str(tmp_path))
     compiler = os.environ.get("CC", "cc")
     if not shutil.which(compiler):
         pytest.skip(f"no C compiler ({compiler})")
-    target = cpu._library_path(compiler, cpu.FLAGS)
+    target = cpu.KERNEL.library_path(compiler, build.ISA_FLAGS[build.requested_isa()])
     target.parent.mkdir(parents=True)
     target.write_bytes(b"planted")
-    cpu._library.cache_clear()
+    cpu.KERNEL.cache_clear()
     try:
-        library = cpu._library()
+        library = cpu.KERNEL.library()
         assert not isinstance(library, str), library
         assert target.read_bytes() != b"planted"  # rebuilt in its place, and its hash recorded
-        assert target.with_name(target.name + ".sha256").read_text() == cpu._digest(target)
+        assert target.with_name(target.name + ".sha256").read_text() == build.digest(target)
         changed = target.with_name("changed")
         changed.write_bytes(target.read_bytes() + b"\0")
         os.replace(changed, target)  # changed after the build (not in place: the loaded copy stays mapped)
-        cpu._library.cache_clear()
-        assert not isinstance(cpu._library(), str)
-        assert cpu._built_by_us(target)
+        cpu.KERNEL.cache_clear()
+        assert not isinstance(cpu.KERNEL.library(), str)
+        assert build.built_by_us(target)
     finally:
-        cpu._library.cache_clear()
+        cpu.KERNEL.cache_clear()
 
 
 def test_the_kernel_cache_key_names_the_compiler_and_flags(tmp_path, monkeypatch) -> None:
-    from anybit.kernels import cpu
+    from anybit.kernels import build, cpu
 
     monkeypatch.setenv("ANYBIT_CACHE", str(tmp_path))
     other = tmp_path / "othercc"
     other.write_text("#!/bin/sh\necho 'other compiler 1.0'\n")
     other.chmod(0o755)
-    paths = {cpu._library_path("cc", cpu.FLAGS), cpu._library_path("cc", cpu.PLAIN_FLAGS),
-             cpu._library_path(str(other), cpu.FLAGS)}  # fmt: skip
-    assert len(paths) == 3
+    native, avx2 = build.ISA_FLAGS["native"], build.ISA_FLAGS["avx2"]
+    paths = {cpu.KERNEL.library_path("cc", native), cpu.KERNEL.library_path("cc", build.PLAIN_FLAGS),
+             cpu.KERNEL.library_path("cc", avx2), cpu.KERNEL.library_path(str(other), native)}  # fmt: skip
+    assert len(paths) == 4
 
 
 def test_a_tokenizer_foreign_to_the_model_is_one_line(tiny_llama_dir, corpus_file, tmp_path) -> None:

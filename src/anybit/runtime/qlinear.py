@@ -1,10 +1,18 @@
 """`QuantLinear`: a linear layer that holds only the packed quantized weight.
 
 The packed tensors are registered buffers, so `.to(device)` and `state_dict()` see exactly what is
-stored. Products run on kernels that read the packed codes: Triton on CUDA, C on the CPU
-(`anybit.kernels.cpu`, every layout but per-column codebooks). Otherwise the reference path dequantizes
-on every call, then multiplies; `dense_weights` caches the dequantized matrices for the duration of a
-block (evaluation, of the layers no CPU kernel serves), which changes speed, not results.
+stored. Products run on one of these backends, chosen per layer in `QuantLinear.backend`:
+
+- "triton": the fused kernels on CUDA (`anybit.kernels.lut_gemv`);
+- "fast": the CPU's integer kernel (`anybit.kernels.cpu_fast`: int8 activations and codebook tables,
+  codes re-laid at load time), the default on the CPU where it serves the layout;
+- "exact": the CPU's C kernel on the stored codes and float activations (`anybit.kernels.cpu`), exactly
+  the reference's numbers; what evaluation uses by default;
+- "reference": dequantize on every call, then multiply.
+
+`QuantLinear.kernel` asks for one ("auto": Triton on CUDA, else fast, else exact, else reference);
+`set_kernel` sets it for a whole model. `dense_weights` caches the dequantized matrices for the duration
+of a block (evaluation, of the layers no CPU kernel serves), which changes speed, not results.
 """
 
 from __future__ import annotations
@@ -18,8 +26,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from anybit.format.qtensor import QuantizedTensor
-from anybit.kernels import MAX_BATCH, triton_available
-from anybit.kernels import cpu as cpu_kernel
+from anybit.kernels import MAX_BATCH, cpu_fast, triton_available
+from anybit.kernels import cpu as cpu_exact
+
+KERNELS = ("auto", "fast", "exact", "triton", "reference")
+CPU_BACKENDS = {"fast": cpu_fast, "exact": cpu_exact}  # each: unavailable(qt), prepare(qt), product(p, x)
+CPU_PREFERENCE = {"auto": ("fast", "exact"), "fast": ("fast", "exact"), "exact": ("exact",)}
 
 
 def kernel_unavailable(qtensor: QuantizedTensor) -> str:
@@ -45,13 +57,9 @@ class QuantLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self._qtensor: QuantizedTensor | None = qtensor
         self._dense: torch.Tensor | None = None
-        # "auto": Triton on CUDA, the C kernels on the CPU (axis-0 layouts); "triton": Triton everywhere;
-        # "reference": neither
-        self.kernel = "auto"
-        self._kernel_unsupported: str | None = None  # None: not checked yet; "": supported
-        self._cpu_unsupported: str | None = None  # the same for the CPU kernel
-        self._prepared = None
-        self._cpu_prepared = None
+        self.kernel = "auto"  # one of KERNELS: the backend asked for
+        self._chosen: dict[tuple[str, str], str] = {}  # (kernel asked, device type) -> backend
+        self._prepared: dict[str, object] = {}  # backend -> its prepared view of the codes
 
     @property
     def qtensor(self) -> QuantizedTensor:
@@ -68,7 +76,8 @@ class QuantLinear(nn.Module):
             return moved if moved.dtype == t.dtype else t.to(moved.device)
 
         self._qtensor = None  # buffers may have moved: rebuild the view on next use
-        self._prepared = self._cpu_prepared = None
+        self._chosen.clear()
+        self._prepared.clear()
         if self._dense is not None:  # a dense cache (dense_weights) follows the module, casts included
             self._dense = fn(self._dense)
         return super()._apply(move_only, recurse)
@@ -92,43 +101,56 @@ class QuantLinear(nn.Module):
         return F.linear(x, self._dense, bias)
 
     def _kernel_product(self, flat: torch.Tensor) -> torch.Tensor | None:
-        """flat Ŵᵀ on a kernel that reads the packed codes (Triton, or C on the CPU), None where none serves.
-        Up to MAX_BATCH rows multiply straight from the codes; longer inputs (prefill) decode a transient
-        dense matrix with the kernel, then take one GEMM."""
-        decode = flat.shape[0] <= MAX_BATCH
-        if self._use_kernel(flat):
-            from anybit.kernels.lut_gemv import lut_matmul, lut_matvec, prepare
+        """flat Ŵᵀ on the chosen backend's kernel, None for the reference path."""
+        backend = self.backend(flat.device)
+        if backend == "reference":
+            return None
+        if backend not in self._prepared:
+            self._prepared[backend] = self._backend_module(backend).prepare(self.qtensor)
+        prepared = self._prepared[backend]
+        if backend == "triton":
+            from anybit.kernels.lut_gemv import lut_matmul, lut_matvec
 
-            if self._prepared is None:
-                self._prepared = prepare(self.qtensor)
-            return (lut_matvec if decode else lut_matmul)(self._prepared, flat)
-        if flat.device.type == "cpu" and self.cpu_kernel_serves():
-            if self._cpu_prepared is None:
-                self._cpu_prepared = cpu_kernel.prepare(self.qtensor)
-            return (cpu_kernel.matvec if decode else cpu_kernel.matmul)(self._cpu_prepared, flat)
-        return None
+            return (lut_matvec if flat.shape[0] <= MAX_BATCH else lut_matmul)(prepared, flat)
+        return CPU_BACKENDS[backend].product(prepared, flat)
 
-    def _use_kernel(self, x: torch.Tensor) -> bool:
-        """The kernels serve products on CUDA (or everywhere with kernel='triton')."""
+    @staticmethod
+    def _backend_module(backend: str):
+        if backend == "triton":
+            from anybit.kernels import lut_gemv
+
+            return lut_gemv
+        return CPU_BACKENDS[backend]
+
+    def backend(self, device: torch.device | str) -> str:
+        """The backend that serves this layer's products with inputs on `device` (see the module doc)."""
+        device_type = torch.device(device).type
+        key = (self.kernel, device_type)
+        if key not in self._chosen:
+            self._chosen[key] = self._choose_backend(device_type)
+        return self._chosen[key]
+
+    def _choose_backend(self, device_type: str) -> str:
+        if self.kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {self.kernel!r}")
         if self.kernel == "reference":
-            return False
-        if self.kernel == "auto" and not x.is_cuda:
-            return False
-        if self._kernel_unsupported is None:
-            self._kernel_unsupported = kernel_unavailable(self.qtensor)
-            if self._kernel_unsupported:
-                warnings.warn(
-                    f"anybit: no fused kernel ({self._kernel_unsupported}); using the reference path", stacklevel=4
-                )
-        return not self._kernel_unsupported
+            return "reference"
+        if device_type == "cuda" or self.kernel == "triton":
+            reason = kernel_unavailable(self.qtensor)
+            if reason:
+                warnings.warn(f"anybit: no fused kernel ({reason}); using the reference path", stacklevel=5)
+                return "reference"
+            return "triton"
+        if device_type != "cpu" or self.qtensor.bitmap.device.type != "cpu":
+            return "reference"
+        for backend in CPU_PREFERENCE[self.kernel]:
+            if not CPU_BACKENDS[backend].unavailable(self.qtensor):
+                return backend
+        return "reference"
 
     def cpu_kernel_serves(self) -> bool:
-        """Whether the C kernels serve this layer's products (its codes in CPU memory, a layout they have)."""
-        if self.kernel != "auto" or self.qtensor.bitmap.device.type != "cpu":
-            return False
-        if self._cpu_unsupported is None:
-            self._cpu_unsupported = cpu_kernel.unavailable(self.qtensor)
-        return not self._cpu_unsupported
+        """Whether a C kernel serves this layer's products on the CPU."""
+        return self.backend("cpu") in CPU_BACKENDS
 
     def extra_repr(self) -> str:
         qt = self.qtensor
@@ -136,6 +158,14 @@ class QuantLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, kind={qt.kind}, "
             f"group_size={qt.group_size}, bits/weight={qt.bits_per_weight():.3f}"
         )
+
+
+def set_kernel(model: nn.Module, kernel: str) -> None:
+    """Ask every QuantLinear of `model` for one backend (one of KERNELS)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+    for _, layer in quant_linears(model):
+        layer.kernel = kernel
 
 
 def quant_linears(model: nn.Module) -> Iterator[tuple[str, QuantLinear]]:

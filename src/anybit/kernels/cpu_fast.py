@@ -1,0 +1,192 @@
+"""The fast CPU path: products on integer dot products, from codes re-laid at load time (`int8_lut.c`).
+
+What it changes, numerically, against the exact paths: each token's activations are rounded to int8 in
+blocks of 64 columns (one float scale per block), and each codebook's entries to int8 steps of its
+largest magnitude / 127 (uniform grids stay exact: their codes are the integers). `benchmarks/
+fast_path_quality.py` measures what this costs in perplexity; tests bound each product by the error these
+two roundings allow.
+
+Re-laid codes take the same bytes as the stored ones (b 64-bit words per 64 codes of a b-bit segment);
+codebook tables take 2^b bytes and one float scale per segment. Served: axis-0 layouts whose segments
+are whole 64-column blocks (group size and row length multiples of 64), every width 1-8, uniform or
+codebook, with the permutation, scaling vector and outliers of the exact path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from anybit.format.packing import unpack_codes
+from anybit.format.qtensor import QuantizedTensor
+from anybit.kernels import coded_input, outlier_corrections
+from anybit.kernels.build import CompiledKernel
+
+BLOCK = 64  # columns per block of codes and of rounded activations
+TABLE_PAD = 256  # the widest lookup reads four 64-byte registers from a table's start
+RELAY_ROWS = 4096  # segments re-laid at once (bounds the temporaries)
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    lib.anybit_fast_path.restype = ctypes.c_int
+    lib.anybit_fast_path.argtypes = []
+    lib.anybit_fast_matmul.restype = ctypes.c_int
+    lib.anybit_fast_matmul.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 3 + [
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    ]  # fmt: skip
+
+
+KERNEL = CompiledKernel(Path(__file__).with_name("int8_lut.c"), _declare)
+
+
+def code_path() -> str:
+    """The code path the compiled kernel runs: "avx512", "avx2", "portable", or why there is none."""
+    lib = KERNEL.library()
+    return lib if isinstance(lib, str) else ("portable", "avx2", "avx512")[lib.anybit_fast_path()]
+
+
+def unavailable(qt: QuantizedTensor) -> str:
+    """Why the fast path cannot serve this tensor ("" when it can)."""
+    if qt.axis != 0:
+        return "per-column (axis 1) layouts have no CPU kernel"
+    if qt.group_size % BLOCK or qt.shape[1] % BLOCK:
+        return f"group size {qt.group_size} or row length {qt.shape[1]} is not a multiple of {BLOCK}"
+    if qt.bitmap.device.type != "cpu":
+        return "the tensor is not in CPU memory"
+    lib = KERNEL.library()
+    return lib if isinstance(lib, str) else ""
+
+
+@dataclass
+class FastPrepared:
+    """A tensor re-laid for the fast kernel; segments in row-major order."""
+
+    qt: QuantizedTensor
+    codes: torch.Tensor  # uint8: every row's segments, each b 64-bit plane words per block of 64 codes
+    row_offset: torch.Tensor  # int64 (rows,): byte offset of each row in `codes`
+    bits: torch.Tensor  # uint8 (segments,)
+    tables: torch.Tensor | None  # uint8: each codebook segment's 2^b entries, 128 + round(value / scale)
+    table_offset: torch.Tensor | None  # int64 (segments,)
+    offset: torch.Tensor  # int16 (segments,): subtracted from each value (zero point, or 128 for tables)
+    scale: torch.Tensor  # float32 (segments,)
+    outliers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+
+    def nbytes(self) -> int:
+        """Bytes the kernel reads besides the stored tensors: the re-laid codes and the segment tables."""
+        held = [self.codes, self.row_offset, self.bits, self.offset, self.scale]
+        held += [t for t in (self.tables, self.table_offset) if t is not None]
+        return sum(t.numel() * t.element_size() for t in held)
+
+
+def _plane_words(codes: torch.Tensor, b: int) -> torch.Tensor:
+    """(segments, blocks * 64) codes as (segments, blocks * b * 8) bytes: per block, b little-endian words
+    of 64 bits, word q holding bit q of the block's codes."""
+    n, length = codes.shape
+    blocks = codes.view(n, length // BLOCK, 1, BLOCK // 8, 8)
+    planes = torch.empty(n, length // BLOCK, b, BLOCK // 8, dtype=torch.uint8)
+    for q in range(b):
+        bits = (blocks >> q) & 1
+        byte = bits[..., 0].clone()
+        for i in range(1, 8):
+            byte |= bits[..., i] << i
+        planes[:, :, q] = byte[:, :, 0]
+    return planes.view(n, -1)
+
+
+def _segment_tables(books: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16 codebooks (segments, 2^b) as uint8 tables 128 + round(book / scale) and their float32 scales."""
+    values = books.float()
+    scale = values.abs().amax(dim=1) / 127
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    steps = torch.round(values / scale[:, None]).clamp(-127, 127)
+    return (steps + 128).to(torch.uint8), scale
+
+
+def prepare(qt: QuantizedTensor) -> FastPrepared:
+    """The fast kernel's re-laid copy of a tensor it serves (see `unavailable`)."""
+    reason = unavailable(qt)
+    if reason:
+        raise ValueError(reason)
+    widths = qt.bitmap.reshape(-1).to(torch.int64)
+    segment_bytes = widths * (qt.group_size // 8)
+    segment_start = torch.cumsum(segment_bytes, 0) - segment_bytes
+    codes = torch.empty(int(segment_bytes.sum()), dtype=torch.uint8)
+    uniform = qt.kind == "uniform"
+    offset = torch.full((widths.numel(),), 128, dtype=torch.int16)
+    scale = qt.scales.reshape(-1).float().contiguous() if uniform else torch.empty(widths.numel())
+    table_size = 1 << widths
+    table_offset = None if uniform else torch.cumsum(table_size, 0) - table_size
+    tables = None if uniform else torch.zeros(int(table_size.sum()) + TABLE_PAD, dtype=torch.uint8)
+    for b in qt.widths:  # a width's segments are stored in row-major order
+        seg = (widths == b).nonzero()[:, 0]
+        stored = unpack_codes(qt.codes[b], b, seg.numel() * qt.group_size, torch.uint8).view(-1, qt.group_size)
+        for start in range(0, seg.numel(), RELAY_ROWS):
+            part = seg[start : start + RELAY_ROWS]
+            where = segment_start[part][:, None] + torch.arange(int(segment_bytes[part[0]]))
+            codes[where] = _plane_words(stored[start : start + RELAY_ROWS], b)
+        if uniform:
+            offset[seg] = unpack_codes(qt.zeros[b], b, seg.numel(), torch.int16)
+        else:
+            entries, scale[seg] = _segment_tables(qt.codebooks[b])
+            tables[(table_offset[seg][:, None] + torch.arange(1 << b)).reshape(-1)] = entries.reshape(-1)
+    row_offset = segment_start.view(qt.shape[0], -1)[:, 0].contiguous()
+    bits = widths.to(torch.uint8)
+    return FastPrepared(qt, codes, row_offset, bits, tables, table_offset, offset, scale, outlier_corrections(qt))
+
+
+def product(prepared: FastPrepared, x: torch.Tensor) -> torch.Tensor:
+    """y = x Ŵᵀ for x of shape (tokens, in_features), any number of tokens; float32 (tokens, out_features)."""
+    qt = prepared.qt
+    rows, cols = qt.shape
+    if x.dim() != 2 or x.shape[1] != cols or x.device.type != "cpu":
+        raise ValueError(f"x must be a CPU tensor (tokens, {cols}), got {tuple(x.shape)} on {x.device}")
+    xs = coded_input(x, qt.perm, qt.col_scale).float().contiguous()
+    y = torch.empty(x.shape[0], rows, dtype=torch.float32)
+    p = prepared
+    tables = (0, 0) if p.tables is None else (p.tables.data_ptr(), p.table_offset.data_ptr())
+    status = KERNEL.library().anybit_fast_matmul(
+        p.codes.data_ptr(), p.row_offset.data_ptr(), p.bits.data_ptr(), *tables, p.offset.data_ptr(),
+        p.scale.data_ptr(), rows, cols, qt.group_size, xs.data_ptr(), x.shape[0], y.data_ptr(),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    if status:
+        raise MemoryError("the fast CPU kernel could not allocate its scratch for the rounded activations")
+    if p.outliers is not None:
+        out_rows, out_cols, deltas = p.outliers
+        y.index_add_(1, out_rows, deltas[None, :] * x.float()[:, out_cols])
+    return y
+
+
+def emulate(prepared: FastPrepared, x: torch.Tensor) -> torch.Tensor:
+    """What `product` computes, in torch (float64): the rounded activations times the rounded weights. Tests
+    compare the kernel with it, and with the exact product within the rounding's bound."""
+    qt = prepared.qt
+    xs = coded_input(x, qt.perm, qt.col_scale).double()
+    blocks = xs.view(xs.shape[0], -1, BLOCK)
+    step = blocks.abs().amax(dim=2, keepdim=True) / 127
+    safe = torch.where(step > 0, step, torch.ones_like(step))
+    rounded = (torch.round(blocks / safe).clamp(-127, 127) * step).view_as(xs)
+    y = rounded @ rounded_weight(prepared).double().t()
+    if prepared.outliers is not None:
+        out_rows, out_cols, deltas = prepared.outliers
+        y.index_add_(1, out_rows, deltas.double()[None, :] * x.double()[:, out_cols])
+    return y
+
+
+def rounded_weight(prepared: FastPrepared) -> torch.Tensor:
+    """The coded matrix (coded column order, before outliers) as the kernel sees it, codebooks rounded to
+    their int8 tables; float32 (rows, cols)."""
+    qt = prepared.qt
+    books = {}
+    if qt.kind == "codebook":
+        widths = qt.bitmap.reshape(-1).to(torch.int64)
+        for b in qt.widths:
+            seg = (widths == b).nonzero()[:, 0]
+            entries = prepared.tables[prepared.table_offset[seg][:, None] + torch.arange(1 << b)].float() - 128
+            books[b] = entries * prepared.scale[seg][:, None]
+    plain = dataclasses.replace(qt, perm=None, col_scale=None, outliers=None, codebooks=books)
+    return plain.dequantize(torch.float32)

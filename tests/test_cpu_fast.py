@@ -1,0 +1,164 @@
+"""The fast CPU kernel (int8 activations and tables) against the exact product, within the error its two
+roundings allow, for every layout it serves, on every code path this CPU can run."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from anybit.format.qtensor import QuantizedTensor, SparseOutliers
+from anybit.kernels import build, coded_input, cpu_fast
+from anybit.quant.uniform import rtn_quantize
+from anybit.runtime.qlinear import QuantLinear, set_kernel
+from qtensors import codebook_tensor
+
+if reason := cpu_fast.unavailable(codebook_tensor(8, 64, 64, (2,))):
+    pytest.skip(f"no fast CPU kernel here: {reason}", allow_module_level=True)
+
+
+def _cpu_has(*flags: str) -> bool:
+    try:
+        words = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return all(flag in words for flag in flags)
+
+
+PATHS = ["portable", pytest.param("avx2", marks=pytest.mark.skipif(not _cpu_has("avx2", "fma"), reason="no AVX2"))]
+
+
+@pytest.fixture(params=["native", *PATHS])
+def isa(request, monkeypatch):
+    """Each code path the kernel has, compiled for this test (the native build is the CPU's own)."""
+    monkeypatch.setenv("ANYBIT_CPU_ISA", request.param)
+    cpu_fast.KERNEL.cache_clear()
+    yield request.param
+    cpu_fast.KERNEL.cache_clear()
+
+
+def _rounding_bound(prepared: cpu_fast.FastPrepared, x: torch.Tensor) -> torch.Tensor:
+    """Per output, the largest |kernel − exact| the roundings allow: Σ|w|·δx + Σ|x|·δw + Σ δx·δw, with δx half
+    the int8 step of each activation block and δw half the step of each codebook's table (uniform grids are
+    exact), plus float32 summation slack."""
+    qt = prepared.qt
+    xs = coded_input(x, qt.perm, qt.col_scale).double()
+    blocks = xs.view(xs.shape[0], -1, cpu_fast.BLOCK)
+    dx = (blocks.abs().amax(dim=2, keepdim=True) / 127 / 2).expand_as(blocks).reshape_as(xs)
+    coded = cpu_fast.rounded_weight(prepared).double().abs()
+    dw = torch.zeros_like(coded) if qt.kind == "uniform" else _per_column(prepared, prepared.scale.double() / 2)
+    return dx @ coded.t() + xs.abs() @ dw.t() + dx @ dw.t() + _float_slack(prepared, x)
+
+
+def _per_column(prepared: cpu_fast.FastPrepared, per_segment: torch.Tensor) -> torch.Tensor:
+    return per_segment.view(prepared.qt.shape[0], -1).repeat_interleave(prepared.qt.group_size, dim=1)
+
+
+def _float_slack(prepared: cpu_fast.FastPrepared, x: torch.Tensor) -> torch.Tensor:
+    """Float32 rounding of the kernel's sums: relative to the magnitudes summed, the stored values before
+    their offset is taken out included."""
+    qt = prepared.qt
+    uncentred = cpu_fast.rounded_weight(prepared).double().abs()
+    uncentred += _per_column(prepared, (prepared.offset.double() * prepared.scale.double()).abs())
+    return 1e-5 * (coded_input(x, qt.perm, qt.col_scale).double().abs() @ uncentred.t()) + 1e-6
+
+
+def _check(qt: QuantizedTensor) -> None:
+    prepared = cpu_fast.prepare(qt)
+    for tokens in (1, 3, 8, 13):  # one pass, a full pass of eight, and a second, partial pass
+        x = torch.randn(tokens, qt.shape[1])
+        got = cpu_fast.product(prepared, x).double()
+        exact = x.double() @ qt.dequantize().double().t()
+        bound = _rounding_bound(prepared, x)
+        assert bool(((got - exact).abs() <= bound).all()), float(((got - exact).abs() - bound).max())
+        assert bool(((got - cpu_fast.emulate(prepared, x)).abs() <= _float_slack(prepared, x)).all())
+
+
+def test_row_codebooks_of_every_width(isa: str) -> None:
+    torch.manual_seed(1)
+    _check(codebook_tensor(48, 192, 192, (1, 2, 3, 4, 5, 6, 7, 8)))
+
+
+def test_group_codebooks_with_scaling_permutation_and_outliers(isa: str) -> None:
+    torch.manual_seed(3)
+    rows, cols = 24, 256
+    mask = torch.rand(rows, cols) < 0.02
+    qt = codebook_tensor(
+        rows, cols, 64, (2, 3, 4, 8),
+        perm=torch.randperm(cols), col_scale=torch.rand(cols) + 0.5,
+        outliers=SparseOutliers.from_mask(torch.randn(rows, cols), mask),
+    )  # fmt: skip
+    _check(qt)
+
+
+@pytest.mark.parametrize("widths,gs", [((4,), 64), ((1, 2, 3, 4), 64), ((5, 6, 7, 8), 128), ((3,), 256)])
+def test_uniform_grids_per_group_and_per_channel(isa: str, widths: tuple[int, ...], gs: int) -> None:
+    torch.manual_seed(2)
+    rows, cols = 40, 256
+    bitmap = torch.tensor(widths, dtype=torch.uint8)[torch.randint(0, len(widths), (rows, cols // gs))]
+    _check(rtn_quantize(torch.randn(rows, cols) * 0.1, gs, bitmap))
+
+
+def test_uniform_grids_are_exact_up_to_the_activations() -> None:
+    """Integer codes need no table: with activations already on their int8 grid, the product is exact."""
+    torch.manual_seed(7)
+    qt = rtn_quantize(torch.randn(16, 128) * 0.1, 64, torch.full((16, 2), 8, dtype=torch.uint8))
+    x = torch.randint(-127, 128, (2, 128)).float()
+    x[:, 0], x[:, 64] = 127, -127  # each block's largest magnitude is 127: a step of exactly 1
+    prepared = cpu_fast.prepare(qt)
+    error = (cpu_fast.product(prepared, x).double() - x.double() @ qt.dequantize().double().t()).abs()
+    assert bool((error <= _float_slack(prepared, x)).all())
+
+
+def test_code_path_reports_the_build(isa: str) -> None:
+    path = cpu_fast.code_path()
+    if isa == "native":
+        assert path == ("avx512" if _cpu_has("avx512bw", "avx512vbmi", "avx512_vnni") else path)
+    else:
+        assert path == isa
+
+
+def test_an_unknown_isa_is_one_line(monkeypatch) -> None:
+    monkeypatch.setenv("ANYBIT_CPU_ISA", "sse9")
+    with pytest.raises(build.AnybitError, match="ANYBIT_CPU_ISA='sse9' is not one of"):
+        cpu_fast.code_path()
+
+
+def test_same_result_whatever_the_thread_count() -> None:
+    torch.manual_seed(4)
+    prepared = cpu_fast.prepare(codebook_tensor(301, 512, 64, (2, 3, 4)))
+    x = torch.randn(11, 512)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_fast.product(prepared, x)
+        torch.set_num_threads(2)
+        assert torch.equal(cpu_fast.product(prepared, x), one)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_relaid_codes_take_the_stored_bytes() -> None:
+    qt = codebook_tensor(64, 576, 576, (2, 3, 4))
+    prepared = cpu_fast.prepare(qt)
+    assert prepared.codes.numel() == sum(c.numel() for c in qt.codes.values())
+
+
+def test_quant_linear_picks_fast_then_exact_then_reference() -> None:
+    torch.manual_seed(5)
+    layer = QuantLinear(codebook_tensor(32, 128, 64, (3, 4)), bias=torch.randn(32))
+    x = torch.randn(1, 5, 128)
+    assert layer.backend("cpu") == "fast"
+    fast = layer(x)
+    layer.kernel = "exact"
+    assert layer.backend("cpu") == "exact"
+    torch.testing.assert_close(layer(x), x @ layer.dequantize().t() + layer.bias, rtol=1e-5, atol=1e-5)
+    bound = _rounding_bound(layer._prepared["fast"], x[0])
+    assert bool(((fast - layer(x))[0].abs() <= bound).all())
+    narrow = QuantLinear(codebook_tensor(16, 64, 32, (3,)))  # 32-column groups: the exact kernel serves
+    assert "multiple of 64" in cpu_fast.unavailable(narrow.qtensor)
+    assert narrow.backend("cpu") == "exact"
+    model = torch.nn.Sequential(layer, narrow)
+    set_kernel(model, "reference")
+    assert layer.backend("cpu") == narrow.backend("cpu") == "reference"
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        set_kernel(model, "fastest")
