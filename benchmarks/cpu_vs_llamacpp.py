@@ -9,9 +9,11 @@ benchmark tool, never part of anybit's install or tests), and makes GGUFs of the
 importance matrix computed on the calibration text (WikiText-2 validation).
 
 Then, in one run, with the same thread count, batch 1, a 64-token prompt and 128 new tokens: llama-bench on
-each GGUF, and `anybit bench --dtype float32` on the dense reference model and on each ANYBIT_DIR; each in
+each GGUF, and `anybit bench --dtype float32` (its defaults: fast kernel, native decoder, 8-bit embedding
+and head for quantized directories) on the dense reference model and on each ANYBIT_DIR; each in
 a fresh process under /usr/bin/time for its peak resident memory. With --ppl-windows N, each model's
-perplexity by anybit's protocol on the first N WikiText-2 test windows (`anybit eval` reads the GGUFs too).
+perplexity by anybit's protocol on the first N WikiText-2 test windows (`anybit eval` reads the GGUFs too;
+for anybit's directories, with the kernel and head the speed run used).
 One JSON line per model goes to benchmarks/results/cpu_vs_llamacpp.jsonl. Run it on an idle machine:
 llama.cpp's threads spin and collapse when the cores are shared.
 """
@@ -110,17 +112,21 @@ def llama_bench(bin_dir: Path, gguf: Path, threads: int) -> dict:
 
 
 def anybit_bench(model: str, threads: int) -> dict:
+    """`anybit bench` as a user runs it: its defaults (fast kernel, native decoder, 8-bit embedding and head)."""
     out, peak = timed([str(ANYBIT), "bench", model, "--json", "--dtype", "float32", "--prompt-tokens", "64",
                        "--new-tokens", "128"], threads)  # fmt: skip
     result = json.loads(out.strip().splitlines()[-1])
-    return {"prefill_tokens_per_s": result["prefill_tokens_per_s"], "decode_tokens_per_s": result["decode_tokens_per_s"],
-            "peak_rss_mb": peak, "tensor_bytes": result["tensor_bytes"]}  # fmt: skip
+    keys = ("prefill_tokens_per_s", "decode_tokens_per_s", "decoder", "kernel", "tensor_bytes", "kernel_bytes",
+            "head", "head_bits_per_weight")  # fmt: skip
+    return {"peak_rss_mb": peak, **{key: result[key] for key in keys}}
 
 
-def perplexity(model: str, windows: int) -> dict:
+def perplexity(model: str, windows: int, runtime: list[str] = ()) -> dict:
+    """Perplexity by anybit's protocol; `runtime`: the eval options matching what the speed run ran."""
     if not windows:
         return {}
-    out = run([str(ANYBIT), "eval", model, "--json", "--dtype", "float32", "--max-windows", str(windows)]).stdout
+    command = [str(ANYBIT), "eval", model, "--json", "--dtype", "float32", "--max-windows", str(windows), *runtime]
+    out = run(command).stdout
     result = json.loads(out.strip().splitlines()[-1])
     return {"ppl": result["ppl"], "ppl_windows": result["windows"], "bits_per_weight": result.get("bits_per_weight")}
 
@@ -139,7 +145,8 @@ def main() -> None:
         log_result("cpu_vs_llamacpp", {**record, **perplexity(str(gguf), args.ppl_windows)})
     for model in ["smollm2-135m", *args.anybit_dirs]:
         record = {"runtime": "anybit", "model": model, **anybit_bench(model, args.threads)}
-        log_result("cpu_vs_llamacpp", {**record, **perplexity(model, args.ppl_windows)})
+        runtime = ["--kernel", record["kernel"], "--head", record["head"]]
+        log_result("cpu_vs_llamacpp", {**record, **perplexity(model, args.ppl_windows, runtime)})
 
 
 if __name__ == "__main__":

@@ -23,7 +23,9 @@ class SpeedResult:
     decode_tokens_per_s: float  # median over repeats, one token per forward (batch 1, KV cache)
     decode_ms_per_token: float
     cuda_graph: bool  # decode steps replayed from a CUDA graph (static KV cache)
+    decoder: str  # "native" (each step in C, `runtime.native`) or "eager" (Hugging Face's forward)
     tensor_bytes: int  # parameters and buffers the model holds, shared ones once
+    kernel_bytes: int  # what the kernels hold besides them (the fast CPU kernel's re-laid codes and tables)
     peak_gpu_bytes: int | None  # CUDA only: peak allocated during the runs
 
     def to_dict(self) -> dict:
@@ -125,6 +127,17 @@ class StaticDecoder:
             ) from exc
 
 
+def kernel_bytes(model: torch.nn.Module) -> int:
+    """Bytes the kernels' prepared copies hold (the fast CPU kernel's re-laid codes and tables)."""
+    from anybit.runtime.qlinear import quant_linears
+
+    total = 0
+    for _, layer in quant_linears(model, runtime=True):
+        prepared = layer._prepared.get("fast")
+        total += prepared.nbytes() if prepared is not None else 0
+    return total
+
+
 @torch.inference_mode()
 def decode_speed(
     model: torch.nn.Module,
@@ -134,9 +147,11 @@ def decode_speed(
     device: str = "cpu",
     seed: int = 0,
     cuda_graph: bool = False,
+    decoder: str = "native",
 ) -> SpeedResult:
     """Time one prefill of `prompt_tokens` random tokens, then `new_tokens` greedy decode steps; with
-    `cuda_graph`, on a static KV cache with every decode step replayed from one CUDA graph.
+    `cuda_graph`, on a static KV cache with every decode step replayed from one CUDA graph; with
+    `decoder="native"` on the CPU, each step in C where the model is served (else eagerly, after a warning).
 
     A first untimed run warms up kernels and caches; the figures are medians over `repeats` runs.
     """
@@ -148,7 +163,22 @@ def decode_speed(
     ids = torch.randint(0, vocab, (1, prompt_tokens), generator=torch.Generator().manual_seed(seed)).to(dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    if cuda_graph:
+    native = None
+    if decoder == "native" and dev.type == "cpu" and not cuda_graph:
+        from anybit.runtime.native import native_or_warn
+
+        native = native_or_warn(model, prompt_tokens + new_tokens + 1)
+    if native is not None:
+
+        def run_prefill() -> object:
+            native.reset()
+            return native.forward(ids[0])
+
+        def run_decode(logits: object) -> None:
+            for _ in range(new_tokens):
+                logits = native.forward(logits.argmax().reshape(1))
+
+    elif cuda_graph:
         static = StaticDecoder(model, prompt_tokens + new_tokens + 1, graph=True)
 
         def run_prefill() -> object:
@@ -194,6 +224,8 @@ def decode_speed(
         decode_tokens_per_s=new_tokens / decode_s,
         decode_ms_per_token=1000 * decode_s / new_tokens,
         cuda_graph=cuda_graph,
+        decoder="native" if native is not None else "eager",
         tensor_bytes=tensor_bytes(model),
+        kernel_bytes=kernel_bytes(model),
         peak_gpu_bytes=torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
     )

@@ -10,7 +10,17 @@ from typing import TYPE_CHECKING
 
 import click
 
-from anybit.config import DEC_SCORES, DEFAULT_GROUP, DTYPES, SCOPES, WEIGHTINGS, QuantConfig, compute_dtype
+from anybit.config import (
+    DEC_SCORES,
+    DEFAULT_GROUP,
+    DTYPES,
+    HEAD_CHOICES,
+    KERNELS,
+    SCOPES,
+    WEIGHTINGS,
+    QuantConfig,
+    compute_dtype,
+)
 from anybit.errors import AnybitError
 
 if TYPE_CHECKING:
@@ -282,6 +292,43 @@ def _dec_note(plan: object, static: bool, score: str) -> str:
     return f", DEC k_chunk {plan}" + (" (static channels)" if static else "") + f", ranked by {score}"
 
 
+def _runtime_options(kernel: str, head: str, decoder: bool):
+    """--kernel and --head (and --decoder): how a loaded model runs (`pipeline.configure_runtime`)."""
+
+    def apply(f):
+        options = [
+            click.option(
+                "--kernel",
+                type=click.Choice(KERNELS),
+                default=kernel,
+                show_default=True,
+                help="Products of the quantized linears: fast (CPU: int8 activations and tables), exact (CPU: "
+                "the stored values), triton, reference; auto: triton on CUDA, else fast where it serves.",
+            ),
+            click.option(
+                "--head",
+                type=click.Choice(HEAD_CHOICES),
+                default=head,
+                show_default=True,
+                help="A quantized directory's embedding and output head: packed to 8 bits per weight (one "
+                "grid per row), or as stored.",
+            ),
+        ]
+        if decoder:
+            options.append(
+                click.option(
+                    "--decoder",
+                    type=click.Choice(["native", "eager"]),
+                    default="native",
+                    show_default=True,
+                    help="CPU: each decode step in C (Llama family, fast kernel), else Hugging Face's loop.",
+                )
+            )
+        return _apply_options(options, f)
+
+    return apply
+
+
 def _eval_options(f):
     options = [
         click.option("--dataset", default="wikitext2", show_default=True, help="Corpus name or text file."),
@@ -300,6 +347,7 @@ def _eval_options(f):
 @click.option("--reference", default=None, help="Reference model for --kl (default: the source of a quantized DIR).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @_dec_options
+@_runtime_options(kernel="exact", head="dense", decoder=False)
 def eval_cmd(model: str, kl: bool, reference: str | None, as_json: bool, **kwargs: object) -> None:
     """Perplexity of MODEL (a model spec or a quantized DIR)."""
     from anybit.model.loading import load_model
@@ -318,6 +366,8 @@ def eval_cmd(model: str, kl: bool, reference: str | None, as_json: bool, **kwarg
     if loaded.quant_info is not None:
         out["bits_per_weight"] = loaded.quant_info["bits_per_weight"]
         out["method"] = loaded.quant_info["method"]
+    if kwargs["kernel"] != "exact" or kwargs["head"] != "dense":
+        out.update(kernel=kwargs["kernel"], head=kwargs["head"])
     if kwargs["dec"] is not None:
         out["dec"] = kwargs["dec"].to_json()
         out["dec_static"] = kwargs["dec_static"]
@@ -346,9 +396,10 @@ def eval_cmd(model: str, kl: bool, reference: str | None, as_json: bool, **kwarg
 @click.option(
     "--dense-cache",
     is_flag=True,
-    help="Decode every quantized weight once before generating: dense memory, a little faster (CPU: ~10 %).",
+    help="Decode every quantized weight once before generating (dense memory; eager decoding).",
 )
 @_dec_options
+@_runtime_options(kernel="auto", head="int8", decoder=True)
 def generate(
     model: str,
     prompt: str,
@@ -361,6 +412,9 @@ def generate(
     dec: DecPlan | None,
     dec_static: bool,
     dec_score: str,
+    kernel: str,
+    head: str,
+    decoder: str,
 ) -> None:
     """Generate text with MODEL (a model spec or a quantized DIR), streaming it to stdout."""
     from contextlib import nullcontext
@@ -368,16 +422,18 @@ def generate(
     from anybit.generate import check_prompt
     from anybit.generate import generate as run_generation
     from anybit.model.loading import load_model
-    from anybit.pipeline import check_device, dec_compensation
+    from anybit.pipeline import check_device, configure_runtime, dec_compensation
     from anybit.runtime.qlinear import dense_weights
 
     check_device(device)
     check_prompt(prompt)
     loaded = load_model(model)
     loaded.model.to(device)
+    configure_runtime(loaded, kernel, head)
     dec_context = dec_compensation(loaded, dec, dec_static, dec_score)
+    native = decoder == "native" and not dense_cache
     with dense_weights(loaded.model) if dense_cache else nullcontext(), dec_context:
-        run_generation(loaded, prompt, max_new_tokens, chat, device, temperature, seed)
+        run_generation(loaded, prompt, max_new_tokens, chat, device, temperature, seed, native=native)
 
 
 @main.command()
@@ -393,6 +449,7 @@ def generate(
 @click.option("--cuda-graph", is_flag=True, help="CUDA: static KV cache, each decode step replayed from a graph.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @_dec_options
+@_runtime_options(kernel="auto", head="int8", decoder=True)
 def bench(
     model: str,
     prompt_tokens: int,
@@ -406,6 +463,9 @@ def bench(
     dec: DecPlan | None,
     dec_static: bool,
     dec_score: str,
+    kernel: str,
+    head: str,
+    decoder: str,
 ) -> None:
     """Prefill and decode speed of MODEL (a model spec or a quantized DIR), batch 1 with a KV cache."""
     from contextlib import nullcontext
@@ -414,7 +474,7 @@ def bench(
 
     from anybit.bench import decode_speed
     from anybit.model.loading import load_model
-    from anybit.pipeline import check_device, dec_compensation
+    from anybit.pipeline import check_device, configure_runtime, dec_compensation
     from anybit.runtime.qlinear import dense_weights
 
     check_device(device)
@@ -422,10 +482,15 @@ def bench(
         raise AnybitError("--cuda-graph needs --device cuda")
     loaded = load_model(model, dtype=getattr(torch, compute_dtype(dtype, device)))
     loaded.model.to(device)
+    head_info = configure_runtime(loaded, kernel, head)
     dec_context = dec_compensation(loaded, dec, dec_static, dec_score)
     with dense_weights(loaded.model) if dense_cache else nullcontext(), dec_context:
-        result = decode_speed(loaded.model, prompt_tokens, new_tokens, repeats, device, cuda_graph=cuda_graph)
-    out = {"model": model, **result.to_dict(), "dense_cache": dense_cache}
+        result = decode_speed(
+            loaded.model, prompt_tokens, new_tokens, repeats, device, cuda_graph=cuda_graph,
+            decoder="eager" if dense_cache else decoder,
+        )  # fmt: skip
+    out = {"model": model, **result.to_dict(), "dense_cache": dense_cache, "kernel": kernel}
+    out.update(head=head_info.kind, head_bits_per_weight=head_info.bits_per_weight, head_weights=head_info.weights)
     out.update(dec=None if dec is None else dec.to_json(), dec_static=dec_static, dec_score=dec_score)
     if as_json:
         click.echo(json.dumps(out))
@@ -433,8 +498,12 @@ def bench(
     line = (
         f"{model} on {result.device} ({result.dtype}): prefill {result.prefill_tokens_per_s:.1f} tokens/s "
         f"({prompt_tokens} tokens), decode {result.decode_tokens_per_s:.2f} tokens/s "
-        f"({result.decode_ms_per_token:.1f} ms/token), {_mb(result.tensor_bytes)} of tensors"
+        f"({result.decode_ms_per_token:.1f} ms/token, {result.decoder}), {_mb(result.tensor_bytes)} of tensors"
     )
+    if result.kernel_bytes:
+        line += f" + {_mb(result.kernel_bytes)} re-laid for the kernel"
+    if head_info.kind != "dense":
+        line += f"; embedding and head at {head_info.bits_per_weight:.2f} bits/weight"
     if result.peak_gpu_bytes is not None:
         line += f", peak GPU {_mb(result.peak_gpu_bytes)}"
     if dec is not None:

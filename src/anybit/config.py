@@ -16,6 +16,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: see `compute_dtype`
 WEIGHTINGS = ("activation", "fisher", "none")
 SCOPES = ("matrix", "model")
 DEC_SCORES = ("activation", "contribution")  # how dynamic error compensation ranks input channels
+KERNELS = ("auto", "fast", "exact", "triton", "reference")  # backends of the quantized linears (runtime.qlinear)
+HEAD_CHOICES = ("int8", "dense")  # the embedding and output head at run time (runtime.head)
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 
 

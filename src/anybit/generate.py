@@ -44,10 +44,12 @@ def generate(
     seed: int = 0,
     stream: TextIO | None = None,
     quiet: bool = False,
+    native: bool = True,
 ) -> str:
     """Generate a continuation (greedy when temperature is 0) and return the new text.
 
-    The text is streamed to `stream` (default: the current stdout) unless `quiet`.
+    The text is streamed to `stream` (default: the current stdout) unless `quiet`. With `native` on the
+    CPU, each step runs in C where the model is served (`runtime.native`), else Hugging Face's loop.
     """
     from transformers import TextStreamer
 
@@ -65,6 +67,14 @@ def generate(
             text, end="\n" if stream_end else "", file=stream, flush=True
         )
     torch.manual_seed(seed)
+    decoder = None
+    if native and torch.device(device).type == "cpu":
+        from anybit.runtime.native import native_or_warn
+
+        decoder = native_or_warn(model, ids.shape[1] + max_new_tokens)
+    if decoder is not None:
+        new = _native_tokens(decoder, ids, max_new_tokens, temperature, _eos_ids(model, tokenizer), streamer)
+        return tokenizer.decode(new, skip_special_tokens=True)
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     out = model.generate(
         ids,
@@ -75,3 +85,36 @@ def generate(
         **sampling,
     )
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def _eos_ids(model: torch.nn.Module, tokenizer) -> set[int]:
+    """The token ids that end a generation: the model's generation config's, else the tokenizer's."""
+    config = getattr(model, "generation_config", None)
+    eos = getattr(config, "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+
+
+def _native_tokens(
+    decoder, ids: torch.Tensor, max_new_tokens: int, temperature: float, eos: set[int], streamer
+) -> list[int]:
+    """New token ids from the native decoder: greedy, or sampled at `temperature` (torch's seeded generator)."""
+    logits = decoder.forward(ids[0])
+    if streamer is not None:
+        streamer.put(ids)  # the prompt, which the streamer skips (as in model.generate)
+    new: list[int] = []
+    for _ in range(max_new_tokens):
+        if temperature > 0:
+            token = int(torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1))
+        else:
+            token = int(logits.argmax())
+        new.append(token)
+        if streamer is not None:
+            streamer.put(torch.tensor([token]))
+        if token in eos or len(new) == max_new_tokens:
+            break
+        logits = decoder.forward(torch.tensor([token]))
+    if streamer is not None:
+        streamer.end()
+    return new

@@ -41,7 +41,8 @@ from anybit.runtime.dec import (
     compensation,
     quantize_residual,
 )
-from anybit.runtime.qlinear import dense_weights, quant_linears
+from anybit.runtime.head import HeadInfo, quantize_head
+from anybit.runtime.qlinear import dense_weights, quant_linears, set_kernel
 
 
 @dataclass
@@ -145,6 +146,13 @@ def _calibration(tokenizer, model: torch.nn.Module, config: QuantConfig) -> torc
     return calibration_windows(ids, config.nsamples, config.seqlen, config.seed)
 
 
+def configure_runtime(loaded: LoadedModel, kernel: str = "auto", head: str = "dense") -> HeadInfo:
+    """Ask every quantized linear for `kernel` (`runtime.qlinear.KERNELS`) and, for a quantized directory
+    with `head="int8"`, pack its embedding and output head to 8 bits (`runtime.head`); what the head holds."""
+    set_kernel(loaded.model, kernel)
+    return quantize_head(loaded.model, head if loaded.kind == "quantized" else "dense")
+
+
 def evaluate_spec(
     loaded: LoadedModel,
     dataset: str = "wikitext2",
@@ -157,13 +165,17 @@ def evaluate_spec(
     dec: DecPlan | int | str | None = None,
     dec_static: bool = False,
     dec_score: str = "activation",
+    kernel: str = "exact",
+    head: str = "dense",
 ) -> EvalResult:
     """Perplexity of a loaded model on a corpus (and KL/top-1 against `reference` if given).
 
     `dec` (a k_chunk or a `DecPlan`) turns on dynamic error compensation from the directory's stored
-    residuals.
+    residuals. `kernel` and `head` choose the runtime (`configure_runtime`): by default the exact products
+    and the stored head, so that figures measure the quantization alone.
     """
     check_device(device)
+    configure_runtime(loaded, kernel, head)
     torch_dtype = getattr(torch, compute_dtype(dtype, device))
     windows = eval_windows(corpus_ids(loaded, dataset), seqlen, max_windows)
     model = loaded.model.to(device=device, dtype=torch_dtype)

@@ -210,6 +210,31 @@ class QuantizedTensor:
             self.outliers.apply_(W)
         return W
 
+    def dequantize_rows(self, rows: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Rows of the dense weight (an embedding lookup), decoding only their codes. For axis-0 tensors of
+        one width, without permutation, scaling vector or outliers (what `runtime.head` stores)."""
+        widths = self.widths
+        if self.axis != 0 or len(widths) != 1 or self.perm is not None or self.col_scale is not None:
+            raise ValueError("dequantize_rows takes axis-0 tensors of one width, without permutation or scaling")
+        if self.outliers is not None:
+            raise ValueError("dequantize_rows does not apply outliers")
+        b, groups, cols = widths[0], self.bitmap.shape[1], self.shape[1]
+        flat = rows.reshape(-1).to(torch.int64)
+        row_bytes = cols // 8 * b  # every row's segments are stored together, rows in order
+        index = flat[:, None] * row_bytes + torch.arange(row_bytes, device=flat.device)
+        q = unpack_codes(self.codes[b][index.reshape(-1)], b, flat.numel() * cols, dtype).view(
+            -1, groups, self.group_size
+        )
+        segments = flat[:, None] * groups + torch.arange(groups, device=flat.device)
+        if self.kind == "uniform":
+            zeros = unpack_codes(self.zeros[b], b, self.bitmap.numel(), dtype)[segments]
+            scales = self.scales.reshape(-1)[segments].to(dtype)
+            values = dequantize_from_grid(q, scales[..., None], zeros[..., None])
+        else:
+            books = self.codebooks[b].to(dtype)[segments]  # (n, groups, 2**b)
+            values = torch.gather(books, 2, q.to(torch.int64))
+        return values.reshape(*rows.shape, cols)
+
     # ---- storage ------------------------------------------------------------------------------
     def to_tensors(self) -> dict[str, torch.Tensor]:
         """Exactly the tensors that are stored (names relative to this matrix)."""

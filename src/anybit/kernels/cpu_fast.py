@@ -6,7 +6,8 @@ largest magnitude / 127 (uniform grids stay exact: their codes are the integers)
 fast_path_quality.py` measures what this costs in perplexity; tests bound each product by the error these
 two roundings allow.
 
-Re-laid codes take the same bytes as the stored ones (b 64-bit words per 64 codes of a b-bit segment);
+Re-laid codes take the same bytes as the stored ones (b 64-bit words per 64 codes of a b-bit segment, or
+the 64 bytes themselves at 8 bits);
 codebook tables take 2^b bytes and one float scale per segment. Served: axis-0 layouts whose segments
 are whole 64-column blocks (group size and row length multiples of 64), every width 1-8, uniform or
 codebook, with the permutation, scaling vector and outliers of the exact path.
@@ -35,7 +36,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.anybit_fast_path.restype = ctypes.c_int
     lib.anybit_fast_path.argtypes = []
     lib.anybit_fast_matmul.restype = ctypes.c_int
-    lib.anybit_fast_matmul.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 3 + [
+    lib.anybit_fast_matmul.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 3 + [
         ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     ]  # fmt: skip
 
@@ -68,6 +69,7 @@ class FastPrepared:
     qt: QuantizedTensor
     codes: torch.Tensor  # uint8: every row's segments, each b 64-bit plane words per block of 64 codes
     row_offset: torch.Tensor  # int64 (rows,): byte offset of each row in `codes`
+    order: torch.Tensor  # int64 (rows,): the rows in the order the kernel takes them, rows of one width together
     bits: torch.Tensor  # uint8 (segments,)
     tables: torch.Tensor | None  # uint8: each codebook segment's 2^b entries, 128 + round(value / scale)
     table_offset: torch.Tensor | None  # int64 (segments,)
@@ -77,14 +79,16 @@ class FastPrepared:
 
     def nbytes(self) -> int:
         """Bytes the kernel reads besides the stored tensors: the re-laid codes and the segment tables."""
-        held = [self.codes, self.row_offset, self.bits, self.offset, self.scale]
+        held = [self.codes, self.row_offset, self.order, self.bits, self.offset, self.scale]
         held += [t for t in (self.tables, self.table_offset) if t is not None]
         return sum(t.numel() * t.element_size() for t in held)
 
 
 def _plane_words(codes: torch.Tensor, b: int) -> torch.Tensor:
     """(segments, blocks * 64) codes as (segments, blocks * b * 8) bytes: per block, b little-endian words
-    of 64 bits, word q holding bit q of the block's codes."""
+    of 64 bits, word q holding bit q of the block's codes; 8-bit codes stay one byte each, in order."""
+    if b == 8:
+        return codes.contiguous()
     n, length = codes.shape
     blocks = codes.view(n, length // BLOCK, 1, BLOCK // 8, 8)
     planes = torch.empty(n, length // BLOCK, b, BLOCK // 8, dtype=torch.uint8)
@@ -111,9 +115,14 @@ def prepare(qt: QuantizedTensor) -> FastPrepared:
     reason = unavailable(qt)
     if reason:
         raise ValueError(reason)
+    rows, groups = qt.bitmap.shape
     widths = qt.bitmap.reshape(-1).to(torch.int64)
+    order = torch.sort(qt.bitmap[:, 0], stable=True).indices.to(torch.int64)  # rows of one width together
     segment_bytes = widths * (qt.group_size // 8)
-    segment_start = torch.cumsum(segment_bytes, 0) - segment_bytes
+    row_bytes = segment_bytes.view(rows, groups).sum(dim=1)
+    row_offset = torch.empty(rows, dtype=torch.int64)
+    row_offset[order] = torch.cumsum(row_bytes[order], 0) - row_bytes[order]  # laid out in the kernel's order
+    segment_start = (row_offset[:, None] + torch.cumsum(segment_bytes.view(rows, groups), 1)).view(-1) - segment_bytes
     codes = torch.empty(int(segment_bytes.sum()), dtype=torch.uint8)
     uniform = qt.kind == "uniform"
     offset = torch.full((widths.numel(),), 128, dtype=torch.int16)
@@ -133,9 +142,10 @@ def prepare(qt: QuantizedTensor) -> FastPrepared:
         else:
             entries, scale[seg] = _segment_tables(qt.codebooks[b])
             tables[(table_offset[seg][:, None] + torch.arange(1 << b)).reshape(-1)] = entries.reshape(-1)
-    row_offset = segment_start.view(qt.shape[0], -1)[:, 0].contiguous()
     bits = widths.to(torch.uint8)
-    return FastPrepared(qt, codes, row_offset, bits, tables, table_offset, offset, scale, outlier_corrections(qt))
+    return FastPrepared(
+        qt, codes, row_offset, order, bits, tables, table_offset, offset, scale, outlier_corrections(qt)
+    )
 
 
 def product(prepared: FastPrepared, x: torch.Tensor) -> torch.Tensor:
@@ -149,7 +159,8 @@ def product(prepared: FastPrepared, x: torch.Tensor) -> torch.Tensor:
     p = prepared
     tables = (0, 0) if p.tables is None else (p.tables.data_ptr(), p.table_offset.data_ptr())
     status = KERNEL.library().anybit_fast_matmul(
-        p.codes.data_ptr(), p.row_offset.data_ptr(), p.bits.data_ptr(), *tables, p.offset.data_ptr(),
+        p.codes.data_ptr(), p.row_offset.data_ptr(), p.order.data_ptr(), p.bits.data_ptr(), *tables,
+        p.offset.data_ptr(),
         p.scale.data_ptr(), rows, cols, qt.group_size, xs.data_ptr(), x.shape[0], y.data_ptr(),
         torch.get_num_threads(),
     )  # fmt: skip

@@ -25,11 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from anybit.config import KERNELS
 from anybit.format.qtensor import QuantizedTensor
 from anybit.kernels import MAX_BATCH, cpu_fast, triton_available
 from anybit.kernels import cpu as cpu_exact
 
-KERNELS = ("auto", "fast", "exact", "triton", "reference")
 CPU_BACKENDS = {"fast": cpu_fast, "exact": cpu_exact}  # each: unavailable(qt), prepare(qt), product(p, x)
 CPU_PREFERENCE = {"auto": ("fast", "exact"), "fast": ("fast", "exact"), "exact": ("exact",)}
 
@@ -45,6 +45,8 @@ def kernel_unavailable(qtensor: QuantizedTensor) -> str:
 
 class QuantLinear(nn.Module):
     """y = x Ŵᵀ + b with Ŵ decoded from a `QuantizedTensor`."""
+
+    stored = True  # part of the quantized model as written (False: made at run time, `runtime.head`)
 
     def __init__(self, qtensor: QuantizedTensor, bias: torch.Tensor | None = None) -> None:
         super().__init__()
@@ -105,14 +107,18 @@ class QuantLinear(nn.Module):
         backend = self.backend(flat.device)
         if backend == "reference":
             return None
-        if backend not in self._prepared:
-            self._prepared[backend] = self._backend_module(backend).prepare(self.qtensor)
-        prepared = self._prepared[backend]
+        prepared = self.prepared(backend)
         if backend == "triton":
             from anybit.kernels.lut_gemv import lut_matmul, lut_matvec
 
             return (lut_matvec if flat.shape[0] <= MAX_BATCH else lut_matmul)(prepared, flat)
         return CPU_BACKENDS[backend].product(prepared, flat)
+
+    def prepared(self, backend: str):
+        """The backend's prepared view of this layer's codes (made on first use, kept)."""
+        if backend not in self._prepared:
+            self._prepared[backend] = self._backend_module(backend).prepare(self.qtensor)
+        return self._prepared[backend]
 
     @staticmethod
     def _backend_module(backend: str):
@@ -164,14 +170,15 @@ def set_kernel(model: nn.Module, kernel: str) -> None:
     """Ask every QuantLinear of `model` for one backend (one of KERNELS)."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
-    for _, layer in quant_linears(model):
+    for _, layer in quant_linears(model, runtime=True):
         layer.kernel = kernel
 
 
-def quant_linears(model: nn.Module) -> Iterator[tuple[str, QuantLinear]]:
-    """All `QuantLinear` modules of a model, with their names."""
+def quant_linears(model: nn.Module, runtime: bool = False) -> Iterator[tuple[str, QuantLinear]]:
+    """The stored `QuantLinear` modules of a model, with their names; with `runtime`, also those made at run
+    time (the 8-bit head)."""
     for name, module in model.named_modules():
-        if isinstance(module, QuantLinear):
+        if isinstance(module, QuantLinear) and (module.stored or runtime):
             yield name, module
 
 

@@ -1,0 +1,140 @@
+"""The fast CPU kernel against the machine's read bandwidth, for every layout the recipes store.
+
+Usage: python benchmarks/cpu_kernel_bandwidth.py [--weights 268435456] [--rounds 5] [--batches 1,8]
+
+For each layout (per-row codebooks of mixed widths at anybit's 2.25, 3.25 and 4.25 bits, group
+codebooks, uniform grids per channel and per group at 2-4 bits, SliM-LLM's group bit maps, SqueezeLLM's
+outliers with SKIM's scaling vector and a permutation), a set of 4096×4096 matrices holding `--weights`
+weights in all (far more bytes than the last-level cache), with random codes: the time of one product
+of every matrix with a (batch, 4096) input, as the median of `--rounds`. Bandwidth is the bytes the
+kernel reads (its re-laid codes, tables, scales and zero points) per second, beside the machine's read
+bandwidth measured in the same run by a streaming sum over 1 GiB. One JSON line per layout and batch
+to benchmarks/results/cpu_kernel_bandwidth.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from _common import log_result
+from anybit.format.qtensor import QuantizedTensor, SparseOutliers
+from anybit.kernels import cpu_fast
+from anybit.quant.uniform import rtn_quantize
+
+SIDE = 4096
+
+
+def _widths(mix: dict[int, float], rows: int, groups: int, per_row: bool) -> torch.Tensor:
+    """A bit map drawing widths with the shares in `mix` (one per row, or one per segment)."""
+    widths = torch.tensor(list(mix), dtype=torch.uint8)
+    shares = torch.tensor(list(mix.values()))
+    draw = torch.multinomial(shares, rows if per_row else rows * groups, replacement=True)
+    chosen = widths[draw]
+    return chosen[:, None].expand(rows, groups).contiguous() if per_row else chosen.view(rows, groups)
+
+
+def _codebook(mix: dict[int, float], group: int, per_row: bool = True, **extras) -> QuantizedTensor:
+    groups = SIDE // group
+    bitmap = _widths(mix, SIDE, groups, per_row)
+    codes = torch.randint(0, 256, (SIDE, SIDE), dtype=torch.uint8) % (1 << bitmap.long()).repeat_interleave(group, 1)
+    books = torch.randn(SIDE, groups, 1 << max(mix)).sort(dim=-1).values * 0.02
+    return QuantizedTensor.from_codebook(codes, books, bitmap, (SIDE, SIDE), group, **extras)
+
+
+def _uniform(mix: dict[int, float], group: int, per_segment: bool = False) -> QuantizedTensor:
+    groups = SIDE // group
+    if per_segment:  # SliM-LLM: one width per group, shared by all rows
+        bitmap = _widths(mix, 1, groups, per_row=False).expand(SIDE, groups).contiguous()
+    else:
+        bitmap = _widths(mix, SIDE, groups, per_row=True)
+    return rtn_quantize(torch.randn(SIDE, SIDE) * 0.02, group, bitmap)
+
+
+def _squeezellm_like() -> QuantizedTensor:
+    mask = torch.rand(SIDE, SIDE) < 0.0045
+    return _codebook(
+        {3: 1.0}, SIDE, perm=torch.randperm(SIDE), col_scale=torch.rand(SIDE) + 0.5,
+        outliers=SparseOutliers.from_mask(torch.randn(SIDE, SIDE) * 0.02, mask),
+    )  # fmt: skip
+
+
+LAYOUTS = {
+    "row codebooks 2.25 (anybit)": lambda: _codebook({2: 0.75, 3: 0.25}, SIDE),
+    "row codebooks 3.25 (anybit)": lambda: _codebook({3: 0.75, 4: 0.25}, SIDE),
+    "row codebooks 4.25 (anybit)": lambda: _codebook({4: 0.75, 5: 0.25}, SIDE),
+    "group codebooks g64, 3-bit": lambda: _codebook({3: 1.0}, 64, per_row=False),
+    "uniform per channel, 4-bit": lambda: _uniform({4: 1.0}, SIDE),
+    "uniform g64, 2-bit": lambda: _uniform({2: 1.0}, 64),
+    "uniform g64, 3-bit (gptq3)": lambda: _uniform({3: 1.0}, 64),
+    "uniform g64, 4-bit (gptq4)": lambda: _uniform({4: 1.0}, 64),
+    "group bit map g64, 2-4 bits (slim)": lambda: _uniform({2: 0.25, 3: 0.5, 4: 0.25}, 64, per_segment=True),
+    "row codebooks 3-bit + outliers, scaling, permutation": _squeezellm_like,
+}
+
+
+def read_bandwidth(rounds: int) -> float:
+    """GB/s of a streaming sum over 1 GiB of float32 (torch, all its threads): the machine's read speed."""
+    data = torch.ones(1 << 28)
+    seconds = []
+    for _ in range(rounds + 1):
+        start = time.perf_counter()
+        data.sum()
+        seconds.append(time.perf_counter() - start)
+    return data.numel() * 4 / statistics.median(seconds[1:]) / 1e9
+
+
+def _copies(prepared: cpu_fast.FastPrepared, count: int) -> list[cpu_fast.FastPrepared]:
+    """`count` independent copies (own memory) of one prepared matrix."""
+    fields = ("codes", "row_offset", "order", "bits", "tables", "table_offset", "offset", "scale")
+
+    def copy() -> cpu_fast.FastPrepared:
+        tensors = {f: None if getattr(prepared, f) is None else getattr(prepared, f).clone() for f in fields}
+        return cpu_fast.FastPrepared(prepared.qt, **tensors, outliers=prepared.outliers)
+
+    return [copy() for _ in range(count)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--weights", type=int, default=1 << 28)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--layouts", default=None, help="comma-separated prefixes of the layouts to run")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    bandwidth = read_bandwidth(args.rounds)
+    count = max(1, args.weights // (SIDE * SIDE))
+    for name, build in LAYOUTS.items():
+        if args.layouts and not any(name.startswith(p) for p in args.layouts.split(",")):
+            continue
+        qt = build()
+        matrices = _copies(cpu_fast.prepare(qt), count)
+        read = sum(m.nbytes() for m in matrices)
+        for batch in (int(b) for b in args.batches.split(",")):
+            x = torch.randn(batch, SIDE)
+            seconds = []
+            for _ in range(args.rounds + 1):  # round 0 warms up
+                start = time.perf_counter()
+                for m in matrices:
+                    cpu_fast.product(m, x)
+                seconds.append(time.perf_counter() - start)
+            median = statistics.median(seconds[1:])
+            log_result(
+                "cpu_kernel_bandwidth",
+                {
+                    "layout": name, "batch": batch, "code_path": cpu_fast.code_path(), "matrices": count,
+                    "weights": count * SIDE * SIDE, "counted_bits": qt.bits_per_weight(),
+                    "kernel_bytes": read, "seconds": median, "kernel_gbs": read / median / 1e9,
+                    "read_gbs": bandwidth, "fraction_of_read": read / median / 1e9 / bandwidth,
+                    "gweights_per_s": count * SIDE * SIDE / median / 1e9,
+                },
+            )  # fmt: skip
+        del matrices
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""What the fast CPU path costs in perplexity: the same quantized directories scored on the exact products,
+on the fast kernel (int8 activations and codebook tables), and on the fast kernel with the 8-bit embedding
+and head that `generate` and `bench` use.
+
+Usage: python benchmarks/fast_path_quality.py DIR [DIR ...] [--max-windows N] [--configs exact:dense,fast:dense,fast:int8]
+
+Each configuration is `anybit eval DIR --json --dtype float32 --kernel K --head H` in a fresh process (the
+reference protocol: WikiText-2 test, windows of 2048). One JSON line per directory and configuration to
+benchmarks/results/fast_path_quality.jsonl, with the relative change against the first configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from _common import log_result
+
+ANYBIT = Path(sys.executable).with_name("anybit")
+
+
+def score(directory: str, kernel: str, head: str, max_windows: int | None) -> dict:
+    command = [str(ANYBIT), "eval", directory, "--json", "--dtype", "float32", "--kernel", kernel, "--head", head]
+    if max_windows:
+        command += ["--max-windows", str(max_windows)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{' '.join(command)} failed: {done.stderr.strip().splitlines()[-1:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("dirs", nargs="+")
+    parser.add_argument("--max-windows", type=int, default=None, help="default: the full test (147 windows)")
+    parser.add_argument("--configs", default="exact:dense,fast:dense,fast:int8")
+    args = parser.parse_args()
+    for directory in args.dirs:
+        first = None
+        for config in args.configs.split(","):
+            kernel, head = config.split(":")
+            result = score(directory, kernel, head, args.max_windows)
+            first = first or result["ppl"]
+            log_result(
+                "fast_path_quality",
+                {
+                    "dir": directory, "kernel": kernel, "head": head, "ppl": result["ppl"],
+                    "windows": result["windows"], "seconds": result["seconds"],
+                    "bits_per_weight": result.get("bits_per_weight"), "change_vs_first": result["ppl"] / first - 1,
+                },
+            )  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""Native decoding on the CPU: each step (one token, or a prompt's tokens) runs every decoder layer in C
+(`kernels/int8_lut.c`, `anybit_decode_step`) on the fast kernel's re-laid matrices, with no Python per layer.
+
+Served: the Llama family (llama, mistral, qwen2, qwen3: RMS norms, rotary embeddings from the model's own
+rotary module, grouped-query attention with an optional sliding window, q/k norms, gated SiLU MLP) when every
+decoder linear is a `QuantLinear` the fast kernel serves. The head runs there too when it is a fast
+`QuantLinear` (`runtime.head`); a dense head multiplies in torch. `native_unavailable` says why a model is
+not served; callers then decode eagerly (Hugging Face's loop) after one warning.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import warnings
+
+import torch
+from torch import nn
+
+from anybit.kernels import cpu_fast
+from anybit.runtime.qlinear import QuantLinear
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
+PATHS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+         "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}  # fmt: skip
+PREFILL_CHUNK = 256  # prompt tokens per native call (bounds its scratch memory)
+
+_P = ctypes.c_void_p
+_I = ctypes.c_int64
+
+
+class _Matrix(ctypes.Structure):
+    _fields_ = [
+        ("codes", _P), ("row_off", _P), ("order", _P), ("bits", _P), ("tables", _P), ("table_off", _P), ("offset", _P),
+        ("scale", _P), ("rows", _I), ("cols", _I), ("group_size", _I), ("perm", _P), ("col_scale", _P),
+        ("n_outliers", _I), ("outlier_rows", _P), ("outlier_cols", _P), ("outlier_deltas", _P), ("bias", _P),
+    ]  # fmt: skip
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [*((name, _Matrix) for name in LINEARS), ("attn_norm", _P), ("mlp_norm", _P), ("q_norm", _P),
+                ("k_norm", _P)]  # fmt: skip
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [
+        ("n_layers", _I), ("hidden", _I), ("heads", _I), ("kv_heads", _I), ("head_dim", _I), ("intermediate", _I),
+        ("max_len", _I), ("window", _I), ("vocab", _I), ("eps", ctypes.c_float), ("attn_scale", ctypes.c_float),
+        ("layers", ctypes.POINTER(_Layer)), ("final_norm", _P), ("head", ctypes.POINTER(_Matrix)), ("cos", _P),
+        ("sin", _P), ("k_cache", _P), ("v_cache", _P),
+    ]  # fmt: skip
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    lib.anybit_decode_step.restype = ctypes.c_int
+    lib.anybit_decode_step.argtypes = [ctypes.POINTER(_Model), _P, _I, _I, _P, ctypes.c_int]
+
+
+def _fast_layer(module: nn.Module) -> bool:
+    return isinstance(module, QuantLinear) and module.backend("cpu") == "fast"
+
+
+def native_unavailable(model: nn.Module) -> str:
+    """Why the native decoder cannot run this model ("" when it can)."""
+    config = model.config
+    if config.model_type not in FAMILIES:
+        return f"the {config.model_type} architecture has no native decoder (served: {', '.join(FAMILIES)})"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"activation {config.hidden_act} (the native decoder has SiLU)"
+    if config.model_type != "mistral" and getattr(config, "use_sliding_window", False):
+        return "sliding-window layers mixed with full attention"
+    if next(model.parameters()).device.type != "cpu":
+        return "the model is not on the CPU"
+    for index, layer in enumerate(model.model.layers):
+        for name in LINEARS:
+            module = layer.get_submodule(PATHS[name])
+            if not _fast_layer(module):
+                return f"layer {index} {PATHS[name]} is not a quantized linear the fast CPU kernel serves"
+            if module._forward_hooks or module._forward_pre_hooks:
+                return f"layer {index} {PATHS[name]} has hooks (such as --dec's compensation), which run in Python"
+    lib = cpu_fast.KERNEL.library()
+    return lib if isinstance(lib, str) else ""
+
+
+def _pointer(tensor: torch.Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
+
+
+class NativeDecoder:
+    """Batch-1 decoding of a served model (see `native_unavailable`) on a KV cache of `max_len` positions."""
+
+    def __init__(self, model: nn.Module, max_len: int) -> None:
+        reason = native_unavailable(model)
+        if reason:
+            raise ValueError(reason)
+        config, self.model = model.config, model
+        self.max_len = max_len
+        self._keep: list[torch.Tensor] = []  # every tensor the C structures point into
+        layers = model.model.layers
+        attention = layers[0].self_attn
+        self.head_dim = attention.head_dim
+        heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.k_cache = torch.zeros(len(layers), kv_heads, max_len, self.head_dim)
+        self.v_cache = torch.zeros_like(self.k_cache)
+        cos, sin = self._rotary_tables(max_len)
+        self._layers = (_Layer * len(layers))(*(self._layer(layer) for layer in layers))
+        head = model.get_output_embeddings()
+        self._head = self._matrix(head) if _fast_layer(head) else None
+        self.vocab = config.vocab_size
+        window = getattr(config, "sliding_window", None) if config.model_type == "mistral" else None
+        self._model = _Model(
+            n_layers=len(layers), hidden=config.hidden_size, heads=heads, kv_heads=kv_heads, head_dim=self.head_dim,
+            intermediate=layers[0].mlp.down_proj.in_features, max_len=max_len, window=window or 0,
+            vocab=self.vocab, eps=config.rms_norm_eps, attn_scale=attention.scaling, layers=self._layers,
+            final_norm=self._float(model.model.norm.weight),
+            head=ctypes.pointer(self._head) if self._head is not None else None,
+            cos=self._hold(cos), sin=self._hold(sin), k_cache=self.k_cache.data_ptr(), v_cache=self.v_cache.data_ptr(),
+        )  # fmt: skip
+        self.position = 0
+
+    def _hold(self, tensor: torch.Tensor) -> int:
+        tensor = tensor.contiguous()
+        self._keep.append(tensor)
+        return tensor.data_ptr()
+
+    def _float(self, tensor: torch.Tensor | None) -> int | None:
+        return None if tensor is None else self._hold(tensor.detach().float())
+
+    def _rotary_tables(self, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin (max_len, head_dim) from the model's own rotary module (its scaling included)."""
+        rotary = self.model.model.rotary_emb
+        probe = torch.zeros(1, 1, self.head_dim)
+        cos, sin = rotary(probe, torch.arange(max_len)[None, :])
+        return cos[0].float(), sin[0].float()
+
+    def _matrix(self, layer: QuantLinear) -> _Matrix:
+        p = layer.prepared("fast")
+        qt = p.qt
+        perm = None if qt.perm is None else self._hold(qt.perm.to(torch.int64))
+        col_scale = None if qt.col_scale is None else self._hold(qt.col_scale.float())
+        rows, cols, deltas = p.outliers if p.outliers is not None else (None, None, None)
+        return _Matrix(
+            codes=p.codes.data_ptr(), row_off=p.row_offset.data_ptr(), order=p.order.data_ptr(), bits=p.bits.data_ptr(),
+            tables=_pointer(p.tables), table_off=_pointer(p.table_offset), offset=p.offset.data_ptr(),
+            scale=p.scale.data_ptr(), rows=qt.shape[0], cols=qt.shape[1], group_size=qt.group_size, perm=perm,
+            col_scale=col_scale, n_outliers=0 if rows is None else rows.numel(),
+            outlier_rows=None if rows is None else self._hold(rows.to(torch.int64)),
+            outlier_cols=None if cols is None else self._hold(cols.to(torch.int64)),
+            outlier_deltas=None if deltas is None else self._hold(deltas.float()), bias=self._float(layer.bias),
+        )  # fmt: skip
+
+    def _layer(self, layer: nn.Module) -> _Layer:
+        attention = layer.self_attn
+        norms = {
+            "attn_norm": self._float(layer.input_layernorm.weight),
+            "mlp_norm": self._float(layer.post_attention_layernorm.weight),
+            "q_norm": self._float(getattr(getattr(attention, "q_norm", None), "weight", None)),
+            "k_norm": self._float(getattr(getattr(attention, "k_norm", None), "weight", None)),
+        }
+        return _Layer(**{name: self._matrix(layer.get_submodule(PATHS[name])) for name in LINEARS}, **norms)
+
+    def reset(self) -> None:
+        """Start a new sequence (the cache is overwritten as it fills)."""
+        self.position = 0
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Feed token ids (1-D, or (1, n)) at the next positions; the last one's logits, float32 (vocab,)."""
+        ids = ids.reshape(-1)
+        if self.position + ids.numel() > self.max_len:
+            raise ValueError(f"the sequence would pass the cache's {self.max_len} positions")
+        embed = self.model.get_input_embeddings()
+        width = self.vocab if self._head is not None else self.model.config.hidden_size
+        out = torch.empty(width, dtype=torch.float32)
+        lib = cpu_fast.KERNEL.library()
+        _declare(lib)
+        for start in range(0, ids.numel(), PREFILL_CHUNK):
+            chunk = ids[start : start + PREFILL_CHUNK]
+            x = embed(chunk[None, :])[0].float().contiguous()
+            status = lib.anybit_decode_step(
+                ctypes.byref(self._model), x.data_ptr(), chunk.numel(), self.position, out.data_ptr(),
+                torch.get_num_threads(),
+            )  # fmt: skip
+            if status:
+                raise MemoryError("the native decoder could not allocate its scratch memory")
+            self.position += chunk.numel()
+        if self._head is None:  # a dense head: the C step left the final normed hidden state
+            head = self.model.get_output_embeddings()
+            out = head(out.to(head.weight.dtype)).float()
+        return out
+
+
+def native_or_warn(model: nn.Module, max_len: int) -> NativeDecoder | None:
+    """A native decoder for `model`, or None after one warning saying why the eager loop decodes instead."""
+    reason = native_unavailable(model)
+    if reason:
+        warnings.warn(f"anybit: decoding on the eager path ({reason})", stacklevel=2)
+        return None
+    return NativeDecoder(model, max_len)

@@ -1,0 +1,147 @@
+"""The native decoder (each step in C) against the eager Hugging Face model on the same fast kernel, and the
+8-bit embedding and head."""
+
+import warnings
+
+import pytest
+import torch
+import transformers as tf
+
+from anybit.bench import _cache_argument, decode_speed
+from anybit.generate import _native_tokens
+from anybit.kernels import cpu_fast
+from anybit.quant.uniform import rtn_quantize
+from anybit.runtime.head import QuantEmbedding, quantize_head
+from anybit.runtime.native import LINEARS, PATHS, NativeDecoder, native_or_warn, native_unavailable
+from anybit.runtime.qlinear import QuantLinear
+from conftest import tiny_config
+from qtensors import codebook_tensor
+
+if reason := cpu_fast.unavailable(codebook_tensor(8, 64, 64, (2,))):
+    pytest.skip(f"no fast CPU kernel here: {reason}", allow_module_level=True)
+
+VOCAB = 300
+WIDE = dict(hidden_size=128, intermediate_size=256)  # multiples of 64: every linear on the fast kernel
+
+
+def _quantized(family: str, **overrides) -> torch.nn.Module:
+    """A tiny random model of `family` whose decoder linears are 4-bit group-64 QuantLinears (a mix of
+    uniform grids and, for the MLP, per-row codebooks of 2-4 bits), head and embedding packed to 8 bits."""
+    torch.manual_seed(0)
+    config = tiny_config(family, VOCAB)
+    for key, value in {**WIDE, **overrides}.items():
+        setattr(config, key, value)
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    for layer in model.model.layers:
+        for name in LINEARS:
+            path = PATHS[name]
+            linear = layer.get_submodule(path)
+            rows, cols = linear.weight.shape
+            if name in ("gate", "up", "down"):
+                qt = codebook_tensor(rows, cols, cols, (2, 3, 4))
+            else:
+                qt = rtn_quantize(linear.weight.detach(), 64, torch.full((rows, cols // 64), 4, dtype=torch.uint8))
+            parent, _, leaf = path.rpartition(".")
+            setattr(layer.get_submodule(parent), leaf, QuantLinear(qt, linear.bias))
+    return model
+
+
+def _eager_greedy(model: torch.nn.Module, ids: torch.Tensor, steps: int) -> tuple[list[int], list[torch.Tensor]]:
+    tokens, logits = [], []
+    cache = _cache_argument(model)
+    with torch.inference_mode():
+        out = model(ids, use_cache=True)
+        for _ in range(steps):
+            step_logits = out.logits[0, -1].float()
+            logits.append(step_logits)
+            token = int(step_logits.argmax())
+            tokens.append(token)
+            out = model(torch.tensor([[token]]), use_cache=True, **{cache: getattr(out, cache)})
+    return tokens, logits
+
+
+@pytest.mark.parametrize(
+    "family,overrides",
+    [("llama", {}), ("mistral", {"sliding_window": 6}), ("qwen2", {}), ("qwen3", {"head_dim": 32})],
+    ids=["llama", "mistral-window", "qwen2-bias", "qwen3-qk-norm"],
+)
+def test_native_decoding_gives_the_eager_models_greedy_tokens(family: str, overrides: dict) -> None:
+    model = _quantized(family, **overrides)
+    quantize_head(model, "int8")
+    assert native_unavailable(model) == ""
+    prompt = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(1))
+    expected, expected_logits = _eager_greedy(model, prompt, 12)
+    decoder = NativeDecoder(model, 32)
+    got = _native_tokens(decoder, prompt, 12, 0.0, set(), None)
+    assert got == expected
+    # The same products, but the norms and attention sum in another order: an activation that lands on the
+    # other side of an int8 rounding boundary moves its block's product by one step, so the logits agree to
+    # the rounding's scale (1/127 of the block's largest value), not to float precision.
+    decoder.reset()
+    first = decoder.forward(prompt[0])
+    scale = expected_logits[0].abs().max()
+    assert float((first - expected_logits[0]).abs().max()) <= scale / 127
+
+
+def test_a_dense_head_multiplies_in_torch() -> None:
+    model = _quantized("llama")
+    prompt = torch.randint(0, VOCAB, (1, 5), generator=torch.Generator().manual_seed(2))
+    expected, _ = _eager_greedy(model, prompt, 8)
+    assert _native_tokens(NativeDecoder(model, 16), prompt, 8, 0.0, set(), None) == expected
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "phi3", "gpt2"])
+def test_other_architectures_decode_eagerly_after_one_warning(family: str) -> None:
+    model = tf.AutoModelForCausalLM.from_config(tiny_config(family, VOCAB)).eval()
+    assert family in native_unavailable(model)
+    with pytest.warns(UserWarning, match="decoding on the eager path") as caught:
+        result = decode_speed(model, prompt_tokens=4, new_tokens=2, repeats=1)
+    assert len(caught) == 1 and result.decoder == "eager"
+
+
+def test_unserved_layers_and_hooks_are_named() -> None:
+    dense = tf.AutoModelForCausalLM.from_config(tiny_config("llama", VOCAB)).eval()
+    assert "self_attn.q_proj is not a quantized linear" in native_unavailable(dense)
+    model = _quantized("llama")
+    handle = model.model.layers[1].mlp.down_proj.register_forward_hook(lambda *args: None)
+    assert "layer 1 mlp.down_proj has hooks" in native_unavailable(model)
+    handle.remove()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert native_or_warn(model, 8) is not None
+    decoder = NativeDecoder(model, 8)
+    with pytest.raises(ValueError, match="pass the cache's 8 positions"):
+        decoder.forward(torch.zeros(9, dtype=torch.long))
+
+
+def test_the_8bit_embedding_and_head() -> None:
+    for tied in (True, False):
+        torch.manual_seed(3)
+        config = tiny_config("llama", VOCAB)
+        config.tie_word_embeddings = tied
+        model = tf.AutoModelForCausalLM.from_config(config).eval()
+        weight = model.get_input_embeddings().weight.detach().clone()
+        info = quantize_head(model)
+        assert info.tied is tied and info.kind == "int8"
+        assert info.weights == weight.numel() * (1 if tied else 2)
+        # 8-bit codes, one fp16 scale and one 8-bit zero point per row (packed eight at a time), one byte for the
+        # width of all rows
+        rows = weight.shape[0]
+        stored_bits = weight.numel() * 8 + rows * 16 + -(-rows // 8) * 64 + 8
+        assert info.bits_per_weight == pytest.approx(stored_bits / weight.numel())
+        embedding = model.get_input_embeddings()
+        assert isinstance(embedding, QuantEmbedding)
+        ids = torch.tensor([[0, 7, VOCAB - 1, 7]])
+        looked_up = embedding(ids)
+        assert torch.equal(looked_up[0], embedding.qtensor.dequantize()[ids[0]])
+        step = (weight.amax(dim=1) - weight.amin(dim=1)) / 255  # each row's grid step
+        assert bool(((looked_up[0] - weight[ids[0]]).abs() <= step[ids[0], None] / 2 * 1.01 + 1e-4).all())
+        head = model.get_output_embeddings()
+        assert isinstance(head, QuantLinear)
+        shared = head.codes_8.data_ptr() == embedding.codes_8.data_ptr()
+        assert shared is tied
+    model.to(torch.bfloat16)
+    assert embedding(ids).dtype == torch.bfloat16 and embedding.codes_8.dtype == torch.uint8
+    kept = tf.AutoModelForCausalLM.from_config(tiny_config("llama", VOCAB))
+    assert quantize_head(kept, "dense").kind == "dense"
+    assert isinstance(kept.get_input_embeddings(), torch.nn.Embedding)
