@@ -401,6 +401,9 @@ static void products(const anybit_matrix *const *m, int count, const float *x, i
                           group_blocks, r, in[i].xq, in[i].xs, in[i].bsum, w->cols, t0, n, y[i], w->rows);
         }
     }
+    int extras = 0; /* outliers or biases: every thread sees the same, so all skip the barrier together */
+    for (int i = 0; i < count; i++) extras |= m[i]->n_outliers > 0 || m[i]->bias;
+    if (!extras) return;
 #pragma omp single
     for (int i = 0; i < count; i++) {
         const anybit_matrix *w = m[i];
