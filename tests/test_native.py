@@ -145,3 +145,15 @@ def test_the_8bit_embedding_and_head() -> None:
     kept = tf.AutoModelForCausalLM.from_config(tiny_config("llama", VOCAB))
     assert quantize_head(kept, "dense").kind == "dense"
     assert isinstance(kept.get_input_embeddings(), torch.nn.Embedding)
+
+
+def test_the_head_is_rounded_a_chunk_of_rows_at_a_time_as_rtn_would(monkeypatch) -> None:
+    from anybit.runtime import head
+
+    torch.manual_seed(4)
+    weight = torch.randn(37, 64)
+    monkeypatch.setattr(head, "CHUNK_ROWS", 8)
+    chunked = head._per_row_8bit(weight)
+    whole = rtn_quantize(weight, 64, torch.full((37, 1), 8, dtype=torch.uint8))
+    assert torch.equal(chunked.dequantize(), whole.dequantize())
+    assert chunked.to_tensors().keys() == whole.to_tensors().keys()

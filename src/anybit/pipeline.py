@@ -20,6 +20,7 @@ from anybit.format.directory import check_output
 from anybit.format.files import check_writable_dir
 from anybit.format.shards import stored_bytes
 from anybit.layerwise import Streamed
+from anybit.memory import return_freed_memory
 from anybit.methods import get_method
 from anybit.model.adapters import get_adapter
 from anybit.model.checkpoint import (
@@ -150,7 +151,9 @@ def configure_runtime(loaded: LoadedModel, kernel: str = "auto", head: str = "de
     """Ask every quantized linear for `kernel` (`runtime.qlinear.KERNELS`) and, for a quantized directory
     with `head="int8"`, pack its embedding and output head to 8 bits (`runtime.head`); what the head holds."""
     set_kernel(loaded.model, kernel)
-    return quantize_head(loaded.model, head if loaded.kind == "quantized" else "dense")
+    info = quantize_head(loaded.model, head if loaded.kind == "quantized" else "dense")
+    return_freed_memory()  # the dense embedding, just replaced
+    return info
 
 
 def evaluate_spec(

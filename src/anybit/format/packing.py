@@ -23,19 +23,19 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack a tensor of codes in [0, 2**bits) into a flat uint8 tensor (layout in the module doc)."""
     if bits not in SUPPORTED_WIDTHS:
         raise ValueError(f"bit width must be 1-8, got {bits}")
-    flat = codes.reshape(-1).to(torch.int32)
+    flat = codes.reshape(-1)
     if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= (1 << bits)):
         raise ValueError(f"codes out of range for {bits}-bit packing")
     n = flat.numel()
     pad = (-n) % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    blocks = flat.view(-1, 8)  # (nblocks, 8 values)
+    blocks = flat.view(-1, 8)  # (nblocks, 8 values), widened to int32 a chunk at a time
     shifts = torch.arange(bits, device=flat.device, dtype=torch.int32)
     weights = 1 << torch.arange(8, device=flat.device, dtype=torch.int32)
     packed = torch.empty((blocks.shape[0], bits), dtype=torch.uint8, device=flat.device)
     for start in range(0, blocks.shape[0], PACK_CHUNK_BLOCKS):  # chunks bound the int32 temporaries
-        chunk = blocks[start : start + PACK_CHUNK_BLOCKS]
+        chunk = blocks[start : start + PACK_CHUNK_BLOCKS].to(torch.int32)
         planes = (chunk.unsqueeze(1) >> shifts.view(1, bits, 1)) & 1  # (nblocks, bits, 8)
         packed[start : start + PACK_CHUNK_BLOCKS] = (planes * weights).sum(dim=2)  # one byte per bit plane
     return packed.reshape(-1)

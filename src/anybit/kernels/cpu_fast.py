@@ -29,7 +29,7 @@ from anybit.kernels.build import CompiledKernel
 
 BLOCK = 64  # columns per block of codes and of rounded activations
 TABLE_PAD = 256  # the widest lookup reads four 64-byte registers from a table's start
-RELAY_ROWS = 4096  # segments re-laid at once (bounds the temporaries)
+RELAY_ROWS = 2048  # segments re-laid at once (bounds the temporaries)
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -132,11 +132,13 @@ def prepare(qt: QuantizedTensor) -> FastPrepared:
     tables = None if uniform else torch.zeros(int(table_size.sum()) + TABLE_PAD, dtype=torch.uint8)
     for b in qt.widths:  # a width's segments are stored in row-major order
         seg = (widths == b).nonzero()[:, 0]
-        stored = unpack_codes(qt.codes[b], b, seg.numel() * qt.group_size, torch.uint8).view(-1, qt.group_size)
-        for start in range(0, seg.numel(), RELAY_ROWS):
+        stored_bytes = qt.group_size // 8 * b  # one segment's packed codes
+        for start in range(0, seg.numel(), RELAY_ROWS):  # a chunk at a time: unpacking makes int64 temporaries
             part = seg[start : start + RELAY_ROWS]
-            where = segment_start[part][:, None] + torch.arange(int(segment_bytes[part[0]]))
-            codes[where] = _plane_words(stored[start : start + RELAY_ROWS], b)
+            packed = qt.codes[b][start * stored_bytes : (start + part.numel()) * stored_bytes]
+            stored = unpack_codes(packed, b, part.numel() * qt.group_size, torch.uint8).view(-1, qt.group_size)
+            where = segment_start[part][:, None] + torch.arange(stored_bytes)
+            codes[where] = _plane_words(stored, b)
         if uniform:
             offset[seg] = unpack_codes(qt.zeros[b], b, seg.numel(), torch.int16)
         else:

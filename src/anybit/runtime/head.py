@@ -18,7 +18,7 @@ from torch import nn
 
 from anybit.config import HEAD_CHOICES
 from anybit.format.qtensor import QuantizedTensor
-from anybit.quant.uniform import rtn_quantize
+from anybit.quant.grid import minmax_params, quantize_to_grid
 from anybit.runtime.qlinear import QuantLinear
 
 
@@ -104,6 +104,18 @@ def quantize_head(model: nn.Module, kind: str = "int8") -> HeadInfo:
     return HeadInfo("int8", tied, weights, sum(t.storage_bits() for t in tensors) / weights)
 
 
+CHUNK_ROWS = 4096  # rows rounded at once: bounds the float temporaries of a large vocabulary
+
+
 def _per_row_8bit(weight: torch.Tensor) -> QuantizedTensor:
+    """Round to nearest on one 8-bit min-max grid per row (as `rtn_quantize`), a chunk of rows at a time."""
     rows, cols = weight.shape
-    return rtn_quantize(weight.detach().float(), cols, torch.full((rows, 1), 8, dtype=torch.uint8))
+    codes = torch.empty(rows, cols, dtype=torch.uint8)
+    scales, zeros = torch.empty(rows, 1), torch.empty(rows, 1, dtype=torch.int32)
+    for start in range(0, rows, CHUNK_ROWS):
+        chunk = weight[start : start + CHUNK_ROWS].detach().float()
+        scale, zero = minmax_params(chunk, 8)
+        codes[start : start + CHUNK_ROWS] = quantize_to_grid(chunk, scale[:, None], zero[:, None], 8).to(torch.uint8)
+        scales[start : start + CHUNK_ROWS, 0], zeros[start : start + CHUNK_ROWS, 0] = scale, zero.to(torch.int32)
+    bitmap = torch.full((rows, 1), 8, dtype=torch.uint8)
+    return QuantizedTensor.from_uniform(codes, scales, zeros, bitmap, (rows, cols), cols)
