@@ -37,13 +37,14 @@ def isa(request, monkeypatch):
 
 
 def _rounding_bound(prepared: cpu_fast.FastPrepared, x: torch.Tensor) -> torch.Tensor:
-    """Per output, the largest |kernel − exact| the roundings allow: Σ|w|·δx + Σ|x|·δw + Σ δx·δw, with δx half
-    the int8 step of each activation block and δw half the step of each codebook's table (uniform grids are
-    exact), plus float32 summation slack."""
+    """Per output, the largest |kernel − exact| the roundings allow: Σ|w|·δx + Σ|x|·δw + Σ δx·δw, with δx the
+    step of each activation block's low part (max|x| / 127 / 256: half a step of rounding, or a step where the
+    low part clamps) and δw half the step of each codebook's table (uniform grids are exact), plus float32
+    summation slack."""
     qt = prepared.qt
     xs = coded_input(x, qt.perm, qt.col_scale).double()
     blocks = xs.view(xs.shape[0], -1, cpu_fast.BLOCK)
-    dx = (blocks.abs().amax(dim=2, keepdim=True) / 127 / 2).expand_as(blocks).reshape_as(xs)
+    dx = (blocks.abs().amax(dim=2, keepdim=True) / 127 / 256).expand_as(blocks).reshape_as(xs)
     coded = cpu_fast.rounded_weight(prepared).double().abs()
     dw = torch.zeros_like(coded) if qt.kind == "uniform" else _per_column(prepared, prepared.scale.double() / 2)
     return dx @ coded.t() + xs.abs() @ dw.t() + dx @ dw.t() + _float_slack(prepared, x)
@@ -99,11 +100,11 @@ def test_uniform_grids_per_group_and_per_channel(isa: str, widths: tuple[int, ..
 
 
 def test_uniform_grids_are_exact_up_to_the_activations() -> None:
-    """Integer codes need no table: with activations already on their int8 grid, the product is exact."""
+    """Integer codes need no table: with activations already on their grid, the product is exact."""
     torch.manual_seed(7)
     qt = rtn_quantize(torch.randn(16, 128) * 0.1, 64, torch.full((16, 2), 8, dtype=torch.uint8))
-    x = torch.randint(-127, 128, (2, 128)).float()
-    x[:, 0], x[:, 64] = 127, -127  # each block's largest magnitude is 127: a step of exactly 1
+    x = (torch.randint(-127 * 256, 127 * 256, (2, 128)) / 256).float()
+    x[:, 0], x[:, 64] = 127, -127  # each block's largest magnitude is 127: steps of exactly 1 and 1/256
     prepared = cpu_fast.prepare(qt)
     error = (cpu_fast.product(prepared, x).double() - x.double() @ qt.dequantize().double().t()).abs()
     assert bool((error <= _float_slack(prepared, x)).all())

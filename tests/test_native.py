@@ -157,3 +157,36 @@ def test_the_head_is_rounded_a_chunk_of_rows_at_a_time_as_rtn_would(monkeypatch)
     whole = rtn_quantize(weight, 64, torch.full((37, 1), 8, dtype=torch.uint8))
     assert torch.equal(chunked.dequantize(), whole.dequantize())
     assert chunked.to_tensors().keys() == whole.to_tensors().keys()
+
+
+def test_generate_and_bench_run_native_by_default(tiny_tokenizer, tmp_path) -> None:
+    """A quantized directory whose linears the fast kernel serves: `generate` gives the eager loop's greedy
+    text, `bench` reports the native decoder, the fast kernel and the 8-bit head."""
+    import json
+
+    from click.testing import CliRunner
+
+    from anybit.cli import main
+
+    torch.manual_seed(0)
+    config = tiny_config("llama", len(tiny_tokenizer))
+    for key, value in WIDE.items():
+        setattr(config, key, value)
+    source = tmp_path / "wide"
+    tf.AutoModelForCausalLM.from_config(config).save_pretrained(source)
+    tiny_tokenizer.save_pretrained(source)
+    quantized = str(tmp_path / "q")
+    runner = CliRunner()
+    done = runner.invoke(main, ["quantize", str(source), "--method", "rtn", "--bits", "4", "--out", quantized])
+    assert done.exit_code == 0, done.output
+    prompt = ["--prompt", "The history of", "--max-new-tokens", "10"]
+    native = runner.invoke(main, ["generate", quantized, *prompt])
+    eager = runner.invoke(main, ["generate", quantized, *prompt, "--decoder", "eager"])
+    assert native.exit_code == eager.exit_code == 0, native.output + eager.output
+    assert native.stdout == eager.stdout and native.stdout.strip()
+    bench = runner.invoke(main, ["bench", quantized, "--json", "--prompt-tokens", "8", "--new-tokens", "4",
+                                 "--repeats", "1"])  # fmt: skip
+    assert bench.exit_code == 0, bench.output
+    result = json.loads(bench.stdout.strip().splitlines()[-1])
+    assert (result["decoder"], result["kernel"], result["head"]) == ("native", "auto", "int8")
+    assert result["kernel_bytes"] > 0 and result["head_bits_per_weight"] > 8

@@ -1,7 +1,8 @@
 """The fast CPU path: products on integer dot products, from codes re-laid at load time (`int8_lut.c`).
 
-What it changes, numerically, against the exact paths: each token's activations are rounded to int8 in
-blocks of 64 columns (one float scale per block), and each codebook's entries to int8 steps of its
+What it changes, numerically, against the exact paths: each token's activations are rounded in blocks of
+64 columns to two int8 parts (x ~ s (hi + lo / 256), s = max|x| / 127: about 15 bits, so that an outlying
+activation does not flatten the rest of its block), and each codebook's entries to int8 steps of its
 largest magnitude / 127 (uniform grids stay exact: their codes are the integers). `benchmarks/
 fast_path_quality.py` measures what this costs in perplexity; tests bound each product by the error these
 two roundings allow.
@@ -178,16 +179,24 @@ def emulate(prepared: FastPrepared, x: torch.Tensor) -> torch.Tensor:
     """What `product` computes, in torch (float64): the rounded activations times the rounded weights. Tests
     compare the kernel with it, and with the exact product within the rounding's bound."""
     qt = prepared.qt
-    xs = coded_input(x, qt.perm, qt.col_scale).double()
-    blocks = xs.view(xs.shape[0], -1, BLOCK)
-    step = blocks.abs().amax(dim=2, keepdim=True) / 127
-    safe = torch.where(step > 0, step, torch.ones_like(step))
-    rounded = (torch.round(blocks / safe).clamp(-127, 127) * step).view_as(xs)
+    rounded = rounded_input(coded_input(x, qt.perm, qt.col_scale).float()).double()
     y = rounded @ rounded_weight(prepared).double().t()
     if prepared.outliers is not None:
         out_rows, out_cols, deltas = prepared.outliers
         y.index_add_(1, out_rows, deltas.double()[None, :] * x.double()[:, out_cols])
     return y
+
+
+def rounded_input(x: torch.Tensor) -> torch.Tensor:
+    """Activations (tokens, cols) as the kernel rounds them: per 64-column block, s = max|x| / 127 and
+    x ~ s (hi + lo / 256) with int8 hi = round(x / s) and int8 lo = round(256 (x / s - hi))."""
+    blocks = x.float().view(x.shape[0], -1, BLOCK)
+    amax = blocks.abs().amax(dim=2, keepdim=True)
+    inverse = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    scaled = blocks * inverse
+    hi = torch.round(scaled).clamp(-127, 127)
+    lo = torch.round((scaled - hi) * 256).clamp(-127, 127)
+    return ((hi * 256 + lo) * (amax / 127 / 256)).view_as(x)
 
 
 def rounded_weight(prepared: FastPrepared) -> torch.Tensor:

@@ -7,8 +7,9 @@
  * is the code itself (uniform grids: offset is the zero point) or an entry of the segment's table of 2^b
  * unsigned bytes (codebooks: each centroid rounded to scale * (entry - 128), offset 128).
  *
- * Activations: every token's 64-column blocks are rounded to int8 with one float scale per block (absolute
- * maximum -> 127), so one block's product is an exact integer dot product times two scales.
+ * Activations: every token's 64-column blocks are rounded with one float scale s per block (absolute maximum ->
+ * 127) to two int8 parts, x ~ s (hi + lo / 256): 15 bits, so that one outlying activation does not flatten
+ * the rest of its block. A block's product is 256 dot(v, hi) + dot(v, lo), exact in int32, times the scales.
  *
  * Paths, chosen when compiled: AVX-512 (BW, VBMI, VNNI): codes assembled by masked byte adds from the plane
  * words, tables looked up by vpermb/vpermi2b, products by vpdpbusd; AVX2: 32 columns at a time, tables of
@@ -47,26 +48,32 @@ int anybit_fast_path(void) {
 #endif
 }
 
-/* Round each token's 64-column blocks to int8: xq[t, c], block scales xs[t, k], and each block's sum of xq
- * times its scale, bsum[t, k]. */
+/* Where a token's block of rounded activations sits: its 64 high parts, then its 64 low parts. */
+#define XQ(xq, cols, t, k) ((xq) + 2 * ((t) * (cols) + (k) * BLOCK))
+
+/* Round each token's 64-column blocks: parts at XQ(xq, cols, t, k), steps xs[t, k] = s / 256, and each block's
+ * sum of (256 hi + lo) times its step, bsum[t, k]. */
 void anybit_fast_quantize_input(const float *x, int64_t tokens, int64_t cols, int8_t *xq, float *xs, float *bsum) {
     const int64_t blocks = cols / BLOCK;
     for (int64_t t = 0; t < tokens; t++) {
         for (int64_t k = 0; k < blocks; k++) {
             const float *v = x + t * cols + k * BLOCK;
-            int8_t *q = xq + t * cols + k * BLOCK;
+            int8_t *hi = XQ(xq, cols, t, k), *lo = hi + BLOCK;
             float amax = 0.0f;
             for (int j = 0; j < BLOCK; j++) amax = fmaxf(amax, fabsf(v[j]));
-            const float scale = amax / 127.0f, inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
+            const float step = amax / 127.0f, inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
             int sum = 0;
             for (int j = 0; j < BLOCK; j++) {
-                int r = (int)lrintf(v[j] * inverse);
-                r = r > 127 ? 127 : (r < -127 ? -127 : r);
-                q[j] = (int8_t)r;
-                sum += r;
+                const float scaled = v[j] * inverse;
+                int h = (int)lrintf(scaled);
+                h = h > 127 ? 127 : (h < -127 ? -127 : h);
+                int l = (int)lrintf((scaled - (float)h) * 256.0f);
+                l = l > 127 ? 127 : (l < -127 ? -127 : l);
+                hi[j] = (int8_t)h, lo[j] = (int8_t)l;
+                sum += 256 * h + l;
             }
-            xs[t * blocks + k] = scale;
-            bsum[t * blocks + k] = (float)sum * scale;
+            xs[t * blocks + k] = step / 256.0f;
+            bsum[t * blocks + k] = (float)sum * step / 256.0f;
         }
     }
 }
@@ -86,6 +93,11 @@ static inline __m512i block_values(const uint64_t *words, int b, const uint8_t *
     if (b == 7) return low;
     __m512i high = _mm512_permutex2var_epi8(_mm512_loadu_si512(table + 128), codes, _mm512_loadu_si512(table + 192));
     return _mm512_mask_blend_epi8(_mm512_movepi8_mask(codes), low, high);
+}
+/* Sixteen int32 partial sums of 256 dot(v, hi) + dot(v, lo) for the two-part activations at hi. */
+static inline __m512i block_dot(__m512i v, const int8_t *hi) {
+    const __m512i high = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v, _mm512_loadu_si512(hi));
+    return _mm512_dpbusd_epi32(_mm512_slli_epi32(high, 8), v, _mm512_loadu_si512(hi + BLOCK));
 }
 #define OFFSET_BIAS 0
 #elif defined(PATH_AVX2)
@@ -126,17 +138,22 @@ static inline __m256i half_values(const uint64_t *words, int b, const uint8_t *t
 }
 
 /* Eight int32 partial sums of the products of 32 signed values w with 32 int8 activations. */
-static inline __m256i half_dot(__m256i w, const int8_t *xq) {
+static inline __m256i half_dot8(__m256i w, const int8_t *xq) {
     const __m256i x = _mm256_loadu_si256((const __m256i *)xq);
     const __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w));
     return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+}
+
+/* The same with the two-part activations at hi (high parts; low parts BLOCK bytes on): 256 hi + lo. */
+static inline __m256i half_dot(__m256i w, const int8_t *hi) {
+    return _mm256_add_epi32(_mm256_slli_epi32(half_dot8(w, hi), 8), half_dot8(w, hi + BLOCK));
 }
 #define OFFSET_BIAS 128 /* the AVX2 path multiplies value - 128 */
 #else
 #define OFFSET_BIAS 0
 #endif
 
-/* The exact integer dot product of one block's values with one token's int8 block (portable path). */
+/* The exact integer dot product of one block's values with one token's two-part block (portable path). */
 static inline int32_t block_dot_portable(const uint64_t *words, int b, const uint8_t *table, const int8_t *xq) {
     int32_t dot = 0;
     for (int j = 0; j < BLOCK; j++) {
@@ -145,7 +162,7 @@ static inline int32_t block_dot_portable(const uint64_t *words, int b, const uin
             code = ((const uint8_t *)words)[j];
         else
             for (int q = 0; q < b; q++) code |= (int)((words[q] >> j) & 1) << q;
-        dot += (int32_t)(table ? table[code] : code) * xq[j];
+        dot += (int32_t)(table ? table[code] : code) * (256 * xq[j] + xq[j + BLOCK]);
     }
     return dot;
 }
@@ -177,10 +194,8 @@ segment_blocks(const uint64_t *words, const int b, const uint8_t *table, float s
     if (n == 1) /* two blocks per step, into two sums */
         for (; k + 1 < k0 + nblocks; k += 2, words += 2 * b) {
             const __m512i v0 = block_values(words, b, table), v1 = block_values(words + b, b, table);
-            const __m512i x0 = _mm512_loadu_si512(xq + t0 * cols + k * BLOCK);
-            const __m512i x1 = _mm512_loadu_si512(xq + t0 * cols + (k + 1) * BLOCK);
-            const __m512 d0 = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), v0, x0));
-            const __m512 d1 = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), v1, x1));
+            const __m512 d0 = _mm512_cvtepi32_ps(block_dot(v0, XQ(xq, cols, t0, k)));
+            const __m512 d1 = _mm512_cvtepi32_ps(block_dot(v1, XQ(xq, cols, t0, k + 1)));
             sum[0] = _mm512_fmadd_ps(d0, _mm512_set1_ps(xs[t0 * blocks + k]), sum[0]);
             odd = _mm512_fmadd_ps(d1, _mm512_set1_ps(xs[t0 * blocks + k + 1]), odd);
         }
@@ -188,8 +203,7 @@ segment_blocks(const uint64_t *words, const int b, const uint8_t *table, float s
         const __m512i v = block_values(words, b, table);
         for (int t = 0; t < n; t++) {
             const int64_t tt = t0 + t;
-            const __m512i x = _mm512_loadu_si512(xq + tt * cols + k * BLOCK);
-            const __m512 dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), v, x));
+            const __m512 dot = _mm512_cvtepi32_ps(block_dot(v, XQ(xq, cols, tt, k)));
             sum[t] = _mm512_fmadd_ps(dot, _mm512_set1_ps(xs[tt * blocks + k]), sum[t]);
         }
     }
@@ -202,7 +216,7 @@ segment_blocks(const uint64_t *words, const int b, const uint8_t *table, float s
         const __m256i v0 = half_values(words, b, table, 0), v1 = half_values(words, b, table, 1);
         for (int t = 0; t < n; t++) {
             const int64_t tt = t0 + t;
-            const int8_t *xb = xq + tt * cols + k * BLOCK;
+            const int8_t *xb = XQ(xq, cols, tt, k);
             const __m256 dot = _mm256_cvtepi32_ps(_mm256_add_epi32(half_dot(v0, xb), half_dot(v1, xb + 32)));
             sum[t] = _mm256_fmadd_ps(dot, _mm256_set1_ps(xs[tt * blocks + k]), sum[t]);
         }
@@ -212,7 +226,7 @@ segment_blocks(const uint64_t *words, const int b, const uint8_t *table, float s
     for (int64_t k = k0; k < k0 + nblocks; k++, words += b)
         for (int t = 0; t < n; t++) {
             const int64_t tt = t0 + t;
-            const int32_t dot = block_dot_portable(words, b, table, xq + tt * cols + k * BLOCK);
+            const int32_t dot = block_dot_portable(words, b, table, XQ(xq, cols, tt, k));
             acc[t] += (float)dot * sc * xs[tt * blocks + k];
         }
 #endif
@@ -294,7 +308,7 @@ int anybit_fast_matmul(const uint8_t *codes, const int64_t *row_off, const int64
                        int64_t rows,
                        int64_t cols, int64_t group_size, const float *x, int64_t tokens, float *y, int threads) {
     const int64_t blocks = cols / BLOCK, groups = cols / group_size, group_blocks = group_size / BLOCK;
-    int8_t *xq = malloc((size_t)(tokens * cols) + 64);
+    int8_t *xq = malloc((size_t)(2 * tokens * cols) + 64);
     float *xs = malloc(sizeof(float) * (size_t)(tokens * blocks));
     float *bsum = malloc(sizeof(float) * (size_t)(tokens * blocks));
     if (!xq || !xs || !bsum) {
@@ -469,7 +483,7 @@ int anybit_decode_step(const anybit_model *M, float *x, int64_t T, int64_t pos, 
     coded_input in[SCRATCH_INPUTS];
     int failed = !normed || !q || !k || !v || !attn || !out || !gate || !up || !scores;
     for (int i = 0; i < SCRATCH_INPUTS; i++) {
-        in[i].xq = malloc((size_t)(T * wide) + 64);
+        in[i].xq = malloc((size_t)(2 * T * wide) + 64);
         in[i].xs = malloc(sizeof(float) * T * (wide / BLOCK));
         in[i].bsum = malloc(sizeof(float) * T * (wide / BLOCK));
         in[i].coded = malloc(sizeof(float) * T * wide);
