@@ -8,8 +8,11 @@ import anybit  # noqa: F401 - registers anybit's format with transformers
 from anybit.config import QuantConfig
 from anybit.data import eval_windows, load_corpus, tokenize_corpus
 from anybit.eval import evaluate
+from anybit.generate import _native_tokens
 from anybit.model import load_model
-from anybit.pipeline import quantize_to_dir
+from anybit.pipeline import configure_runtime, quantize_to_dir
+from anybit.runtime.native import NativeDecoder
+from anybit.runtime.qlinear import set_kernel
 
 pytestmark = pytest.mark.real_model
 
@@ -39,9 +42,23 @@ def test_smollm2_gptq_end_to_end(tmp_path) -> None:
         assert torch.equal(expected, reloaded.model(windows[:1, :256]).logits)
         assert torch.equal(expected, in_transformers(windows[:1, :256]).logits)
     del in_transformers
+    set_kernel(reloaded.model, "exact")  # the stored values: what the quality figures measure
     q = evaluate(reloaded.model, windows, progress=False)
     # pinned: measured 24.2886 at these settings; 2 % catches a 5 % regression of the recipe or the protocol
     assert q.ppl == pytest.approx(24.2886, rel=0.02), (fp.ppl, q.ppl)
+
+    # The fast CPU path (rounded activations; exact uniform grids) and the native decoder on the real model
+    configure_runtime(reloaded, "fast", "int8")
+    fast = evaluate(reloaded.model, windows, progress=False)
+    assert fast.ppl == pytest.approx(q.ppl, rel=0.005), (q.ppl, fast.ppl)  # the bound: 0.5 %
+    prompt = windows[0, :32]
+    decoder = NativeDecoder(reloaded.model, 64)
+    native = _native_tokens(decoder, prompt[None], 16, 0.0, set(), None)
+    with torch.inference_mode():
+        eager = reloaded.model.generate(prompt[None], max_new_tokens=16, min_new_tokens=16, do_sample=False)[
+            0, 32:
+        ].tolist()
+    assert native == eager
 
 
 # Measured at the settings below (first window, float32, AMD EPYC AVX2): fp 15.2331; each recipe's perplexity
