@@ -64,6 +64,15 @@ def device_peak_gbs() -> float:
     raise SystemExit(f"peak bandwidth of {name!r} unknown: pass --peak-gbs")
 
 
+def run_json(command: list[str]) -> dict:
+    """The last stdout line of a command that prints one JSON object (an `anybit ... --json`); exits with
+    the command's last error line when it fails."""
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{' '.join(command)} failed: {done.stderr.strip().splitlines()[-1:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def log_result(name: str, record: dict) -> None:
     """Append one JSON line to benchmarks/results/NAME.jsonl (and echo it)."""
     RESULTS_DIR.mkdir(exist_ok=True)

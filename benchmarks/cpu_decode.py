@@ -9,12 +9,10 @@ models. One JSON line per run goes to benchmarks/results/cpu_decode.jsonl. Run i
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 from pathlib import Path
 
-from _common import log_result
+from _common import log_result, run_json
 
 ANYBIT = Path(sys.executable).with_name("anybit")
 
@@ -22,10 +20,7 @@ ANYBIT = Path(sys.executable).with_name("anybit")
 def bench(model: str, prompt_tokens: int, new_tokens: int) -> dict:
     command = [str(ANYBIT), "bench", model, "--json", "--dtype", "float32",
                "--prompt-tokens", str(prompt_tokens), "--new-tokens", str(new_tokens)]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode:
-        raise SystemExit(f"{' '.join(command)} failed: {done.stderr.strip().splitlines()[-1:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_json(command)
 
 
 def main() -> None:

@@ -12,12 +12,10 @@ benchmarks/results/fast_path_quality.jsonl, with the relative change against the
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 from pathlib import Path
 
-from _common import log_result
+from _common import log_result, run_json
 
 ANYBIT = Path(sys.executable).with_name("anybit")
 
@@ -26,10 +24,7 @@ def score(directory: str, kernel: str, head: str, max_windows: int | None) -> di
     command = [str(ANYBIT), "eval", directory, "--json", "--dtype", "float32", "--kernel", kernel, "--head", head]
     if max_windows:
         command += ["--max-windows", str(max_windows)]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode:
-        raise SystemExit(f"{' '.join(command)} failed: {done.stderr.strip().splitlines()[-1:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_json(command)
 
 
 def main() -> None:

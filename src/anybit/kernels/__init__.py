@@ -20,6 +20,18 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def cpu_unavailable(qt: QuantizedTensor, library: object, multiple: int) -> str:
+    """Why a CPU kernel whose segments are `multiple` columns cannot serve `qt` ("" when it can); `library` is
+    the loaded kernel, or why there is none."""
+    if qt.axis != 0:
+        return "per-column (axis 1) layouts have no CPU kernel"
+    if qt.group_size % multiple or qt.shape[1] % multiple:
+        return f"group size {qt.group_size} or row length {qt.shape[1]} is not a multiple of {multiple}"
+    if qt.bitmap.device.type != "cpu":
+        return "the tensor is not in CPU memory"
+    return library if isinstance(library, str) else ""
+
+
 def coded_input(x: torch.Tensor, perm: torch.Tensor | None, col_scale: torch.Tensor | None) -> torch.Tensor:
     """x in the coded column order, divided by the scaling vector: what the coded matrix multiplies."""
     xs = x

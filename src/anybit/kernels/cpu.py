@@ -21,7 +21,7 @@ import torch
 
 from anybit.format.packing import unpack_codes
 from anybit.format.qtensor import QuantizedTensor
-from anybit.kernels import MAX_BATCH, coded_input, outlier_corrections
+from anybit.kernels import MAX_BATCH, coded_input, cpu_unavailable, outlier_corrections
 from anybit.kernels.build import CompiledKernel
 
 
@@ -36,15 +36,8 @@ KERNEL = CompiledKernel(Path(__file__).with_name("segment_lut.c"), _declare)
 
 
 def unavailable(qt: QuantizedTensor) -> str:
-    """Why the CPU kernels cannot serve this tensor ("" when they can)."""
-    if qt.axis != 0:
-        return "per-column (axis 1) layouts have no CPU kernel"
-    if qt.group_size % 8:
-        return f"group size {qt.group_size} is not a multiple of 8"
-    if qt.bitmap.device.type != "cpu":
-        return "the tensor is not in CPU memory"
-    lib = KERNEL.library()
-    return lib if isinstance(lib, str) else ""
+    """Why the CPU kernels cannot serve this tensor ("" when it can)."""
+    return cpu_unavailable(qt, KERNEL.library(), 8)
 
 
 @dataclass

@@ -25,7 +25,7 @@ import torch
 
 from anybit.format.packing import unpack_codes
 from anybit.format.qtensor import QuantizedTensor
-from anybit.kernels import coded_input, outlier_corrections
+from anybit.kernels import coded_input, cpu_unavailable, outlier_corrections
 from anybit.kernels.build import CompiledKernel
 
 BLOCK = 64  # columns per block of codes and of rounded activations
@@ -53,14 +53,7 @@ def code_path() -> str:
 
 def unavailable(qt: QuantizedTensor) -> str:
     """Why the fast path cannot serve this tensor ("" when it can)."""
-    if qt.axis != 0:
-        return "per-column (axis 1) layouts have no CPU kernel"
-    if qt.group_size % BLOCK or qt.shape[1] % BLOCK:
-        return f"group size {qt.group_size} or row length {qt.shape[1]} is not a multiple of {BLOCK}"
-    if qt.bitmap.device.type != "cpu":
-        return "the tensor is not in CPU memory"
-    lib = KERNEL.library()
-    return lib if isinstance(lib, str) else ""
+    return cpu_unavailable(qt, KERNEL.library(), BLOCK)
 
 
 @dataclass
