@@ -7,8 +7,9 @@ largest magnitude / 127 (uniform grids stay exact: their codes are the integers)
 fast_path_quality.py` measures what this costs in perplexity; tests bound each product by the error these
 two roundings allow.
 
-Re-laid codes take the same bytes as the stored ones (b 64-bit words per 64 codes of a b-bit segment, or
-the 64 bytes themselves at 8 bits);
+Re-laid codes take the same bytes as the stored ones (per 64 codes of a b-bit segment, the stored 8 b bytes
+on the AVX-512 path, b 64-bit plane words on the others, the 64 codes themselves at 8 bits), rows of one
+width together;
 codebook tables take 2^b bytes and one float scale per segment. Served: axis-0 layouts whose segments
 are whole 64-column blocks (group size and row length multiples of 64), every width 1-8, uniform or
 codebook, with the permutation, scaling vector and outliers of the exact path.
@@ -78,6 +79,15 @@ class FastPrepared:
         return sum(t.numel() * t.element_size() for t in held)
 
 
+def _kernel_layout(stored: torch.Tensor, b: int, group_size: int) -> torch.Tensor:
+    """A chunk of stored segments (each group_size // 8 * b bytes) as the compiled kernel reads them: as
+    stored on the AVX-512 path (below 8 bits), else as 64-bit plane words (`_plane_words`)."""
+    if b < 8 and code_path() == "avx512":
+        return stored.view(-1, group_size // 8 * b)
+    codes = unpack_codes(stored, b, stored.numel() // b * 8, torch.uint8).view(-1, group_size)
+    return _plane_words(codes, b)
+
+
 def _plane_words(codes: torch.Tensor, b: int) -> torch.Tensor:
     """(segments, blocks * 64) codes as (segments, blocks * b * 8) bytes: per block, b little-endian words
     of 64 bits, word q holding bit q of the block's codes; 8-bit codes stay one byte each, in order."""
@@ -130,9 +140,8 @@ def prepare(qt: QuantizedTensor) -> FastPrepared:
         for start in range(0, seg.numel(), RELAY_ROWS):  # a chunk at a time: unpacking makes int64 temporaries
             part = seg[start : start + RELAY_ROWS]
             packed = qt.codes[b][start * stored_bytes : (start + part.numel()) * stored_bytes]
-            stored = unpack_codes(packed, b, part.numel() * qt.group_size, torch.uint8).view(-1, qt.group_size)
             where = segment_start[part][:, None] + torch.arange(stored_bytes)
-            codes[where] = _plane_words(stored, b)
+            codes[where] = _kernel_layout(packed, b, qt.group_size)
         if uniform:
             offset[seg] = unpack_codes(qt.zeros[b], b, seg.numel(), torch.int16)
         else:

@@ -2,8 +2,10 @@
  * Built and loaded by anybit/kernels/build.py; prepared and called by anybit/kernels/cpu_fast.py.
  *
  * Weights, re-laid at load time: every row is cut into segments of `group_size` columns, and every segment
- * into blocks of 64 columns. A block of a b-bit segment is b little-endian 64-bit words, word q holding bit q
- * of the block's 64 codes (bit j for column j); at 8 bits, the 64 codes themselves, one byte each. A segment's weights are (value - offset) * scale, where value
+ * into blocks of 64 columns; a block of a b-bit segment takes 8 b bytes. The AVX-512 path (with GFNI) reads
+ * them in the stored order (per 8 codes, b bytes, byte q holding bit q of each); the others as b
+ * little-endian 64-bit words, word q holding bit q of the block's 64 codes (bit j for column j). At 8 bits
+ * a block is the 64 codes themselves, one byte each. A segment's weights are (value - offset) * scale, where value
  * is the code itself (uniform grids: offset is the zero point) or an entry of the segment's table of 2^b
  * unsigned bytes (codebooks: each centroid rounded to scale * (entry - 128), offset 128).
  *
@@ -11,8 +13,9 @@
  * 127) to two int8 parts, x ~ s (hi + lo / 256): 15 bits, so that one outlying activation does not flatten
  * the rest of its block. A block's product is 256 dot(v, hi) + dot(v, lo), exact in int32, times the scales.
  *
- * Paths, chosen when compiled: AVX-512 (BW, VBMI, VNNI): codes assembled by masked byte adds from the plane
- * words, tables looked up by vpermb/vpermi2b, products by vpdpbusd; AVX2: 32 columns at a time, tables of
+ * Paths, chosen when compiled: AVX-512 (BW, VBMI, VNNI, GFNI): codes transposed from the stored bit planes by
+ * vpermb and gf2p8affineqb, tables looked up by vpermb/vpermi2b, products by vpdpbusd; AVX2: codes
+ * assembled from plane words, 32 columns at a time, tables of
  * up to 32 entries by pshufb, products by maddubs; portable C otherwise. All paths compute the same integer
  * dot products; only the order of float sums differs.
  */
@@ -26,7 +29,7 @@ static int omp_thread(void) { return 0; }
 #endif
 #include <stdlib.h>
 #include <string.h>
-#if defined(__AVX512BW__) && defined(__AVX512VBMI__) && defined(__AVX512VNNI__)
+#if defined(__AVX512BW__) && defined(__AVX512VBMI__) && defined(__AVX512VNNI__) && defined(__GFNI__)
 #define PATH_AVX512 1
 #include <immintrin.h>
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -79,14 +82,38 @@ void anybit_fast_quantize_input(const float *x, int64_t tokens, int64_t cols, in
 }
 
 #if defined(PATH_AVX512)
+/* For each width b < 8: byte p of lane j of the spread block takes stored byte j b + 7 - p (plane 7 - p of code
+ * group j) where 7 - p < b, and is zero elsewhere. Filled once. */
+static uint8_t SPREAD_INDEX[8][64];
+static uint64_t SPREAD_MASK[8];
+
+static void init_spread_tables(void) {
+    for (int b = 1; b < 8; b++) {
+        uint64_t mask = 0;
+        for (int j = 0; j < 8; j++)
+            for (int p = 0; p < 8; p++)
+                if (7 - p < b) {
+                    SPREAD_INDEX[b][8 * j + p] = (uint8_t)(j * b + 7 - p);
+                    mask |= 1ULL << (8 * j + p);
+                }
+        SPREAD_MASK[b] = mask;
+    }
+}
+#define spread_index(b) _mm512_loadu_si512(SPREAD_INDEX[b])
+#define spread_mask(b) ((__mmask64)SPREAD_MASK[b])
+
 /* The 64 values of one block: its codes, or its codes looked up in the segment's table. */
 static inline __m512i block_values(const uint64_t *words, int b, const uint8_t *table) {
-    __m512i codes = _mm512_setzero_si512();
-    if (b == 8)
+    __m512i codes;
+    if (b == 8) {
         codes = _mm512_loadu_si512(words);
-    else
-        for (int q = 0; q < b; q++)
-            codes = _mm512_mask_add_epi8(codes, (__mmask64)words[q], codes, _mm512_set1_epi8((char)(1 << q)));
+    } else { /* the stored layout: per 8 codes, b bytes, byte q holding bit q of each. vpermb puts plane q of
+              * group j at byte 7 - q of lane j (zeros above the width); gf2p8affineqb then transposes each
+              * lane's 8x8 bit matrix, so that byte i of lane j is code 8 j + i. */
+        const __m512i raw = _mm512_maskz_loadu_epi8((__mmask64)((1ULL << (8 * b)) - 1), words);
+        const __m512i spread = _mm512_maskz_permutexvar_epi8(spread_mask(b), spread_index(b), raw);
+        codes = _mm512_gf2p8affine_epi64_epi8(_mm512_set1_epi64((long long)0x8040201008040201ULL), spread, 0);
+    }
     if (!table) return codes;
     if (b <= 6) return _mm512_permutexvar_epi8(codes, _mm512_loadu_si512(table));
     __m512i low = _mm512_permutex2var_epi8(_mm512_loadu_si512(table), codes, _mm512_loadu_si512(table + 64));
@@ -152,6 +179,13 @@ static inline __m256i half_dot(__m256i w, const int8_t *hi) {
 #else
 #define OFFSET_BIAS 0
 #endif
+
+/* The constant tables the code path needs, filled on first use (before any thread starts). */
+static void init_tables(void) {
+#if defined(PATH_AVX512)
+    if (!SPREAD_MASK[1]) init_spread_tables();
+#endif
+}
 
 /* The exact integer dot product of one block's values with one token's two-part block (portable path). */
 static inline int32_t block_dot_portable(const uint64_t *words, int b, const uint8_t *table, const int8_t *xq) {
@@ -308,6 +342,7 @@ int anybit_fast_matmul(const uint8_t *codes, const int64_t *row_off, const int64
                        int64_t rows,
                        int64_t cols, int64_t group_size, const float *x, int64_t tokens, float *y, int threads) {
     const int64_t blocks = cols / BLOCK, groups = cols / group_size, group_blocks = group_size / BLOCK;
+    init_tables();
     int8_t *xq = malloc((size_t)(2 * tokens * cols) + 64);
     float *xs = malloc(sizeof(float) * (size_t)(tokens * blocks));
     float *bsum = malloc(sizeof(float) * (size_t)(tokens * blocks));
@@ -473,6 +508,7 @@ static void attend(const float *q, const float *keys, const float *values, int64
 /* Runs T tokens (embedded in x, T × hidden, overwritten) at positions pos ..; writes the last token's logits
  * (vocab). Returns 0, or -1 when scratch memory cannot be allocated. */
 int anybit_decode_step(const anybit_model *M, float *x, int64_t T, int64_t pos, float *logits, int threads) {
+    init_tables();
     const int64_t H = M->hidden, hd = M->head_dim, q_dim = M->heads * hd, kv_dim = M->kv_heads * hd;
     const int64_t wide = H > M->intermediate ? H : M->intermediate, group = M->heads / M->kv_heads;
     float *normed = malloc(sizeof(float) * T * wide), *q = malloc(sizeof(float) * T * q_dim);
