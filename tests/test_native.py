@@ -147,14 +147,15 @@ def test_the_8bit_embedding_and_head() -> None:
     assert isinstance(kept.get_input_embeddings(), torch.nn.Embedding)
 
 
-def test_the_head_is_rounded_a_chunk_of_rows_at_a_time_as_rtn_would(monkeypatch) -> None:
-    from anybit.runtime import head
+def test_rtn_rounds_a_chunk_of_rows_at_a_time_as_at_once(monkeypatch) -> None:
+    from anybit.quant import uniform
 
     torch.manual_seed(4)
     weight = torch.randn(37, 64)
-    monkeypatch.setattr(head, "CHUNK_ROWS", 8)
-    chunked = head._per_row_8bit(weight)
-    whole = rtn_quantize(weight, 64, torch.full((37, 1), 8, dtype=torch.uint8))
+    bitmap = torch.full((37, 1), 8, dtype=torch.uint8)
+    whole = rtn_quantize(weight, 64, bitmap)
+    monkeypatch.setattr(uniform, "RTN_CHUNK_ROWS", 8)
+    chunked = rtn_quantize(weight, 64, bitmap)
     assert torch.equal(chunked.dequantize(), whole.dequantize())
     assert chunked.to_tensors().keys() == whole.to_tensors().keys()
 

@@ -227,7 +227,11 @@ class QuantizedTensor:
         )
         segments = flat[:, None] * groups + torch.arange(groups, device=flat.device)
         if self.kind == "uniform":
-            zeros = unpack_codes(self.zeros[b], b, self.bitmap.numel(), dtype)[segments]
+            # only the packed blocks (8 zero points, b bytes) that hold these segments' zero points
+            block_bytes = (segments // 8)[..., None] * b + torch.arange(b, device=flat.device)
+            packed = self.zeros[b][block_bytes.reshape(-1)]
+            zeros = unpack_codes(packed, b, packed.numel() // b * 8, dtype).view(*segments.shape, 8)
+            zeros = zeros.gather(-1, (segments % 8)[..., None])[..., 0]
             scales = self.scales.reshape(-1)[segments].to(dtype)
             values = dequantize_from_grid(q, scales[..., None], zeros[..., None])
         else:

@@ -9,8 +9,7 @@ two roundings allow.
 
 Re-laid codes take the same bytes as the stored ones (per 64 codes of a b-bit segment, the stored 8 b bytes
 on the AVX-512 path, b 64-bit plane words on the others, the 64 codes themselves at 8 bits), rows of one
-width together;
-codebook tables take 2^b bytes and one float scale per segment. Served: axis-0 layouts whose segments
+width together; codebook tables take 2^b bytes and one float scale per segment. Served: axis-0 layouts whose segments
 are whole 64-column blocks (group size and row length multiples of 64), every width 1-8, uniform or
 codebook, with the permutation, scaling vector and outliers of the exact path.
 """
@@ -62,7 +61,7 @@ class FastPrepared:
     """A tensor re-laid for the fast kernel; segments in row-major order."""
 
     qt: QuantizedTensor
-    codes: torch.Tensor  # uint8: every row's segments, each b 64-bit plane words per block of 64 codes
+    codes: torch.Tensor  # uint8: every row's segments, 8 b bytes per block of 64 codes (see `_kernel_layout`)
     row_offset: torch.Tensor  # int64 (rows,): byte offset of each row in `codes`
     order: torch.Tensor  # int64 (rows,): the rows in the order the kernel takes them, rows of one width together
     bits: torch.Tensor  # uint8 (segments,)

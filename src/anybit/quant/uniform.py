@@ -68,13 +68,21 @@ class ClippedColumnQuantizer(UniformColumnQuantizer):
         self.scales[:, group], self.zeros[:, group] = scale[rows, best], zero[rows, best]
 
 
+RTN_CHUNK_ROWS = 4096  # rows rounded at once: bounds the float temporaries of a large matrix (a vocabulary)
+
+
 def rtn_quantize(W: torch.Tensor, group_size: int, bitmap: torch.Tensor, symmetric: bool = False) -> QuantizedTensor:
-    """Round-to-nearest of W (rows, columns) on min-max grids, all groups at once."""
+    """Round-to-nearest of W (rows, columns) on min-max grids, all groups of a chunk of rows at once."""
     rows, columns = W.shape
-    segs = W.float().reshape(rows, columns // group_size, group_size)
-    bits = bitmap.to(segs.dtype)
-    scale, zero = minmax_params(segs, bits, symmetric)
-    q = quantize_to_grid(segs, scale[..., None], zero[..., None], bits[..., None])
-    return QuantizedTensor.from_uniform(
-        q.reshape(rows, columns).to(torch.uint8), scale, zero.to(torch.int32), bitmap, (rows, columns), group_size
-    )
+    groups = columns // group_size
+    codes = torch.empty(rows, columns, dtype=torch.uint8, device=W.device)
+    scales = torch.empty(rows, groups, device=W.device)
+    zeros = torch.empty(rows, groups, dtype=torch.int32, device=W.device)
+    for start in range(0, rows, RTN_CHUNK_ROWS):
+        part = slice(start, start + RTN_CHUNK_ROWS)
+        segs = W[part].detach().float().reshape(-1, groups, group_size)
+        bits = bitmap[part].to(segs.dtype)
+        scale, zero = minmax_params(segs, bits, symmetric)
+        q = quantize_to_grid(segs, scale[..., None], zero[..., None], bits[..., None])
+        codes[part], scales[part], zeros[part] = q.reshape(-1, columns), scale, zero
+    return QuantizedTensor.from_uniform(codes, scales, zeros, bitmap, (rows, columns), group_size)

@@ -18,38 +18,24 @@ from torch import nn
 
 from anybit.config import HEAD_CHOICES
 from anybit.format.qtensor import QuantizedTensor
-from anybit.quant.grid import minmax_params, quantize_to_grid
-from anybit.runtime.qlinear import QuantLinear
+from anybit.quant.uniform import rtn_quantize
+from anybit.runtime.qlinear import PackedModule, QuantLinear
 
 
-class QuantEmbedding(nn.Module):
+class QuantEmbedding(PackedModule):
     """An embedding lookup from a packed (vocabulary, hidden) tensor of one width; `scale` multiplies the
     result (Gemma scales its embeddings by √hidden)."""
 
     def __init__(self, qtensor: QuantizedTensor, dtype: torch.dtype, scale: torch.Tensor | None = None) -> None:
-        super().__init__()
+        super().__init__(qtensor)  # the head's own tensors where the two are tied
         self.num_embeddings, self.embedding_dim = qtensor.shape
-        self.meta = qtensor.meta()
-        self._buffer_names = list(qtensor.to_tensors())
-        for name, tensor in qtensor.to_tensors().items():  # the head's own tensors where the two are tied
-            self.register_buffer(name, tensor)
         self.dtype = dtype
         self.scale = scale
 
     def _apply(self, fn, recurse=True):
-        """Device moves apply to the packed buffers; a dtype cast changes only the output dtype."""
+        """A dtype cast changes the output dtype (the packed buffers keep theirs)."""
         self.dtype = fn(torch.empty(0, dtype=self.dtype)).dtype
-
-        def move_only(t: torch.Tensor) -> torch.Tensor:
-            moved = fn(t)
-            return moved if moved.dtype == t.dtype else t.to(moved.device)
-
-        return super()._apply(move_only, recurse)
-
-    @property
-    def qtensor(self) -> QuantizedTensor:
-        buffers = {name: getattr(self, name) for name in self._buffer_names}
-        return QuantizedTensor.from_tensors(self.meta, buffers, check=False)
+        return super()._apply(fn, recurse)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         out = self.qtensor.dequantize_rows(ids)
@@ -104,18 +90,7 @@ def quantize_head(model: nn.Module, kind: str = "int8") -> HeadInfo:
     return HeadInfo("int8", tied, weights, sum(t.storage_bits() for t in tensors) / weights)
 
 
-CHUNK_ROWS = 4096  # rows rounded at once: bounds the float temporaries of a large vocabulary
-
-
 def _per_row_8bit(weight: torch.Tensor) -> QuantizedTensor:
-    """Round to nearest on one 8-bit min-max grid per row (as `rtn_quantize`), a chunk of rows at a time."""
+    """Round to nearest on one 8-bit min-max grid per row."""
     rows, cols = weight.shape
-    codes = torch.empty(rows, cols, dtype=torch.uint8)
-    scales, zeros = torch.empty(rows, 1), torch.empty(rows, 1, dtype=torch.int32)
-    for start in range(0, rows, CHUNK_ROWS):
-        chunk = weight[start : start + CHUNK_ROWS].detach().float()
-        scale, zero = minmax_params(chunk, 8)
-        codes[start : start + CHUNK_ROWS] = quantize_to_grid(chunk, scale[:, None], zero[:, None], 8).to(torch.uint8)
-        scales[start : start + CHUNK_ROWS, 0], zeros[start : start + CHUNK_ROWS, 0] = scale, zero.to(torch.int32)
-    bitmap = torch.full((rows, 1), 8, dtype=torch.uint8)
-    return QuantizedTensor.from_uniform(codes, scales, zeros, bitmap, (rows, cols), cols)
+    return rtn_quantize(weight, cols, torch.full((rows, 1), 8, dtype=torch.uint8))

@@ -95,6 +95,8 @@ class NativeDecoder:
             raise ValueError(reason)
         config, self.model = model.config, model
         self.max_len = max_len
+        self._lib = cpu_fast.KERNEL.library()  # loaded: native_unavailable checked it
+        _declare(self._lib)
         self._keep: list[torch.Tensor] = []  # every tensor the C structures point into
         layers = model.model.layers
         attention = layers[0].self_attn
@@ -172,12 +174,10 @@ class NativeDecoder:
         embed = self.model.get_input_embeddings()
         width = self.vocab if self._head is not None else self.model.config.hidden_size
         out = torch.empty(width, dtype=torch.float32)
-        lib = cpu_fast.KERNEL.library()
-        _declare(lib)
         for start in range(0, ids.numel(), PREFILL_CHUNK):
             chunk = ids[start : start + PREFILL_CHUNK]
             x = embed(chunk[None, :])[0].float().contiguous()
-            status = lib.anybit_decode_step(
+            status = self._lib.anybit_decode_step(
                 ctypes.byref(self._model), x.data_ptr(), chunk.numel(), self.position, out.data_ptr(),
                 torch.get_num_threads(),
             )  # fmt: skip

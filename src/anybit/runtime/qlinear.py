@@ -43,25 +43,18 @@ def kernel_unavailable(qtensor: QuantizedTensor) -> str:
     return unsupported_reason(qtensor) or ""
 
 
-class QuantLinear(nn.Module):
-    """y = x Ŵᵀ + b with Ŵ decoded from a `QuantizedTensor`."""
+class PackedModule(nn.Module):
+    """A module holding one `QuantizedTensor` as registered buffers: `.to(device)` and `state_dict()` see
+    exactly what is stored; device moves apply, dtype casts do not (the stored dtypes are the format)."""
 
-    stored = True  # part of the quantized model as written (False: made at run time, `runtime.head`)
-
-    def __init__(self, qtensor: QuantizedTensor, bias: torch.Tensor | None = None) -> None:
+    def __init__(self, qtensor: QuantizedTensor) -> None:
         super().__init__()
-        self.out_features, self.in_features = qtensor.shape
         self.meta = qtensor.meta()
         self._buffer_names = []
         for name, tensor in qtensor.to_tensors().items():
             self.register_buffer(name, tensor)
             self._buffer_names.append(name)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self._qtensor: QuantizedTensor | None = qtensor
-        self._dense: torch.Tensor | None = None
-        self.kernel = "auto"  # one of KERNELS: the backend asked for
-        self._chosen: dict[tuple[str, str], str] = {}  # (kernel asked, device type) -> backend
-        self._prepared: dict[str, object] = {}  # backend -> its prepared view of the codes
 
     @property
     def qtensor(self) -> QuantizedTensor:
@@ -71,18 +64,36 @@ class QuantLinear(nn.Module):
         return self._qtensor
 
     def _apply(self, fn, recurse=True):
-        """Device moves apply; dtype casts do not: the stored dtypes are part of the format."""
-
         def move_only(t: torch.Tensor) -> torch.Tensor:
             moved = fn(t)
             return moved if moved.dtype == t.dtype else t.to(moved.device)
 
         self._qtensor = None  # buffers may have moved: rebuild the view on next use
+        return super()._apply(move_only, recurse)
+
+
+class QuantLinear(PackedModule):
+    """y = x Ŵᵀ + b with Ŵ decoded from a `QuantizedTensor`."""
+
+    stored = True  # part of the quantized model as written (False: made at run time, `runtime.head`)
+
+    def __init__(self, qtensor: QuantizedTensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__(qtensor)
+        self.out_features, self.in_features = qtensor.shape
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self._dense: torch.Tensor | None = None
+        self.kernel = "auto"  # one of KERNELS: the backend asked for
+        self._chosen: dict[tuple[str, str], str] = {}  # (kernel asked, device type) -> backend
+        self._prepared: dict[str, object] = {}  # backend -> its prepared view of the codes
+
+    def _apply(self, fn, recurse=True):
+        """Kernel choices and prepared views follow the buffers; a dense cache (dense_weights) follows the
+        module, casts included."""
         self._chosen.clear()
         self._prepared.clear()
-        if self._dense is not None:  # a dense cache (dense_weights) follows the module, casts included
+        if self._dense is not None:
             self._dense = fn(self._dense)
-        return super()._apply(move_only, recurse)
+        return super()._apply(fn, recurse)
 
     def dequantize(self) -> torch.Tensor:
         """The dense (out, in) float32 weight."""
