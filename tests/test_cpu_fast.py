@@ -1,4 +1,4 @@
-"""The fast CPU kernel (int8 activations and tables) against the exact product, within the error its two
+"""The fast CPU kernel (two-part int8 activations and tables) against the exact product, within the error its two
 roundings allow, for every layout it serves, on every code path this CPU can run."""
 
 from pathlib import Path
@@ -37,17 +37,19 @@ def isa(request, monkeypatch):
 
 
 def _rounding_bound(prepared: cpu_fast.FastPrepared, x: torch.Tensor) -> torch.Tensor:
-    """Per output, the largest |kernel − exact| the roundings allow: Σ|w|·δx + Σ|x|·δw + Σ δx·δw, with δx the
-    step of each activation block's low part (max|x| / 127 / 256: half a step of rounding, or a step where the
-    low part clamps) and δw half the step of each codebook's table (uniform grids are exact), plus float32
-    summation slack."""
+    """Per output, the largest |kernel − exact| the roundings allow: Σ|w|·δx + Σ|x|·δw + Σ δx·δw + Σ|x_lo|·|w_lo|,
+    with δx the step of each token's low part (max|x| / 127 / 256: half a step of rounding, or a step where
+    the low part clamps), δw likewise the step of each codebook's low table (scale / 256; uniform grids are
+    exact), the last term the product of the two low parts the kernel leaves out; plus float32 summation
+    slack."""
     qt = prepared.qt
     xs = coded_input(x, qt.perm, qt.col_scale).double()
-    blocks = xs.view(xs.shape[0], -1, cpu_fast.BLOCK)
-    dx = (blocks.abs().amax(dim=2, keepdim=True) / 127 / 256).expand_as(blocks).reshape_as(xs)
+    dx = (xs.abs().amax(dim=1, keepdim=True) / 127 / 256).expand_as(xs)
     coded = cpu_fast.rounded_weight(prepared).double().abs()
-    dw = torch.zeros_like(coded) if qt.kind == "uniform" else _per_column(prepared, prepared.scale.double() / 2)
-    return dx @ coded.t() + xs.abs() @ dw.t() + dx @ dw.t() + _float_slack(prepared, x)
+    dw = torch.zeros_like(coded) if qt.kind == "uniform" else _per_column(prepared, prepared.scale.double() / 256)
+    low_x = cpu_fast.input_parts(xs.float())[1].double().abs()
+    low_w = cpu_fast.weight_parts(prepared)[1].double().abs()
+    return dx @ coded.t() + xs.abs() @ dw.t() + dx @ dw.t() + low_x @ low_w.t() + _float_slack(prepared, x)
 
 
 def _per_column(prepared: cpu_fast.FastPrepared, per_segment: torch.Tensor) -> torch.Tensor:
@@ -104,10 +106,24 @@ def test_uniform_grids_are_exact_up_to_the_activations() -> None:
     torch.manual_seed(7)
     qt = rtn_quantize(torch.randn(16, 128) * 0.1, 64, torch.full((16, 2), 8, dtype=torch.uint8))
     x = (torch.randint(-127 * 256, 127 * 256, (2, 128)) / 256).float()
-    x[:, 0], x[:, 64] = 127, -127  # each block's largest magnitude is 127: steps of exactly 1 and 1/256
+    x[:, 0] = 127  # each token's largest magnitude is 127: steps of exactly 1 and 1/256
     prepared = cpu_fast.prepare(qt)
     error = (cpu_fast.product(prepared, x).double() - x.double() @ qt.dequantize().double().t()).abs()
     assert bool((error <= _float_slack(prepared, x)).all())
+
+
+def test_rows_of_an_8bit_matrix_decode_as_the_kernel_multiplies(isa: str) -> None:
+    torch.manual_seed(5)
+    uniform = cpu_fast.prepare(rtn_quantize(torch.randn(30, 128), 64, torch.full((30, 2), 8, dtype=torch.uint8)))
+    books = cpu_fast.prepare(codebook_tensor(30, 128, 64, (8,)))
+    ids = torch.tensor([0, 29, 7, 7])
+    for prepared in (uniform, books):  # the same values up to float32 rounding
+        torch.testing.assert_close(cpu_fast.rows(prepared, ids), cpu_fast.rounded_weight(prepared)[ids])
+    assert torch.equal(cpu_fast.rows(uniform, ids), uniform.qt.dequantize()[ids])  # uniform grids: exact
+    with pytest.raises(IndexError, match="row ids must lie in"):
+        cpu_fast.rows(uniform, torch.tensor([30]))
+    with pytest.raises(ValueError, match="decodes 8-bit matrices"):
+        cpu_fast.rows(cpu_fast.prepare(codebook_tensor(8, 64, 64, (3,))), torch.tensor([0]))
 
 
 def test_code_path_reports_the_build(isa: str) -> None:

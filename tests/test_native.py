@@ -62,8 +62,14 @@ def _eager_greedy(model: torch.nn.Module, ids: torch.Tensor, steps: int) -> tupl
 
 @pytest.mark.parametrize(
     "family,overrides",
-    [("llama", {}), ("mistral", {"sliding_window": 6}), ("qwen2", {}), ("qwen3", {"head_dim": 32})],
-    ids=["llama", "mistral-window", "qwen2-bias", "qwen3-qk-norm"],
+    [
+        ("llama", {}),
+        ("llama", {"tie_word_embeddings": True}),
+        ("mistral", {"sliding_window": 6}),
+        ("qwen2", {}),
+        ("qwen3", {"head_dim": 32}),
+    ],
+    ids=["llama", "llama-tied", "mistral-window", "qwen2-bias", "qwen3-qk-norm"],
 )
 def test_native_decoding_gives_the_eager_models_greedy_tokens(family: str, overrides: dict) -> None:
     model = _quantized(family, **overrides)
@@ -72,6 +78,8 @@ def test_native_decoding_gives_the_eager_models_greedy_tokens(family: str, overr
     prompt = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(1))
     expected, expected_logits = _eager_greedy(model, prompt, 12)
     decoder = NativeDecoder(model, 32)
+    # a tied 8-bit embedding is looked up in C from the head's re-laid copy
+    assert (decoder._embed_rows is not None) == bool(model.config.tie_word_embeddings)
     got = _native_tokens(decoder, prompt, 12, 0.0, set(), None)
     assert got == expected
     # The same products, but the norms and attention sum in another order: an activation that lands on the

@@ -28,7 +28,7 @@ from anybit.methods import LayerStats, Method, get_method
 from anybit.model.adapters import Adapter, get_adapter, get_submodule, set_submodule
 from anybit.model.checkpoint import round_unquantized_
 from anybit.quant.gptq import HessianAccumulator
-from anybit.runtime.qlinear import QuantLinear
+from anybit.runtime.qlinear import QuantLinear, set_kernel
 
 
 @dataclass
@@ -225,13 +225,16 @@ def quantize_model(
         nonlocal linears
         if stats is not None:
             stats.plan = plan.get(key)
-        set_submodule(layer, name, QuantLinear(method.quantize(W, stats, config), bias))
+        quantized = QuantLinear(method.quantize(W, stats, config), bias)
+        quantized.kernel = "exact"  # the next layers calibrate on the stored values, whatever the CPU rounds
+        set_submodule(layer, name, quantized)
         linears += 1
 
     desc = f"{config.method} {config.bits:g}-bit"
     _layer_pass(
         model, adapter, method, config, calib_windows, fisher, commit, desc, commit=True, on_layer=on_layer, **passes
     )
+    set_kernel(model, "auto")  # calibrated on the exact products; from here on, like a loaded model
     if not supply.streamed:
         round_unquantized_(model)
     return QuantReport(seconds=time.perf_counter() - start, layers=len(adapter.layers(model)), linears=linears)

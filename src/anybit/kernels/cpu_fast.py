@@ -1,15 +1,15 @@
 """The fast CPU path: products on integer dot products, from codes re-laid at load time (`int8_lut.c`).
 
-What it changes, numerically, against the exact paths: each token's activations are rounded in blocks of
-64 columns to two int8 parts (x ~ s (hi + lo / 256), s = max|x| / 127: about 15 bits, so that an outlying
-activation does not flatten the rest of its block), and each codebook's entries to int8 steps of its
-largest magnitude / 127 (uniform grids stay exact: their codes are the integers). `benchmarks/
-fast_path_quality.py` measures what this costs in perplexity; tests bound each product by the error these
-two roundings allow.
+What it changes, numerically, against the exact paths: each token's activations are rounded to two int8
+parts with one step (x ~ s (hi + lo / 256), s = max|x| / 127: about 15 bits, so that an outlying activation
+does not flatten the rest), and each codebook's entries likewise to two int8 parts of its largest magnitude
+/ 127 (uniform grids stay exact: their codes are the integers); the product of the two low parts is left
+out. `benchmarks/fast_path_quality.py` measures what this costs in perplexity; tests bound each product by
+the error these roundings allow.
 
 Re-laid codes take the same bytes as the stored ones (per 64 codes of a b-bit segment, the stored 8 b bytes
 on the AVX-512 path, b 64-bit plane words on the others, the 64 codes themselves at 8 bits), rows of one
-width together; codebook tables take 2^b bytes and one float scale per segment. Served: axis-0 layouts whose segments
+width together; codebook tables take 2 · 2^b bytes (a high and a low part) and one float scale per segment. Served: axis-0 layouts whose segments
 are whole 64-column blocks (group size and row length multiples of 64), every width 1-8, uniform or
 codebook, with the permutation, scaling vector and outliers of the exact path.
 """
@@ -33,13 +33,27 @@ TABLE_PAD = 256  # the widest lookup reads four 64-byte registers from a table's
 RELAY_ROWS = 2048  # segments re-laid at once (bounds the temporaries)
 
 
+_P = ctypes.c_void_p
+_I = ctypes.c_int64
+
+
+class Matrix(ctypes.Structure):
+    """A prepared matrix as the C kernel reads it (`anybit_matrix` in `int8_lut.c`)."""
+
+    _fields_ = [
+        ("codes", _P), ("row_off", _P), ("order", _P), ("bits", _P), ("tables", _P), ("table_off", _P), ("offset", _P),
+        ("scale", _P), ("rows", _I), ("cols", _I), ("group_size", _I), ("perm", _P), ("col_scale", _P),
+        ("n_outliers", _I), ("outlier_rows", _P), ("outlier_cols", _P), ("outlier_deltas", _P), ("bias", _P),
+    ]  # fmt: skip
+
+
 def _declare(lib: ctypes.CDLL) -> None:
     lib.anybit_fast_path.restype = ctypes.c_int
     lib.anybit_fast_path.argtypes = []
     lib.anybit_fast_matmul.restype = ctypes.c_int
-    lib.anybit_fast_matmul.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 3 + [
-        ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    ]  # fmt: skip
+    lib.anybit_fast_matmul.argtypes = [ctypes.POINTER(Matrix), _P, _I, _P, ctypes.c_int]
+    lib.anybit_fast_rows.restype = None
+    lib.anybit_fast_rows.argtypes = [ctypes.POINTER(Matrix), _P, _I, _P]
 
 
 KERNEL = CompiledKernel(Path(__file__).with_name("int8_lut.c"), _declare)
@@ -65,17 +79,35 @@ class FastPrepared:
     row_offset: torch.Tensor  # int64 (rows,): byte offset of each row in `codes`
     order: torch.Tensor  # int64 (rows,): the rows in the order the kernel takes them, rows of one width together
     bits: torch.Tensor  # uint8 (segments,)
-    tables: torch.Tensor | None  # uint8: each codebook segment's 2^b entries, 128 + round(value / scale)
+    tables: torch.Tensor | None  # uint8: per codebook segment, its high then its low table (`_segment_tables`)
     table_offset: torch.Tensor | None  # int64 (segments,)
     offset: torch.Tensor  # int16 (segments,): subtracted from each value (zero point, or 128 for tables)
     scale: torch.Tensor  # float32 (segments,)
-    outliers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+    perm: torch.Tensor | None  # int64: the coded column order
+    col_scale: torch.Tensor | None  # float32: the scaling vector
+    outliers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # int64 rows, int64 columns, float32 deltas
 
     def nbytes(self) -> int:
         """Bytes the kernel reads besides the stored tensors: the re-laid codes and the segment tables."""
         held = [self.codes, self.row_offset, self.order, self.bits, self.offset, self.scale]
         held += [t for t in (self.tables, self.table_offset) if t is not None]
         return sum(t.numel() * t.element_size() for t in held)
+
+    def matrix(self, bias: torch.Tensor | None = None) -> Matrix:
+        """The C structure over these tensors (and a float32 `bias`, which the caller keeps alive)."""
+        rows, cols, deltas = self.outliers if self.outliers is not None else (None, None, None)
+        return Matrix(
+            codes=self.codes.data_ptr(), row_off=self.row_offset.data_ptr(), order=self.order.data_ptr(),
+            bits=self.bits.data_ptr(), tables=_pointer(self.tables), table_off=_pointer(self.table_offset),
+            offset=self.offset.data_ptr(), scale=self.scale.data_ptr(), rows=self.qt.shape[0], cols=self.qt.shape[1],
+            group_size=self.qt.group_size, perm=_pointer(self.perm), col_scale=_pointer(self.col_scale),
+            n_outliers=0 if rows is None else rows.numel(), outlier_rows=_pointer(rows), outlier_cols=_pointer(cols),
+            outlier_deltas=_pointer(deltas), bias=_pointer(bias),
+        )  # fmt: skip
+
+
+def _pointer(tensor: torch.Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
 
 
 def _kernel_layout(stored: torch.Tensor, b: int, group_size: int) -> torch.Tensor:
@@ -105,12 +137,15 @@ def _plane_words(codes: torch.Tensor, b: int) -> torch.Tensor:
 
 
 def _segment_tables(books: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp16 codebooks (segments, 2^b) as uint8 tables 128 + round(book / scale) and their float32 scales."""
+    """fp16 codebooks (segments, 2^b) as uint8 tables (segments, 2 · 2^b), a high part 128 + hi then a low
+    part 128 + lo with book ~ scale (hi + lo / 256), and their float32 scales (largest magnitude / 127)."""
     values = books.float()
     scale = values.abs().amax(dim=1) / 127
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    steps = torch.round(values / scale[:, None]).clamp(-127, 127)
-    return (steps + 128).to(torch.uint8), scale
+    scaled = values / scale[:, None]
+    high = torch.round(scaled).clamp(-127, 127)
+    low = torch.round((scaled - high) * 256).clamp(-127, 127)
+    return (torch.cat([high, low], dim=1) + 128).to(torch.uint8), scale
 
 
 def prepare(qt: QuantizedTensor) -> FastPrepared:
@@ -130,7 +165,7 @@ def prepare(qt: QuantizedTensor) -> FastPrepared:
     uniform = qt.kind == "uniform"
     offset = torch.full((widths.numel(),), 128, dtype=torch.int16)
     scale = qt.scales.reshape(-1).float().contiguous() if uniform else torch.empty(widths.numel())
-    table_size = 1 << widths
+    table_size = 2 << widths  # a high and a low table
     table_offset = None if uniform else torch.cumsum(table_size, 0) - table_size
     tables = None if uniform else torch.zeros(int(table_size.sum()) + TABLE_PAD, dtype=torch.uint8)
     for b in qt.widths:  # a width's segments are stored in row-major order
@@ -145,71 +180,105 @@ def prepare(qt: QuantizedTensor) -> FastPrepared:
             offset[seg] = unpack_codes(qt.zeros[b], b, seg.numel(), torch.int16)
         else:
             entries, scale[seg] = _segment_tables(qt.codebooks[b])
-            tables[(table_offset[seg][:, None] + torch.arange(1 << b)).reshape(-1)] = entries.reshape(-1)
+            tables[(table_offset[seg][:, None] + torch.arange(2 << b)).reshape(-1)] = entries.reshape(-1)
     bits = widths.to(torch.uint8)
+    perm = None if qt.perm is None else qt.perm.to(torch.int64).contiguous()
+    col_scale = None if qt.col_scale is None else qt.col_scale.float().contiguous()
+    outliers = outlier_corrections(qt)
+    if outliers is not None:
+        rows_, cols_, deltas = outliers
+        outliers = (rows_.to(torch.int64).contiguous(), cols_.to(torch.int64).contiguous(), deltas.float().contiguous())
     return FastPrepared(
-        qt, codes, row_offset, order, bits, tables, table_offset, offset, scale, outlier_corrections(qt)
+        qt, codes, row_offset, order, bits, tables, table_offset, offset, scale, perm, col_scale, outliers
     )
 
 
 def product(prepared: FastPrepared, x: torch.Tensor) -> torch.Tensor:
     """y = x Ŵᵀ for x of shape (tokens, in_features), any number of tokens; float32 (tokens, out_features)."""
-    qt = prepared.qt
-    rows, cols = qt.shape
+    rows, cols = prepared.qt.shape
     if x.dim() != 2 or x.shape[1] != cols or x.device.type != "cpu":
         raise ValueError(f"x must be a CPU tensor (tokens, {cols}), got {tuple(x.shape)} on {x.device}")
-    xs = coded_input(x, qt.perm, qt.col_scale).float().contiguous()
+    x = x.float().contiguous()
     y = torch.empty(x.shape[0], rows, dtype=torch.float32)
-    p = prepared
-    tables = (0, 0) if p.tables is None else (p.tables.data_ptr(), p.table_offset.data_ptr())
+    matrix = prepared.matrix()
     status = KERNEL.library().anybit_fast_matmul(
-        p.codes.data_ptr(), p.row_offset.data_ptr(), p.order.data_ptr(), p.bits.data_ptr(), *tables,
-        p.offset.data_ptr(),
-        p.scale.data_ptr(), rows, cols, qt.group_size, xs.data_ptr(), x.shape[0], y.data_ptr(),
-        torch.get_num_threads(),
-    )  # fmt: skip
+        ctypes.byref(matrix), x.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads()
+    )
     if status:
         raise MemoryError("the fast CPU kernel could not allocate its scratch for the rounded activations")
-    if p.outliers is not None:
-        out_rows, out_cols, deltas = p.outliers
-        y.index_add_(1, out_rows, deltas[None, :] * x.float()[:, out_cols])
     return y
 
 
+def rows(prepared: FastPrepared, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` (1-D) of a matrix of 8-bit segments, decoded as the kernel multiplies them (an embedding
+    lookup from the 8-bit head's re-laid copy); float32 (len(ids), in_features)."""
+    if prepared.qt.widths != [8]:
+        raise ValueError(f"rows() decodes 8-bit matrices, not widths {prepared.qt.widths}")
+    ids = ids.reshape(-1).to(torch.int64).contiguous()
+    if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < prepared.qt.shape[0]:
+        raise IndexError(f"row ids must lie in [0, {prepared.qt.shape[0]})")
+    out = torch.empty(ids.numel(), prepared.qt.shape[1], dtype=torch.float32)
+    matrix = prepared.matrix()
+    KERNEL.library().anybit_fast_rows(ctypes.byref(matrix), ids.data_ptr(), ids.numel(), out.data_ptr())
+    return out
+
+
 def emulate(prepared: FastPrepared, x: torch.Tensor) -> torch.Tensor:
-    """What `product` computes, in torch (float64): the rounded activations times the rounded weights. Tests
-    compare the kernel with it, and with the exact product within the rounding's bound."""
+    """What `product` computes, in torch (float64): the rounded activations times the rounded weights, less
+    the product of their low parts. Tests compare the kernel with it, and with the exact product within the
+    roundings' bound."""
     qt = prepared.qt
-    rounded = rounded_input(coded_input(x, qt.perm, qt.col_scale).float()).double()
-    y = rounded @ rounded_weight(prepared).double().t()
+    high_x, low_x = input_parts(coded_input(x, qt.perm, qt.col_scale).float())
+    high_w, low_w = weight_parts(prepared)
+    high_x, low_x, high_w, low_w = (t.double() for t in (high_x, low_x, high_w, low_w))
+    y = high_x @ high_w.t() + low_x @ high_w.t() + high_x @ low_w.t()
     if prepared.outliers is not None:
         out_rows, out_cols, deltas = prepared.outliers
         y.index_add_(1, out_rows, deltas.double()[None, :] * x.double()[:, out_cols])
     return y
 
 
-def rounded_input(x: torch.Tensor) -> torch.Tensor:
-    """Activations (tokens, cols) as the kernel rounds them: per 64-column block, s = max|x| / 127 and
-    x ~ s (hi + lo / 256) with int8 hi = round(x / s) and int8 lo = round(256 (x / s - hi))."""
-    blocks = x.float().view(x.shape[0], -1, BLOCK)
-    amax = blocks.abs().amax(dim=2, keepdim=True)
+def input_parts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations (tokens, cols) as the kernel rounds them, s hi and s lo / 256: per token, s = max|x| / 127,
+    int8 hi = round(x / s) and int8 lo = round(256 (x / s - hi)); float32."""
+    amax = x.float().abs().amax(dim=1, keepdim=True)
     inverse = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
-    scaled = blocks * inverse
+    scaled = x.float() * inverse
     hi = torch.round(scaled).clamp(-127, 127)
     lo = torch.round((scaled - hi) * 256).clamp(-127, 127)
-    return ((hi * 256 + lo) * (amax / 127 / 256)).view_as(x)
+    step = amax / 127
+    return hi * step, lo * (step / 256)
+
+
+def rounded_input(x: torch.Tensor) -> torch.Tensor:
+    """Activations (tokens, cols) as the kernel rounds them (the sum of `input_parts`)."""
+    high, low = input_parts(x)
+    return high + low
+
+
+def weight_parts(prepared: FastPrepared) -> tuple[torch.Tensor, torch.Tensor]:
+    """The coded matrix (coded column order, before outliers) as the kernel multiplies it: for codebooks the
+    high and low parts of its tables times their scales, for uniform grids the matrix and zeros; float32."""
+    qt = prepared.qt
+    if qt.kind != "codebook":
+        plain = dataclasses.replace(qt, perm=None, col_scale=None, outliers=None)
+        high = plain.dequantize(torch.float32)
+        return high, torch.zeros_like(high)
+    widths = qt.bitmap.reshape(-1).to(torch.int64)
+    parts = []
+    for part in (0, 1):
+        books = {}
+        for b in qt.widths:
+            seg = (widths == b).nonzero()[:, 0]
+            where = prepared.table_offset[seg][:, None] + part * (1 << b) + torch.arange(1 << b)
+            entries = prepared.tables[where].float() - 128
+            books[b] = entries * prepared.scale[seg][:, None] / (256 if part else 1)
+        plain = dataclasses.replace(qt, perm=None, col_scale=None, outliers=None, codebooks=books)
+        parts.append(plain.dequantize(torch.float32))
+    return parts[0], parts[1]
 
 
 def rounded_weight(prepared: FastPrepared) -> torch.Tensor:
-    """The coded matrix (coded column order, before outliers) as the kernel sees it, codebooks rounded to
-    their int8 tables; float32 (rows, cols)."""
-    qt = prepared.qt
-    books = {}
-    if qt.kind == "codebook":
-        widths = qt.bitmap.reshape(-1).to(torch.int64)
-        for b in qt.widths:
-            seg = (widths == b).nonzero()[:, 0]
-            entries = prepared.tables[prepared.table_offset[seg][:, None] + torch.arange(1 << b)].float() - 128
-            books[b] = entries * prepared.scale[seg][:, None]
-    plain = dataclasses.replace(qt, perm=None, col_scale=None, outliers=None, codebooks=books)
-    return plain.dequantize(torch.float32)
+    """The coded matrix as the kernel sees it (the sum of `weight_parts`); float32 (rows, cols)."""
+    high, low = weight_parts(prepared)
+    return high + low

@@ -7,17 +7,21 @@
  * little-endian 64-bit words, word q holding bit q of the block's 64 codes (bit j for column j). At 8 bits
  * a block is the 64 codes themselves, one byte each. A segment's weights are (value - offset) * scale, where value
  * is the code itself (uniform grids: offset is the zero point) or an entry of the segment's table of 2^b
- * unsigned bytes (codebooks: each centroid rounded to scale * (entry - 128), offset 128).
+ * unsigned bytes (codebooks, offset 128: each centroid c rounded to two parts, c ~ scale ((hi - 128) +
+ * (lo - 128) / 256), a high and a low table).
  *
- * Activations: every token's 64-column blocks are rounded with one float scale s per block (absolute maximum ->
- * 127) to two int8 parts, x ~ s (hi + lo / 256): 15 bits, so that one outlying activation does not flatten
- * the rest of its block. A block's product is 256 dot(v, hi) + dot(v, lo), exact in int32, times the scales.
+ * Activations: every token is rounded with one float step s (its absolute maximum -> 127) to two int8 parts,
+ * x ~ s (hi + lo / 256): about 15 bits, so that one outlying activation does not flatten the rest of the row.
+ * A segment's product is A + B / 256, A the dot product of the (high) values with the high parts, B that with
+ * the low parts plus the low table's with the high parts (the product of the two low parts, below 2^-16 of
+ * the whole, is left out): integer sums in int32, times s and the segment's scale.
  *
  * Paths, chosen when compiled: AVX-512 (BW, VBMI, VNNI, GFNI): codes transposed from the stored bit planes by
  * vpermb and gf2p8affineqb, tables looked up by vpermb/vpermi2b, products by vpdpbusd; AVX2: codes
  * assembled from plane words, 32 columns at a time, tables of
  * up to 32 entries by pshufb, products by maddubs; portable C otherwise. All paths compute the same integer
- * dot products; only the order of float sums differs.
+ * dot products; only the order of float sums differs (the AVX-512 path multiplies the unsigned values and
+ * takes their bias out with the input's sums, the others multiply value - 128).
  */
 #include <math.h>
 #include <stdint.h>
@@ -53,31 +57,50 @@ int anybit_fast_path(void) {
 
 /* Where a token's block of rounded activations sits: its 64 high parts, then its 64 low parts. */
 #define XQ(xq, cols, t, k) ((xq) + 2 * ((t) * (cols) + (k) * BLOCK))
+#define SCRATCH_INPUTS 3 /* matrices sharing one input at most: q, k, v */
+#define FLUSH_BLOCKS 64 /* blocks summed in int32 before a float sum takes them (no overflow up to 4096 columns) */
 
-/* Round each token's 64-column blocks: parts at XQ(xq, cols, t, k), steps xs[t, k] = s / 256, and each block's
- * sum of (256 hi + lo) times its step, bsum[t, k]. */
-void anybit_fast_quantize_input(const float *x, int64_t tokens, int64_t cols, int8_t *xq, float *xs, float *bsum) {
+#if defined(PATH_AVX512)
+#define VALUE_BIAS 0 /* the AVX-512 path multiplies the unsigned values (codes, or table entries) */
+#else
+#define VALUE_BIAS 128 /* the others multiply value - 128, signed */
+#endif
+
+/* One matrix's rounded input: for each token, the two parts of every block (XQ), the step s, and running sums
+ * over the blocks (blocks + 1 per token, from 0) of the rounded x and of s times the high parts. */
+typedef struct {
+    int8_t *xq;
+    float *step;
+    double *xsum, *hisum;
+    float *coded; /* the input in coded column order, scaled (perm or col_scale); else unused */
+} coded_input;
+
+/* Round each token (cols columns) with one step s = max|x| / 127 to two int8 parts, x ~ s (hi + lo / 256). */
+static void anybit_fast_quantize_input(const float *x, int64_t tokens, int64_t cols, coded_input *in) {
     const int64_t blocks = cols / BLOCK;
     for (int64_t t = 0; t < tokens; t++) {
+        const float *v = x + t * cols;
+        float amax = 0.0f;
+        for (int64_t j = 0; j < cols; j++) amax = fmaxf(amax, fabsf(v[j]));
+        const float step = amax / 127.0f, inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
+        double *xsum = in->xsum + t * (blocks + 1), *hisum = in->hisum + t * (blocks + 1);
+        xsum[0] = hisum[0] = 0.0;
         for (int64_t k = 0; k < blocks; k++) {
-            const float *v = x + t * cols + k * BLOCK;
-            int8_t *hi = XQ(xq, cols, t, k), *lo = hi + BLOCK;
-            float amax = 0.0f;
-            for (int j = 0; j < BLOCK; j++) amax = fmaxf(amax, fabsf(v[j]));
-            const float step = amax / 127.0f, inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
-            int sum = 0;
+            int8_t *hi = XQ(in->xq, cols, t, k), *lo = hi + BLOCK;
+            int64_t sum = 0, high = 0;
             for (int j = 0; j < BLOCK; j++) {
-                const float scaled = v[j] * inverse;
-                int h = (int)lrintf(scaled);
+                const float scaled = v[k * BLOCK + j] * inverse;
+                int h = (int)rintf(scaled); /* rintf (nearest even) inlines; lrintf is a call */
                 h = h > 127 ? 127 : (h < -127 ? -127 : h);
-                int l = (int)lrintf((scaled - (float)h) * 256.0f);
+                int l = (int)rintf((scaled - (float)h) * 256.0f);
                 l = l > 127 ? 127 : (l < -127 ? -127 : l);
                 hi[j] = (int8_t)h, lo[j] = (int8_t)l;
-                sum += 256 * h + l;
+                sum += 256 * h + l, high += h;
             }
-            xs[t * blocks + k] = step / 256.0f;
-            bsum[t * blocks + k] = (float)sum * step / 256.0f;
+            xsum[k + 1] = xsum[k] + (double)sum * step / 256.0;
+            hisum[k + 1] = hisum[k] + (double)high * step;
         }
+        in->step[t] = step;
     }
 }
 
@@ -99,34 +122,27 @@ static void init_spread_tables(void) {
         SPREAD_MASK[b] = mask;
     }
 }
-#define spread_index(b) _mm512_loadu_si512(SPREAD_INDEX[b])
-#define spread_mask(b) ((__mmask64)SPREAD_MASK[b])
 
-/* The 64 values of one block: its codes, or its codes looked up in the segment's table. */
-static inline __m512i block_values(const uint64_t *words, int b, const uint8_t *table) {
-    __m512i codes;
-    if (b == 8) {
-        codes = _mm512_loadu_si512(words);
-    } else { /* the stored layout: per 8 codes, b bytes, byte q holding bit q of each. vpermb puts plane q of
-              * group j at byte 7 - q of lane j (zeros above the width); gf2p8affineqb then transposes each
-              * lane's 8x8 bit matrix, so that byte i of lane j is code 8 j + i. */
-        const __m512i raw = _mm512_maskz_loadu_epi8((__mmask64)((1ULL << (8 * b)) - 1), words);
-        const __m512i spread = _mm512_maskz_permutexvar_epi8(spread_mask(b), spread_index(b), raw);
-        codes = _mm512_gf2p8affine_epi64_epi8(_mm512_set1_epi64((long long)0x8040201008040201ULL), spread, 0);
-    }
-    if (!table) return codes;
+/* The 64 codes of one block. Below 8 bits, the stored layout: per 8 codes, b bytes, byte q holding bit q of
+ * each. vpermb puts plane q of group j at byte 7 - q of lane j (zeros above the width); gf2p8affineqb then
+ * transposes each lane's 8x8 bit matrix, so that byte i of lane j is code 8 j + i. */
+static inline __m512i block_codes(const uint8_t *bytes, int b) {
+    if (b == 8) return _mm512_loadu_si512(bytes);
+    const __m512i raw = _mm512_maskz_loadu_epi8((__mmask64)((1ULL << (8 * b)) - 1), bytes);
+    const __m512i spread = _mm512_maskz_permutexvar_epi8((__mmask64)SPREAD_MASK[b],
+                                                         _mm512_loadu_si512(SPREAD_INDEX[b]), raw);
+    return _mm512_gf2p8affine_epi64_epi8(_mm512_set1_epi64((long long)0x8040201008040201ULL), spread, 0);
+}
+
+/* The codes looked up in a table of 2^b bytes. */
+static inline __m512i lookup(__m512i codes, int b, const uint8_t *table) {
     if (b <= 6) return _mm512_permutexvar_epi8(codes, _mm512_loadu_si512(table));
     __m512i low = _mm512_permutex2var_epi8(_mm512_loadu_si512(table), codes, _mm512_loadu_si512(table + 64));
     if (b == 7) return low;
     __m512i high = _mm512_permutex2var_epi8(_mm512_loadu_si512(table + 128), codes, _mm512_loadu_si512(table + 192));
     return _mm512_mask_blend_epi8(_mm512_movepi8_mask(codes), low, high);
 }
-/* Sixteen int32 partial sums of 256 dot(v, hi) + dot(v, lo) for the two-part activations at hi. */
-static inline __m512i block_dot(__m512i v, const int8_t *hi) {
-    const __m512i high = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v, _mm512_loadu_si512(hi));
-    return _mm512_dpbusd_epi32(_mm512_slli_epi32(high, 8), v, _mm512_loadu_si512(hi + BLOCK));
-}
-#define OFFSET_BIAS 0
+#define DOT(acc, v, x) _mm512_dpbusd_epi32(acc, v, _mm512_loadu_si512(x))
 #elif defined(PATH_AVX2)
 /* 32 one-bit flags (bit j for byte j) as 32 bytes of 0 or `bit`. */
 static inline __m256i spread_bits(uint32_t flags, uint8_t bit) {
@@ -138,14 +154,17 @@ static inline __m256i spread_bits(uint32_t flags, uint8_t bit) {
     return _mm256_and_si256(v, _mm256_set1_epi8((char)bit));
 }
 
-/* The 32 values of half a block (half 0 or 1), as signed bytes value - 128. */
-static inline __m256i half_values(const uint64_t *words, int b, const uint8_t *table, int half) {
+/* The 32 codes of half a block (half 0 or 1) from its plane words. */
+static inline __m256i half_codes(const uint64_t *words, int b, int half) {
+    if (b == 8) return _mm256_loadu_si256((const __m256i *)((const uint8_t *)words + 32 * half));
     __m256i codes = _mm256_setzero_si256();
-    if (b == 8)
-        codes = _mm256_loadu_si256((const __m256i *)((const uint8_t *)words + 32 * half));
-    else
-        for (int q = 0; q < b; q++)
-            codes = _mm256_or_si256(codes, spread_bits((uint32_t)(words[q] >> (32 * half)), (uint8_t)(1 << q)));
+    for (int q = 0; q < b; q++)
+        codes = _mm256_or_si256(codes, spread_bits((uint32_t)(words[q] >> (32 * half)), (uint8_t)(1 << q)));
+    return codes;
+}
+
+/* The codes (or their entries in a table of 2^b bytes) as signed bytes value - 128. */
+static inline __m256i half_values(__m256i codes, int b, const uint8_t *table) {
     if (table && b <= 5) {
         const __m256i low = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)table));
         __m256i v = _mm256_shuffle_epi8(low, codes); /* pshufb uses the low 4 bits (bit 7 is never set) */
@@ -164,20 +183,12 @@ static inline __m256i half_values(const uint64_t *words, int b, const uint8_t *t
     return _mm256_xor_si256(codes, _mm256_set1_epi8((char)0x80));
 }
 
-/* Eight int32 partial sums of the products of 32 signed values w with 32 int8 activations. */
-static inline __m256i half_dot8(__m256i w, const int8_t *xq) {
+/* acc + eight int32 partial sums of the products of 32 signed values w with 32 int8 activations. */
+static inline __m256i half_dot(__m256i acc, __m256i w, const int8_t *xq) {
     const __m256i x = _mm256_loadu_si256((const __m256i *)xq);
     const __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w));
-    return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
 }
-
-/* The same with the two-part activations at hi (high parts; low parts BLOCK bytes on): 256 hi + lo. */
-static inline __m256i half_dot(__m256i w, const int8_t *hi) {
-    return _mm256_add_epi32(_mm256_slli_epi32(half_dot8(w, hi), 8), half_dot8(w, hi + BLOCK));
-}
-#define OFFSET_BIAS 128 /* the AVX2 path multiplies value - 128 */
-#else
-#define OFFSET_BIAS 0
 #endif
 
 /* The constant tables the code path needs, filled on first use (before any thread starts). */
@@ -185,20 +196,6 @@ static void init_tables(void) {
 #if defined(PATH_AVX512)
     if (!SPREAD_MASK[1]) init_spread_tables();
 #endif
-}
-
-/* The exact integer dot product of one block's values with one token's two-part block (portable path). */
-static inline int32_t block_dot_portable(const uint64_t *words, int b, const uint8_t *table, const int8_t *xq) {
-    int32_t dot = 0;
-    for (int j = 0; j < BLOCK; j++) {
-        int code = 0;
-        if (b == 8)
-            code = ((const uint8_t *)words)[j];
-        else
-            for (int q = 0; q < b; q++) code |= (int)((words[q] >> j) & 1) << q;
-        dot += (int32_t)(table ? table[code] : code) * (256 * xq[j] + xq[j + BLOCK]);
-    }
-    return dot;
 }
 
 #if defined(PATH_AVX512)
@@ -212,173 +209,105 @@ typedef float accumulator;
 #define ACC_ZERO 0.0f
 #endif
 
-/* Adds the blocks k0 .. k0 + nblocks - 1 of one b-bit segment (scale sc) to the tokens' accumulators. Within
- * the segment, each block's integer product is scaled by its activation step alone (a multiply-add with a
- * broadcast operand); the segment's scale multiplies the segment's sum once. With one token, odd blocks add
- * into a second sum, which halves the chain of dependent multiply-adds. Inlined with b and n constant, so
- * the loops unroll and the sums stay in registers. */
-static inline __attribute__((always_inline)) const uint64_t *
-segment_blocks(const uint64_t *words, const int b, const uint8_t *table, float sc, int64_t k0, int64_t nblocks,
-               const int8_t *xq, const float *xs, int64_t cols, int64_t t0, const int n, accumulator *acc) {
-    const int64_t blocks = cols / BLOCK;
+/* Adds sc (A + B / 256) to the tokens' accumulators for the blocks k0 .. k0 + nblocks - 1 of one b-bit segment,
+ * where A sums each block's values times the high parts and B its values times the low parts plus (with a
+ * table) the low table's values times the high parts: integer sums, flushed to float every FLUSH_BLOCKS.
+ * `table` holds a segment's high table then its low table (2^b bytes each), NULL for uniform grids. Inlined
+ * with b, `tabled` and n constant. With one token, even and odd blocks add into separate sums, which halves
+ * the chains of dependent dot products. */
+static inline __attribute__((always_inline)) const uint8_t *
+segment_blocks(const uint8_t *w, const int b, const int tabled, const uint8_t *table, float sc, int64_t k0,
+               int64_t nblocks, const int8_t *xq, int64_t cols, int64_t t0, const int n, accumulator *acc) {
+    const uint8_t *low_table = tabled ? table + (1 << b) : NULL;
+    for (int64_t first = k0; first < k0 + nblocks; first += FLUSH_BLOCKS) {
+        const int64_t end = first + FLUSH_BLOCKS < k0 + nblocks ? first + FLUSH_BLOCKS : k0 + nblocks;
 #if defined(PATH_AVX512)
-    __m512 sum[MAX_TOKENS], odd = _mm512_setzero_ps();
-    for (int t = 0; t < n; t++) sum[t] = _mm512_setzero_ps();
-    int64_t k = k0;
-    if (n == 1) /* two blocks per step, into two sums */
-        for (; k + 1 < k0 + nblocks; k += 2, words += 2 * b) {
-            const __m512i v0 = block_values(words, b, table), v1 = block_values(words + b, b, table);
-            const __m512 d0 = _mm512_cvtepi32_ps(block_dot(v0, XQ(xq, cols, t0, k)));
-            const __m512 d1 = _mm512_cvtepi32_ps(block_dot(v1, XQ(xq, cols, t0, k + 1)));
-            sum[0] = _mm512_fmadd_ps(d0, _mm512_set1_ps(xs[t0 * blocks + k]), sum[0]);
-            odd = _mm512_fmadd_ps(d1, _mm512_set1_ps(xs[t0 * blocks + k + 1]), odd);
+        __m512i a[MAX_TOKENS], bl[MAX_TOKENS];
+        for (int t = 0; t < n; t++) a[t] = bl[t] = _mm512_setzero_si512();
+        int64_t k = first;
+        if (n == 1) {
+            __m512i a1 = _mm512_setzero_si512(), b1 = a1, l0 = a1, l1 = a1;
+            const int8_t *x = XQ(xq, cols, t0, k);
+            for (; k + 1 < end; k += 2, w += 16 * b, x += 4 * BLOCK) {
+                const __m512i codes0 = block_codes(w, b), codes1 = block_codes(w + 8 * b, b);
+                const __m512i v0 = tabled ? lookup(codes0, b, table) : codes0;
+                const __m512i v1 = tabled ? lookup(codes1, b, table) : codes1;
+                a[0] = DOT(a[0], v0, x), bl[0] = DOT(bl[0], v0, x + BLOCK);
+                a1 = DOT(a1, v1, x + 2 * BLOCK), b1 = DOT(b1, v1, x + 3 * BLOCK);
+                if (tabled) {
+                    l0 = DOT(l0, lookup(codes0, b, low_table), x);
+                    l1 = DOT(l1, lookup(codes1, b, low_table), x + 2 * BLOCK);
+                }
+            }
+            a[0] = _mm512_add_epi32(a[0], a1);
+            bl[0] = _mm512_add_epi32(_mm512_add_epi32(bl[0], b1), _mm512_add_epi32(l0, l1));
         }
-    for (; k < k0 + nblocks; k++, words += b) {
-        const __m512i v = block_values(words, b, table);
+        for (; k < end; k++, w += 8 * b) {
+            const __m512i codes = block_codes(w, b);
+            const __m512i v = tabled ? lookup(codes, b, table) : codes;
+            const __m512i lv = tabled ? lookup(codes, b, low_table) : codes;
+            for (int t = 0; t < n; t++) {
+                const int8_t *x = XQ(xq, cols, t0 + t, k);
+                a[t] = DOT(a[t], v, x), bl[t] = DOT(bl[t], v, x + BLOCK);
+                if (tabled) bl[t] = DOT(bl[t], lv, x);
+            }
+        }
         for (int t = 0; t < n; t++) {
-            const int64_t tt = t0 + t;
-            const __m512 dot = _mm512_cvtepi32_ps(block_dot(v, XQ(xq, cols, tt, k)));
-            sum[t] = _mm512_fmadd_ps(dot, _mm512_set1_ps(xs[tt * blocks + k]), sum[t]);
+            const __m512 f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(bl[t]), _mm512_set1_ps(1.0f / 256.0f),
+                                             _mm512_cvtepi32_ps(a[t]));
+            acc[t] = _mm512_fmadd_ps(f, _mm512_set1_ps(sc), acc[t]);
         }
-    }
-    if (n == 1) sum[0] = _mm512_add_ps(sum[0], odd);
-    for (int t = 0; t < n; t++) acc[t] = _mm512_fmadd_ps(sum[t], _mm512_set1_ps(sc), acc[t]);
 #elif defined(PATH_AVX2)
-    __m256 sum[MAX_TOKENS];
-    for (int t = 0; t < n; t++) sum[t] = _mm256_setzero_ps();
-    for (int64_t k = k0; k < k0 + nblocks; k++, words += b) {
-        const __m256i v0 = half_values(words, b, table, 0), v1 = half_values(words, b, table, 1);
-        for (int t = 0; t < n; t++) {
-            const int64_t tt = t0 + t;
-            const int8_t *xb = XQ(xq, cols, tt, k);
-            const __m256 dot = _mm256_cvtepi32_ps(_mm256_add_epi32(half_dot(v0, xb), half_dot(v1, xb + 32)));
-            sum[t] = _mm256_fmadd_ps(dot, _mm256_set1_ps(xs[tt * blocks + k]), sum[t]);
+        __m256i a[MAX_TOKENS], bl[MAX_TOKENS];
+        for (int t = 0; t < n; t++) a[t] = bl[t] = _mm256_setzero_si256();
+        for (int64_t k = first; k < end; k++, w += 8 * b) {
+            const uint64_t *words = (const uint64_t *)w;
+            const __m256i codes0 = half_codes(words, b, 0), codes1 = half_codes(words, b, 1);
+            const __m256i v0 = half_values(codes0, b, table), v1 = half_values(codes1, b, table);
+            __m256i lv0 = v0, lv1 = v1;
+            if (tabled) lv0 = half_values(codes0, b, low_table), lv1 = half_values(codes1, b, low_table);
+            for (int t = 0; t < n; t++) {
+                const int8_t *x = XQ(xq, cols, t0 + t, k);
+                a[t] = half_dot(half_dot(a[t], v0, x), v1, x + 32);
+                bl[t] = half_dot(half_dot(bl[t], v0, x + BLOCK), v1, x + BLOCK + 32);
+                if (tabled) bl[t] = half_dot(half_dot(bl[t], lv0, x), lv1, x + 32);
+            }
         }
-    }
-    for (int t = 0; t < n; t++) acc[t] = _mm256_fmadd_ps(sum[t], _mm256_set1_ps(sc), acc[t]);
+        for (int t = 0; t < n; t++) {
+            const __m256 f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(bl[t]), _mm256_set1_ps(1.0f / 256.0f),
+                                             _mm256_cvtepi32_ps(a[t]));
+            acc[t] = _mm256_fmadd_ps(f, _mm256_set1_ps(sc), acc[t]);
+        }
 #else
-    for (int64_t k = k0; k < k0 + nblocks; k++, words += b)
-        for (int t = 0; t < n; t++) {
-            const int64_t tt = t0 + t;
-            const int32_t dot = block_dot_portable(words, b, table, XQ(xq, cols, tt, k));
-            acc[t] += (float)dot * sc * xs[tt * blocks + k];
+        int64_t a[MAX_TOKENS] = {0}, bl[MAX_TOKENS] = {0};
+        for (int64_t k = first; k < end; k++, w += 8 * b) {
+            for (int j = 0; j < BLOCK; j++) {
+                int code = 0;
+                if (b == 8)
+                    code = w[j];
+                else
+                    for (int q = 0; q < b; q++) code |= (int)((((const uint64_t *)w)[q] >> j) & 1) << q;
+                const int v = (tabled ? table[code] : code) - VALUE_BIAS;
+                const int lv = tabled ? low_table[code] - VALUE_BIAS : 0;
+                for (int t = 0; t < n; t++) {
+                    const int8_t *x = XQ(xq, cols, t0 + t, k);
+                    a[t] += v * x[j], bl[t] += v * x[BLOCK + j] + lv * x[j];
+                }
+            }
         }
+        for (int t = 0; t < n; t++) acc[t] += sc * (float)((double)a[t] + (double)bl[t] / 256.0);
 #endif
-    return words;
+    }
+    return w;
 }
 
-/* y[t, r] for the tokens t0 .. t0 + n - 1 of one row r (inlined with n constant: see row_product_n). */
-static inline __attribute__((always_inline)) void row_product(const uint8_t *codes, const uint8_t *bits, const uint8_t *tables, const int64_t *table_off,
-                        const int16_t *offset, const float *scale, int64_t groups, int64_t group_blocks, int64_t r,
-                        const int8_t *xq, const float *xs, const float *bsum, int64_t cols, int64_t t0, const int n,
-                        float *y, int64_t rows) {
-    const int64_t blocks = cols / BLOCK;
-    float total[MAX_TOKENS] = {0};
-    accumulator acc[MAX_TOKENS];
-    for (int t = 0; t < n; t++) acc[t] = ACC_ZERO;
-    const uint64_t *words = (const uint64_t *)codes;
-    for (int64_t g = 0; g < groups; g++) {
-        const int64_t s = r * groups + g;
-        const uint8_t *table = tables ? tables + table_off[s] : NULL;
-        const float sc = scale[s];
-        const int64_t k0 = g * group_blocks;
-        for (int t = 0; t < n; t++) {
-            const float *sums = bsum + (t0 + t) * blocks;
-            float segment_sum = 0.0f;
-            for (int64_t k = k0; k < k0 + group_blocks; k++) segment_sum += sums[k];
-            total[t] -= sc * (float)(offset[s] - OFFSET_BIAS) * segment_sum;
-        }
-#define SEGMENT(B) segment_blocks(words, B, table, sc, k0, group_blocks, xq, xs, cols, t0, n, acc)
-        switch (bits[s]) {
-        case 1: words = SEGMENT(1); break;
-        case 2: words = SEGMENT(2); break;
-        case 3: words = SEGMENT(3); break;
-        case 4: words = SEGMENT(4); break;
-        case 5: words = SEGMENT(5); break;
-        case 6: words = SEGMENT(6); break;
-        case 7: words = SEGMENT(7); break;
-        default: words = SEGMENT(8); break;
-        }
-#undef SEGMENT
-    }
-#if defined(PATH_AVX512)
-    for (int t = 0; t < n; t++) total[t] += _mm512_reduce_add_ps(acc[t]);
-#elif defined(PATH_AVX2)
-    for (int t = 0; t < n; t++) {
-        float lanes[8];
-        _mm256_storeu_ps(lanes, acc[t]);
-        for (int e = 0; e < 8; e++) total[t] += lanes[e];
-    }
-#else
-    for (int t = 0; t < n; t++) total[t] += acc[t];
-#endif
-    for (int t = 0; t < n; t++) y[(t0 + t) * rows + r] = total[t];
-}
-
-#define ROW_ARGS codes, bits, tables, table_off, offset, scale, groups, group_blocks, r, xq, xs, bsum, cols, t0
-/* row_product with the number of tokens a constant, one copy per count. */
-static void row_product_n(const uint8_t *codes, const uint8_t *bits, const uint8_t *tables, const int64_t *table_off,
-                          const int16_t *offset, const float *scale, int64_t groups, int64_t group_blocks, int64_t r,
-                          const int8_t *xq, const float *xs, const float *bsum, int64_t cols, int64_t t0, int n,
-                          float *y, int64_t rows) {
-    switch (n) {
-    case 1: row_product(ROW_ARGS, 1, y, rows); break;
-    case 2: row_product(ROW_ARGS, 2, y, rows); break;
-    case 3: row_product(ROW_ARGS, 3, y, rows); break;
-    case 4: row_product(ROW_ARGS, 4, y, rows); break;
-    case 5: row_product(ROW_ARGS, 5, y, rows); break;
-    case 6: row_product(ROW_ARGS, 6, y, rows); break;
-    case 7: row_product(ROW_ARGS, 7, y, rows); break;
-    default: row_product(ROW_ARGS, 8, y, rows); break;
-    }
-}
-
-/* y (tokens, rows) = x (tokens, cols) Wᵀ, rows split over `threads` threads in the order `order` (rows of one
- * width together, so that the branch on the width is predicted), MAX_TOKENS tokens per pass.
- * `tables` is NULL for uniform grids. Scratch for the rounded activations is allocated here; returns 0, or -1
- * when it cannot be. */
-int anybit_fast_matmul(const uint8_t *codes, const int64_t *row_off, const int64_t *order, const uint8_t *bits,
-                       const uint8_t *tables, const int64_t *table_off, const int16_t *offset, const float *scale,
-                       int64_t rows,
-                       int64_t cols, int64_t group_size, const float *x, int64_t tokens, float *y, int threads) {
-    const int64_t blocks = cols / BLOCK, groups = cols / group_size, group_blocks = group_size / BLOCK;
-    init_tables();
-    int8_t *xq = malloc((size_t)(2 * tokens * cols) + 64);
-    float *xs = malloc(sizeof(float) * (size_t)(tokens * blocks));
-    float *bsum = malloc(sizeof(float) * (size_t)(tokens * blocks));
-    if (!xq || !xs || !bsum) {
-        free(xq), free(xs), free(bsum);
-        return -1;
-    }
-    anybit_fast_quantize_input(x, tokens, cols, xq, xs, bsum);
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t i = 0; i < rows; i++) {
-        const int64_t r = order[i];
-        for (int64_t t0 = 0; t0 < tokens; t0 += MAX_TOKENS) {
-            const int n = (int)(tokens - t0 < MAX_TOKENS ? tokens - t0 : MAX_TOKENS);
-            row_product_n(codes + row_off[r], bits, tables, table_off, offset, scale, groups, group_blocks, r, xq, xs,
-                        bsum, cols, t0, n, y, rows);
-        }
-    }
-    free(xq), free(xs), free(bsum);
-    return 0;
-}
-
-/* ---- A whole decoder step of the Llama family, with no Python per layer --------------------------------
- * x (tokens at positions pos .. pos + T - 1, already embedded) runs through every layer: RMS norm, q/k/v
- * products (optionally per-head RMS norms of q and k), rotary embedding from precomputed cos/sin tables,
- * attention over the float32 KV cache (grouped heads, optional sliding window), the output product, the
- * gated SiLU MLP, residual adds; then the final norm and the head product for the last token only (without a
- * head, the normed state is the output). One
- * OpenMP parallel region per step: products and attention split over threads, the small vector work done
- * by one thread between barriers. */
-
+/* A matrix as the fast kernel multiplies it (see anybit/kernels/cpu_fast.py). */
 typedef struct {
     const uint8_t *codes;
     const int64_t *row_off;
     const int64_t *order; /* the rows in the order they are multiplied */
     const uint8_t *bits;
-    const uint8_t *tables; /* NULL for uniform grids */
+    const uint8_t *tables; /* per segment, a high then a low table of 2^b bytes; NULL for uniform grids */
     const int64_t *table_off;
     const int16_t *offset;
     const float *scale;
@@ -391,32 +320,95 @@ typedef struct {
     const float *bias;           /* NULL: none */
 } anybit_matrix;
 
-typedef struct {
-    anybit_matrix q, k, v, o, gate, up, down;
-    const float *attn_norm, *mlp_norm;
-    const float *q_norm, *k_norm; /* per-head RMS norms (Qwen3); NULL: none */
-} anybit_layer;
+/* y[t, r] for the tokens t0 .. t0 + n - 1 of one row r (inlined with n constant: see row_product_n). A
+ * segment's weights are (value - offset) scale; the offsets and the low tables' bias of 128 are taken out
+ * with the running sums of the input. */
+static inline __attribute__((always_inline)) void row_product(const anybit_matrix *m, int64_t r,
+                                                              const coded_input *in, int64_t t0, const int n,
+                                                              float *y) {
+    const int64_t cols = m->cols, blocks = cols / BLOCK, groups = cols / m->group_size;
+    const int64_t group_blocks = m->group_size / BLOCK;
+    float total[MAX_TOKENS] = {0};
+    accumulator acc[MAX_TOKENS];
+    for (int t = 0; t < n; t++) acc[t] = ACC_ZERO;
+    const uint8_t *w = m->codes + m->row_off[r];
+    for (int64_t g = 0; g < groups; g++) {
+        const int64_t s = r * groups + g, k0 = g * group_blocks, k1 = k0 + group_blocks;
+        const uint8_t *table = m->tables ? m->tables + m->table_off[s] : NULL;
+        const float sc = m->scale[s];
+        for (int t = 0; t < n; t++) {
+            const double *xsum = in->xsum + (t0 + t) * (blocks + 1), *hisum = in->hisum + (t0 + t) * (blocks + 1);
+            double bias = (double)(m->offset[s] - VALUE_BIAS) * (xsum[k1] - xsum[k0]);
+            if (table) bias += (128.0 - VALUE_BIAS) / 256.0 * (hisum[k1] - hisum[k0]);
+            total[t] -= sc * (float)bias;
+        }
+#define SEGMENT(B)                                                                                                    \
+    (table ? segment_blocks(w, B, 1, table, sc, k0, group_blocks, in->xq, cols, t0, n, acc)                           \
+           : segment_blocks(w, B, 0, NULL, sc, k0, group_blocks, in->xq, cols, t0, n, acc))
+        switch (m->bits[s]) {
+        case 1: w = SEGMENT(1); break;
+        case 2: w = SEGMENT(2); break;
+        case 3: w = SEGMENT(3); break;
+        case 4: w = SEGMENT(4); break;
+        case 5: w = SEGMENT(5); break;
+        case 6: w = SEGMENT(6); break;
+        case 7: w = SEGMENT(7); break;
+        default: w = SEGMENT(8); break;
+        }
+#undef SEGMENT
+    }
+    for (int t = 0; t < n; t++) {
+#if defined(PATH_AVX512)
+        const float sum = _mm512_reduce_add_ps(acc[t]);
+#elif defined(PATH_AVX2)
+        float lanes[8], sum = 0.0f;
+        _mm256_storeu_ps(lanes, acc[t]);
+        for (int e = 0; e < 8; e++) sum += lanes[e];
+#else
+        const float sum = acc[t];
+#endif
+        y[(t0 + t) * m->rows + r] = total[t] + in->step[t0 + t] * sum;
+    }
+}
 
-typedef struct {
-    int64_t n_layers, hidden, heads, kv_heads, head_dim, intermediate, max_len, window, vocab;
-    float eps, attn_scale;
-    const anybit_layer *layers;
-    const float *final_norm;
-    const anybit_matrix *head;
-    const float *cos, *sin;   /* (max_len, head_dim) */
-    float *k_cache, *v_cache; /* (layers, kv_heads, max_len, head_dim) */
-} anybit_model;
+/* row_product with the number of tokens a constant, one copy per count. */
+static void row_product_n(const anybit_matrix *m, int64_t r, const coded_input *in, int64_t t0, int n, float *y) {
+    switch (n) {
+    case 1: row_product(m, r, in, t0, 1, y); break;
+    case 2: row_product(m, r, in, t0, 2, y); break;
+    case 3: row_product(m, r, in, t0, 3, y); break;
+    case 4: row_product(m, r, in, t0, 4, y); break;
+    case 5: row_product(m, r, in, t0, 5, y); break;
+    case 6: row_product(m, r, in, t0, 6, y); break;
+    case 7: row_product(m, r, in, t0, 7, y); break;
+    default: row_product(m, r, in, t0, 8, y); break;
+    }
+}
 
-typedef struct { /* one matrix's rounded input */
-    int8_t *xq;
-    float *xs, *bsum, *coded;
-} coded_input;
+/* Scratch for the rounded input of T tokens of at most `cols` columns; 0, or -1 when it cannot be allocated. */
+static int alloc_input(coded_input *in, int64_t T, int64_t cols) {
+    const size_t sums = sizeof(double) * (size_t)(T * (cols / BLOCK + 1));
+    in->xq = malloc((size_t)(2 * T * cols) + 64);
+    in->step = malloc(sizeof(float) * (size_t)T);
+    in->xsum = malloc(sums), in->hisum = malloc(sums);
+    in->coded = malloc(sizeof(float) * (size_t)(T * cols));
+    return in->xq && in->step && in->xsum && in->hisum && in->coded ? 0 : -1;
+}
 
-/* Round the input of `count` matrices (sharing x, T tokens); one thread. */
-static void code_inputs(const anybit_matrix *const *m, int count, const float *x, int64_t T, coded_input *in) {
+static void free_input(coded_input *in) { free(in->xq), free(in->step), free(in->xsum), free(in->hisum), free(in->coded); }
+
+/* Round the input of `count` matrices (sharing x, T tokens) into in[i], or point coded[i] at an earlier
+ * matrix's rounding of the same input; one thread. */
+static void code_inputs(const anybit_matrix *const *m, int count, const float *x, int64_t T, coded_input *in,
+                        const coded_input **coded) {
     for (int i = 0; i < count; i++) {
         const int64_t cols = m[i]->cols;
         const float *src = x;
+        coded[i] = in + i;
+        if (i > 0 && !m[i]->perm && !m[i]->col_scale && !m[0]->perm && !m[0]->col_scale) {
+            coded[i] = in; /* the plain input, rounded once */
+            continue;
+        }
         if (m[i]->perm || m[i]->col_scale) {
             for (int64_t t = 0; t < T; t++)
                 for (int64_t j = 0; j < cols; j++) {
@@ -425,30 +417,28 @@ static void code_inputs(const anybit_matrix *const *m, int count, const float *x
                 }
             src = in[i].coded;
         }
-        anybit_fast_quantize_input(src, T, cols, in[i].xq, in[i].xs, in[i].bsum);
+        anybit_fast_quantize_input(src, T, cols, in + i);
     }
 }
 
-/* y[i] (T, rows_i) = x (T, cols) W_iᵀ for `count` matrices sharing x; called by every thread of the region. */
+/* y[i] (T, rows_i) = x (T, cols) W_iᵀ for `count` matrices sharing x, their outliers and biases included;
+ * called by every thread of a parallel region. Rows go to threads in each matrix's `order` (rows of one width
+ * together, so that the branch on the width is predicted), MAX_TOKENS tokens per pass over a row. */
 static void products(const anybit_matrix *const *m, int count, const float *x, int64_t T, float *const *y,
                      coded_input *in) {
-#pragma omp single
-    code_inputs(m, count, x, T, in);
-    int64_t total = 0;
+    const coded_input *coded[SCRATCH_INPUTS]; /* shared: written by one thread before the barrier */
+#pragma omp single copyprivate(coded)
+    code_inputs(m, count, x, T, in, coded);
+    int64_t total = 0; /* rows cost about the same at any width: an equal count per thread */
     for (int i = 0; i < count; i++) total += m[i]->rows;
 #pragma omp for schedule(static)
     for (int64_t R = 0; R < total; R++) {
         int i = 0;
         int64_t r = R;
         while (r >= m[i]->rows) r -= m[i++]->rows;
-        const anybit_matrix *w = m[i];
-        r = w->order[r];
-        const int64_t groups = w->cols / w->group_size, group_blocks = w->group_size / BLOCK;
-        for (int64_t t0 = 0; t0 < T; t0 += MAX_TOKENS) {
-            const int n = (int)(T - t0 < MAX_TOKENS ? T - t0 : MAX_TOKENS);
-            row_product_n(w->codes + w->row_off[r], w->bits, w->tables, w->table_off, w->offset, w->scale, groups,
-                          group_blocks, r, in[i].xq, in[i].xs, in[i].bsum, w->cols, t0, n, y[i], w->rows);
-        }
+        r = m[i]->order[r];
+        for (int64_t t0 = 0; t0 < T; t0 += MAX_TOKENS)
+            row_product_n(m[i], r, coded[i], t0, (int)(T - t0 < MAX_TOKENS ? T - t0 : MAX_TOKENS), y[i]);
     }
     int extras = 0; /* outliers or biases: every thread sees the same, so all skip the barrier together */
     for (int i = 0; i < count; i++) extras |= m[i]->n_outliers > 0 || m[i]->bias;
@@ -466,6 +456,64 @@ static void products(const anybit_matrix *const *m, int count, const float *x, i
         }
     }
 }
+
+/* y (tokens, rows) = x (tokens, cols) Wᵀ on `threads` threads. Returns 0, or -1 when the scratch for the
+ * rounded input cannot be allocated. */
+int anybit_fast_matmul(const anybit_matrix *m, const float *x, int64_t tokens, float *y, int threads) {
+    init_tables();
+    coded_input in;
+    if (alloc_input(&in, tokens, m->cols)) {
+        free_input(&in);
+        return -1;
+    }
+#pragma omp parallel num_threads(threads)
+    products(&m, 1, x, tokens, &y, &in);
+    free_input(&in);
+    return 0;
+}
+
+/* Rows ids[0 .. n - 1] of a matrix whose segments are all 8-bit (a block is its 64 codes, one byte each), decoded
+ * as the kernel multiplies them (an embedding lookup from the 8-bit head); out (n, cols). */
+void anybit_fast_rows(const anybit_matrix *m, const int64_t *ids, int64_t n, float *out) {
+    const int64_t groups = m->cols / m->group_size;
+    for (int64_t i = 0; i < n; i++) {
+        const uint8_t *codes = m->codes + m->row_off[ids[i]];
+        for (int64_t g = 0; g < groups; g++) {
+            const int64_t s = ids[i] * groups + g;
+            const float sc = m->scale[s], offset = (float)m->offset[s];
+            const uint8_t *high = m->tables ? m->tables + m->table_off[s] : NULL, *low = high ? high + 256 : NULL;
+            float *y = out + i * m->cols + g * m->group_size;
+            for (int64_t j = 0; j < m->group_size; j++, codes++)
+                y[j] = high ? ((float)high[*codes] - offset + ((float)low[*codes] - 128.0f) / 256.0f) * sc
+                            : ((float)*codes - offset) * sc;
+        }
+    }
+}
+
+/* ---- A whole decoder step of the Llama family, with no Python per layer --------------------------------
+ * x (tokens at positions pos .. pos + T - 1, already embedded) runs through every layer: RMS norm, q/k/v
+ * products (optionally per-head RMS norms of q and k), rotary embedding from precomputed cos/sin tables,
+ * attention over the float32 KV cache (grouped heads, optional sliding window), the output product, the
+ * gated SiLU MLP, residual adds; then the final norm and the head product for the last token only (without a
+ * head, the normed state is the output). One
+ * OpenMP parallel region per step: products and attention split over threads, the small vector work done
+ * by one thread between barriers. */
+
+typedef struct {
+    anybit_matrix q, k, v, o, gate, up, down;
+    const float *attn_norm, *mlp_norm;
+    const float *q_norm, *k_norm; /* per-head RMS norms (Qwen3); NULL: none */
+} anybit_layer;
+
+typedef struct {
+    int64_t n_layers, hidden, heads, kv_heads, head_dim, intermediate, max_len, window, vocab;
+    float eps, attn_scale;
+    const anybit_layer *layers;
+    const float *final_norm;
+    const anybit_matrix *head;
+    const float *cos, *sin;   /* (max_len, head_dim) */
+    float *k_cache, *v_cache; /* (layers, kv_heads, max_len, head_dim) */
+} anybit_model;
 
 static void rms_norm(const float *x, const float *weight, int64_t n, float eps, float *out) {
     double sum = 0.0;
@@ -490,6 +538,7 @@ static void attend(const float *q, const float *keys, const float *values, int64
     float top = -INFINITY;
     for (int64_t j = lo; j <= p; j++) {
         float s = 0.0f;
+#pragma omp simd reduction(+ : s)
         for (int64_t i = 0; i < d; i++) s += q[i] * keys[j * d + i];
         scores[j] = s * scale;
         top = fmaxf(top, scores[j]);
@@ -499,11 +548,11 @@ static void attend(const float *q, const float *keys, const float *values, int64
     for (int64_t i = 0; i < d; i++) out[i] = 0.0f;
     for (int64_t j = lo; j <= p; j++) {
         const float w = scores[j] / total;
+#pragma omp simd
         for (int64_t i = 0; i < d; i++) out[i] += w * values[j * d + i];
     }
 }
 
-#define SCRATCH_INPUTS 3 /* matrices sharing one input at most: q, k, v */
 
 /* Runs T tokens (embedded in x, T × hidden, overwritten) at positions pos ..; writes the last token's logits
  * (vocab). Returns 0, or -1 when scratch memory cannot be allocated. */
@@ -518,13 +567,7 @@ int anybit_decode_step(const anybit_model *M, float *x, int64_t T, int64_t pos, 
     float *scores = malloc(sizeof(float) * (size_t)threads * M->max_len);
     coded_input in[SCRATCH_INPUTS];
     int failed = !normed || !q || !k || !v || !attn || !out || !gate || !up || !scores;
-    for (int i = 0; i < SCRATCH_INPUTS; i++) {
-        in[i].xq = malloc((size_t)(2 * T * wide) + 64);
-        in[i].xs = malloc(sizeof(float) * T * (wide / BLOCK));
-        in[i].bsum = malloc(sizeof(float) * T * (wide / BLOCK));
-        in[i].coded = malloc(sizeof(float) * T * wide);
-        failed |= !in[i].xq || !in[i].xs || !in[i].bsum || !in[i].coded;
-    }
+    for (int i = 0; i < SCRATCH_INPUTS; i++) failed |= alloc_input(in + i, T, wide);
     if (!failed) {
 #pragma omp parallel num_threads(threads)
         {
@@ -590,6 +633,6 @@ int anybit_decode_step(const anybit_model *M, float *x, int64_t T, int64_t pos, 
         }
     }
     free(normed), free(q), free(k), free(v), free(attn), free(out), free(gate), free(up), free(scores);
-    for (int i = 0; i < SCRATCH_INPUTS; i++) free(in[i].xq), free(in[i].xs), free(in[i].bsum), free(in[i].coded);
+    for (int i = 0; i < SCRATCH_INPUTS; i++) free_input(in + i);
     return failed ? -1 : 0;
 }

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from anybit.kernels import cpu_fast
+from anybit.runtime.head import QuantEmbedding
 from anybit.runtime.qlinear import QuantLinear
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
@@ -29,16 +30,8 @@ _P = ctypes.c_void_p
 _I = ctypes.c_int64
 
 
-class _Matrix(ctypes.Structure):
-    _fields_ = [
-        ("codes", _P), ("row_off", _P), ("order", _P), ("bits", _P), ("tables", _P), ("table_off", _P), ("offset", _P),
-        ("scale", _P), ("rows", _I), ("cols", _I), ("group_size", _I), ("perm", _P), ("col_scale", _P),
-        ("n_outliers", _I), ("outlier_rows", _P), ("outlier_cols", _P), ("outlier_deltas", _P), ("bias", _P),
-    ]  # fmt: skip
-
-
 class _Layer(ctypes.Structure):
-    _fields_ = [*((name, _Matrix) for name in LINEARS), ("attn_norm", _P), ("mlp_norm", _P), ("q_norm", _P),
+    _fields_ = [*((name, cpu_fast.Matrix) for name in LINEARS), ("attn_norm", _P), ("mlp_norm", _P), ("q_norm", _P),
                 ("k_norm", _P)]  # fmt: skip
 
 
@@ -46,7 +39,7 @@ class _Model(ctypes.Structure):
     _fields_ = [
         ("n_layers", _I), ("hidden", _I), ("heads", _I), ("kv_heads", _I), ("head_dim", _I), ("intermediate", _I),
         ("max_len", _I), ("window", _I), ("vocab", _I), ("eps", ctypes.c_float), ("attn_scale", ctypes.c_float),
-        ("layers", ctypes.POINTER(_Layer)), ("final_norm", _P), ("head", ctypes.POINTER(_Matrix)), ("cos", _P),
+        ("layers", ctypes.POINTER(_Layer)), ("final_norm", _P), ("head", ctypes.POINTER(cpu_fast.Matrix)), ("cos", _P),
         ("sin", _P), ("k_cache", _P), ("v_cache", _P),
     ]  # fmt: skip
 
@@ -82,10 +75,6 @@ def native_unavailable(model: nn.Module) -> str:
     return lib if isinstance(lib, str) else ""
 
 
-def _pointer(tensor: torch.Tensor | None) -> int | None:
-    return None if tensor is None else tensor.data_ptr()
-
-
 class NativeDecoder:
     """Batch-1 decoding of a served model (see `native_unavailable`) on a KV cache of `max_len` positions."""
 
@@ -108,6 +97,7 @@ class NativeDecoder:
         self._layers = (_Layer * len(layers))(*(self._layer(layer) for layer in layers))
         head = model.get_output_embeddings()
         self._head = self._matrix(head) if _fast_layer(head) else None
+        self._embed_rows = self._c_lookup(model.get_input_embeddings(), head)
         self.vocab = config.vocab_size
         window = getattr(config, "sliding_window", None) if config.model_type == "mistral" else None
         self._model = _Model(
@@ -128,6 +118,16 @@ class NativeDecoder:
     def _float(self, tensor: torch.Tensor | None) -> int | None:
         return None if tensor is None else self._hold(tensor.detach().float())
 
+    def _c_lookup(self, embed: nn.Module, head: nn.Module) -> cpu_fast.FastPrepared | None:
+        """The head's re-laid copy when the embedding is the same 8-bit matrix, unscaled: lookups then decode
+        its rows in C (a handful of torch operations per token otherwise)."""
+        if self._head is None or not isinstance(embed, QuantEmbedding) or embed.scale is not None:
+            return None
+        mine, theirs = embed.qtensor, head.qtensor
+        if mine.widths != [8] or theirs.widths != [8] or mine.codes[8].data_ptr() != theirs.codes[8].data_ptr():
+            return None
+        return head.prepared("fast")
+
     def _rotary_tables(self, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin (max_len, head_dim) from the model's own rotary module (its scaling included)."""
         rotary = self.model.model.rotary_emb
@@ -135,21 +135,11 @@ class NativeDecoder:
         cos, sin = rotary(probe, torch.arange(max_len)[None, :])
         return cos[0].float(), sin[0].float()
 
-    def _matrix(self, layer: QuantLinear) -> _Matrix:
-        p = layer.prepared("fast")
-        qt = p.qt
-        perm = None if qt.perm is None else self._hold(qt.perm.to(torch.int64))
-        col_scale = None if qt.col_scale is None else self._hold(qt.col_scale.float())
-        rows, cols, deltas = p.outliers if p.outliers is not None else (None, None, None)
-        return _Matrix(
-            codes=p.codes.data_ptr(), row_off=p.row_offset.data_ptr(), order=p.order.data_ptr(), bits=p.bits.data_ptr(),
-            tables=_pointer(p.tables), table_off=_pointer(p.table_offset), offset=p.offset.data_ptr(),
-            scale=p.scale.data_ptr(), rows=qt.shape[0], cols=qt.shape[1], group_size=qt.group_size, perm=perm,
-            col_scale=col_scale, n_outliers=0 if rows is None else rows.numel(),
-            outlier_rows=None if rows is None else self._hold(rows.to(torch.int64)),
-            outlier_cols=None if cols is None else self._hold(cols.to(torch.int64)),
-            outlier_deltas=None if deltas is None else self._hold(deltas.float()), bias=self._float(layer.bias),
-        )  # fmt: skip
+    def _matrix(self, layer: QuantLinear) -> cpu_fast.Matrix:
+        bias = None if layer.bias is None else layer.bias.detach().float().contiguous()
+        if bias is not None:
+            self._keep.append(bias)
+        return layer.prepared("fast").matrix(bias)
 
     def _layer(self, layer: nn.Module) -> _Layer:
         attention = layer.self_attn
@@ -176,7 +166,10 @@ class NativeDecoder:
         out = torch.empty(width, dtype=torch.float32)
         for start in range(0, ids.numel(), PREFILL_CHUNK):
             chunk = ids[start : start + PREFILL_CHUNK]
-            x = embed(chunk[None, :])[0].float().contiguous()
+            if self._embed_rows is not None:
+                x = cpu_fast.rows(self._embed_rows, chunk)
+            else:
+                x = embed(chunk[None, :])[0].float().contiguous()
             status = self._lib.anybit_decode_step(
                 ctypes.byref(self._model), x.data_ptr(), chunk.numel(), self.position, out.data_ptr(),
                 torch.get_num_threads(),
