@@ -11,9 +11,10 @@ from anybit.bench import _cache_argument, decode_speed
 from anybit.generate import _native_tokens
 from anybit.kernels import cpu_fast
 from anybit.quant.uniform import rtn_quantize
+from anybit.runtime.dec import compensation, quantize_residual
 from anybit.runtime.head import QuantEmbedding, quantize_head
 from anybit.runtime.native import LINEARS, PATHS, NativeDecoder, native_or_warn, native_unavailable
-from anybit.runtime.qlinear import QuantLinear
+from anybit.runtime.qlinear import QuantLinear, quant_linears
 from conftest import tiny_config
 from qtensors import codebook_tensor
 
@@ -120,6 +121,31 @@ def test_unserved_layers_and_hooks_are_named() -> None:
     decoder = NativeDecoder(model, 8)
     with pytest.raises(ValueError, match="pass the cache's 8 positions"):
         decoder.forward(torch.zeros(9, dtype=torch.long))
+
+
+@pytest.mark.parametrize("mode", ["activation", "contribution", "static"])
+def test_compensation_runs_in_the_native_step(mode: str) -> None:
+    """--dec on the native decoder: the same channels and residual rows as the eager hooks, so the same greedy
+    tokens; and the compensation changes them (the residuals are large enough to matter). The embedding stays
+    dense: rows rounded to 8 bits repeat values, and top-k breaks ties in its own order on each side."""
+    model = _quantized("llama")
+    layers = dict(quant_linears(model))
+    torch.manual_seed(4)
+    residuals = {
+        name: quantize_residual(torch.randn(m.out_features, m.in_features) * 0.2) for name, m in layers.items()
+    }
+    means = {name: torch.rand(m.in_features) for name, m in layers.items()} if mode == "static" else None
+    prompt = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(1))
+    plain = NativeDecoder(model, 32).forward(prompt[0])
+    score = "contribution" if mode == "contribution" else "activation"
+    with compensation(layers, residuals, 64, means, score):  # 8 of 128 channels, 16 of 256
+        assert native_unavailable(model) == ""
+        expected, _ = _eager_greedy(model, prompt, 12)
+        got = _native_tokens(NativeDecoder(model, 32), prompt, 12, 0.0, set(), None)
+        compensated = NativeDecoder(model, 32).forward(prompt[0])
+    assert got == expected
+    assert float((compensated - plain).abs().max()) > 0.01 * float(plain.abs().max())
+    assert not any(hasattr(m, "compensator") for m in layers.values())  # the context took it away
 
 
 def test_the_8bit_embedding_and_head() -> None:

@@ -44,7 +44,22 @@ class Matrix(ctypes.Structure):
         ("codes", _P), ("row_off", _P), ("order", _P), ("bits", _P), ("tables", _P), ("table_off", _P), ("offset", _P),
         ("scale", _P), ("rows", _I), ("cols", _I), ("group_size", _I), ("perm", _P), ("col_scale", _P),
         ("n_outliers", _I), ("outlier_rows", _P), ("outlier_cols", _P), ("outlier_deltas", _P), ("bias", _P),
+        ("dec_codes", _P), ("dec_scales", _P), ("dec_weight", _P), ("dec_fixed", _P), ("dec_row_bytes", _I),
+        ("dec_k_chunk", _I), ("dec_n_fixed", _I),
     ]  # fmt: skip
+
+
+@dataclass
+class Compensation:
+    """Dynamic error compensation as the C kernel applies it (the format of `anybit.runtime.dec`): per token,
+    the k_chunk · L / 1024 channels of largest |x| (times `weight`) of each chunk of L <= 1024 input channels,
+    or the `fixed` ones, add x times their 4-bit residual row."""
+
+    codes: torch.Tensor  # uint8 (in, ceil(out / 2))
+    scales: torch.Tensor  # float32 (out,)
+    k_chunk: int
+    weight: torch.Tensor | None = None  # float32 (in,)
+    fixed: torch.Tensor | None = None  # int64 channels
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -93,16 +108,24 @@ class FastPrepared:
         held += [t for t in (self.tables, self.table_offset) if t is not None]
         return sum(t.numel() * t.element_size() for t in held)
 
-    def matrix(self, bias: torch.Tensor | None = None) -> Matrix:
-        """The C structure over these tensors (and a float32 `bias`, which the caller keeps alive)."""
+    def matrix(self, bias: torch.Tensor | None = None, dec: Compensation | None = None) -> Matrix:
+        """The C structure over these tensors, a float32 `bias` and a compensation (which the caller keeps
+        alive)."""
         rows, cols, deltas = self.outliers if self.outliers is not None else (None, None, None)
+        dec_fields = {}
+        if dec is not None:
+            dec_fields = dict(
+                dec_codes=dec.codes.data_ptr(), dec_scales=dec.scales.data_ptr(), dec_weight=_pointer(dec.weight),
+                dec_fixed=_pointer(dec.fixed), dec_row_bytes=dec.codes.shape[1], dec_k_chunk=dec.k_chunk,
+                dec_n_fixed=0 if dec.fixed is None else dec.fixed.numel(),
+            )  # fmt: skip
         return Matrix(
             codes=self.codes.data_ptr(), row_off=self.row_offset.data_ptr(), order=self.order.data_ptr(),
             bits=self.bits.data_ptr(), tables=_pointer(self.tables), table_off=_pointer(self.table_offset),
             offset=self.offset.data_ptr(), scale=self.scale.data_ptr(), rows=self.qt.shape[0], cols=self.qt.shape[1],
             group_size=self.qt.group_size, perm=_pointer(self.perm), col_scale=_pointer(self.col_scale),
             n_outliers=0 if rows is None else rows.numel(), outlier_rows=_pointer(rows), outlier_cols=_pointer(cols),
-            outlier_deltas=_pointer(deltas), bias=_pointer(bias),
+            outlier_deltas=_pointer(deltas), bias=_pointer(bias), **dec_fields,
         )  # fmt: skip
 
 

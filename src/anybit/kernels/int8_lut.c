@@ -72,7 +72,8 @@ typedef struct {
     int8_t *xq;
     float *step;
     double *xsum, *hisum;
-    float *coded; /* the input in coded column order, scaled (perm or col_scale); else unused */
+    float *coded;    /* the input in coded column order, scaled (perm or col_scale); else unused */
+    int64_t *picked; /* the channels compensation picks for one token */
 } coded_input;
 
 /* Round each token (cols columns) with one step s = max|x| / 127 to two int8 parts, x ~ s (hi + lo / 256). */
@@ -318,6 +319,15 @@ typedef struct {
     const int64_t *outlier_rows, *outlier_cols;
     const float *outlier_deltas; /* stored - decoded, times x[col], added to y[row] */
     const float *bias;           /* NULL: none */
+    /* Dynamic error compensation (anybit/runtime/dec.py; NULL codes: none): per token, the k_chunk · L / 1024
+     * input channels of each chunk of L <= 1024 with the largest |x| (times dec_weight when given), or the
+     * fixed channels, add x[j] times their 4-bit residual row (codes c: (c - 8) scale[o], two per byte, even
+     * output channel in the low nibble) to y. */
+    const uint8_t *dec_codes; /* (cols, dec_row_bytes) */
+    const float *dec_scales;  /* (rows,) */
+    const float *dec_weight;  /* (cols,) factor of the selection score; NULL: |x| alone */
+    const int64_t *dec_fixed; /* n_fixed channels for every token; NULL: chosen per token */
+    int64_t dec_row_bytes, dec_k_chunk, dec_n_fixed;
 } anybit_matrix;
 
 /* y[t, r] for the tokens t0 .. t0 + n - 1 of one row r (inlined with n constant: see row_product_n). A
@@ -392,10 +402,67 @@ static int alloc_input(coded_input *in, int64_t T, int64_t cols) {
     in->step = malloc(sizeof(float) * (size_t)T);
     in->xsum = malloc(sums), in->hisum = malloc(sums);
     in->coded = malloc(sizeof(float) * (size_t)(T * cols));
-    return in->xq && in->step && in->xsum && in->hisum && in->coded ? 0 : -1;
+    in->picked = malloc(sizeof(int64_t) * (size_t)cols);
+    return in->xq && in->step && in->xsum && in->hisum && in->coded && in->picked ? 0 : -1;
 }
 
-static void free_input(coded_input *in) { free(in->xq), free(in->step), free(in->xsum), free(in->hisum), free(in->coded); }
+static void free_input(coded_input *in) {
+    free(in->xq), free(in->step), free(in->xsum), free(in->hisum), free(in->coded), free(in->picked);
+}
+
+#define DEC_CHUNK 1024 /* input channels per selection chunk (anybit/runtime/dec.py, CHUNK) */
+
+/* The channels of x (cols) that compensation picks: per chunk, the largest scores |x| (times weight), by
+ * insertion into a sorted run; returns their count. */
+static int64_t pick_channels(const anybit_matrix *m, const float *x, int64_t *picked) {
+    if (m->dec_fixed) {
+        memcpy(picked, m->dec_fixed, sizeof(int64_t) * (size_t)m->dec_n_fixed);
+        return m->dec_n_fixed;
+    }
+    int64_t n = 0;
+    for (int64_t start = 0; start < m->cols; start += DEC_CHUNK) {
+        const int64_t length = m->cols - start < DEC_CHUNK ? m->cols - start : DEC_CHUNK;
+        const int64_t k = m->dec_k_chunk * length / DEC_CHUNK < length ? m->dec_k_chunk * length / DEC_CHUNK : length;
+        int64_t *run = picked + n, kept = 0;
+        for (int64_t j = start; j < start + length && k > 0; j++) {
+            const float score = fabsf(x[j]) * (m->dec_weight ? m->dec_weight[j] : 1.0f);
+            int64_t at = kept < k ? kept : k - 1; /* where it would go, from the end of the run */
+            if (kept == k) {
+                const float last = fabsf(x[run[k - 1]]) * (m->dec_weight ? m->dec_weight[run[k - 1]] : 1.0f);
+                if (!(score > last)) continue;
+            }
+            while (at > 0) {
+                const int64_t prev = run[at - 1];
+                if (!(score > fabsf(x[prev]) * (m->dec_weight ? m->dec_weight[prev] : 1.0f))) break;
+                run[at] = run[at - 1], at--;
+            }
+            run[at] = j;
+            kept += kept < k;
+        }
+        n += kept;
+    }
+    return n;
+}
+
+/* y (rows) += the residual rows of the channels picked for x (cols), times x. */
+static void compensate(const anybit_matrix *m, const float *x, float *y, int64_t *picked) {
+    const int64_t n = pick_channels(m, x, picked);
+    for (int64_t r = 0; r + 1 < m->rows; r += 2) {
+        float even = 0.0f, odd = 0.0f;
+        for (int64_t p = 0; p < n; p++) {
+            const uint8_t byte = m->dec_codes[picked[p] * m->dec_row_bytes + r / 2];
+            even += x[picked[p]] * (float)((int)(byte & 15) - 8), odd += x[picked[p]] * (float)((int)(byte >> 4) - 8);
+        }
+        y[r] += even * m->dec_scales[r], y[r + 1] += odd * m->dec_scales[r + 1];
+    }
+    if (m->rows % 2) {
+        const int64_t r = m->rows - 1;
+        float even = 0.0f;
+        for (int64_t p = 0; p < n; p++)
+            even += x[picked[p]] * (float)((int)(m->dec_codes[picked[p] * m->dec_row_bytes + r / 2] & 15) - 8);
+        y[r] += even * m->dec_scales[r];
+    }
+}
 
 /* Round the input of `count` matrices (sharing x, T tokens) into in[i], or point coded[i] at an earlier
  * matrix's rounding of the same input; one thread. */
@@ -440,8 +507,8 @@ static void products(const anybit_matrix *const *m, int count, const float *x, i
         for (int64_t t0 = 0; t0 < T; t0 += MAX_TOKENS)
             row_product_n(m[i], r, coded[i], t0, (int)(T - t0 < MAX_TOKENS ? T - t0 : MAX_TOKENS), y[i]);
     }
-    int extras = 0; /* outliers or biases: every thread sees the same, so all skip the barrier together */
-    for (int i = 0; i < count; i++) extras |= m[i]->n_outliers > 0 || m[i]->bias;
+    int extras = 0; /* outliers, biases or compensation: every thread sees the same, so all skip the barrier */
+    for (int i = 0; i < count; i++) extras |= m[i]->n_outliers > 0 || m[i]->bias || m[i]->dec_codes;
     if (!extras) return;
 #pragma omp single
     for (int i = 0; i < count; i++) {
@@ -453,6 +520,7 @@ static void products(const anybit_matrix *const *m, int count, const float *x, i
                 yt[w->outlier_rows[e]] += w->outlier_deltas[e] * xt[w->outlier_cols[e]];
             if (w->bias)
                 for (int64_t r = 0; r < w->rows; r++) yt[r] += w->bias[r];
+            if (w->dec_codes) compensate(w, xt, yt, in[i].picked);
         }
     }
 }

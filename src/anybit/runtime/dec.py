@@ -409,7 +409,7 @@ def compensation(
     if score not in DEC_SCORES:
         raise ValueError(f"DEC score must be one of {', '.join(DEC_SCORES)}, got {score!r}")
     k_chunks = _per_layer(k_chunks, layers)
-    handles = []
+    handles, compensated = [], []
     try:
         for name, module in layers.items():
             k_chunk = k_chunks[name]
@@ -421,7 +421,11 @@ def compensation(
             if overlap:  # without the pre-hook, the forward hook computes the compensation itself
                 handles.append(module.register_forward_pre_hook(hooks.pre))
             handles.append(module.register_forward_hook(hooks.post))
+            module.compensator = hooks.comp  # what a native decoder applies itself (the hooks run in Python)
+            compensated.append(module)
         yield
     finally:
         for handle in handles:
             handle.remove()
+        for module in compensated:
+            del module.compensator

@@ -4,8 +4,9 @@
 Served: the Llama family (llama, mistral, qwen2, qwen3: RMS norms, rotary embeddings from the model's own
 rotary module, grouped-query attention with an optional sliding window, q/k norms, gated SiLU MLP) when every
 decoder linear is a `QuantLinear` the fast kernel serves. The head runs there too when it is a fast
-`QuantLinear` (`runtime.head`); a dense head multiplies in torch. `native_unavailable` says why a model is
-not served; callers then decode eagerly (Hugging Face's loop) after one warning.
+`QuantLinear` (`runtime.head`); a dense head multiplies in torch. Dynamic error compensation (`--dec`,
+`runtime.dec.compensation`) runs in C too. `native_unavailable` says why a model is not served; callers
+then decode eagerly (Hugging Face's loop) after one warning.
 """
 
 from __future__ import annotations
@@ -53,6 +54,11 @@ def _fast_layer(module: nn.Module) -> bool:
     return isinstance(module, QuantLinear) and module.backend("cpu") == "fast"
 
 
+def _compensator(module: nn.Module):
+    """The dynamic error compensation `runtime.dec.compensation` gave this layer (applied in C), or None."""
+    return getattr(module, "compensator", None)
+
+
 def native_unavailable(model: nn.Module) -> str:
     """Why the native decoder cannot run this model ("" when it can)."""
     config = model.config
@@ -69,8 +75,8 @@ def native_unavailable(model: nn.Module) -> str:
             module = layer.get_submodule(PATHS[name])
             if not _fast_layer(module):
                 return f"layer {index} {PATHS[name]} is not a quantized linear the fast CPU kernel serves"
-            if module._forward_hooks or module._forward_pre_hooks:
-                return f"layer {index} {PATHS[name]} has hooks (such as --dec's compensation), which run in Python"
+            if (module._forward_hooks or module._forward_pre_hooks) and _compensator(module) is None:
+                return f"layer {index} {PATHS[name]} has hooks, which run in Python"
     lib = cpu_fast.KERNEL.library()
     return lib if isinstance(lib, str) else ""
 
@@ -86,7 +92,7 @@ class NativeDecoder:
         self.max_len = max_len
         self._lib = cpu_fast.KERNEL.library()  # loaded: native_unavailable checked it
         _declare(self._lib)
-        self._keep: list[torch.Tensor] = []  # every tensor the C structures point into
+        self._keep: list[object] = []  # every tensor (or compensation) the C structures point into
         layers = model.model.layers
         attention = layers[0].self_attn
         self.head_dim = attention.head_dim
@@ -139,7 +145,16 @@ class NativeDecoder:
         bias = None if layer.bias is None else layer.bias.detach().float().contiguous()
         if bias is not None:
             self._keep.append(bias)
-        return layer.prepared("fast").matrix(bias)
+        comp = _compensator(layer)
+        dec = None
+        if comp is not None:
+            dec = cpu_fast.Compensation(
+                codes=comp.residual.codes.contiguous(), scales=comp.residual.scales.float().contiguous(),
+                k_chunk=comp.k_chunk, weight=None if comp.weight is None else comp.weight.float().contiguous(),
+                fixed=None if comp.fixed is None else comp.fixed.to(torch.int64).contiguous(),
+            )  # fmt: skip
+            self._keep.append(dec)
+        return layer.prepared("fast").matrix(bias, dec)
 
     def _layer(self, layer: nn.Module) -> _Layer:
         attention = layer.self_attn
