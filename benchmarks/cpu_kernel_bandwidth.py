@@ -15,6 +15,7 @@ to benchmarks/results/cpu_kernel_bandwidth.jsonl.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 
@@ -93,7 +94,7 @@ def _copies(prepared: cpu_fast.FastPrepared, count: int) -> list[cpu_fast.FastPr
 
     def copy() -> cpu_fast.FastPrepared:
         tensors = {f: None if getattr(prepared, f) is None else getattr(prepared, f).clone() for f in fields}
-        return cpu_fast.FastPrepared(prepared.qt, **tensors, outliers=prepared.outliers)
+        return dataclasses.replace(prepared, **tensors)
 
     return [copy() for _ in range(count)]
 

@@ -13,7 +13,8 @@ each GGUF, and `anybit bench --dtype float32` (its defaults: fast kernel, native
 and head for quantized directories) on the dense reference model and on each ANYBIT_DIR; each in
 a fresh process under /usr/bin/time for its peak resident memory. With --ppl-windows N, each model's
 perplexity by anybit's protocol on the first N WikiText-2 test windows (`anybit eval` reads the GGUFs too;
-for anybit's directories, with the kernel and head the speed run used).
+for anybit's directories, with the kernel and head the speed run used). With --dec K, each anybit directory
+with residuals (`anybit residual DIR`) is run again with dynamic error compensation.
 One JSON line per model goes to benchmarks/results/cpu_vs_llamacpp.jsonl. Run it on an idle machine:
 llama.cpp's threads spin and collapse when the cores are shared.
 """
@@ -30,6 +31,7 @@ from pathlib import Path
 
 from _common import log_result
 from anybit.cache import cache_dir
+from anybit.format.directory import RESIDUAL_FILE
 from anybit.model.loading import fetch_alias
 
 SDIST = "llama-cpp-python==0.3.36"
@@ -111,10 +113,10 @@ def llama_bench(bin_dir: Path, gguf: Path, threads: int) -> dict:
             "peak_rss_mb": peak, "file_bytes": gguf.stat().st_size}  # fmt: skip
 
 
-def anybit_bench(model: str, threads: int) -> dict:
+def anybit_bench(model: str, threads: int, options: list[str] = ()) -> dict:
     """`anybit bench` as a user runs it: its defaults (fast kernel, native decoder, 8-bit embedding and head)."""
     out, peak = timed([str(ANYBIT), "bench", model, "--json", "--dtype", "float32", "--prompt-tokens", "64",
-                       "--new-tokens", "128"], threads)  # fmt: skip
+                       "--new-tokens", "128", *options], threads)  # fmt: skip
     result = json.loads(out.strip().splitlines()[-1])
     keys = ("prefill_tokens_per_s", "decode_tokens_per_s", "decoder", "kernel", "tensor_bytes", "kernel_bytes",
             "head", "head_bits_per_weight")  # fmt: skip
@@ -137,6 +139,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--ppl-windows", type=int, default=0)
     parser.add_argument("--types", default=",".join(TYPES))
+    parser.add_argument("--dec", help="also bench each anybit directory with --dec K (needs `anybit residual DIR`)")
     args = parser.parse_args()
     bin_dir = build_llamacpp()
     ggufs = make_ggufs(bin_dir, args.types.split(","), args.threads)
@@ -147,6 +150,10 @@ def main() -> None:
         record = {"runtime": "anybit", "model": model, **anybit_bench(model, args.threads)}
         runtime = ["--kernel", record["kernel"], "--head", record["head"]]
         log_result("cpu_vs_llamacpp", {**record, **perplexity(model, args.ppl_windows, runtime)})
+        if args.dec and (Path(model) / RESIDUAL_FILE).is_file():
+            dec = ["--dec", args.dec]
+            record = {"runtime": "anybit", "model": model, "dec": args.dec, **anybit_bench(model, args.threads, dec)}
+            log_result("cpu_vs_llamacpp", {**record, **perplexity(model, args.ppl_windows, runtime + dec)})
 
 
 if __name__ == "__main__":
