@@ -73,7 +73,8 @@ typedef struct {
     float *step;
     double *xsum, *hisum;
     float *coded;    /* the input in coded column order, scaled (perm or col_scale); else unused */
-    int64_t *picked; /* the channels compensation picks for one token */
+    int64_t *picked;   /* per token, the channels compensation picks (cols slots each) */
+    int64_t *n_picked; /* per token, how many */
 } coded_input;
 
 /* Round each token (cols columns) with one step s = max|x| / 127 to two int8 parts, x ~ s (hi + lo / 256). */
@@ -402,12 +403,14 @@ static int alloc_input(coded_input *in, int64_t T, int64_t cols) {
     in->step = malloc(sizeof(float) * (size_t)T);
     in->xsum = malloc(sums), in->hisum = malloc(sums);
     in->coded = malloc(sizeof(float) * (size_t)(T * cols));
-    in->picked = malloc(sizeof(int64_t) * (size_t)cols);
-    return in->xq && in->step && in->xsum && in->hisum && in->coded && in->picked ? 0 : -1;
+    in->picked = malloc(sizeof(int64_t) * (size_t)(T * cols));
+    in->n_picked = malloc(sizeof(int64_t) * (size_t)T);
+    return in->xq && in->step && in->xsum && in->hisum && in->coded && in->picked && in->n_picked ? 0 : -1;
 }
 
 static void free_input(coded_input *in) {
     free(in->xq), free(in->step), free(in->xsum), free(in->hisum), free(in->coded), free(in->picked);
+    free(in->n_picked);
 }
 
 #define DEC_CHUNK 1024 /* input channels per selection chunk (anybit/runtime/dec.py, CHUNK) */
@@ -444,24 +447,22 @@ static int64_t pick_channels(const anybit_matrix *m, const float *x, int64_t *pi
     return n;
 }
 
-/* y (rows) += the residual rows of the channels picked for x (cols), times x. */
-static void compensate(const anybit_matrix *m, const float *x, float *y, int64_t *picked) {
-    const int64_t n = pick_channels(m, x, picked);
-    for (int64_t r = 0; r + 1 < m->rows; r += 2) {
-        float even = 0.0f, odd = 0.0f;
-        for (int64_t p = 0; p < n; p++) {
-            const uint8_t byte = m->dec_codes[picked[p] * m->dec_row_bytes + r / 2];
-            even += x[picked[p]] * (float)((int)(byte & 15) - 8), odd += x[picked[p]] * (float)((int)(byte >> 4) - 8);
+#define DEC_ROWS 256 /* output channels compensated per unit of work (an even number) */
+
+/* y[r0 .. r1 - 1] += the residual rows of the n channels picked for x, times x (r0 even). */
+static void compensate(const anybit_matrix *m, const float *x, const int64_t *picked, int64_t n, int64_t r0,
+                       int64_t r1, float *y) {
+    float acc[DEC_ROWS] = {0};
+    const int64_t pairs = (r1 - r0 + 1) / 2;
+    for (int64_t p = 0; p < n; p++) {
+        const float xv = x[picked[p]];
+        const uint8_t *codes = m->dec_codes + picked[p] * m->dec_row_bytes + r0 / 2;
+        for (int64_t j = 0; j < pairs; j++) {
+            acc[2 * j] += xv * (float)((int)(codes[j] & 15) - 8);
+            acc[2 * j + 1] += xv * (float)((int)(codes[j] >> 4) - 8);
         }
-        y[r] += even * m->dec_scales[r], y[r + 1] += odd * m->dec_scales[r + 1];
     }
-    if (m->rows % 2) {
-        const int64_t r = m->rows - 1;
-        float even = 0.0f;
-        for (int64_t p = 0; p < n; p++)
-            even += x[picked[p]] * (float)((int)(m->dec_codes[picked[p] * m->dec_row_bytes + r / 2] & 15) - 8);
-        y[r] += even * m->dec_scales[r];
-    }
+    for (int64_t r = r0; r < r1; r++) y[r] += acc[r - r0] * m->dec_scales[r];
 }
 
 /* Round the input of `count` matrices (sharing x, T tokens) into in[i], or point coded[i] at an earlier
@@ -486,6 +487,10 @@ static void code_inputs(const anybit_matrix *const *m, int count, const float *x
         }
         anybit_fast_quantize_input(src, T, cols, in + i);
     }
+    for (int i = 0; i < count; i++)
+        if (m[i]->dec_codes)
+            for (int64_t t = 0; t < T; t++)
+                in[i].n_picked[t] = pick_channels(m[i], x + t * m[i]->cols, in[i].picked + t * m[i]->cols);
 }
 
 /* y[i] (T, rows_i) = x (T, cols) W_iᵀ for `count` matrices sharing x, their outliers and biases included;
@@ -507,8 +512,27 @@ static void products(const anybit_matrix *const *m, int count, const float *x, i
         for (int64_t t0 = 0; t0 < T; t0 += MAX_TOKENS)
             row_product_n(m[i], r, coded[i], t0, (int)(T - t0 < MAX_TOKENS ? T - t0 : MAX_TOKENS), y[i]);
     }
-    int extras = 0; /* outliers, biases or compensation: every thread sees the same, so all skip the barrier */
-    for (int i = 0; i < count; i++) extras |= m[i]->n_outliers > 0 || m[i]->bias || m[i]->dec_codes;
+    /* Every thread sees the same matrices, so all take or skip each barrier below together. */
+    int64_t units = 0; /* compensation: DEC_ROWS output channels of one token each */
+    for (int i = 0; i < count; i++)
+        if (m[i]->dec_codes) units += T * ((m[i]->rows + DEC_ROWS - 1) / DEC_ROWS);
+    if (units) {
+#pragma omp for schedule(static)
+        for (int64_t U = 0; U < units; U++) {
+            int i = 0;
+            int64_t u = U;
+            while (!m[i]->dec_codes || u >= T * ((m[i]->rows + DEC_ROWS - 1) / DEC_ROWS)) {
+                if (m[i]->dec_codes) u -= T * ((m[i]->rows + DEC_ROWS - 1) / DEC_ROWS);
+                i++;
+            }
+            const anybit_matrix *w = m[i];
+            const int64_t per_token = (w->rows + DEC_ROWS - 1) / DEC_ROWS, t = u / per_token;
+            const int64_t r0 = (u % per_token) * DEC_ROWS, r1 = r0 + DEC_ROWS < w->rows ? r0 + DEC_ROWS : w->rows;
+            compensate(w, x + t * w->cols, in[i].picked + t * w->cols, in[i].n_picked[t], r0, r1, y[i] + t * w->rows);
+        }
+    }
+    int extras = 0; /* outliers or biases */
+    for (int i = 0; i < count; i++) extras |= m[i]->n_outliers > 0 || m[i]->bias;
     if (!extras) return;
 #pragma omp single
     for (int i = 0; i < count; i++) {
@@ -520,7 +544,6 @@ static void products(const anybit_matrix *const *m, int count, const float *x, i
                 yt[w->outlier_rows[e]] += w->outlier_deltas[e] * xt[w->outlier_cols[e]];
             if (w->bias)
                 for (int64_t r = 0; r < w->rows; r++) yt[r] += w->bias[r];
-            if (w->dec_codes) compensate(w, xt, yt, in[i].picked);
         }
     }
 }
