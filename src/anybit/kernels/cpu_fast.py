@@ -273,12 +273,6 @@ def input_parts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hi * step, lo * (step / 256)
 
 
-def rounded_input(x: torch.Tensor) -> torch.Tensor:
-    """Activations (tokens, cols) as the kernel rounds them (the sum of `input_parts`)."""
-    high, low = input_parts(x)
-    return high + low
-
-
 def weight_parts(prepared: FastPrepared) -> tuple[torch.Tensor, torch.Tensor]:
     """The coded matrix (coded column order, before outliers) as the kernel multiplies it: for codebooks the
     high and low parts of its tables times their scales, for uniform grids the matrix and zeros; float32."""
