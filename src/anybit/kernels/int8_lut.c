@@ -77,33 +77,30 @@ typedef struct {
     int64_t *n_picked; /* per token, how many */
 } coded_input;
 
-/* Round each token (cols columns) with one step s = max|x| / 127 to two int8 parts, x ~ s (hi + lo / 256). */
-static void anybit_fast_quantize_input(const float *x, int64_t tokens, int64_t cols, coded_input *in) {
+/* Round token t (v, cols columns) with one step s = max|x| / 127 to two int8 parts, x ~ s (hi + lo / 256). */
+static void quantize_token(const float *v, int64_t t, int64_t cols, coded_input *in) {
     const int64_t blocks = cols / BLOCK;
-    for (int64_t t = 0; t < tokens; t++) {
-        const float *v = x + t * cols;
-        float amax = 0.0f;
-        for (int64_t j = 0; j < cols; j++) amax = fmaxf(amax, fabsf(v[j]));
-        const float step = amax / 127.0f, inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
-        double *xsum = in->xsum + t * (blocks + 1), *hisum = in->hisum + t * (blocks + 1);
-        xsum[0] = hisum[0] = 0.0;
-        for (int64_t k = 0; k < blocks; k++) {
-            int8_t *hi = XQ(in->xq, cols, t, k), *lo = hi + BLOCK;
-            int64_t sum = 0, high = 0;
-            for (int j = 0; j < BLOCK; j++) {
-                const float scaled = v[k * BLOCK + j] * inverse;
-                int h = (int)rintf(scaled); /* rintf (nearest even) inlines; lrintf is a call */
-                h = h > 127 ? 127 : (h < -127 ? -127 : h);
-                int l = (int)rintf((scaled - (float)h) * 256.0f);
-                l = l > 127 ? 127 : (l < -127 ? -127 : l);
-                hi[j] = (int8_t)h, lo[j] = (int8_t)l;
-                sum += 256 * h + l, high += h;
-            }
-            xsum[k + 1] = xsum[k] + (double)sum * step / 256.0;
-            hisum[k + 1] = hisum[k] + (double)high * step;
+    float amax = 0.0f;
+    for (int64_t j = 0; j < cols; j++) amax = fmaxf(amax, fabsf(v[j]));
+    const float step = amax / 127.0f, inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
+    double *xsum = in->xsum + t * (blocks + 1), *hisum = in->hisum + t * (blocks + 1);
+    xsum[0] = hisum[0] = 0.0;
+    for (int64_t k = 0; k < blocks; k++) {
+        int8_t *hi = XQ(in->xq, cols, t, k), *lo = hi + BLOCK;
+        int64_t sum = 0, high = 0;
+        for (int j = 0; j < BLOCK; j++) {
+            const float scaled = v[k * BLOCK + j] * inverse;
+            int h = (int)rintf(scaled); /* rintf (nearest even) inlines; lrintf is a call */
+            h = h > 127 ? 127 : (h < -127 ? -127 : h);
+            int l = (int)rintf((scaled - (float)h) * 256.0f);
+            l = l > 127 ? 127 : (l < -127 ? -127 : l);
+            hi[j] = (int8_t)h, lo[j] = (int8_t)l;
+            sum += 256 * h + l, high += h;
         }
-        in->step[t] = step;
+        xsum[k + 1] = xsum[k] + (double)sum * step / 256.0;
+        hisum[k + 1] = hisum[k] + (double)high * step;
     }
+    in->step[t] = step;
 }
 
 #if defined(PATH_AVX512)
@@ -465,32 +462,31 @@ static void compensate(const anybit_matrix *m, const float *x, const int64_t *pi
     for (int64_t r = r0; r < r1; r++) y[r] += acc[r - r0] * m->dec_scales[r];
 }
 
-/* Round the input of `count` matrices (sharing x, T tokens) into in[i], or point coded[i] at an earlier
- * matrix's rounding of the same input; one thread. */
-static void code_inputs(const anybit_matrix *const *m, int count, const float *x, int64_t T, coded_input *in,
-                        const coded_input **coded) {
+/* Whether matrix i reads the first matrix's rounding of the shared input (both take it as it is). */
+static int shares_input(const anybit_matrix *const *m, int i) {
+    return i > 0 && !m[i]->perm && !m[i]->col_scale && !m[0]->perm && !m[0]->col_scale;
+}
+
+/* Round token t of the input x of `count` matrices into in[i] (not where shares_input), and pick its
+ * channels for compensation. */
+static void code_token(const anybit_matrix *const *m, int count, const float *x, int64_t t, coded_input *in) {
     for (int i = 0; i < count; i++) {
         const int64_t cols = m[i]->cols;
-        const float *src = x;
-        coded[i] = in + i;
-        if (i > 0 && !m[i]->perm && !m[i]->col_scale && !m[0]->perm && !m[0]->col_scale) {
-            coded[i] = in; /* the plain input, rounded once */
-            continue;
-        }
+        const float *src = x + t * cols;
+        if (shares_input(m, i)) continue;
         if (m[i]->perm || m[i]->col_scale) {
-            for (int64_t t = 0; t < T; t++)
-                for (int64_t j = 0; j < cols; j++) {
-                    const int64_t c = m[i]->perm ? m[i]->perm[j] : j;
-                    in[i].coded[t * cols + j] = x[t * cols + c] / (m[i]->col_scale ? m[i]->col_scale[c] : 1.0f);
-                }
-            src = in[i].coded;
+            float *coded = in[i].coded + t * cols;
+            for (int64_t j = 0; j < cols; j++) {
+                const int64_t c = m[i]->perm ? m[i]->perm[j] : j;
+                coded[j] = src[c] / (m[i]->col_scale ? m[i]->col_scale[c] : 1.0f);
+            }
+            src = coded;
         }
-        anybit_fast_quantize_input(src, T, cols, in + i);
+        quantize_token(src, t, cols, in + i);
     }
     for (int i = 0; i < count; i++)
         if (m[i]->dec_codes)
-            for (int64_t t = 0; t < T; t++)
-                in[i].n_picked[t] = pick_channels(m[i], x + t * m[i]->cols, in[i].picked + t * m[i]->cols);
+            in[i].n_picked[t] = pick_channels(m[i], x + t * m[i]->cols, in[i].picked + t * m[i]->cols);
 }
 
 /* y[i] (T, rows_i) = x (T, cols) W_iᵀ for `count` matrices sharing x, their outliers and biases included;
@@ -498,9 +494,10 @@ static void code_inputs(const anybit_matrix *const *m, int count, const float *x
  * together, so that the branch on the width is predicted), MAX_TOKENS tokens per pass over a row. */
 static void products(const anybit_matrix *const *m, int count, const float *x, int64_t T, float *const *y,
                      coded_input *in) {
-    const coded_input *coded[SCRATCH_INPUTS]; /* shared: written by one thread before the barrier */
-#pragma omp single copyprivate(coded)
-    code_inputs(m, count, x, T, in, coded);
+    const coded_input *coded[SCRATCH_INPUTS] = {0};
+    for (int i = 0; i < count; i++) coded[i] = shares_input(m, i) ? in : in + i;
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < T; t++) code_token(m, count, x, t, in);
     int64_t total = 0; /* rows cost about the same at any width: an equal count per thread */
     for (int i = 0; i < count; i++) total += m[i]->rows;
 #pragma omp for schedule(static)
@@ -666,12 +663,12 @@ int anybit_decode_step(const anybit_model *M, float *x, int64_t T, int64_t pos, 
                 const anybit_layer *L = M->layers + l;
                 float *kc = M->k_cache + l * M->kv_heads * M->max_len * hd;
                 float *vc = M->v_cache + l * M->kv_heads * M->max_len * hd;
-#pragma omp single
+#pragma omp for schedule(static)
                 for (int64_t t = 0; t < T; t++) rms_norm(x + t * H, L->attn_norm, H, M->eps, normed + t * H);
                 const anybit_matrix *qkv[3] = {&L->q, &L->k, &L->v};
                 float *qkv_out[3] = {q, k, v};
                 products(qkv, 3, normed, T, qkv_out, in);
-#pragma omp single
+#pragma omp for schedule(static)
                 for (int64_t t = 0; t < T; t++) {
                     const int64_t p = pos + t;
                     for (int64_t h = 0; h < M->heads; h++) {
@@ -698,7 +695,7 @@ int anybit_decode_step(const anybit_model *M, float *x, int64_t T, int64_t pos, 
                 const anybit_matrix *o[1] = {&L->o};
                 float *o_out[1] = {out};
                 products(o, 1, attn, T, o_out, in);
-#pragma omp single
+#pragma omp for schedule(static)
                 for (int64_t t = 0; t < T; t++) {
                     for (int64_t j = 0; j < H; j++) x[t * H + j] += out[t * H + j];
                     rms_norm(x + t * H, L->mlp_norm, H, M->eps, normed + t * H);
@@ -711,7 +708,7 @@ int anybit_decode_step(const anybit_model *M, float *x, int64_t T, int64_t pos, 
                 const anybit_matrix *down[1] = {&L->down};
                 float *down_out[1] = {out};
                 products(down, 1, gate, T, down_out, in);
-#pragma omp single
+#pragma omp for schedule(static)
                 for (int64_t j = 0; j < T * H; j++) x[j] += out[j];
             }
 #pragma omp single
