@@ -9,8 +9,8 @@ the error these roundings allow.
 
 Re-laid codes take the same bytes as the stored ones (per 64 codes of a b-bit segment, the stored 8 b bytes
 on the AVX-512 path, b 64-bit plane words on the others, the 64 codes themselves at 8 bits), rows of one
-width together; codebook tables take 2 · 2^b bytes (a high and a low part) and one float scale per segment. Served: axis-0 layouts whose segments
-are whole 64-column blocks (group size and row length multiples of 64), every width 1-8, uniform or
+width together; codebook tables take 2 · 2^b bytes (a high and a low part) and one float scale per segment.
+Served: axis-0 layouts whose segments are whole 64-column blocks (group size and row length multiples of 64), every width 1-8, uniform or
 codebook, with the permutation, scaling vector and outliers of the exact path.
 """
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,7 +111,16 @@ class FastPrepared:
 
     def matrix(self, bias: torch.Tensor | None = None, dec: Compensation | None = None) -> Matrix:
         """The C structure over these tensors, a float32 `bias` and a compensation (which the caller keeps
-        alive)."""
+        alive); without either, built once and kept (every product passes it)."""
+        if bias is None and dec is None:
+            return self._plain_matrix
+        return self._build_matrix(bias, dec)
+
+    @functools.cached_property
+    def _plain_matrix(self) -> Matrix:
+        return self._build_matrix(None, None)
+
+    def _build_matrix(self, bias: torch.Tensor | None, dec: Compensation | None) -> Matrix:
         rows, cols, deltas = self.outliers if self.outliers is not None else (None, None, None)
         dec_fields = {}
         if dec is not None:

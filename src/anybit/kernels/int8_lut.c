@@ -412,8 +412,13 @@ static void free_input(coded_input *in) {
 
 #define DEC_CHUNK 1024 /* input channels per selection chunk (anybit/runtime/dec.py, CHUNK) */
 
-/* The channels of x (cols) that compensation picks: per chunk, the largest scores |x| (times weight), by
- * insertion into a sorted run; returns their count. */
+/* Compensation's score of input channel j: |x| (times its weight). */
+static inline float dec_score(const anybit_matrix *m, const float *x, int64_t j) {
+    return fabsf(x[j]) * (m->dec_weight ? m->dec_weight[j] : 1.0f);
+}
+
+/* The channels of x (cols) that compensation picks: per chunk, the largest scores, by insertion into a
+ * sorted run; returns their count. */
 static int64_t pick_channels(const anybit_matrix *m, const float *x, int64_t *picked) {
     if (m->dec_fixed) {
         memcpy(picked, m->dec_fixed, sizeof(int64_t) * (size_t)m->dec_n_fixed);
@@ -425,17 +430,10 @@ static int64_t pick_channels(const anybit_matrix *m, const float *x, int64_t *pi
         const int64_t k = m->dec_k_chunk * length / DEC_CHUNK < length ? m->dec_k_chunk * length / DEC_CHUNK : length;
         int64_t *run = picked + n, kept = 0;
         for (int64_t j = start; j < start + length && k > 0; j++) {
-            const float score = fabsf(x[j]) * (m->dec_weight ? m->dec_weight[j] : 1.0f);
-            int64_t at = kept < k ? kept : k - 1; /* where it would go, from the end of the run */
-            if (kept == k) {
-                const float last = fabsf(x[run[k - 1]]) * (m->dec_weight ? m->dec_weight[run[k - 1]] : 1.0f);
-                if (!(score > last)) continue;
-            }
-            while (at > 0) {
-                const int64_t prev = run[at - 1];
-                if (!(score > fabsf(x[prev]) * (m->dec_weight ? m->dec_weight[prev] : 1.0f))) break;
-                run[at] = run[at - 1], at--;
-            }
+            const float score = dec_score(m, x, j);
+            if (kept == k && !(score > dec_score(m, x, run[k - 1]))) continue;
+            int64_t at = kept < k ? kept : k - 1; /* where it goes, moving up from the end of the run */
+            while (at > 0 && score > dec_score(m, x, run[at - 1])) run[at] = run[at - 1], at--;
             run[at] = j;
             kept += kept < k;
         }
@@ -445,6 +443,9 @@ static int64_t pick_channels(const anybit_matrix *m, const float *x, int64_t *pi
 }
 
 #define DEC_ROWS 256 /* output channels compensated per unit of work (an even number) */
+
+/* Units of compensation work per token of a matrix: its outputs in runs of DEC_ROWS (none without residuals). */
+static int64_t dec_units(const anybit_matrix *m) { return m->dec_codes ? (m->rows + DEC_ROWS - 1) / DEC_ROWS : 0; }
 
 /* y[r0 .. r1 - 1] += the residual rows of the n channels picked for x, times x (r0 even). */
 static void compensate(const anybit_matrix *m, const float *x, const int64_t *picked, int64_t n, int64_t r0,
@@ -511,19 +512,15 @@ static void products(const anybit_matrix *const *m, int count, const float *x, i
     }
     /* Every thread sees the same matrices, so all take or skip each barrier below together. */
     int64_t units = 0; /* compensation: DEC_ROWS output channels of one token each */
-    for (int i = 0; i < count; i++)
-        if (m[i]->dec_codes) units += T * ((m[i]->rows + DEC_ROWS - 1) / DEC_ROWS);
+    for (int i = 0; i < count; i++) units += T * dec_units(m[i]);
     if (units) {
 #pragma omp for schedule(static)
         for (int64_t U = 0; U < units; U++) {
             int i = 0;
             int64_t u = U;
-            while (!m[i]->dec_codes || u >= T * ((m[i]->rows + DEC_ROWS - 1) / DEC_ROWS)) {
-                if (m[i]->dec_codes) u -= T * ((m[i]->rows + DEC_ROWS - 1) / DEC_ROWS);
-                i++;
-            }
+            while (u >= T * dec_units(m[i])) u -= T * dec_units(m[i++]);
             const anybit_matrix *w = m[i];
-            const int64_t per_token = (w->rows + DEC_ROWS - 1) / DEC_ROWS, t = u / per_token;
+            const int64_t per_token = dec_units(w), t = u / per_token;
             const int64_t r0 = (u % per_token) * DEC_ROWS, r1 = r0 + DEC_ROWS < w->rows ? r0 + DEC_ROWS : w->rows;
             compensate(w, x + t * w->cols, in[i].picked + t * w->cols, in[i].n_picked[t], r0, r1, y[i] + t * w->rows);
         }
