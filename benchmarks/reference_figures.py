@@ -3,8 +3,9 @@
 Usage: python benchmarks/reference_figures.py [--configs fp16,rtn4,rtn3,gptq4,gptq3] [--dtype bfloat16]
 A configuration is a name from CONFIGS or `method:bits[:field=value...]`, e.g. `claq:3.25` or
 `skim:2.5:scaling=false`.
-Each configuration is quantized from scratch, saved, reloaded and evaluated on the full WikiText-2
-test set; one JSON line per configuration goes to benchmarks/results/reference_figures.jsonl.
+Each configuration is quantized from scratch, saved, reloaded and evaluated on each `--datasets` corpus
+(default the WikiText-2 test set; `--kl` adds KL divergence and top-1 agreement against the unquantized
+model); one JSON line per configuration and corpus goes to benchmarks/results/RESULTS_NAME.jsonl.
 """
 
 from __future__ import annotations
@@ -72,15 +73,25 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--results", default="reference_figures", help="name of the results/*.jsonl file")
     parser.add_argument("--keep", default=None, help="save each quantized model under KEEP/CONFIG (default: discard)")
+    parser.add_argument("--calib", default="wikitext2-valid", help="calibration corpus of the quantized configs")
+    parser.add_argument("--datasets", default="wikitext2", help="comma-separated evaluation corpora")
+    parser.add_argument("--kl", action="store_true", help="also KL and top-1 agreement against the unquantized model")
     args = parser.parse_args()
     eval_kwargs = dict(max_windows=args.max_windows, device=args.device, dtype=args.dtype)
+    reference = load_model(args.model) if args.kl else None
+    datasets = args.datasets.split(",")
+
+    def evaluate_all(loaded, record: dict) -> None:
+        for dataset in datasets:
+            result = evaluate_spec(loaded, dataset=dataset, reference=reference, **eval_kwargs)
+            log_result(args.results, {**record, "dataset": dataset, **result.to_dict()})
+
     for name in args.configs.split(","):
         if name == "fp16":
-            result = evaluate_spec(load_model(args.model), **eval_kwargs)
-            log_result(args.results, {"config": name, "bits_per_weight": 16.0, **result.to_dict()})
+            evaluate_all(load_model(args.model), {"config": name, "bits_per_weight": 16.0})
             continue
         config = QuantConfig(
-            **parse_config(name),
+            **{"calib": args.calib, **parse_config(name)},
             nsamples=args.nsamples,
             device=args.device,
             calib_dtype=args.calib_dtype,
@@ -89,19 +100,15 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(args.keep) / name.replace(":", "_") if args.keep else Path(tmp) / "q"
             outcome = quantize_to_dir(args.model, config, out, force=bool(args.keep))
-            result = evaluate_spec(load_model(str(out)), **eval_kwargs)
-            log_result(
-                args.results,
-                {
-                    "config": name,
-                    **config.to_dict(),
-                    "bits_per_weight": outcome.bits_per_weight,
-                    "nominal_bits_per_weight": outcome.meta["nominal_bits_per_weight"],
-                    "file_bytes": outcome.file_bytes,
-                    "quantize_seconds": outcome.report.seconds,
-                    **result.to_dict(),
-                },
-            )
+            record = {
+                "config": name,
+                **config.to_dict(),
+                "bits_per_weight": outcome.bits_per_weight,
+                "nominal_bits_per_weight": outcome.meta["nominal_bits_per_weight"],
+                "file_bytes": outcome.file_bytes,
+                "quantize_seconds": outcome.report.seconds,
+            }
+            evaluate_all(load_model(str(out)), record)
 
 
 if __name__ == "__main__":

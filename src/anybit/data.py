@@ -1,12 +1,15 @@
 """Text corpora to token windows: evaluation windows (GPTQ protocol) and seeded calibration samples.
 
-Built-in corpora are the WikiText-2 files shipped in the repository's `data/` folder (see
-`data/README.md`); any other argument is read as a UTF-8 text file.
+Built-in corpora are the files shipped in the repository's `data/` folder (see `data/README.md`):
+WikiText-2 (evaluation and calibration), a detokenized view of its validation split, and three plays of
+Shakespeare as a second evaluation text. Any other argument is read as a UTF-8 text file.
 """
 
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -16,6 +19,8 @@ from anybit.errors import AnybitError
 BUILTIN_CORPORA = {
     "wikitext2": "wiki.test.raw",  # evaluation
     "wikitext2-valid": "wiki.valid.tokens",  # calibration
+    "wikitext2-valid-detok": "wiki.valid.tokens",  # calibration, read through `detokenize_wikitext`
+    "shakespeare": "shakespeare.txt",  # a second evaluation text, never used for calibration
 }
 
 
@@ -42,11 +47,37 @@ def resolve_corpus(name_or_path: str) -> Path:
 
 
 def load_corpus(name_or_path: str) -> str:
+    """The text of a built-in corpus (after its view, if it has one) or of a text file."""
     path = resolve_corpus(name_or_path)
     try:
-        return path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise AnybitError(f"cannot read {path} as UTF-8 text: {exc}") from exc
+    view = CORPUS_VIEWS.get(name_or_path)
+    return text if view is None else view(text)
+
+
+# WikiText's word-tokenized spacing, undone: (pattern, replacement), applied in order
+_WIKITEXT_SPACING = [
+    (re.compile(r" @([-,.])@ "), r"\1"),  # 1 @,@ 000 -> 1,000; well @-@ known -> well-known
+    (re.compile(r" ([.,;:!?%)\]}]|'s|'re|'ve|'d|'ll|'m|n't)(?=\s|$)"), r"\1"),  # no space before closing marks
+    (re.compile(r"([(\[{$]) "), r"\1"),  # no space after opening brackets
+    (re.compile(r'" ([^"\n]*?) "'), r'"\1"'),  # "a quote" inside its quotation marks
+    (re.compile(r"(?m)^ = (.*) = $"), r"= \1 ="),  # headings keep their markers, without the outer spaces
+]
+
+
+def detokenize_wikitext(text: str) -> str:
+    """WikiText's tokenized spacing (" @-@ ", " , ", "( x )") turned back into ordinary prose spacing.
+
+    An approximation: the release's `<unk>` words stay as they are, and quotation marks are paired per line.
+    """
+    for pattern, replacement in _WIKITEXT_SPACING:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+CORPUS_VIEWS: dict[str, Callable[[str], str]] = {"wikitext2-valid-detok": detokenize_wikitext}
 
 
 def tokenize_corpus(tokenizer, text: str) -> torch.Tensor:
