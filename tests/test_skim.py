@@ -168,7 +168,7 @@ def _correlated_layer(rows: int = 64, cols: int = 256):
 
 
 def test_anybit_error_feedback_lowers_the_layer_objective() -> None:
-    from anybit.methods.skim import AnyBit
+    from anybit.methods.anybit import AnyBit
     from anybit.quant.scaling import layer_loss
 
     W, acc = _correlated_layer()
@@ -178,6 +178,24 @@ def test_anybit_error_feedback_lowers_the_layer_objective() -> None:
     fed = AnyBit().quantize(W, LayerStats(acc), config)
     assert fed.bits_per_weight() <= 3.0
     assert float(layer_loss(W, fed.dequantize(), H)) < 0.9 * float(layer_loss(W, plain.dequantize(), H))
+
+
+@pytest.mark.parametrize("method", ["anybit", "skim"])
+def test_refine_lowers_the_layer_objective(method: str) -> None:
+    from anybit.methods import get_method
+    from anybit.quant.scaling import layer_loss
+
+    W, acc = _correlated_layer()
+    H = acc.hessian()
+    losses = []
+    for refine in (0, 2):
+        config = QuantConfig(
+            method=method, bits=3.0, scope="matrix", weighting="activation", scaling=False, refine=refine
+        )
+        qt = get_method(method).quantize(W, LayerStats(acc), config)
+        assert qt.bits_per_weight() <= 3.0
+        losses.append(float(layer_loss(W, qt.dequantize(), H)))
+    assert losses[1] < 0.99 * losses[0]  # 2-3 % lower on this layer
 
 
 def test_skim_outliers_are_exact_and_counted() -> None:
@@ -209,10 +227,10 @@ def test_planned_rows_keep_the_codebooks_their_errors_were_measured_with() -> No
     """The model-wide plan hands each row the codebook of its chosen width from the error table, and the
     second pass quantizes onto exactly those codebooks (no refit)."""
     from anybit.alloc.skim import allocate_model
-    from anybit.methods.skim import AnyBit
+    from anybit.methods.anybit import AnyBit
 
     W, acc = _correlated_layer()
-    config = QuantConfig(method="anybit", bits=3.0, weighting="activation")
+    config = QuantConfig(method="anybit", bits=3.0, weighting="activation", refine=0)
     method = AnyBit()
     table = method.row_table(W, LayerStats(acc), config)
     plan = allocate_model({"m": table}, 3.0)["m"]

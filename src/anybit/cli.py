@@ -16,6 +16,7 @@ from anybit.config import (
     DTYPES,
     HEAD_CHOICES,
     KERNELS,
+    MAX_REFINE,
     SCOPES,
     WEIGHTINGS,
     QuantConfig,
@@ -121,7 +122,7 @@ def _quant_options(f):
             "--act-order/--no-act-order",
             default=False,
             show_default=True,
-            help="GPTQ: columns by descending Hessian diagonal.",
+            help="gptq, anybit: round columns in order of descending Hessian diagonal.",
         ),
         click.option(
             "--sym/--asym", default=False, show_default=True, help="rtn/gptq: symmetric grid instead of min-max."
@@ -168,6 +169,13 @@ def _quant_options(f):
         ),
         click.option(
             "--scaling/--no-scaling", default=None, help="SKIM: train the per-column scaling vector [default: on]."
+        ),
+        click.option(
+            "--refine",
+            type=click.IntRange(0, MAX_REFINE),
+            default=None,
+            help="skim/anybit: rounds of least-squares codebook refits with the codes fixed (anybit: each but the "
+            "last followed by a new error-feedback rounding) [default: per method].",
         ),
         click.option(
             "--scope",

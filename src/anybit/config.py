@@ -18,6 +18,7 @@ SCOPES = ("matrix", "model")
 DEC_SCORES = ("activation", "contribution")  # how dynamic error compensation ranks input channels
 KERNELS = ("auto", "fast", "exact", "triton", "reference")  # backends of the quantized linears (runtime.qlinear)
 HEAD_CHOICES = ("int8", "dense")  # the embedding and output head at run time (runtime.head)
+MAX_REFINE = 8  # rounds of codebook refits (`--refine`)
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 
 
@@ -90,6 +91,7 @@ class QuantConfig:
     clip_min: float = 0.9  # SliM: lowest clipping factor of the range searched (the paper's 0.9)
     scaling: bool | None = None  # SKIM: train the per-column scaling vector; None: the method's default
     scope: str | None = None  # SKIM/anybit: budget per "matrix" or over the whole "model"; None: method's default
+    refine: int | None = None  # SKIM/anybit: rounds of least-squares codebook refits; None: the method's default
 
     def __post_init__(self) -> None:
         from anybit.methods import get_method  # the registry knows each method's bit range
@@ -121,6 +123,12 @@ class QuantConfig:
             raise AnybitError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
         if self.scope is not None and self.scope not in SCOPES:
             raise AnybitError(f"scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
+        if self.refine is not None and not 0 <= self.refine <= MAX_REFINE:
+            raise AnybitError(f"--refine must be in 0-{MAX_REFINE}, got {self.refine}")
+        if self.refine and not method.refines_codebooks:
+            raise AnybitError(
+                f"method {self.method!r} has no per-row codebooks to refine (--refine is for skim, anybit)"
+            )
         if self.scope == "model" and not method.supports_model_scope:
             raise AnybitError(f"method {self.method!r} has no model-wide allocation (use --scope matrix)")
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from anybit.errors import AnybitError
+from anybit.methods.anybit import AnyBit
 from anybit.methods.base import LayerStats, Method
 from anybit.methods.claq import CLAQ
 from anybit.methods.nonuniform import KMeansRows, SqueezeLLM
-from anybit.methods.skim import SKIM, AnyBit
+from anybit.methods.skim import SKIM
 from anybit.methods.slim import SliM
 from anybit.methods.uniform import GPTQ, RTN
 

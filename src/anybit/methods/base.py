@@ -40,6 +40,7 @@ class Method:
     uses_groups: ClassVar[bool] = False  # honours --group (the driver checks it divides every linear)
     supports_model_scope: ClassVar[bool] = False  # can spend one budget over the whole model
     default_scope: ClassVar[str] = "matrix"
+    refines_codebooks: ClassVar[bool] = False  # takes --refine (least-squares codebook refits)
 
     def weighting(self, config: QuantConfig) -> str:
         return config.weighting or self.default_weighting

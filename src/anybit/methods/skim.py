@@ -1,5 +1,5 @@
 """SKIM: per-row K-means codebooks with greedily allocated widths for any budget (per matrix or over
-the whole model), the trainable scaling vector, and anybit's recipe built on the same core."""
+the whole model) and the trainable scaling vector; anybit's recipe (`methods.anybit`) builds on it."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from anybit.format.packing import packed_nbytes
 from anybit.format.qtensor import QuantizedTensor, SparseOutliers
 from anybit.methods.base import LayerStats, Method, row_importance
 from anybit.methods.nonuniform import sensitivity_weights, split_outliers
-from anybit.quant.gptq import gptq_quantize
-from anybit.quant.kmeans import assign, fit_codebook, midpoints, reconstruct
+from anybit.quant.kmeans import assign, fit_codebook
+from anybit.quant.row_codebooks import feedback_codes, refit_codebooks, sorted_codebooks, stored_books
 from anybit.quant.scaling import layer_loss, train_scaling
 
 MAX_WIDTH = 8
@@ -51,9 +51,15 @@ class SKIM(Method):
     default_scaling = True
     default_outliers = 0.0
     error_feedback = False  # anybit: GPTQ-style rounding onto the fitted codebooks
+    refines_codebooks = True
+    default_refine = 0
 
     def scaling(self, config: QuantConfig) -> bool:
         return self.default_scaling if config.scaling is None else config.scaling
+
+    def refine(self, config: QuantConfig) -> int:
+        """Rounds of least-squares codebook updates (`quant.row_codebooks.refit_codebooks`)."""
+        return self.default_refine if config.refine is None else config.refine
 
     def _prepare(self, W: torch.Tensor, stats: LayerStats, config: QuantConfig):
         """H, the K-means weights with outliers removed, and the outliers (mask, sparse form)."""
@@ -106,14 +112,35 @@ class SKIM(Method):
     def _candidates(
         self, W, H, weights, mask, widths, codes, books, config: QuantConfig, scaling: bool = True
     ) -> list[tuple]:
-        """(loss, widths, codes, books, α) of the plain codes, the scaled re-clustering (if on) and,
-        for anybit, GPTQ error feedback onto the same codebooks."""
+        """(loss, widths, codes, books, α) of the plain codes, the scaled re-clustering (if on), for anybit
+        GPTQ error feedback onto the same codebooks, and (with `--refine`) their least-squares refits."""
         out = [(self._loss(W, H, mask, codes, books, None), widths, codes, books, None)]
         if scaling and self.scaling(config):
             out.append(self._scaled(W, H, weights, mask, widths, codes, books))
+        rounds = self.refine(config)
         if self.error_feedback:
-            fb_codes, fb_books = feedback_codes(W, H, widths, books, mask, config.damp)
-            out.append((self._loss(W, H, mask, fb_codes, fb_books, None), widths, fb_codes, fb_books, None))
+            out += self._feedback_rounds(W, H, mask, widths, books, rounds, config)
+        elif rounds:
+            refit = refit_codebooks(W, H, codes, books, widths, mask)
+            out.append((self._loss(W, H, mask, codes, refit, None), widths, codes, refit, None))
+        return out
+
+    def _feedback_rounds(self, W, H, mask, widths, books, rounds: int, config: QuantConfig) -> list[tuple]:
+        """Candidates of GPTVQ's alternation: error-feedback rounding onto the codebooks (in act-order with
+        `--act-order`), then `rounds` times a least-squares refit of the codebooks to those codes, each but the
+        last followed by a new rounding."""
+
+        def rounded(books: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return feedback_codes(W, H, widths, books, mask, config.damp, config.act_order)
+
+        codes, books = rounded(books)
+        out = [(self._loss(W, H, mask, codes, books, None), widths, codes, books, None)]
+        for done in range(1, rounds + 1):
+            books = refit_codebooks(W, H, codes, books, widths, mask)
+            out.append((self._loss(W, H, mask, codes, books, None), widths, codes, books, None))
+            if done < rounds:
+                codes, books = rounded(books)
+                out.append((self._loss(W, H, mask, codes, books, None), widths, codes, books, None))
         return out
 
     @staticmethod
@@ -169,21 +196,6 @@ class SKIM(Method):
         )
 
 
-class AnyBit(SKIM):
-    """anybit's recipe: SKIM's per-row widths from one model-wide budget, rows compared by their
-    Fisher-estimated effect on the loss and clustered with Fisher weights, then GPTQ-style rounding
-    of each column onto its row's codebook with error feedback through H⁻¹ (kept when it lowers the
-    layer-wise error). Settings chosen by the ablation in RESULTS.md: without Fisher, raw layer-wise
-    errors of different layers are not comparable and the model-wide budget goes wrong.
-    """
-
-    name = "anybit"
-    default_scope = "model"
-    default_weighting = "fisher"
-    default_scaling = False
-    error_feedback = True
-
-
 def candidate_widths(bits: float) -> list[int]:
     """Widths a row may get under a budget of `bits` per weight: 1 to floor(bits) + WIDTH_HEADROOM."""
     return list(range(1, min(MAX_WIDTH, int(bits) + WIDTH_HEADROOM) + 1))
@@ -191,51 +203,6 @@ def candidate_widths(bits: float) -> list[int]:
 
 def _costs(rows: int, cols: int, widths: list[int]) -> torch.Tensor:
     return torch.tensor([[row_cost_bits(cols, b) for b in widths]] * rows, dtype=torch.float64)
-
-
-class RowCodebookQuantizer:
-    """GPTQ column quantizer that rounds every weight to the nearest entry of its row's fixed codebook
-    (sorted, +inf padded); weights marked as outliers keep their (error-updated) value in fp16, so
-    their feedback is zero."""
-
-    group_size = 1
-
-    def __init__(self, books: torch.Tensor, kept: torch.Tensor | None) -> None:
-        self.books = books
-        self.mid = midpoints(books)
-        self.kept = kept
-        self.columns: list[torch.Tensor] = []
-
-    def fit(self, W_group: torch.Tensor, group: int) -> None:
-        pass  # the codebooks are fixed before the GPTQ pass
-
-    def quantize(self, w: torch.Tensor, column: int) -> torch.Tensor:
-        codes = assign(w[:, None], self.books, self.mid)
-        self.columns.append(codes[:, 0])
-        q = reconstruct(self.books, codes)[:, 0]
-        if self.kept is not None:
-            q = torch.where(self.kept[:, column], w.half().float(), q)
-        return q
-
-
-def feedback_codes(
-    W: torch.Tensor, H: torch.Tensor, widths: torch.Tensor, books: torch.Tensor, kept: torch.Tensor | None,
-    damp: float,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Codes (rows, cols) from GPTQ's column-by-column rounding onto the rows' codebooks, and the
-    codebooks (sorted, as the rounding needs them)."""
-    sorted_books = sorted_codebooks(books, widths)
-    valid = torch.isfinite(sorted_books)
-    quantizer = RowCodebookQuantizer(sorted_books, kept)
-    gptq_quantize(W, H, quantizer, damp=damp, act_order=False)
-    return torch.stack(quantizer.columns, dim=1), torch.where(valid, sorted_books, torch.zeros_like(books))
-
-
-def sorted_codebooks(books: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
-    """Each row's 2**width entries sorted ascending, the unused slots +inf (what `assign` needs)."""
-    entries = torch.arange(books.shape[1], device=books.device)[None, :]
-    valid = entries < (1 << widths.to(torch.long))[:, None]
-    return torch.where(valid, books, torch.full_like(books, float("inf"))).sort(dim=1).values
 
 
 def scale_columns(
@@ -249,8 +216,3 @@ def scale_columns(
     alpha = train_scaling(W, H, codes, weights, books.shape[1]).to(torch.float16).float()
     result = fit_codebook(W * alpha, weights / alpha.square(), k=1 << widths)
     return result.codes, stored_books(result.centroids), alpha
-
-
-def stored_books(centroids: torch.Tensor) -> torch.Tensor:
-    """Centroids as they are stored (fp16 values; unused +inf slots as 0), in float32."""
-    return torch.nan_to_num(centroids, posinf=0.0).to(torch.float16).float()
