@@ -60,7 +60,7 @@ def load_corpus(name_or_path: str) -> str:
 # WikiText's word-tokenized spacing, undone: (pattern, replacement), applied in order
 _WIKITEXT_SPACING = [
     (re.compile(r" @([-,.])@ "), r"\1"),  # 1 @,@ 000 -> 1,000; well @-@ known -> well-known
-    (re.compile(r" ([.,;:!?%)\]}]|'s|'re|'ve|'d|'ll|'m|n't)(?=\s|$)"), r"\1"),  # no space before closing marks
+    (re.compile(r" ([.,;:!?%)\]}]|'s|'re|'ve|'d|'ll|'m|'t)(?=\s|$)"), r"\1"),  # no space before closing marks
     (re.compile(r"([(\[{$]) "), r"\1"),  # no space after opening brackets
     (re.compile(r'" ([^"\n]*?) "'), r'"\1"'),  # "a quote" inside its quotation marks
     (re.compile(r"(?m)^ = (.*) = $"), r"= \1 ="),  # headings keep their markers, without the outer spaces
