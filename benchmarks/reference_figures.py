@@ -1,6 +1,7 @@
 """Reproduce the reference perplexities of shared/data/README.md (fp16, RTN and GPTQ on SmolLM2).
 
 Usage: python benchmarks/reference_figures.py [--configs fp16,rtn4,rtn3,gptq4,gptq3] [--dtype bfloat16]
+       python benchmarks/reference_figures.py --configs "" --dirs DIR,...   (evaluate kept directories)
 A configuration is a name from CONFIGS or `method:bits[:field=value...]`, e.g. `claq:3.25` or
 `skim:2.5:scaling=false`.
 Each configuration is quantized from scratch, saved, reloaded and evaluated on each `--datasets` corpus
@@ -11,6 +12,7 @@ model); one JSON line per configuration and corpus goes to benchmarks/results/RE
 from __future__ import annotations
 
 import argparse
+import math
 import tempfile
 from pathlib import Path
 
@@ -76,6 +78,7 @@ def main() -> None:
     parser.add_argument("--calib", default="wikitext2-valid", help="calibration corpus of the quantized configs")
     parser.add_argument("--datasets", default="wikitext2", help="comma-separated evaluation corpora")
     parser.add_argument("--kl", action="store_true", help="also KL and top-1 agreement against the unquantized model")
+    parser.add_argument("--dirs", default="", help="comma-separated quantized directories to evaluate as they are")
     args = parser.parse_args()
     eval_kwargs = dict(max_windows=args.max_windows, device=args.device, dtype=args.dtype)
     reference = load_model(args.model) if args.kl else None
@@ -86,7 +89,13 @@ def main() -> None:
             result = evaluate_spec(loaded, dataset=dataset, reference=reference, **eval_kwargs)
             log_result(args.results, {**record, "dataset": dataset, **result.to_dict()})
 
-    for name in args.configs.split(","):
+    for path in filter(None, args.dirs.split(",")):
+        loaded = load_model(path)
+        layers = loaded.quant_info["layers"].values()
+        counted = sum(layer["storage_bits"] for layer in layers) / sum(math.prod(layer["shape"]) for layer in layers)
+        record = {"config": f"dir:{path}", **loaded.quant_info["config"], "bits_per_weight": counted}
+        evaluate_all(loaded, {**record, "quantize_seconds": loaded.quant_info.get("quantize_seconds")})
+    for name in filter(None, args.configs.split(",")):
         if name == "fp16":
             evaluate_all(load_model(args.model), {"config": name, "bits_per_weight": 16.0})
             continue
