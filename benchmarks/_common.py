@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -42,8 +43,11 @@ def machine() -> str:
     return f"{cpu}{isa}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
 
+@functools.cache
 def commit() -> str:
-    """The commit the measured code is at; "+changes" when src/ or the benchmark scripts differ from it."""
+    """The commit the measured code is at; "+changes" when src/ or the benchmark scripts differ from it.
+    Taken when the script starts (see the end of this module): the code a long run measures is the code it
+    imported, whatever is committed while it runs."""
     root = Path(__file__).resolve().parents[1]
 
     def git(*args: str) -> str:
@@ -86,3 +90,6 @@ def log_result(name: str, record: dict) -> None:
     with open(RESULTS_DIR / f"{name}.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
     print(json.dumps(record), flush=True)
+
+
+commit()  # now, before any measuring

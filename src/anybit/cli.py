@@ -120,9 +120,8 @@ def _quant_options(f):
         ),
         click.option(
             "--act-order/--no-act-order",
-            default=False,
-            show_default=True,
-            help="gptq, anybit: round columns in order of descending Hessian diagonal.",
+            default=None,
+            help="gptq, anybit: round columns in order of descending Hessian diagonal [default: anybit on, gptq off].",
         ),
         click.option(
             "--sym/--asym", default=False, show_default=True, help="rtn/gptq: symmetric grid instead of min-max."

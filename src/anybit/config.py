@@ -74,7 +74,7 @@ class QuantConfig:
     method: str = "anybit"
     bits: float | None = None  # None: the method's default (anybit and skim 3.25, the others 4)
     group_size: int | None = None
-    act_order: bool = False
+    act_order: bool | None = None  # gptq/anybit: round columns in act-order; None: the method's default
     sym: bool = False  # rtn/gptq: symmetric grid (zero point fixed at the middle) instead of min-max
     damp: float = 0.01
     calib: str = "wikitext2-valid"
@@ -101,6 +101,8 @@ class QuantConfig:
         if self.bits is None:
             object.__setattr__(self, "bits", method.default_bits)
         method.check_bits(self.bits, self.scope)
+        if self.act_order is None:
+            object.__setattr__(self, "act_order", method.default_act_order)
         if self.group_size is not None and self.group_size < 0:
             raise AnybitError(f"group size must be positive (or 0 for per-channel), got {self.group_size}")
         if not 0 <= self.damp < 1:
@@ -129,6 +131,8 @@ class QuantConfig:
             raise AnybitError(
                 f"method {self.method!r} has no per-row codebooks to refine (--refine is for skim, anybit)"
             )
+        if self.refine is None:
+            object.__setattr__(self, "refine", method.default_refine)
         if self.scope == "model" and not method.supports_model_scope:
             raise AnybitError(f"method {self.method!r} has no model-wide allocation (use --scope matrix)")
 

@@ -20,3 +20,5 @@ class AnyBit(SKIM):
     default_weighting = "fisher"
     default_scaling = False
     error_feedback = True
+    default_act_order = True
+    default_refine = 1

@@ -41,6 +41,8 @@ class Method:
     supports_model_scope: ClassVar[bool] = False  # can spend one budget over the whole model
     default_scope: ClassVar[str] = "matrix"
     refines_codebooks: ClassVar[bool] = False  # takes --refine (least-squares codebook refits)
+    default_refine: ClassVar[int] = 0  # --refine when none is given
+    default_act_order: ClassVar[bool] = False  # --act-order when none is given
 
     def weighting(self, config: QuantConfig) -> str:
         return config.weighting or self.default_weighting

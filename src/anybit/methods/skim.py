@@ -52,14 +52,9 @@ class SKIM(Method):
     default_outliers = 0.0
     error_feedback = False  # anybit: GPTQ-style rounding onto the fitted codebooks
     refines_codebooks = True
-    default_refine = 0
 
     def scaling(self, config: QuantConfig) -> bool:
         return self.default_scaling if config.scaling is None else config.scaling
-
-    def refine(self, config: QuantConfig) -> int:
-        """Rounds of least-squares codebook updates (`quant.row_codebooks.refit_codebooks`)."""
-        return self.default_refine if config.refine is None else config.refine
 
     def _prepare(self, W: torch.Tensor, stats: LayerStats, config: QuantConfig):
         """H, the K-means weights with outliers removed, and the outliers (mask, sparse form)."""
@@ -117,7 +112,7 @@ class SKIM(Method):
         out = [(self._loss(W, H, mask, codes, books, None), widths, codes, books, None)]
         if scaling and self.scaling(config):
             out.append(self._scaled(W, H, weights, mask, widths, codes, books))
-        rounds = self.refine(config)
+        rounds = config.refine
         if self.error_feedback:
             out += self._feedback_rounds(W, H, mask, widths, books, rounds, config)
         elif rounds:
