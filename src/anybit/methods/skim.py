@@ -116,7 +116,7 @@ class SKIM(Method):
         if self.error_feedback:
             out += self._feedback_rounds(W, H, mask, widths, books, rounds, config)
         elif rounds:
-            refit = refit_codebooks(W, H, codes, books, widths, mask)
+            refit = refit_codebooks(W, H, codes, books, widths, mask, config.damp)
             out.append((self._loss(W, H, mask, codes, refit, None), widths, codes, refit, None))
         return out
 
@@ -131,7 +131,7 @@ class SKIM(Method):
         codes, books = rounded(books)
         out = [(self._loss(W, H, mask, codes, books, None), widths, codes, books, None)]
         for done in range(1, rounds + 1):
-            books = refit_codebooks(W, H, codes, books, widths, mask)
+            books = refit_codebooks(W, H, codes, books, widths, mask, config.damp)
             out.append((self._loss(W, H, mask, codes, books, None), widths, codes, books, None))
             if done < rounds:
                 codes, books = rounded(books)

@@ -68,10 +68,12 @@ def stored_books(centroids: torch.Tensor) -> torch.Tensor:
 
 def refit_codebooks(
     W: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, books: torch.Tensor, widths: torch.Tensor,
-    kept: torch.Tensor | None = None,
+    kept: torch.Tensor | None = None, damp: float = 0.0,
 ) -> torch.Tensor:  # fmt: skip
     """Each row's codebook entries that minimise the layer-wise error tr((W − Ŵ) H (W − Ŵ)ᵀ) with the
-    codes held fixed, rounded to fp16 as stored.
+    codes held fixed, rounded to fp16 as stored. `damp` adds damp · mean(diag H) to H's diagonal, as GPTQ
+    does: where the calibration inputs span fewer directions than H has columns, the undamped solution
+    fits them with entries far from the weights.
 
     Row i's reconstruction is Pᵢcᵢ (Pᵢ: the one-hot code matrix, zero where a weight is `kept` in fp16 and
     so reproduced exactly), so its entries solve the normal equations PᵢᵀHPᵢ cᵢ = PᵢᵀH(wᵢ on the coded
@@ -79,6 +81,8 @@ def refit_codebooks(
     Entries past a row's 2**width stay as they are.
     """
     W, H = W.float(), H.float()
+    if damp:
+        H = H + damp * torch.diagonal(H).mean() * torch.eye(H.shape[0], device=H.device)
     coded = torch.ones_like(W, dtype=torch.bool) if kept is None else ~kept
     target = torch.where(coded, W, torch.zeros_like(W)) @ H  # (rows, cols): H(wᵢ on the coded positions)
     ridge = REFIT_DAMP * float(torch.diagonal(H).mean().clamp(min=1e-30))
