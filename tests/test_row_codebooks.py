@@ -85,3 +85,21 @@ def test_act_order_feedback_is_the_permuted_problem_solved_in_order() -> None:
     codes, _ = feedback_codes(W, H, widths, books, kept, damp=0.01, act_order=True)
     expected, _ = feedback_codes(W[:, perm], H[perm][:, perm], widths, books, kept[:, perm], damp=0.01)
     assert torch.equal(codes[:, perm], expected)
+
+
+def test_damped_refit_stays_near_the_weights_when_the_inputs_span_few_directions() -> None:
+    """4 calibration tokens for 64 columns: H is singular; undamped, the 16 entries fit those few directions
+    with values far outside the weights' range, damped they stay in it, and the damped objective still falls."""
+    gen = torch.Generator().manual_seed(3)
+    X = torch.randn(4, 64, generator=gen)
+    H = X.T @ X
+    W = torch.randn(8, 64, generator=gen)
+    widths = torch.full((8,), 4)
+    books = torch.linspace(-2, 2, 16).repeat(8, 1).half().float()
+    codes = torch.bucketize(W, (books[0, 1:] + books[0, :-1]) / 2)
+    assert float(refit_codebooks(W, H, codes, books, widths).abs().max()) > 5 * float(W.abs().max())
+    refit = refit_codebooks(W, H, codes, books, widths, damp=0.01)
+    assert float(refit.abs().max()) < float(W.abs().max())
+    damped_H = H + 0.01 * torch.diagonal(H).mean() * torch.eye(64)
+    before = layer_loss(W, torch.gather(books, 1, codes), damped_H)
+    assert float(layer_loss(W, torch.gather(refit, 1, codes), damped_H)) < float(before)
