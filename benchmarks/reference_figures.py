@@ -12,7 +12,6 @@ model); one JSON line per configuration and corpus goes to benchmarks/results/RE
 from __future__ import annotations
 
 import argparse
-import math
 import tempfile
 from pathlib import Path
 
@@ -91,10 +90,9 @@ def main() -> None:
 
     for path in filter(None, args.dirs.split(",")):
         loaded = load_model(path)
-        layers = loaded.quant_info["layers"].values()
-        counted = sum(layer["storage_bits"] for layer in layers) / sum(math.prod(layer["shape"]) for layer in layers)
-        record = {"config": f"dir:{path}", **loaded.quant_info["config"], "bits_per_weight": counted}
-        evaluate_all(loaded, {**record, "quantize_seconds": loaded.quant_info.get("quantize_seconds")})
+        info = loaded.quant_info  # its counted bits were checked against the stored tensors at load
+        record = {"config": f"dir:{path}", **info["config"], "bits_per_weight": info["bits_per_weight"]}
+        evaluate_all(loaded, {**record, "quantize_seconds": info.get("quantize_seconds")})
     for name in filter(None, args.configs.split(",")):
         if name == "fp16":
             evaluate_all(load_model(args.model), {"config": name, "bits_per_weight": 16.0})
