@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -29,6 +29,7 @@ from anybit.model.adapters import Adapter, get_adapter, get_submodule, set_submo
 from anybit.model.checkpoint import round_unquantized_
 from anybit.quant.gptq import HessianAccumulator
 from anybit.runtime.qlinear import QuantLinear, set_kernel
+from anybit.tune import LayerTuner, TuneStep
 
 
 @dataclass
@@ -36,6 +37,16 @@ class QuantReport:
     seconds: float
     layers: int
     linears: int
+    tuning: list[TuneStep] = field(default_factory=list)  # per layer, with --tune-steps
+
+    def info(self) -> dict:
+        """What the output's anybit.json records of the run."""
+        info = {"quantize_seconds": self.seconds}
+        if self.tuning:
+            info["tuning"] = [
+                {"before": round(t.before, 8), "after": round(t.after, 8), "kept": t.kept} for t in self.tuning
+            ]
+        return info
 
 
 def _collect_stats(
@@ -122,17 +133,22 @@ def _layer_pass(
     commit: bool,
     supply: Supply,
     on_layer: LayerDone | None = None,
+    tuning: list[TuneStep] | None = None,
 ) -> None:
     """Run the calibration data layer by layer and call `visit(key, layer, name, W, bias, stats)` on
     every linear. With `commit` the visits swap in quantized linears, which then produce the next
     layer's inputs, and each finished layer goes to `on_layer`; without it every layer is left exactly
-    as it was (a statistics-only pass).
+    as it was (a statistics-only pass). With `tuning` (a list, committing, `config.tune_steps` > 0) each
+    quantized layer is tuned toward the unquantized model's activations (`anybit.tune`), its result appended.
     """
     device = torch.device(config.device)
     dtype = getattr(torch, config.calib_dtype)
     hidden = args = kwargs = None
     if method.needs_stats:
         hidden, args, kwargs = capture_layer_inputs(model, adapter, calib_windows, device, dtype, supply)
+    tuner = None
+    if tuning is not None and commit and config.tune_steps and method.needs_stats:
+        tuner = LayerTuner(hidden, config.tune_steps, config.tune_lr, config.seed)
     layers = adapter.layers(model)
     for index in tqdm(range(len(layers)), desc=desc, unit="layer", disable=not progress):
         layer = layers[index]  # not a list of all layers: a finished one must be freed when it is replaced
@@ -145,6 +161,8 @@ def _layer_pass(
         }
         layer.to(dtype)  # the forward passes run in the calibration dtype; weights come from `originals`
         stats = {}
+        if tuner is not None:
+            tuner.before_quantizing(layer, args, kwargs)
         if method.needs_stats:
             stats, unquantized_output = _collect_stats(layer, adapter, hidden, args, kwargs, method)
             if not commit:  # the layer stays as it is, so this is already the next layer's input
@@ -159,6 +177,8 @@ def _layer_pass(
             visit(f"{index}.{name}", layer, name, W, bias, stats.pop(name, None) if commit else stats.get(name))
             del W, bias
         del originals, stats
+        if tuner is not None:
+            tuning.append(tuner.after_quantizing(layer, hidden, args, kwargs))
         if commit and method.needs_stats:
             hidden = run_layer(layer, hidden, args, kwargs)
         layer.to("cpu")
@@ -220,6 +240,7 @@ def quantize_model(
         )
         plan = allocate_model(tables, config.bits)
     linears = 0
+    tuning: list[TuneStep] = []
 
     def commit(key, layer, name, W, bias, stats):
         nonlocal linears
@@ -232,9 +253,11 @@ def quantize_model(
 
     desc = f"{config.method} {config.bits:g}-bit"
     _layer_pass(
-        model, adapter, method, config, calib_windows, fisher, commit, desc, commit=True, on_layer=on_layer, **passes
-    )
+        model, adapter, method, config, calib_windows, fisher, commit, desc, commit=True, on_layer=on_layer,
+        tuning=tuning, **passes,
+    )  # fmt: skip
     set_kernel(model, "auto")  # calibrated on the exact products; from here on, like a loaded model
     if not supply.streamed:
         round_unquantized_(model)
-    return QuantReport(seconds=time.perf_counter() - start, layers=len(adapter.layers(model)), linears=linears)
+    seconds = time.perf_counter() - start
+    return QuantReport(seconds=seconds, layers=len(adapter.layers(model)), linears=linears, tuning=tuning)

@@ -17,6 +17,7 @@ from anybit.config import (
     HEAD_CHOICES,
     KERNELS,
     MAX_REFINE,
+    MAX_TUNE_STEPS,
     SCOPES,
     WEIGHTINGS,
     QuantConfig,
@@ -176,6 +177,15 @@ def _quant_options(f):
             help="skim/anybit: rounds of least-squares codebook refits with the codes fixed (anybit: each but the "
             "last followed by a new error-feedback rounding) [default: per method].",
         ),
+        click.option(
+            "--tune-steps",
+            type=click.IntRange(0, MAX_TUNE_STEPS),
+            default=0,
+            show_default=True,
+            help="Adam steps per decoder layer (one calibration window each) that tune its codebooks or scales and "
+            "norms, codes fixed, toward the unquantized model's activations; 0: off.",
+        ),
+        click.option("--tune-lr", type=FLOAT, default=3e-4, show_default=True, help="Learning rate of --tune-steps."),
         click.option(
             "--scope",
             type=click.Choice(SCOPES),

@@ -19,6 +19,7 @@ DEC_SCORES = ("activation", "contribution")  # how dynamic error compensation ra
 KERNELS = ("auto", "fast", "exact", "triton", "reference")  # backends of the quantized linears (runtime.qlinear)
 HEAD_CHOICES = ("int8", "dense")  # the embedding and output head at run time (runtime.head)
 MAX_REFINE = 8  # rounds of codebook refits (`--refine`)
+MAX_TUNE_STEPS = 10_000  # Adam steps per decoder layer (`--tune-steps`)
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 
 
@@ -92,6 +93,8 @@ class QuantConfig:
     scaling: bool | None = None  # SKIM: train the per-column scaling vector; None: the method's default
     scope: str | None = None  # SKIM/anybit: budget per "matrix" or over the whole "model"; None: method's default
     refine: int | None = None  # SKIM/anybit: rounds of least-squares codebook refits; None: the method's default
+    tune_steps: int = 0  # Adam steps per decoder layer on its codebooks/scales and norms (`anybit.tune`); 0: off
+    tune_lr: float = 3e-4
 
     def __post_init__(self) -> None:
         from anybit.methods import get_method  # the registry knows each method's bit range
@@ -133,6 +136,14 @@ class QuantConfig:
             )
         if self.refine is None:
             object.__setattr__(self, "refine", method.default_refine)
+        if not 0 <= self.tune_steps <= MAX_TUNE_STEPS:
+            raise AnybitError(f"--tune-steps must be in 0-{MAX_TUNE_STEPS}, got {self.tune_steps}")
+        if not 0 < self.tune_lr < 1:
+            raise AnybitError(f"--tune-lr must be in (0, 1), got {self.tune_lr}")
+        if self.tune_steps and not method.needs_stats:
+            raise AnybitError(f"method {self.method!r} uses no calibration data to tune on (--tune-steps)")
+        if self.tune_steps and self.nsamples < 2:
+            raise AnybitError("--tune-steps needs at least 2 calibration windows (--nsamples): one is held out")
         if self.scope == "model" and not method.supports_model_scope:
             raise AnybitError(f"method {self.method!r} has no model-wide allocation (use --scope matrix)")
 

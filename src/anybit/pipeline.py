@@ -104,9 +104,7 @@ def quantize_to_dir(
     if loaded is not None:
         calib = _calibration(loaded.tokenizer, loaded.model, config) if needs_calibration else None
         report = quantize_model(loaded.model, config, calib, progress=progress)
-        meta = save_quantized(
-            loaded.model, loaded.tokenizer, out_dir, {**info, "quantize_seconds": report.seconds}, force=force
-        )
+        meta = save_quantized(loaded.model, loaded.tokenizer, out_dir, {**info, **report.info()}, force=force)
         return QuantizeOutcome(out_dir, meta, report)
     with gguf_parsed_once():
         skeleton = open_skeleton(kind, path)
@@ -124,7 +122,7 @@ def quantize_to_dir(
                     on_layer=lambda index, layer: writer.add(layer, f"{layers_prefix}{index}."),
                 )
                 _write_outside(skeleton, writer)
-                meta = writer.finish(model.config, tokenizer, {**info, "quantize_seconds": report.seconds})
+                meta = writer.finish(model.config, tokenizer, {**info, **report.info()})
         finally:
             skeleton.source.close()
     return QuantizeOutcome(out_dir, meta, report)

@@ -1,0 +1,104 @@
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from anybit.cli import main
+from anybit.config import QuantConfig
+from anybit.errors import AnybitError
+from anybit.layerwise import capture_layer_inputs, run_layer
+from anybit.methods import get_method
+from anybit.model.adapters import get_adapter, get_submodule, set_submodule
+from anybit.model.loading import load_model
+from anybit.runtime.qlinear import QuantLinear, quant_linears
+from anybit.tune import tune_layer
+
+
+def _quantized_first_layer(model_dir, method: str, bits: float):
+    """The tiny model's first decoder layer with its linears quantized (RTN-style, no statistics needed for
+    rtn; gptq/skim get XᵀX from the captured inputs), its inputs and the unquantized layer's outputs."""
+    from anybit.calibrate import _collect_stats
+
+    model = load_model(str(model_dir)).model
+    adapter = get_adapter(model)
+    windows = torch.randint(0, model.config.vocab_size, (16, 128), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        hidden, args, kwargs = capture_layer_inputs(model, adapter, windows, torch.device("cpu"), torch.float32)
+        layer = adapter.layers(model)[0]
+        quant = get_method(method)
+        config = QuantConfig(method=method, bits=bits, group_size=0, scope="matrix" if method == "skim" else None)
+        stats, target = _collect_stats(layer, adapter, hidden, args, kwargs, quant)
+        for name in adapter.linear_names:
+            W = adapter.weight_of(get_submodule(layer, name)).clone()
+            linear = QuantLinear(quant.quantize(W, stats[name], config), None)
+            linear.kernel = "exact"
+            set_submodule(layer, name, linear)
+    return layer, hidden, target, args, kwargs
+
+
+@pytest.mark.parametrize(("method", "bits", "gain"), [("gptq", 2, 0.9), ("skim", 2.5, 0.995)])
+def test_tuning_lowers_the_held_out_error_and_keeps_the_codes(
+    tiny_llama_dir, method: str, bits: float, gain: float
+) -> None:
+    """On a random tiny layer K-means codebooks leave less to tune than a uniform grid's scales."""
+    layer, hidden, target, args, kwargs = _quantized_first_layer(tiny_llama_dir, method, bits)
+    stored = {name: module.qtensor for name, module in quant_linears(layer)}
+    norm_before = layer.input_layernorm.weight.detach().clone()
+    result = tune_layer(layer, hidden, target, args, kwargs, steps=30, lr=3e-4)
+    assert result.kept and result.after < gain * result.before
+    with torch.inference_mode():
+        out = run_layer(layer, hidden, args, kwargs)
+    check = slice(hidden.shape[0] - 4, None)  # the held-out windows (CHECK_WINDOWS)
+    measured = float((out[check] - target[check]).square().sum() / target[check].square().sum())
+    assert measured == pytest.approx(result.after, rel=1e-3)  # what is stored is what was judged (fp16 rounding)
+    for name, module in quant_linears(layer):
+        old, new = stored[name], module.qtensor
+        assert all(torch.equal(old.codes[b], new.codes[b]) for b in old.codes)  # codes fixed
+        assert torch.equal(old.bitmap, new.bitmap)
+        assert new.storage_bits() == old.storage_bits()  # counted bits unchanged
+        values = new.codebooks.values() if new.kind == "codebook" else [new.scales]
+        assert all(v.dtype == torch.float16 and not v.requires_grad for v in values)
+    assert not torch.equal(norm_before, layer.input_layernorm.weight)  # the norms are tuned too
+    assert not any(p.requires_grad for p in layer.parameters())
+
+
+def test_a_layer_that_tuning_does_not_improve_is_left_exactly_as_it_was(tiny_llama_dir) -> None:
+    layer, hidden, target, args, kwargs = _quantized_first_layer(tiny_llama_dir, "gptq", 3)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    result = tune_layer(layer, hidden, target, args, kwargs, steps=0, lr=3e-3)
+    assert not result.kept and result.after == result.before
+    after = layer.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert all(isinstance(m, QuantLinear) for m in (layer.self_attn.q_proj, layer.mlp.down_proj))
+
+
+def test_tuning_options_are_checked() -> None:
+    with pytest.raises(AnybitError, match="no calibration data"):
+        QuantConfig(method="rtn", tune_steps=8)
+    with pytest.raises(AnybitError, match="at least 2 calibration windows"):
+        QuantConfig(method="gptq", nsamples=1, tune_steps=8)
+    with pytest.raises(AnybitError, match="--tune-lr"):
+        QuantConfig(method="gptq", tune_steps=8, tune_lr=0.0)
+    with pytest.raises(AnybitError, match="--tune-steps"):
+        QuantConfig(method="gptq", tune_steps=-1)
+
+
+def test_tuned_quantization_end_to_end(tiny_llama_dir, corpus_file, tmp_path) -> None:
+    """`--tune-steps` through the CLI: every layer's tuning is recorded, and the tuned model's perplexity on its
+    calibration text is no worse than the untuned one's."""
+    args = ["--calib", str(corpus_file), "--seqlen", "64", "--nsamples", "6", "--method", "anybit", "--bits", "2.5"]
+    ppl = {}
+    for steps in (0, 20):
+        out = tmp_path / f"q{steps}"
+        cmd = ["quantize", str(tiny_llama_dir), *args, "--tune-steps", str(steps), "--tune-lr", "3e-3"]
+        result = CliRunner().invoke(main, [*cmd, "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        info = json.loads((out / "anybit.json").read_text())
+        tuning = info.get("tuning", [])
+        assert len(tuning) == (2 if steps else 0)  # the tiny llama has two decoder layers
+        assert all(t["after"] <= t["before"] for t in tuning)
+        result = CliRunner().invoke(main, ["eval", str(out), "--dataset", str(corpus_file), "--seqlen", "64"])
+        assert result.exit_code == 0, result.output
+        ppl[steps] = float(result.output.split("ppl")[1].split()[0].strip(":= "))
+    assert ppl[20] < ppl[0] * 1.02
