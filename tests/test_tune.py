@@ -98,6 +98,9 @@ def test_tuned_quantization_end_to_end(tiny_llama_dir, corpus_file, tmp_path) ->
         tuning = info.get("tuning", [])
         assert len(tuning) == (2 if steps else 0)  # the tiny llama has two decoder layers
         assert all(t["after"] <= t["before"] for t in tuning)
+        result = CliRunner().invoke(main, ["inspect", str(out)])
+        assert result.exit_code == 0, result.output
+        assert ("2 of 2 layers kept" in result.output) == bool(steps and all(t["kept"] for t in tuning))
         result = CliRunner().invoke(main, ["eval", str(out), "--dataset", str(corpus_file), "--seqlen", "64"])
         assert result.exit_code == 0, result.output
         ppl[steps] = float(result.output.split("ppl")[1].split()[0].strip(":= "))

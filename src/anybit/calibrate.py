@@ -2,8 +2,8 @@
 
 For each decoder layer, in order: run the calibration activations through it (the inputs come from
 the already-quantized previous layers), accumulate XᵀX in float32 for each group of linears sharing
-an input, quantize every linear with the method, swap in `QuantLinear`s, and run the layer again to
-produce the inputs of the next layer. Only the current layer is moved to the compute device. With a `Streamed` supply, the model is a
+an input, quantize every linear with the method, swap in `QuantLinear`s (with `--tune-steps`, tune the layer:
+`anybit.tune`), and run the layer again to produce the inputs of the next layer. Only the current layer is moved to the compute device. With a `Streamed` supply, the model is a
 weightless skeleton: each layer is read from the source files when its turn comes, handed to `on_layer`
 (the writer) once quantized, and freed.
 """
@@ -209,8 +209,10 @@ def quantize_model(
 
     With a model-wide scope (`--scope model`) a first pass collects every linear's per-row error table (on the
     unquantized model; with Fisher weighting, on the Fisher windows only), one budget is spent over all rows of
-    the model, and the second pass quantizes each row at its planned width and codebook. With a `Streamed`
-    supply `model` is a weightless skeleton and the finished layers are freed after `on_layer`.
+    the model, and the second pass quantizes each row at its planned width and codebook. With
+    `config.tune_steps`, each quantized layer is then tuned toward the unquantized model's activations
+    (`anybit.tune`). With a `Streamed` supply `model` is a weightless skeleton and the finished layers are freed
+    after `on_layer`.
     """
     start = time.perf_counter()
     supply = supply or Resident()

@@ -41,13 +41,26 @@ def inspect_directory(path: Path) -> dict:
         )
     return {
         "layers": rows,
-        "notes": _group_notes(info),
+        "notes": _group_notes(info) + _tuning_notes(info),
         "method": info["method"],
         "quantized_weights": info["quantized_weights"],
         "quantized_bytes": info["storage_bits"] // 8,
         "bits_per_weight": info["bits_per_weight"],
         "file_bytes": stored_bytes(path),
     }
+
+
+def _tuning_notes(info: dict) -> list[str]:
+    """What block-wise tuning (--tune-steps) did to the layers' held-out errors, as the run recorded it."""
+    tuning = info.get("tuning")
+    if not tuning:
+        return []
+    kept = [t for t in tuning if t["kept"]]
+    note = f"tuned block by block ({info['config'].get('tune_steps')} steps): {len(kept)} of {len(tuning)} layers kept"
+    if kept:
+        changes = [100 * (1 - t["after"] / t["before"]) for t in kept if t["before"] > 0]
+        note += f", held-out error lower by {min(changes):.1f}-{max(changes):.1f} %"
+    return [note]
 
 
 def _group_notes(info: dict) -> list[str]:
