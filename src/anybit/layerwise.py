@@ -9,6 +9,7 @@ weightless skeleton whose layers are read from the source files when their turn 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -118,17 +119,22 @@ def move_outside_layers(model: nn.Module, layers: nn.ModuleList, device: torch.d
                 module._buffers[key] = move(b, lambda d: d)
 
 
+def map_tensors(obj, fn: Callable[[torch.Tensor], torch.Tensor]):
+    """`obj` with every tensor nested in its tuples, lists and dicts replaced by `fn(tensor)`."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, tuple):
+        return tuple(map_tensors(o, fn) for o in obj)
+    if isinstance(obj, list):
+        return [map_tensors(o, fn) for o in obj]
+    if isinstance(obj, dict):
+        return {k: map_tensors(v, fn) for k, v in obj.items()}
+    return obj
+
+
 def to_device(obj, device: torch.device, dtype: torch.dtype):
     """Move tensors nested in layer arguments; floating ones (rotary tables, masks) also take `dtype`."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device=device, dtype=dtype) if obj.is_floating_point() else obj.to(device)
-    if isinstance(obj, tuple):
-        return tuple(to_device(o, device, dtype) for o in obj)
-    if isinstance(obj, list):
-        return [to_device(o, device, dtype) for o in obj]
-    if isinstance(obj, dict):
-        return {k: to_device(v, device, dtype) for k, v in obj.items()}
-    return obj
+    return map_tensors(obj, lambda t: t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device))
 
 
 @torch.inference_mode()

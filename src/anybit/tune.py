@@ -1,6 +1,6 @@
 """Block-wise tuning: with every code held fixed, train a quantized decoder layer's continuous parameters (the
 codebooks or scales of its linears, their biases and the layer's norms) with Adam so that its outputs match the
-unquantized layer's on the calibration windows (the continuous step of AQLM and PV-tuning).
+unquantized model's activations on the calibration windows (the continuous step of AQLM and PV-tuning).
 
 The driver (`calibrate`) runs a `LayerTuner` beside its layer loop: it carries the unquantized model's own
 activations (the reference stream) and, once a layer's linears are quantized, tunes the layer so that on the
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from anybit.format.qtensor import QuantizedTensor
-from anybit.layerwise import layer_output, run_layer
+from anybit.layerwise import layer_output, map_tensors, run_layer
 from anybit.model.adapters import set_submodule
 from anybit.runtime.qlinear import QuantLinear, quant_linears
 
@@ -44,7 +44,7 @@ class LayerTuner:
         self.reference = hidden.clone()  # the unquantized model's inputs of the current layer
         self.target: torch.Tensor | None = None
         self.steps, self.lr, self.seed = steps, lr, seed
-        self.log: list[TuneStep] = []
+        self.layers_done = 0
 
     def before_quantizing(self, layer: nn.Module, args: tuple, kwargs: dict) -> None:
         """Run the still unquantized layer on the reference stream: the target of its tuning."""
@@ -52,9 +52,10 @@ class LayerTuner:
 
     def after_quantizing(self, layer: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict) -> TuneStep:
         """Tune the quantized layer, fed the quantized stream's `hidden`, toward the target; advance the reference."""
-        step = tune_layer(layer, hidden, self.target, args, kwargs, self.steps, self.lr, self.seed + len(self.log))
+        seed = self.seed + self.layers_done
+        step = tune_layer(layer, hidden, self.target, args, kwargs, self.steps, self.lr, seed)
         self.reference, self.target = self.target, None
-        self.log.append(step)
+        self.layers_done += 1
         return step
 
 
@@ -99,19 +100,6 @@ def _trainable(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t.detach().float().clone())
 
 
-def _plain(obj):
-    """Layer arguments with every tensor cloned out of inference mode (autograd cannot save inference tensors)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.clone()
-    if isinstance(obj, tuple):
-        return tuple(_plain(o) for o in obj)
-    if isinstance(obj, list):
-        return [_plain(o) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    return obj
-
-
 def _relative_error(layer: nn.Module, hidden: torch.Tensor, target: torch.Tensor, args, kwargs) -> float:
     num = den = 0.0
     with torch.no_grad():
@@ -133,11 +121,12 @@ def tune_layer(
     seed: int = 0,
 ) -> TuneStep:
     """Tune `layer`'s continuous parameters in place for `steps` Adam steps, one calibration window each, toward
-    `target` (the unquantized layer's outputs for `hidden`, both (windows, seqlen, d)). The last
+    `target` (the outputs it should give for `hidden`, both (windows, seqlen, d)). The last
     `CHECK_WINDOWS` windows (at most half of them) only judge the result; the layer keeps its tuned values
     when they lower the error there, else it is left exactly as it was."""
     with torch.inference_mode(False), torch.enable_grad():
-        args, kwargs = _plain(args), _plain(kwargs)
+        # autograd cannot save tensors made in inference mode (the driver's): clone them out of it
+        args, kwargs = map_tensors(args, torch.clone), map_tensors(kwargs, torch.clone)
         n_check = min(CHECK_WINDOWS, hidden.shape[0] // 2)
         n_train = hidden.shape[0] - n_check
         check = slice(n_train, None) if n_check else slice(0, None)
