@@ -2,10 +2,11 @@
 
 For each decoder layer, in order: run the calibration activations through it (the inputs come from
 the already-quantized previous layers), accumulate XᵀX in float32 for each group of linears sharing
-an input, quantize every linear with the method, swap in `QuantLinear`s (with `--tune-steps`, tune the layer:
-`anybit.tune`), and run the layer again to produce the inputs of the next layer. Only the current layer is moved to the compute device. With a `Streamed` supply, the model is a
-weightless skeleton: each layer is read from the source files when its turn comes, handed to `on_layer`
-(the writer) once quantized, and freed.
+an input, quantize every linear with the method, swap in `QuantLinear`s (with `--tune-steps`, tune the
+layer: `anybit.tune`), and run the layer again to produce the inputs of the next layer. Only the current
+layer is moved to the compute device. With a `Streamed` supply, the model is a weightless skeleton: each
+layer is read from the source files when its turn comes, handed to `on_layer` (the writer) once quantized,
+and freed.
 """
 
 from __future__ import annotations
