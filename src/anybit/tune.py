@@ -101,13 +101,10 @@ def _trainable(t: torch.Tensor) -> nn.Parameter:
 
 
 def _relative_error(layer: nn.Module, hidden: torch.Tensor, target: torch.Tensor, args, kwargs) -> float:
-    num = den = 0.0
     with torch.no_grad():
-        for i in range(hidden.shape[0]):
-            out = layer_output(layer(hidden[i : i + 1].clone(), *args, **kwargs))[0]
-            num += float((out.float() - target[i].float()).square().sum())
-            den += float(target[i].float().square().sum())
-    return num / max(den, 1e-30)
+        out = run_layer(layer, hidden, args, kwargs).float()
+    target = target.float()
+    return float((out - target).square().sum()) / max(float(target.square().sum()), 1e-30)
 
 
 def tune_layer(
