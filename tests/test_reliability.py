@@ -107,6 +107,8 @@ def _edit_info(directory: Path, edit) -> None:
         (lambda i: i["layers"][LINEAR].update(kind="lattice"), "bad quantized tensor metadata"),
         (lambda i: i["layers"][LINEAR].update(group_size="64"), "field 'group_size' is missing or not a int"),
         (lambda i: i.update(aliases={"lm_head.weight": "model.norm.weight"}), "alias lm_head.weight"),
+        (lambda i: i.update(tuning=[{"before": "x"}]), "tuning entry 0 is not"),
+        (lambda i: i.update(tuning={}), "field 'tuning' is not a list"),
     ],
     ids=[
         "bits",
@@ -120,6 +122,8 @@ def _edit_info(directory: Path, edit) -> None:
         "kind",
         "group-type",
         "alias-shape",
+        "tuning-entry",
+        "tuning-type",
     ],
 )
 def test_damaged_anybit_json_is_refused_at_load(quantized, edit, needle, corpus_file, tmp_path) -> None:

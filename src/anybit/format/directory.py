@@ -118,6 +118,7 @@ _INFO_FIELDS = {
     "nominal_bits_per_weight": (int, float),
 }
 _LAYER_FIELDS = {"shape": list, "group_size": int, "axis": int, "kind": str, "storage_bits": int}
+_TUNING_FIELDS = {"before": (int, float), "after": (int, float), "kept": bool}  # optional "tuning" list, per layer
 
 
 def _info_problem(info: dict) -> str:
@@ -135,4 +136,17 @@ def _info_problem(info: dict) -> str:
         for key, kind in _LAYER_FIELDS.items():
             if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
                 return f"layer {name}: field {key!r} is missing or not a {kind.__name__}"
+    return _tuning_problem(info.get("tuning", []))
+
+
+def _tuning_problem(tuning: object) -> str:
+    """What is wrong with the record of block-wise tuning ("" when nothing is; it is optional)."""
+    if not isinstance(tuning, list):
+        return "field 'tuning' is not a list"
+    for i, entry in enumerate(tuning):
+        if not isinstance(entry, dict) or any(
+            not isinstance(entry.get(key), kind) or (kind is not bool and isinstance(entry.get(key), bool))
+            for key, kind in _TUNING_FIELDS.items()
+        ):
+            return f"tuning entry {i} is not {{before: number, after: number, kept: bool}}"
     return ""
