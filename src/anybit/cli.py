@@ -371,7 +371,7 @@ def eval_cmd(model: str, kl: bool, reference: str | None, as_json: bool, **kwarg
     from anybit.pipeline import check_device, evaluate_spec
 
     check_device(kwargs["device"])
-    loaded = load_model(model)
+    loaded = load_model(model, head=kwargs["head"])
     ref = None
     if kl or reference:
         source = reference or (loaded.quant_info or {}).get("source")
@@ -444,7 +444,7 @@ def generate(
 
     check_device(device)
     check_prompt(prompt)
-    loaded = load_model(model)
+    loaded = load_model(model, head=head)
     loaded.model.to(device)
     configure_runtime(loaded, kernel, head)
     dec_context = dec_compensation(loaded, dec, dec_static, dec_score)
@@ -497,7 +497,7 @@ def bench(
     check_device(device)
     if cuda_graph and not device.startswith("cuda"):
         raise AnybitError("--cuda-graph needs --device cuda")
-    loaded = load_model(model, dtype=getattr(torch, compute_dtype(dtype, device)))
+    loaded = load_model(model, dtype=getattr(torch, compute_dtype(dtype, device)), head=head)
     loaded.model.to(device)
     head_info = configure_runtime(loaded, kernel, head)
     dec_context = dec_compensation(loaded, dec, dec_static, dec_score)

@@ -1,19 +1,39 @@
 """Process memory: freed tensor memory handed back to the system, so that peak resident memory follows what
-is alive (one decoder layer when streaming), not what was ever allocated."""
+is alive (one decoder layer when streaming), not what was ever allocated; and pages of a memory-mapped
+checkpoint that nothing reads any more handed back too."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import functools
+import mmap
+from collections.abc import Iterable
+
+import torch
+
+MADV_PAGEOUT = 21  # Linux 5.4+: reclaim the pages now; their contents are kept (read again on the next touch)
+
+
+@functools.cache
+def _libc():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
 
 
 @functools.cache
 def _malloc_trim():
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return None
+    return getattr(_libc(), "malloc_trim", None)  # glibc only
+
+
+@functools.cache
+def _madvise():
+    madvise = getattr(_libc(), "madvise", None)
+    if madvise is not None:
+        madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return madvise
 
 
 def return_freed_memory() -> None:
@@ -21,3 +41,38 @@ def return_freed_memory() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """(start, end) of this process's memory-mapped files, from /proc/self/maps (empty where there is none)."""
+    spans = []
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[5].startswith("/"):
+                    start, end = (int(address, 16) for address in fields[0].split("-"))
+                    spans.append((start, end))
+    except OSError:
+        pass
+    return spans
+
+
+def release_file_pages(tensors: Iterable[torch.Tensor]) -> int:
+    """Hand back the resident pages of CPU tensors that are views of a memory-mapped file (a loaded
+    checkpoint whose values now live elsewhere: converted, packed or re-laid). They stay valid: a later read
+    faults them in again from the file. Tensors in ordinary memory are left alone. Returns bytes advised."""
+    madvise = _madvise()
+    tensors = [t for t in tensors if t is not None and t.device.type == "cpu" and t.numel() and t.is_contiguous()]
+    if madvise is None or not tensors:
+        return 0
+    spans, page, advised = _file_mappings(), mmap.PAGESIZE, 0
+    for tensor in tensors:
+        low = tensor.data_ptr()
+        high = low + tensor.numel() * tensor.element_size()
+        if not any(start <= low and high <= end for start, end in spans):
+            continue
+        first, last = -(-low // page) * page, high // page * page  # whole pages only: neighbours may share one
+        if last > first and madvise(first, last - first, MADV_PAGEOUT) == 0:
+            advised += last - first
+    return advised

@@ -30,14 +30,13 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     pad = (-n) % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    blocks = flat.view(-1, 8)  # (nblocks, 8 values), widened to int32 a chunk at a time
-    shifts = torch.arange(bits, device=flat.device, dtype=torch.int32)
-    weights = 1 << torch.arange(8, device=flat.device, dtype=torch.int32)
+    blocks = flat.view(-1, 8)  # (nblocks, 8 values)
+    positions = torch.arange(8, device=flat.device, dtype=torch.uint8)
     packed = torch.empty((blocks.shape[0], bits), dtype=torch.uint8, device=flat.device)
-    for start in range(0, blocks.shape[0], PACK_CHUNK_BLOCKS):  # chunks bound the int32 temporaries
-        chunk = blocks[start : start + PACK_CHUNK_BLOCKS].to(torch.int32)
-        planes = (chunk.unsqueeze(1) >> shifts.view(1, bits, 1)) & 1  # (nblocks, bits, 8)
-        packed[start : start + PACK_CHUNK_BLOCKS] = (planes * weights).sum(dim=2)  # one byte per bit plane
+    for start in range(0, blocks.shape[0], PACK_CHUNK_BLOCKS):  # chunks bound the temporaries
+        chunk = blocks[start : start + PACK_CHUNK_BLOCKS].to(torch.uint8)
+        for q in range(bits):  # byte q of a block: bit q of its 8 values
+            packed[start : start + PACK_CHUNK_BLOCKS, q] = (((chunk >> q) & 1) << positions).sum(dim=1)
     return packed.reshape(-1)
 
 

@@ -125,6 +125,9 @@ class QuantizedTensor:
         lines, _ = cls._check_layout(shape, group_size, axis, bitmap)
         segs = codes.reshape(lines, -1, group_size)
         masks = {b: bitmap == b for b in torch.unique(bitmap).tolist()}
+        if len(masks) == 1:  # one width: the codes in order, without a masked copy
+            (b,) = masks
+            return bitmap, masks, {b: pack_codes(segs, b)}
         return bitmap, masks, {b: pack_codes(segs[mask], b) for b, mask in masks.items()}
 
     @staticmethod
@@ -349,6 +352,15 @@ def _parse_meta(meta: dict) -> tuple[tuple[int, int], int, int, str]:
     return shape, group_size, axis, kind
 
 
+FINITE_CHUNK = 1 << 22  # values checked at once: the check's temporaries stay a few MB for any tensor
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether no value of `tensor` is NaN or infinite, checked a chunk at a time."""
+    flat = tensor.reshape(-1)
+    return all(bool(torch.isfinite(flat[i : i + FINITE_CHUNK]).all()) for i in range(0, flat.numel(), FINITE_CHUNK))
+
+
 class _StoredTensors:
     """The stored tensors of one matrix, taken one by one with their expected dtype and shape; what is left
     at the end was not expected."""
@@ -377,7 +389,7 @@ class _StoredTensors:
             raise ValueError(f"{name}: stored as {str(tensor.dtype).removeprefix('torch.')}, expected {expected}")
         if tuple(tensor.shape) != tuple(shape):
             raise ValueError(f"{name}: shape {tuple(tensor.shape)}, expected {tuple(shape)}")
-        if finite and not bool(torch.isfinite(tensor).all()):
+        if finite and not all_finite(tensor):
             raise ValueError(f"{name}: holds NaN or infinite values")
         return tensor
 

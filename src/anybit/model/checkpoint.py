@@ -29,10 +29,12 @@ from anybit.format.directory import (
     transformers_quantization_config,
 )
 from anybit.format.files import make_temp_dir, make_temp_file, remove_stale_temporaries, replace_dir
-from anybit.format.qtensor import QuantizedTensor
+from anybit.format.qtensor import QuantizedTensor, all_finite
 from anybit.format.shards import ShardWriter, iter_tensors, weight_files
+from anybit.memory import release_file_pages, return_freed_memory
 from anybit.model.adapters import get_adapter, set_submodule
 from anybit.runtime.dec import DecPlan, Residual
+from anybit.runtime.head import quantize_head
 from anybit.runtime.qlinear import QuantLinear, quant_linears
 
 STORE_DTYPE = torch.float16  # dtype of the parameters that are not quantized
@@ -176,12 +178,16 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path, info: dict,
         return writer.finish(model.config, tokenizer, info)
 
 
-def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object, dict]:
+def load_quantized(
+    path: str | Path, dtype: torch.dtype = torch.float32, head: str = "dense"
+) -> tuple[nn.Module, object, dict]:
     """The model (with QuantLinear layers) and tokenizer stored in `path`, and its anybit.json.
 
     Everything stored is checked before any kernel sees it: each packed tensor against its layout, each
     other tensor against the architecture's parameter of that name, and the counted bits against the
     figures anybit.json claims. Anything that does not fit is an AnybitError naming the tensor.
+    With `head="int8"` the embedding and output head are packed to 8 bits (`runtime.head`) straight from
+    their stored values, never held in `dtype`.
     """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -197,9 +203,10 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32) -> tupl
     get_adapter(config.model_type)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    packed_later = _head_names(model) if head == "int8" else set()
     try:
         _install_quantized(model, info, tensors, dtype)
-        _install_unquantized(model, info, tensors, dtype)
+        _install_unquantized(model, info, tensors, dtype, keep_stored=packed_later)
         check_counted_bits(model, info)
     except (KeyError, ValueError) as exc:
         raise AnybitError(f"corrupt quantized checkpoint {path}: {exc}") from exc
@@ -208,6 +215,11 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32) -> tupl
     leftover = [n for n, p in model.named_parameters() if p.is_meta]
     if leftover:
         raise AnybitError(f"corrupt quantized checkpoint {path}: no values for {', '.join(leftover[:3])}")
+    if packed_later:
+        stored = [model.get_submodule(name.rpartition(".")[0]).weight for name in packed_later]
+        quantize_head(model, "int8", dtype=dtype)
+        release_file_pages(stored)
+        return_freed_memory()
     model.eval()
     model.requires_grad_(False)
     return model, tokenizer, info
@@ -261,13 +273,31 @@ def _checked_float(name: str, tensor: torch.Tensor, shape: tuple[int, ...], dtyp
         raise ValueError(f"{name}: stored as {str(tensor.dtype).removeprefix('torch.')}, expected float16")
     if tuple(tensor.shape) != tuple(shape):
         raise ValueError(f"{name}: shape {tuple(tensor.shape)}, expected {tuple(shape)}")
-    if not bool(torch.isfinite(tensor).all()):
+    if not all_finite(tensor):
         raise ValueError(f"{name}: holds NaN or infinite values")
     return tensor.to(dtype)
 
 
-def _install_unquantized(model: nn.Module, info: dict, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
-    """Load every remaining stored tensor into the parameter (or buffer) of its name, each checked against it."""
+def _head_names(model: nn.Module) -> set[str]:
+    """Parameter names of the weights `runtime.head.quantize_head` packs: the embedding's and an untied
+    linear head's (none where the embedding is not a plain lookup table)."""
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if not isinstance(embedding, nn.Embedding):
+        return set()
+    wanted = {id(embedding)} | ({id(head)} if isinstance(head, nn.Linear) else set())
+    return {f"{name}.weight" for name, module in model.named_modules() if id(module) in wanted}
+
+
+def _install_unquantized(
+    model: nn.Module,
+    info: dict,
+    tensors: dict[str, torch.Tensor],
+    dtype: torch.dtype,
+    keep_stored: set[str] = frozenset(),
+) -> None:
+    """Load every remaining stored tensor into the parameter (or buffer) of its name, each checked against it,
+    in `dtype` (those named in `keep_stored`: as stored, for a caller that packs them next). Stored values
+    that were copied are handed back (`memory.release_file_pages`)."""
     expected = model.state_dict(keep_vars=True)
     unexpected = sorted(set(tensors) - set(expected))
     if unexpected:
@@ -276,7 +306,11 @@ def _install_unquantized(model: nn.Module, info: dict, tensors: dict[str, torch.
     for name, tensor in tensors.items():
         like = expected[name]
         if like.is_floating_point():
-            state[name] = _checked_float(name, tensor, tuple(like.shape), dtype)
+            state[name] = _checked_float(
+                name, tensor, tuple(like.shape), tensor.dtype if name in keep_stored else dtype
+            )
+            if state[name].data_ptr() != tensor.data_ptr():
+                release_file_pages([tensor])
         elif tensor.dtype != like.dtype or tensor.shape != like.shape:
             raise ValueError(
                 f"{name}: stored as {tensor.dtype} {tuple(tensor.shape)}, expected {like.dtype} {tuple(like.shape)}"

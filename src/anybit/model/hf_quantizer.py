@@ -23,6 +23,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from anybit.config import cpu_has_native_bfloat16
 from anybit.errors import AnybitError
 from anybit.format.directory import FORMAT_NAME, FORMAT_VERSION, read_quant_info
+from anybit.format.qtensor import all_finite
 from anybit.format.shards import tensor_specs, weight_files
 from anybit.model.adapters import get_adapter, set_submodule
 from anybit.model.checkpoint import (
@@ -167,7 +168,7 @@ def _check_finite(model: nn.Module) -> None:
     quantized = {f"{name}." for name, _ in quant_linears(model)}
     for name, tensor in model.state_dict().items():
         unquantized = tensor.is_floating_point() and not name.startswith(tuple(quantized))
-        if unquantized and not bool(torch.isfinite(tensor).all()):
+        if unquantized and not all_finite(tensor):
             raise ValueError(f"{name}: holds NaN or infinite values")
 
 

@@ -147,14 +147,15 @@ def _quiet_transformers() -> None:
         pass
 
 
-def load_model(spec: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load the model and tokenizer named by `spec` on the CPU, in `dtype`, in eval mode."""
+def load_model(spec: str, dtype: torch.dtype = torch.float32, head: str = "dense") -> LoadedModel:
+    """Load the model and tokenizer named by `spec` on the CPU, in `dtype`, in eval mode; a quantized
+    directory's embedding and output head packed to 8 bits as they are read where `head="int8"`."""
     kind, path = resolve_spec(spec)
     _quiet_transformers()
     if kind == "quantized":
         from anybit.model.checkpoint import load_quantized
 
-        model, tokenizer, info = load_quantized(path, dtype=dtype)
+        model, tokenizer, info = load_quantized(path, dtype=dtype, head=head)
         return LoadedModel(model, tokenizer, spec, kind, info)
 
     from transformers import AutoModelForCausalLM

@@ -23,6 +23,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from anybit.errors import AnybitError
+from anybit.format.qtensor import all_finite
 from anybit.format.shards import INDEX_FILE, read_index
 from anybit.memory import return_freed_memory
 from anybit.model.adapters import get_adapter
@@ -82,7 +83,7 @@ class WeightSource:
             t = self.read(name).float()
         except (OSError, SafetensorError, ValueError) as exc:
             raise AnybitError(f"corrupt weights file {self.path}: cannot read {name}: {exc}") from None
-        if check_finite and not bool(torch.isfinite(t).all()):
+        if check_finite and not all_finite(t):
             raise AnybitError(f"cannot use model {self.path}: NaN or infinite weights in {name}")
         return t
 
@@ -250,7 +251,7 @@ class Skeleton:
         bad = []
         for name, _ in self.model.named_parameters():
             tensor = self.source.tensor(name, check_finite=False)
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            if tensor.is_floating_point() and not all_finite(tensor):
                 bad.append(name)
             del tensor
         return_freed_memory()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from anybit.format.qtensor import QuantizedTensor
+from anybit.memory import release_file_pages
 from anybit.quant.grid import dequantize_from_grid, minmax_params, quantize_to_grid
 
 
@@ -68,11 +69,12 @@ class ClippedColumnQuantizer(UniformColumnQuantizer):
         self.scales[:, group], self.zeros[:, group] = scale[rows, best], zero[rows, best]
 
 
-RTN_CHUNK_ROWS = 4096  # rows rounded at once: bounds the float temporaries of a large matrix (a vocabulary)
+RTN_CHUNK_ROWS = 1024  # rows rounded at once: bounds the float temporaries of a large matrix (a vocabulary)
 
 
 def rtn_quantize(W: torch.Tensor, group_size: int, bitmap: torch.Tensor, symmetric: bool = False) -> QuantizedTensor:
-    """Round-to-nearest of W (rows, columns) on min-max grids, all groups of a chunk of rows at once."""
+    """Round-to-nearest of W (rows, columns) on min-max grids, all groups of a chunk of rows at once. W is
+    read once: where it maps a checkpoint file, each chunk's pages are handed back once rounded."""
     rows, columns = W.shape
     groups = columns // group_size
     codes = torch.empty(rows, columns, dtype=torch.uint8, device=W.device)
@@ -85,4 +87,5 @@ def rtn_quantize(W: torch.Tensor, group_size: int, bitmap: torch.Tensor, symmetr
         scale, zero = minmax_params(segs, bits, symmetric)
         q = quantize_to_grid(segs, scale[..., None], zero[..., None], bits[..., None])
         codes[part], scales[part], zeros[part] = q.reshape(-1, columns), scale, zero
+        release_file_pages([W[part]])
     return QuantizedTensor.from_uniform(codes, scales, zeros, bitmap, (rows, columns), group_size)

@@ -65,12 +65,17 @@ class HeadInfo:
     bits_per_weight: float  # stored bits of those matrices per weight (16 or 32 when dense)
 
 
-def quantize_head(model: nn.Module, kind: str = "int8") -> HeadInfo:
+def quantize_head(model: nn.Module, kind: str = "int8", dtype: torch.dtype | None = None) -> HeadInfo:
     """Replace the output head and token embedding of a Hugging Face causal LM by 8-bit packed ones
-    (`kind="int8"`), or keep them (`"dense"`); returns what they hold."""
+    (`kind="int8"`; lookups then return `dtype`, by default the embedding's), or keep them (`"dense"`);
+    returns what they hold. A model packed already is left as it is."""
     if kind not in HEAD_CHOICES:
         raise ValueError(f"head must be one of {', '.join(HEAD_CHOICES)}, got {kind!r}")
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if isinstance(embedding, QuantEmbedding):
+        if kind != "int8":
+            raise ValueError("the embedding and head are packed already")
+        return _packed_info(embedding, head)
     tied = head is not None and getattr(head, "weight", None) is getattr(embedding, "weight", None)
     if kind == "dense" or not isinstance(embedding, nn.Embedding):
         matrices = [embedding.weight] if tied or head is None else [embedding.weight, head.weight]
@@ -79,13 +84,19 @@ def quantize_head(model: nn.Module, kind: str = "int8") -> HeadInfo:
     packed_embedding = _per_row_8bit(embedding.weight)
     scale = getattr(embedding, "embed_scale", None)
     scale = None if scale is None else torch.as_tensor(scale, dtype=torch.float32)
-    model.set_input_embeddings(QuantEmbedding(packed_embedding, embedding.weight.dtype, scale))
-    tensors = [packed_embedding]
+    model.set_input_embeddings(QuantEmbedding(packed_embedding, dtype or embedding.weight.dtype, scale))
     if isinstance(head, nn.Linear):
         packed_head = packed_embedding if tied else _per_row_8bit(head.weight)
         model.set_output_embeddings(HeadLinear(packed_head, head.bias))
-        if not tied:
-            tensors.append(packed_head)
+    return _packed_info(model.get_input_embeddings(), model.get_output_embeddings())
+
+
+def _packed_info(embedding: QuantEmbedding, head: nn.Module | None) -> HeadInfo:
+    """What a packed embedding and head hold, a shared (tied) tensor counted once."""
+    tensors = [embedding.qtensor]
+    tied = isinstance(head, HeadLinear) and head.qtensor.codes[8].data_ptr() == tensors[0].codes[8].data_ptr()
+    if isinstance(head, HeadLinear) and not tied:
+        tensors.append(head.qtensor)
     weights = sum(t.numel for t in tensors)
     return HeadInfo("int8", tied, weights, sum(t.storage_bits() for t in tensors) / weights)
 

@@ -29,8 +29,10 @@ from anybit.config import KERNELS
 from anybit.format.qtensor import QuantizedTensor
 from anybit.kernels import MAX_BATCH, cpu_fast, triton_available
 from anybit.kernels import cpu as cpu_exact
+from anybit.memory import release_file_pages
 
 CPU_BACKENDS = {"fast": cpu_fast, "exact": cpu_exact}  # each: unavailable(qt), prepare(qt), product(p, x)
+RELAYING_BACKENDS = ("fast",)  # their prepared view holds its own copy of the codes
 CPU_PREFERENCE = {"auto": ("fast", "exact"), "fast": ("fast", "exact"), "exact": ("exact",)}
 
 
@@ -126,9 +128,13 @@ class QuantLinear(PackedModule):
         return CPU_BACKENDS[backend].product(prepared, flat)
 
     def prepared(self, backend: str):
-        """The backend's prepared view of this layer's codes (made on first use, kept)."""
+        """The backend's prepared view of this layer's codes (made on first use, kept). Where the backend
+        re-lays the codes, the stored ones are not read again: pages they hold of a memory-mapped
+        checkpoint are handed back."""
         if backend not in self._prepared:
             self._prepared[backend] = self._backend_module(backend).prepare(self.qtensor)
+            if backend in RELAYING_BACKENDS:
+                release_file_pages(self.qtensor.codes.values())
         return self._prepared[backend]
 
     @staticmethod
