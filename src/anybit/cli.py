@@ -14,6 +14,7 @@ from anybit.config import (
     DEC_SCORES,
     DEFAULT_GROUP,
     DTYPES,
+    E2E_LR,
     HEAD_CHOICES,
     KERNELS,
     MAX_REFINE,
@@ -281,6 +282,35 @@ def residual(directory: str, source: str | None, nsamples: int, seqlen: int, cal
 
     meta = build_residuals(directory, source, nsamples=nsamples, seqlen=seqlen, calib=calib, fit_k=fit_k)
     _echo_residual(meta)
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--steps", type=click.IntRange(1, MAX_TUNE_STEPS), default=28, show_default=True,
+              help="Adam steps, one calibration window each.")  # fmt: skip
+@click.option("--lr", type=_FiniteFloat(min=0), default=E2E_LR, show_default=True, help="Adam learning rate.")
+@click.option("--nsamples", type=POSITIVE, default=32, show_default=True,
+              help="Calibration windows; the last 4 (at most half) only judge the result.")  # fmt: skip
+@click.option("--seqlen", type=POSITIVE, default=2048, show_default=True)
+@click.option("--calib", default="wikitext2-valid", show_default=True, help="Calibration corpus name or text file.")
+@click.option("--source", default=None, help="The unquantized model (default: the one DIR was made from).")
+@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+def tune(directory: str, out_dir: str, steps: int, lr: float, nsamples: int, seqlen: int, calib: str,
+         source: str | None, force: bool) -> None:  # fmt: skip
+    """Tune a quantized DIR end to end toward its source model's next-token distributions (KL) and write
+    OUT: codes fixed, codebooks or scales and norms trained, the same counted bits."""
+    from anybit.pipeline import tune_to_dir
+
+    if not 0 < lr < 1:
+        raise AnybitError(f"--lr must be in (0, 1), got {lr}")
+    meta = tune_to_dir(directory, out_dir, steps, lr, nsamples, seqlen, calib, source, force)
+    record = meta["end_to_end_tuning"]
+    verdict = "kept" if record["kept"] else "not kept: the model is written as it was"
+    click.echo(
+        f"wrote {out_dir}: held-out KL {record['before']:.4f} -> {record['after']:.4f} ({verdict}), "
+        f"{meta['bits_per_weight']:.4f} counted bits/weight, {record['seconds']:.0f} s"
+    )
 
 
 def _dec_options(f):

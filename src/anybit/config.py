@@ -19,7 +19,8 @@ DEC_SCORES = ("activation", "contribution")  # how dynamic error compensation ra
 KERNELS = ("auto", "fast", "exact", "triton", "reference")  # backends of the quantized linears (runtime.qlinear)
 HEAD_CHOICES = ("int8", "dense")  # the embedding and output head at run time (runtime.head)
 MAX_REFINE = 8  # rounds of codebook refits (`--refine`)
-MAX_TUNE_STEPS = 10_000  # Adam steps per decoder layer (`--tune-steps`)
+MAX_TUNE_STEPS = 10_000  # Adam steps per decoder layer (`--tune-steps`), or of `anybit tune`
+E2E_LR = 3e-5  # `anybit tune`'s default learning rate (end-to-end tuning, `tune.tune_model`)
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from anybit.calibrate import QuantReport, quantize_model
-from anybit.config import QuantConfig, check_device_name, compute_dtype
+from anybit.config import E2E_LR, QuantConfig, check_device_name, compute_dtype
 from anybit.data import calibration_windows, check_token_ids, eval_windows, load_corpus, tokenize_corpus
 from anybit.errors import AnybitError
 from anybit.eval.perplexity import EvalResult, evaluate
@@ -44,6 +45,7 @@ from anybit.runtime.dec import (
 )
 from anybit.runtime.head import HeadInfo, quantize_head
 from anybit.runtime.qlinear import dense_weights, quant_linears, set_kernel
+from anybit.tune import tune_model
 
 
 @dataclass
@@ -126,6 +128,44 @@ def quantize_to_dir(
         finally:
             skeleton.source.close()
     return QuantizeOutcome(out_dir, meta, report)
+
+
+def tune_to_dir(
+    quant_dir: str | Path,
+    out_dir: str | Path,
+    steps: int,
+    lr: float = E2E_LR,
+    nsamples: int = 32,
+    seqlen: int = 2048,
+    calib: str = "wikitext2-valid",
+    source: str | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Tune a quantized directory end to end toward its source model (`tune.tune_model`: codes fixed,
+    codebooks or scales and norms trained on the calibration windows, in float32) and write the result to
+    `out_dir`; returns its anybit.json. The counted bits do not change."""
+    quant_dir = Path(quant_dir)
+    loaded = load_model(str(quant_dir))
+    if loaded.kind != "quantized":
+        raise AnybitError(f"{quant_dir} is not a quantized directory")
+    out = check_output(out_dir, force, sources=(quant_dir,))
+    source = source or loaded.quant_info.get("source")
+    if source is None:
+        raise AnybitError(f"{quant_dir} does not record its source model; pass --source")
+    if nsamples < 2:
+        raise AnybitError("end-to-end tuning needs at least 2 calibration windows (one is held out to judge it)")
+    teacher = load_model(source)
+    windows = calibration_windows(corpus_ids(loaded, calib), nsamples, seqlen, seed=0)
+    start = time.perf_counter()
+    result = tune_model(loaded.model, teacher.model, windows, steps, lr, progress=progress)
+    record = {
+        "steps": steps, "lr": lr, "nsamples": nsamples, "seqlen": seqlen, "calib": calib, "source": source,
+        "before": result.before, "after": result.after, "kept": result.kept,
+        "seconds": round(time.perf_counter() - start, 1),
+    }  # fmt: skip
+    info = {**loaded.quant_info, "end_to_end_tuning": record}
+    return save_quantized(loaded.model, loaded.tokenizer, out, info, force=force)
 
 
 def _write_outside(skeleton: Skeleton, writer: CheckpointWriter) -> None:

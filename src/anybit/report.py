@@ -41,7 +41,7 @@ def inspect_directory(path: Path) -> dict:
         )
     return {
         "layers": rows,
-        "notes": _group_notes(info) + _tuning_notes(info),
+        "notes": _group_notes(info) + _tuning_notes(info) + _end_to_end_notes(info),
         "method": info["method"],
         "quantized_weights": info["quantized_weights"],
         "quantized_bytes": info["storage_bits"] // 8,
@@ -61,6 +61,18 @@ def _tuning_notes(info: dict) -> list[str]:
         changes = [100 * (1 - t["after"] / t["before"]) for t in kept if t["before"] > 0]
         note += f", held-out error lower by {min(changes):.1f}-{max(changes):.1f} %"
     return [note]
+
+
+def _end_to_end_notes(info: dict) -> list[str]:
+    """What end-to-end tuning (`anybit tune`) did to the held-out KL, as the run recorded it."""
+    record = info.get("end_to_end_tuning")
+    if not record:
+        return []
+    verdict = "kept" if record["kept"] else "not kept"
+    return [
+        f"tuned end to end ({record['steps']} steps): held-out KL {record['before']:.4f} -> {record['after']:.4f}, "
+        f"{verdict}"
+    ]
 
 
 def _group_notes(info: dict) -> list[str]:

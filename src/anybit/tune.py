@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from anybit.format.qtensor import QuantizedTensor
 from anybit.layerwise import layer_output, map_tensors, run_layer
@@ -71,6 +72,7 @@ class _TunableLinear(nn.Module):
         else:
             self.values = nn.ParameterDict({"scales": _trainable(self.qtensor.scales)})
         self.bias = None if linear.bias is None else _trainable(linear.bias)
+        self.codes = self.qtensor.unpacked_codes()  # unpacked once: every step decodes the weight again
 
     def current(self) -> QuantizedTensor:
         """The quantized tensor with the trained values in place of the stored ones (kept in float32)."""
@@ -80,7 +82,7 @@ class _TunableLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.current().dequantize(torch.float32).to(x.dtype), bias)
+        return F.linear(x, self.current().dequantize(torch.float32, self.codes).to(x.dtype), bias)
 
     def stored(self) -> QuantLinear:
         """The tuned layer as it is stored: its values rounded to fp16."""
@@ -148,18 +150,71 @@ def tune_layer(
     return TuneStep(before, after if kept else before, kept)
 
 
+def tune_model(
+    model: nn.Module,
+    teacher: nn.Module,
+    windows: torch.Tensor,
+    steps: int,
+    lr: float,
+    seed: int = 0,
+    progress: bool = False,
+) -> TuneStep:
+    """End-to-end tuning: train every quantized linear's continuous parameters and every norm of `model`
+    (codes, embedding and head fixed) for `steps` Adam steps, one calibration window each, so that its next-token
+    distributions match `teacher`'s (KL(teacher ‖ model), mean over tokens). The last `CHECK_WINDOWS`
+    windows (at most half) only judge the result, by the same mean KL; the model keeps its tuned values when
+    that went down, else it is left exactly as it was."""
+    with torch.inference_mode(False), torch.enable_grad():
+        n_check = min(CHECK_WINDOWS, windows.shape[0] // 2)
+        n_train = windows.shape[0] - n_check
+        check = windows[n_train:] if n_check else windows
+        frozen = (model.get_input_embeddings(), model.get_output_embeddings())
+        swapped, replaced = _make_tunable(model, frozen=tuple(m for m in frozen if m is not None))
+        before = _mean_kl(model, teacher, check)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.Adam(params, lr=lr, betas=ADAM_BETAS)
+        order = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed))
+        bar = tqdm(range(steps), desc="end-to-end tuning", unit="step", disable=not progress)
+        for step in bar:
+            window = windows[int(order[step % n_train])][None]
+            loss = _kl(model, teacher, window)
+            if not math.isfinite(float(loss.detach())):
+                break
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            bar.set_postfix(kl=f"{float(loss.detach()):.4f}")
+        after = _mean_kl(model, teacher, check)
+        kept = after < before
+        _finish(model, swapped, replaced, kept)
+    return TuneStep(before, after if kept else before, kept)
+
+
+def _kl(model: nn.Module, teacher: nn.Module, window: torch.Tensor) -> torch.Tensor:
+    """KL(teacher ‖ model) of one (1, seqlen) window's next-token distributions, mean over its tokens."""
+    with torch.no_grad():
+        target = F.log_softmax(teacher(window, use_cache=False).logits[0].float(), dim=-1)
+    logits = model(window, use_cache=False).logits[0].float()
+    return F.kl_div(F.log_softmax(logits, dim=-1), target, log_target=True, reduction="batchmean")
+
+
+def _mean_kl(model: nn.Module, teacher: nn.Module, windows: torch.Tensor) -> float:
+    with torch.no_grad():
+        return sum(float(_kl(model, teacher, w[None])) for w in windows) / windows.shape[0]
+
+
 Swapped = dict[str, tuple[QuantLinear, _TunableLinear]]
 Replaced = dict[tuple[str, str], nn.Parameter]
 
 
-def _make_tunable(layer: nn.Module) -> tuple[Swapped, Replaced]:
+def _make_tunable(layer: nn.Module, frozen: tuple[nn.Module, ...] = ()) -> tuple[Swapped, Replaced]:
     """Swap every stored QuantLinear of `layer` for a `_TunableLinear` and give every other floating parameter
-    (norms) a trainable copy; returns the swapped linears (stored, tunable) by name and the replaced parameters
-    by (module name, parameter name)."""
+    (norms) a trainable copy, except those of the `frozen` modules; returns the swapped linears (stored,
+    tunable) by name and the replaced parameters by (module name, parameter name)."""
     swapped = {name: (module, _TunableLinear(module)) for name, module in quant_linears(layer)}
     replaced = {}
     for module_name, module in layer.named_modules():
-        if isinstance(module, QuantLinear):
+        if isinstance(module, QuantLinear) or any(module is f for f in frozen):
             continue
         for name, p in list(module.named_parameters(recurse=False)):
             if p.is_floating_point():

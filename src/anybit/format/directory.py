@@ -136,7 +136,20 @@ def _info_problem(info: dict) -> str:
         for key, kind in _LAYER_FIELDS.items():
             if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
                 return f"layer {name}: field {key!r} is missing or not a {kind.__name__}"
-    return _tuning_problem(info.get("tuning", []))
+    return _tuning_problem(info.get("tuning", [])) or _end_to_end_problem(info.get("end_to_end_tuning"))
+
+
+def _end_to_end_problem(record: object) -> str:
+    """What is wrong with the record of end-to-end tuning ("" when nothing is; it is optional)."""
+    if record is None:
+        return ""
+    fields = {**_TUNING_FIELDS, "steps": int}
+    if not isinstance(record, dict) or any(
+        not isinstance(record.get(key), kind) or (kind is not bool and isinstance(record.get(key), bool))
+        for key, kind in fields.items()
+    ):
+        return "field 'end_to_end_tuning' is not {steps: int, before: number, after: number, kept: bool, ...}"
+    return ""
 
 
 def _tuning_problem(tuning: object) -> str:

@@ -185,22 +185,33 @@ class QuantizedTensor:
     def widths(self) -> list[int]:
         return sorted(self.codes)
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The dense (out_features, in_features) weight this tensor stands for."""
+    def unpacked_codes(self) -> dict[int, torch.Tensor]:
+        """Each width's codes unpacked, (segments, group_size): int64 for codebooks (ready to index them),
+        uint8 for uniform grids; `dequantize` takes them to skip unpacking."""
+        out = {}
+        for b in self.widths:
+            n_seg = int((self.bitmap == b).sum())
+            dtype = torch.uint8 if self.kind == "uniform" else torch.int64
+            out[b] = unpack_codes(self.codes[b], b, n_seg * self.group_size, dtype).view(n_seg, self.group_size)
+        return out
+
+    def dequantize(
+        self, dtype: torch.dtype = torch.float32, unpacked: dict[int, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """The dense (out_features, in_features) weight this tensor stands for (`unpacked`: its codes as
+        `unpacked_codes` gives them, when the caller keeps them)."""
         lines, groups = self.bitmap.shape
         device = self.bitmap.device
         values = torch.empty(lines, groups, self.group_size, dtype=dtype, device=device)
+        codes = unpacked if unpacked is not None else self.unpacked_codes()
         for b in self.widths:
             mask = self.bitmap == b
-            n_seg = int(mask.sum())
             if self.kind == "uniform":
-                q = unpack_codes(self.codes[b], b, n_seg * self.group_size, dtype).view(n_seg, self.group_size)
-                zero = unpack_codes(self.zeros[b], b, n_seg, dtype)
+                zero = unpack_codes(self.zeros[b], b, codes[b].shape[0], dtype)
                 scale = self.scales[mask].to(dtype)
-                values[mask] = dequantize_from_grid(q, scale[:, None], zero[:, None])
+                values[mask] = dequantize_from_grid(codes[b].to(dtype), scale[:, None], zero[:, None])
             else:
-                q = unpack_codes(self.codes[b], b, n_seg * self.group_size).view(n_seg, self.group_size)
-                values[mask] = torch.gather(self.codebooks[b].to(dtype), 1, q)
+                values[mask] = torch.gather(self.codebooks[b].to(dtype), 1, codes[b])
         W = values.view(lines, groups * self.group_size)
         if self.axis == 1:
             W = W.t()
