@@ -68,3 +68,18 @@ def test_the_head_packed_while_loading_is_the_head_packed_after(tiny_tokenizer, 
     ids = torch.randint(0, len(tiny_tokenizer), (1, 12))
     with torch.inference_mode():
         assert torch.equal(after.model(ids).logits, packed.model(ids).logits)
+
+
+def test_the_fast_kernel_reads_one_width_codes_where_they_are_stored() -> None:
+    """On the AVX-512 path the stored stream of a one-width tensor is the kernel's layout: no copy is held.
+    Mixed widths (and the other paths) are re-laid."""
+    from anybit.kernels import cpu_fast
+    from qtensors import codebook_tensor
+
+    if reason := cpu_fast.unavailable(codebook_tensor(8, 64, 64, (2,))):
+        pytest.skip(f"no fast CPU kernel here: {reason}")
+    single, mixed = codebook_tensor(16, 128, 64, (8,)), codebook_tensor(16, 128, 64, (2, 3))
+    one, two = cpu_fast.prepare(single), cpu_fast.prepare(mixed)
+    avx512 = cpu_fast.code_path() == "avx512"
+    assert one.owns_codes is not avx512 and two.owns_codes
+    assert (one.codes.data_ptr() == single.codes[8].data_ptr()) is avx512

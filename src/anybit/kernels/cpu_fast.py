@@ -102,10 +102,12 @@ class FastPrepared:
     perm: torch.Tensor | None  # int64: the coded column order
     col_scale: torch.Tensor | None  # float32: the scaling vector
     outliers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # int64 rows, int64 columns, float32 deltas
+    owns_codes: bool = True  # False: `codes` is the stored stream itself (one width, read as stored)
 
     def nbytes(self) -> int:
-        """Bytes the kernel reads besides the stored tensors: the re-laid codes and the segment tables."""
-        held = [self.codes, self.row_offset, self.order, self.bits, self.offset, self.scale]
+        """Bytes the kernel holds besides the stored tensors: the re-laid codes (unless it reads the stored
+        ones) and the segment tables."""
+        held = [self.row_offset, self.order, self.bits, self.offset, self.scale] + [self.codes] * self.owns_codes
         held += [t for t in (self.tables, self.table_offset) if t is not None]
         return sum(t.numel() * t.element_size() for t in held)
 
@@ -145,8 +147,8 @@ def _pointer(tensor: torch.Tensor | None) -> int | None:
 
 def _kernel_layout(stored: torch.Tensor, b: int, group_size: int) -> torch.Tensor:
     """A chunk of stored segments (each group_size // 8 * b bytes) as the compiled kernel reads them: as
-    stored on the AVX-512 path (below 8 bits), else as 64-bit plane words (`_plane_words`)."""
-    if b < 8 and code_path() == "avx512":
+    stored on the AVX-512 path, else as 64-bit plane words (`_plane_words`)."""
+    if code_path() == "avx512":
         return stored.view(-1, group_size // 8 * b)
     codes = unpack_codes(stored, b, stored.numel() // b * 8, torch.uint8).view(-1, group_size)
     return _plane_words(codes, b)
@@ -182,7 +184,8 @@ def _segment_tables(books: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def prepare(qt: QuantizedTensor) -> FastPrepared:
-    """The fast kernel's re-laid copy of a tensor it serves (see `unavailable`)."""
+    """The fast kernel's view of a tensor it serves (see `unavailable`): its codes re-laid, or the stored
+    ones where they are in the kernel's layout already."""
     reason = unavailable(qt)
     if reason:
         raise ValueError(reason)
@@ -194,7 +197,9 @@ def prepare(qt: QuantizedTensor) -> FastPrepared:
     row_offset = torch.empty(rows, dtype=torch.int64)
     row_offset[order] = torch.cumsum(row_bytes[order], 0) - row_bytes[order]  # laid out in the kernel's order
     segment_start = (row_offset[:, None] + torch.cumsum(segment_bytes.view(rows, groups), 1)).view(-1) - segment_bytes
-    codes = torch.empty(int(segment_bytes.sum()), dtype=torch.uint8)
+    # one width on the AVX-512 path: the stored stream is the kernel's layout already (rows in order)
+    shared = len(qt.widths) == 1 and code_path() == "avx512"
+    codes = qt.codes[qt.widths[0]] if shared else torch.empty(int(segment_bytes.sum()), dtype=torch.uint8)
     uniform = qt.kind == "uniform"
     offset = torch.full((widths.numel(),), 128, dtype=torch.int16)
     scale = qt.scales.reshape(-1).float().contiguous() if uniform else torch.empty(widths.numel())
@@ -204,7 +209,7 @@ def prepare(qt: QuantizedTensor) -> FastPrepared:
     for b in qt.widths:  # a width's segments are stored in row-major order
         seg = (widths == b).nonzero()[:, 0]
         stored_bytes = qt.group_size // 8 * b  # one segment's packed codes
-        for start in range(0, seg.numel(), RELAY_ROWS):  # a chunk at a time: unpacking makes int64 temporaries
+        for start in range(0, 0 if shared else seg.numel(), RELAY_ROWS):  # a chunk at a time: bounded temporaries
             part = seg[start : start + RELAY_ROWS]
             packed = qt.codes[b][start * stored_bytes : (start + part.numel()) * stored_bytes]
             where = segment_start[part][:, None] + torch.arange(stored_bytes)
@@ -222,8 +227,9 @@ def prepare(qt: QuantizedTensor) -> FastPrepared:
         rows_, cols_, deltas = outliers
         outliers = (rows_.to(torch.int64).contiguous(), cols_.to(torch.int64).contiguous(), deltas.float().contiguous())
     return FastPrepared(
-        qt, codes, row_offset, order, bits, tables, table_offset, offset, scale, perm, col_scale, outliers
-    )
+        qt, codes, row_offset, order, bits, tables, table_offset, offset, scale, perm, col_scale, outliers,
+        owns_codes=not shared,
+    )  # fmt: skip
 
 
 def product(prepared: FastPrepared, x: torch.Tensor) -> torch.Tensor:

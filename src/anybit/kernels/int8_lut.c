@@ -3,9 +3,9 @@
  *
  * Weights, re-laid at load time: every row is cut into segments of `group_size` columns, and every segment
  * into blocks of 64 columns; a block of a b-bit segment takes 8 b bytes. The AVX-512 path (with GFNI) reads
- * them in the stored order (per 8 codes, b bytes, byte q holding bit q of each); the others as b
- * little-endian 64-bit words, word q holding bit q of the block's 64 codes (bit j for column j). At 8 bits
- * a block is the 64 codes themselves, one byte each. A segment's weights are (value - offset) * scale, where value
+ * them in the stored order (per 8 codes, b bytes, byte q holding bit q of each), 8 bits included; the others
+ * as b little-endian 64-bit words, word q holding bit q of the block's 64 codes (bit j for column j), and at 8
+ * bits the 64 codes themselves, one byte each. A segment's weights are (value - offset) * scale, where value
  * is the code itself (uniform grids: offset is the zero point) or an entry of the segment's table of 2^b
  * unsigned bytes (codebooks, offset 128: each centroid c rounded to two parts, c ~ scale ((hi - 128) +
  * (lo - 128) / 256), a high and a low table).
@@ -104,13 +104,13 @@ static void quantize_token(const float *v, int64_t t, int64_t cols, coded_input 
 }
 
 #if defined(PATH_AVX512)
-/* For each width b < 8: byte p of lane j of the spread block takes stored byte j b + 7 - p (plane 7 - p of code
+/* For each width b: byte p of lane j of the spread block takes stored byte j b + 7 - p (plane 7 - p of code
  * group j) where 7 - p < b, and is zero elsewhere. Filled once. */
-static uint8_t SPREAD_INDEX[8][64];
-static uint64_t SPREAD_MASK[8];
+static uint8_t SPREAD_INDEX[9][64];
+static uint64_t SPREAD_MASK[9];
 
 static void init_spread_tables(void) {
-    for (int b = 1; b < 8; b++) {
+    for (int b = 1; b <= 8; b++) {
         uint64_t mask = 0;
         for (int j = 0; j < 8; j++)
             for (int p = 0; p < 8; p++)
@@ -122,12 +122,11 @@ static void init_spread_tables(void) {
     }
 }
 
-/* The 64 codes of one block. Below 8 bits, the stored layout: per 8 codes, b bytes, byte q holding bit q of
- * each. vpermb puts plane q of group j at byte 7 - q of lane j (zeros above the width); gf2p8affineqb then
+/* The 64 codes of one block, from the stored layout: per 8 codes, b bytes, byte q holding bit q of each.
+ * vpermb puts plane q of group j at byte 7 - q of lane j (zeros above the width); gf2p8affineqb then
  * transposes each lane's 8x8 bit matrix, so that byte i of lane j is code 8 j + i. */
 static inline __m512i block_codes(const uint8_t *bytes, int b) {
-    if (b == 8) return _mm512_loadu_si512(bytes);
-    const __m512i raw = _mm512_maskz_loadu_epi8((__mmask64)((1ULL << (8 * b)) - 1), bytes);
+    const __m512i raw = _mm512_maskz_loadu_epi8((__mmask64)(b == 8 ? ~0ULL : (1ULL << (8 * b)) - 1), bytes);
     const __m512i spread = _mm512_maskz_permutexvar_epi8((__mmask64)SPREAD_MASK[b],
                                                          _mm512_loadu_si512(SPREAD_INDEX[b]), raw);
     return _mm512_gf2p8affine_epi64_epi8(_mm512_set1_epi64((long long)0x8040201008040201ULL), spread, 0);
@@ -559,18 +558,33 @@ int anybit_fast_matmul(const anybit_matrix *m, const float *x, int64_t tokens, f
 
 /* Rows ids[0 .. n - 1] of a matrix whose segments are all 8-bit (a block is its 64 codes, one byte each), decoded
  * as the kernel multiplies them (an embedding lookup from the 8-bit head); out (n, cols). */
+/* Code j of a row of 8-bit codes: on the AVX-512 path in the stored layout (per 8 codes, byte q holds bit q
+ * of each), elsewhere one byte each. */
+static inline int code8(const uint8_t *row, int64_t j) {
+#if defined(PATH_AVX512)
+    const uint8_t *planes = row + (j & ~(int64_t)7);
+    int code = 0;
+    for (int q = 0; q < 8; q++) code |= ((planes[q] >> (j & 7)) & 1) << q;
+    return code;
+#else
+    return row[j];
+#endif
+}
+
 void anybit_fast_rows(const anybit_matrix *m, const int64_t *ids, int64_t n, float *out) {
     const int64_t groups = m->cols / m->group_size;
     for (int64_t i = 0; i < n; i++) {
-        const uint8_t *codes = m->codes + m->row_off[ids[i]];
+        const uint8_t *row = m->codes + m->row_off[ids[i]];
         for (int64_t g = 0; g < groups; g++) {
             const int64_t s = ids[i] * groups + g;
             const float sc = m->scale[s], offset = (float)m->offset[s];
             const uint8_t *high = m->tables ? m->tables + m->table_off[s] : NULL, *low = high ? high + 256 : NULL;
             float *y = out + i * m->cols + g * m->group_size;
-            for (int64_t j = 0; j < m->group_size; j++, codes++)
-                y[j] = high ? ((float)high[*codes] - offset + ((float)low[*codes] - 128.0f) / 256.0f) * sc
-                            : ((float)*codes - offset) * sc;
+            for (int64_t j = 0; j < m->group_size; j++) {
+                const int code = code8(row, g * m->group_size + j);
+                y[j] = high ? ((float)high[code] - offset + ((float)low[code] - 128.0f) / 256.0f) * sc
+                            : ((float)code - offset) * sc;
+            }
         }
     }
 }

@@ -32,7 +32,6 @@ from anybit.kernels import cpu as cpu_exact
 from anybit.memory import release_file_pages
 
 CPU_BACKENDS = {"fast": cpu_fast, "exact": cpu_exact}  # each: unavailable(qt), prepare(qt), product(p, x)
-RELAYING_BACKENDS = ("fast",)  # their prepared view holds its own copy of the codes
 CPU_PREFERENCE = {"auto": ("fast", "exact"), "fast": ("fast", "exact"), "exact": ("exact",)}
 
 
@@ -128,12 +127,12 @@ class QuantLinear(PackedModule):
         return CPU_BACKENDS[backend].product(prepared, flat)
 
     def prepared(self, backend: str):
-        """The backend's prepared view of this layer's codes (made on first use, kept). Where the backend
-        re-lays the codes, the stored ones are not read again: pages they hold of a memory-mapped
-        checkpoint are handed back."""
+        """The backend's prepared view of this layer's codes (made on first use, kept). Where it holds a
+        re-laid copy, the stored codes are not read again: pages they hold of a memory-mapped checkpoint are
+        handed back."""
         if backend not in self._prepared:
             self._prepared[backend] = self._backend_module(backend).prepare(self.qtensor)
-            if backend in RELAYING_BACKENDS:
+            if getattr(self._prepared[backend], "owns_codes", False):
                 release_file_pages(self.qtensor.codes.values())
         return self._prepared[backend]
 
