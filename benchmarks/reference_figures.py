@@ -92,6 +92,8 @@ def main() -> None:
         loaded = load_model(path)
         info = loaded.quant_info  # its counted bits were checked against the stored tensors at load
         record = {"config": f"dir:{path}", **info["config"], "bits_per_weight": info["bits_per_weight"]}
+        if "end_to_end_tuning" in info:  # `anybit tune`: what it ran and its held-out KL
+            record["end_to_end_tuning"] = info["end_to_end_tuning"]
         evaluate_all(loaded, {**record, "quantize_seconds": info.get("quantize_seconds")})
     for name in filter(None, args.configs.split(",")):
         if name == "fp16":
