@@ -109,6 +109,10 @@ def _edit_info(directory: Path, edit) -> None:
         (lambda i: i.update(aliases={"lm_head.weight": "model.norm.weight"}), "alias lm_head.weight"),
         (lambda i: i.update(tuning=[{"before": "x"}]), "tuning entry 0 is not"),
         (lambda i: i.update(tuning={}), "field 'tuning' is not a list"),
+        (
+            lambda i: i.update(end_to_end_tuning={"steps": True, "before": 1.0, "after": 0.5, "kept": True}),
+            "field 'end_to_end_tuning' is not",
+        ),
     ],
     ids=[
         "bits",
@@ -124,6 +128,7 @@ def _edit_info(directory: Path, edit) -> None:
         "alias-shape",
         "tuning-entry",
         "tuning-type",
+        "end-to-end-record",
     ],
 )
 def test_damaged_anybit_json_is_refused_at_load(quantized, edit, needle, corpus_file, tmp_path) -> None:

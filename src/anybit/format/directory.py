@@ -139,17 +139,19 @@ def _info_problem(info: dict) -> str:
     return _tuning_problem(info.get("tuning", [])) or _end_to_end_problem(info.get("end_to_end_tuning"))
 
 
+def _has_fields(record: object, fields: dict) -> bool:
+    """Whether `record` is a dict holding each field of `fields` with its type (a bool only where asked)."""
+    return isinstance(record, dict) and all(
+        isinstance(record.get(key), kind) and (kind is bool or not isinstance(record.get(key), bool))
+        for key, kind in fields.items()
+    )
+
+
 def _end_to_end_problem(record: object) -> str:
     """What is wrong with the record of end-to-end tuning ("" when nothing is; it is optional)."""
-    if record is None:
+    if record is None or _has_fields(record, {**_TUNING_FIELDS, "steps": int}):
         return ""
-    fields = {**_TUNING_FIELDS, "steps": int}
-    if not isinstance(record, dict) or any(
-        not isinstance(record.get(key), kind) or (kind is not bool and isinstance(record.get(key), bool))
-        for key, kind in fields.items()
-    ):
-        return "field 'end_to_end_tuning' is not {steps: int, before: number, after: number, kept: bool, ...}"
-    return ""
+    return "field 'end_to_end_tuning' is not {steps: int, before: number, after: number, kept: bool, ...}"
 
 
 def _tuning_problem(tuning: object) -> str:
@@ -157,9 +159,6 @@ def _tuning_problem(tuning: object) -> str:
     if not isinstance(tuning, list):
         return "field 'tuning' is not a list"
     for i, entry in enumerate(tuning):
-        if not isinstance(entry, dict) or any(
-            not isinstance(entry.get(key), kind) or (kind is not bool and isinstance(entry.get(key), bool))
-            for key, kind in _TUNING_FIELDS.items()
-        ):
+        if not _has_fields(entry, _TUNING_FIELDS):
             return f"tuning entry {i} is not {{before: number, after: number, kept: bool}}"
     return ""

@@ -209,11 +209,12 @@ def prepare(qt: QuantizedTensor) -> FastPrepared:
     for b in qt.widths:  # a width's segments are stored in row-major order
         seg = (widths == b).nonzero()[:, 0]
         stored_bytes = qt.group_size // 8 * b  # one segment's packed codes
-        for start in range(0, 0 if shared else seg.numel(), RELAY_ROWS):  # a chunk at a time: bounded temporaries
-            part = seg[start : start + RELAY_ROWS]
-            packed = qt.codes[b][start * stored_bytes : (start + part.numel()) * stored_bytes]
-            where = segment_start[part][:, None] + torch.arange(stored_bytes)
-            codes[where] = _kernel_layout(packed, b, qt.group_size)
+        if not shared:
+            for start in range(0, seg.numel(), RELAY_ROWS):  # a chunk at a time: unpacking makes temporaries
+                part = seg[start : start + RELAY_ROWS]
+                packed = qt.codes[b][start * stored_bytes : (start + part.numel()) * stored_bytes]
+                where = segment_start[part][:, None] + torch.arange(stored_bytes)
+                codes[where] = _kernel_layout(packed, b, qt.group_size)
         if uniform:
             offset[seg] = unpack_codes(qt.zeros[b], b, seg.numel(), torch.int16)
         else:

@@ -302,7 +302,7 @@ def _install_unquantized(
     unexpected = sorted(set(tensors) - set(expected))
     if unexpected:
         raise ValueError(f"unexpected stored tensors {', '.join(unexpected[:3])}")
-    state = {}
+    state, copied = {}, []
     for name, tensor in tensors.items():
         like = expected[name]
         if like.is_floating_point():
@@ -310,7 +310,7 @@ def _install_unquantized(
                 name, tensor, tuple(like.shape), tensor.dtype if name in keep_stored else dtype
             )
             if state[name].data_ptr() != tensor.data_ptr():
-                release_file_pages([tensor])
+                copied.append(tensor)
         elif tensor.dtype != like.dtype or tensor.shape != like.shape:
             raise ValueError(
                 f"{name}: stored as {tensor.dtype} {tuple(tensor.shape)}, expected {like.dtype} {tuple(like.shape)}"
@@ -322,6 +322,7 @@ def _install_unquantized(
             raise ValueError(f"alias {alias} -> {target} does not fit the architecture")
         state[alias] = state[target]
     model.load_state_dict(state, strict=False, assign=True)
+    release_file_pages(copied)
 
 
 def check_counted_bits(model: nn.Module, info: dict) -> None:
