@@ -11,6 +11,7 @@ and freed.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,14 +23,14 @@ from tqdm.auto import tqdm
 from anybit.alloc.skim import RowPlan, RowTable, allocate_model
 from anybit.config import QuantConfig
 from anybit.errors import AnybitError
-from anybit.fisher import fisher_diagonal
+from anybit.fisher import fisher_diagonal, fisher_in_one_batch
 from anybit.layerwise import Resident, Supply, capture_layer_inputs, run_layer
 from anybit.memory import return_freed_memory
 from anybit.methods import LayerStats, Method, get_method
 from anybit.model.adapters import Adapter, get_adapter, get_submodule, set_submodule
 from anybit.model.checkpoint import round_unquantized_
 from anybit.quant.gptq import HessianAccumulator
-from anybit.runtime.qlinear import QuantLinear, set_kernel
+from anybit.runtime.qlinear import QuantLinear, dense_weights, set_kernel
 from anybit.tune import LayerTuner, TuneStep
 
 
@@ -50,31 +51,106 @@ class QuantReport:
         return info
 
 
+class _StatsComplete(Exception):
+    """Raised once every input-sharing group has seen a window: the rest of the layer's forward is not needed."""
+
+
+class _GroupInputs:
+    """Forward pre-hooks on the first linear of each input-sharing group of a layer, accumulating XᵀX (float32)
+    from every call. With `stop_when_complete`, a call raises `_StatsComplete` as soon as every group has
+    seen its input (see `_collect_stats_only`)."""
+
+    def __init__(
+        self, layer: nn.Module, adapter: Adapter, method: Method, device: torch.device, stop_when_complete: bool
+    ) -> None:
+        self.stats: dict[str, LayerStats] = {}  # per linear; the linears of a group share one accumulator
+        self.stop_when_complete = stop_when_complete
+        self.groups = len(adapter.groups)
+        self.seen: set[int] = set()
+        self._handles = []
+        for index, group in enumerate(adapter.groups):
+            first = get_submodule(layer, group[0])
+            acc = HessianAccumulator(
+                adapter.weight_of(first).shape[1],
+                device=device,
+                diagonal_only=not method.needs_full_hessian,
+                sample_stride=method.input_sample_stride,
+            )
+            self._handles.append(first.register_forward_pre_hook(self._hook(acc, index)))
+            for name in group:
+                self.stats[name] = LayerStats(hessian=acc)
+
+    def _hook(self, acc: HessianAccumulator, group: int):
+        def accumulate(_module: nn.Module, inputs: tuple) -> None:
+            acc.add_batch(inputs[0].detach())
+            self.seen.add(group)
+            if self.stop_when_complete and len(self.seen) == self.groups:
+                raise _StatsComplete
+
+        return accumulate
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
 def _collect_stats(
     layer: nn.Module, adapter: Adapter, hidden: torch.Tensor, args: tuple, kwargs: dict, method: Method
 ) -> tuple[dict[str, LayerStats], torch.Tensor]:
-    """One forward pass of the layer with hooks that accumulate XᵀX per input-sharing group; returns the
-    statistics and the (unquantized) layer's output."""
-    stats: dict[str, LayerStats] = {}
-    handles = []
-    for group in adapter.groups:
-        first = get_submodule(layer, group[0])
-        in_features = adapter.weight_of(first).shape[1]
-        acc = HessianAccumulator(
-            in_features,
-            device=hidden.device,
-            diagonal_only=not method.needs_full_hessian,
-            sample_stride=method.input_sample_stride,
-        )
-        handles.append(first.register_forward_hook(lambda _m, inp, _out, acc=acc: acc.add_batch(inp[0])))
-        for name in group:
-            stats[name] = LayerStats(hessian=acc)
+    """One forward pass of the layer that accumulates XᵀX per input-sharing group; returns the statistics
+    and the (unquantized) layer's output."""
+    hooks = _GroupInputs(layer, adapter, method, hidden.device, stop_when_complete=False)
     try:
         output = run_layer(layer, hidden, args, kwargs)
     finally:
-        for h in handles:
-            h.remove()
-    return stats, output
+        hooks.remove()
+    return hooks.stats, output
+
+
+def _collect_stats_only(
+    layer: nn.Module, adapter: Adapter, hidden: torch.Tensor, args: tuple, kwargs: dict, method: Method
+) -> dict[str, LayerStats]:
+    """The statistics of `_collect_stats` without the layer's output: each window's forward stops once every
+    group has seen its input (the down-projection's product and what follows are never computed)."""
+    hooks = _GroupInputs(layer, adapter, method, hidden.device, stop_when_complete=True)
+    try:
+        for i in range(hidden.shape[0]):
+            hooks.seen.clear()
+            with contextlib.suppress(_StatsComplete):
+                layer(hidden[i : i + 1], *args, **kwargs)
+    finally:
+        hooks.remove()
+    return hooks.stats
+
+
+class _TableCollector:
+    """Fisher-pass observer (`anybit.fisher.LayerObserver`) that measures every linear's error table on the
+    windows the pass recomputes each layer on, with the layer's final Fisher diagonals: the statistics-only
+    table pass, without running the layers again."""
+
+    def __init__(self, adapter: Adapter, method: Method, config: QuantConfig) -> None:
+        self.adapter, self.method, self.config = adapter, method, config
+        self.tables: dict[str, RowTable] = {}
+        self._inputs: _GroupInputs | None = None
+
+    def before(self, index: int, layer: nn.Module) -> None:
+        device = torch.device(self.config.device)
+        self._inputs = _GroupInputs(layer, self.adapter, self.method, device, stop_when_complete=False)
+
+    @torch.no_grad()
+    def after(self, index: int, layer: nn.Module, fisher: dict[str, torch.Tensor]) -> None:
+        inputs, self._inputs = self._inputs, None
+        inputs.remove()
+        for name in self.adapter.linear_names:
+            stats = inputs.stats[name]
+            stats.fisher = fisher[name]
+            W = self.adapter.weight_of(get_submodule(layer, name)).clone()
+            self.tables[f"{index}.{name}"] = self.method.row_table(W, stats, self.config)
+
+
+def _linear_keys(model: nn.Module, adapter: Adapter) -> list[str]:
+    """ "LAYER.NAME" of every decoder-layer linear, in the model's order."""
+    return [f"{index}.{name}" for index in range(len(adapter.layers(model))) for name in adapter.linear_names]
 
 
 def _linear_shapes(model: nn.Module, adapter: Adapter) -> list[tuple[str, tuple[int, int]]]:
@@ -164,11 +240,10 @@ def _layer_pass(
         stats = {}
         if tuner is not None:
             tuner.before_quantizing(layer, args, kwargs)
-        if method.needs_stats:
-            stats, unquantized_output = _collect_stats(layer, adapter, hidden, args, kwargs, method)
-            if not commit:  # the layer stays as it is, so this is already the next layer's input
-                hidden = unquantized_output
-            del unquantized_output  # when committing, the next input comes from the quantized layer
+        if method.needs_stats and commit:  # the next input comes from the quantized layer
+            stats = _collect_stats_only(layer, adapter, hidden, args, kwargs, method)
+        elif method.needs_stats:  # the layer stays as it is, so its output is already the next layer's input
+            stats, hidden = _collect_stats(layer, adapter, hidden, args, kwargs, method)
         for name, layer_stats in stats.items():
             layer_stats.fisher = fisher.get(f"{index}.{name}")
         for name in adapter.linear_names:
@@ -181,7 +256,8 @@ def _layer_pass(
         if tuner is not None:
             tuning.append(tuner.after_quantizing(layer, hidden, args, kwargs))
         if commit and method.needs_stats:
-            hidden = run_layer(layer, hidden, args, kwargs)
+            with dense_weights(layer):  # each matrix decoded once for all windows, not once per product
+                hidden = run_layer(layer, hidden, args, kwargs)
         layer.to("cpu")
         layer.float()  # QuantLinear keeps its stored dtypes; the rest goes back to float32
         if saved is not None:
@@ -225,22 +301,30 @@ def quantize_model(
     if method.needs_stats and calib_windows is None:
         raise AnybitError(f"method {config.method!r} needs calibration data")
     table_windows = calib_windows
+    model_scope = method.scope(config) == "model"
+    collector = None
     if method.needs_stats and method.needs_fisher(config):
         # the error tables are measured on the windows the Fisher pass saw: the row importances they are
-        # scaled by then come from the same text, and the statistics pass costs only those windows
+        # scaled by then come from the same text, and the statistics cost only those windows; where the
+        # Fisher pass keeps every layer's input at once, its recomputation of each layer collects them
         table_windows = calib_windows[: config.fisher_nsamples]
-        fisher = fisher_diagonal(model, adapter, table_windows, config.device, progress, supply)
+        if model_scope and fisher_in_one_batch(model, adapter, table_windows):
+            collector = _TableCollector(adapter, method, config)
+        fisher = fisher_diagonal(model, adapter, table_windows, config.device, progress, supply, collector)
     plan: dict[str, RowPlan] = {}
     passes = dict(supply=supply, progress=progress)
-    if method.scope(config) == "model":
+    if model_scope:
         tables: dict[str, RowTable] = {}
 
         def collect(key, _layer, _name, W, _bias, stats):
             tables[key] = method.row_table(W, stats, config)
 
-        _layer_pass(
-            model, adapter, method, config, table_windows, fisher, collect, "error tables", commit=False, **passes
-        )
+        if collector is None:
+            _layer_pass(
+                model, adapter, method, config, table_windows, fisher, collect, "error tables", commit=False, **passes
+            )
+        else:  # in the model's order, as the table pass gives them (the allocation breaks ties by position)
+            tables = {key: collector.tables[key] for key in _linear_keys(model, adapter)}
         plan = allocate_model(tables, config.bits)
     linears = 0
     tuning: list[TuneStep] = []

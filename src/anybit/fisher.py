@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -23,6 +24,16 @@ from anybit.model.adapters import Adapter, get_submodule
 
 STORED_INPUT_BYTES = 1 << 30  # layer inputs kept for one batch of windows
 RESIDENT_ACCUMULATOR_BYTES = 4 << 30  # larger Fisher accumulators go to a memory-mapped file
+
+
+class LayerObserver(Protocol):
+    """Sees each decoder layer while the Fisher pass recomputes it on the windows (the unquantized model)."""
+
+    def before(self, index: int, layer: nn.Module) -> None:
+        """Before the layer is recomputed on every window (its weights are in memory)."""
+
+    def after(self, index: int, layer: nn.Module, fisher: dict[str, torch.Tensor]) -> None:
+        """After the layer's last window, with its final Fisher diagonals by linear name (still in memory)."""
 
 
 class _Replay(nn.Module):
@@ -91,6 +102,17 @@ def _batches(n: int, per_window_bytes: int) -> list[range]:
     return [range(i, min(n, i + size)) for i in range(0, n, size)]
 
 
+def _window_batches(model: nn.Module, adapter: Adapter, windows: torch.Tensor) -> list[range]:
+    """The batches of windows whose every layer's input is kept at once (STORED_INPUT_BYTES)."""
+    per_window = windows.shape[1] * model.config.hidden_size * 4 * len(adapter.layers(model))
+    return _batches(len(windows), per_window)
+
+
+def fisher_in_one_batch(model: nn.Module, adapter: Adapter, windows: torch.Tensor) -> bool:
+    """Whether the Fisher pass over `windows` keeps every layer's input at once (what an observer needs)."""
+    return len(_window_batches(model, adapter, windows)) == 1
+
+
 @torch.inference_mode(False)
 def fisher_diagonal(
     model: nn.Module,
@@ -99,8 +121,13 @@ def fisher_diagonal(
     device: str = "cpu",
     progress: bool = True,
     supply: Supply | None = None,
+    observer: LayerObserver | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Mean of grad² over windows for every decoder linear, keyed "LAYER.NAME", as (out, in) float32 on CPU."""
+    """Mean of grad² over windows for every decoder linear, keyed "LAYER.NAME", as (out, in) float32 on CPU.
+
+    With an `observer` (only where `fisher_in_one_batch`), each layer is also shown to it while it is
+    recomputed on every window, and once its Fisher diagonals are final.
+    """
     supply = supply or Resident()
     model.requires_grad_(False)  # only the linear being differentiated takes a gradient
     dev = torch.device(device)
@@ -112,15 +139,34 @@ def fisher_diagonal(
             shape = tuple(get_submodule(layer, name).weight.shape)
             shapes[f"{i}.{name}"] = shape[::-1] if adapter.transposed_weights else shape
     fisher = _accumulators(shapes)
+    batches = _window_batches(model, adapter, windows)
+    if observer is not None and len(batches) > 1:
+        raise ValueError("an observer needs every window in one batch (see fisher_in_one_batch)")
     bar = tqdm(total=len(windows), desc="fisher", unit="window", disable=not progress)
-    stored_per_window = windows.shape[1] * model.config.hidden_size * 4 * len(layers)
-    for batch in _batches(len(windows), stored_per_window):
-        _batch_fisher(model, adapter, windows[batch.start : batch.stop], dev, supply, fisher)
+    for batch in batches:
+        final = _Final(len(windows), observer) if batch is batches[-1] else None
+        _batch_fisher(model, adapter, windows[batch.start : batch.stop], dev, supply, fisher, final)
         bar.update(len(batch))
     bar.close()
-    for f in fisher.values():
-        f.div_(len(windows))
     return fisher
+
+
+class _Final:
+    """What the last batch does with each layer once its gradients are in: divide its sums by the number of
+    windows, then show the layer to the observer."""
+
+    def __init__(self, windows: int, observer: LayerObserver | None) -> None:
+        self.windows, self.observer = windows, observer
+
+    def before(self, index: int, layer: nn.Module) -> None:
+        if self.observer is not None:
+            self.observer.before(index, layer)
+
+    def after(self, index: int, layer: nn.Module, fisher: dict[str, torch.Tensor]) -> None:
+        for f in fisher.values():
+            f.div_(self.windows)
+        if self.observer is not None:
+            self.observer.after(index, layer, fisher)
 
 
 def _batch_fisher(
@@ -130,8 +176,9 @@ def _batch_fisher(
     device: torch.device,
     supply: Supply,
     fisher: dict[str, torch.Tensor],
+    final: _Final | None = None,
 ) -> None:
-    """Add the squared gradients of each window's loss to `fisher`."""
+    """Add the squared gradients of each window's loss to `fisher`; in the last batch, `final` sees each layer."""
     layers = adapter.layers(model)
     # clones: tensors made in inference mode cannot take part in autograd
     hidden, args, kwargs = _clone(capture_layer_inputs(model, adapter, windows, device, torch.float32, supply))
@@ -161,7 +208,7 @@ def _batch_fisher(
     del hidden
     for index in reversed(range(len(layers))):
         grads = _layer_backward(
-            layers[index], index, adapter, inputs.pop(), grads, args, kwargs, device, supply, fisher
+            layers[index], index, adapter, inputs.pop(), grads, args, kwargs, device, supply, fisher, final
         )
 
 
@@ -177,9 +224,10 @@ def _layer_backward(
     device: torch.device,
     supply: Supply,
     fisher: dict[str, torch.Tensor],
+    final: _Final | None = None,
 ) -> torch.Tensor:
     """Recompute the layer on each window's input, add grad² of its linear weights to `fisher`; returns the
-    gradient at the layer's input."""
+    gradient at the layer's input. `final` sees the layer before and after (the last batch)."""
     supply.enter(layer)
     layer.to(device)
     weights = {name: get_submodule(layer, name).weight for name in adapter.linear_names}
@@ -187,6 +235,8 @@ def _layer_backward(
         w.requires_grad_(True)
     upstream = torch.empty_like(inputs)
     try:
+        if final is not None:
+            final.before(index, layer)
         with torch.enable_grad():
             for i in range(inputs.shape[0]):
                 x = inputs[i : i + 1].detach().requires_grad_(True)
@@ -196,6 +246,10 @@ def _layer_backward(
                 for name, g in zip(weights, got[1:], strict=True):
                     g = g.t() if adapter.transposed_weights else g
                     fisher[f"{index}.{name}"].add_(g.float().square().cpu())
+        for w in weights.values():
+            w.requires_grad_(False)
+        if final is not None:
+            final.after(index, layer, {name: fisher[f"{index}.{name}"] for name in weights})
     finally:
         for w in weights.values():
             w.requires_grad_(False)

@@ -92,7 +92,10 @@ def refit_codebooks(
         k = 1 << int(width)
         for part in torch.split(rows, max(1, REFIT_CHUNK_ELEMENTS // (W.shape[1] * k))):
             onehot = torch.nn.functional.one_hot(codes[part].long(), k).float() * coded[part, :, None]
-            gram = onehot.transpose(1, 2) @ (H @ onehot)  # (r, k, k) = PᵀHP
+            r, cols = onehot.shape[:2]
+            # H·P for all rows of the chunk as one (cols, cols) @ (cols, r·k) product, not r skinny ones
+            HP = (H @ onehot.transpose(0, 1).reshape(cols, r * k)).reshape(cols, r, k).transpose(0, 1)
+            gram = onehot.transpose(1, 2) @ HP  # (r, k, k) = PᵀHP
             rhs = (onehot.transpose(1, 2) @ target[part, :, None])[..., 0]  # (r, k) = PᵀH w
             old = out[part, :k]
             gram += ridge * torch.eye(k, device=W.device)
