@@ -74,6 +74,23 @@ def test_error_table_falls_with_width() -> None:
     assert allocation_budget(8, 128, 3.0) == 3.0 * 8 * 128 - 24
 
 
+def test_error_table_in_row_chunks_is_the_same(monkeypatch) -> None:
+    """Rows are clustered a chunk at a time (bounded memory on large matrices) with the same codebooks and codes;
+    the errors differ only by the rounding of products of another shape."""
+    import anybit.alloc.skim as skim_module
+
+    W = torch.randn(40, 48)
+    X = torch.randn(200, 48)
+    H, weights = X.T @ X, torch.rand(40, 48)
+    kept = torch.rand(40, 48) < 0.02
+    whole = error_table(W, H, weights, [1, 2, 3, 6], kept=kept)
+    monkeypatch.setattr(skim_module, "ERROR_TABLE_CHUNK_ELEMENTS", 7 * 48)  # 7 rows at a time: a short last chunk
+    chunked = error_table(W, H, weights, [1, 2, 3, 6], kept=kept)
+    torch.testing.assert_close(whole.errors, chunked.errors, rtol=1e-5, atol=0)
+    for a, b in zip(whole.codes + whole.centroids, chunked.codes + chunked.centroids, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_scaling_never_raises_the_layer_objective(tmp_path) -> None:
     from safetensors.torch import load_file, save_file
 

@@ -2,11 +2,13 @@
 
 For each decoder layer, in order: run the calibration activations through it (the inputs come from
 the already-quantized previous layers), accumulate XᵀX in float32 for each group of linears sharing
-an input, quantize every linear with the method, swap in `QuantLinear`s (with `--tune-steps`, tune the
-layer: `anybit.tune`), and run the layer again to produce the inputs of the next layer. Only the current
-layer is moved to the compute device. With a `Streamed` supply, the model is a weightless skeleton: each
-layer is read from the source files when its turn comes, handed to `on_layer` (the writer) once quantized,
-and freed.
+an input (the forward stops once every group has its input), quantize every linear with the method, swap
+in `QuantLinear`s (with `--tune-steps`, tune the layer: `anybit.tune`), and run the layer again to produce
+the inputs of the next layer. With `--layer-inputs original` the layers are calibrated on the original
+model's activations instead: the statistics pass runs the whole unquantized layer, and its output is the
+next layer's input (one forward pass per layer instead of two). Only the current layer is moved to the
+compute device. With a `Streamed` supply, the model is a weightless skeleton: each layer is read from the
+source files when its turn comes, handed to `on_layer` (the writer) once quantized, and freed.
 """
 
 from __future__ import annotations
@@ -237,13 +239,13 @@ def _layer_pass(
             for name in adapter.linear_names
         }
         layer.to(dtype)  # the forward passes run in the calibration dtype; weights come from `originals`
-        stats = {}
+        stats, next_hidden = {}, None
         if tuner is not None:
             tuner.before_quantizing(layer, args, kwargs)
-        if method.needs_stats and commit:  # the next input comes from the quantized layer
-            stats = _collect_stats_only(layer, adapter, hidden, args, kwargs, method)
-        elif method.needs_stats:  # the layer stays as it is, so its output is already the next layer's input
-            stats, hidden = _collect_stats(layer, adapter, hidden, args, kwargs, method)
+        if method.needs_stats and commit and config.layer_inputs == "quantized":
+            stats = _collect_stats_only(layer, adapter, hidden, args, kwargs, method)  # next: the quantized layer's
+        elif method.needs_stats:  # the unquantized layer's output is the next layer's input
+            stats, next_hidden = _collect_stats(layer, adapter, hidden, args, kwargs, method)
         for name, layer_stats in stats.items():
             layer_stats.fisher = fisher.get(f"{index}.{name}")
         for name in adapter.linear_names:
@@ -255,9 +257,10 @@ def _layer_pass(
         del originals, stats
         if tuner is not None:
             tuning.append(tuner.after_quantizing(layer, hidden, args, kwargs))
-        if commit and method.needs_stats:
+        if method.needs_stats and next_hidden is None:
             with dense_weights(layer):  # each matrix decoded once for all windows, not once per product
-                hidden = run_layer(layer, hidden, args, kwargs)
+                next_hidden = run_layer(layer, hidden, args, kwargs)
+        hidden = next_hidden
         layer.to("cpu")
         layer.float()  # QuantLinear keeps its stored dtypes; the rest goes back to float32
         if saved is not None:

@@ -17,6 +17,7 @@ from anybit.config import (
     E2E_LR,
     HEAD_CHOICES,
     KERNELS,
+    LAYER_INPUTS,
     MAX_REFINE,
     MAX_TUNE_STEPS,
     SCOPES,
@@ -187,6 +188,14 @@ def _quant_options(f):
             "norms, codes fixed, toward the unquantized model's activations; 0: off.",
         ),
         click.option("--tune-lr", type=FLOAT, default=3e-4, show_default=True, help="Learning rate of --tune-steps."),
+        click.option(
+            "--layer-inputs",
+            type=click.Choice(LAYER_INPUTS),
+            default=QuantConfig.layer_inputs,
+            show_default=True,
+            help="Calibrate each layer on the outputs of the already-quantized layers before it, or on the original "
+            "model's: one forward pass per layer instead of two, faster, usually a little worse.",
+        ),
         click.option(
             "--scope",
             type=click.Choice(SCOPES),

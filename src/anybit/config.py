@@ -15,6 +15,7 @@ from anybit.errors import AnybitError
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: see `compute_dtype`
 WEIGHTINGS = ("activation", "fisher", "none")
 SCOPES = ("matrix", "model")
+LAYER_INPUTS = ("quantized", "original")  # what each layer is calibrated on (`--layer-inputs`)
 DEC_SCORES = ("activation", "contribution")  # how dynamic error compensation ranks input channels
 KERNELS = ("auto", "fast", "exact", "triton", "reference")  # backends of the quantized linears (runtime.qlinear)
 HEAD_CHOICES = ("int8", "dense")  # the embedding and output head at run time (runtime.head)
@@ -96,6 +97,7 @@ class QuantConfig:
     refine: int | None = None  # SKIM/anybit: rounds of least-squares codebook refits; None: the method's default
     tune_steps: int = 0  # Adam steps per decoder layer on its codebooks/scales and norms (`anybit.tune`); 0: off
     tune_lr: float = 3e-4
+    layer_inputs: str = "quantized"  # the already-quantized layers' outputs, or the original model's (faster)
 
     def __post_init__(self) -> None:
         from anybit.methods import get_method  # the registry knows each method's bit range
@@ -127,6 +129,8 @@ class QuantConfig:
             raise AnybitError("--fisher-nsamples must be positive")
         if self.weighting is not None and self.weighting not in WEIGHTINGS:
             raise AnybitError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
+        if self.layer_inputs not in LAYER_INPUTS:
+            raise AnybitError(f"layer inputs must be one of {', '.join(LAYER_INPUTS)}, got {self.layer_inputs!r}")
         if self.scope is not None and self.scope not in SCOPES:
             raise AnybitError(f"scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
         if self.refine is not None and not 0 <= self.refine <= MAX_REFINE:

@@ -21,6 +21,7 @@ from anybit.quant.kmeans import fit_codebooks, reconstruct
 
 CODEBOOK_ENTRY_BITS = 16  # fp16 centroids
 BITMAP_BITS = 3  # one width (1-8) per row when widths differ
+ERROR_TABLE_CHUNK_ELEMENTS = 1 << 22  # weights whose rows `error_table` clusters at once
 
 
 @dataclass
@@ -45,12 +46,37 @@ def error_table(
 ) -> ErrorTable:
     """K-means every row at every width (batched over rows) and measure δᵀHδ per row.
 
-    `kept` marks weights stored exactly (sparse outliers): their error is zero.
+    `kept` marks weights stored exactly (sparse outliers): their error is zero. Rows are independent, so
+    they are taken ERROR_TABLE_CHUNK_ELEMENTS weights at a time: the K-means state of every width for a large
+    matrix (several bytes per weight per width) never exists at once.
     """
+    rows, cols = W.shape
+    step = max(1, ERROR_TABLE_CHUNK_ELEMENTS // max(1, cols))
+    parts = [
+        _error_table_rows(
+            W[start : start + step],
+            H,
+            None if weights is None else weights.expand_as(W)[start : start + step],
+            widths,
+            None if kept is None else kept[start : start + step],
+        )
+        for start in range(0, rows, step)
+    ]
+    return ErrorTable(
+        widths,
+        torch.cat([p.errors for p in parts]),
+        [torch.cat([p.codes[i] for p in parts]) for i in range(len(widths))],
+        [torch.cat([p.centroids[i] for p in parts]) for i in range(len(widths))],
+    )
+
+
+def _error_table_rows(
+    W: torch.Tensor, H: torch.Tensor, weights: torch.Tensor | None, widths: list[int], kept: torch.Tensor | None
+) -> ErrorTable:
     errors, codes, centroids = [], [], []
     fits = fit_codebooks(W, weights, widths)
     for b in widths:
-        result = fits[b]
+        result = fits.pop(b)
         cents = result.centroids[:, : 1 << b].to(torch.float16).float()  # the stored values
         delta = W - reconstruct(cents, result.codes)
         if kept is not None:

@@ -174,8 +174,8 @@ def gptq_quantize(
             q = quantizer.quantize(w, col)
             Q[:, col] = q
             err = (w - q) / d
-            loss += (err.double() ** 2).sum() / 2
             W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
             Err1[:, i] = err
+        loss += Err1.double().square().sum() / 2
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     return GPTQResult(Q=Q, perm=perm, loss=float(loss))
