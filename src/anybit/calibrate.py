@@ -27,7 +27,7 @@ from anybit.config import QuantConfig
 from anybit.errors import AnybitError
 from anybit.fisher import fisher_diagonal, fisher_in_one_batch
 from anybit.layerwise import Resident, Supply, capture_layer_inputs, run_layer
-from anybit.memory import return_freed_memory
+from anybit.memory import release_file_pages, return_freed_memory
 from anybit.methods import LayerStats, Method, get_method
 from anybit.model.adapters import Adapter, get_adapter, get_submodule, set_submodule
 from anybit.model.checkpoint import round_unquantized_
@@ -337,6 +337,8 @@ def quantize_model(
         if stats is not None:
             stats.plan = plan.get(key)
         quantized = QuantLinear(method.quantize(W, stats, config), bias)
+        if stats is not None and stats.fisher is not None:
+            release_file_pages([stats.fisher])  # Fisher accumulators of a deep model live in a mapped file
         quantized.kernel = "exact"  # the next layers calibrate on the stored values, whatever the CPU rounds
         set_submodule(layer, name, quantized)
         linears += 1

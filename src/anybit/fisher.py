@@ -6,7 +6,7 @@ layer's weights need to be in memory (the layer-wise driver's `Supply`): for a b
 pass stores each layer's input, the model's own head gives the loss gradient at the last hidden state, and
 a backward pass recomputes each layer from its stored input, in reverse, adding the squared gradient of
 each window's loss to float32 accumulators. Accumulators for models too large for memory live in an
-unlinked temporary file, memory-mapped.
+unlinked temporary file, memory-mapped; each layer's pages leave the resident set once its gradients are in.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from anybit.layerwise import Resident, Supply, capture_layer_inputs, layer_output, move_outside_layers
+from anybit.memory import release_file_pages
 from anybit.model.adapters import Adapter, get_submodule
 
 STORED_INPUT_BYTES = 1 << 30  # layer inputs kept for one batch of windows
@@ -248,8 +249,10 @@ def _layer_backward(
                     fisher[f"{index}.{name}"].add_(g.float().square().cpu())
         for w in weights.values():
             w.requires_grad_(False)
+        mine = {name: fisher[f"{index}.{name}"] for name in weights}
         if final is not None:
-            final.after(index, layer, {name: fisher[f"{index}.{name}"] for name in weights})
+            final.after(index, layer, mine)
+        release_file_pages(mine.values())  # accumulators in a mapped file: written back, out of the resident set
     finally:
         for w in weights.values():
             w.requires_grad_(False)
