@@ -23,7 +23,7 @@ from anybit.layerwise import Resident, Supply, capture_layer_inputs, layer_outpu
 from anybit.memory import release_file_pages
 from anybit.model.adapters import Adapter, get_submodule
 
-STORED_INPUT_BYTES = 1 << 30  # layer inputs kept for one batch of windows
+STORED_INPUT_BYTES = 2 << 30  # layer inputs kept for one batch of windows (SmolLM2: 8 windows of 2048 tokens)
 RESIDENT_ACCUMULATOR_BYTES = 4 << 30  # larger Fisher accumulators go to a memory-mapped file
 
 
