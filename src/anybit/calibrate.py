@@ -150,11 +150,6 @@ class _TableCollector:
             self.tables[f"{index}.{name}"] = self.method.row_table(W, stats, self.config)
 
 
-def _linear_keys(model: nn.Module, adapter: Adapter) -> list[str]:
-    """ "LAYER.NAME" of every decoder-layer linear, in the model's order."""
-    return [f"{index}.{name}" for index in range(len(adapter.layers(model))) for name in adapter.linear_names]
-
-
 def _linear_shapes(model: nn.Module, adapter: Adapter) -> list[tuple[str, tuple[int, int]]]:
     """(name, (out, in)) of every decoder-layer linear, in order; read from the skeleton, no weights needed."""
     return [
@@ -326,8 +321,8 @@ def quantize_model(
             _layer_pass(
                 model, adapter, method, config, table_windows, fisher, collect, "error tables", commit=False, **passes
             )
-        else:  # in the model's order, as the table pass gives them (the allocation breaks ties by position)
-            tables = {key: collector.tables[key] for key in _linear_keys(model, adapter)}
+        else:  # in the model's order, as the table pass gives them (the allocation breaks ties by position);
+            tables = {key: collector.tables[key] for key in fisher}  # the Fisher keys are in that order
         plan = allocate_model(tables, config.bits)
     linears = 0
     tuning: list[TuneStep] = []

@@ -247,8 +247,6 @@ def _layer_backward(
                 for name, g in zip(weights, got[1:], strict=True):
                     g = g.t() if adapter.transposed_weights else g
                     fisher[f"{index}.{name}"].add_(g.float().square().cpu())
-        for w in weights.values():
-            w.requires_grad_(False)
         mine = {name: fisher[f"{index}.{name}"] for name in weights}
         if final is not None:
             final.after(index, layer, mine)
