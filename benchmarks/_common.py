@@ -45,7 +45,8 @@ def machine() -> str:
 
 @functools.cache
 def commit() -> str:
-    """The commit the measured code is at; "+changes" when src/ or the benchmark scripts differ from it.
+    """The commit the measured code is at; "+changes" when src/ or the benchmark scripts differ from it
+    (without git: $ANYBIT_COMMIT, else "unknown").
     Taken when the script starts (see the end of this module): the code a long run measures is the code it
     imported, whatever is committed while it runs."""
     root = Path(__file__).resolve().parents[1]
@@ -54,7 +55,9 @@ def commit() -> str:
         done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True)
         return done.stdout.strip() if done.returncode == 0 else ""
 
-    head = git("rev-parse", "--short=12", "HEAD") or "unknown"
+    head = git("rev-parse", "--short=12", "HEAD")
+    if not head:  # a copied tree without git (e.g. a lent GPU machine): the caller says which commit it is
+        return os.environ.get("ANYBIT_COMMIT", "unknown")
     changed = git("status", "--porcelain", "--", "src", "benchmarks", ":(exclude)benchmarks/results", ":(exclude)*.md")
     return head + ("+changes" if changed else "")
 

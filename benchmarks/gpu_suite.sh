@@ -4,13 +4,20 @@
 # budget is cut to what is left, and a step with under 20 s left is skipped with a message.
 # Usage: bash benchmarks/gpu_suite.sh [OUT_DIR]   (JSON lines are appended under benchmarks/results/
 # and copied to OUT_DIR, default $OUT, after every step, so a call stopped at its limit keeps what ran).
-# Needs torch with CUDA, triton, transformers, and anybit importable (pip install -e . or PYTHONPATH=src);
-# the last step (quantize times) also needs the SmolLM2 model in ANYBIT_CACHE (see data/README.md).
-# On a lent device machine, one call does it all: SUITE_SECONDS=520 bash benchmarks/gpu_suite.sh "$OUT"
-# with a 600-second limit; the random-weight benchmarks need no model file and no gguf package.
+# SUITE_PARTS (default "tests quality speed") chooses the parts, in that order:
+#   tests    the CUDA tests (tiny random models);
+#   quality  issue 23's figures at 3.25, 4.25, 2.5 and 2.25 counted bits on SmolLM2, full WikiText-2 test
+#            and Shakespeare with KL: anybit's recipe with 64 block-tuning steps, then end-to-end tuning
+#            (`anybit tune --device cuda`) as on the CPU (28 steps, 32 windows) and longer (248 steps,
+#            128 windows); needs the SmolLM2 model in ANYBIT_CACHE (see data/README.md);
+#   speed    the kernel and decode figures of issues 6 and 7 (random weights, no model file).
+# Needs torch with CUDA, triton, transformers, gguf, and anybit importable (pip install -e . or
+# PYTHONPATH=src). Where git is absent (a copied tree), set ANYBIT_COMMIT so the records name the commit.
 set -u
 out=${1:-${OUT:-/tmp/anybit-gpu}}
-mkdir -p "$out"
+parts=" ${SUITE_PARTS:-tests quality speed} "
+work=${SUITE_WORK:-/tmp/anybit-gpu-work}
+mkdir -p "$out" "$work"
 cd "$(dirname "$0")"
 export PYTHONPATH=../src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 deadline=$((SECONDS + ${SUITE_SECONDS:-540}))
@@ -20,29 +27,52 @@ step() { # step MAX_SECONDS COMMAND...
   shift
   if ((left < 20)); then
     echo "!! out of time, skipped: $*"
-    return
+    return 1
   fi
   ((limit > left)) && limit=$left
   echo "== [${SECONDS} s] $* (at most ${limit} s)"
-  timeout --kill-after=10 "$limit" "$@" || echo "!! failed or stopped (exit $?): $*"
+  timeout --kill-after=10 "$limit" "$@"
+  local rc=$?
+  ((rc)) && echo "!! failed or stopped (exit $rc): $*"
   cp results/*.jsonl "$out"/ 2>/dev/null
+  return $rc
 }
 
-python -c "import pytest" 2>/dev/null || echo "!! pytest is not installed here: the GPU tests will not run"
-step 200 python -m pytest -q ../tests/test_kernels.py ../tests/test_cuda.py ../tests/test_dec.py
-# Issue 7's speed target (K = 8 under 5 % of decode time on the large model), in its best form: graphs,
-# compensation on the second stream, against the same stream.
-step 150 python decode_speed.py --shape llama-7b --bits 3 --dec 0,8 --overlap 0,1 --cuda-graph
-step 90 python dec_speed.py --ks 0,8,32
-# Issue 6's targets: the 3-bit product against fp16, and decoding at fp16 speed.
-step 90 python kernel_speed.py --bits 2,3,4
-step 90 python decode_speed.py --shape smollm2-135m --bits 3 --dec 0,8 --overlap 0,1 --cuda-graph
-step 60 python kernel_speed.py --bits 3 --batch 512
-step 120 python decode_speed.py --shape llama-7b --bits 3 --dec 0,4,16,32,64 --cuda-graph
-if python -c "from anybit.model.loading import resolve_spec; resolve_spec('smollm2-135m')" 2>/dev/null; then
-  step 300 python reference_figures.py --configs anybit:3.25,squeezellm3,claq:3.25,slim:3,skim:3.25 --nsamples 32 \
-    --fisher-nsamples 8 --device cuda --dtype float16 --calib-dtype float16 --results recipes_gpu
-else
-  echo "!! SmolLM2 not in ANYBIT_CACHE: quantize times on the GPU skipped"
+if [[ $parts == *" tests "* ]]; then
+  python -c "import pytest" 2>/dev/null || echo "!! pytest is not installed here: the GPU tests will not run"
+  step 240 python -m pytest -q -p no:cacheprovider ../tests/test_cuda.py ../tests/test_kernels.py
+fi
+
+if [[ $parts == *" quality "* ]]; then
+  if python -c "from anybit.model.loading import resolve_spec; resolve_spec('smollm2-135m')" 2>/dev/null; then
+    f32=(--device cuda --dtype float32)
+    for bits in 3.25 4.25 2.5 2.25; do
+      name="anybit_${bits}_tune_steps=64"
+      step 240 python reference_figures.py --configs "anybit:${bits}:tune_steps=64" --nsamples 32 \
+        --fisher-nsamples 8 --calib-dtype float32 "${f32[@]}" --keep "$work" --results quality_gpu \
+        --datasets wikitext2,shakespeare --kl || continue
+      dirs=()
+      step 120 python -m anybit.cli tune "$work/$name" --out "$work/$name-e2e28" --steps 28 --device cuda \
+        --force && dirs+=("$work/$name-e2e28")
+      step 150 python -m anybit.cli tune "$work/$name" --out "$work/$name-e2e248" --steps 248 --nsamples 128 \
+        --device cuda --force && dirs+=("$work/$name-e2e248")
+      ((${#dirs[@]})) && step 120 python reference_figures.py --configs "" --dirs "$(IFS=,; echo "${dirs[*]}")" \
+        "${f32[@]}" --results quality_gpu --datasets wikitext2,shakespeare --kl
+    done
+  else
+    echo "!! SmolLM2 not in ANYBIT_CACHE: the quality figures are skipped"
+  fi
+fi
+
+if [[ $parts == *" speed "* ]]; then
+  # Issue 7's speed target (K = 8 under 5 % of decode time on the large model), in its best form: graphs,
+  # compensation on the second stream, against the same stream.
+  step 150 python decode_speed.py --shape llama-7b --bits 3 --dec 0,8 --overlap 0,1 --cuda-graph
+  step 90 python dec_speed.py --ks 0,8,32
+  # Issue 6's targets: the 3-bit product against fp16, and decoding at fp16 speed.
+  step 90 python kernel_speed.py --bits 2,3,4
+  step 90 python decode_speed.py --shape smollm2-135m --bits 3 --dec 0,8 --overlap 0,1 --cuda-graph
+  step 60 python kernel_speed.py --bits 3 --batch 512
+  step 120 python decode_speed.py --shape llama-7b --bits 3 --dec 0,4,16,32,64 --cuda-graph
 fi
 echo "== done in ${SECONDS} s"

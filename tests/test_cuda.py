@@ -105,3 +105,21 @@ def test_cuda_graph_decoding_matches_eager(tiny_llama_dir, corpus_file, tmp_path
                     decoder = StaticDecoder(model, max_len=24, graph=graph)
                     runs.append([decoder.prefill(prompt).item()] + [decoder.step().item() for _ in range(10)])
             assert runs[0] == runs[1], dec
+
+
+def test_block_and_end_to_end_tuning_on_cuda(tiny_llama_dir, corpus_file, tmp_path) -> None:
+    """`quantize --tune-steps` and `anybit tune --device cuda` run on the GPU; the written model loads on the
+    CPU, and the held-out KL before tuning is the CPU run's (the same model judged on either device)."""
+    quantized = tmp_path / "q"
+    _run("quantize", str(tiny_llama_dir), "--method", "anybit", "--bits", "3.25", "--tune-steps", "4",
+         "--device", "cuda", "--out", str(quantized), *_calib(corpus_file))  # fmt: skip
+    options = ["--steps", "4", "--nsamples", "8", "--seqlen", "64", "--calib", str(corpus_file)]
+    records = {}
+    for device in ("cpu", "cuda"):
+        tuned = tmp_path / f"t-{device}"
+        _run("tune", str(quantized), "--out", str(tuned), "--device", device, *options)
+        records[device] = json.loads((tuned / "anybit.json").read_text())["end_to_end_tuning"]
+        text = _run("eval", str(tuned), "--dataset", str(corpus_file), "--seqlen", "64", "--max-windows", "4", "--json")
+        assert math.isfinite(json.loads(text)["ppl"])
+    assert records["cuda"]["device"] == "cuda"
+    assert records["cuda"]["before"] == pytest.approx(records["cpu"]["before"], rel=1e-3)

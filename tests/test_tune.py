@@ -141,3 +141,7 @@ def test_end_to_end_tuning_lowers_the_held_out_kl_and_keeps_the_codes(tiny_llama
     refused = runner.invoke(main, ["tune", quantized, "--out", quantized, "--force", *options])
     assert refused.exit_code != 0 and "source model" in refused.output
     assert runner.invoke(main, ["tune", str(tiny_llama_dir), "--out", str(tmp_path / "x")]).exit_code != 0
+    if not torch.cuda.is_available():  # a device that is not here: one line, before any work, nothing written
+        refused = runner.invoke(main, ["tune", quantized, "--out", str(tmp_path / "y"), "--device", "cuda"])
+        assert refused.exit_code != 0 and "CUDA is not available" in refused.output
+        assert not (tmp_path / "y").exists()

@@ -304,16 +304,18 @@ def residual(directory: str, source: str | None, nsamples: int, seqlen: int, cal
 @click.option("--seqlen", type=POSITIVE, default=2048, show_default=True)
 @click.option("--calib", default="wikitext2-valid", show_default=True, help="Calibration corpus name or text file.")
 @click.option("--source", default=None, help="The unquantized model (default: the one DIR was made from).")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N] (the tuning runs in float32).")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 def tune(directory: str, out_dir: str, steps: int, lr: float, nsamples: int, seqlen: int, calib: str,
-         source: str | None, force: bool) -> None:  # fmt: skip
+         source: str | None, device: str, force: bool) -> None:  # fmt: skip
     """Tune a quantized DIR end to end toward its source model's next-token distributions (KL) and write
     OUT: codes fixed, codebooks or scales and norms trained, the same counted bits."""
-    from anybit.pipeline import tune_to_dir
+    from anybit.pipeline import check_device, tune_to_dir
 
     if not 0 < lr < 1:
         raise AnybitError(f"--lr must be in (0, 1), got {lr}")
-    meta = tune_to_dir(directory, out_dir, steps, lr, nsamples, seqlen, calib, source, force)
+    check_device(device)
+    meta = tune_to_dir(directory, out_dir, steps, lr, nsamples, seqlen, calib, source, force, device=device)
     record = meta["end_to_end_tuning"]
     verdict = "kept" if record["kept"] else "not kept: the model is written as it was"
     click.echo(

@@ -141,10 +141,11 @@ def tune_to_dir(
     source: str | None = None,
     force: bool = False,
     progress: bool = True,
+    device: str = "cpu",
 ) -> dict:
     """Tune a quantized directory end to end toward its source model (`tune.tune_model`: codes fixed,
-    codebooks or scales and norms trained on the calibration windows, in float32) and write the result to
-    `out_dir`; returns its anybit.json. The counted bits do not change."""
+    codebooks or scales and norms trained on the calibration windows, in float32, on `device`) and write the
+    result to `out_dir`; returns its anybit.json. The counted bits do not change."""
     quant_dir = Path(quant_dir)
     loaded = load_model(str(quant_dir))
     if loaded.kind != "quantized":
@@ -158,10 +159,13 @@ def tune_to_dir(
     teacher = load_model(source)
     windows = calibration_windows(corpus_ids(loaded, calib), nsamples, seqlen, seed=0)
     start = time.perf_counter()
-    result = tune_model(loaded.model, teacher.model, windows, steps, lr, progress=progress)
+    model, teacher_model = loaded.model.to(device), teacher.model.to(device)
+    result = tune_model(model, teacher_model, windows.to(device), steps, lr, progress=progress)
+    model.to("cpu")
+    del teacher, teacher_model
     record = {
         "steps": steps, "lr": lr, "nsamples": nsamples, "seqlen": seqlen, "calib": calib, "source": source,
-        "before": result.before, "after": result.after, "kept": result.kept,
+        "before": result.before, "after": result.after, "kept": result.kept, "device": device,
         "seconds": round(time.perf_counter() - start, 1),
     }  # fmt: skip
     info = {**loaded.quant_info, "end_to_end_tuning": record}
