@@ -155,3 +155,23 @@ def test_peak_memory_is_flat_in_depth(tmp_path_factory, tiny_tokenizer, corpus_f
     # allocator noise moves the peak by a layer or so; the in-memory path would add DEEP - SHALLOW = 9 layers
     assert grown[DEEP] - grown[SHALLOW] < 3 * LAYER_BYTES, f"peak growth by depth {mib}; a layer is 49 MiB"
     assert grown[DEEP] < (DEEP / 2) * LAYER_BYTES + (300 << 20), mib  # the whole model alone is DEEP layers
+
+
+def test_outside_modules_read_onto_the_input_device_stay_tied(tiny_llama_dir) -> None:
+    """The streamed embedding is read onto its input's device (a GPU run) with the head still tied to it, so
+    a later pass reads no `lm_head.weight` that the tied source does not hold ("meta" stands in for the GPU)."""
+    from anybit.layerwise import Streamed
+    from anybit.model.sources import open_skeleton
+
+    skeleton = open_skeleton("hf", Path(tiny_llama_dir))
+    model = skeleton.model
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # a tied model
+    supply = Streamed(skeleton)
+    layers = model.model.layers
+    for _ in range(2):  # two passes: the second reads what the first released
+        supply.outside(model, layers)
+        model.model.embed_tokens(torch.zeros(1, 3, dtype=torch.long, device="meta"))  # read on the first call
+        embedding = model.get_input_embeddings().weight
+        assert embedding.device.type == "meta" and model.get_output_embeddings().weight is embedding
+        supply.release_outside(model, layers)
+    assert [name for name, _ in model.named_parameters() if "lm_head" in name] == []

@@ -57,11 +57,8 @@ class Streamed(Supply):
 
     def _materialize_on_call(self, module: nn.Module, args: tuple) -> None:
         if any(p.is_meta for p in module.parameters(recurse=False)):
-            self.skeleton.materialize(module)
             device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
-            for key, p in module._parameters.items():
-                if p is not None and p.device != device:
-                    module._parameters[key] = nn.Parameter(p.data.to(device), requires_grad=False)
+            self.skeleton.materialize(module, device=device)  # onto the input's device, ties kept
 
     def release_outside(self, model: nn.Module, layers: nn.ModuleList) -> None:
         for hook in self._hooks:

@@ -204,10 +204,15 @@ class Skeleton:
     model: nn.Module
     source: WeightSource
 
-    def materialize(self, *modules: nn.Module) -> None:
-        """Read the parameters of `modules` (each module's own, not its children's) from the source, in float32."""
+    def materialize(self, *modules: nn.Module, device: torch.device | str = "cpu") -> None:
+        """Read the parameters of `modules` (each module's own, not its children's) from the source, in float32,
+        onto `device`; a parameter tied to one elsewhere stays tied (the head to the embedding)."""
         names = {id(p): name for name, p in self.model.named_parameters()}
-        self._replace(modules, lambda p: nn.Parameter(self.source.tensor(names[id(p)]), requires_grad=False), True)
+
+        def read(p: nn.Parameter) -> nn.Parameter:
+            return nn.Parameter(self.source.tensor(names[id(p)]).to(device), requires_grad=False)
+
+        self._replace(modules, read, True)
 
     def release(self, *modules: nn.Module) -> None:
         """Put the parameters of `modules` (each module's own) back on the meta device, freeing their memory."""
