@@ -46,7 +46,7 @@ def machine() -> str:
 @functools.cache
 def commit() -> str:
     """The commit the measured code is at; "+changes" when src/ or the benchmark scripts differ from it
-    (without git: $ANYBIT_COMMIT, else "unknown").
+    ($ANYBIT_COMMIT where the caller sets it).
     Taken when the script starts (see the end of this module): the code a long run measures is the code it
     imported, whatever is committed while it runs."""
     root = Path(__file__).resolve().parents[1]
@@ -55,9 +55,9 @@ def commit() -> str:
         done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True)
         return done.stdout.strip() if done.returncode == 0 else ""
 
-    head = git("rev-parse", "--short=12", "HEAD")
-    if not head:  # a copied tree without git (e.g. a lent GPU machine): the caller says which commit it is
-        return os.environ.get("ANYBIT_COMMIT", "unknown")
+    if "ANYBIT_COMMIT" in os.environ:  # a copied tree (a lent GPU machine), whose git state may not be the code's
+        return os.environ["ANYBIT_COMMIT"]
+    head = git("rev-parse", "--short=12", "HEAD") or "unknown"
     changed = git("status", "--porcelain", "--", "src", "benchmarks", ":(exclude)benchmarks/results", ":(exclude)*.md")
     return head + ("+changes" if changed else "")
 

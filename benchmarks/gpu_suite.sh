@@ -6,13 +6,14 @@
 # and copied to OUT_DIR, default $OUT, after every step, so a call stopped at its limit keeps what ran).
 # SUITE_PARTS (default "tests quality speed") chooses the parts, in that order:
 #   tests    the CUDA tests (tiny random models);
-#   quality  issue 23's figures at 3.25, 4.25, 2.5 and 2.25 counted bits on SmolLM2, full WikiText-2 test
-#            and Shakespeare with KL: anybit's recipe with 64 block-tuning steps, then end-to-end tuning
-#            (`anybit tune --device cuda`) as on the CPU (28 steps, 32 windows) and longer (248 steps,
-#            128 windows); needs the SmolLM2 model in ANYBIT_CACHE (see data/README.md);
+#   quality  issue 23's figures at QUALITY_BITS counted bits on SmolLM2 (default 4.25 2.5 2.25 3.25), full
+#            WikiText-2 test and Shakespeare with KL: anybit's recipe with 64 block-tuning steps (about
+#            110 s and 50 s of evaluation on an H200), then 248 end-to-end steps on 128 windows
+#            (`anybit tune --device cuda`, about 140 s); needs the SmolLM2 model in ANYBIT_CACHE (see
+#            data/README.md; 94 MB, more than one call carries: send it in two parts);
 #   speed    the kernel and decode figures of issues 6 and 7 (random weights, no model file).
 # Needs torch with CUDA, triton, transformers, gguf, and anybit importable (pip install -e . or
-# PYTHONPATH=src). Where git is absent (a copied tree), set ANYBIT_COMMIT so the records name the commit.
+# PYTHONPATH=src). On a copied tree (a lent machine) set ANYBIT_COMMIT so the records name the code's commit.
 set -u
 out=${1:-${OUT:-/tmp/anybit-gpu}}
 parts=" ${SUITE_PARTS:-tests quality speed} "
@@ -21,6 +22,7 @@ mkdir -p "$out" "$work"
 cd "$(dirname "$0")"
 export PYTHONPATH=../src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 deadline=$((SECONDS + ${SUITE_SECONDS:-540}))
+stamp=$(mktemp) # results files changed after it are this suite's (a lent machine returns only a few files)
 
 step() { # step MAX_SECONDS COMMAND...
   local limit=$1 left=$((deadline - SECONDS))
@@ -34,7 +36,7 @@ step() { # step MAX_SECONDS COMMAND...
   timeout --kill-after=10 "$limit" "$@"
   local rc=$?
   ((rc)) && echo "!! failed or stopped (exit $rc): $*"
-  cp results/*.jsonl "$out"/ 2>/dev/null
+  find results -name '*.jsonl' -newer "$stamp" -exec cp {} "$out"/ \;  # only what this suite wrote
   return $rc
 }
 
@@ -46,18 +48,15 @@ fi
 if [[ $parts == *" quality "* ]]; then
   if python -c "from anybit.model.loading import resolve_spec; resolve_spec('smollm2-135m')" 2>/dev/null; then
     f32=(--device cuda --dtype float32)
-    for bits in 3.25 4.25 2.5 2.25; do
+    for bits in ${QUALITY_BITS:-4.25 2.5 2.25 3.25}; do  # 3.25 last: measured on 2026-12-04
       name="anybit_${bits}_tune_steps=64"
       step 240 python reference_figures.py --configs "anybit:${bits}:tune_steps=64" --nsamples 32 \
         --fisher-nsamples 8 --calib-dtype float32 "${f32[@]}" --keep "$work" --results quality_gpu \
         --datasets wikitext2,shakespeare --kl || continue
-      dirs=()
-      step 120 python -m anybit.cli tune "$work/$name" --out "$work/$name-e2e28" --steps 28 --device cuda \
-        --force && dirs+=("$work/$name-e2e28")
       step 150 python -m anybit.cli tune "$work/$name" --out "$work/$name-e2e248" --steps 248 --nsamples 128 \
-        --device cuda --force && dirs+=("$work/$name-e2e248")
-      ((${#dirs[@]})) && step 120 python reference_figures.py --configs "" --dirs "$(IFS=,; echo "${dirs[*]}")" \
-        "${f32[@]}" --results quality_gpu --datasets wikitext2,shakespeare --kl
+        --device cuda --force || continue
+      step 90 python reference_figures.py --configs "" --dirs "$work/$name-e2e248" "${f32[@]}" \
+        --results quality_gpu --datasets wikitext2,shakespeare --kl
     done
   else
     echo "!! SmolLM2 not in ANYBIT_CACHE: the quality figures are skipped"
