@@ -5,7 +5,8 @@ Usage: python benchmarks/scale.py [--layers 1 2 4 8 16 32] [--methods rtn gptq a
        [--nsamples 4] [--seqlen 128] [--work DIR]
 
 Writes a random model with Llama-2-7B's shapes (hidden 4096, intermediate 11008, 32 heads, vocabulary 32000)
-as float16 safetensors, one shard per decoder layer, once: the 32-layer model is 13.5 GB on disk. A model of
+as float16 safetensors, one shard per decoder layer, once (as deep as the deepest run asks): the 32-layer
+model is 13.5 GB on disk. A model of
 fewer layers is a directory whose index names the first shards. Each (method, depth) is quantized by
 `anybit quantize` in its own process; its wall time and peak resident memory (`ru_maxrss` of that process)
 go to benchmarks/results/scale.jsonl with the size of the source and of the output. The calibration is
@@ -59,8 +60,9 @@ def llama7b_config(layers: int):
     )
 
 
-def write_shards(root: Path) -> None:
-    """One float16 shard per decoder layer of the full-depth model, plus one for everything else."""
+def write_shards(root: Path, depth: int = FULL_DEPTH) -> None:
+    """One float16 shard per decoder layer of the full-depth model, plus one for everything else; only the
+    first `depth` layers' shards are written (those of a deeper run are added by it)."""
     import transformers as tf
     from safetensors.torch import save_file
 
@@ -68,11 +70,11 @@ def write_shards(root: Path) -> None:
     with torch.device("meta"):
         skeleton = tf.AutoModelForCausalLM.from_config(llama7b_config(FULL_DEPTH))
     params = {name: tuple(p.shape) for name, p in skeleton.named_parameters()}
-    generator = torch.Generator().manual_seed(0)
-    for layer in [*range(FULL_DEPTH), None]:
+    for layer in [*range(depth), None]:
         path = root / shard_file(layer)
         if path.exists():
             continue
+        generator = torch.Generator().manual_seed(0 if layer is None else layer + 1)  # the same at any depth
         names = [
             n for n in params if (n.startswith(f"model.layers.{layer}.") if layer is not None else "layers." not in n)
         ]
@@ -163,7 +165,8 @@ def main() -> None:
     limits = {k: int(v) for k, v in (item.split("=") for item in args.max_layers_for)}
 
     tokenizer = train_tokenizer()
-    write_shards(args.work / "shards")
+    deepest = max((n for m in args.methods for n in args.layers if n <= limits.get(m, FULL_DEPTH)), default=0)
+    write_shards(args.work / "shards", deepest)
     for method in args.methods:
         for layers in sorted(args.layers):
             if layers > limits.get(method, FULL_DEPTH):

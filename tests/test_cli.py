@@ -248,3 +248,30 @@ def test_default_group_size(in_features: int, group: int) -> None:
     from anybit.config import default_group_size
 
     assert default_group_size(in_features) == group
+
+
+_TRITON_PROBE = """
+import sys
+from anybit.cli import _keep_triton_out_without_gpu
+_keep_triton_out_without_gpu()
+from transformers import LlamaForCausalLM  # pulls torch's compiler stack, which imports triton where it can
+from anybit.kernels import triton_available
+print(sys.modules.get("triton") is not None, triton_available())
+"""
+
+
+@pytest.mark.parametrize("interpret", ["0", "1"])
+def test_the_cli_keeps_triton_out_without_a_gpu(interpret) -> None:
+    """`anybit` on a machine without a GPU driver never loads triton (70 MB of the generate/bench footprint);
+    TRITON_INTERPRET=1, which runs the Triton kernels on the CPU, keeps it."""
+    from anybit.cli import GPU_DEVICE_FILES
+    from anybit.kernels import triton_available
+
+    if any(map(os.path.exists, GPU_DEVICE_FILES)):
+        pytest.skip("a GPU driver is present: triton stays")
+    if not triton_available():
+        pytest.skip("triton is not installed")
+    env = {**os.environ, "TRITON_INTERPRET": interpret}
+    done = subprocess.run([sys.executable, "-c", _TRITON_PROBE], capture_output=True, text=True, env=env, check=True)
+    loaded = interpret == "1"
+    assert done.stdout.split() == [str(loaded), str(loaded)], done.stdout

@@ -44,8 +44,10 @@ def test_smollm2_gptq_end_to_end(tmp_path) -> None:
     del in_transformers
     set_kernel(reloaded.model, "exact")  # the stored values: what the quality figures measure
     q = evaluate(reloaded.model, windows, progress=False)
-    # pinned: measured 24.2886 at these settings; 2 % catches a 5 % regression of the recipe or the protocol
-    assert q.ppl == pytest.approx(24.2886, rel=0.02), (fp.ppl, q.ppl)
+    # pinned: 24.2886 at these settings on an AMD EPYC, 25.2579 on an Intel Xeon (GPTQ on 2048 calibration
+    # tokens follows the CPU's float32 rounding that far); the band, 2 % beyond both, still catches a 5 %
+    # regression of the recipe or the protocol on the Intel machine and a 7 % one on the AMD
+    assert 24.2886 * 0.98 < q.ppl < 25.2579 * 1.02, (fp.ppl, q.ppl)
 
     # The fast CPU path (rounded activations; exact uniform grids) and the native decoder on the real model
     configure_runtime(reloaded, "fast", "int8")

@@ -89,7 +89,8 @@ def test_act_order_feedback_is_the_permuted_problem_solved_in_order() -> None:
 
 def test_damped_refit_stays_near_the_weights_when_the_inputs_span_few_directions() -> None:
     """4 calibration tokens for 64 columns: H is singular; undamped, the 16 entries fit those few directions
-    with values far outside the weights' range, damped they stay in it, and the damped objective still falls."""
+    with values outside the weights' range (how far depends on how the CPU rounds a near-singular solve: over 5×
+    on one machine, 1.7× on another), damped they stay in it, and the damped objective still falls."""
     gen = torch.Generator().manual_seed(3)
     X = torch.randn(4, 64, generator=gen)
     H = X.T @ X
@@ -97,7 +98,7 @@ def test_damped_refit_stays_near_the_weights_when_the_inputs_span_few_directions
     widths = torch.full((8,), 4)
     books = torch.linspace(-2, 2, 16).repeat(8, 1).half().float()
     codes = torch.bucketize(W, (books[0, 1:] + books[0, :-1]) / 2)
-    assert float(refit_codebooks(W, H, codes, books, widths).abs().max()) > 5 * float(W.abs().max())
+    assert float(refit_codebooks(W, H, codes, books, widths).abs().max()) > 1.5 * float(W.abs().max())
     refit = refit_codebooks(W, H, codes, books, widths, damp=0.01)
     assert float(refit.abs().max()) < float(W.abs().max())
     damped_H = H + 0.01 * torch.diagonal(H).mean() * torch.eye(64)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -702,7 +703,20 @@ def compare(
 
 def run() -> None:
     """Console-script entry point."""
+    _keep_triton_out_without_gpu()
     main(prog_name="anybit")
+
+
+GPU_DEVICE_FILES = ("/dev/nvidiactl", "/dev/kfd")  # NVIDIA's driver, AMD's (ROCm)
+
+
+def _keep_triton_out_without_gpu() -> None:
+    """On a machine without a GPU driver, keep triton out of the process: torch's compiler stack loads it (about
+    70 MB resident) as soon as transformers' modelling code is imported, and the CPU paths never use it.
+    `TRITON_INTERPRET=1` (the Triton kernels run by its interpreter on the CPU) keeps it. Decided from the
+    driver's device files, not by importing torch (which `anybit --help` does not need)."""
+    if os.environ.get("TRITON_INTERPRET") != "1" and not any(map(os.path.exists, GPU_DEVICE_FILES)):
+        sys.modules.setdefault("triton", None)  # `import triton` then raises ImportError; find_spec gives None
 
 
 if __name__ == "__main__":

@@ -232,8 +232,14 @@ def _layer_backward(
     supply.enter(layer)
     layer.to(device)
     weights = {name: get_submodule(layer, name).weight for name in adapter.linear_names}
+    # each weight's gradient is squared into its accumulator as soon as it is complete and then dropped, so
+    # that one weight's gradient at a time is alive, not the whole layer's
     for w in weights.values():
         w.requires_grad_(True)
+    hooks = [
+        w.register_post_accumulate_grad_hook(_square_into(fisher[f"{index}.{name}"], adapter.transposed_weights))
+        for name, w in weights.items()
+    ]
     upstream = torch.empty_like(inputs)
     try:
         if final is not None:
@@ -242,18 +248,30 @@ def _layer_backward(
             for i in range(inputs.shape[0]):
                 x = inputs[i : i + 1].detach().requires_grad_(True)
                 out = layer_output(layer(x, *args, **kwargs))
-                got = torch.autograd.grad(out, [x, *weights.values()], grads[i : i + 1])
-                upstream[i] = got[0][0]
-                for name, g in zip(weights, got[1:], strict=True):
-                    g = g.t() if adapter.transposed_weights else g
-                    fisher[f"{index}.{name}"].add_(g.float().square().cpu())
+                out.backward(grads[i : i + 1])
+                upstream[i] = x.grad[0]
         mine = {name: fisher[f"{index}.{name}"] for name in weights}
         if final is not None:
             final.after(index, layer, mine)
         release_file_pages(mine.values())  # accumulators in a mapped file: written back, out of the resident set
     finally:
+        for hook in hooks:
+            hook.remove()
         for w in weights.values():
             w.requires_grad_(False)
+            w.grad = None
         layer.to("cpu")
         supply.leave(layer)
     return upstream
+
+
+def _square_into(accumulator: torch.Tensor, transposed: bool):
+    """A post-accumulate-grad hook adding grad² to `accumulator` (on its device) and dropping the gradient."""
+
+    def hook(weight: torch.Tensor) -> None:
+        g = weight.grad.t() if transposed else weight.grad
+        g = g.to(accumulator.device, torch.float32)
+        accumulator.addcmul_(g, g)
+        weight.grad = None
+
+    return hook

@@ -98,4 +98,4 @@ def row_importance(stats: LayerStats, H: torch.Tensor, rows: int) -> torch.Tenso
     if stats.fisher is None:
         return torch.ones(rows, dtype=torch.float64)
     input_energy = torch.diagonal(H).double().sum().clamp(min=1e-30)
-    return stats.fisher.double().sum(dim=1).cpu() / input_energy.cpu()
+    return stats.fisher.sum(dim=1, dtype=torch.float64).cpu() / input_energy.cpu()  # no float64 copy of F

@@ -89,7 +89,7 @@ class SKIM(Method):
         if stats.plan is not None:  # planned by the model-wide allocation, which paid for the extras
             widths = stats.plan.widths.to(W.device, torch.long)
             books = stats.plan.books.to(W.device)  # the codebooks the allocation's errors were measured with
-            codes = assign(W, sorted_codebooks(books, widths)).long()
+            codes = assign(W, sorted_codebooks(books, widths)).to(torch.uint8)  # widths <= 8
             candidates = self._candidates(W, H, weights, mask, widths, codes, books, config)
         else:
             table = error_table(W, H, weights, candidate_widths(config.bits), kept=mask)
@@ -140,7 +140,7 @@ class SKIM(Method):
 
     @staticmethod
     def _loss(W, H, mask, codes, books, alpha) -> float:
-        W_hat = torch.gather(books, 1, codes)
+        W_hat = torch.gather(books, 1, codes.long())
         if alpha is not None:
             W_hat = W_hat / alpha
         if mask is not None:
@@ -149,7 +149,7 @@ class SKIM(Method):
 
     def _scaled(self, W, H, weights, mask, widths, codes, books) -> tuple:
         """(loss, widths, codes, books, α) after one SKIM alternation."""
-        new_codes, new_books, alpha = scale_columns(W, H, weights, widths, codes, books)
+        new_codes, new_books, alpha = scale_columns(W, H, weights, widths, codes.long(), books)
         return self._loss(W, H, mask, new_codes, new_books, alpha), widths, new_codes, new_books, alpha
 
     @staticmethod
