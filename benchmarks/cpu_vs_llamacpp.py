@@ -53,7 +53,7 @@ def run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
 def build_llamacpp() -> Path:
     """The directory holding llama.cpp's tools, built once into the cache."""
     root = cache_dir() / "llama.cpp" / SDIST.split("==")[1]
-    bin_dir = root / "build" / "bin"
+    bin_dir = root / "build-noamx" / "bin"
     if all((bin_dir / tool).is_file() for tool in TOOLS):
         return bin_dir
     root.mkdir(parents=True, exist_ok=True)
@@ -67,11 +67,24 @@ def build_llamacpp() -> Path:
             archive.extractall(source, filter="data")
     llama = next(source.glob("*/vendor/llama.cpp"))
     print(f"building {', '.join(TOOLS)} from {llama} (once)", file=sys.stderr, flush=True)
-    flags = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DBUILD_SHARED_LIBS=OFF",
-             "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DGGML_OPENMP=ON"]  # fmt: skip
-    run(["cmake", "-S", str(llama), "-B", str(root / "build"), *flags])
-    run(["cmake", "--build", str(root / "build"), "--config", "Release", "-j", "2", "--target", *TOOLS])
+    flags = ["-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DBUILD_SHARED_LIBS=OFF",
+             "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DGGML_OPENMP=ON", *isa_flags()]  # fmt: skip
+    build = bin_dir.parent
+    run(["cmake", "-S", str(llama), "-B", str(build), *flags])
+    run(["cmake", "--build", str(build), "--config", "Release", "-j", "2", "--target", *TOOLS])
     return bin_dir
+
+
+def isa_flags() -> list[str]:
+    """ggml's x86 instruction sets as this CPU has them, AMX excepted: with -march=native on a CPU with AMX,
+    ggml's AMX backend repacks Q4_0/Q8_0/Q4_K weights and llama-bench dies with SIGSEGV at the first product
+    (seen on this project's Intel Xeon machine; llama.cpp issue 20824, closed without a fix)."""
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    flags = set(next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), []))
+    wanted = {"GGML_AVX": "avx", "GGML_AVX2": "avx2", "GGML_FMA": "fma", "GGML_F16C": "f16c",
+              "GGML_AVX512": "avx512f", "GGML_AVX512_VBMI": "avx512vbmi", "GGML_AVX512_VNNI": "avx512_vnni",
+              "GGML_AVX512_BF16": "avx512_bf16", "GGML_AVX_VNNI": "avx_vnni", "GGML_BMI2": "bmi2"}  # fmt: skip
+    return ["-DGGML_NATIVE=OFF", *(f"-D{option}={'ON' if flag in flags else 'OFF'}" for option, flag in wanted.items())]
 
 
 def make_ggufs(bin_dir: Path, types: list[str], threads: int) -> dict[str, Path]:
@@ -144,7 +157,13 @@ def main() -> None:
     bin_dir = build_llamacpp()
     ggufs = make_ggufs(bin_dir, args.types.split(","), args.threads)
     for kind, gguf in ggufs.items():
-        record = {"runtime": "llama.cpp", "model": kind, **llama_bench(bin_dir, gguf, args.threads)}
+        try:
+            measured = llama_bench(bin_dir, gguf, args.threads)
+        except SystemExit as failure:  # recorded, and the other models still run
+            print(failure, file=sys.stderr, flush=True)
+            log_result("cpu_vs_llamacpp", {"runtime": "llama.cpp", "model": kind, "error": str(failure)})
+            continue
+        record = {"runtime": "llama.cpp", "model": kind, **measured}
         log_result("cpu_vs_llamacpp", {**record, **perplexity(str(gguf), args.ppl_windows)})
     for model in ["smollm2-135m", *args.anybit_dirs]:
         record = {"runtime": "anybit", "model": model, **anybit_bench(model, args.threads)}
