@@ -165,27 +165,24 @@ def main() -> None:
     limits = {k: int(v) for k, v in (item.split("=") for item in args.max_layers_for)}
 
     tokenizer = train_tokenizer()
-    deepest = max((n for m in args.methods for n in args.layers if n <= limits.get(m, FULL_DEPTH)), default=0)
-    write_shards(args.work / "shards", deepest)
-    for method in args.methods:
-        for layers in sorted(args.layers):
-            if layers > limits.get(method, FULL_DEPTH):
-                continue
-            model = model_dir(args.work, layers, tokenizer)
-            source_bytes = dir_bytes(model)
-            out = args.work / f"out-{method}-{layers}l"
-            start = time.perf_counter()
-            measured = quantize(model, out, method, args.nsamples, args.seqlen)
-            info = json.loads((out / "anybit.json").read_text())
-            log_result("scale", {
-                "method": method, "layers": layers,
-                "quantized_weights": info["quantized_weights"], "bits_per_weight": info["bits_per_weight"],
-                "source_gb": source_bytes / 1e9, "output_gb": dir_bytes(out) / 1e9,
-                "seconds": measured["seconds"], "process_seconds": time.perf_counter() - start,
-                "peak_rss_mb": measured["peak_rss_mb"], "nsamples": args.nsamples, "seqlen": args.seqlen,
-                "quantize_command": " ".join(measured["argv"]),
-            })  # fmt: skip
-            shutil.rmtree(out)
+    runs = [(m, n) for m in args.methods for n in sorted(args.layers) if n <= limits.get(m, FULL_DEPTH)]
+    write_shards(args.work / "shards", max((n for _, n in runs), default=0))
+    for method, layers in runs:
+        model = model_dir(args.work, layers, tokenizer)
+        source_bytes = dir_bytes(model)
+        out = args.work / f"out-{method}-{layers}l"
+        start = time.perf_counter()
+        measured = quantize(model, out, method, args.nsamples, args.seqlen)
+        info = json.loads((out / "anybit.json").read_text())
+        log_result("scale", {
+            "method": method, "layers": layers,
+            "quantized_weights": info["quantized_weights"], "bits_per_weight": info["bits_per_weight"],
+            "source_gb": source_bytes / 1e9, "output_gb": dir_bytes(out) / 1e9,
+            "seconds": measured["seconds"], "process_seconds": time.perf_counter() - start,
+            "peak_rss_mb": measured["peak_rss_mb"], "nsamples": args.nsamples, "seqlen": args.seqlen,
+            "quantize_command": " ".join(measured["argv"]),
+        })  # fmt: skip
+        shutil.rmtree(out)
 
 
 if __name__ == "__main__":
