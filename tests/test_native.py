@@ -10,10 +10,12 @@ import transformers as tf
 from anybit.bench import _cache_argument, decode_speed
 from anybit.generate import _native_tokens
 from anybit.kernels import cpu_fast
+from anybit.model.checkpoint import load_quantized, save_quantized
 from anybit.quant.uniform import rtn_quantize
 from anybit.runtime.dec import compensation, quantize_residual
 from anybit.runtime.head import QuantEmbedding, quantize_head
 from anybit.runtime.native import LINEARS, PATHS, NativeDecoder, native_or_warn, native_unavailable
+from anybit.runtime.native_model import load_native
 from anybit.runtime.qlinear import QuantLinear, quant_linears
 from conftest import tiny_config
 from qtensors import codebook_tensor
@@ -22,6 +24,7 @@ if reason := cpu_fast.unavailable(codebook_tensor(8, 64, 64, (2,))):
     pytest.skip(f"no fast CPU kernel here: {reason}", allow_module_level=True)
 
 VOCAB = 300
+INFO = {"method": "test", "source": "random", "config": {}}  # what anybit.json needs beyond the layers
 WIDE = dict(hidden_size=128, intermediate_size=256)  # multiples of 64: every linear on the fast kernel
 
 
@@ -61,7 +64,7 @@ def _eager_greedy(model: torch.nn.Module, ids: torch.Tensor, steps: int) -> tupl
     return tokens, logits
 
 
-@pytest.mark.parametrize(
+SERVED = pytest.mark.parametrize(
     "family,overrides",
     [
         ("llama", {}),
@@ -72,6 +75,9 @@ def _eager_greedy(model: torch.nn.Module, ids: torch.Tensor, steps: int) -> tupl
     ],
     ids=["llama", "llama-tied", "mistral-window", "qwen2-bias", "qwen3-qk-norm"],
 )
+
+
+@SERVED
 def test_native_decoding_gives_the_eager_models_greedy_tokens(family: str, overrides: dict) -> None:
     model = _quantized(family, **overrides)
     quantize_head(model, "int8")
@@ -194,9 +200,10 @@ def test_rtn_rounds_a_chunk_of_rows_at_a_time_as_at_once(monkeypatch) -> None:
     assert chunked.to_tensors().keys() == whole.to_tensors().keys()
 
 
-def test_generate_and_bench_run_native_by_default(tiny_tokenizer, tmp_path) -> None:
+def test_generate_and_bench_run_native_by_default(tiny_tokenizer, corpus_file, tmp_path) -> None:
     """A quantized directory whose linears the fast kernel serves: `generate` gives the eager loop's greedy
-    text, `bench` reports the native decoder, the fast kernel and the 8-bit head."""
+    text, `bench` reports the native decoder, the fast kernel and the 8-bit head, loaded without transformers'
+    model code, with and without dynamic error compensation."""
     import json
 
     from click.testing import CliRunner
@@ -212,7 +219,8 @@ def test_generate_and_bench_run_native_by_default(tiny_tokenizer, tmp_path) -> N
     tiny_tokenizer.save_pretrained(source)
     quantized = str(tmp_path / "q")
     runner = CliRunner()
-    done = runner.invoke(main, ["quantize", str(source), "--method", "rtn", "--bits", "4", "--out", quantized])
+    done = runner.invoke(main, ["quantize", str(source), "--method", "rtn", "--bits", "4", "--out", quantized,
+                                "--residual", "--calib", str(corpus_file), "--seqlen", "32", "--nsamples", "2"])  # fmt: skip
     assert done.exit_code == 0, done.output
     prompt = ["--prompt", "The history of", "--max-new-tokens", "10"]
     native = runner.invoke(main, ["generate", quantized, *prompt])
@@ -224,4 +232,64 @@ def test_generate_and_bench_run_native_by_default(tiny_tokenizer, tmp_path) -> N
     assert bench.exit_code == 0, bench.output
     result = json.loads(bench.stdout.strip().splitlines()[-1])
     assert (result["decoder"], result["kernel"], result["head"]) == ("native", "auto", "int8")
+    assert result["loader"] == "native"  # no transformers model code for a served directory
     assert result["kernel_bytes"] > 0 and result["head_bits_per_weight"] > 8
+    bench = runner.invoke(main, ["bench", quantized, "--json", "--prompt-tokens", "8", "--new-tokens", "4",
+                                 "--repeats", "1", "--dec", "8"])  # fmt: skip
+    assert bench.exit_code == 0, bench.output
+    result = json.loads(bench.stdout.strip().splitlines()[-1])
+    assert (result["decoder"], result["loader"], result["dec"]) == ("native", "native", 8)
+
+
+@SERVED
+def test_loading_without_transformers_decodes_as_the_full_loader(
+    family: str, overrides: dict, tiny_tokenizer, tmp_path
+) -> None:
+    """`load_native` (plain modules, no Hugging Face model code) gives the parameters of transformers' model
+    and, on the native decoder, the same logits bit for bit."""
+    save_quantized(_quantized(family, **overrides), tiny_tokenizer, tmp_path / "q", INFO)
+    light, _ = load_native(tmp_path / "q")
+    full, _, _ = load_quantized(tmp_path / "q", head="int8")
+    shapes = {name: tuple(t.shape) for name, t in full.state_dict().items()}
+    assert {name: tuple(t.shape) for name, t in light.state_dict().items()} == shapes
+    prompt = torch.randint(0, VOCAB, (7,), generator=torch.Generator().manual_seed(3))
+    expected = NativeDecoder(full, 16).forward(prompt)
+    assert torch.equal(NativeDecoder(light, 16).forward(prompt), expected)
+
+
+def test_loading_without_transformers_checks_what_it_reads(tmp_path) -> None:
+    """A damaged directory is refused by the light loader as by the full one; a config it does not compute
+    (a scaled rope) is left to transformers."""
+    import json
+
+    from anybit.errors import AnybitError
+    from anybit.runtime.native_model import load_for_native
+
+    directory = tmp_path / "q"
+    save_quantized(_quantized("llama"), None, directory, INFO)
+    weights = directory / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(AnybitError, match="corrupt"):
+        load_native(directory)
+    config = json.loads((directory / "config.json").read_text())
+    config["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0}
+    (directory / "config.json").write_text(json.dumps(config))
+    assert load_for_native(str(directory), torch.float32, "int8", "auto") is None
+
+
+def test_loading_for_the_native_decoder_imports_no_model_code(tmp_path) -> None:
+    """The point of the light loader: neither transformers nor what its model code drags in (sympy,
+    torch._dynamo, about 100 MB resident) is imported."""
+    import subprocess
+    import sys
+
+    save_quantized(_quantized("qwen3", head_dim=32), None, tmp_path / "q", INFO)
+    script = (
+        "import sys, torch; from anybit.runtime.native_model import load_for_native; "
+        f"loaded = load_for_native({str(tmp_path / 'q')!r}, torch.float32, 'int8', 'auto'); "
+        "assert loaded is not None; "
+        "print(sorted(m for m in ('transformers', 'sympy', 'torch._dynamo') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -539,7 +539,15 @@ def bench(
     check_device(device)
     if cuda_graph and not device.startswith("cuda"):
         raise AnybitError("--cuda-graph needs --device cuda")
-    loaded = load_model(model, dtype=getattr(torch, compute_dtype(dtype, device)), head=head)
+    torch_dtype = getattr(torch, compute_dtype(dtype, device))
+    loaded = None
+    if decoder == "native" and device == "cpu" and not (dense_cache or cuda_graph):
+        from anybit.runtime.native_model import load_for_native
+
+        loaded = load_for_native(model, torch_dtype, head, kernel)  # no transformers: about 100 MB less
+    loader = "transformers" if loaded is None else "native"
+    if loaded is None:
+        loaded = load_model(model, dtype=torch_dtype, head=head)
     loaded.model.to(device)
     head_info = configure_runtime(loaded, kernel, head)
     dec_context = dec_compensation(loaded, dec, dec_static, dec_score)
@@ -549,6 +557,7 @@ def bench(
             decoder="eager" if dense_cache else decoder,
         )  # fmt: skip
     out = {"model": model, **result.to_dict(), "dense_cache": dense_cache, "kernel": kernel}
+    out["loader"] = loader
     out.update(head=head_info.kind, head_bits_per_weight=head_info.bits_per_weight, head_weights=head_info.weights)
     out.update(dec=None if dec is None else dec.to_json(), dec_static=dec_static, dec_score=dec_score)
     if as_json:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from anybit.format.packing import pack_codes, packed_nbytes, unpack_codes
+from anybit.memory import release_file_pages
 from anybit.quant.grid import dequantize_from_grid
 
 KINDS = ("uniform", "codebook")
@@ -367,9 +368,18 @@ FINITE_CHUNK = 1 << 22  # values checked at once: the check's temporaries stay a
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
-    """Whether no value of `tensor` is NaN or infinite, checked a chunk at a time."""
+    """Whether no value of `tensor` is NaN or infinite, checked a chunk at a time. Where a tensor of several
+    chunks maps a file, each chunk's pages are handed back once checked (`memory.release_file_pages`): a
+    check leaves nothing resident."""
     flat = tensor.reshape(-1)
-    return all(bool(torch.isfinite(flat[i : i + FINITE_CHUNK]).all()) for i in range(0, flat.numel(), FINITE_CHUNK))
+    chunked = flat.numel() > FINITE_CHUNK
+    for start in range(0, flat.numel(), FINITE_CHUNK):
+        chunk = flat[start : start + FINITE_CHUNK]
+        if not bool(torch.isfinite(chunk).all()):
+            return False
+        if chunked:
+            release_file_pages([chunk])
+    return True
 
 
 class _StoredTensors:

@@ -183,18 +183,15 @@ def load_quantized(
 ) -> tuple[nn.Module, object, dict]:
     """The model (with QuantLinear layers) and tokenizer stored in `path`, and its anybit.json.
 
-    Everything stored is checked before any kernel sees it: each packed tensor against its layout, each
-    other tensor against the architecture's parameter of that name, and the counted bits against the
-    figures anybit.json claims. Anything that does not fit is an AnybitError naming the tensor.
-    With `head="int8"` the embedding and output head are packed to 8 bits (`runtime.head`) straight from
-    their stored values, never held in `dtype`.
+    Everything stored is checked before any kernel sees it (`fill_quantized`). With `head="int8"` the
+    embedding and output head are packed to 8 bits (`runtime.head`) straight from their stored values, never
+    held in `dtype`.
     """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
-    info = read_quant_info(path)
-    tensors = dict(iter_tensors(path, weight_files(path)))  # the packed model: never a dense copy
+    info, tensors = read_checkpoint(path)
     try:
         config = AutoConfig.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -203,6 +200,22 @@ def load_quantized(
     get_adapter(config.model_type)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    fill_quantized(model, path, info, tensors, dtype, head)
+    return model, tokenizer, info
+
+
+def read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A quantized directory's anybit.json and its stored tensors, memory-mapped (never a dense copy)."""
+    return read_quant_info(path), dict(iter_tensors(path, weight_files(path)))
+
+
+def fill_quantized(
+    model: nn.Module, path: Path, info: dict, tensors: dict[str, torch.Tensor], dtype: torch.dtype, head: str
+) -> None:
+    """Fill a model skeleton (parameters on the meta device) from a quantized directory's stored tensors:
+    QuantLinears where anybit.json names a layer, every other tensor into its parameter, each checked against
+    its layout or its parameter, and the counted bits against anybit.json's claims; anything that does not
+    fit is an AnybitError naming the tensor. With `head="int8"` the embedding and head are packed to 8 bits."""
     packed_later = _head_names(model) if head == "int8" else set()
     try:
         _install_quantized(model, info, tensors, dtype)
@@ -210,7 +223,7 @@ def load_quantized(
         check_counted_bits(model, info)
     except (KeyError, ValueError) as exc:
         raise AnybitError(f"corrupt quantized checkpoint {path}: {exc}") from exc
-    if getattr(config, "tie_word_embeddings", False):
+    if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
     leftover = [n for n, p in model.named_parameters() if p.is_meta]
     if leftover:
@@ -222,7 +235,6 @@ def load_quantized(
         return_freed_memory()
     model.eval()
     model.requires_grad_(False)
-    return model, tokenizer, info
 
 
 def _install_quantized(model: nn.Module, info: dict, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
