@@ -144,10 +144,11 @@ class _TableCollector:
         inputs, self._inputs = self._inputs, None
         inputs.remove()
         for name in self.adapter.linear_names:
-            stats = inputs.stats[name]
+            stats = inputs.stats.pop(name)  # a group's XᵀX is freed after its last linear
             stats.fisher = fisher[name]
-            W = self.adapter.weight_of(get_submodule(layer, name)).clone()
+            W = self.adapter.weight_of(get_submodule(layer, name))  # read only: no copy
             self.tables[f"{index}.{name}"] = self.method.row_table(W, stats, self.config)
+            release_file_pages([stats.fisher])  # mapped accumulators: one linear's resident at a time
 
 
 def _linear_shapes(model: nn.Module, adapter: Adapter) -> list[tuple[str, tuple[int, int]]]:

@@ -28,7 +28,7 @@ ERROR_TABLE_CHUNK_ELEMENTS = 1 << 22  # weights whose rows `error_table` cluster
 class ErrorTable:
     widths: list[int]  # candidate widths, ascending
     errors: torch.Tensor  # (rows, len(widths)) layer-wise error of each row at each width
-    codes: list[torch.Tensor]  # per width: (rows, cols) uint8 K-means codes
+    codes: list[torch.Tensor]  # per width: (rows, cols) uint8 K-means codes; empty where not asked for
     centroids: list[torch.Tensor]  # per width: (rows, 2**b) centroids
 
 
@@ -43,12 +43,14 @@ def error_table(
     weights: torch.Tensor | None,
     widths: list[int],
     kept: torch.Tensor | None = None,
+    with_codes: bool = True,
 ) -> ErrorTable:
     """K-means every row at every width (batched over rows) and measure δᵀHδ per row.
 
     `kept` marks weights stored exactly (sparse outliers): their error is zero. Rows are independent, so
     they are taken ERROR_TABLE_CHUNK_ELEMENTS weights at a time: the K-means state of every width for a large
-    matrix (several bytes per weight per width) never exists at once.
+    matrix (several bytes per weight per width) never exists at once. Without `with_codes` the codes (a byte
+    per weight per width) are dropped chunk by chunk: an allocation that needs only errors and codebooks.
     """
     rows, cols = W.shape
     step = max(1, ERROR_TABLE_CHUNK_ELEMENTS // max(1, cols))
@@ -59,19 +61,25 @@ def error_table(
             None if weights is None else weights.expand_as(W)[start : start + step],
             widths,
             None if kept is None else kept[start : start + step],
+            with_codes,
         )
         for start in range(0, rows, step)
     ]
     return ErrorTable(
         widths,
         torch.cat([p.errors for p in parts]),
-        [torch.cat([p.codes[i] for p in parts]) for i in range(len(widths))],
+        [torch.cat([p.codes[i] for p in parts]) for i in range(len(widths))] if with_codes else [],
         [torch.cat([p.centroids[i] for p in parts]) for i in range(len(widths))],
     )
 
 
 def _error_table_rows(
-    W: torch.Tensor, H: torch.Tensor, weights: torch.Tensor | None, widths: list[int], kept: torch.Tensor | None
+    W: torch.Tensor,
+    H: torch.Tensor,
+    weights: torch.Tensor | None,
+    widths: list[int],
+    kept: torch.Tensor | None,
+    with_codes: bool,
 ) -> ErrorTable:
     errors, codes, centroids = [], [], []
     fits = fit_codebooks(W, weights, widths)
@@ -82,7 +90,8 @@ def _error_table_rows(
         if kept is not None:
             delta = delta.masked_fill(kept, 0.0)
         errors.append(((delta @ H) * delta).sum(dim=1))
-        codes.append(result.codes.to(torch.uint8))
+        if with_codes:
+            codes.append(result.codes.to(torch.uint8))
         centroids.append(cents)
     return ErrorTable(widths, torch.stack(errors, dim=1), codes, centroids)
 

@@ -77,7 +77,7 @@ class SKIM(Method):
         """Each row's layer-wise error at each width, times its output importance (see `row_importance`)."""
         rows, cols = W.shape
         H, weights, mask, outliers = self._prepare(W, stats, config)
-        table = error_table(W, H, weights, candidate_widths(config.bits), kept=mask)
+        table = error_table(W, H, weights, candidate_widths(config.bits), kept=mask, with_codes=False)
         errors = table.errors.double().cpu() * row_importance(stats, H, rows)[:, None]  # all tables meet on CPU
         fixed = self._fixed_bits(rows, cols, outliers, config)
         books = [c.to("cpu", torch.float16) for c in table.centroids]  # reused by the second pass: no refit
