@@ -201,8 +201,8 @@ def test_rtn_rounds_a_chunk_of_rows_at_a_time_as_at_once(monkeypatch) -> None:
 
 
 def test_generate_and_bench_run_native_by_default(tiny_tokenizer, corpus_file, tmp_path) -> None:
-    """A quantized directory whose linears the fast kernel serves: `generate` gives the eager loop's greedy
-    text, `bench` reports the native decoder, the fast kernel and the 8-bit head, loaded without transformers'
+    """A quantized directory whose linears the fast kernel serves: `generate` (loaded without transformers'
+    model code) gives the eager loop's greedy text (loaded through transformers), `bench` reports the native decoder, the fast kernel and the 8-bit head, loaded without transformers'
     model code, with and without dynamic error compensation."""
     import json
 
@@ -277,18 +277,18 @@ def test_loading_without_transformers_checks_what_it_reads(tmp_path) -> None:
     assert load_for_native(str(directory), torch.float32, "int8", "auto") is None
 
 
-def test_loading_for_the_native_decoder_imports_no_model_code(tmp_path) -> None:
-    """The point of the light loader: neither transformers nor what its model code drags in (sympy,
-    torch._dynamo, about 100 MB resident) is imported."""
+def test_loading_for_the_native_decoder_imports_no_model_code(tiny_tokenizer, tmp_path) -> None:
+    """The point of the light loader: neither transformers' model code nor what it drags in (sympy,
+    torch._dynamo, about 100 MB resident) is imported; its tokenizer class is, which needs none of it."""
     import subprocess
     import sys
 
-    save_quantized(_quantized("qwen3", head_dim=32), None, tmp_path / "q", INFO)
+    save_quantized(_quantized("qwen3", head_dim=32), tiny_tokenizer, tmp_path / "q", INFO)
     script = (
         "import sys, torch; from anybit.runtime.native_model import load_for_native; "
-        f"loaded = load_for_native({str(tmp_path / 'q')!r}, torch.float32, 'int8', 'auto'); "
-        "assert loaded is not None; "
-        "print(sorted(m for m in ('transformers', 'sympy', 'torch._dynamo') if m in sys.modules))"
+        f"loaded = load_for_native({str(tmp_path / 'q')!r}, torch.float32, 'int8', 'auto', tokenizer=True); "
+        "assert loaded is not None and loaded.tokenizer('the history of').input_ids; "
+        "print(sorted(m for m in sys.modules if m in ('sympy', 'torch._dynamo') or '.modeling_' in m))"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr

@@ -478,6 +478,8 @@ def generate(
     """Generate text with MODEL (a model spec or a quantized DIR), streaming it to stdout."""
     from contextlib import nullcontext
 
+    import torch
+
     from anybit.generate import check_prompt
     from anybit.generate import generate as run_generation
     from anybit.model.loading import load_model
@@ -486,7 +488,13 @@ def generate(
 
     check_device(device)
     check_prompt(prompt)
-    loaded = load_model(model, head=head)
+    loaded = None
+    if decoder == "native" and device == "cpu" and not dense_cache:
+        from anybit.runtime.native_model import load_for_native
+
+        loaded = load_for_native(model, torch.float32, head, kernel, tokenizer=True)  # about 100 MB less
+    if loaded is None:
+        loaded = load_model(model, head=head)
     loaded.model.to(device)
     configure_runtime(loaded, kernel, head)
     dec_context = dec_compensation(loaded, dec, dec_static, dec_score)

@@ -146,6 +146,8 @@ class NativeSkeleton(nn.Module):
         super().__init__()
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.config = config
+        # what ends a generation, as Hugging Face derives it from config.json (`generate._eos_ids`)
+        self.generation_config = SimpleNamespace(eos_token_id=getattr(config, "eos_token_id", None))
         self.model = _Body(config, head_dim)
         self.lm_head = _linear(config.vocab_size, config.hidden_size)
 
@@ -186,9 +188,12 @@ def load_native(
     return model, info
 
 
-def load_for_native(spec: str, dtype: torch.dtype, head: str, kernel: str) -> LoadedModel | None:
-    """`spec` loaded without transformers where it is a quantized directory the native decoder serves with
-    `kernel` (`runtime.qlinear.KERNELS`); None otherwise: the caller loads it through transformers."""
+def load_for_native(
+    spec: str, dtype: torch.dtype, head: str, kernel: str, tokenizer: bool = False
+) -> LoadedModel | None:
+    """`spec` loaded without transformers' model code where it is a quantized directory the native decoder
+    serves with `kernel` (`runtime.qlinear.KERNELS`), with its fast tokenizer if asked (transformers'
+    tokenizer class, which imports none of it); None otherwise: the caller loads it through transformers."""
     from anybit.model.loading import LoadedModel, resolve_spec
     from anybit.runtime.native import native_unavailable
     from anybit.runtime.qlinear import set_kernel
@@ -196,8 +201,19 @@ def load_for_native(spec: str, dtype: torch.dtype, head: str, kernel: str) -> Lo
     kind, path = resolve_spec(spec)
     if kind != "quantized" or native_skeleton_unavailable(read_config(path)):
         return None
+    if tokenizer and not (path / "tokenizer.json").is_file():
+        return None  # a slow tokenizer: AutoTokenizer's choice of class, through transformers
     model, info = load_native(path, dtype, head)
     set_kernel(model, kernel)
     if native_unavailable(model):
         return None
-    return LoadedModel(model, None, spec, kind, info)
+    return LoadedModel(model, _fast_tokenizer(path) if tokenizer else None, spec, kind, info)
+
+
+def _fast_tokenizer(path: Path):
+    from transformers import PreTrainedTokenizerFast
+
+    try:
+        return PreTrainedTokenizerFast.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise AnybitError(f"cannot read the tokenizer in {path}: {exc}") from exc
