@@ -11,7 +11,8 @@ importance matrix computed on the calibration text (WikiText-2 validation).
 Then, in one run, with the same thread count, batch 1, a 64-token prompt and 128 new tokens: llama-bench on
 each GGUF, and `anybit bench --dtype float32` (its defaults: fast kernel, native decoder, 8-bit embedding
 and head for quantized directories) on the dense reference model and on each ANYBIT_DIR; each in
-a fresh process under /usr/bin/time for its peak resident memory. With --ppl-windows N, each model's
+a fresh process under /usr/bin/time for its peak resident memory; for anybit also the peak of `anybit
+generate` (its defaults, 128 new tokens of a short prompt). With --ppl-windows N, each model's
 perplexity by anybit's protocol on the first N WikiText-2 test windows (`anybit eval` reads the GGUFs too;
 for anybit's directories, with the kernel and head the speed run used). With --dec K, each anybit directory
 with residuals (`anybit residual DIR`) is run again with dynamic error compensation.
@@ -132,8 +133,15 @@ def anybit_bench(model: str, threads: int, options: list[str] = ()) -> dict:
                        "--new-tokens", "128", *options], threads)  # fmt: skip
     result = json.loads(out.strip().splitlines()[-1])
     keys = ("prefill_tokens_per_s", "decode_tokens_per_s", "decoder", "kernel", "tensor_bytes", "kernel_bytes",
-            "head", "head_bits_per_weight")  # fmt: skip
+            "head", "head_bits_per_weight", "loader")  # fmt: skip
     return {"peak_rss_mb": peak, **{key: result[key] for key in keys}}
+
+
+def anybit_generate_peak(model: str, threads: int) -> dict:
+    """Peak resident memory of `anybit generate` as a user runs it (its defaults), 128 new tokens."""
+    _, peak = timed([str(ANYBIT), "generate", model, "--prompt", "The history of the city begins",
+                     "--max-new-tokens", "128"], threads)  # fmt: skip
+    return {"generate_peak_rss_mb": peak}
 
 
 def perplexity(model: str, windows: int, runtime: list[str] = ()) -> dict:
@@ -167,6 +175,7 @@ def main() -> None:
         log_result("cpu_vs_llamacpp", {**record, **perplexity(str(gguf), args.ppl_windows)})
     for model in ["smollm2-135m", *args.anybit_dirs]:
         record = {"runtime": "anybit", "model": model, **anybit_bench(model, args.threads)}
+        record.update(anybit_generate_peak(model, args.threads))
         runtime = ["--kernel", record["kernel"], "--head", record["head"]]
         log_result("cpu_vs_llamacpp", {**record, **perplexity(model, args.ppl_windows, runtime)})
         if args.dec and (Path(model) / RESIDUAL_FILE).is_file():
