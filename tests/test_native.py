@@ -259,7 +259,7 @@ def test_loading_without_transformers_decodes_as_the_full_loader(
 
 def test_loading_without_transformers_checks_what_it_reads(tmp_path) -> None:
     """A damaged directory is refused by the light loader as by the full one; a config it does not compute
-    (a scaled rope) is left to transformers."""
+    (a scaled rope) or whose values it cannot use is left to transformers (and its checks)."""
     import json
 
     from anybit.errors import AnybitError
@@ -272,9 +272,11 @@ def test_loading_without_transformers_checks_what_it_reads(tmp_path) -> None:
     with pytest.raises(AnybitError, match="corrupt"):
         load_native(directory)
     config = json.loads((directory / "config.json").read_text())
-    config["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0}
-    (directory / "config.json").write_text(json.dumps(config))
-    assert load_for_native(str(directory), torch.float32, "int8", "auto") is None
+    unusual = [{"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, {"num_attention_heads": 0},
+               {"head_dim": "16"}, {"rms_norm_eps": None}, {"num_key_value_heads": True}]  # fmt: skip
+    for change in unusual:
+        (directory / "config.json").write_text(json.dumps({**config, **change}))
+        assert load_for_native(str(directory), torch.float32, "int8", "auto") is None, change
 
 
 def test_loading_for_the_native_decoder_imports_no_model_code(tiny_tokenizer, tmp_path) -> None:

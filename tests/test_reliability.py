@@ -282,6 +282,36 @@ def test_a_checkpoint_missing_or_damaging_a_weight_is_refused(tiny_llama_dir, ed
     assert not (tmp_path / "q").exists()
 
 
+def _with_config(directory: Path, dst: Path, change: dict) -> Path:
+    shutil.copytree(directory, dst)
+    config = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**config, **change}))
+    return dst
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"num_attention_heads": 0}, {"hidden_size": -64}, {"num_hidden_layers": "two"}, {"rms_norm_eps": None}],
+    ids=["zero-heads", "negative-size", "text", "null"],
+)
+def test_config_values_no_model_can_have_are_one_line(quantized, tiny_llama_dir, change, corpus_file, tmp_path):
+    """config.json values transformers cannot build a model from (its checks raise anything from ValueError
+    to ZeroDivisionError): one line naming the directory, for a source and for a quantized directory, on
+    every command that loads one; nothing written."""
+    source = _with_config(tiny_llama_dir, tmp_path / "source", change)
+    result = _quantize(source, tmp_path / "q")
+    assert result.exit_code != 0 and "Traceback" not in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and str(source) in result.output, result.output
+    assert not (tmp_path / "q").exists()
+    damaged = _with_config(quantized["gptq"], tmp_path / "damaged", change)
+    for command in (["eval", damaged, "--dataset", corpus_file, "--seqlen", 32, "--max-windows", 1],
+                    ["bench", damaged, "--prompt-tokens", 4, "--new-tokens", 2, "--repeats", 1],
+                    ["generate", damaged, "--prompt", "The history", "--max-new-tokens", 2]):  # fmt: skip
+        result = _run(*command)
+        assert result.exit_code != 0 and "Traceback" not in result.output, (command[0], result.output)
+        assert len(result.output.strip().splitlines()) == 1 and str(damaged) in result.output, result.output
+
+
 def test_damaged_shards_are_refused(tiny_llama_dir, tmp_path) -> None:
     source = tmp_path / "m"
     shutil.copytree(tiny_llama_dir, source)

@@ -187,19 +187,19 @@ def load_quantized(
     embedding and output head are packed to 8 bits (`runtime.head`) straight from their stored values, never
     held in `dtype`.
     """
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
+
+    from anybit.model.sources import first_line, weightless_model
 
     path = Path(path)
     info, tensors = read_checkpoint(path)
     try:
         config = AutoConfig.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise AnybitError(f"cannot read the model config or tokenizer in {path}: {exc}") from exc
+    except Exception as exc:  # transformers' own checks raise many kinds (ValueError, ZeroDivisionError, ...)
+        raise AnybitError(f"cannot read the model config or tokenizer in {path}: {first_line(exc)}") from None
     get_adapter(config.model_type)
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = weightless_model(config, dtype, f"cannot build the model of {path}")
     fill_quantized(model, path, info, tensors, dtype, head)
     return model, tokenizer, info
 

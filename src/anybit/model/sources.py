@@ -278,10 +278,22 @@ def hf_location(kind: str, path: Path) -> tuple[Path, dict]:
     return (path, {}) if kind == "hf" else (path.parent, {"gguf_file": path.name})
 
 
+def weightless_model(config, dtype: torch.dtype, what: str) -> nn.Module:
+    """The model `config` describes, its parameters on the meta device; a config transformers cannot build a
+    model from is an AnybitError starting with `what`."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with init_empty_weights(include_buffers=False):
+            return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except Exception as exc:  # transformers' own checks raise many kinds (ValueError, ZeroDivisionError, ...)
+        raise AnybitError(f"{what}: {first_line(exc)}") from None
+
+
 def open_skeleton(kind: str, path: Path) -> Skeleton:
     """The weightless model of a Hugging Face directory or GGUF file and its weight source, checked."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     where, kwargs = hf_location(kind, path)
     try:
@@ -290,8 +302,7 @@ def open_skeleton(kind: str, path: Path) -> Skeleton:
         what = f"corrupt GGUF file {path}" if kind == "gguf" else f"cannot read {path / 'config.json'}"
         raise AnybitError(f"{what}: {first_line(exc)}") from None
     get_adapter(config.model_type)
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = weightless_model(config, torch.float32, f"cannot build the model of {path}")
     model.tie_weights()
     model.eval()
     model.requires_grad_(False)

@@ -56,11 +56,21 @@ def native_skeleton_unavailable(config: SimpleNamespace) -> str:
     kind, theta = _rope(config)
     if kind not in ROPE_SERVED:
         return f"rope type {kind}"
-    if theta is None:
-        return "no rope_theta in config.json"
+    if not _positive(theta, (int, float)):
+        return "no usable rope_theta in config.json"
+    if not _positive(getattr(config, "rms_norm_eps", None), (int, float)):
+        return "no usable rms_norm_eps in config.json"
     required = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
-    missing = [key for key in required if not isinstance(getattr(config, key, None), int)]
-    return f"config.json lacks {', '.join(missing)}" if missing else ""
+    optional = ("num_key_value_heads", "head_dim")
+    bad = [key for key in required if not _positive(getattr(config, key, None), int)]
+    bad += [
+        key for key in optional if getattr(config, key, None) is not None and not _positive(getattr(config, key), int)
+    ]
+    return f"config.json has no usable {', '.join(bad)}" if bad else ""
+
+
+def _positive(value: object, kinds: tuple[type, ...] | type) -> bool:
+    return isinstance(value, kinds) and not isinstance(value, bool) and value > 0
 
 
 class RotaryTables(nn.Module):
