@@ -223,7 +223,9 @@ def load_for_native(
 def _fast_tokenizer(path: Path):
     from transformers import PreTrainedTokenizerFast
 
+    from anybit.model.sources import first_line
+
     try:
         return PreTrainedTokenizerFast.from_pretrained(path)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise AnybitError(f"cannot read the tokenizer in {path}: {exc}") from exc
+    except Exception as exc:  # the tokenizers library raises its own kinds for a damaged file
+        raise AnybitError(f"cannot read the tokenizer in {path}: {first_line(exc)}") from None
