@@ -444,6 +444,22 @@ def eval_cmd(model: str, kl: bool, reference: str | None, as_json: bool, **kwarg
     click.echo(line)
 
 
+def _load_to_decode(
+    spec: str, dtype, head: str, kernel: str, device: str, native: bool, tokenizer: bool = True
+) -> tuple[object, str]:
+    """The model to decode and which loader read it: for the native CPU decoder, without transformers' model
+    code where the directory allows (`runtime.native_model`: about 100 MB less), else through transformers."""
+    from anybit.model.loading import load_model
+
+    if native and device == "cpu":
+        from anybit.runtime.native_model import load_for_native
+
+        loaded = load_for_native(spec, dtype, head, kernel, tokenizer=tokenizer)
+        if loaded is not None:
+            return loaded, "native"
+    return load_model(spec, dtype=dtype, head=head), "transformers"
+
+
 @main.command()
 @click.argument("model")
 @click.option("--prompt", required=True, help="Text to continue (or the user message with --chat).")
@@ -482,19 +498,13 @@ def generate(
 
     from anybit.generate import check_prompt
     from anybit.generate import generate as run_generation
-    from anybit.model.loading import load_model
     from anybit.pipeline import check_device, configure_runtime, dec_compensation
     from anybit.runtime.qlinear import dense_weights
 
     check_device(device)
     check_prompt(prompt)
-    loaded = None
-    if decoder == "native" and device == "cpu" and not dense_cache:
-        from anybit.runtime.native_model import load_for_native
-
-        loaded = load_for_native(model, torch.float32, head, kernel, tokenizer=True)  # about 100 MB less
-    if loaded is None:
-        loaded = load_model(model, head=head)
+    native = decoder == "native" and not dense_cache
+    loaded, _ = _load_to_decode(model, torch.float32, head, kernel, device, native)
     loaded.model.to(device)
     configure_runtime(loaded, kernel, head)
     dec_context = dec_compensation(loaded, dec, dec_static, dec_score)
@@ -540,22 +550,15 @@ def bench(
     import torch
 
     from anybit.bench import decode_speed
-    from anybit.model.loading import load_model
     from anybit.pipeline import check_device, configure_runtime, dec_compensation
     from anybit.runtime.qlinear import dense_weights
 
     check_device(device)
     if cuda_graph and not device.startswith("cuda"):
         raise AnybitError("--cuda-graph needs --device cuda")
+    native = decoder == "native" and not (dense_cache or cuda_graph)
     torch_dtype = getattr(torch, compute_dtype(dtype, device))
-    loaded = None
-    if decoder == "native" and device == "cpu" and not (dense_cache or cuda_graph):
-        from anybit.runtime.native_model import load_for_native
-
-        loaded = load_for_native(model, torch_dtype, head, kernel)  # no transformers: about 100 MB less
-    loader = "transformers" if loaded is None else "native"
-    if loaded is None:
-        loaded = load_model(model, dtype=torch_dtype, head=head)
+    loaded, loader = _load_to_decode(model, torch_dtype, head, kernel, device, native, tokenizer=False)
     loaded.model.to(device)
     head_info = configure_runtime(loaded, kernel, head)
     dec_context = dec_compensation(loaded, dec, dec_static, dec_score)
