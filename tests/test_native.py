@@ -273,10 +273,14 @@ def test_loading_without_transformers_checks_what_it_reads(tmp_path) -> None:
         load_native(directory)
     config = json.loads((directory / "config.json").read_text())
     unusual = [{"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, {"num_attention_heads": 0},
-               {"head_dim": "16"}, {"rms_norm_eps": None}, {"num_key_value_heads": True}]  # fmt: skip
+               {"head_dim": "16"}, {"rms_norm_eps": None}, {"num_key_value_heads": True},
+               {"rope_parameters": "fast"}]  # fmt: skip
     for change in unusual:
         (directory / "config.json").write_text(json.dumps({**config, **change}))
         assert load_for_native(str(directory), torch.float32, "int8", "auto") is None, change
+    (directory / "config.json").write_text("[1, 2]")
+    with pytest.raises(AnybitError, match="not a JSON object"):
+        load_for_native(str(directory), torch.float32, "int8", "auto")
 
 
 def test_loading_for_the_native_decoder_imports_no_model_code(tiny_tokenizer, tmp_path) -> None:

@@ -36,6 +36,8 @@ def read_config(path: Path) -> SimpleNamespace:
         values = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as exc:
         raise AnybitError(f"cannot read the model config in {path}: {exc}") from exc
+    if not isinstance(values, dict):
+        raise AnybitError(f"cannot read the model config in {path}: config.json is not a JSON object")
     return SimpleNamespace(**values)
 
 
@@ -44,6 +46,8 @@ def _rope(config: SimpleNamespace) -> tuple[str | None, float | None]:
     spelling."""
     params = getattr(config, "rope_parameters", None) or {}
     scaling = getattr(config, "rope_scaling", None) or {}
+    if not isinstance(params, dict) or not isinstance(scaling, dict):
+        return "unreadable", None
     scaled = {params.get("rope_type"), scaling.get("rope_type") or scaling.get("type")} - {None, "default"}
     theta = params.get("rope_theta", getattr(config, "rope_theta", None))
     return min(scaled) if scaled else "default", theta
