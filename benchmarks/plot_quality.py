@@ -3,7 +3,7 @@
 Usage: python benchmarks/plot_quality.py [--out benchmarks/quality_vs_bits.png]
 Reads results/recipes_gpu.jsonl, results/reference_figures.jsonl and results/recipes.jsonl (full
 147-window runs only; the latest run of each configuration wins, a CPU run over a GPU one) and draws
-one marker series per method, fp16 as a line.
+one marker series per method, fp16 as a line (`anybit.report.plot_quality`, as `anybit plot` draws).
 """
 
 from __future__ import annotations
@@ -13,13 +13,9 @@ import dataclasses
 import json
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-
 from _common import RESULTS_DIR
 from anybit.config import QuantConfig
+from anybit.report import plot_quality
 
 # GPU runs first: where a configuration was also run on the CPU, the CPU run (the tables' figure) wins
 SOURCES = ("recipes_gpu.jsonl", "reference_figures.jsonl", "recipes.jsonl")
@@ -62,27 +58,10 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "quality_vs_bits.png"))
     args = parser.parse_args()
     series, fp16 = load_points()
-    fig, ax = plt.subplots(figsize=(7.5, 5), constrained_layout=True)
-    markers = "osD^v<>ph*X"
-    for i, (label, points) in enumerate(sorted(series.items())):
-        points.sort()
-        ax.plot(
-            [p[0] for p in points],
-            [p[1] for p in points],
-            marker=markers[i % len(markers)],
-            color=matplotlib.colormaps["tab20"](i % 20),  # the default cycle repeats after 10 series
-            label=label,
-        )
-    if fp16 is not None:
-        ax.axhline(fp16, color="black", linestyle="--", linewidth=1, label=f"fp16 ({fp16:.2f})")
-    ax.set_yscale("log")
-    ax.set_xlabel("counted bits per weight (codes, scales, codebooks, maps, outliers)")
-    ax.set_ylabel("WikiText-2 test perplexity (147 × 2048 tokens)")
-    ax.set_title("SmolLM2-135M-Instruct: perplexity against counted bits")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.savefig(args.out, dpi=110)
-    print(args.out)
+    points = {label: [(bits, ppl) for bits, ppl, _ in runs] for label, runs in series.items()}
+    references = {} if fp16 is None else {"fp16": fp16}
+    title = "SmolLM2-135M-Instruct: perplexity against counted bits"
+    print(plot_quality(points, references, Path(args.out), title, "WikiText-2 test perplexity (147 × 2048 tokens)"))
 
 
 if __name__ == "__main__":

@@ -275,3 +275,42 @@ def test_the_cli_keeps_triton_out_without_a_gpu(interpret) -> None:
     done = subprocess.run([sys.executable, "-c", _TRITON_PROBE], capture_output=True, text=True, env=env, check=True)
     loaded = interpret == "1"
     assert done.stdout.split() == [str(loaded), str(loaded)], done.stdout
+
+
+def test_plot_draws_perplexity_against_counted_bits(tmp_path) -> None:
+    """`anybit plot` reads the lines `anybit eval --json` prints: one series per method, unquantized models as
+    lines; bad input is one line, and an existing picture is replaced only with --force."""
+    from anybit.report import quality_series, read_results
+
+    lines = [
+        {"model": "m", "dataset": "wikitext2", "ppl": 21.9},
+        {"model": "q3", "dataset": "wikitext2", "ppl": 30.1, "bits_per_weight": 3.25, "method": "anybit"},
+        {"model": "q4", "dataset": "wikitext2", "ppl": 24.2, "bits_per_weight": 4.25, "method": "anybit"},
+        {"model": "g4", "dataset": "wikitext2", "ppl": 28.0, "bits_per_weight": 4.3125, "method": "gptq"},
+    ]
+    results = tmp_path / "results.jsonl"
+    results.write_text("\n".join(json.dumps(line) for line in lines) + "\n\n")
+    series, references = quality_series(read_results([results]))
+    assert series == {"anybit": [(3.25, 30.1), (4.25, 24.2)], "gptq": [(4.3125, 28.0)]}
+    assert references == {"m": 21.9}
+    out = tmp_path / "quality.png"
+    result = _run("plot", str(results), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert _run("plot", str(results), "--out", str(out)).exit_code != 0  # exists: refused
+    assert _run("plot", str(results), "--out", str(out), "--force").exit_code == 0
+    assert not [p for p in tmp_path.iterdir() if p.name not in ("results.jsonl", "quality.png")]  # no temporaries
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps(lines[0]) + "\n{not json\n")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({"model": "m"}) + "\n")
+    for args, needle in (
+        ([str(broken)], "broken.jsonl:2 is not a JSON object"),
+        ([str(empty)], "no perplexity in"),
+        ([str(tmp_path / "missing.jsonl")], "cannot read"),
+        ([str(results), "--out", str(tmp_path)], "is a directory"),
+    ):
+        result = _run("plot", *args, "--out", str(tmp_path / "new.png")) if "--out" not in args else _run("plot", *args)
+        assert result.exit_code != 0 and "Traceback" not in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1 and needle in result.output, result.output
+    assert not (tmp_path / "new.png").exists()

@@ -238,6 +238,12 @@ def test_inspect_plot_draws_the_bit_map(tiny_llama_dir, corpus_file, tmp_path) -
     result = run(main, ["inspect", str(out), "--plot", str(png)])
     assert result.exit_code == 0, result.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    mine = tmp_path / "notes.png"
+    mine.write_text("keep me")
+    result = run(main, ["inspect", str(out), "--plot", str(mine)])
+    assert result.exit_code != 0 and "pass --force" in result.output and mine.read_text() == "keep me"
+    assert run(main, ["inspect", str(out), "--plot", str(mine), "--force"]).exit_code == 0
+    assert mine.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_planned_rows_keep_the_codebooks_their_errors_were_measured_with() -> None:

@@ -624,10 +624,13 @@ def export(directory: str, fmt: str, out_dir: str) -> None:
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.option("--plot", "plot_file", type=click.Path(dir_okay=False), default=None, help="Also draw the bit map (PNG).")
-def inspect(directory: str, as_json: bool, plot_file: str | None) -> None:
+@click.option("--force", is_flag=True, help="Replace an existing --plot file.")
+def inspect(directory: str, as_json: bool, plot_file: str | None, force: bool) -> None:
     """Per-linear shape, layout, counted bits and bytes of a quantized DIR (read from its file)."""
-    from anybit.report import inspect_directory, plot_bit_map
+    from anybit.report import check_picture_output, inspect_directory, plot_bit_map
 
+    if plot_file:
+        check_picture_output(Path(plot_file), force)
     table = inspect_directory(Path(directory))
     if plot_file:
         plot_bit_map(Path(directory), Path(plot_file))
@@ -648,6 +651,21 @@ def inspect(directory: str, as_json: bool, plot_file: str | None) -> None:
     )
     for note in table["notes"]:
         click.echo(f"note: {note}")
+
+
+@main.command()
+@click.argument("results", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--out", default="quality_vs_bits.png", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--title", default="Perplexity against counted bits per weight", show_default=True)
+@click.option("--force", is_flag=True, help="Replace an existing --out file.")
+def plot(results: tuple[str, ...], out: str, title: str, force: bool) -> None:
+    """Draw perplexity against counted bits from RESULTS files of `anybit eval --json` lines: one series per
+    method, each unquantized model as a line."""
+    from anybit.report import check_picture_output, plot_quality, quality_series, read_results
+
+    check_picture_output(Path(out), force)
+    series, references = quality_series(read_results([Path(r) for r in results]))
+    click.echo(plot_quality(series, references, Path(out), title))
 
 
 @main.command()

@@ -1,7 +1,11 @@
-"""Tables for the terminal and the summary of a quantized directory."""
+"""Tables for the terminal, the summary of a quantized directory, and pictures (bit maps, perplexity
+against counted bits)."""
 
 from __future__ import annotations
 
+import json
+import math
+import os
 from pathlib import Path
 
 import torch
@@ -9,6 +13,7 @@ from torch import nn
 
 from anybit.config import DEFAULT_GROUP
 from anybit.errors import AnybitError
+from anybit.format.files import make_temp_file
 from anybit.format.shards import stored_bytes
 from anybit.methods import METHODS, get_method
 from anybit.model.checkpoint import load_quantized
@@ -101,16 +106,128 @@ def _load_checked(path: Path) -> tuple[nn.Module, dict]:
     return model, info
 
 
-def plot_bit_map(path: Path, out_png: Path) -> Path:
-    """Picture of a quantized DIR: the width of every output row (or input column, for per-column
-    layouts) of every linear, one panel per linear kind, layers along x; and counted bits per layer."""
+def _pyplot():
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise AnybitError("--plot needs matplotlib: pip install 'anybit[plot]'") from None
+        raise AnybitError("plotting needs matplotlib: pip install 'anybit[plot]'") from None
+    return plt
+
+
+def check_picture_output(out_png: Path, force: bool) -> None:
+    """An AnybitError unless a picture may be written at `out_png`: a new file, or (with `force`) a file that
+    is there; checked before any work."""
+    if out_png.is_dir():
+        raise AnybitError(f"{out_png} is a directory; give a file name for the picture")
+    if out_png.exists() and not force:
+        raise AnybitError(f"{out_png} exists; pass --force to replace it")
+    if not out_png.parent.is_dir():
+        raise AnybitError(f"cannot write {out_png}: no directory {out_png.parent}")
+
+
+def save_figure(fig, out_png: Path) -> Path:
+    """Write a matplotlib figure to `out_png` atomically (a temporary beside it, then renamed)."""
+    plt = _pyplot()
+    tmp = None
+    try:
+        tmp = make_temp_file(out_png, suffix=".png")
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, out_png)
+    except OSError as exc:
+        raise AnybitError(f"cannot write {out_png}: {exc.strerror or exc}") from None
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        plt.close(fig)
+    return out_png
+
+
+def read_results(paths: list[Path]) -> list[dict]:
+    """The records with a finite perplexity ("ppl") in files of JSON lines (as `anybit eval --json` prints
+    them); an AnybitError naming the file and line of anything that is not a JSON object, or when none has one."""
+    records = []
+    for path in paths:
+        try:
+            lines = path.read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise AnybitError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if not isinstance(record, dict):
+                raise AnybitError(f"{path}:{number} is not a JSON object (give the lines `anybit eval --json` prints)")
+            if _finite_number(record.get("ppl")):
+                records.append(record)
+    if not records:
+        raise AnybitError(f"no perplexity in {', '.join(map(str, paths))} (give the lines `anybit eval --json` prints)")
+    return records
+
+
+def _finite_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def quality_series(records: list[dict]) -> tuple[dict[str, list[tuple[float, float]]], dict[str, float]]:
+    """Points (counted bits, perplexity) per method, and the perplexity of each unquantized model (records
+    without counted bits), by label; labels name the corpus where the records come from more than one."""
+    corpora = {record.get("dataset") for record in records}
+    series: dict[str, list[tuple[float, float]]] = {}
+    references: dict[str, float] = {}
+    for record in records:
+        corpus = f" [{record.get('dataset')}]" if len(corpora) > 1 else ""
+        bits = record.get("bits_per_weight")
+        if _finite_number(bits):
+            series.setdefault(f"{record.get('method', 'quantized')}{corpus}", []).append((bits, record["ppl"]))
+        else:
+            references[f"{record.get('model', 'unquantized')}{corpus}"] = record["ppl"]
+    return series, references
+
+
+def plot_quality(
+    series: dict[str, list[tuple[float, float]]],
+    references: dict[str, float],
+    out_png: Path,
+    title: str = "Perplexity against counted bits per weight",
+    ylabel: str = "perplexity",
+) -> Path:
+    """One marker series per label (points joined in order of bits), each reference as a dashed line, log
+    perplexity; written atomically to `out_png`."""
+    plt = _pyplot()
+    import matplotlib
+
+    fig, ax = plt.subplots(figsize=(7.5, 5), constrained_layout=True)
+    markers = "osD^v<>ph*X"
+    for i, (label, points) in enumerate(sorted(series.items())):
+        points = sorted(points)
+        ax.plot(
+            [p[0] for p in points],
+            [p[1] for p in points],
+            marker=markers[i % len(markers)],
+            color=matplotlib.colormaps["tab20"](i % 20),  # the default cycle repeats after 10 series
+            label=label,
+        )
+    for j, (label, ppl) in enumerate(sorted(references.items())):
+        ax.axhline(ppl, color="black", linestyle=("--", ":", "-.")[j % 3], linewidth=1, label=f"{label} ({ppl:.2f})")
+    ax.set_yscale("log")
+    ax.set_xlabel("counted bits per weight (codes, scales, codebooks, maps, outliers)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    return save_figure(fig, out_png)
+
+
+def plot_bit_map(path: Path, out_png: Path) -> Path:
+    """Picture of a quantized DIR: the width of every output row (or input column, for per-column
+    layouts) of every linear, one panel per linear kind, layers along x; and counted bits per layer."""
+    plt = _pyplot()
     model, info = _load_checked(path)
     kinds: dict[str, dict[int, torch.Tensor]] = {}
     layer_bits: dict[int, list[float]] = {}
@@ -139,9 +256,7 @@ def plot_bit_map(path: Path, out_png: Path) -> Path:
     axes[-1].set_title("counted bits/weight", fontsize=9)
     axes[-1].set_xlabel("layer")
     fig.suptitle(f"{path.name}: {info['method']}, {info['bits_per_weight']:.3f} counted bits/weight", fontsize=10)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png)
 
 
 def _layer_index(name: str) -> tuple[int, str]:
