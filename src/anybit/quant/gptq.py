@@ -127,15 +127,14 @@ def prepare_hessian(
     W: torch.Tensor, H: torch.Tensor, damp: float, act_order: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Fix dead inputs, optionally reorder by act-order, and return (W, upper Cholesky of H⁻¹, perm)."""
-    W = W.clone().float()
-    H = H.clone().float()
+    perm = act_order_perm(H) if act_order else None
+    if perm is None:
+        W, H = W.clone().float(), H.clone().float()
+    else:  # one gather each: new matrices (XᵀX untouched), not a copy and then two permuted ones
+        W, H = W.float()[:, perm], H.float()[perm[:, None], perm[None, :]]
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    perm = None
-    if act_order:
-        perm = act_order_perm(H)
-        W, H = W[:, perm], H[perm][:, perm]
     diag = torch.arange(H.shape[0], device=H.device)
     H[diag, diag] += damp * torch.mean(torch.diag(H))
     # each d×d intermediate is dropped as soon as the next exists: two alive at a time, not four
