@@ -187,14 +187,17 @@ def load_native(
     """The quantized directory `path` as a skeleton for the native decoder, and its anybit.json (see
     `native_skeleton_unavailable` for what it serves; an AnybitError otherwise), every stored tensor checked
     as `load_quantized` checks it."""
-    from anybit.model.checkpoint import fill_quantized, read_checkpoint
-
     path = Path(path)
     config = read_config(path)
-    config.tie_word_embeddings = getattr(config, "tie_word_embeddings", False)
     reason = native_skeleton_unavailable(config)
     if reason:
         raise AnybitError(f"{path} cannot be loaded without transformers: {reason}")
+    return _filled_skeleton(path, config, dtype, head)
+
+
+def _filled_skeleton(path: Path, config: SimpleNamespace, dtype: torch.dtype, head: str) -> tuple[NativeSkeleton, dict]:
+    from anybit.model.checkpoint import fill_quantized, read_checkpoint
+
     info, tensors = read_checkpoint(path)
     with torch.device("meta"):
         model = NativeSkeleton(config)
@@ -213,11 +216,14 @@ def load_for_native(
     from anybit.runtime.qlinear import set_kernel
 
     kind, path = resolve_spec(spec)
-    if kind != "quantized" or native_skeleton_unavailable(read_config(path)):
+    if kind != "quantized":
+        return None
+    config = read_config(path)
+    if native_skeleton_unavailable(config):
         return None
     if tokenizer and not (path / "tokenizer.json").is_file():
         return None  # a slow tokenizer: AutoTokenizer's choice of class, through transformers
-    model, info = load_native(path, dtype, head)
+    model, info = _filled_skeleton(path, config, dtype, head)
     set_kernel(model, kernel)
     if native_unavailable(model):
         return None
