@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from anybit.quant.gptq import HessianAccumulator, gptq_quantize
+from anybit.quant.gptq import HessianAccumulator, gptq_quantize, upper_cholesky_of_inverse
 from anybit.quant.grid import dequantize_from_grid, minmax_params, quantize_to_grid
 from anybit.quant.uniform import UniformColumnQuantizer, rtn_quantize
 
@@ -53,6 +53,17 @@ def test_gptq_beats_rtn_on_layer_output(bits: int, group_size: int, act_order: b
     assert torch.equal(Q, expected)
     rtn = rtn_quantize(W, group_size, bitmap).dequantize()
     assert _output_error(W, Q, X) < 0.8 * _output_error(W, rtn, X)
+
+
+def test_upper_cholesky_of_inverse_in_place_gives_the_same_values() -> None:
+    torch.manual_seed(0)
+    X = torch.randn(300, 200)
+    H = X.T @ X + 0.1 * torch.eye(200)
+    expected = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    U = upper_cholesky_of_inverse(H)
+    assert torch.equal(U, expected)
+    assert U.data_ptr() == H.data_ptr()  # no d×d copy: the factor lives in H's memory
+    assert torch.allclose(U.T @ U @ (X.T @ X + 0.1 * torch.eye(200)), torch.eye(200), atol=1e-3)
 
 
 def test_hessian_is_running_mean() -> None:
