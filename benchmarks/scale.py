@@ -131,10 +131,12 @@ def model_dir(root: Path, layers: int, tokenizer) -> Path:
 
 def quantize(model: Path, out: Path, method: str, nsamples: int, seqlen: int) -> dict:
     bits = {"rtn": "4", "gptq": "4", "anybit": "3.25"}[method]
-    argv = ["anybit", "quantize", str(model), "--method", method, "--bits", bits, "--group", "128",
+    argv = ["anybit", "quantize", str(model), "--method", method, "--bits", bits,
             "--nsamples", str(nsamples), "--seqlen", str(seqlen), "--out", str(out), "--force"]  # fmt: skip
-    if method == "anybit":
+    if method == "anybit":  # per-row codebooks: no groups
         argv += ["--fisher-nsamples", str(min(nsamples, 2))]
+    else:
+        argv += ["--group", "128"]
     done = subprocess.run(
         [sys.executable, "-c", _CHILD, *argv[1:]],
         capture_output=True,

@@ -245,7 +245,7 @@ def test_default_group_fits_every_matrix(tiny_llama_dir, tmp_path) -> None:
 
 @pytest.mark.parametrize("in_features,group", [(576, 64), (96, 48), (1000, 50), (97, 97), (4096, 64), (130, 65)])
 def test_default_group_size(in_features: int, group: int) -> None:
-    from anybit.config import default_group_size
+    from anybit.quant.groups import default_group_size
 
     assert default_group_size(in_features) == group
 
@@ -314,3 +314,68 @@ def test_plot_draws_perplexity_against_counted_bits(tmp_path) -> None:
         assert result.exit_code != 0 and "Traceback" not in result.output, result.output
         assert len(result.output.strip().splitlines()) == 1 and needle in result.output, result.output
     assert not (tmp_path / "new.png").exists()
+
+
+def _value_other_than_default(option) -> object:
+    if option.kind is bool:
+        return not option.default if option.default is not None else True
+    if option.choices:
+        return option.choices[-1] if option.default != option.choices[-1] else option.choices[0]
+    return 0.25 if option.kind is float else 1
+
+
+def test_every_recipe_option_is_refused_by_the_methods_that_do_not_take_it() -> None:
+    from anybit.config import OPTIONS, RUN_OPTIONS, QuantConfig
+    from anybit.methods import METHODS
+
+    recipe_options = [o for o in OPTIONS if o not in RUN_OPTIONS]
+    assert {o.name for o in recipe_options} >= {"group_size", "act_order", "tau", "clip_min", "refine", "scope"}
+    for option in recipe_options:
+        value = _value_other_than_default(option)
+        for name, method in METHODS.items():
+            if method.takes(option.name):
+                continue
+            with pytest.raises(AnybitError, match=f"{option.cli_flag} is not an option of method '{name}'"):
+                QuantConfig(method=name, **{option.name: value})
+
+
+def test_options_take_their_methods_defaults_and_bounds() -> None:
+    from anybit.config import QuantConfig
+
+    assert QuantConfig(method="anybit").act_order is True and QuantConfig(method="gptq").act_order is False
+    assert QuantConfig(method="squeezellm").outliers == 0.0045 and QuantConfig(method="claq").outliers == 0.005
+    assert QuantConfig(method="skim").scaling is True and QuantConfig(method="anybit").scope == "model"
+    assert QuantConfig(method="rtn").act_order is None  # an option rtn does not take stays unset
+    for values, needle in [
+        ({"method": "claq", "tau": 0.0}, "--tau must be positive"),
+        ({"method": "slim", "clip_min": 1.5}, r"--clip-min must be in \(0, 1\]"),
+        ({"method": "anybit", "refine": 9}, "--refine must be in 0-8"),
+        ({"method": "gptq", "damp": 1.0}, r"--damp must be in \[0, 1\)"),
+        ({"method": "gptq", "scope": "layer"}, "scope must be one of matrix, model"),
+    ]:
+        with pytest.raises(AnybitError, match=needle):
+            QuantConfig(**values)
+
+
+def test_every_declared_option_is_a_flag_and_a_toml_key(tmp_path) -> None:
+    from anybit.config import OPTIONS, QuantConfig
+
+    help_text = CliRunner().invoke(main, ["quantize", "--help"], terminal_width=200).output
+    for option in OPTIONS:
+        assert option.cli_flag in help_text
+    toml = tmp_path / "c.toml"
+    toml.write_text('method = "claq"\ntau = 9.5\nsearch_split = true\nbits = 3.5\n')
+    config = QuantConfig.from_toml(toml)
+    assert (config.tau, config.search_split, config.bits) == (9.5, True, 3.5)
+    toml.write_text('method = "gptq"\ntau = 9.5\n')
+    with pytest.raises(AnybitError, match="--tau is not an option of method 'gptq'"):
+        QuantConfig.from_toml(toml)
+
+
+def test_an_option_the_method_does_not_take_is_one_line_on_the_command_line(tiny_llama_dir, tmp_path) -> None:
+    result = CliRunner().invoke(
+        main, ["quantize", str(tiny_llama_dir), "--method", "rtn", "--tau", "3", "--out", str(tmp_path / "q")]
+    )
+    assert result.exit_code == 1
+    assert result.output.strip() == "Error: --tau is not an option of method 'rtn' (methods that take it: claq)"
+    assert not (tmp_path / "q").exists()

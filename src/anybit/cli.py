@@ -13,20 +13,20 @@ import click
 
 from anybit.config import (
     DEC_SCORES,
-    DEFAULT_GROUP,
     DTYPES,
     E2E_LR,
     HEAD_CHOICES,
     KERNELS,
-    LAYER_INPUTS,
-    MAX_REFINE,
     MAX_TUNE_STEPS,
-    SCOPES,
-    WEIGHTINGS,
+    OPTIONS,
     QuantConfig,
     compute_dtype,
+    option_users,
 )
 from anybit.errors import AnybitError
+from anybit.methods import METHODS
+from anybit.options import Option
+from anybit.quant.groups import DEFAULT_GROUP
 
 if TYPE_CHECKING:
     from anybit.runtime.dec import DecPlan
@@ -55,6 +55,9 @@ POSITIVE = click.IntRange(min=1)
 
 class _FiniteFloat(click.FloatRange):
     """A float option that is a number: nan and inf are refused like any value out of range."""
+
+    def _describe_range(self) -> str:
+        return "" if self.min is None and self.max is None else super()._describe_range()
 
     def convert(self, value, param, ctx):
         number = super().convert(value, param, ctx)
@@ -109,112 +112,66 @@ DEC_PLAN = _DecPlanType()
 
 
 def _quant_options(f):
-    options = [
-        click.option("--method", default=QuantConfig.method, show_default=True, help="Quantization recipe."),
-        click.option(
-            "--bits", type=FLOAT, default=None, help="Target bits per weight [default: 3.25 for anybit/skim, else 4]."
-        ),
-        click.option(
-            "--group",
-            "group_size",
-            type=click.IntRange(min=0),
-            default=None,
-            help="Group size (0: per output channel) [default: 64; for a matrix whose inputs 64 does not divide, "
-            "the divisor of them closest to 64 in 32-128, else per channel].",
-        ),
-        click.option(
-            "--act-order/--no-act-order",
-            default=None,
-            help="gptq, anybit: round columns in order of descending Hessian diagonal [default: anybit on, gptq off].",
-        ),
-        click.option(
-            "--sym/--asym", default=False, show_default=True, help="rtn/gptq: symmetric grid instead of min-max."
-        ),
-        click.option(
-            "--damp", type=FLOAT, default=0.01, show_default=True, help="GPTQ dampening, fraction of mean diag(H)."
-        ),
-        click.option(
-            "--calib", default="wikitext2-valid", show_default=True, help="Calibration corpus name or text file."
-        ),
-        click.option("--nsamples", type=POSITIVE, default=128, show_default=True, help="Calibration windows."),
-        click.option(
-            "--seqlen", type=POSITIVE, default=2048, show_default=True, help="Calibration window length in tokens."
-        ),
-        click.option("--seed", type=int, default=0, show_default=True),
-        click.option(
-            "--weights",
-            "weighting",
-            type=click.Choice(WEIGHTINGS),
-            default=None,
-            help="K-means: importance of each weight [default: the method's; kmeans activation, squeezellm fisher].",
-        ),
-        click.option(
-            "--outliers",
-            type=FLOAT,
-            default=None,
-            help="Share of weights kept in fp16 [default: the method's; squeezellm 0.0045; claq: per-tail 0.005].",
-        ),
-        click.option(
-            "--fisher-nsamples", type=POSITIVE, default=None, help="Calibration windows for Fisher [default: all]."
-        ),
-        click.option("--tau", type=FLOAT, default=13.0, show_default=True, help="CLAQ: outlier threshold in mean|W|."),
-        click.option(
-            "--clip-min",
-            type=FLOAT,
-            default=0.9,
-            show_default=True,
-            help="SliM: lowest clipping factor searched (grid to 1.1 in steps of 0.002).",
-        ),
-        click.option(
-            "--search-split",
-            is_flag=True,
-            help="CLAQ: per matrix, try high widths ⌊B⌋+1 to ⌊B⌋+3 and keep the least output error.",
-        ),
-        click.option(
-            "--scaling/--no-scaling", default=None, help="SKIM: train the per-column scaling vector [default: on]."
-        ),
-        click.option(
-            "--refine",
-            type=click.IntRange(0, MAX_REFINE),
-            default=None,
-            help="skim/anybit: rounds of least-squares codebook refits with the codes fixed (anybit: each but the "
-            "last followed by a new error-feedback rounding) [default: per method].",
-        ),
-        click.option(
-            "--tune-steps",
-            type=click.IntRange(0, MAX_TUNE_STEPS),
-            default=0,
-            show_default=True,
-            help="Adam steps per decoder layer (one calibration window each) that tune its codebooks or scales and "
-            "norms, codes fixed, toward the unquantized model's activations; 0: off.",
-        ),
-        click.option("--tune-lr", type=FLOAT, default=3e-4, show_default=True, help="Learning rate of --tune-steps."),
-        click.option(
-            "--layer-inputs",
-            type=click.Choice(LAYER_INPUTS),
-            default=QuantConfig.layer_inputs,
-            show_default=True,
-            help="Calibrate each layer on the outputs of the already-quantized layers before it, or on the original "
-            "model's: one forward pass per layer instead of two, faster, usually a little worse.",
-        ),
-        click.option(
-            "--scope",
-            type=click.Choice(SCOPES),
-            default=None,
-            help="skim/anybit: one bit budget per matrix or over the whole model (per-row widths); gptq: model gives "
-            "each linear 2, 3, 4 or 8 bits within a fractional budget [default: per method].",
-        ),
-        click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N]."),
-        _dtype_option("--calib-dtype", "Dtype of the calibration forward passes (statistics are float32)"),
+    """The options of a quantization run, one per `config.OPTIONS` declaration, then --config."""
+    options = [_click_option(option) for option in OPTIONS]
+    options.append(
         click.option(
             "--config",
             "config_file",
             type=click.Path(dir_okay=False),
             default=None,
-            help="TOML file with these settings; flags given explicitly win.",
-        ),
-    ]
+            help="TOML file with these settings (keys as the option names with underscores); flags given "
+            "explicitly win.",
+        )
+    )
     return _apply_options(options, f)
+
+
+def _click_option(option: Option):
+    """The command-line form of one declared option: its flag, type, bounds, default and help."""
+    spelling = option.cli_flag
+    kwargs: dict[str, object] = {"default": option.default}
+    if option.kind is bool:
+        if option.negatable:
+            spelling = f"{spelling}/{option.cli_off_flag}"
+        else:
+            kwargs["is_flag"] = True
+    elif option.choices:
+        kwargs["type"] = click.Choice(option.choices)
+    elif option.kind in (int, float):
+        bounds = {"min": option.low, "max": option.high, "min_open": option.low_open, "max_open": option.high_open}
+        bounded = option.low is not None or option.high is not None
+        if option.kind is int:
+            kwargs["type"] = click.IntRange(**bounds) if bounded else click.INT
+        else:
+            kwargs["type"] = _FiniteFloat(**bounds) if bounded else FLOAT
+    help_text = option.help
+    users = option_users(option)
+    if len(users) < len(METHODS):
+        help_text = f"({', '.join(users)}) {help_text}"
+    if option.method_default:
+        help_text += f" [default: {_method_defaults(option, users)}]"
+    elif option.default is not None and not kwargs.get("is_flag"):
+        kwargs["show_default"] = True
+    if option.name == "method":
+        help_text += f" One of: {', '.join(METHODS)}."
+    return click.option(spelling, option.name, help=help_text, **kwargs)
+
+
+def _method_defaults(option: Option, users: list[str]) -> str:
+    """ "3.25 for skim, anybit; 4 for rtn, gptq, ..." from the recipes' own defaults."""
+    by_value: dict[object, list[str]] = {}
+    for name in users:
+        by_value.setdefault(METHODS[name].option_default(option), []).append(name)
+    if len(by_value) == 1:
+        return _option_value_text(next(iter(by_value)))
+    return "; ".join(f"{_option_value_text(value)} for {', '.join(names)}" for value, names in by_value.items())
+
+
+def _option_value_text(value: object) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _make_config(ctx: click.Context, config_file: str | None, **values: object) -> QuantConfig:
@@ -707,7 +664,7 @@ def compare(
 
     config = _make_config(ctx, config_file, **values)
     label = f"{config.method} {config.bits:g}-bit"
-    if get_method(config.method).uses_groups:
+    if get_method(config.method).takes("group_size"):
         label += f" g{DEFAULT_GROUP if config.group_size is None else config.group_size}"
     name = f"{Path(model).name}-{label.replace(' ', '-')}"
     out = Path(out_dir) if out_dir else cache_dir() / "runs" / name

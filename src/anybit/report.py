@@ -11,12 +11,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from anybit.config import DEFAULT_GROUP
 from anybit.errors import AnybitError
 from anybit.format.files import make_temp_file
 from anybit.format.shards import stored_bytes
 from anybit.methods import METHODS, get_method
 from anybit.model.checkpoint import load_quantized
+from anybit.quant.groups import DEFAULT_GROUP
 from anybit.runtime.qlinear import quant_linears
 
 
@@ -84,7 +84,7 @@ def _group_notes(info: dict) -> list[str]:
     """Where a run without --group gave a matrix another group than the default (it does not divide its inputs)."""
     if info.get("config", {}).get("group_size", DEFAULT_GROUP) is not None:
         return []
-    if info["method"] not in METHODS or not get_method(info["method"]).uses_groups:
+    if info["method"] not in METHODS or not get_method(info["method"]).takes("group_size"):
         return []
     other: dict[tuple[int, int], list[str]] = {}
     for name, layer in info["layers"].items():

@@ -3,6 +3,7 @@ error feedback onto the codebooks."""
 
 from __future__ import annotations
 
+from anybit.methods.base import ACT_ORDER
 from anybit.methods.skim import SKIM
 
 
@@ -16,6 +17,7 @@ class AnyBit(SKIM):
     """
 
     name = "anybit"
+    options = (*SKIM.options, ACT_ORDER)
     default_scope = "model"
     default_weighting = "fisher"
     default_scaling = False

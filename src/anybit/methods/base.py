@@ -7,14 +7,76 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from anybit.config import default_group_size
 from anybit.errors import AnybitError
 from anybit.format.qtensor import QuantizedTensor
+from anybit.options import Option
+from anybit.quant.groups import DEFAULT_GROUP, DEFAULT_GROUP_RANGE, default_group_size
 
 if TYPE_CHECKING:
     from anybit.alloc.skim import RowPlan, RowTable
     from anybit.config import QuantConfig
     from anybit.quant.gptq import HessianAccumulator
+
+
+WEIGHTINGS = ("activation", "fisher", "none")
+SCOPES = ("matrix", "model")
+
+# Options several recipes take; each recipe lists the ones it takes in `Method.options`.
+GROUP = Option(
+    "group_size",
+    int,
+    None,
+    f"Group size (0: per output channel) [default: {DEFAULT_GROUP}; for a matrix whose inputs {DEFAULT_GROUP} does "
+    f"not divide, the divisor of them closest to {DEFAULT_GROUP} in {DEFAULT_GROUP_RANGE[0]}-{DEFAULT_GROUP_RANGE[1]}, "
+    "else per channel].",
+    low=0,
+    flag="--group",
+)
+SYM = Option(
+    "sym",
+    bool,
+    False,
+    "Symmetric grid (zero point fixed at the middle) instead of min-max.",
+    negatable=True,
+    off_flag="--asym",
+)
+DAMP = Option("damp", float, 0.01, "GPTQ dampening, fraction of mean diag(H).", low=0, high=1, high_open=True)
+ACT_ORDER = Option(
+    "act_order",
+    bool,
+    None,
+    "Round columns in order of descending Hessian diagonal.",
+    method_default="default_act_order",
+    negatable=True,
+)
+WEIGHTING = Option(
+    "weighting",
+    str,
+    None,
+    "Importance of each weight in K-means.",
+    choices=WEIGHTINGS,
+    method_default="default_weighting",
+    flag="--weights",
+)
+OUTLIERS = Option(
+    "outliers",
+    float,
+    None,
+    "Share of weights kept in fp16 (claq: the mean reserved share).",
+    low=0,
+    high=0.5,
+    high_open=True,
+    method_default="default_outliers",
+)
+SCOPE = Option(
+    "scope",
+    str,
+    None,
+    "One bit budget per matrix or over the whole model (skim/anybit: per-row widths; gptq: each linear 2, 3, 4 or "
+    "8 bits within a fractional budget).",
+    choices=SCOPES,
+    method_default="default_scope",
+)
 
 
 @dataclass
@@ -30,19 +92,30 @@ class Method:
     """A recipe: turns one weight matrix (out, in) and its statistics into a `QuantizedTensor`."""
 
     name: ClassVar[str]
+    options: ClassVar[tuple[Option, ...]] = ()  # the recipe options it takes beyond the run's (config.RUN_OPTIONS)
     needs_stats: ClassVar[bool] = True
     needs_full_hessian: ClassVar[bool] = True  # False: diag(XᵀX) suffices (much cheaper to collect)
     input_sample_stride: ClassVar[int] = 0  # > 0: also keep every n-th calibration input token
     bit_range: ClassVar[tuple[float, float]] = (1, 8)  # allowed --bits
     integer_bits: ClassVar[bool] = True  # only whole widths (no fractional budgets)
     default_bits: ClassVar[float] = 4  # --bits when none is given
-    default_weighting: ClassVar[str] = "activation"  # importance used when the config names none
-    uses_groups: ClassVar[bool] = False  # honours --group (the driver checks it divides every linear)
-    supports_model_scope: ClassVar[bool] = False  # can spend one budget over the whole model
+    # The defaults of the options in `options` that have none of their own (`Option.method_default`):
+    default_weighting: ClassVar[str] = "activation"
     default_scope: ClassVar[str] = "matrix"
-    refines_codebooks: ClassVar[bool] = False  # takes --refine (least-squares codebook refits)
-    default_refine: ClassVar[int] = 0  # --refine when none is given
-    default_act_order: ClassVar[bool] = False  # --act-order when none is given
+    default_refine: ClassVar[int] = 0
+    default_act_order: ClassVar[bool] = False
+    default_outliers: ClassVar[float] = 0.0
+    default_scaling: ClassVar[bool] = False
+
+    @classmethod
+    def takes(cls, option: str) -> bool:
+        """Whether this recipe takes the option called `option` (beyond the run's own)."""
+        return any(o.name == option for o in cls.options)
+
+    @classmethod
+    def option_default(cls, option: Option) -> object:
+        """What `option` is for this recipe when the config leaves it at None."""
+        return getattr(cls, option.method_default) if option.method_default else option.default
 
     def weighting(self, config: QuantConfig) -> str:
         return config.weighting or self.default_weighting

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from anybit.alloc.claq import adaptive_precision, candidate_highs, outlier_order_scores, outlier_reservation
-from anybit.config import QuantConfig
 from anybit.format.qtensor import QuantizedTensor
-from anybit.methods.base import LayerStats, Method
+from anybit.methods.base import DAMP, OUTLIERS, LayerStats, Method
+from anybit.options import Option
 from anybit.quant.column_kmeans import ColumnKMeansQuantizer
 from anybit.quant.gptq import act_order_perm, gptq_quantize
+
+if TYPE_CHECKING:
+    from anybit.config import QuantConfig
+
+TAU = Option("tau", float, 13.0, "Outlier threshold in mean|W|.", low=0, low_open=True)
+SEARCH_SPLIT = Option(
+    "search_split", bool, False, "Per matrix, try high widths ⌊B⌋+1 to ⌊B⌋+3 and keep the least output error."
+)
 
 
 class CLAQ(Method):
@@ -23,6 +33,8 @@ class CLAQ(Method):
     """
 
     name = "claq"
+    options = (DAMP, OUTLIERS, TAU, SEARCH_SPLIT)
+    default_outliers = 0.005  # the mean reserved share
     integer_bits = False
     bit_range = (2, 8)
 
@@ -44,7 +56,7 @@ class CLAQ(Method):
         perm = act_order_perm(H)
         scores = outlier_order_scores(W, config.tau)
         bits = adaptive_precision(scores, config.bits, high)
-        mean_reserve = 0.005 if config.outliers is None else config.outliers
+        mean_reserve = config.outliers
         reserve = outlier_reservation(scores, mean_reserve)[perm] if mean_reserve > 0 else None
         quantizer = ColumnKMeansQuantizer(W.shape[0], bits[perm], reserve)
         result = gptq_quantize(W, H, quantizer, damp=config.damp, act_order=True)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from anybit.config import QuantConfig
 from anybit.errors import AnybitError
 from anybit.format.qtensor import QuantizedTensor, SparseOutliers
-from anybit.methods.base import LayerStats, Method
+from anybit.methods.base import OUTLIERS, WEIGHTING, LayerStats, Method
 from anybit.quant.kmeans import fit_codebook
 from anybit.quant.outliers import outlier_mask
+
+if TYPE_CHECKING:
+    from anybit.config import QuantConfig
 
 
 def sensitivity_weights(W: torch.Tensor, stats: LayerStats | None, weighting: str) -> torch.Tensor:
@@ -50,14 +54,14 @@ class KMeansRows(Method):
     """
 
     name = "kmeans"
+    options = (WEIGHTING, OUTLIERS)
     needs_full_hessian = False
-    default_outliers: float = 0.0
     sensitive_share: float = 0.0  # part of the outlier budget chosen by importance instead of magnitude
 
     def quantize(self, W: torch.Tensor, stats: LayerStats | None, config: QuantConfig) -> QuantizedTensor:
         bits = int(config.bits)
         weights = sensitivity_weights(W, stats, self.weighting(config))
-        fraction = self.default_outliers if config.outliers is None else config.outliers
+        fraction = config.outliers
         _, outliers, weights = split_outliers(W, weights, fraction, self.sensitive_share)
         result = fit_codebook(W, weights, k=2**bits)
         rows, cols = W.shape

@@ -3,6 +3,8 @@ the whole model) and the trainable scaling vector; anybit's recipe (`methods.any
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from anybit.alloc.skim import (
@@ -15,16 +17,33 @@ from anybit.alloc.skim import (
     greedy_allocation,
     row_cost_bits,
 )
-from anybit.config import QuantConfig
 from anybit.errors import AnybitError
 from anybit.format.packing import packed_nbytes
 from anybit.format.qtensor import QuantizedTensor, SparseOutliers
-from anybit.methods.base import LayerStats, Method, row_importance
+from anybit.methods.base import DAMP, OUTLIERS, SCOPE, WEIGHTING, LayerStats, Method, row_importance
 from anybit.methods.nonuniform import sensitivity_weights, split_outliers
+from anybit.options import Option
 from anybit.quant.kmeans import assign, fit_codebook
 from anybit.quant.row_codebooks import feedback_codes, refit_codebooks, sorted_codebooks, stored_books
 from anybit.quant.scaling import layer_loss, train_scaling
 
+if TYPE_CHECKING:
+    from anybit.config import QuantConfig
+
+MAX_REFINE = 8
+SCALING = Option(
+    "scaling", bool, None, "Train the per-column scaling vector.", method_default="default_scaling", negatable=True
+)
+REFINE = Option(
+    "refine",
+    int,
+    None,
+    "Rounds of least-squares codebook refits with the codes fixed (anybit: each but the last followed by a new "
+    "error-feedback rounding).",
+    low=0,
+    high=MAX_REFINE,
+    method_default="default_refine",
+)
 MAX_WIDTH = 8
 WIDTH_HEADROOM = 3  # candidate widths reach floor(budget) + 3: a row wider than that costs 2-4× the
 # budget per weight (codes plus a doubled codebook) and was never chosen in our runs (RESULTS.md)
@@ -44,30 +63,25 @@ class SKIM(Method):
     """
 
     name = "skim"
+    options = (WEIGHTING, OUTLIERS, SCOPE, SCALING, REFINE, DAMP)
     integer_bits = False
     bit_range = (1.5, 8)
-    supports_model_scope = True
     default_bits = 3.25
     default_scaling = True
-    default_outliers = 0.0
     error_feedback = False  # anybit: GPTQ-style rounding onto the fitted codebooks
-    refines_codebooks = True
-
-    def scaling(self, config: QuantConfig) -> bool:
-        return self.default_scaling if config.scaling is None else config.scaling
 
     def _prepare(self, W: torch.Tensor, stats: LayerStats, config: QuantConfig):
         """H, the K-means weights with outliers removed, and the outliers (mask, sparse form)."""
         H = stats.hessian.hessian()
         weights = sensitivity_weights(W, stats, self.weighting(config))
-        fraction = self.default_outliers if config.outliers is None else config.outliers
+        fraction = config.outliers
         mask, outliers, weights = split_outliers(W, weights, fraction)
         return H, weights, mask, outliers
 
     def _fixed_bits(self, rows: int, cols: int, outliers: SparseOutliers | None, config: QuantConfig) -> int:
         """Stored bits that do not depend on the row widths."""
         fixed = packed_nbytes(rows, BITMAP_BITS) * 8
-        if self.scaling(config):
+        if config.scaling:
             fixed += SCALE_BITS * cols
         if outliers is not None:
             fixed += outliers.storage_bits()
@@ -97,7 +111,7 @@ class SKIM(Method):
             budget -= 0 if outliers is None else outliers.storage_bits()
             plain = self._allocate(table, rows, cols, budget, config.bits)
             candidates = self._candidates(W, H, weights, mask, *plain, config, scaling=False)
-            if self.scaling(config):
+            if config.scaling:
                 # the fp16 scaling vector is paid for out of the same budget: fewer bits for the codes
                 reduced = self._allocate(table, rows, cols, budget - SCALE_BITS * cols, config.bits)
                 candidates.append(self._scaled(W, H, weights, mask, *reduced))
@@ -110,7 +124,7 @@ class SKIM(Method):
         """(loss, widths, codes, books, α) of the plain codes, the scaled re-clustering (if on), for anybit
         GPTQ error feedback onto the same codebooks, and (with `--refine`) their least-squares refits."""
         out = [(self._loss(W, H, mask, codes, books, None), widths, codes, books, None)]
-        if scaling and self.scaling(config):
+        if scaling and config.scaling:
             out.append(self._scaled(W, H, weights, mask, widths, codes, books))
         rounds = config.refine
         if self.error_feedback:

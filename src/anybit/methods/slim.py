@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from anybit.alloc.slim import salience_allocation
-from anybit.config import QuantConfig
 from anybit.format.qtensor import QuantizedTensor
-from anybit.methods.base import LayerStats, Method
+from anybit.methods.base import DAMP, GROUP, LayerStats, Method
+from anybit.options import Option
 from anybit.quant.gptq import gptq_quantize, prepare_hessian
 from anybit.quant.uniform import ClippedColumnQuantizer
 
+if TYPE_CHECKING:
+    from anybit.config import QuantConfig
+
 CLIP_MAX, CLIP_STEP = 1.1, 0.002  # the paper's grid: 0.9 to 1.1 in 100 steps (1.0 included)
+CLIP_MIN = Option(
+    "clip_min",
+    float,
+    0.9,
+    "Lowest clipping factor searched (grid to 1.1 in steps of 0.002; the paper's 0.9).",
+    low=0,
+    high=1,
+    low_open=True,
+)
 SALIENT_Z = 2.0  # a weight is salient when its salience is this many std above its group's mean
 
 
@@ -25,7 +39,7 @@ class SliM(Method):
     """
 
     name = "slim"
-    uses_groups = True
+    options = (GROUP, DAMP, CLIP_MIN)
     bit_range = (2, 7)  # widths from N - 1 >= 1 to N + 1 (fractional N: ⌊N⌋ + 2) <= 8
     integer_bits = False
     input_sample_stride = 64  # 32 tokens per 2048-token window for the KL search

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from anybit.alloc.skim import RowTable
-from anybit.config import QuantConfig
 from anybit.format.qtensor import QuantizedTensor
-from anybit.methods.base import LayerStats, Method, row_importance
+from anybit.methods.base import ACT_ORDER, DAMP, GROUP, SCOPE, SYM, LayerStats, Method, row_importance
 from anybit.quant.gptq import gptq_quantize
 from anybit.quant.uniform import UniformColumnQuantizer, rtn_quantize
+
+if TYPE_CHECKING:
+    from anybit.config import QuantConfig
 
 
 def _uniform_bitmap(W: torch.Tensor, group_size: int, bits: float) -> torch.Tensor:
@@ -20,7 +24,7 @@ class RTN(Method):
     """Asymmetric min-max round-to-nearest per output channel or per group; needs no calibration."""
 
     name = "rtn"
-    uses_groups = True
+    options = (GROUP, SYM)
     needs_stats = False
 
     def quantize(self, W: torch.Tensor, stats: LayerStats | None, config: QuantConfig) -> QuantizedTensor:
@@ -39,8 +43,7 @@ class GPTQ(Method):
     """
 
     name = "gptq"
-    uses_groups = True
-    supports_model_scope = True
+    options = (GROUP, SYM, DAMP, ACT_ORDER, SCOPE)
     MODEL_WIDTHS = (2, 3, 4, 8)
 
     def needs_fisher(self, config: QuantConfig) -> bool:
