@@ -6,6 +6,7 @@ import torch
 from anybit.config import QuantConfig
 from anybit.data import calibration_windows, eval_windows, load_corpus, tokenize_corpus
 from anybit.eval import evaluate
+from anybit.methods import get_method
 from anybit.model import get_adapter, load_model
 from anybit.pipeline import quantize_to_dir
 from anybit.runtime import quant_linears
@@ -39,7 +40,8 @@ def test_quantize_save_reload_eval(tiny_model_dir, corpus_file, tmp_path, method
     fp = evaluate(original.model, windows, progress=False)
 
     originals = {name: adapter.weight_of(module).clone() for name, module in _linears(original.model, adapter)}
-    config = QuantConfig(method=method, bits=bits, group_size=32, nsamples=4, seqlen=64, calib=str(corpus_file))
+    groups = {"group_size": 32} if get_method(method).takes("group_size") else {}
+    config = QuantConfig(method=method, bits=bits, nsamples=4, seqlen=64, calib=str(corpus_file), **groups)
     outcome = quantize_to_dir(str(tiny_model_dir), config, tmp_path / "q", loaded=original, progress=False)
     in_memory = original.model  # quantized in place
     n_linears = len(adapter.layers(in_memory)) * len(adapter.linear_names)

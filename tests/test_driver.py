@@ -46,5 +46,5 @@ def test_layer_inputs_come_from_the_chosen_model(tiny_llama_dir, corpus_file, mo
 def test_unknown_layer_inputs_are_refused():
     from anybit.errors import AnybitError
 
-    with pytest.raises(AnybitError, match="layer inputs"):
+    with pytest.raises(AnybitError, match="layer_inputs must be one of"):
         QuantConfig(method="gptq", layer_inputs="teacher")

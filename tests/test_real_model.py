@@ -9,6 +9,7 @@ from anybit.config import QuantConfig
 from anybit.data import eval_windows, load_corpus, tokenize_corpus
 from anybit.eval import evaluate
 from anybit.generate import _native_tokens
+from anybit.methods import get_method
 from anybit.model import load_model
 from anybit.pipeline import configure_runtime, quantize_to_dir
 from anybit.runtime.native import NativeDecoder
@@ -84,7 +85,8 @@ def test_smollm2_every_method(tmp_path, method: str, bits: float, ppl: float, co
     windows = eval_windows(tokenize_corpus(loaded.tokenizer, load_corpus("wikitext2")), 2048, max_windows=1)
     fp = evaluate(loaded.model, windows, progress=False)
     assert fp.ppl == pytest.approx(15.2331, rel=0.005)
-    config = QuantConfig(method=method, bits=bits, group_size=64, nsamples=4, seqlen=512, fisher_nsamples=2)
+    groups = {"group_size": 64} if get_method(method).takes("group_size") else {}
+    config = QuantConfig(method=method, bits=bits, nsamples=4, seqlen=512, fisher_nsamples=2, **groups)
     outcome = quantize_to_dir("smollm2-135m", config, tmp_path / "q", loaded=loaded, progress=False)
     q = evaluate(load_model(str(tmp_path / "q")).model, windows, progress=False)
     assert q.ppl == pytest.approx(ppl, rel=0.02), (method, fp.ppl, q.ppl)

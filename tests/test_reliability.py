@@ -238,13 +238,12 @@ def test_a_killed_save_leaves_nothing_behind(tiny_llama_dir, tmp_path) -> None:
     """SIGKILL in the middle of writing: the next run cleans up, the output is whole or absent."""
     script = (
         "import os, signal, sys\n"
-        "import safetensors.torch as st\n"
-        "real = st.save_file\n"
+        "import anybit.format.shards as shards\n"
+        "real = shards.assemble_shard\n"
         "def die(*a, **k):\n"
         "    real(*a, **k)\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
-        "import anybit.format.shards as shards\n"
-        "shards.save_file = die\n"
+        "shards.assemble_shard = die\n"
         "from anybit.cli import run\n"
         "sys.argv = ['anybit', 'quantize', sys.argv[1], '--method', 'rtn', '--bits', '4', '--group', '32', '--out', sys.argv[2]]\n"
         "run()\n"
@@ -522,9 +521,18 @@ def test_config_file_numbers_must_be_finite(tiny_llama_dir, tmp_path) -> None:
     )
 
 
-def test_a_full_disk_while_writing_is_one_line_and_leaves_nothing(tiny_llama_dir, tmp_path, monkeypatch) -> None:
-    """The disk fills while the weights are written: one line, no output, no temporary, the previous
-    output (here: one anybit wrote before) and the source untouched."""
+class _FullFile:
+    def write(self, data) -> None:
+        import errno
+
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("where", ["shard", "spill"])
+def test_a_full_disk_while_writing_is_one_line_and_leaves_nothing(tiny_llama_dir, tmp_path, monkeypatch, where) -> None:
+    """The disk fills while the weights are written (as a shard is assembled, or as a tensor is spilled to
+    disk): one line, no output, no temporary, the previous output (here: one anybit wrote before) and the
+    source untouched."""
     import errno
 
     import anybit.format.shards as shards
@@ -537,7 +545,11 @@ def test_a_full_disk_while_writing_is_one_line_and_leaves_nothing(tiny_llama_dir
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(shards, "save_file", full)
+    if where == "shard":
+        monkeypatch.setattr(shards, "assemble_shard", full)
+    else:
+        spill = shards.ShardWriter._spill
+        monkeypatch.setattr(shards.ShardWriter, "_spill", lambda self, size: (spill(self, size), _FullFile())[1])
     result = _quantize(tiny_llama_dir, out, "--force")  # after the work: its progress bar, then one line
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert result.output.strip().splitlines()[-1].startswith("Error: cannot write") and "No space left" in result.output

@@ -149,7 +149,6 @@ def test_model_scope_spends_one_budget(tiny_llama_dir, corpus_file, tmp_path, we
         scope="model",
         weighting=weighting,
         scaling=False,  # a rejected scaling vector would leave its reserved bits unspent
-        group_size=32,
         nsamples=4,
         seqlen=64,
         calib=str(corpus_file),
@@ -171,7 +170,7 @@ def test_model_scope_spends_one_budget(tiny_llama_dir, corpus_file, tmp_path, we
 def test_model_scope_rejected_where_unsupported() -> None:
     from anybit.errors import AnybitError
 
-    with pytest.raises(AnybitError, match="no model-wide allocation"):
+    with pytest.raises(AnybitError, match="--scope is not an option of method 'kmeans'"):
         QuantConfig(method="kmeans", bits=3, scope="model")
 
 
@@ -231,7 +230,7 @@ def test_inspect_plot_draws_the_bit_map(tiny_llama_dir, corpus_file, tmp_path) -
 
     out = tmp_path / "q"
     run = CliRunner().invoke
-    args = ["--calib", str(corpus_file), "--seqlen", "64", "--nsamples", "2", "--group", "32"]
+    args = ["--calib", str(corpus_file), "--seqlen", "64", "--nsamples", "2"]
     result = run(main, ["quantize", str(tiny_llama_dir), "--method", "skim", "--bits", "3", "--out", str(out), *args])
     assert result.exit_code == 0, result.output
     png = tmp_path / "map.png"

@@ -25,7 +25,7 @@ LINEAR = "model.layers.0.self_attn.q_proj"
 
 
 def _quantize(source: Path, out: Path, corpus: Path, **options) -> Path:
-    options = {"method": "anybit", "bits": 3.25, "group_size": 32, **options}
+    options = {"method": "anybit", "bits": 3.25, **options}
     config = QuantConfig(**options, nsamples=2, seqlen=32, calib=str(corpus), calib_dtype="float32")
     quantize_to_dir(str(source), config, out, progress=False)
     return out

@@ -27,7 +27,8 @@ def _quantized_first_layer(model_dir, method: str, bits: float):
         hidden, args, kwargs = capture_layer_inputs(model, adapter, windows, torch.device("cpu"), torch.float32)
         layer = adapter.layers(model)[0]
         quant = get_method(method)
-        config = QuantConfig(method=method, bits=bits, group_size=0, scope="matrix" if method == "skim" else None)
+        groups = {"group_size": 0} if quant.takes("group_size") else {}
+        config = QuantConfig(method=method, bits=bits, scope="matrix" if method == "skim" else None, **groups)
         stats, target = _collect_stats(layer, adapter, hidden, args, kwargs, quant)
         for name in adapter.linear_names:
             W = adapter.weight_of(get_submodule(layer, name)).clone()

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import struct
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -22,7 +25,18 @@ from anybit.errors import AnybitError
 
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-SHARD_BYTES = 256 << 20  # pending bytes that make a shard: bounds the writer's share of peak memory
+SHARD_BYTES = 256 << 20  # bytes of tensor data that make a shard (on disk while it grows, not in memory)
+_ALIGNMENTS = (8, 4, 2, 1)  # element sizes: larger first, so every tensor starts at a multiple of its own
+
+
+def assemble_shard(path: Path, header: bytes, spills: list[Path]) -> None:
+    """Write the shard file `path`: the header, then the spill files' bytes in order (each removed after)."""
+    with open(path, "wb") as shard:
+        shard.write(header)
+        for spill in spills:
+            with open(spill, "rb") as source:
+                shutil.copyfileobj(source, shard, 16 << 20)
+            spill.unlink()
 
 
 def shard_name(index: int, count: int) -> str:
@@ -30,34 +44,73 @@ def shard_name(index: int, count: int) -> str:
 
 
 class ShardWriter:
-    """Writes tensors into `directory` as shards of about `shard_bytes`; `finish` names them and writes the index."""
+    """Writes tensors into `directory` as safetensors shards of about `shard_bytes`; `finish` names them and
+    writes the index.
+
+    Each tensor's bytes go to disk when it is added (one spill file per element size), so the writer holds
+    no tensor in memory; a shard is assembled from its spill files (header first, as the format wants) once
+    it is full. The layout is safetensors' own: tensors ordered by descending element size, none unaligned.
+    """
 
     def __init__(self, directory: Path, metadata: dict[str, str], shard_bytes: int | None = None) -> None:
         self.directory = directory
         self.metadata = metadata
         self.shard_bytes = shard_bytes or SHARD_BYTES
-        self._pending: dict[str, torch.Tensor] = {}
+        self._spills: dict[int, tuple[Path, BinaryIO]] = {}
+        self._pending: dict[int, list[tuple[str, str, list[int], int]]] = {}  # size -> (name, dtype, shape, bytes)
         self._pending_bytes = 0
         self._written: list[tuple[Path, list[str]]] = []
+        self._names: set[str] = set()
         self.total_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self._pending or any(name in names for _, names in self._written):
+        if name in self._names:
             raise ValueError(f"tensor {name} written twice")
+        dtype = _DTYPE_NAMES.get(tensor.dtype)
+        if dtype is None:
+            raise ValueError(f"tensor {name} has dtype {tensor.dtype}, which safetensors does not store")
+        self._names.add(name)
         tensor = tensor.detach().cpu().contiguous()
-        self._pending[name] = tensor
-        self._pending_bytes += tensor.numel() * tensor.element_size()
+        data = tensor.reshape(-1).view(torch.uint8).numpy()
+        size = tensor.element_size()
+        self._spill(size).write(data.data)
+        self._pending.setdefault(size, []).append((name, dtype, list(tensor.shape), data.nbytes))
+        self._pending_bytes += data.nbytes
         if self._pending_bytes >= self.shard_bytes:
             self._flush()
+
+    def _spill(self, size: int) -> BinaryIO:
+        if size not in self._spills:
+            path = self.directory / f".spill-{size}.bin"
+            self._spills[size] = (path, open(path, "wb"))  # noqa: SIM115 (closed in _flush or close)
+        return self._spills[size][1]
 
     def _flush(self) -> None:
         if not self._pending:
             return
+        header: dict[str, object] = {"__metadata__": self.metadata}
+        offset = 0
+        for size in _ALIGNMENTS:
+            for name, dtype, shape, nbytes in self._pending.get(size, []):
+                header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + nbytes]}
+                offset += nbytes
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-(8 + len(text)) % 8)  # the data starts 8-byte aligned
         path = self.directory / f".shard-{len(self._written):05d}.safetensors"
-        save_file(self._pending, path, metadata=self.metadata)
-        self._written.append((path, list(self._pending)))
+        spills = [self._spills.pop(size) for size in _ALIGNMENTS if size in self._spills]
+        for _, spill in spills:
+            spill.close()
+        assemble_shard(path, struct.pack("<Q", len(text)) + text, [spill_path for spill_path, _ in spills])
+        self._written.append((path, [name for size in _ALIGNMENTS for name, *_ in self._pending.get(size, [])]))
         self.total_bytes += self._pending_bytes
         self._pending, self._pending_bytes = {}, 0
+
+    def close(self) -> None:
+        """Close and remove the spill files of an unfinished shard (after an error)."""
+        for path, spill in self._spills.values():
+            spill.close()
+            path.unlink(missing_ok=True)
+        self._spills = {}
 
     def finish(self) -> list[str]:
         """Write what is pending, give the shards their final names; returns the weight file names."""
@@ -149,6 +202,7 @@ _SAFETENSORS_DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "BOOL": torch.bool,
 }  # fmt: skip
+_DTYPE_NAMES = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
 
 
 def tensor_specs(directory: Path, weight_map: dict[str, str]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

@@ -129,6 +129,7 @@ class CheckpointWriter:
     def __exit__(self, kind, exc, tb) -> None:
         if kind is None:
             return
+        self.shards.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
         if isinstance(exc, (OSError, SafetensorError)):  # a full disk, a quota, a vanished parent
             raise AnybitError(f"cannot write {self.out_dir}: {getattr(exc, 'strerror', None) or exc}") from None

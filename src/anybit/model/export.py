@@ -12,6 +12,7 @@ import copy
 import re
 import shutil
 from collections import Counter
+from contextlib import closing
 from pathlib import Path
 
 import torch
@@ -71,7 +72,13 @@ def _write_weights(
     model: torch.nn.Module, linears: dict, directory: Path, checkpoint_format: str
 ) -> dict[str, tuple[int, int, bool]]:
     """Write every tensor in GPTQ's names; returns each linear's (width, group size, act-order)."""
-    writer = ShardWriter(directory, {"format": "pt"})
+    with closing(ShardWriter(directory, {"format": "pt"})) as writer:
+        return _write_gptq_tensors(model, linears, writer, checkpoint_format)
+
+
+def _write_gptq_tensors(
+    model: torch.nn.Module, linears: dict, writer: ShardWriter, checkpoint_format: str
+) -> dict[str, tuple[int, int, bool]]:
     layouts = {}
     for name, module in linears.items():
         tensors, bits, group = gptq_tensors(module.qtensor, checkpoint_format)
