@@ -12,11 +12,8 @@ from typing import TYPE_CHECKING
 import click
 
 from anybit.config import (
-    DEC_SCORES,
     DTYPES,
     E2E_LR,
-    HEAD_CHOICES,
-    KERNELS,
     MAX_TUNE_STEPS,
     OPTIONS,
     QuantConfig,
@@ -27,6 +24,9 @@ from anybit.errors import AnybitError
 from anybit.methods import METHODS
 from anybit.options import Option
 from anybit.quant.groups import DEFAULT_GROUP
+from anybit.runtime.dec.compensate import DEC_SCORES
+from anybit.runtime.head import HEAD_CHOICES
+from anybit.runtime.qlinear import KERNELS
 
 if TYPE_CHECKING:
     from anybit.runtime.dec import DecPlan

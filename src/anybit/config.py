@@ -17,9 +17,6 @@ from anybit.options import Option
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: see `compute_dtype`
 LAYER_INPUTS = ("quantized", "original")  # what each layer is calibrated on (`--layer-inputs`)
-DEC_SCORES = ("activation", "contribution")  # how dynamic error compensation ranks input channels
-KERNELS = ("auto", "fast", "exact", "triton", "reference")  # backends of the quantized linears (runtime.qlinear)
-HEAD_CHOICES = ("int8", "dense")  # the embedding and output head at run time (runtime.head)
 MAX_TUNE_STEPS = 10_000  # Adam steps per decoder layer (`--tune-steps`), or of `anybit tune`
 E2E_LR = 3e-5  # `anybit tune`'s default learning rate (end-to-end tuning, `tune.tune_model`)
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?")

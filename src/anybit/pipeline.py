@@ -248,7 +248,7 @@ def dec_compensation(
     loaded: LoadedModel, plan: DecPlan | int | str | None, static: bool = False, score: str = "activation"
 ) -> AbstractContextManager:
     """Context in which a quantized model's linears add their residual compensation, k_chunk per layer
-    type from `plan` (a no-op for None); `score` is how channels are ranked (`anybit.config.DEC_SCORES`)."""
+    type from `plan` (a no-op for None); `score` is how channels are ranked (`runtime.dec.compensate.DEC_SCORES`)."""
     plan = dec_plan(plan)
     if plan is None:
         if static:

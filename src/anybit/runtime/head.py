@@ -16,10 +16,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from anybit.config import HEAD_CHOICES
 from anybit.format.qtensor import QuantizedTensor
 from anybit.quant.uniform import rtn_quantize
 from anybit.runtime.qlinear import PackedModule, QuantLinear
+
+HEAD_CHOICES = ("int8", "dense")  # the embedding and output head at run time
 
 
 class QuantEmbedding(PackedModule):

@@ -25,11 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anybit.config import KERNELS
 from anybit.format.qtensor import QuantizedTensor
 from anybit.kernels import MAX_BATCH, cpu_fast, triton_available
 from anybit.kernels import cpu as cpu_exact
 from anybit.memory import release_file_pages
+
+KERNELS = ("auto", "fast", "exact", "triton", "reference")  # backends of the quantized linears
 
 CPU_BACKENDS = {"fast": cpu_fast, "exact": cpu_exact}  # each: unavailable(qt), prepare(qt), product(p, x)
 CPU_PREFERENCE = {"auto": ("fast", "exact"), "fast": ("fast", "exact"), "exact": ("exact",)}

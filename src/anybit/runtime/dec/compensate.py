@@ -12,11 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anybit.config import DEC_SCORES
 from anybit.kernels import triton_available
 from anybit.runtime.dec.plan import per_layer
 from anybit.runtime.dec.residual import Residual
 from anybit.runtime.dec.select import select_channels, static_channels
+
+DEC_SCORES = ("activation", "contribution")  # how dynamic error compensation ranks input channels
 
 
 class Compensator:
