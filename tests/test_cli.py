@@ -325,12 +325,11 @@ def _value_other_than_default(option) -> object:
 
 
 def test_every_recipe_option_is_refused_by_the_methods_that_do_not_take_it() -> None:
-    from anybit.config import OPTIONS, RUN_OPTIONS, QuantConfig
+    from anybit.config import RECIPE_OPTIONS, QuantConfig
     from anybit.methods import METHODS
 
-    recipe_options = [o for o in OPTIONS if o not in RUN_OPTIONS]
-    assert {o.name for o in recipe_options} >= {"group_size", "act_order", "tau", "clip_min", "refine", "scope"}
-    for option in recipe_options:
+    assert {o.name for o in RECIPE_OPTIONS} >= {"group_size", "act_order", "tau", "clip_min", "refine", "scope"}
+    for option in RECIPE_OPTIONS:
         value = _value_other_than_default(option)
         for name, method in METHODS.items():
             if method.takes(option.name):

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import click
 
 from anybit.config import (
+    AUTO_DTYPE_HELP,
     DTYPES,
     E2E_LR,
     MAX_TUNE_STEPS,
@@ -76,7 +77,7 @@ def _dtype_option(name: str, what: str):
         type=click.Choice(DTYPES),
         default="auto",
         show_default=True,
-        help=f"{what}; auto: bfloat16 where the hardware multiplies it natively, else float32.",
+        help=f"{what}; {AUTO_DTYPE_HELP}",
     )
 
 

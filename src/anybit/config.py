@@ -16,6 +16,7 @@ from anybit.methods import METHODS, get_method
 from anybit.options import Option
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: see `compute_dtype`
+AUTO_DTYPE_HELP = "auto: bfloat16 where the hardware multiplies it natively, else float32."
 LAYER_INPUTS = ("quantized", "original")  # what each layer is calibrated on (`--layer-inputs`)
 MAX_TUNE_STEPS = 10_000  # Adam steps per decoder layer (`--tune-steps`), or of `anybit tune`
 E2E_LR = 3e-5  # `anybit tune`'s default learning rate (end-to-end tuning, `tune.tune_model`)
@@ -63,13 +64,10 @@ RUN_OPTIONS = (
         "calib_dtype",
         str,
         "auto",
-        "Dtype of the calibration forward passes (statistics are float32); auto: bfloat16 where the hardware "
-        "multiplies it natively, else float32.",
+        f"Dtype of the calibration forward passes (statistics are float32); {AUTO_DTYPE_HELP}",
         choices=DTYPES,
     ),
-    Option(
-        "fisher_nsamples", int, None, "Calibration windows for Fisher weighting [default: all].", low=1, nullable=True
-    ),
+    Option("fisher_nsamples", int, None, "Calibration windows for Fisher weighting [default: all].", low=1),
     Option(
         "tune_steps",
         int,
@@ -101,7 +99,8 @@ def recipe_options() -> tuple[Option, ...]:
     return tuple(seen.values())
 
 
-OPTIONS = RUN_OPTIONS + recipe_options()
+RECIPE_OPTIONS = recipe_options()
+OPTIONS = RUN_OPTIONS + RECIPE_OPTIONS
 
 
 def option_users(option: Option) -> list[str]:
@@ -131,7 +130,7 @@ class _ConfigChecks:
         """The method's defaults for what was left at None; an option it does not take must stay unset."""
         if self.bits is None:
             object.__setattr__(self, "bits", method.default_bits)
-        for option in OPTIONS[len(RUN_OPTIONS) :]:
+        for option in RECIPE_OPTIONS:
             value = getattr(self, option.name)
             if not method.takes(option.name):
                 if value is not None and value != option.default:

@@ -15,8 +15,8 @@ _TYPE_NAMES = {bool: "bool", int: "int", float: "float", str: "str"}
 class Option:
     """One setting of a quantization run.
 
-    `default` None with `method_default` set means "the method's own": the `Method` class attribute of that
-    name gives it. `low`/`high` bound numbers (closed unless `low_open`/`high_open`); `choices` bound strings.
+    `default` None is a value of its own (e.g. "all windows"), or, with `method_default` set, "the method's
+    own": the `Method` class attribute of that name gives it. `low`/`high` bound numbers (closed unless `low_open`/`high_open`); `choices` bound strings.
     """
 
     name: str  # QuantConfig field and TOML key
@@ -28,7 +28,6 @@ class Option:
     high: float | None = None
     low_open: bool = False
     high_open: bool = False
-    nullable: bool = False  # None is a value of its own (e.g. "all windows")
     method_default: str = ""  # Method attribute holding the default when the value is None
     negatable: bool = False  # a bool with an "off" spelling too (else a flag that turns it on)
     flag: str = ""  # command-line spelling when not --name-with-dashes
@@ -44,7 +43,7 @@ class Option:
 
     @property
     def takes_none(self) -> bool:
-        return self.nullable or bool(self.method_default) or self.default is None
+        return self.default is None
 
     def check(self, value: object) -> None:
         """An AnybitError naming the option unless `value` is one it takes."""
