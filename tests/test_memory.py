@@ -1,5 +1,6 @@
 """Resident memory: pages of a memory-mapped checkpoint handed back once copied, the 8-bit embedding and
-head packed as they are read (never held in float32), finiteness checked a chunk at a time."""
+head packed as they are read (never held in float32), finiteness checked a chunk at a time, and tensors spilled
+to a temporary file read back as they were."""
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from safetensors.torch import save_file
 
 from anybit.cli import main
 from anybit.format import qtensor
-from anybit.memory import release_file_pages
+from anybit.memory import SpillFile, release_file_pages
 from anybit.model.loading import load_model
 from anybit.pipeline import configure_runtime
 from anybit.runtime.head import QuantEmbedding, quantize_head
@@ -28,6 +29,23 @@ def test_released_file_pages_read_back_the_same_values(tmp_path) -> None:
     in_memory = values.clone()
     assert release_file_pages([in_memory]) == 0  # ordinary memory is left alone
     assert torch.equal(in_memory, values)
+
+
+def test_spilled_tensors_read_back_as_they_were() -> None:
+    tensors = [
+        torch.randn(3, 5).half(),
+        torch.randn(2, 7, dtype=torch.bfloat16),
+        torch.arange(11),
+        torch.randint(0, 255, (4, 4), dtype=torch.uint8),
+        torch.randn(6, 4).t(),  # not contiguous
+        torch.zeros(0, 8),
+        torch.tensor(2.5),
+    ]
+    with SpillFile() as spill:
+        handles = [spill.put(t) for t in tensors]
+        for tensor, handle in zip(tensors, handles, strict=True):
+            back = handle.load()
+            assert back.dtype == tensor.dtype and back.shape == tensor.shape and torch.equal(back, tensor)
 
 
 @pytest.mark.parametrize("position", [0, 20, 39])

@@ -51,6 +51,73 @@ def test_greedy_exact_when_budget_lands_on_a_hull_point() -> None:
         greedy_allocation(errors, costs, float(costs[:, 0].sum()) - 1)
 
 
+def _sequential_greedy(errors: torch.Tensor, costs: torch.Tensor, budget: float) -> list[int]:
+    """The allocation written out one row and one segment at a time, as its docstring says: each row's lower
+    hull, all hull segments by error decrease per bit, each taken if it is its row's next and still fits."""
+    rows, count = errors.shape
+    err, cost = errors.double().tolist(), costs.double().expand_as(errors).tolist()
+    segments = []
+    for r in range(rows):
+        hull = [0]
+        for j in range(1, count):
+            if err[r][j] >= err[r][hull[-1]]:
+                continue
+            while len(hull) >= 2:
+                a, b = hull[-2], hull[-1]
+                if (err[r][b] - err[r][a]) * (cost[r][j] - cost[r][a]) < (err[r][j] - err[r][a]) * (
+                    cost[r][b] - cost[r][a]
+                ):
+                    break
+                hull.pop()
+            hull.append(j)
+        segments += [(r, a, b, cost[r][b] - cost[r][a], err[r][a] - err[r][b]) for a, b in itertools.pairwise(hull)]
+    choice, spent = [0] * rows, sum(cost[r][0] for r in range(rows))
+    slopes = torch.tensor([gain for *_, gain in segments], dtype=torch.float64) / torch.tensor(
+        [c for *_, c, _ in segments], dtype=torch.float64
+    )
+    for s in torch.sort(slopes, descending=True, stable=True).indices.tolist() if segments else []:
+        r, a, b, c, _ = segments[s]
+        if choice[r] == a and spent + c <= budget:
+            choice[r], spent = b, spent + c
+    return choice
+
+
+@pytest.mark.parametrize("kind", ["convex", "noisy", "ties", "uneven costs"])
+def test_greedy_takes_the_segments_the_sequential_walk_takes(kind: str) -> None:
+    """The vectorized allocation is the sequential one, row for row, on convex, non-convex and tied tables."""
+    torch.manual_seed(0)
+    for _ in range(150):
+        rows, count = int(torch.randint(1, 40, ())), int(torch.randint(1, 7, ()))
+        errors, costs = _convex_table(rows, count)
+        if kind == "noisy":
+            errors = torch.rand(rows, count).double()
+        elif kind == "ties":
+            errors = torch.randint(0, 4, (rows, count)).double()
+        elif kind == "uneven costs":
+            costs = torch.cumsum(torch.randint(1, 9, (rows, count)), 1).double()
+        low, high = float(costs[:, 0].sum()), float(costs[:, -1].sum())
+        budget = low + float(torch.rand(())) * (high - low) * 1.1
+        assert greedy_allocation(errors, costs, budget).tolist() == _sequential_greedy(errors, costs, budget)
+
+
+def test_model_plan_spills_each_matrix_codebooks() -> None:
+    """With a spill file, the tables' and the plan's codebooks live there, and the plan is the in-memory one."""
+    from anybit.alloc.skim import allocate_model
+    from anybit.memory import Spilled, SpillFile
+    from anybit.methods.anybit import AnyBit
+
+    W, acc = _correlated_layer()
+    config = QuantConfig(method="anybit", bits=3.0, weighting="activation", refine=0)
+    table = AnyBit().row_table(W, LayerStats(acc), config)
+    kept = allocate_model({"m": table}, 3.0)["m"]
+    with SpillFile() as spill:
+        spilled_table = table.spilled(spill)
+        assert all(isinstance(c, Spilled) for c in spilled_table.centroids)
+        plan = allocate_model({"m": spilled_table}, 3.0, spill)["m"]
+        assert isinstance(plan.books, Spilled)
+        assert torch.equal(plan.widths, kept.widths) and torch.equal(plan.codebooks(), kept.codebooks())
+
+
 @pytest.mark.parametrize("target", [2.25, 2.5, 3.2, 4.25])
 def test_skim_meets_fractional_budget(target: float) -> None:
     torch.manual_seed(0)
@@ -259,12 +326,12 @@ def test_planned_rows_keep_the_codebooks_their_errors_were_measured_with() -> No
     assert len(set(plan.widths.tolist())) > 1  # mixed widths, so the rows come from several tables
     for row in range(W.shape[0]):
         i = table.widths.index(int(plan.widths[row]))
-        torch.testing.assert_close(plan.books[row, : 1 << table.widths[i]], table.centroids[i][row].float())
+        torch.testing.assert_close(plan.codebooks()[row, : 1 << table.widths[i]], table.centroids[i][row].float())
     # codebooks a refit would never produce: the quantized rows must take their values from them all the same
-    moved = dataclasses.replace(plan, books=(plan.books * 1.01 + 0.001).half().float())
+    moved = dataclasses.replace(plan, books=(plan.codebooks() * 1.01 + 0.001).half())
     stats = LayerStats(acc)
     stats.plan = moved
     stored = method.quantize(W, stats, config).dequantize()
     for row in range(W.shape[0]):
-        entries = moved.books[row, : 1 << int(moved.widths[row])]
+        entries = moved.codebooks()[row, : 1 << int(moved.widths[row])]
         assert torch.isin(stored[row], entries).all()

@@ -27,7 +27,7 @@ from anybit.config import QuantConfig
 from anybit.errors import AnybitError
 from anybit.fisher import fisher_diagonal, fisher_in_one_batch
 from anybit.layerwise import Resident, Supply, capture_layer_inputs, run_layer
-from anybit.memory import release_file_pages, return_freed_memory
+from anybit.memory import SpillFile, release_file_pages, return_freed_memory
 from anybit.methods import LayerStats, Method, get_method
 from anybit.model.adapters import Adapter, get_adapter, get_submodule, set_submodule
 from anybit.model.checkpoint import round_unquantized_
@@ -130,8 +130,8 @@ class _TableCollector:
     windows the pass recomputes each layer on, with the layer's final Fisher diagonals: the statistics-only
     table pass, without running the layers again."""
 
-    def __init__(self, adapter: Adapter, method: Method, config: QuantConfig) -> None:
-        self.adapter, self.method, self.config = adapter, method, config
+    def __init__(self, adapter: Adapter, method: Method, config: QuantConfig, spill: SpillFile) -> None:
+        self.adapter, self.method, self.config, self.spill = adapter, method, config, spill
         self.tables: dict[str, RowTable] = {}
         self._inputs: _GroupInputs | None = None
 
@@ -147,7 +147,7 @@ class _TableCollector:
             stats = inputs.stats.pop(name)  # a group's XᵀX is freed after its last linear
             stats.fisher = fisher[name]
             W = self.adapter.weight_of(get_submodule(layer, name))  # read only: no copy
-            self.tables[f"{index}.{name}"] = self.method.row_table(W, stats, self.config)
+            self.tables[f"{index}.{name}"] = self.method.row_table(W, stats, self.config).spilled(self.spill)
             release_file_pages([stats.fisher])  # mapped accumulators: one linear's resident at a time
 
 
@@ -297,9 +297,50 @@ def quantize_model(
     method = get_method(config.method)
     _check_group_sizes(model, adapter, config)
     _check_model_budget(model, adapter, method, config)
-    fisher = {}
     if method.needs_stats and calib_windows is None:
         raise AnybitError(f"method {config.method!r} needs calibration data")
+    with SpillFile() as spill:  # what the model-wide plan keeps of every matrix, out of memory
+        fisher, plan = _first_pass(model, adapter, method, config, calib_windows, spill, supply, progress)
+        linears = 0
+        tuning: list[TuneStep] = []
+
+        def commit(key, layer, name, W, bias, stats):
+            nonlocal linears
+            if stats is not None:
+                stats.plan = plan.get(key)
+            quantized = QuantLinear(method.quantize(W, stats, config), bias)
+            if stats is not None and stats.fisher is not None:
+                release_file_pages([stats.fisher])  # Fisher accumulators of a deep model live in a mapped file
+            quantized.kernel = "exact"  # the next layers calibrate on the stored values, whatever the CPU rounds
+            set_submodule(layer, name, quantized)
+            linears += 1
+
+        desc = f"{config.method} {config.bits:g}-bit"
+        _layer_pass(
+            model, adapter, method, config, calib_windows, fisher, commit, desc, commit=True, on_layer=on_layer,
+            tuning=tuning, supply=supply, progress=progress,
+        )  # fmt: skip
+    set_kernel(model, "auto")  # calibrated on the exact products; from here on, like a loaded model
+    if not supply.streamed:
+        round_unquantized_(model)
+    seconds = time.perf_counter() - start
+    return QuantReport(seconds=seconds, layers=len(adapter.layers(model)), linears=linears, tuning=tuning)
+
+
+def _first_pass(
+    model: nn.Module,
+    adapter: Adapter,
+    method: Method,
+    config: QuantConfig,
+    calib_windows: torch.Tensor | None,
+    spill: SpillFile,
+    supply: Supply,
+    progress: bool,
+) -> tuple[dict[str, torch.Tensor], dict[str, RowPlan]]:
+    """What the quantizing pass needs before it starts: the Fisher diagonals (where the recipe weighs by them)
+    and, with a model-wide scope, each matrix's planned widths and codebooks (its error table's codebooks kept
+    in `spill`)."""
+    fisher: dict[str, torch.Tensor] = {}
     table_windows = calib_windows
     model_scope = method.scope(config) == "model"
     collector = None
@@ -309,44 +350,20 @@ def quantize_model(
         # Fisher pass keeps every layer's input at once, its recomputation of each layer collects them
         table_windows = calib_windows[: config.fisher_nsamples]
         if model_scope and fisher_in_one_batch(model, adapter, table_windows):
-            collector = _TableCollector(adapter, method, config)
+            collector = _TableCollector(adapter, method, config, spill)
         fisher = fisher_diagonal(model, adapter, table_windows, config.device, progress, supply, collector)
-    plan: dict[str, RowPlan] = {}
-    passes = dict(supply=supply, progress=progress)
-    if model_scope:
-        tables: dict[str, RowTable] = {}
+    if not model_scope:
+        return fisher, {}
+    tables: dict[str, RowTable] = {}
+    if collector is not None:  # in the model's order, as the table pass gives them (the allocation breaks ties
+        tables = {key: collector.tables.pop(key) for key in fisher}  # by position); the Fisher keys are in it
+    else:
 
         def collect(key, _layer, _name, W, _bias, stats):
-            tables[key] = method.row_table(W, stats, config)
+            tables[key] = method.row_table(W, stats, config).spilled(spill)
 
-        if collector is None:
-            _layer_pass(
-                model, adapter, method, config, table_windows, fisher, collect, "error tables", commit=False, **passes
-            )
-        else:  # in the model's order, as the table pass gives them (the allocation breaks ties by position);
-            tables = {key: collector.tables[key] for key in fisher}  # the Fisher keys are in that order
-        plan = allocate_model(tables, config.bits)
-    linears = 0
-    tuning: list[TuneStep] = []
-
-    def commit(key, layer, name, W, bias, stats):
-        nonlocal linears
-        if stats is not None:
-            stats.plan = plan.get(key)
-        quantized = QuantLinear(method.quantize(W, stats, config), bias)
-        if stats is not None and stats.fisher is not None:
-            release_file_pages([stats.fisher])  # Fisher accumulators of a deep model live in a mapped file
-        quantized.kernel = "exact"  # the next layers calibrate on the stored values, whatever the CPU rounds
-        set_submodule(layer, name, quantized)
-        linears += 1
-
-    desc = f"{config.method} {config.bits:g}-bit"
-    _layer_pass(
-        model, adapter, method, config, calib_windows, fisher, commit, desc, commit=True, on_layer=on_layer,
-        tuning=tuning, **passes,
-    )  # fmt: skip
-    set_kernel(model, "auto")  # calibrated on the exact products; from here on, like a loaded model
-    if not supply.streamed:
-        round_unquantized_(model)
-    seconds = time.perf_counter() - start
-    return QuantReport(seconds=seconds, layers=len(adapter.layers(model)), linears=linears, tuning=tuning)
+        _layer_pass(
+            model, adapter, method, config, table_windows, fisher, collect, "error tables", commit=False,
+            supply=supply, progress=progress,
+        )  # fmt: skip
+    return fisher, allocate_model(tables, config.bits, spill)

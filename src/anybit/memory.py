@@ -1,6 +1,6 @@
 """Process memory: freed tensor memory handed back to the system, so that peak resident memory follows what
-is alive (one decoder layer when streaming), not what was ever allocated; and pages of a memory-mapped
-checkpoint that nothing reads any more handed back too."""
+is alive (one decoder layer when streaming), not what was ever allocated; pages of a memory-mapped
+checkpoint that nothing reads any more handed back too; and a spill file for what a pass keeps of every layer."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ import ctypes
 import ctypes.util
 import functools
 import mmap
+import os
+import tempfile
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 
@@ -76,3 +79,48 @@ def release_file_pages(tensors: Iterable[torch.Tensor]) -> int:
         if last > first and madvise(first, last - first, MADV_PAGEOUT) == 0:
             advised += last - first
     return advised
+
+
+@dataclass(frozen=True)
+class Spilled:
+    """A tensor's bytes in a `SpillFile`; `load()` reads them back as a new CPU tensor."""
+
+    spill: SpillFile
+    offset: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def load(self) -> torch.Tensor:
+        nbytes = torch.Size(self.shape).numel() * self.dtype.itemsize
+        if not nbytes:
+            return torch.empty(self.shape, dtype=self.dtype)
+        data = bytearray(os.pread(self.spill.fileno(), nbytes, self.offset))
+        return torch.frombuffer(data, dtype=torch.uint8).view(self.dtype).view(self.shape)
+
+
+class SpillFile:
+    """An anonymous temporary file that tensors are written to and read back from: what a pass over the model
+    keeps for every layer (so that memory stays flat in depth) without holding it. The file has no name on disk
+    and goes with the process."""
+
+    def __init__(self) -> None:
+        self._file = tempfile.TemporaryFile(prefix="anybit-spill-")  # noqa: SIM115 (closed in close())
+
+    def put(self, tensor: torch.Tensor) -> Spilled:
+        data = tensor.detach().to("cpu").contiguous()
+        offset = self._file.seek(0, os.SEEK_END)
+        self._file.write(data.reshape(-1).view(torch.uint8).numpy().data)
+        self._file.flush()
+        return Spilled(self, offset, tuple(data.shape), data.dtype)
+
+    def fileno(self) -> int:
+        return self._file.fileno()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> SpillFile:
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.close()

@@ -10,13 +10,14 @@ bits to the row whose error falls most per stored bit. Taken over each row's low
 
 from __future__ import annotations
 
-import itertools
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 from anybit.errors import AnybitError
 from anybit.format.packing import packed_nbytes
+from anybit.memory import Spilled, SpillFile
 from anybit.quant.kmeans import fit_codebooks, reconstruct
 
 CODEBOOK_ENTRY_BITS = 16  # fp16 centroids
@@ -96,55 +97,73 @@ def _error_table_rows(
     return ErrorTable(widths, torch.stack(errors, dim=1), codes, centroids)
 
 
-def _lower_hull(costs: list[float], errors: list[float]) -> list[int]:
-    """Indices of the points on the lower convex hull from the cheapest point, error decreasing."""
-    hull: list[int] = [0]
-    for j in range(1, len(costs)):
-        if errors[j] >= errors[hull[-1]]:
-            continue  # never worth paying for
-        while len(hull) >= 2:
-            a, b = hull[-2], hull[-1]
-            # drop b if it lies on or above the segment a -> j
-            if (errors[b] - errors[a]) * (costs[j] - costs[a]) >= (errors[j] - errors[a]) * (costs[b] - costs[a]):
-                hull.pop()
-            else:
+def _lower_hulls(costs: torch.Tensor, errors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's lower convex hull of (cost, error) points from its cheapest point, error decreasing: the
+    (rows, widths) indices of the hull points, valid up to each row's (rows,) count. Costs ascend along a row."""
+    rows, count = errors.shape
+    at = torch.arange(rows)
+    hull = torch.zeros(rows, count, dtype=torch.long)
+    size = torch.ones(rows, dtype=torch.long)
+    for j in range(1, count):
+        e_j, c_j = errors[:, j], costs[:, j]
+        live = e_j < errors[at, hull[at, size - 1]]  # a wider point no better than the last is never worth it
+        while True:
+            a, b = hull[at, (size - 2).clamp(min=0)], hull[at, size - 1]
+            e_a, e_b, c_a, c_b = errors[at, a], errors[at, b], costs[at, a], costs[at, b]
+            # drop b where it lies on or above the segment a -> j
+            above = live & (size >= 2) & ((e_b - e_a) * (c_j - c_a) >= (e_j - e_a) * (c_b - c_a))
+            if not bool(above.any()):
                 break
-        hull.append(j)
-    return hull
+            size = size - above.long()
+        hull[at[live], size[live]] = j
+        size = size + live.long()
+    return hull, size
 
 
 def greedy_allocation(errors: torch.Tensor, costs: torch.Tensor, budget: float) -> torch.Tensor:
     """Index of the width for each row, spending at most `budget` stored bits.
 
-    `errors` and `costs` are (rows, widths); every row starts at width index 0. Hull segments are
-    taken in order of error decrease per bit; after the largest affordable prefix, later segments
-    that still fit are taken while they are the next step of their row.
+    `errors` and `costs` are (rows, widths) (costs may be a broadcast view); every row starts at width index 0.
+    Hull segments are taken in order of error decrease per bit; after the largest affordable prefix, later
+    segments that still fit are taken while they are the next step of their row. Vectorized over rows: memory
+    and time follow the number of rows of a whole model.
     """
+    errors, costs = errors.double(), costs.double().expand_as(errors)
     rows = errors.shape[0]
-    choice = [0] * rows
     spent = float(costs[:, 0].sum())
     if spent > budget:
         raise ValueError(f"budget {budget:.0f} bits is below the cheapest allocation {spent:.0f}")
-    seg_row, seg_from, seg_to, seg_cost, seg_gain = [], [], [], [], []
-    err, cost = errors.double().tolist(), costs.double().tolist()
-    for r in range(rows):
-        hull = _lower_hull(cost[r], err[r])
-        for a, b in itertools.pairwise(hull):
-            seg_row.append(r)
-            seg_from.append(a)
-            seg_to.append(b)
-            seg_cost.append(cost[r][b] - cost[r][a])
-            seg_gain.append(err[r][a] - err[r][b])
-    if not seg_row:
-        return torch.tensor(choice, dtype=torch.long)
-    gain, dcost = torch.tensor(seg_gain, dtype=torch.float64), torch.tensor(seg_cost, dtype=torch.float64)
-    order = torch.sort(gain / dcost, descending=True, stable=True).indices.tolist()
-    for s in order:
-        r = seg_row[s]
-        if choice[r] == seg_from[s] and spent + seg_cost[s] <= budget:
-            choice[r] = seg_to[s]
-            spent += seg_cost[s]
-    return torch.tensor(choice, dtype=torch.long)
+    choice = torch.zeros(rows, dtype=torch.long)
+    hull, size = _lower_hulls(costs, errors)
+    valid = torch.arange(hull.shape[1] - 1)[None, :] < (size - 1)[:, None]  # (rows, widths - 1), row-major
+    if not bool(valid.any()):
+        return choice
+    seg_row = torch.arange(rows)[:, None].expand_as(valid)[valid]
+    seg_from, seg_to = hull[:, :-1][valid], hull[:, 1:][valid]
+    seg_cost = costs[seg_row, seg_to] - costs[seg_row, seg_from]
+    seg_gain = errors[seg_row, seg_from] - errors[seg_row, seg_to]
+    order = torch.sort(seg_gain / seg_cost, descending=True, stable=True).indices
+    position = torch.empty_like(order)
+    position[order] = torch.arange(len(order))
+    same_row = seg_row[1:] == seg_row[:-1]  # a row's segments are adjacent, in hull order
+    if bool((position[1:] > position[:-1])[same_row].all()):
+        # each segment comes after its row's previous one: the affordable prefix is taken whole
+        paid = torch.cumsum(torch.cat([torch.tensor([spent], dtype=torch.float64), seg_cost[order]]), 0)
+        taken = int((paid[1:] <= budget).sum())  # paid ascends: costs grow with width
+        choice.scatter_reduce_(0, seg_row[order[:taken]], seg_to[order[:taken]], "amax")
+        spent = float(paid[taken])
+        order = order[taken:]
+        order = order[spent + seg_cost[order] <= budget]  # the budget left only shrinks
+    # the rest one by one: rounding made a row's later segment rank first, or the tail after the prefix
+    rest = seg_row[order]
+    now = dict(zip(rest.tolist(), choice[rest].tolist(), strict=True))
+    for r, a, b, c in zip(*(t[order].tolist() for t in (seg_row, seg_from, seg_to, seg_cost)), strict=True):
+        if now[r] == a and spent + c <= budget:
+            now[r] = b
+            spent += c
+    if now:
+        choice[torch.tensor(list(now))] = torch.tensor(list(now.values()))
+    return choice
 
 
 def allocation_budget(rows: int, cols: int, target_bits: float) -> float:
@@ -172,26 +191,49 @@ class RowTable:
     """What one matrix contributes to a model-wide allocation."""
 
     errors: torch.Tensor  # (rows, len(widths)) error of each row at each width, comparable across the model
-    costs: torch.Tensor  # (rows, len(widths)) stored bits of each row at each width
+    costs: torch.Tensor  # (rows, len(widths)) stored bits of each row at each width (may be a broadcast view)
     widths: list[int]
     fixed_bits: float  # bits the matrix stores whatever the widths (bit map, scaling vector)
     weights: int  # number of weights of the matrix
-    centroids: list[torch.Tensor] | None = None  # per width, the (rows, 2**b) fp16 codebooks the errors were
-    # measured with (codebook recipes; None for grids, whose parameters are fitted again at the planned width)
+    centroids: list[torch.Tensor] | list[Spilled] | None = None  # per width, the (rows, 2**b) fp16 codebooks the
+    # errors were measured with (codebook recipes; None for grids, whose parameters are fitted again at the
+    # planned width), in memory or in a spill file
+
+    def spilled(self, spill: SpillFile) -> RowTable:
+        """This table with its codebooks moved to `spill`: what a model-wide pass keeps of each matrix."""
+        if self.centroids is None:
+            return self
+        return dataclasses.replace(self, centroids=[_put(spill, c) for c in self.centroids])
 
 
 @dataclass
 class RowPlan:
     """A matrix's share of the model-wide allocation: each row's width and, for codebook recipes, the codebook
-    its error was measured with (rows, 2**max width; float32 of fp16 values, unused slots 0)."""
+    its error was measured with (rows, 2**max width; fp16 values, unused slots 0), in memory or spilled."""
 
     widths: torch.Tensor
-    books: torch.Tensor | None = None
+    books: torch.Tensor | Spilled | None = None
+
+    def codebooks(self) -> torch.Tensor | None:
+        """The planned codebooks as float32, read back where they were spilled."""
+        return None if self.books is None else _loaded(self.books).float()
 
 
-def allocate_model(tables: dict[str, RowTable], target_bits: float) -> dict[str, RowPlan]:
+def _put(spill: SpillFile, tensor: torch.Tensor | Spilled) -> Spilled:
+    return tensor if isinstance(tensor, Spilled) else spill.put(tensor)
+
+
+def _loaded(tensor: torch.Tensor | Spilled) -> torch.Tensor:
+    return tensor.load() if isinstance(tensor, Spilled) else tensor
+
+
+def allocate_model(
+    tables: dict[str, RowTable], target_bits: float, spill: SpillFile | None = None
+) -> dict[str, RowPlan]:
     """Per-row widths (and codebooks) for every matrix, spending one budget of `target_bits` per weight over
-    all of them. A "row" is whatever unit a table lists: a matrix's rows, or the whole matrix as one unit."""
+    all of them. A "row" is whatever unit a table lists: a matrix's rows, or the whole matrix as one unit.
+    With `spill`, each matrix's planned codebooks go there as they are chosen (its tables' codebooks are read
+    back one matrix at a time where they were spilled)."""
     keys = list(tables)
     weights = sum(tables[k].weights for k in keys)
     budget = target_bits * weights - sum(tables[k].fixed_bits for k in keys)
@@ -202,12 +244,16 @@ def allocate_model(tables: dict[str, RowTable], target_bits: float) -> dict[str,
     except ValueError:
         minimum = (float(costs[:, 0].sum()) + sum(tables[k].fixed_bits for k in keys)) / weights
         raise AnybitError(f"{target_bits:g} bits per weight is below the model's minimum of {minimum:.3f}") from None
+    del errors, costs
     plan, start = {}, 0
     for k in keys:
         table = tables[k]
         rows = table.errors.shape[0]
         mine = choice[start : start + rows]
-        books = None if table.centroids is None else chosen_codebooks(mine, table.widths, table.centroids)
-        plan[k] = RowPlan(torch.tensor(table.widths)[mine], books)
+        books = None
+        if table.centroids is not None:
+            books = chosen_codebooks(mine, table.widths, [_loaded(c) for c in table.centroids]).half()
+            books = books if spill is None else spill.put(books)
+        plan[k] = RowPlan(torch.tensor(table.widths, dtype=torch.uint8)[mine], books)
         start += rows
     return plan

@@ -102,7 +102,7 @@ class SKIM(Method):
         H, weights, mask, outliers = self._prepare(W, stats, config)
         if stats.plan is not None:  # planned by the model-wide allocation, which paid for the extras
             widths = stats.plan.widths.to(W.device, torch.long)
-            books = stats.plan.books.to(W.device)  # the codebooks the allocation's errors were measured with
+            books = stats.plan.codebooks().to(W.device)  # the codebooks the allocation's errors were measured with
             codes = assign(W, sorted_codebooks(books, widths)).to(torch.uint8)  # widths <= 8
             candidates = self._candidates(W, H, weights, mask, widths, codes, books, config)
         else:
@@ -211,7 +211,8 @@ def candidate_widths(bits: float) -> list[int]:
 
 
 def _costs(rows: int, cols: int, widths: list[int]) -> torch.Tensor:
-    return torch.tensor([[row_cost_bits(cols, b) for b in widths]] * rows, dtype=torch.float64)
+    """(rows, widths) stored bits, as a broadcast view: every row of a matrix costs the same at a width."""
+    return torch.tensor([[row_cost_bits(cols, b) for b in widths]], dtype=torch.float64).expand(rows, -1)
 
 
 def scale_columns(
