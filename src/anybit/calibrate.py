@@ -27,7 +27,7 @@ from anybit.config import QuantConfig
 from anybit.errors import AnybitError
 from anybit.fisher import fisher_diagonal, fisher_in_one_batch
 from anybit.layerwise import Resident, Supply, capture_layer_inputs, run_layer
-from anybit.memory import SpillFile, release_file_pages, return_freed_memory
+from anybit.memory import SpillFile, map_large_blocks, release_file_pages, return_freed_memory
 from anybit.methods import LayerStats, Method, get_method
 from anybit.model.adapters import Adapter, get_adapter, get_submodule, set_submodule
 from anybit.model.checkpoint import round_unquantized_
@@ -292,6 +292,7 @@ def quantize_model(
     after `on_layer`.
     """
     start = time.perf_counter()
+    map_large_blocks()  # freed temporaries of large layers go back to the system, not into a scattered heap
     supply = supply or Resident()
     adapter = get_adapter(model)
     method = get_method(config.method)

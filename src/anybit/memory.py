@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 
 MADV_PAGEOUT = 21  # Linux 5.4+: reclaim the pages now; their contents are kept (read again on the next touch)
+M_MMAP_THRESHOLD = -3  # mallopt parameter: allocations of at least this many bytes get a mapping of their own
+LARGE_BLOCK_BYTES = 4 << 20
 
 
 @functools.cache
@@ -44,6 +46,18 @@ def return_freed_memory() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+def map_large_blocks(threshold: int = LARGE_BLOCK_BYTES) -> None:
+    """Have glibc give every allocation of at least `threshold` bytes a mapping of its own, unmapped when freed.
+
+    By default glibc raises that bar, up to 32 MiB, each time such a block is freed, and freed blocks below it
+    stay in the heap between live ones: one error table of a 7B-shaped down_proj then peaks 485-760 MB above
+    its inputs instead of 370 MB (by hand, three runs each). A fixed bar costs the page faults of fresh mappings
+    (about 10 % of that table's time). Process-wide; idempotent; nothing where the C library is not glibc."""
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is not None:
+        mallopt(M_MMAP_THRESHOLD, threshold)
 
 
 def _file_mappings() -> list[tuple[int, int]]:

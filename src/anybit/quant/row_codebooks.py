@@ -83,7 +83,8 @@ def refit_codebooks(
     """
     W, H = W.float(), H.float()
     if damp:
-        H = H + damp * torch.diagonal(H).mean() * torch.eye(H.shape[0], device=H.device)
+        H = H.clone()  # one d×d copy, not an identity and a sum (485 MB each for a 7B down_proj)
+        H.diagonal().add_(damp * torch.diagonal(H).mean())
     coded = torch.ones_like(W, dtype=torch.bool) if kept is None else ~kept
     target = torch.where(coded, W, torch.zeros_like(W)) @ H  # (rows, cols): H(wᵢ on the coded positions)
     ridge = REFIT_DAMP * float(torch.diagonal(H).mean().clamp(min=1e-30))
