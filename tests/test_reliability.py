@@ -558,6 +558,49 @@ def test_a_full_disk_while_writing_is_one_line_and_leaves_nothing(tiny_llama_dir
     assert {p.name: p.stat().st_mtime_ns for p in tiny_llama_dir.iterdir()} == source_files
 
 
+class _FullTemporaryFile:
+    def seek(self, *args) -> int:
+        return 0
+
+    def write(self, data) -> None:
+        import errno
+
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("where", ["fisher statistics", "allocation spill"])
+def test_a_full_temporary_directory_is_one_line_and_leaves_nothing(
+    tiny_llama_dir, corpus_file, tmp_path, monkeypatch, where
+) -> None:
+    """anybit's recipe keeps the Fisher statistics of a large model and the model-wide plan's codebooks in
+    temporary files: where the temporary directory has no room, one line naming it, no output, source untouched."""
+    import errno
+
+    import anybit.fisher as fisher
+    import anybit.memory as memory
+
+    def no_room(*args) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if where == "fisher statistics":
+        monkeypatch.setattr(fisher, "RESIDENT_ACCUMULATOR_BYTES", 0)  # the tiny model's too go to a mapped file
+        monkeypatch.setattr(memory.os, "posix_fallocate", no_room)
+    else:
+        monkeypatch.setattr(memory.tempfile, "TemporaryFile", lambda **kwargs: _FullTemporaryFile())
+    source_files = {p.name: p.stat().st_mtime_ns for p in tiny_llama_dir.iterdir()}
+    out = tmp_path / "q"
+    result = _run("quantize", tiny_llama_dir, "--method", "anybit", "--bits", 3.25, "--calib", corpus_file,
+                  "--nsamples", 2, "--seqlen", 32, "--out", out)  # fmt: skip
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("Error: cannot write") and "No space left" in last and "TMPDIR" in last, last
+    assert list(tmp_path.iterdir()) == []
+    assert {p.name: p.stat().st_mtime_ns for p in tiny_llama_dir.iterdir()} == source_files
+
+
 def test_a_failed_swap_keeps_the_previous_output(tmp_path, monkeypatch) -> None:
     from anybit.format import files
 

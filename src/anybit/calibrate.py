@@ -225,51 +225,53 @@ def _layer_pass(
     if tuning is not None and commit and config.tune_steps and method.needs_stats:
         tuner = LayerTuner(hidden, config.tune_steps, config.tune_lr, config.seed)
     layers = adapter.layers(model)
-    for index in tqdm(range(len(layers)), desc=desc, unit="layer", disable=not progress):
-        layer = layers[index]  # not a list of all layers: a finished one must be freed when it is replaced
-        supply.enter(layer)
-        saved = None if commit or supply.streamed else {k: v.clone() for k, v in layer.state_dict().items()}
-        layer.to(device)
-        originals = {
-            name: _weight_and_bias(adapter, get_submodule(layer, name), copy=not supply.streamed)
-            for name in adapter.linear_names
-        }
-        layer.to(dtype)  # the forward passes run in the calibration dtype; weights come from `originals`
-        stats, next_hidden = {}, None
-        if tuner is not None:
-            tuner.before_quantizing(layer, args, kwargs)
-        if method.needs_stats and commit and config.layer_inputs == "quantized":
-            stats = _collect_stats_only(layer, adapter, hidden, args, kwargs, method)  # next: the quantized layer's
-        elif method.needs_stats:  # the unquantized layer's output is the next layer's input
-            stats, next_hidden = _collect_stats(layer, adapter, hidden, args, kwargs, method)
-        for name, layer_stats in stats.items():
-            layer_stats.fisher = fisher.get(f"{index}.{name}")
-        for name in adapter.linear_names:
-            W, bias = originals.pop(name)
-            # once swapped for its quantized form, a linear's float weight and (after the last linear of
-            # its group) its XᵀX are freed before the next linear is quantized
-            visit(f"{index}.{name}", layer, name, W, bias, stats.pop(name, None) if commit else stats.get(name))
-            del W, bias
-            return_freed_memory()  # the quantizer's temporaries, many under glibc's 32 MiB mmap threshold
-        del originals, stats
-        if tuner is not None:
-            tuning.append(tuner.after_quantizing(layer, hidden, args, kwargs))
-        if method.needs_stats and next_hidden is None:
-            with dense_weights(layer):  # each matrix decoded once for all windows, not once per product
-                next_hidden = run_layer(layer, hidden, args, kwargs)
-        hidden = next_hidden
-        layer.to("cpu")
-        layer.float()  # QuantLinear keeps its stored dtypes; the rest goes back to float32
-        if saved is not None:
-            layer.load_state_dict(saved)
-        if not commit:
-            supply.leave(layer)
-        elif on_layer is not None:
-            on_layer(index, layer)
-        if commit and supply.streamed:
-            layers[index] = nn.Module()  # written: nothing of it stays in memory
-            del layer
-            return_freed_memory()
+    with tqdm(total=len(layers), desc=desc, unit="layer", disable=not progress) as bar:  # closed on errors too
+        for index in range(len(layers)):
+            layer = layers[index]  # not a list of all layers: a finished one must be freed when it is replaced
+            supply.enter(layer)
+            saved = None if commit or supply.streamed else {k: v.clone() for k, v in layer.state_dict().items()}
+            layer.to(device)
+            originals = {
+                name: _weight_and_bias(adapter, get_submodule(layer, name), copy=not supply.streamed)
+                for name in adapter.linear_names
+            }
+            layer.to(dtype)  # the forward passes run in the calibration dtype; weights come from `originals`
+            stats, next_hidden = {}, None
+            if tuner is not None:
+                tuner.before_quantizing(layer, args, kwargs)
+            if method.needs_stats and commit and config.layer_inputs == "quantized":
+                stats = _collect_stats_only(layer, adapter, hidden, args, kwargs, method)  # next: the quantized layer's
+            elif method.needs_stats:  # the unquantized layer's output is the next layer's input
+                stats, next_hidden = _collect_stats(layer, adapter, hidden, args, kwargs, method)
+            for name, layer_stats in stats.items():
+                layer_stats.fisher = fisher.get(f"{index}.{name}")
+            for name in adapter.linear_names:
+                W, bias = originals.pop(name)
+                # once swapped for its quantized form, a linear's float weight and (after the last linear of
+                # its group) its XᵀX are freed before the next linear is quantized
+                visit(f"{index}.{name}", layer, name, W, bias, stats.pop(name, None) if commit else stats.get(name))
+                del W, bias
+                return_freed_memory()  # the quantizer's temporaries, many under glibc's 32 MiB mmap threshold
+            del originals, stats
+            if tuner is not None:
+                tuning.append(tuner.after_quantizing(layer, hidden, args, kwargs))
+            if method.needs_stats and next_hidden is None:
+                with dense_weights(layer):  # each matrix decoded once for all windows, not once per product
+                    next_hidden = run_layer(layer, hidden, args, kwargs)
+            hidden = next_hidden
+            layer.to("cpu")
+            layer.float()  # QuantLinear keeps its stored dtypes; the rest goes back to float32
+            if saved is not None:
+                layer.load_state_dict(saved)
+            if not commit:
+                supply.leave(layer)
+            elif on_layer is not None:
+                on_layer(index, layer)
+            if commit and supply.streamed:
+                layers[index] = nn.Module()  # written: nothing of it stays in memory
+                del layer
+                return_freed_memory()
+            bar.update()
 
 
 @torch.inference_mode()

@@ -11,8 +11,6 @@ unlinked temporary file, memory-mapped; each layer's pages leave the resident se
 
 from __future__ import annotations
 
-import os
-import tempfile
 from typing import Protocol
 
 import torch
@@ -20,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from anybit.layerwise import Resident, Supply, capture_layer_inputs, layer_output, move_outside_layers
-from anybit.memory import release_file_pages
+from anybit.memory import mapped_zeros, release_file_pages
 from anybit.model.adapters import Adapter, get_submodule
 
 STORED_INPUT_BYTES = 2 << 30  # layer inputs kept for one batch of windows (SmolLM2: 8 windows of 2048 tokens)
@@ -56,13 +54,7 @@ def _accumulators(shapes: dict[str, tuple[int, int]]) -> dict[str, torch.Tensor]
     total = sum(r * c for r, c in shapes.values())
     if total * 4 <= RESIDENT_ACCUMULATOR_BYTES:
         return {key: torch.zeros(shape, dtype=torch.float32) for key, shape in shapes.items()}
-    fd, path = tempfile.mkstemp(prefix="anybit-fisher-")
-    try:
-        os.ftruncate(fd, total * 4)
-        flat = torch.from_file(path, shared=True, size=total, dtype=torch.float32)
-    finally:
-        os.close(fd)
-        os.unlink(path)  # the mapping keeps the storage until the tensors are gone
+    flat = mapped_zeros(total)
     out, offset = {}, 0
     for key, (r, c) in shapes.items():
         out[key] = flat[offset : offset + r * c].view(r, c)
@@ -145,12 +137,11 @@ def fisher_diagonal(
     batches = _window_batches(model, adapter, windows)
     if observer is not None and len(batches) > 1:
         raise ValueError("an observer needs every window in one batch (see fisher_in_one_batch)")
-    bar = tqdm(total=len(windows), desc="fisher", unit="window", disable=not progress)
-    for batch in batches:
-        final = _Final(len(windows), observer) if batch is batches[-1] else None
-        _batch_fisher(model, adapter, windows[batch.start : batch.stop], dev, supply, fisher, final)
-        bar.update(len(batch))
-    bar.close()
+    with tqdm(total=len(windows), desc="fisher", unit="window", disable=not progress) as bar:  # closed on errors
+        for batch in batches:
+            final = _Final(len(windows), observer) if batch is batches[-1] else None
+            _batch_fisher(model, adapter, windows[batch.start : batch.stop], dev, supply, fisher, final)
+            bar.update(len(batch))
     return fisher
 
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from anybit.errors import AnybitError
+
 MADV_PAGEOUT = 21  # Linux 5.4+: reclaim the pages now; their contents are kept (read again on the next touch)
 M_MMAP_THRESHOLD = -3  # mallopt parameter: allocations of at least this many bytes get a mapping of their own
 LARGE_BLOCK_BYTES = 4 << 20
@@ -95,6 +97,29 @@ def release_file_pages(tensors: Iterable[torch.Tensor]) -> int:
     return advised
 
 
+def _no_room(what: str, exc: OSError) -> AnybitError:
+    reason = exc.strerror or str(exc)
+    return AnybitError(f"cannot write {what} in {tempfile.gettempdir()}: {reason} (TMPDIR chooses another place)")
+
+
+def mapped_zeros(numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A zeroed 1-D tensor in a memory-mapped temporary file (no name on disk; the mapping keeps it until the
+    tensor is gone). Its disk space is reserved here, so a disk without room fails now, in one line, not with
+    a bus error when a page is first written."""
+    fd, path = tempfile.mkstemp(prefix="anybit-mapped-")
+    try:
+        os.unlink(path)
+        if hasattr(os, "posix_fallocate"):  # Linux and most Unixes; elsewhere the file grows as it is written
+            os.posix_fallocate(fd, 0, max(1, numel * dtype.itemsize))
+        else:
+            os.ftruncate(fd, numel * dtype.itemsize)
+        return torch.from_file(f"/proc/self/fd/{fd}", shared=True, size=numel, dtype=dtype)
+    except OSError as exc:
+        raise _no_room(f"{numel * dtype.itemsize / 1e9:.1f} GB of temporary statistics", exc) from None
+    finally:
+        os.close(fd)
+
+
 @dataclass(frozen=True)
 class Spilled:
     """A tensor's bytes in a `SpillFile`; `load()` reads them back as a new CPU tensor."""
@@ -114,24 +139,34 @@ class Spilled:
 
 class SpillFile:
     """An anonymous temporary file that tensors are written to and read back from: what a pass over the model
-    keeps for every layer (so that memory stays flat in depth) without holding it. The file has no name on disk
-    and goes with the process."""
+    keeps for every layer (so that memory stays flat in depth) without holding it. The file is made at the
+    first `put`, has no name on disk and goes with the process."""
 
     def __init__(self) -> None:
-        self._file = tempfile.TemporaryFile(prefix="anybit-spill-")  # noqa: SIM115 (closed in close())
+        self._file = None
 
     def put(self, tensor: torch.Tensor) -> Spilled:
+        if self._file is None:
+            try:
+                self._file = tempfile.TemporaryFile(prefix="anybit-spill-")  # noqa: SIM115 (closed in close())
+            except OSError as exc:
+                raise _no_room("the allocation's spill file", exc) from None
         data = tensor.detach().to("cpu").contiguous()
-        offset = self._file.seek(0, os.SEEK_END)
-        self._file.write(data.reshape(-1).view(torch.uint8).numpy().data)
-        self._file.flush()
+        try:
+            offset = self._file.seek(0, os.SEEK_END)
+            self._file.write(data.reshape(-1).view(torch.uint8).numpy().data)
+            self._file.flush()
+        except OSError as exc:
+            raise _no_room("the allocation's spill file", exc) from None
         return Spilled(self, offset, tuple(data.shape), data.dtype)
 
     def fileno(self) -> int:
         return self._file.fileno()
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
     def __enter__(self) -> SpillFile:
         return self
