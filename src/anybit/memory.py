@@ -54,9 +54,9 @@ def map_large_blocks(threshold: int = LARGE_BLOCK_BYTES) -> None:
     """Have glibc give every allocation of at least `threshold` bytes a mapping of its own, unmapped when freed.
 
     By default glibc raises that bar, up to 32 MiB, each time such a block is freed, and freed blocks below it
-    stay in the heap between live ones: one error table of a 7B-shaped down_proj then peaks 485-760 MB above
-    its inputs instead of 370 MB (by hand, three runs each). A fixed bar costs the page faults of fresh mappings
-    (about 10 % of that table's time). Process-wide; idempotent; nothing where the C library is not glibc."""
+    stay in the heap between live ones: one error table of a 7B-shaped down_proj then peaks 458-664 MiB above
+    its inputs instead of 370 (`benchmarks/table_memory.py`). A fixed bar costs the page faults of fresh
+    mappings (8-16 % of that table's time). Process-wide; idempotent; nothing where the C library is not glibc."""
     mallopt = getattr(_libc(), "mallopt", None)
     if mallopt is not None:
         mallopt(M_MMAP_THRESHOLD, threshold)
