@@ -251,7 +251,7 @@ def _layer_pass(
                 # its group) its XᵀX are freed before the next linear is quantized
                 visit(f"{index}.{name}", layer, name, W, bias, stats.pop(name, None) if commit else stats.get(name))
                 del W, bias
-                return_freed_memory()  # the quantizer's temporaries, many under glibc's 32 MiB mmap threshold
+                return_freed_memory()  # the quantizer's temporaries under glibc's mmap threshold
             del originals, stats
             if tuner is not None:
                 tuning.append(tuner.after_quantizing(layer, hidden, args, kwargs))

@@ -146,13 +146,10 @@ class SpillFile:
         self._file = None
 
     def put(self, tensor: torch.Tensor) -> Spilled:
-        if self._file is None:
-            try:
-                self._file = tempfile.TemporaryFile(prefix="anybit-spill-")  # noqa: SIM115 (closed in close())
-            except OSError as exc:
-                raise _no_room("the allocation's spill file", exc) from None
         data = tensor.detach().to("cpu").contiguous()
         try:
+            if self._file is None:
+                self._file = tempfile.TemporaryFile(prefix="anybit-spill-")  # noqa: SIM115 (closed in close())
             offset = self._file.seek(0, os.SEEK_END)
             self._file.write(data.reshape(-1).view(torch.uint8).numpy().data)
             self._file.flush()

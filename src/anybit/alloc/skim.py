@@ -203,7 +203,7 @@ class RowTable:
         """This table with its codebooks moved to `spill`: what a model-wide pass keeps of each matrix."""
         if self.centroids is None:
             return self
-        return dataclasses.replace(self, centroids=[_put(spill, c) for c in self.centroids])
+        return dataclasses.replace(self, centroids=[spill.put(c) for c in self.centroids])
 
 
 @dataclass
@@ -217,10 +217,6 @@ class RowPlan:
     def codebooks(self) -> torch.Tensor | None:
         """The planned codebooks as float32, read back where they were spilled."""
         return None if self.books is None else _loaded(self.books).float()
-
-
-def _put(spill: SpillFile, tensor: torch.Tensor | Spilled) -> Spilled:
-    return tensor if isinstance(tensor, Spilled) else spill.put(tensor)
 
 
 def _loaded(tensor: torch.Tensor | Spilled) -> torch.Tensor:
