@@ -37,6 +37,7 @@ def machine() -> str:
     # machines of one name differ in vector units, and bfloat16 speed with them: say which this one has
     isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else ""
     isa += " with native bfloat16" if flags & {"avx512_bf16", "amx_bf16"} else ""
+    isa += " and AMX tiles" if "amx_int8" in flags else ""
     isa = f", {isa}" if isa else ""
     limits = [f"{k}={os.environ[k]}" for k in _ISA_LIMITS if k in os.environ]
     isa += f" (restricted: {' '.join(limits)})" if limits else ""

@@ -58,16 +58,18 @@ def _per_column(prepared: cpu_fast.FastPrepared, per_segment: torch.Tensor) -> t
 
 def _float_slack(prepared: cpu_fast.FastPrepared, x: torch.Tensor) -> torch.Tensor:
     """Float32 rounding of the kernel's sums: relative to the magnitudes summed, the stored values before
-    their offset is taken out included."""
+    their offset is taken out included (the AVX2 and portable paths shift them by 128 first)."""
     qt = prepared.qt
     uncentred = cpu_fast.rounded_weight(prepared).double().abs()
-    uncentred += _per_column(prepared, (prepared.offset.double() * prepared.scale.double()).abs())
+    uncentred += _per_column(prepared, (prepared.offset.double().abs() + 128) * prepared.scale.double().abs())
     return 1e-5 * (coded_input(x, qt.perm, qt.col_scale).double().abs() @ uncentred.t()) + 1e-6
 
 
 def _check(qt: QuantizedTensor) -> None:
     prepared = cpu_fast.prepare(qt)
-    for tokens in (1, 3, 8, 13):  # one pass, a full pass of eight, and a second, partial pass
+    # one pass, a full pass of eight, a second, partial pass; prompts: one group of 16 tokens, then three, the
+    # last partial (on AMX tiles where the CPU has them)
+    for tokens in (1, 3, 8, 13, 16, 37):
         x = torch.randn(tokens, qt.shape[1])
         got = cpu_fast.product(prepared, x).double()
         exact = x.double() @ qt.dequantize().double().t()
@@ -152,6 +154,40 @@ def test_same_result_whatever_the_thread_count() -> None:
         assert torch.equal(cpu_fast.product(prepared, x), one)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.skipif(not _cpu_has("amx_tile", "amx_int8"), reason="no AMX tiles on this CPU")
+def test_prompts_on_tiles_match_the_row_path() -> None:
+    """The tile path computes the row path's integer sums: per-row and group codebooks, grids, partial blocks of
+    rows and tokens, and the native build uses the tiles where the CPU has them."""
+    assert cpu_fast.use_tiles(), "the native build should multiply prompts on AMX tiles on this CPU"
+    torch.manual_seed(5)
+    cases = [
+        codebook_tensor(45, 576, 576, (1, 2, 3, 4, 5, 6, 7, 8)),
+        codebook_tensor(30, 256, 64, (2, 3, 8), perm=torch.randperm(256), col_scale=torch.rand(256) + 0.5),
+        rtn_quantize(torch.randn(33, 192) * 0.1, 64, torch.randint(1, 9, (33, 3), dtype=torch.uint8)),
+    ]
+    try:
+        for qt in cases:
+            prepared = cpu_fast.prepare(qt)
+            for tokens in (16, 29, 64):
+                x = torch.randn(tokens, qt.shape[1])
+                assert cpu_fast.use_tiles(True)
+                tiles = cpu_fast.product(prepared, x).double()
+                assert not cpu_fast.use_tiles(False)
+                rows = cpu_fast.product(prepared, x).double()
+                assert bool(((tiles - rows).abs() <= 2 * _float_slack(prepared, x)).all())
+    finally:
+        cpu_fast.use_tiles(True)
+
+
+def test_tiles_can_be_turned_off_and_on() -> None:
+    allowed = cpu_fast.use_tiles()
+    try:
+        assert not cpu_fast.use_tiles(False)
+        assert cpu_fast.use_tiles(True) == allowed
+    finally:
+        cpu_fast.use_tiles(allowed)
 
 
 def test_relaid_codes_take_the_stored_bytes() -> None:

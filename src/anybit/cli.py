@@ -534,7 +534,8 @@ def bench(
         return
     line = (
         f"{model} on {result.device} ({result.dtype}): prefill {result.prefill_tokens_per_s:.1f} tokens/s "
-        f"({prompt_tokens} tokens), decode {result.decode_tokens_per_s:.2f} tokens/s "
+        f"({prompt_tokens} tokens{', on AMX tiles' if result.prompt_on_tiles else ''}), decode "
+        f"{result.decode_tokens_per_s:.2f} tokens/s "
         f"({result.decode_ms_per_token:.1f} ms/token, {result.decoder}), {_mb(result.tensor_bytes)} of tensors"
     )
     if result.kernel_bytes:

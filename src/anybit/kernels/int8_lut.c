@@ -17,11 +17,12 @@
  * the whole, is left out): integer sums in int32, times s and the segment's scale.
  *
  * Paths, chosen when compiled: AVX-512 (BW, VBMI, VNNI, GFNI): codes transposed from the stored bit planes by
- * vpermb and gf2p8affineqb, tables looked up by vpermb/vpermi2b, products by vpdpbusd; AVX2: codes
- * assembled from plane words, 32 columns at a time, tables of
- * up to 32 entries by pshufb, products by maddubs; portable C otherwise. All paths compute the same integer
- * dot products; only the order of float sums differs (the AVX-512 path multiplies the unsigned values and
- * takes their bias out with the input's sums, the others multiply value - 128).
+ * vpermb and gf2p8affineqb, tables looked up by vpermb/vpermi2b, products by vpdpbusd; prompts of 16 tokens
+ * or more on AMX tiles where the build and the system allow (see AMX below); AVX2: codes assembled from plane
+ * words, 32 columns at a time, tables of up to 32 entries by pshufb, products by maddubs; portable C otherwise.
+ * All paths compute the same integer dot products; only the order of float sums differs (the AVX-512 and AMX
+ * paths multiply the unsigned values and take their bias out with the input's sums, the others multiply
+ * value - 128).
  */
 #include <math.h>
 #include <stdint.h>
@@ -39,6 +40,13 @@ static int omp_thread(void) { return 0; }
 #elif defined(__AVX2__) && defined(__FMA__)
 #define PATH_AVX2 1
 #include <immintrin.h>
+#endif
+#if defined(PATH_AVX512) && defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__linux__)
+#define PATH_AMX 1 /* tile products for prompts, where the kernel lets the process use the tiles */
+#include <sys/syscall.h>
+#include <unistd.h>
+#define ARCH_REQ_XCOMP_PERM 0x1023 /* from the kernel's asm/prctl.h */
+#define XFEATURE_XTILEDATA 18
 #endif
 
 #define BLOCK 64
@@ -75,6 +83,7 @@ typedef struct {
     float *coded;    /* the input in coded column order, scaled (perm or col_scale); else unused */
     int64_t *picked;   /* per token, the channels compensation picks (cols slots each) */
     int64_t *n_picked; /* per token, how many */
+    int8_t *tiles;     /* AMX: the parts in tile order (amx_input_tiles); NULL when the tiles are not used */
 } coded_input;
 
 /* Round token t (v, cols columns) with one step s = max|x| / 127 to two int8 parts, x ~ s (hi + lo / 256). */
@@ -190,7 +199,36 @@ static inline __m256i half_dot(__m256i acc, __m256i w, const int8_t *xq) {
 #endif
 
 /* The constant tables the code path needs, filled on first use (before any thread starts). */
+/* AMX (prompts of AMX_MIN_TOKENS tokens or more): the same integer dot products as the AVX-512 path, 16 rows by
+ * 16 tokens per tile product. A block of 16 rows is decoded once (its high and low table values, 64 columns a
+ * tile) and multiplied with every group of 16 tokens, whose parts are laid in the tiles' order beforehand
+ * (tile row kk holds, for each token n, its 4 values of columns 4 kk .. 4 kk + 3). Linux gives a process the
+ * tile registers on request (arch_prctl ARCH_REQ_XCOMP_PERM); where it refuses, or where
+ * anybit_fast_amx(0) turned them off, every product takes the row path. */
+#define AMX_TILE 16
+#define AMX_MIN_TOKENS 16
+#define AMX_TILE_BYTES (AMX_TILE * 64)
+static int amx_state; /* 0: not asked yet, 1: in use, -1: not available or turned off */
+
+/* request 1: use the tiles where the system allows, 0: never; -1: ask the system once. Returns whether used. */
+int anybit_fast_amx(int request) {
+#if defined(PATH_AMX)
+    if (request == 0)
+        amx_state = -1;
+    else if (request == 1 || amx_state == 0)
+        amx_state = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 ? 1 : -1;
+    return amx_state > 0;
+#else
+    (void)request;
+    return 0;
+#endif
+}
+
+static int amx_tokens(int64_t T) { return T >= AMX_MIN_TOKENS && amx_state > 0; }
+static int64_t amx_token_groups(int64_t T) { return (T + AMX_TILE - 1) / AMX_TILE; }
+
 static void init_tables(void) {
+    if (!amx_state) anybit_fast_amx(-1);
 #if defined(PATH_AVX512)
     if (!SPREAD_MASK[1]) init_spread_tables();
 #endif
@@ -392,6 +430,8 @@ static void row_product_n(const anybit_matrix *m, int64_t r, const coded_input *
     }
 }
 
+
+
 /* Scratch for the rounded input of T tokens of at most `cols` columns; 0, or -1 when it cannot be allocated. */
 static int alloc_input(coded_input *in, int64_t T, int64_t cols) {
     const size_t sums = sizeof(double) * (size_t)(T * (cols / BLOCK + 1));
@@ -401,12 +441,16 @@ static int alloc_input(coded_input *in, int64_t T, int64_t cols) {
     in->coded = malloc(sizeof(float) * (size_t)(T * cols));
     in->picked = malloc(sizeof(int64_t) * (size_t)(T * cols));
     in->n_picked = malloc(sizeof(int64_t) * (size_t)T);
-    return in->xq && in->step && in->xsum && in->hisum && in->coded && in->picked && in->n_picked ? 0 : -1;
+    in->tiles = amx_tokens(T) ? malloc((size_t)(2 * amx_token_groups(T) * AMX_TILE * cols)) : NULL;
+    return in->xq && in->step && in->xsum && in->hisum && in->coded && in->picked && in->n_picked &&
+                   (in->tiles || !amx_tokens(T))
+               ? 0
+               : -1;
 }
 
 static void free_input(coded_input *in) {
     free(in->xq), free(in->step), free(in->xsum), free(in->hisum), free(in->coded), free(in->picked);
-    free(in->n_picked);
+    free(in->n_picked), free(in->tiles);
 }
 
 #define DEC_CHUNK 1024 /* input channels per selection chunk (anybit/runtime/dec.py, CHUNK) */
@@ -489,15 +533,10 @@ static void code_token(const anybit_matrix *const *m, int count, const float *x,
             in[i].n_picked[t] = pick_channels(m[i], x + t * m[i]->cols, in[i].picked + t * m[i]->cols);
 }
 
-/* y[i] (T, rows_i) = x (T, cols) W_iᵀ for `count` matrices sharing x, their outliers and biases included;
- * called by every thread of a parallel region. Rows go to threads in each matrix's `order` (rows of one width
- * together, so that the branch on the width is predicted), MAX_TOKENS tokens per pass over a row. */
-static void products(const anybit_matrix *const *m, int count, const float *x, int64_t T, float *const *y,
-                     coded_input *in) {
-    const coded_input *coded[SCRATCH_INPUTS] = {0};
-    for (int i = 0; i < count; i++) coded[i] = shares_input(m, i) ? in : in + i;
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < T; t++) code_token(m, count, x, t, in);
+/* The rows of `count` matrices to the threads in each matrix's `order` (rows of one width together, so that the
+ * branch on the width is predicted), MAX_TOKENS tokens per pass over a row (called by every thread). */
+static void row_products(const anybit_matrix *const *m, int count, const coded_input *const *coded, int64_t T,
+                         float *const *y) {
     int64_t total = 0; /* rows cost about the same at any width: an equal count per thread */
     for (int i = 0; i < count; i++) total += m[i]->rows;
 #pragma omp for schedule(static)
@@ -509,6 +548,197 @@ static void products(const anybit_matrix *const *m, int count, const float *x, i
         for (int64_t t0 = 0; t0 < T; t0 += MAX_TOKENS)
             row_product_n(m[i], r, coded[i], t0, (int)(T - t0 < MAX_TOKENS ? T - t0 : MAX_TOKENS), y[i]);
     }
+}
+
+#if defined(PATH_AMX)
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} amx_config;
+
+/* Tiles 0, 1: the int32 sums A and B (rows x tokens); 2, 3: high and low weight values (rows x 64 columns);
+ * 4, 5: high and low input parts (64 columns as 16 rows of 4, x tokens). */
+static void amx_configure(void) {
+    amx_config c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int i = 0; i < 6; i++) c.colsb[i] = 64, c.rows[i] = AMX_TILE;
+    _tile_loadconfig(&c);
+}
+
+/* The high and low parts of tokens 16 tg .. 16 tg + 15 (zeros past T) in block k, in tile order. */
+static int8_t *amx_tile(const coded_input *in, int64_t blocks, int64_t tg, int64_t k) {
+    return in->tiles + (tg * blocks + k) * 2 * AMX_TILE_BYTES;
+}
+
+static void amx_input_tiles(const coded_input *in, int64_t cols, int64_t T, int64_t tg, int64_t k) {
+    int8_t *dst = amx_tile(in, cols / BLOCK, tg, k);
+    for (int n = 0; n < AMX_TILE; n++) {
+        const int64_t t = tg * AMX_TILE + n;
+        const int8_t *src = t < T ? XQ(in->xq, cols, t, k) : NULL;
+        for (int part = 0; part < 2; part++)
+            for (int kk = 0; kk < 16; kk++) {
+                int8_t *to = dst + part * AMX_TILE_BYTES + kk * 64 + n * 4;
+                if (src)
+                    memcpy(to, src + part * BLOCK + kk * 4, 4);
+                else
+                    memset(to, 0, 4);
+            }
+    }
+}
+
+/* One row's segment of b bits decoded into the tile buffer (per block: 16 rows of 64 high values, then of
+ * low values; `dst` at this row's slot of the segment's first block). */
+static inline __attribute__((always_inline)) const uint8_t *amx_decode(const uint8_t *w, const int b,
+                                                                       const uint8_t *table, uint8_t *dst,
+                                                                       int64_t nblocks) {
+    for (int64_t k = 0; k < nblocks; k++, w += 8 * b, dst += 2 * AMX_TILE_BYTES) {
+        const __m512i codes = block_codes(w, b);
+        _mm512_storeu_si512(dst, table ? lookup(codes, b, table) : codes);
+        if (table) _mm512_storeu_si512(dst + AMX_TILE_BYTES, lookup(codes, b, table + (1 << b)));
+    }
+    return w;
+}
+
+static void amx_decode_rows(const anybit_matrix *m, const int64_t *rows, int nrows, uint8_t *buf) {
+    const int64_t blocks = m->cols / BLOCK, groups = m->cols / m->group_size, group_blocks = m->group_size / BLOCK;
+    for (int q = nrows; q < AMX_TILE; q++) /* rows past the matrix's end multiply as zeros */
+        for (int64_t k = 0; k < 2 * blocks; k++) memset(buf + k * AMX_TILE_BYTES + q * 64, 0, 64);
+    for (int q = 0; q < nrows; q++) {
+        const int64_t r = rows[q];
+        const uint8_t *w = m->codes + m->row_off[r];
+        for (int64_t g = 0; g < groups; g++) {
+            const int64_t s = r * groups + g;
+            const uint8_t *table = m->tables ? m->tables + m->table_off[s] : NULL;
+            uint8_t *dst = buf + g * group_blocks * 2 * AMX_TILE_BYTES + q * 64;
+            switch (m->bits[s]) {
+            case 1: w = amx_decode(w, 1, table, dst, group_blocks); break;
+            case 2: w = amx_decode(w, 2, table, dst, group_blocks); break;
+            case 3: w = amx_decode(w, 3, table, dst, group_blocks); break;
+            case 4: w = amx_decode(w, 4, table, dst, group_blocks); break;
+            case 5: w = amx_decode(w, 5, table, dst, group_blocks); break;
+            case 6: w = amx_decode(w, 6, table, dst, group_blocks); break;
+            case 7: w = amx_decode(w, 7, table, dst, group_blocks); break;
+            default: w = amx_decode(w, 8, table, dst, group_blocks); break;
+            }
+        }
+    }
+}
+
+/* y[t, r] for the rows `rows` (nrows <= 16) of m and every token, from their decoded values in `buf`: per
+ * segment and token, sc (A + B / 256) less the offsets' and the low tables' bias, as row_product adds them. */
+static void amx_row_block(const anybit_matrix *m, const int64_t *rows, int nrows, const coded_input *in, int64_t T,
+                          const uint8_t *buf, float *y) {
+    const int64_t cols = m->cols, blocks = cols / BLOCK, groups = cols / m->group_size;
+    const int64_t group_blocks = m->group_size / BLOCK;
+    const int tabled = m->tables != NULL;
+    int32_t a[AMX_TILE * AMX_TILE] __attribute__((aligned(64))), bl[AMX_TILE * AMX_TILE] __attribute__((aligned(64)));
+    for (int64_t tg = 0; tg < amx_token_groups(T); tg++) {
+        const int nt = T - tg * AMX_TILE < AMX_TILE ? (int)(T - tg * AMX_TILE) : AMX_TILE;
+        float acc[AMX_TILE][AMX_TILE] = {{0}}, total[AMX_TILE][AMX_TILE] = {{0}};
+        for (int64_t g = 0; g < groups; g++) {
+            const int64_t k0 = g * group_blocks, k1 = k0 + group_blocks;
+            for (int64_t first = k0; first < k1; first += FLUSH_BLOCKS) {
+                const int64_t end = first + FLUSH_BLOCKS < k1 ? first + FLUSH_BLOCKS : k1;
+                _tile_zero(0);
+                _tile_zero(1);
+                for (int64_t k = first; k < end; k++) {
+                    const int8_t *x = amx_tile(in, blocks, tg, k);
+                    _tile_loadd(2, buf + k * 2 * AMX_TILE_BYTES, 64);
+                    _tile_loadd(4, x, 64);
+                    _tile_loadd(5, x + AMX_TILE_BYTES, 64);
+                    _tile_dpbusd(0, 2, 4);
+                    _tile_dpbusd(1, 2, 5);
+                    if (tabled) {
+                        _tile_loadd(3, buf + (k * 2 + 1) * AMX_TILE_BYTES, 64);
+                        _tile_dpbusd(1, 3, 4);
+                    }
+                }
+                _tile_stored(0, a, 64);
+                _tile_stored(1, bl, 64);
+                for (int q = 0; q < nrows; q++) {
+                    const float sc = m->scale[rows[q] * groups + g];
+                    for (int n = 0; n < nt; n++)
+                        acc[q][n] += sc * ((float)bl[q * AMX_TILE + n] * (1.0f / 256.0f) + (float)a[q * AMX_TILE + n]);
+                }
+            }
+            for (int q = 0; q < nrows; q++) {
+                const int64_t s = rows[q] * groups + g;
+                for (int n = 0; n < nt; n++) {
+                    const int64_t t = tg * AMX_TILE + n;
+                    const double *xsum = in->xsum + t * (blocks + 1), *hisum = in->hisum + t * (blocks + 1);
+                    double bias = (double)m->offset[s] * (xsum[k1] - xsum[k0]);
+                    if (tabled) bias += 128.0 / 256.0 * (hisum[k1] - hisum[k0]);
+                    total[q][n] -= m->scale[s] * (float)bias;
+                }
+            }
+        }
+        for (int q = 0; q < nrows; q++)
+            for (int n = 0; n < nt; n++) {
+                const int64_t t = tg * AMX_TILE + n;
+                y[t * m->rows + rows[q]] = total[q][n] + in->step[t] * acc[q][n];
+            }
+    }
+}
+
+/* The row loop of `products` on tiles, for T >= AMX_MIN_TOKENS tokens (called by every thread). */
+static void amx_products(const anybit_matrix *const *m, int count, const coded_input *const *coded, int64_t T,
+                         float *const *y) {
+    const int64_t tgroups = amx_token_groups(T);
+    int64_t units = 0, total = 0, wide = 0;
+    for (int i = 0; i < count; i++) {
+        if (!shares_input(m, i)) units += tgroups * (m[i]->cols / BLOCK);
+        total += (m[i]->rows + AMX_TILE - 1) / AMX_TILE;
+        wide = m[i]->cols > wide ? m[i]->cols : wide;
+    }
+#pragma omp for schedule(static)
+    for (int64_t U = 0; U < units; U++) {
+        int i = 0;
+        int64_t u = U;
+        while (shares_input(m, i) || u >= tgroups * (m[i]->cols / BLOCK)) {
+            if (!shares_input(m, i)) u -= tgroups * (m[i]->cols / BLOCK);
+            i++;
+        }
+        amx_input_tiles(coded[i], m[i]->cols, T, u / (m[i]->cols / BLOCK), u % (m[i]->cols / BLOCK));
+    }
+    uint8_t *buf = aligned_alloc(64, (size_t)(wide / BLOCK * 2 * AMX_TILE_BYTES));
+    if (buf) amx_configure();
+#pragma omp for schedule(static)
+    for (int64_t R = 0; R < total; R++) {
+        int i = 0;
+        int64_t r = R;
+        while (r >= (m[i]->rows + AMX_TILE - 1) / AMX_TILE) r -= (m[i++]->rows + AMX_TILE - 1) / AMX_TILE;
+        const int64_t *rows = m[i]->order + r * AMX_TILE;
+        const int nrows = m[i]->rows - r * AMX_TILE < AMX_TILE ? (int)(m[i]->rows - r * AMX_TILE) : AMX_TILE;
+        if (buf) {
+            amx_decode_rows(m[i], rows, nrows, buf);
+            amx_row_block(m[i], rows, nrows, coded[i], T, buf, y[i]);
+        } else { /* no room for this thread's decoded rows: the row path */
+            for (int q = 0; q < nrows; q++)
+                for (int64_t t0 = 0; t0 < T; t0 += MAX_TOKENS)
+                    row_product_n(m[i], rows[q], coded[i], t0, (int)(T - t0 < MAX_TOKENS ? T - t0 : MAX_TOKENS), y[i]);
+        }
+    }
+    if (buf) _tile_release();
+    free(buf);
+}
+#endif
+
+/* y[i] (T, rows_i) = x (T, cols) W_iᵀ for `count` matrices sharing x, their outliers and biases included;
+ * called by every thread of a parallel region: on tiles for a prompt where AMX is in use, else row by row. */
+static void products(const anybit_matrix *const *m, int count, const float *x, int64_t T, float *const *y,
+                     coded_input *in) {
+    const coded_input *coded[SCRATCH_INPUTS] = {0};
+    for (int i = 0; i < count; i++) coded[i] = shares_input(m, i) ? in : in + i;
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < T; t++) code_token(m, count, x, t, in);
+#if defined(PATH_AMX)
+    if (amx_tokens(T) && in->tiles)
+        amx_products(m, count, coded, T, y);
+    else
+#endif
+        row_products(m, count, coded, T, y);
     /* Every thread sees the same matrices, so all take or skip each barrier below together. */
     int64_t units = 0; /* compensation: DEC_ROWS output channels of one token each */
     for (int i = 0; i < count; i++) units += T * dec_units(m[i]);
