@@ -14,6 +14,7 @@ source files when its turn comes, handed to `on_layer` (the writer) once quantiz
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,7 +27,8 @@ from anybit.alloc.skim import RowPlan, RowTable, allocate_model
 from anybit.config import QuantConfig
 from anybit.errors import AnybitError
 from anybit.fisher import fisher_diagonal, fisher_in_one_batch
-from anybit.layerwise import Resident, Supply, capture_layer_inputs, run_layer
+from anybit.format.rotation import InputRotation
+from anybit.layerwise import Resident, Supply, capture_layer_inputs, layer_rotations, run_layer
 from anybit.memory import SpillFile, map_large_blocks, release_file_pages, return_freed_memory
 from anybit.methods import LayerStats, Method, get_method
 from anybit.model.adapters import Adapter, get_adapter, get_submodule, set_submodule
@@ -63,7 +65,13 @@ class _GroupInputs:
     seen its input (see `_collect_stats_only`)."""
 
     def __init__(
-        self, layer: nn.Module, adapter: Adapter, method: Method, device: torch.device, stop_when_complete: bool
+        self,
+        layer: nn.Module,
+        adapter: Adapter,
+        method: Method,
+        config: QuantConfig,
+        device: torch.device,
+        stop_when_complete: bool,
     ) -> None:
         self.stats: dict[str, LayerStats] = {}  # per linear; the linears of a group share one accumulator
         self.stop_when_complete = stop_when_complete
@@ -75,7 +83,7 @@ class _GroupInputs:
             acc = HessianAccumulator(
                 adapter.weight_of(first).shape[1],
                 device=device,
-                diagonal_only=not method.needs_full_hessian,
+                diagonal_only=not (method.needs_full_hessian or config.rotate),  # a rotation needs all of XᵀX
                 sample_stride=method.input_sample_stride,
             )
             self._handles.append(first.register_forward_pre_hook(self._hook(acc, index)))
@@ -97,11 +105,12 @@ class _GroupInputs:
 
 
 def _collect_stats(
-    layer: nn.Module, adapter: Adapter, hidden: torch.Tensor, args: tuple, kwargs: dict, method: Method
-) -> tuple[dict[str, LayerStats], torch.Tensor]:
+    layer: nn.Module, adapter: Adapter, hidden: torch.Tensor, args: tuple, kwargs: dict, method: Method,
+    config: QuantConfig,
+) -> tuple[dict[str, LayerStats], torch.Tensor]:  # fmt: skip
     """One forward pass of the layer that accumulates XᵀX per input-sharing group; returns the statistics
     and the (unquantized) layer's output."""
-    hooks = _GroupInputs(layer, adapter, method, hidden.device, stop_when_complete=False)
+    hooks = _GroupInputs(layer, adapter, method, config, hidden.device, stop_when_complete=False)
     try:
         output = run_layer(layer, hidden, args, kwargs)
     finally:
@@ -110,11 +119,12 @@ def _collect_stats(
 
 
 def _collect_stats_only(
-    layer: nn.Module, adapter: Adapter, hidden: torch.Tensor, args: tuple, kwargs: dict, method: Method
-) -> dict[str, LayerStats]:
+    layer: nn.Module, adapter: Adapter, hidden: torch.Tensor, args: tuple, kwargs: dict, method: Method,
+    config: QuantConfig,
+) -> dict[str, LayerStats]:  # fmt: skip
     """The statistics of `_collect_stats` without the layer's output: each window's forward stops once every
     group has seen its input (the down-projection's product and what follows are never computed)."""
-    hooks = _GroupInputs(layer, adapter, method, hidden.device, stop_when_complete=True)
+    hooks = _GroupInputs(layer, adapter, method, config, hidden.device, stop_when_complete=True)
     try:
         for i in range(hidden.shape[0]):
             hooks.seen.clear()
@@ -137,16 +147,18 @@ class _TableCollector:
 
     def before(self, index: int, layer: nn.Module) -> None:
         device = torch.device(self.config.device)
-        self._inputs = _GroupInputs(layer, self.adapter, self.method, device, stop_when_complete=False)
+        self._inputs = _GroupInputs(layer, self.adapter, self.method, self.config, device, stop_when_complete=False)
 
     @torch.no_grad()
     def after(self, index: int, layer: nn.Module, fisher: dict[str, torch.Tensor]) -> None:
         inputs, self._inputs = self._inputs, None
         inputs.remove()
+        rotated = _rotations(self.adapter, layer, index, self.config)
+        _rotate_statistics(inputs.stats, rotated)
         for name in self.adapter.linear_names:
             stats = inputs.stats.pop(name)  # a group's XᵀX is freed after its last linear
             stats.fisher = fisher[name]
-            W = self.adapter.weight_of(get_submodule(layer, name))  # read only: no copy
+            W = _rotated_weight(self.adapter.weight_of(get_submodule(layer, name)), rotated.get(name))  # no copy
             self.tables[f"{index}.{name}"] = self.method.row_table(W, stats, self.config).spilled(self.spill)
             release_file_pages([stats.fisher])  # mapped accumulators: one linear's resident at a time
 
@@ -189,7 +201,29 @@ def _weight_and_bias(adapter: Adapter, module: nn.Module, copy: bool) -> tuple[t
     return (W.clone(), None if b is None else b.clone()) if copy else (W, b)
 
 
-Visit = Callable[[str, nn.Module, str, torch.Tensor, torch.Tensor | None, LayerStats | None], None]
+Visit = Callable[
+    [str, nn.Module, str, torch.Tensor, torch.Tensor | None, LayerStats | None, InputRotation | None], None
+]
+
+
+def _rotations(adapter: Adapter, layer: nn.Module, index: int, config: QuantConfig) -> dict[str, InputRotation]:
+    """Each linear's input rotation in decoder layer `index` (none without `--rotate`)."""
+    return layer_rotations(adapter, layer, index, config.seed) if config.rotate else {}
+
+
+def _rotate_statistics(stats: dict[str, LayerStats], rotated: dict[str, InputRotation]) -> None:
+    """Each rotated group's XᵀX made that of its rotated inputs (once per group: its linears share it)."""
+    done: set[int] = set()
+    for name, layer_stats in stats.items():
+        rotation, acc = rotated.get(name), layer_stats.hessian
+        if rotation is not None and id(acc) not in done:
+            acc.rotate_(rotation.matrix(acc.XtX.shape[0]))
+            done.add(id(acc))
+
+
+def _rotated_weight(W: torch.Tensor, rotation: InputRotation | None) -> torch.Tensor:
+    """W Rᵀ, the weight the recipe quantizes, or W itself without a rotation."""
+    return W if rotation is None else rotation.apply(W)
 
 
 LayerDone = Callable[[int, nn.Module], None]
@@ -210,8 +244,8 @@ def _layer_pass(
     on_layer: LayerDone | None = None,
     tuning: list[TuneStep] | None = None,
 ) -> None:
-    """Run the calibration data layer by layer and call `visit(key, layer, name, W, bias, stats)` on
-    every linear. With `commit` the visits swap in quantized linears, which then produce the next
+    """Run the calibration data layer by layer and call `visit(key, layer, name, W, bias, stats, rotation)` on
+    every linear (with `--rotate`, W is the rotated weight and the statistics are those of the rotated inputs). With `commit` the visits swap in quantized linears, which then produce the next
     layer's inputs, and each finished layer goes to `on_layer`; without it every layer is left exactly
     as it was (a statistics-only pass). With `tuning` (a list, committing, `config.tune_steps` > 0) each
     quantized layer is tuned toward the unquantized model's activations (`anybit.tune`), its result appended.
@@ -240,16 +274,20 @@ def _layer_pass(
             if tuner is not None:
                 tuner.before_quantizing(layer, args, kwargs)
             if method.needs_stats and commit and config.layer_inputs == "quantized":
-                stats = _collect_stats_only(layer, adapter, hidden, args, kwargs, method)  # next: the quantized layer's
+                stats = _collect_stats_only(layer, adapter, hidden, args, kwargs, method, config)  # next: quantized
             elif method.needs_stats:  # the unquantized layer's output is the next layer's input
-                stats, next_hidden = _collect_stats(layer, adapter, hidden, args, kwargs, method)
+                stats, next_hidden = _collect_stats(layer, adapter, hidden, args, kwargs, method, config)
             for name, layer_stats in stats.items():
                 layer_stats.fisher = fisher.get(f"{index}.{name}")
+            rotated = _rotations(adapter, layer, index, config)
+            _rotate_statistics(stats, rotated)
             for name in adapter.linear_names:
                 W, bias = originals.pop(name)
+                W = _rotated_weight(W, rotated.get(name))
                 # once swapped for its quantized form, a linear's float weight and (after the last linear of
                 # its group) its XᵀX are freed before the next linear is quantized
-                visit(f"{index}.{name}", layer, name, W, bias, stats.pop(name, None) if commit else stats.get(name))
+                layer_stats = stats.pop(name, None) if commit else stats.get(name)
+                visit(f"{index}.{name}", layer, name, W, bias, layer_stats, rotated.get(name))
                 del W, bias
                 return_freed_memory()  # the quantizer's temporaries under glibc's mmap threshold
             del originals, stats
@@ -307,11 +345,14 @@ def quantize_model(
         linears = 0
         tuning: list[TuneStep] = []
 
-        def commit(key, layer, name, W, bias, stats):
+        def commit(key, layer, name, W, bias, stats, rotation):
             nonlocal linears
             if stats is not None:
                 stats.plan = plan.get(key)
-            quantized = QuantLinear(method.quantize(W, stats, config), bias)
+            qtensor = method.quantize(W, stats, config)
+            if rotation is not None:
+                qtensor = dataclasses.replace(qtensor, rotation=rotation)
+            quantized = QuantLinear(qtensor, bias)
             if stats is not None and stats.fisher is not None:
                 release_file_pages([stats.fisher])  # Fisher accumulators of a deep model live in a mapped file
             quantized.kernel = "exact"  # the next layers calibrate on the stored values, whatever the CPU rounds
@@ -354,7 +395,8 @@ def _first_pass(
         table_windows = calib_windows[: config.fisher_nsamples]
         if model_scope and fisher_in_one_batch(model, adapter, table_windows):
             collector = _TableCollector(adapter, method, config, spill)
-        fisher = fisher_diagonal(model, adapter, table_windows, config.device, progress, supply, collector)
+        rotations = (lambda a, layer, index: _rotations(a, layer, index, config)) if config.rotate else None
+        fisher = fisher_diagonal(model, adapter, table_windows, config.device, progress, supply, collector, rotations)
     if not model_scope:
         return fisher, {}
     tables: dict[str, RowTable] = {}
@@ -362,7 +404,7 @@ def _first_pass(
         tables = {key: collector.tables.pop(key) for key in fisher}  # by position); the Fisher keys are in it
     else:
 
-        def collect(key, _layer, _name, W, _bias, stats):
+        def collect(key, _layer, _name, W, _bias, stats, _rotation):
             tables[key] = method.row_table(W, stats, config).spilled(spill)
 
         _layer_pass(

@@ -11,12 +11,14 @@ unlinked temporary file, memory-mapped; each layer's pages leave the resident se
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from anybit.format.rotation import InputRotation
 from anybit.layerwise import Resident, Supply, capture_layer_inputs, layer_output, move_outside_layers
 from anybit.memory import mapped_zeros, release_file_pages
 from anybit.model.adapters import Adapter, get_submodule
@@ -25,6 +27,9 @@ STORED_INPUT_BYTES = 2 << 30  # layer inputs kept for one batch of windows (Smol
 # Larger Fisher accumulators go to a memory-mapped file, whose pages the driver hands back after each linear:
 # resident, they would grow with the model's depth (0.8 GB per 7B-shaped layer); SmolLM2's 0.42 GB stay.
 RESIDENT_ACCUMULATOR_BYTES = 512 << 20
+
+
+Rotations = Callable[[Adapter, nn.Module, int], dict[str, InputRotation]]  # a layer's input rotations by linear
 
 
 class LayerObserver(Protocol):
@@ -117,11 +122,13 @@ def fisher_diagonal(
     progress: bool = True,
     supply: Supply | None = None,
     observer: LayerObserver | None = None,
+    rotations: Rotations | None = None,
 ) -> dict[str, torch.Tensor]:
     """Mean of grad² over windows for every decoder linear, keyed "LAYER.NAME", as (out, in) float32 on CPU.
 
     With an `observer` (only where `fisher_in_one_batch`), each layer is also shown to it while it is
-    recomputed on every window, and once its Fisher diagonals are final.
+    recomputed on every window, and once its Fisher diagonals are final. With `rotations` (`--rotate`), the
+    diagonals are those of each rotated weight W Rᵀ: each window's gradient G is taken as G Rᵀ before squaring.
     """
     supply = supply or Resident()
     model.requires_grad_(False)  # only the linear being differentiated takes a gradient
@@ -140,7 +147,7 @@ def fisher_diagonal(
     with tqdm(total=len(windows), desc="fisher", unit="window", disable=not progress) as bar:  # closed on errors
         for batch in batches:
             final = _Final(len(windows), observer) if batch is batches[-1] else None
-            _batch_fisher(model, adapter, windows[batch.start : batch.stop], dev, supply, fisher, final)
+            _batch_fisher(model, adapter, windows[batch.start : batch.stop], dev, supply, fisher, final, rotations)
             bar.update(len(batch))
     return fisher
 
@@ -172,6 +179,7 @@ def _batch_fisher(
     supply: Supply,
     fisher: dict[str, torch.Tensor],
     final: _Final | None = None,
+    rotations: Rotations | None = None,
 ) -> None:
     """Add the squared gradients of each window's loss to `fisher`; in the last batch, `final` sees each layer."""
     layers = adapter.layers(model)
@@ -203,7 +211,7 @@ def _batch_fisher(
     del hidden
     for index in reversed(range(len(layers))):
         grads = _layer_backward(
-            layers[index], index, adapter, inputs.pop(), grads, args, kwargs, device, supply, fisher, final
+            layers[index], index, adapter, inputs.pop(), grads, args, kwargs, device, supply, fisher, final, rotations
         )
 
 
@@ -220,18 +228,22 @@ def _layer_backward(
     supply: Supply,
     fisher: dict[str, torch.Tensor],
     final: _Final | None = None,
+    rotations: Rotations | None = None,
 ) -> torch.Tensor:
     """Recompute the layer on each window's input, add grad² of its linear weights to `fisher`; returns the
     gradient at the layer's input. `final` sees the layer before and after (the last batch)."""
     supply.enter(layer)
     layer.to(device)
     weights = {name: get_submodule(layer, name).weight for name in adapter.linear_names}
+    rotated = rotations(adapter, layer, index) if rotations is not None else {}
     # each weight's gradient is squared into its accumulator as soon as it is complete and then dropped, so
     # that one weight's gradient at a time is alive, not the whole layer's
     for w in weights.values():
         w.requires_grad_(True)
     hooks = [
-        w.register_post_accumulate_grad_hook(_square_into(fisher[f"{index}.{name}"], adapter.transposed_weights))
+        w.register_post_accumulate_grad_hook(
+            _square_into(fisher[f"{index}.{name}"], adapter.transposed_weights, rotated.get(name))
+        )
         for name, w in weights.items()
     ]
     upstream = torch.empty_like(inputs)
@@ -259,12 +271,15 @@ def _layer_backward(
     return upstream
 
 
-def _square_into(accumulator: torch.Tensor, transposed: bool):
-    """A post-accumulate-grad hook adding grad² to `accumulator` (on its device) and dropping the gradient."""
+def _square_into(accumulator: torch.Tensor, transposed: bool, rotation: InputRotation | None = None):
+    """A post-accumulate-grad hook adding grad² (of the rotated weight, with a `rotation`) to `accumulator` (on
+    its device) and dropping the gradient."""
 
     def hook(weight: torch.Tensor) -> None:
         g = weight.grad.t() if transposed else weight.grad
         g = g.to(accumulator.device, torch.float32)
+        if rotation is not None:
+            g = rotation.apply(g)  # the gradient of W Rᵀ is G Rᵀ: each row rotated
         accumulator.addcmul_(g, g)
         weight.grad = None
 

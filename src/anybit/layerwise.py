@@ -14,8 +14,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from anybit.format.rotation import InputRotation
 from anybit.memory import return_freed_memory
-from anybit.model.adapters import Adapter
+from anybit.model.adapters import Adapter, get_submodule
 from anybit.model.sources import Skeleton
 
 
@@ -177,4 +178,16 @@ def run_layer(layer: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict)
     out = torch.empty_like(hidden)
     for i in range(hidden.shape[0]):
         out[i] = layer_output(layer(hidden[i : i + 1], *args, **kwargs))[0]
+    return out
+
+
+def layer_rotations(adapter: Adapter, layer: nn.Module, index: int, seed: int) -> dict[str, InputRotation]:
+    """The input rotation of each linear of decoder layer `index` (`--rotate`): one per group of linears that
+    share an input, the same in every pass (drawn from the run's seed and the layer's and group's positions)."""
+    out = {}
+    for position, group in enumerate(adapter.groups):
+        width = adapter.weight_of(get_submodule(layer, group[0])).shape[1]
+        generator = torch.Generator().manual_seed((seed * 1_000_003 + index) * 101 + position)
+        rotation = InputRotation.random(width, generator)
+        out.update(dict.fromkeys(group, rotation))
     return out

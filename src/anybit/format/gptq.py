@@ -46,6 +46,8 @@ def why_not_exportable(qt: QuantizedTensor) -> str:
         return f"its groups have different widths ({', '.join(map(str, qt.widths))})"
     if qt.outliers is not None or qt.col_scale is not None:
         return "it stores outliers or a column scaling, which the GPTQ layout has no place for"
+    if qt.rotation is not None:
+        return "it stores an input rotation (--rotate), which the GPTQ layout has no place for"
     out_features, in_features = qt.shape
     bits = qt.widths[0]
     if (in_features * bits) % WORD_BITS or (out_features * bits) % WORD_BITS:

@@ -14,8 +14,10 @@ constant, as one 3-bit width per group when all lines agree, else as 3 bits per 
 Codes of all segments of one width are packed together (`packing.py`), in row-major segment order.
 Optional extras: `perm`, the order in which input columns were coded (act-order: the coded matrix is
 W[:, perm]); `col_scale`, one fp16 factor per input column (SKIM's scaling vector: the coded matrix
-is W·diag(col_scale), decoding divides it back out); and sparse fp16 outliers that replace the
-dequantized value where they sit.
+is W·diag(col_scale), decoding divides it back out); sparse fp16 outliers that replace the
+dequantized value where they sit; and `rotation`, an orthogonal transform R of the input dimension
+(`format.rotation`): everything above describes W' = W Rᵀ, and the weight is W' R (products multiply W' by
+the rotated input R x).
 
 Storage is counted, not claimed: `storage_bits()` is the byte size of exactly the tensors that
 `to_tensors()` hands to the file, times eight.
@@ -28,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from anybit.format.packing import pack_codes, packed_nbytes, unpack_codes
+from anybit.format.rotation import InputRotation, fits
 from anybit.memory import release_file_pages
 from anybit.quant.grid import dequantize_from_grid
 
@@ -102,6 +105,7 @@ class QuantizedTensor:
     perm: torch.Tensor | None = None  # int32 (in_features,)
     col_scale: torch.Tensor | None = None  # fp16 (in_features,): the coded matrix is W·diag(col_scale)
     outliers: SparseOutliers | None = None
+    rotation: InputRotation | None = None  # the coded matrix is W Rᵀ; decoding multiplies by R
 
     # ---- construction -------------------------------------------------------------------------
     @staticmethod
@@ -223,14 +227,23 @@ class QuantizedTensor:
         W = W.contiguous()
         if self.outliers is not None:
             self.outliers.apply_(W)
+        if self.rotation is not None:
+            R = self.rotation.matrix(self.shape[1], torch.float32).to(device)
+            W = (W.float() @ R).to(dtype)
         return W
+
+    def rotated_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the coded part multiplies: R x for each row x of `x` where the tensor has a rotation, else x."""
+        return x if self.rotation is None else self.rotation.apply(x)
 
     def dequantize_rows(self, rows: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Rows of the dense weight (an embedding lookup), decoding only their codes. For axis-0 tensors of
         one width, without permutation, scaling vector or outliers (what `runtime.head` stores)."""
         widths = self.widths
-        if self.axis != 0 or len(widths) != 1 or self.perm is not None or self.col_scale is not None:
-            raise ValueError("dequantize_rows takes axis-0 tensors of one width, without permutation or scaling")
+        if self.axis != 0 or len(widths) != 1 or self.perm is not None or self.col_scale is not None or self.rotation:
+            raise ValueError(
+                "dequantize_rows takes axis-0 tensors of one width, without permutation, scaling or rotation"
+            )
         if self.outliers is not None:
             raise ValueError("dequantize_rows does not apply outliers")
         b, groups, cols = widths[0], self.bitmap.shape[1], self.shape[1]
@@ -281,6 +294,9 @@ class QuantizedTensor:
             out["outliers_row_counts"] = self.outliers.row_counts
             out["outliers_col_idx"] = self.outliers.col_idx
             out["outliers_values"] = self.outliers.values
+        if self.rotation is not None:
+            out["rot_signs"] = self.rotation.signs
+            out["rot_mix"] = self.rotation.mix
         return {k: v.contiguous() for k, v in out.items()}
 
     def meta(self) -> dict:
@@ -320,15 +336,16 @@ class QuantizedTensor:
         if check and col_scale is not None and bool((col_scale == 0).any()):
             raise ValueError("col_scale: holds zeros (decoding divides by it)")
         outliers = _read_outliers(stored, shape)
+        rotation = _read_rotation(stored, shape[1])
         stored.finish()
         return cls(
             shape=shape, group_size=group_size, axis=axis, kind=kind, bitmap=bitmap, codes=codes, scales=scales,
             zeros=zeros, codebooks=books, perm=None if perm is None else perm.to(torch.int32), col_scale=col_scale,
-            outliers=outliers,
+            outliers=outliers, rotation=rotation,
         )  # fmt: skip
 
     def storage_bits(self) -> int:
-        """Exact stored size in bits: codes, zeros/scales or codebooks, bit map, permutation, outliers."""
+        """Exact stored size in bits: codes, zeros/scales or codebooks, bit map, permutation, outliers, rotation."""
         return sum(t.numel() * t.element_size() * 8 for t in self.to_tensors().values())
 
     @property
@@ -464,3 +481,25 @@ def _read_outliers(stored: _StoredTensors, shape: tuple[int, int]) -> SparseOutl
     if stored.check and nnz and (int(cols.min()) < 0 or int(cols.max()) >= shape[1]):
         raise ValueError(f"outliers_col_idx: column outside 0-{shape[1] - 1}")
     return SparseOutliers(counts, cols, values)
+
+
+ORTHOGONALITY_TOLERANCE = 1e-3  # |QQᵀ − I| a stored mixing matrix may show (float32 QR gives about 1e-6)
+
+
+def _read_rotation(stored: _StoredTensors, in_features: int) -> InputRotation | None:
+    """The input rotation: its signs and mixing matrix, both or neither, the matrix orthogonal and fitting."""
+    names = ("rot_signs", "rot_mix")
+    present = [name for name in names if name in stored.left]
+    if not present:
+        return None
+    if len(present) != len(names):
+        raise ValueError(f"{next(n for n in names if n not in present)}: missing")
+    signs = stored.take("rot_signs", _BYTE, (packed_nbytes(in_features, 1),))
+    mix = stored.left["rot_mix"]
+    m = mix.shape[0] if mix.dim() == 2 else 0
+    if stored.check and not fits(m, in_features):
+        raise ValueError(f"rot_mix: shape {tuple(mix.shape)} does not fit {in_features} input columns")
+    mix = stored.take("rot_mix", (torch.float32,), (m, m), finite=True)
+    if stored.check and float((mix @ mix.t() - torch.eye(m, device=mix.device)).abs().max()) > ORTHOGONALITY_TOLERANCE:
+        raise ValueError("rot_mix: not orthogonal")
+    return InputRotation(signs, mix)

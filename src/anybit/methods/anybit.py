@@ -3,7 +3,7 @@ error feedback onto the codebooks."""
 
 from __future__ import annotations
 
-from anybit.methods.base import ACT_ORDER
+from anybit.methods.base import ACT_ORDER, ROTATE
 from anybit.methods.skim import SKIM
 
 
@@ -17,7 +17,7 @@ class AnyBit(SKIM):
     """
 
     name = "anybit"
-    options = (*SKIM.options, ACT_ORDER)
+    options = (*SKIM.options, ACT_ORDER, ROTATE)
     default_scope = "model"
     default_weighting = "fisher"
     default_scaling = False

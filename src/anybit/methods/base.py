@@ -78,6 +78,14 @@ SCOPE = Option(
     method_default="default_scope",
 )
 
+ROTATE = Option(
+    "rotate",
+    bool,
+    False,
+    "Rotate each linear's input dimension by a random Hadamard-based orthogonal transform before quantizing "
+    "(incoherence processing, stored with the layer and applied to its input at run time).",
+)
+
 
 @dataclass
 class LayerStats:

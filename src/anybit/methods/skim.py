@@ -20,6 +20,7 @@ from anybit.alloc.skim import (
 from anybit.errors import AnybitError
 from anybit.format.packing import packed_nbytes
 from anybit.format.qtensor import QuantizedTensor, SparseOutliers
+from anybit.format.rotation import rotation_bits
 from anybit.methods.base import DAMP, OUTLIERS, SCOPE, WEIGHTING, LayerStats, Method, row_importance
 from anybit.methods.nonuniform import sensitivity_weights, split_outliers
 from anybit.options import Option
@@ -83,6 +84,8 @@ class SKIM(Method):
         fixed = packed_nbytes(rows, BITMAP_BITS) * 8
         if config.scaling:
             fixed += SCALE_BITS * cols
+        if config.rotate:
+            fixed += rotation_bits(cols)
         if outliers is not None:
             fixed += outliers.storage_bits()
         return fixed
@@ -109,6 +112,7 @@ class SKIM(Method):
             table = error_table(W, H, weights, candidate_widths(config.bits), kept=mask)
             budget = allocation_budget(rows, cols, config.bits)
             budget -= 0 if outliers is None else outliers.storage_bits()
+            budget -= rotation_bits(cols) if config.rotate else 0
             plain = self._allocate(table, rows, cols, budget, config.bits)
             candidates = self._candidates(W, H, weights, mask, *plain, config, scaling=False)
             if config.scaling:

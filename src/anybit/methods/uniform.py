@@ -8,7 +8,7 @@ import torch
 
 from anybit.alloc.skim import RowTable
 from anybit.format.qtensor import QuantizedTensor
-from anybit.methods.base import ACT_ORDER, DAMP, GROUP, SCOPE, SYM, LayerStats, Method, row_importance
+from anybit.methods.base import ACT_ORDER, DAMP, GROUP, ROTATE, SCOPE, SYM, LayerStats, Method, row_importance
 from anybit.quant.gptq import gptq_quantize
 from anybit.quant.uniform import UniformColumnQuantizer, rtn_quantize
 
@@ -43,7 +43,7 @@ class GPTQ(Method):
     """
 
     name = "gptq"
-    options = (GROUP, SYM, DAMP, ACT_ORDER, SCOPE)
+    options = (GROUP, SYM, DAMP, ACT_ORDER, SCOPE, ROTATE)
     MODEL_WIDTHS = (2, 3, 4, 8)
 
     def needs_fisher(self, config: QuantConfig) -> bool:

@@ -39,10 +39,11 @@ class HessianAccumulator:
         self.sample_stride = sample_stride
         self._samples: list[torch.Tensor] = []
         self._raw_diagonal: torch.Tensor | None = None  # diag(XᵀX), kept once XtX holds H
+        self._rotated = False  # XtX is full and symmetric (rotate_)
 
     def add_batch(self, x: torch.Tensor) -> None:
-        if self._raw_diagonal is not None:
-            raise ValueError("the Hessian was already taken from this accumulator")
+        if self._raw_diagonal is not None or self._rotated:
+            raise ValueError("the Hessian was already taken from this accumulator, or rotated")
         x = x.reshape(-1, x.shape[-1]).to(device=self.XtX.device, dtype=torch.float32)
         if self.diagonal_only:
             self.XtX.add_(x.square().sum(dim=0))
@@ -61,6 +62,16 @@ class HessianAccumulator:
         """Fill the blocks below the diagonal from those above it."""
         for start, stop in _row_blocks(self.XtX.shape[0]):
             self.XtX[stop:, start:stop].copy_(self.XtX[start:stop, stop:].t())
+
+    def rotate_(self, R: torch.Tensor) -> None:
+        """Make the statistics those of the inputs R x (XᵀX becomes R XᵀX Rᵀ), before the Hessian is taken."""
+        if self.diagonal_only or self._raw_diagonal is not None or self._samples:
+            raise ValueError("only a full XᵀX not yet taken as the Hessian, without kept tokens, can be rotated")
+        self._mirror_upper()
+        R = R.to(device=self.XtX.device, dtype=torch.float32)
+        self.XtX.copy_(R @ self.XtX @ R.t())
+        self.XtX.add_(self.XtX.t().clone()).mul_(0.5)  # exactly symmetric again: later blocks read one triangle
+        self._rotated = True
 
     def input_sample(self) -> torch.Tensor:
         """The kept input tokens (tokens, in_features)."""
@@ -84,7 +95,8 @@ class HessianAccumulator:
         if self.diagonal_only:
             raise ValueError("this accumulator kept only the diagonal of XᵀX")
         if self._raw_diagonal is None:
-            self._mirror_upper()
+            if not self._rotated:
+                self._mirror_upper()
             self._raw_diagonal = torch.diagonal(self.XtX).clone()
             self.XtX.mul_(2.0 / self.tokens)
         return self.XtX

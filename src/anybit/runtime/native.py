@@ -75,6 +75,8 @@ def native_unavailable(model: nn.Module) -> str:
             module = layer.get_submodule(PATHS[name])
             if not _fast_layer(module):
                 return f"layer {index} {PATHS[name]} is not a quantized linear the fast CPU kernel serves"
+            if module.qtensor.rotation is not None:
+                return f"layer {index} {PATHS[name]} rotates its input (--rotate), which runs in Python"
             if (module._forward_hooks or module._forward_pre_hooks) and _compensator(module) is None:
                 return f"layer {index} {PATHS[name]} has hooks, which run in Python"
     lib = cpu_fast.KERNEL.library()

@@ -120,6 +120,7 @@ class QuantLinear(PackedModule):
         backend = self.backend(flat.device)
         if backend == "reference":
             return None
+        flat = self.qtensor.rotated_input(flat)  # the kernels multiply the coded part, W Rᵀ, by R x
         prepared = self.prepared(backend)
         if backend == "triton":
             from anybit.kernels.lut_gemv import lut_matmul, lut_matvec
