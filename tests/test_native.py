@@ -1,6 +1,7 @@
 """The native decoder (each step in C) against the eager Hugging Face model on the same fast kernel, and the
 8-bit embedding and head."""
 
+import dataclasses
 import warnings
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 import transformers as tf
 
 from anybit.bench import _cache_argument, decode_speed
+from anybit.format.rotation import InputRotation
 from anybit.generate import _native_tokens
 from anybit.kernels import cpu_fast
 from anybit.model.checkpoint import load_quantized, save_quantized
@@ -28,15 +30,21 @@ INFO = {"method": "test", "source": "random", "config": {}}  # what anybit.json 
 WIDE = dict(hidden_size=128, intermediate_size=256)  # multiples of 64: every linear on the fast kernel
 
 
-def _quantized(family: str, **overrides) -> torch.nn.Module:
+INPUT_GROUPS = {"q": "qkv", "k": "qkv", "v": "qkv", "o": "o", "gate": "gate_up", "up": "gate_up", "down": "down"}
+
+
+def _quantized(family: str, rotate: bool = False, **overrides) -> torch.nn.Module:
     """A tiny random model of `family` whose decoder linears are 4-bit group-64 QuantLinears (a mix of
-    uniform grids and, for the MLP, per-row codebooks of 2-4 bits), head and embedding packed to 8 bits."""
+    uniform grids and, for the MLP, per-row codebooks of 2-4 bits), head and embedding packed to 8 bits; with
+    `rotate`, every linear has an input rotation (one per group of linears sharing an input, as `--rotate`)."""
     torch.manual_seed(0)
     config = tiny_config(family, VOCAB)
     for key, value in {**WIDE, **overrides}.items():
         setattr(config, key, value)
     model = tf.AutoModelForCausalLM.from_config(config).eval()
+    generator = torch.Generator().manual_seed(2)
     for layer in model.model.layers:
+        rotations = {}
         for name in LINEARS:
             path = PATHS[name]
             linear = layer.get_submodule(path)
@@ -45,6 +53,10 @@ def _quantized(family: str, **overrides) -> torch.nn.Module:
                 qt = codebook_tensor(rows, cols, cols, (2, 3, 4))
             else:
                 qt = rtn_quantize(linear.weight.detach(), 64, torch.full((rows, cols // 64), 4, dtype=torch.uint8))
+            if rotate:
+                group = INPUT_GROUPS[name]
+                rotations.setdefault(group, InputRotation.random(cols, generator))
+                qt = dataclasses.replace(qt, rotation=rotations[group])
             parent, _, leaf = path.rpartition(".")
             setattr(layer.get_submodule(parent), leaf, QuantLinear(qt, linear.bias))
     return model
@@ -78,8 +90,9 @@ SERVED = pytest.mark.parametrize(
 
 
 @SERVED
-def test_native_decoding_gives_the_eager_models_greedy_tokens(family: str, overrides: dict) -> None:
-    model = _quantized(family, **overrides)
+@pytest.mark.parametrize("rotate", [False, True], ids=["", "rotated"])
+def test_native_decoding_gives_the_eager_models_greedy_tokens(family: str, overrides: dict, rotate: bool) -> None:
+    model = _quantized(family, rotate, **overrides)
     quantize_head(model, "int8")
     assert native_unavailable(model) == ""
     prompt = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(1))

@@ -18,7 +18,6 @@ from anybit.layerwise import layer_rotations
 from anybit.model import load_model
 from anybit.model.adapters import get_adapter, get_submodule
 from anybit.quant.uniform import rtn_quantize
-from anybit.runtime.native import native_unavailable
 from anybit.runtime.qlinear import QuantLinear
 from qtensors import codebook_tensor
 
@@ -141,8 +140,6 @@ def test_rotate_quantizes_rotated_layers_within_the_budget(tiny_llama_dir, corpu
     with torch.inference_mode():
         logits = loaded.model(windows[:1]).logits
     assert float(torch.nn.functional.cosine_similarity(logits.flatten(), reference.flatten(), dim=0)) > 0.9
-    if method == "anybit":  # per-row codebooks: layers the fast kernel serves, but not the native decoder
-        assert "rotates its input" in native_unavailable(loaded.model)
 
 
 def test_rotate_is_refused_by_recipes_that_do_not_take_it() -> None:
@@ -151,8 +148,8 @@ def test_rotate_is_refused_by_recipes_that_do_not_take_it() -> None:
 
 
 def test_rotate_from_the_command_line(tiny_llama_dir, corpus_file, tmp_path) -> None:
-    """quantize --rotate writes rotated layers that load, evaluate and generate (eagerly, after one warning);
-    a rotated gptq directory is refused by the GPTQ export in one line."""
+    """quantize --rotate writes rotated layers that load, evaluate and generate; a rotated gptq directory is
+    refused by the GPTQ export in one line. (The native decoder's rotations: tests/test_native.py.)"""
     from click.testing import CliRunner
 
     from anybit.cli import main
@@ -168,10 +165,8 @@ def test_rotate_from_the_command_line(tiny_llama_dir, corpus_file, tmp_path) -> 
     assert all(m.qtensor.rotation is not None for m in loaded.model.modules() if isinstance(m, QuantLinear))
     result = run("eval", out, "--dataset", corpus_file, "--seqlen", 32, "--max-windows", 2)
     assert result.exit_code == 0, result.output
-    with pytest.warns(UserWarning, match="rotates its input") as warned:
-        result = run("generate", out, "--prompt", "The history of", "--max-new-tokens", 4)
+    result = run("generate", out, "--prompt", "The history of", "--max-new-tokens", 4)
     assert result.exit_code == 0, result.output
-    assert len([w for w in warned if "eager path" in str(w.message)]) == 1
 
     gptq = tmp_path / "gptq"
     assert run("quantize", tiny_llama_dir, "--method", "gptq", "--group", 32, "--rotate", *calib, "--out", gptq)

@@ -51,7 +51,7 @@ class Matrix(ctypes.Structure):
         ("scale", _P), ("rows", _I), ("cols", _I), ("group_size", _I), ("perm", _P), ("col_scale", _P),
         ("n_outliers", _I), ("outlier_rows", _P), ("outlier_cols", _P), ("outlier_deltas", _P), ("bias", _P),
         ("dec_codes", _P), ("dec_scales", _P), ("dec_weight", _P), ("dec_fixed", _P), ("dec_row_bytes", _I),
-        ("dec_k_chunk", _I), ("dec_n_fixed", _I),
+        ("dec_k_chunk", _I), ("dec_n_fixed", _I), ("rot_signs", _P), ("rot_mix", _P), ("rot_m", _I),
     ]  # fmt: skip
 
 
@@ -128,22 +128,34 @@ class FastPrepared:
         held += [t for t in (self.tables, self.table_offset) if t is not None]
         return sum(t.numel() * t.element_size() for t in held)
 
-    def matrix(self, bias: torch.Tensor | None = None, dec: Compensation | None = None) -> Matrix:
+    def matrix(self, bias: torch.Tensor | None = None, dec: Compensation | None = None, rotate: bool = False) -> Matrix:
         """The C structure over these tensors, a float32 `bias` and a compensation (which the caller keeps
-        alive); without either, built once and kept (every product passes it)."""
-        if bias is None and dec is None:
+        alive); with `rotate`, the kernel applies the tensor's input rotation itself (callers that pass it the
+        input as given: the native decoder; `product` takes R x). Without any, built once and kept (every product
+        passes it)."""
+        rotated = rotate and self.qt.rotation is not None
+        if bias is None and dec is None and not rotated:
             return self._plain_matrix
-        return self._build_matrix(bias, dec)
+        return self._build_matrix(bias, dec, rotated)
+
+    @functools.cached_property
+    def _rotation(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The input rotation as the kernel reads it: the signs as float32 ±1, the mixing matrix."""
+        rotation, cols = self.qt.rotation, self.qt.shape[1]
+        return rotation.sign_vector(cols).contiguous(), rotation.mix.float().contiguous()
 
     @functools.cached_property
     def _plain_matrix(self) -> Matrix:
         return self._build_matrix(None, None)
 
-    def _build_matrix(self, bias: torch.Tensor | None, dec: Compensation | None) -> Matrix:
+    def _build_matrix(self, bias: torch.Tensor | None, dec: Compensation | None, rotated: bool = False) -> Matrix:
         rows, cols, deltas = self.outliers if self.outliers is not None else (None, None, None)
-        dec_fields = {}
+        extra = {}
+        if rotated:
+            signs, mix = self._rotation
+            extra.update(rot_signs=signs.data_ptr(), rot_mix=mix.data_ptr(), rot_m=mix.shape[0])
         if dec is not None:
-            dec_fields = dict(
+            extra.update(
                 dec_codes=dec.codes.data_ptr(), dec_scales=dec.scales.data_ptr(), dec_weight=_pointer(dec.weight),
                 dec_fixed=_pointer(dec.fixed), dec_row_bytes=dec.codes.shape[1], dec_k_chunk=dec.k_chunk,
                 dec_n_fixed=0 if dec.fixed is None else dec.fixed.numel(),
@@ -154,7 +166,7 @@ class FastPrepared:
             offset=self.offset.data_ptr(), scale=self.scale.data_ptr(), rows=self.qt.shape[0], cols=self.qt.shape[1],
             group_size=self.qt.group_size, perm=_pointer(self.perm), col_scale=_pointer(self.col_scale),
             n_outliers=0 if rows is None else rows.numel(), outlier_rows=_pointer(rows), outlier_cols=_pointer(cols),
-            outlier_deltas=_pointer(deltas), bias=_pointer(bias), **dec_fields,
+            outlier_deltas=_pointer(deltas), bias=_pointer(bias), **extra,
         )  # fmt: skip
 
 

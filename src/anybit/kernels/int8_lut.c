@@ -84,6 +84,7 @@ typedef struct {
     int64_t *picked;   /* per token, the channels compensation picks (cols slots each) */
     int64_t *n_picked; /* per token, how many */
     int8_t *tiles;     /* AMX: the parts in tile order (amx_input_tiles); NULL when the tiles are not used */
+    float *rotated;    /* the input rotated (anybit_matrix.rot_mix); else unused */
 } coded_input;
 
 /* Round token t (v, cols columns) with one step s = max|x| / 127 to two int8 parts, x ~ s (hi + lo / 256). */
@@ -363,6 +364,10 @@ typedef struct {
     const float *dec_weight;  /* (cols,) factor of the selection score; NULL: |x| alone */
     const int64_t *dec_fixed; /* n_fixed channels for every token; NULL: chosen per token */
     int64_t dec_row_bytes, dec_k_chunk, dec_n_fixed;
+    /* An input rotation (anybit/format/rotation.py; NULL mix: none): the coded part multiplies R x, R = (Q ⊗ H_b)
+     * diag(s) with s the signs (cols floats of ±1), Q the rot_m × rot_m mix (row-major), b = cols / rot_m. */
+    const float *rot_signs, *rot_mix;
+    int64_t rot_m;
 } anybit_matrix;
 
 /* y[t, r] for the tokens t0 .. t0 + n - 1 of one row r (inlined with n constant: see row_product_n). A
@@ -441,8 +446,9 @@ static int alloc_input(coded_input *in, int64_t T, int64_t cols) {
     in->coded = malloc(sizeof(float) * (size_t)(T * cols));
     in->picked = malloc(sizeof(int64_t) * (size_t)(T * cols));
     in->n_picked = malloc(sizeof(int64_t) * (size_t)T);
+    in->rotated = malloc(sizeof(float) * (size_t)(T * cols));
     in->tiles = amx_tokens(T) ? malloc((size_t)(2 * amx_token_groups(T) * AMX_TILE * cols)) : NULL;
-    return in->xq && in->step && in->xsum && in->hisum && in->coded && in->picked && in->n_picked &&
+    return in->xq && in->step && in->xsum && in->hisum && in->coded && in->picked && in->n_picked && in->rotated &&
                    (in->tiles || !amx_tokens(T))
                ? 0
                : -1;
@@ -450,7 +456,7 @@ static int alloc_input(coded_input *in, int64_t T, int64_t cols) {
 
 static void free_input(coded_input *in) {
     free(in->xq), free(in->step), free(in->xsum), free(in->hisum), free(in->coded), free(in->picked);
-    free(in->n_picked), free(in->tiles);
+    free(in->n_picked), free(in->tiles), free(in->rotated);
 }
 
 #define DEC_CHUNK 1024 /* input channels per selection chunk (anybit/runtime/dec.py, CHUNK) */
@@ -507,8 +513,41 @@ static void compensate(const anybit_matrix *m, const float *x, const int64_t *pi
 }
 
 /* Whether matrix i reads the first matrix's rounding of the shared input (both take it as it is). */
+static int same_rotation(const anybit_matrix *a, const anybit_matrix *b) {
+    if (!a->rot_mix || !b->rot_mix) return !a->rot_mix && !b->rot_mix;
+    return a->cols == b->cols && a->rot_m == b->rot_m &&
+           !memcmp(a->rot_signs, b->rot_signs, sizeof(float) * (size_t)a->cols) &&
+           !memcmp(a->rot_mix, b->rot_mix, sizeof(float) * (size_t)(a->rot_m * a->rot_m));
+}
+
 static int shares_input(const anybit_matrix *const *m, int i) {
-    return i > 0 && !m[i]->perm && !m[i]->col_scale && !m[0]->perm && !m[0]->col_scale;
+    return i > 0 && !m[i]->perm && !m[i]->col_scale && !m[0]->perm && !m[0]->col_scale && same_rotation(m[0], m[i]);
+}
+
+/* out = R v (anybit_matrix.rot_mix): signs, a Walsh-Hadamard transform of each block of b, then Q across the
+ * blocks; `work` holds cols floats. */
+static void rotate_input(const anybit_matrix *m, const float *v, float *work, float *out) {
+    const int64_t n = m->cols, q = m->rot_m, b = n / q;
+    for (int64_t j = 0; j < n; j++) work[j] = v[j] * m->rot_signs[j];
+    for (int64_t blk = 0; blk < q; blk++) {
+        float *w = work + blk * b;
+        for (int64_t h = 1; h < b; h *= 2)
+            for (int64_t i = 0; i < b; i += 2 * h)
+                for (int64_t j = i; j < i + h; j++) {
+                    const float x = w[j], y = w[j + h];
+                    w[j] = x + y, w[j + h] = x - y;
+                }
+    }
+    const float norm = 1.0f / sqrtf((float)b);
+    for (int64_t i = 0; i < q; i++) {
+        float *o = out + i * b;
+        for (int64_t p = 0; p < b; p++) o[p] = 0.0f;
+        for (int64_t j = 0; j < q; j++) {
+            const float c = m->rot_mix[i * q + j] * norm;
+            const float *w = work + j * b;
+            for (int64_t p = 0; p < b; p++) o[p] += c * w[p];
+        }
+    }
 }
 
 /* Round token t of the input x of `count` matrices into in[i] (not where shares_input), and pick its
@@ -518,6 +557,11 @@ static void code_token(const anybit_matrix *const *m, int count, const float *x,
         const int64_t cols = m[i]->cols;
         const float *src = x + t * cols;
         if (shares_input(m, i)) continue;
+        if (m[i]->rot_mix) { /* rotated first: the permutation and scaling describe the rotated matrix */
+            float *rotated = in[i].rotated + t * cols;
+            rotate_input(m[i], src, in[i].coded + t * cols, rotated);
+            src = rotated;
+        }
         if (m[i]->perm || m[i]->col_scale) {
             float *coded = in[i].coded + t * cols;
             for (int64_t j = 0; j < cols; j++) {

@@ -75,8 +75,6 @@ def native_unavailable(model: nn.Module) -> str:
             module = layer.get_submodule(PATHS[name])
             if not _fast_layer(module):
                 return f"layer {index} {PATHS[name]} is not a quantized linear the fast CPU kernel serves"
-            if module.qtensor.rotation is not None:
-                return f"layer {index} {PATHS[name]} rotates its input (--rotate), which runs in Python"
             if (module._forward_hooks or module._forward_pre_hooks) and _compensator(module) is None:
                 return f"layer {index} {PATHS[name]} has hooks, which run in Python"
     lib = cpu_fast.KERNEL.library()
@@ -156,7 +154,7 @@ class NativeDecoder:
                 fixed=None if comp.fixed is None else comp.fixed.to(torch.int64).contiguous(),
             )  # fmt: skip
             self._keep.append(dec)
-        return layer.prepared("fast").matrix(bias, dec)
+        return layer.prepared("fast").matrix(bias, dec, rotate=True)  # the decoder hands the layer's input as is
 
     def _layer(self, layer: nn.Module) -> _Layer:
         attention = layer.self_attn
