@@ -29,6 +29,7 @@ def test_rotation_is_orthogonal_and_applied_fast(n: int) -> None:
     torch.testing.assert_close(R @ R.t(), torch.eye(n, dtype=torch.float64), atol=1e-6, rtol=0)
     x = torch.randn(7, n)
     torch.testing.assert_close(rotation.apply(x), (x.double() @ R.t()).float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rotation.unapply(x), (x.double() @ R).float(), atol=1e-5, rtol=1e-5)
     assert rotation.stored_bits() == rotation_bits(n)
 
 

@@ -14,10 +14,9 @@ source files when its turn comes, handed to `on_layer` (the writer) once quantiz
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -217,7 +216,7 @@ def _rotate_statistics(stats: dict[str, LayerStats], rotated: dict[str, InputRot
     for name, layer_stats in stats.items():
         rotation, acc = rotated.get(name), layer_stats.hessian
         if rotation is not None and id(acc) not in done:
-            acc.rotate_(rotation.matrix(acc.XtX.shape[0]))
+            acc.rotate_(rotation)
             done.add(id(acc))
 
 
@@ -245,8 +244,8 @@ def _layer_pass(
     tuning: list[TuneStep] | None = None,
 ) -> None:
     """Run the calibration data layer by layer and call `visit(key, layer, name, W, bias, stats, rotation)` on
-    every linear (with `--rotate`, W is the rotated weight and the statistics are those of the rotated inputs). With `commit` the visits swap in quantized linears, which then produce the next
-    layer's inputs, and each finished layer goes to `on_layer`; without it every layer is left exactly
+    every linear (with `--rotate`, W is the rotated weight and the statistics those of the rotated inputs).
+    With `commit` the visits swap in quantized linears, which then produce the next layer's inputs, and each finished layer goes to `on_layer`; without it every layer is left exactly
     as it was (a statistics-only pass). With `tuning` (a list, committing, `config.tune_steps` > 0) each
     quantized layer is tuned toward the unquantized model's activations (`anybit.tune`), its result appended.
     """
@@ -351,7 +350,7 @@ def quantize_model(
                 stats.plan = plan.get(key)
             qtensor = method.quantize(W, stats, config)
             if rotation is not None:
-                qtensor = dataclasses.replace(qtensor, rotation=rotation)
+                qtensor = replace(qtensor, rotation=rotation)
             quantized = QuantLinear(qtensor, bias)
             if stats is not None and stats.fisher is not None:
                 release_file_pages([stats.fisher])  # Fisher accumulators of a deep model live in a mapped file

@@ -228,8 +228,7 @@ class QuantizedTensor:
         if self.outliers is not None:
             self.outliers.apply_(W)
         if self.rotation is not None:
-            R = self.rotation.matrix(self.shape[1], torch.float32).to(device)
-            W = (W.float() @ R).to(dtype)
+            W = self.rotation.unapply(W)  # W' R, row by row
         return W
 
     def rotated_input(self, x: torch.Tensor) -> torch.Tensor:

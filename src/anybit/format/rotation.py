@@ -40,10 +40,9 @@ class InputRotation:
         return (1 - 2 * negative).to(dtype)
 
     def matrix(self, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """R as a dense (n, n) matrix."""
+        """R as a dense (n, n) matrix (for checks: the transforms below never build it)."""
         m = self.mix.shape[0]
-        dense = torch.kron(self.mix.double(), hadamard(n // m, torch.float64))
-        return (dense * self.sign_vector(n, torch.float64)[None, :]).to(dtype)
+        return torch.kron(self.mix.to(dtype), hadamard(n // m, dtype)) * self.sign_vector(n, dtype)[None, :]
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """R x for every row x of `x` (..., n), in x's dtype (computed in float32 at least)."""
@@ -55,6 +54,17 @@ class InputRotation:
         if m > 1:
             v = torch.matmul(self.mix.to(device=x.device, dtype=dtype), v)
         return v.reshape(x.shape).to(x.dtype)
+
+    def unapply(self, x: torch.Tensor) -> torch.Tensor:
+        """x R for every row x of `x` (..., n), i.e. Rᵀ applied: the inverse of `apply`."""
+        n = x.shape[-1]
+        m = self.mix.shape[0]
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        v = x.to(dtype).reshape(*x.shape[:-1], m, n // m)
+        if m > 1:
+            v = torch.matmul(self.mix.t().to(device=x.device, dtype=dtype), v)
+        v = walsh_hadamard(v).reshape(x.shape) * self.sign_vector(n, dtype).to(x.device)
+        return v.to(x.dtype)
 
     def stored_bits(self) -> int:
         return 8 * (self.signs.numel() * self.signs.element_size() + self.mix.numel() * self.mix.element_size())

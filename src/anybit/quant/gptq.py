@@ -9,9 +9,12 @@ grids, K-means codebooks and mixed bit maps all share this one loop.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from anybit.format.rotation import InputRotation
 
 
 class HessianAccumulator:
@@ -63,14 +66,15 @@ class HessianAccumulator:
         for start, stop in _row_blocks(self.XtX.shape[0]):
             self.XtX[stop:, start:stop].copy_(self.XtX[start:stop, stop:].t())
 
-    def rotate_(self, R: torch.Tensor) -> None:
+    def rotate_(self, rotation: InputRotation) -> None:
         """Make the statistics those of the inputs R x (XᵀX becomes R XᵀX Rᵀ), before the Hessian is taken."""
         if self.diagonal_only or self._raw_diagonal is not None or self._samples:
             raise ValueError("only a full XᵀX not yet taken as the Hessian, without kept tokens, can be rotated")
         self._mirror_upper()
-        R = R.to(device=self.XtX.device, dtype=torch.float32)
-        self.XtX.copy_(R @ self.XtX @ R.t())
-        self.XtX.add_(self.XtX.t().clone()).mul_(0.5)  # exactly symmetric again: later blocks read one triangle
+        once = rotation.apply(self.XtX)  # each row r becomes R r: XᵀX Rᵀ (XᵀX is symmetric)
+        self.XtX.copy_(rotation.apply(once.t()))  # R (XᵀX Rᵀ), transposed: symmetric up to rounding
+        del once
+        self.XtX.add_(self.XtX.t().clone()).mul_(0.5)  # exactly symmetric again
         self._rotated = True
 
     def input_sample(self) -> torch.Tensor:
