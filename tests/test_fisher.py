@@ -80,6 +80,7 @@ def test_error_tables_from_the_fisher_pass_match_a_separate_table_pass(tiny_llam
 def test_statistics_pass_stops_before_the_last_group_product(tiny_llama_dir) -> None:
     """The committing driver's statistics pass gives the XᵀX of a full forward without the down-projection."""
     from anybit.calibrate import _collect_stats, _collect_stats_only
+    from anybit.config import QuantConfig
     from anybit.layerwise import capture_layer_inputs
     from anybit.methods import get_method
     from anybit.model import load_model
@@ -90,11 +91,12 @@ def test_statistics_pass_stops_before_the_last_group_product(tiny_llama_dir) -> 
         model, adapter, torch.randint(0, 100, (2, 16)), torch.device("cpu"), torch.float32
     )
     layer, method = adapter.layers(model)[0], get_method("anybit")
-    full, _ = _collect_stats(layer, adapter, hidden, args, kwargs, method)
+    config = QuantConfig(method="anybit")
+    full, _ = _collect_stats(layer, adapter, hidden, args, kwargs, method, config)
     calls = []
     handle = layer.mlp.down_proj.register_forward_hook(lambda *_: calls.append(1))
     try:
-        only = _collect_stats_only(layer, adapter, hidden, args, kwargs, method)
+        only = _collect_stats_only(layer, adapter, hidden, args, kwargs, method, config)
     finally:
         handle.remove()
     assert not calls
