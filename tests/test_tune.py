@@ -29,7 +29,7 @@ def _quantized_first_layer(model_dir, method: str, bits: float):
         quant = get_method(method)
         groups = {"group_size": 0} if quant.takes("group_size") else {}
         config = QuantConfig(method=method, bits=bits, scope="matrix" if method == "skim" else None, **groups)
-        stats, target = _collect_stats(layer, adapter, hidden, args, kwargs, quant)
+        stats, target = _collect_stats(layer, adapter, hidden, args, kwargs, quant, config)
         for name in adapter.linear_names:
             W = adapter.weight_of(get_submodule(layer, name)).clone()
             linear = QuantLinear(quant.quantize(W, stats[name], config), None)
