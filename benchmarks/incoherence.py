@@ -1,9 +1,8 @@
 """Incoherence processing before quantizing (issue 23, item 3), simulated end to end.
 
-Each chosen linear's input dimension is rotated by a randomized orthogonal transform R (a Hadamard block of
-the largest power of two dividing the width, Kronecker a random orthogonal matrix of the rest, times random
-signs: QuIP#'s and QTIP's construction for widths that are not powers of two): the weight becomes W Rᵀ and
-the layer's input x becomes x Rᵀ, so the model computes the same function. Linears that share an input share
+Each chosen linear's input dimension is rotated by a random orthogonal transform R (`format.rotation`; the
+records of commit 13c5b6b drew R with this script's own copy of the construction, in another order): the
+weight becomes W Rᵀ and the layer's input x becomes R x, so the model computes the same function. Linears that share an input share
 one R. The recipe then quantizes W Rᵀ on the rotated inputs as it would any weight (its XᵀX, Fisher
 diagonal and error tables are those of the rotated layer, by the same code).
 
@@ -20,7 +19,6 @@ One JSON line per corpus goes to benchmarks/results/incoherence.jsonl.
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
 import torch
@@ -30,32 +28,16 @@ from _common import log_result
 from anybit.config import QuantConfig
 from anybit.data import eval_windows
 from anybit.eval.perplexity import evaluate
+from anybit.format.rotation import InputRotation
 from anybit.model.adapters import get_adapter, get_submodule
 from anybit.model.loading import load_model
 from anybit.pipeline import _calibration, corpus_ids
 from anybit.runtime.qlinear import QuantLinear, set_kernel
 
 
-def hadamard(n: int) -> torch.Tensor:
-    """The orthonormal Sylvester-Hadamard matrix of order n (a power of two)."""
-    H = torch.ones(1, 1)
-    while H.shape[0] < n:
-        H = torch.cat([torch.cat([H, H], 1), torch.cat([H, -H], 1)], 0)
-    return H / math.sqrt(n)
-
-
-def rotation(n: int, generator: torch.Generator) -> torch.Tensor:
-    """A random orthogonal (n, n) R = (Q ⊗ H_b) diag(s): b the largest power of two dividing n."""
-    b = n & -n
-    m = n // b
-    Q = torch.linalg.qr(torch.randn(m, m, generator=generator))[0].contiguous() if m > 1 else torch.ones(1, 1)
-    signs = torch.randint(0, 2, (n,), generator=generator).float() * 2 - 1
-    return torch.kron(Q, hadamard(b)) * signs[None, :]
-
-
-def _rotate_input(R: torch.Tensor):
+def _rotate_input(rotation: InputRotation):
     def hook(_module, inputs: tuple) -> tuple:
-        return (inputs[0] @ R.T.to(inputs[0].dtype), *inputs[1:])
+        return (rotation.apply(inputs[0]), *inputs[1:])
 
     return hook
 
@@ -70,13 +52,13 @@ def rotate_model(model: torch.nn.Module, names: set[str], seed: int) -> int:
         for group in adapter.groups:
             if not names & set(group) and "all" not in names:
                 continue
-            R = rotation(get_submodule(layer, group[0]).in_features, generator)
+            rotation = InputRotation.random(get_submodule(layer, group[0]).in_features, generator)
             for name in group:
                 linear = get_submodule(layer, name)
                 with torch.no_grad():
-                    linear.weight.copy_(linear.weight.float() @ R.T)
-                linear._incoherence = R
-                linear.register_forward_pre_hook(_rotate_input(R))
+                    linear.weight.copy_(rotation.apply(linear.weight.float()))
+                linear._incoherence = rotation
+                linear.register_forward_pre_hook(_rotate_input(rotation))
                 count += 1
     return count
 
@@ -86,10 +68,10 @@ def _keep_rotation(set_submodule):
 
     def replace(layer, name, module):
         old = get_submodule(layer, name)
-        R = getattr(old, "_incoherence", None)
-        if R is not None:
-            module._incoherence = R
-            module.register_forward_pre_hook(_rotate_input(R))
+        rotation = getattr(old, "_incoherence", None)
+        if rotation is not None:
+            module._incoherence = rotation
+            module.register_forward_pre_hook(_rotate_input(rotation))
         set_submodule(layer, name, module)
 
     return replace
