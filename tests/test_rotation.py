@@ -174,3 +174,16 @@ def test_rotate_from_the_command_line(tiny_llama_dir, corpus_file, tmp_path) -> 
     result = run("export", gptq, "--out", tmp_path / "never")
     assert result.exit_code != 0 and len(result.output.strip().splitlines()) == 1, result.output
     assert "input rotation" in result.output and not (tmp_path / "never").exists()
+
+
+def test_tuning_keeps_the_rotation(tiny_llama_dir, corpus_file) -> None:
+    """--tune-steps trains the codebooks of rotated layers through W' R, and the tuned layers keep R."""
+    loaded = load_model(str(tiny_llama_dir))
+    windows = _windows(loaded, corpus_file, n=4)
+    config = QuantConfig(
+        method="anybit", bits=3.25, rotate=True, calib_dtype="float32", nsamples=4, fisher_nsamples=2, tune_steps=2
+    )
+    report = calibrate.quantize_model(loaded.model, config, windows, progress=False)
+    assert report.tuning and all(step.after <= step.before for step in report.tuning if step.kept)
+    linears = [m for m in loaded.model.modules() if isinstance(m, QuantLinear)]
+    assert linears and all(m.qtensor.rotation is not None for m in linears)

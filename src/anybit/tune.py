@@ -67,6 +67,12 @@ class _TunableLinear(nn.Module):
     def __init__(self, linear: QuantLinear) -> None:
         super().__init__()
         self.qtensor = linear.qtensor
+        if self.qtensor.rotation is not None:  # made while quantizing (inference mode): autograd cannot keep those
+            rotation = self.qtensor.rotation
+            self.qtensor = dataclasses.replace(
+                self.qtensor,
+                rotation=dataclasses.replace(rotation, signs=rotation.signs.clone(), mix=rotation.mix.clone()),
+            )
         if self.qtensor.kind == "codebook":
             self.values = nn.ParameterDict({str(b): _trainable(c) for b, c in self.qtensor.codebooks.items()})
         else:
