@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from _common import log_result
-from anybit.alloc.skim import _lower_hulls, error_table, greedy_allocation
+from anybit.alloc.skim import error_table, greedy_allocation, hull_segments
 from anybit.config import QuantConfig
 from anybit.data import eval_windows
 from anybit.fisher import fisher_diagonal
@@ -74,13 +74,7 @@ def cross_entropy(model, windows: torch.Tensor) -> float:
 def lp_lower_bound(errors: torch.Tensor, costs: torch.Tensor, budget: float) -> float:
     """The least total error of the convex relaxation (rows may take a fraction of a hull step) within `budget`."""
     errors, costs = errors.double(), costs.double().expand_as(errors)
-    rows = errors.shape[0]
-    hull, size = _lower_hulls(costs, errors)
-    valid = torch.arange(hull.shape[1] - 1)[None, :] < (size - 1)[:, None]
-    seg_row = torch.arange(rows)[:, None].expand_as(valid)[valid]
-    seg_from, seg_to = hull[:, :-1][valid], hull[:, 1:][valid]
-    cost = costs[seg_row, seg_to] - costs[seg_row, seg_from]
-    gain = errors[seg_row, seg_from] - errors[seg_row, seg_to]
+    _, _, _, cost, gain = hull_segments(errors, costs)
     order = torch.argsort(gain / cost, descending=True)  # convex hulls: a row's steps come in its order
     left = budget - float(costs[:, 0].sum())
     paid = torch.cumsum(cost[order], 0)

@@ -120,6 +120,19 @@ def _lower_hulls(costs: torch.Tensor, errors: torch.Tensor) -> tuple[torch.Tenso
     return hull, size
 
 
+def hull_segments(errors: torch.Tensor, costs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The steps along every row's lower convex hull (float64 `errors`, `costs` as (rows, widths)), row by row in
+    hull order: each step's row, the width indices it goes from and to, its cost in bits and its error decrease."""
+    rows = errors.shape[0]
+    hull, size = _lower_hulls(costs, errors)
+    valid = torch.arange(hull.shape[1] - 1)[None, :] < (size - 1)[:, None]  # (rows, widths - 1), row-major
+    seg_row = torch.arange(rows)[:, None].expand_as(valid)[valid]
+    seg_from, seg_to = hull[:, :-1][valid], hull[:, 1:][valid]
+    seg_cost = costs[seg_row, seg_to] - costs[seg_row, seg_from]
+    seg_gain = errors[seg_row, seg_from] - errors[seg_row, seg_to]
+    return seg_row, seg_from, seg_to, seg_cost, seg_gain
+
+
 def greedy_allocation(errors: torch.Tensor, costs: torch.Tensor, budget: float) -> torch.Tensor:
     """Index of the width for each row, spending at most `budget` stored bits.
 
@@ -134,14 +147,9 @@ def greedy_allocation(errors: torch.Tensor, costs: torch.Tensor, budget: float) 
     if spent > budget:
         raise ValueError(f"budget {budget:.0f} bits is below the cheapest allocation {spent:.0f}")
     choice = torch.zeros(rows, dtype=torch.long)
-    hull, size = _lower_hulls(costs, errors)
-    valid = torch.arange(hull.shape[1] - 1)[None, :] < (size - 1)[:, None]  # (rows, widths - 1), row-major
-    if not bool(valid.any()):
+    seg_row, seg_from, seg_to, seg_cost, seg_gain = hull_segments(errors, costs)
+    if not len(seg_row):
         return choice
-    seg_row = torch.arange(rows)[:, None].expand_as(valid)[valid]
-    seg_from, seg_to = hull[:, :-1][valid], hull[:, 1:][valid]
-    seg_cost = costs[seg_row, seg_to] - costs[seg_row, seg_from]
-    seg_gain = errors[seg_row, seg_from] - errors[seg_row, seg_to]
     order = torch.sort(seg_gain / seg_cost, descending=True, stable=True).indices
     position = torch.empty_like(order)
     position[order] = torch.arange(len(order))

@@ -2,9 +2,10 @@
 
 R = (Q ⊗ H_b) diag(s) on an input of width n = m · b: s random signs, H_b the orthonormal Walsh-Hadamard
 matrix of b, the largest power of two dividing n, and Q a random orthogonal m × m matrix (a Kronecker
-product, so that widths that are not powers of two still get a fast transform; QuIP# uses such products). A layer y = W x is quantized as W' = W Rᵀ on the inputs
-R x, so that W' R x = W x: the transform spreads each weight row's large entries over its whole width before
-the codebooks are fitted. It is applied to the input at run time in O(n log b + n m) operations.
+product, so that widths that are not powers of two still get a fast transform; QuIP# uses such products).
+A layer y = W x is quantized as W' = W Rᵀ on the inputs R x, so that W' R x = W x: the transform spreads
+each weight row's large entries over its whole width before the codebooks are fitted. It is applied to the
+input at run time in O(n log b + n m) operations.
 """
 
 from __future__ import annotations
