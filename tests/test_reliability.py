@@ -35,14 +35,15 @@ def _assert_one_line_error(result, needle: str) -> None:
 
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory, tiny_llama_dir, corpus_file) -> dict[str, Path]:
-    """Tiny directories of four layouts: codebooks with outliers, uniform with a permutation, mixed widths,
-    group bit maps."""
+    """Tiny directories of five layouts: codebooks with outliers, uniform with a permutation, mixed widths,
+    group bit maps, input rotations."""
     root = tmp_path_factory.mktemp("quantized")
     recipes = {
         "squeezellm": ["--method", "squeezellm", "--bits", "3"],
         "gptq": ["--method", "gptq", "--bits", "4", "--group", "32", "--act-order"],
         "skim": ["--method", "skim", "--bits", "3.25"],
         "slim": ["--method", "slim", "--bits", "3", "--group", "32"],
+        "rotated": ["--method", "gptq", "--bits", "4", "--group", "32", "--rotate"],
     }
     dirs = {}
     for name, args in recipes.items():
@@ -63,7 +64,7 @@ DAMAGES = {
 
 
 @pytest.mark.parametrize("damage", list(DAMAGES))
-@pytest.mark.parametrize("recipe", ["squeezellm", "gptq", "skim", "slim"])
+@pytest.mark.parametrize("recipe", ["squeezellm", "gptq", "skim", "slim", "rotated"])
 def test_a_damaged_stored_tensor_never_reaches_a_kernel(quantized, recipe, damage, corpus_file, tmp_path) -> None:
     """Each stored tensor of one linear, damaged: eval and inspect name it in one line."""
     with safe_open(quantized[recipe] / "model.safetensors", framework="pt") as f:
