@@ -40,7 +40,7 @@ from anybit.methods import METHODS
 from anybit.methods.base import ACT_ORDER, DAMP, ROTATE, LayerStats, Method
 from anybit.model.loading import load_model
 from anybit.pipeline import _calibration, corpus_ids
-from anybit.quant.gptq import prepare_hessian
+from anybit.quant.gptq import act_order_perm, prepare_hessian
 
 SETTINGS = {"dim": 4, "codebook": "gaussian", "refit_scales": True, "kmeans_iters": 20}
 _GAUSSIAN: dict[tuple[int, int], torch.Tensor] = {}
@@ -162,8 +162,9 @@ class VectorCodebooks(Method):
         scales = W.square().mean(dim=1).sqrt().clamp_min(1e-8).half().float()
         codebook = gaussian_codebook(entries, dim)
         codebook_bits = 0
-        if SETTINGS["codebook"] == "matrix":
-            codebook = self._fit_codebook(W, H, scales, codebook)
+        if SETTINGS["codebook"] == "matrix":  # fitted to the pieces as they will be cut (act-order)
+            order = act_order_perm(H) if config.act_order else torch.arange(W.shape[1])
+            codebook = self._fit_codebook(W[:, order], torch.diagonal(H)[order], scales, codebook)
             codebook_bits = entries * dim * 16
         chosen, original, perm = vector_gptq(W, H, codebook, scales, config.damp, config.act_order)
         if SETTINGS["refit_scales"]:
@@ -179,10 +180,11 @@ class VectorCodebooks(Method):
         return SimulatedTensor(values.contiguous(), bits)
 
     @staticmethod
-    def _fit_codebook(W: torch.Tensor, H: torch.Tensor, scales: torch.Tensor, init: torch.Tensor) -> torch.Tensor:
+    def _fit_codebook(W: torch.Tensor, h: torch.Tensor, scales: torch.Tensor, init: torch.Tensor) -> torch.Tensor:
+        """K-means of W's scaled d-column pieces, each coordinate weighted by its column's diag(H) entry `h`."""
         dim = init.shape[1]
         pieces = (W / scales[:, None]).reshape(-1, dim)
-        weights = torch.diagonal(H).clamp_min(1e-8).repeat(W.shape[0]).reshape(-1, dim)
+        weights = h.clamp_min(1e-8).repeat(W.shape[0]).reshape(-1, dim)
         return kmeans(pieces, weights, init, SETTINGS["kmeans_iters"]).half().float()
 
     @staticmethod
