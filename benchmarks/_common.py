@@ -10,6 +10,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -94,6 +95,28 @@ def log_result(name: str, record: dict) -> None:
     with open(RESULTS_DIR / f"{name}.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
     print(json.dumps(record), flush=True)
+
+
+def evaluate_corpora(loaded, model_name: str, datasets: str, max_windows: int | None, kl: bool) -> Iterator[dict]:
+    """Evaluate an in-process model (`loaded`: its `LoadedModel`) on each comma-separated corpus, in windows of
+    2048 tokens; with `kl`, against the unquantized `model_name` too. Yields each corpus's record fields."""
+    from anybit.data import eval_windows
+    from anybit.eval.perplexity import evaluate
+    from anybit.model.loading import load_model
+    from anybit.pipeline import corpus_ids
+
+    reference = load_model(model_name, dtype=torch.float32).model if kl else None
+    for dataset in datasets.split(","):
+        eval_ids = eval_windows(corpus_ids(loaded, dataset), 2048, max_windows)
+        result = evaluate(loaded.model, eval_ids, reference=reference, desc=dataset)
+        yield {
+            "dataset": dataset,
+            "ppl": result.ppl,
+            "kl": result.kl,
+            "top1_agreement": result.top1_agreement,
+            "windows": result.windows,
+            "seconds": result.seconds,
+        }
 
 
 commit()  # now, before any measuring

@@ -24,14 +24,12 @@ import time
 import torch
 
 import anybit.calibrate as calibrate
-from _common import log_result
+from _common import evaluate_corpora, log_result
 from anybit.config import QuantConfig
-from anybit.data import eval_windows
-from anybit.eval.perplexity import evaluate
 from anybit.format.rotation import InputRotation
 from anybit.model.adapters import get_adapter, get_submodule
 from anybit.model.loading import load_model
-from anybit.pipeline import _calibration, corpus_ids
+from anybit.pipeline import _calibration
 from anybit.runtime.qlinear import QuantLinear, set_kernel
 
 
@@ -112,10 +110,7 @@ def main() -> None:
     linears = [m for m in loaded.model.modules() if isinstance(m, QuantLinear)]
     bits = sum(m.qtensor.storage_bits() for m in linears) / sum(m.in_features * m.out_features for m in linears)
     set_kernel(loaded.model, "exact")
-    reference = load_model("smollm2-135m", dtype=torch.float32).model if args.kl else None
-    for dataset in args.datasets.split(","):
-        eval_ids = eval_windows(corpus_ids(loaded, dataset), 2048, args.max_windows)
-        result = evaluate(loaded.model, eval_ids, reference=reference, desc=dataset)
+    for evaluated in evaluate_corpora(loaded, "smollm2-135m", args.datasets, args.max_windows, args.kl):
         log_result(
             "incoherence",
             {
@@ -129,12 +124,7 @@ def main() -> None:
                 "fisher_nsamples": args.fisher_nsamples if args.method == "anybit" else None,
                 "bits_per_weight": bits,
                 "quantize_seconds": quantize_seconds,
-                "dataset": dataset,
-                "ppl": result.ppl,
-                "kl": result.kl,
-                "top1_agreement": result.top1_agreement,
-                "windows": result.windows,
-                "seconds": result.seconds,
+                **evaluated,
             },
         )
 

@@ -31,15 +31,13 @@ import torch
 import torch.nn.functional as F
 
 import anybit.calibrate as calibrate
-from _common import log_result
+from _common import evaluate_corpora, log_result
 from anybit.config import QuantConfig
-from anybit.data import eval_windows
-from anybit.eval.perplexity import evaluate
 from anybit.format.rotation import InputRotation, rotation_bits
 from anybit.methods import METHODS
 from anybit.methods.base import ACT_ORDER, DAMP, ROTATE, LayerStats, Method
 from anybit.model.loading import load_model
-from anybit.pipeline import _calibration, corpus_ids
+from anybit.pipeline import _calibration
 from anybit.quant.gptq import act_order_perm, prepare_hessian
 
 SETTINGS = {"dim": 4, "codebook": "gaussian", "refit_scales": True, "kmeans_iters": 20}
@@ -222,10 +220,7 @@ def main() -> None:
     quantize_seconds = time.perf_counter() - start
     linears = [m for m in loaded.model.modules() if isinstance(m, SimulatedLinear)]
     bits = sum(m.qtensor.storage_bits() for m in linears) / sum(m.in_features * m.out_features for m in linears)
-    reference = load_model("smollm2-135m", dtype=torch.float32).model if args.kl else None
-    for dataset in args.datasets.split(","):
-        eval_ids = eval_windows(corpus_ids(loaded, dataset), 2048, args.max_windows)
-        result = evaluate(loaded.model, eval_ids, reference=reference, desc=dataset)
+    for evaluated in evaluate_corpora(loaded, "smollm2-135m", args.datasets, args.max_windows, args.kl):
         log_result(
             "vector_codebooks",
             {
@@ -240,12 +235,7 @@ def main() -> None:
                 "bits_per_weight": bits,
                 "linears": len(linears),
                 "quantize_seconds": quantize_seconds,
-                "dataset": dataset,
-                "ppl": result.ppl,
-                "kl": result.kl,
-                "top1_agreement": result.top1_agreement,
-                "windows": result.windows,
-                "seconds": result.seconds,
+                **evaluated,
             },
         )
 
