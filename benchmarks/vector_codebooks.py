@@ -11,7 +11,8 @@ the entry minimizing ‖(v − s c) A‖² with A the inverse of the d×d diagon
 factor of H⁻¹, and its error (v − s c) A is fed to the columns after it. With `--refit-scales` each row's
 scale is then refitted in closed form under the layer objective (XᵀX-weighted), codes fixed.
 
-This is a simulation: the coded weights are kept dense (a forward pre-rotation and a float matmul), not in
+The rounding, the Gaussian table and the scale refit are `anybit.quant.vector_codebooks` (tested there). This is
+a simulation: the coded weights are kept dense (a forward pre-rotation and a float matmul), not in
 anybit's stored format, and no kernel reads them. The counted bits are computed from what the format would
 store: the codes (d·bits per piece), the scales (16 bits a row), the codebook (matrix: K·d·16 bits), the
 act-order permutation (32 bits a column, as anybit stores it) and the rotation (`rotation_bits`).
@@ -23,6 +24,7 @@ One JSON line per corpus goes to benchmarks/results/vector_codebooks.jsonl.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -38,76 +40,13 @@ from anybit.methods import METHODS
 from anybit.methods.base import ACT_ORDER, DAMP, ROTATE, LayerStats, Method
 from anybit.model.loading import load_model
 from anybit.pipeline import _calibration
-from anybit.quant.gptq import act_order_perm, prepare_hessian
+from anybit.quant.gptq import act_order_perm
+from anybit.quant.vector_codebooks import gaussian_codebook, refit_row_scales, vector_gptq, weighted_kmeans
 
 SETTINGS = {"dim": 4, "codebook": "gaussian", "refit_scales": True, "kmeans_iters": 20}
-_GAUSSIAN: dict[tuple[int, int], torch.Tensor] = {}
 
 
-def kmeans(points: torch.Tensor, weights: torch.Tensor, centroids: torch.Tensor, iters: int) -> torch.Tensor:
-    """Lloyd iterations from `centroids` (K, d) on `points` (N, d), each coordinate weighted by `weights`
-    (N, d): assignment by the weighted distance, each centroid coordinate the weighted mean of its points'."""
-    centroids = centroids.clone()
-    for _ in range(iters):
-        labels = nearest(points, weights, centroids)
-        num = torch.zeros_like(centroids).index_add_(0, labels, points * weights)
-        den = torch.zeros_like(centroids).index_add_(0, labels, weights)
-        filled = den > 0
-        centroids[filled] = num[filled] / den[filled]
-    return centroids
-
-
-def nearest(points: torch.Tensor, weights: torch.Tensor, centroids: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
-    """Index of the centroid nearest each point under Σ_j w_j (p_j − c_j)²."""
-    out = torch.empty(points.shape[0], dtype=torch.int64)
-    c2 = centroids.square()
-    for start in range(0, points.shape[0], chunk):
-        p, w = points[start : start + chunk], weights[start : start + chunk]
-        dist = w @ c2.T - 2 * (p * w) @ centroids.T  # + Σ w p², the same for every centroid
-        out[start : start + chunk] = dist.argmin(dim=1)
-    return out
-
-
-def gaussian_codebook(entries: int, dim: int) -> torch.Tensor:
-    """A K-entry codebook of d-vectors fitted by K-means to standard Gaussian samples (fixed seed)."""
-    key = (entries, dim)
-    if key not in _GAUSSIAN:
-        generator = torch.Generator().manual_seed(1234)
-        samples = torch.randn(max(200 * entries, 100_000), dim, generator=generator)
-        init = samples[torch.randperm(samples.shape[0], generator=generator)[:entries]]
-        _GAUSSIAN[key] = kmeans(samples, torch.ones_like(samples), init, 50).half().float()
-    return _GAUSSIAN[key]
-
-
-def vector_gptq(
-    W: torch.Tensor, H: torch.Tensor, codebook: torch.Tensor, scales: torch.Tensor, damp: float, act_order: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Round W's d-column pieces to scales[r] · codebook[k] with block error feedback; returns (codebook vectors
-    chosen, (rows, columns) in coded order, unscaled), the coded-order W after the feedback's start, and perm."""
-    dim = codebook.shape[1]
-    W, U, perm = prepare_hessian(W, H, damp, act_order)
-    original = W.clone()
-    columns = W.shape[1]
-    chosen = torch.zeros_like(W)
-    blocksize = 128 // dim * dim
-    s = scales[:, None]
-    for i1 in range(0, columns, blocksize):
-        i2 = min(i1 + blocksize, columns)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        for j in range(0, i2 - i1, dim):
-            A = torch.linalg.inv(U1[j : j + dim, j : j + dim])
-            v = W1[:, j : j + dim]
-            vA, CA = v @ A, codebook @ A
-            dist = s.square() * CA.square().sum(dim=1)[None, :] - 2 * s * (vA @ CA.T)
-            c = codebook[dist.argmin(dim=1)]
-            err = (v - s * c) @ A
-            W1[:, j:] -= err @ U1[j : j + dim, j:]
-            Err1[:, j : j + dim] = err
-            chosen[:, i1 + j : i1 + j + dim] = c
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
-    return chosen, original, perm
+_gaussian_codebook = functools.cache(gaussian_codebook)  # one table per width for the whole model
 
 
 @dataclass(frozen=True)
@@ -158,16 +97,16 @@ class VectorCodebooks(Method):
         entries = 1 << index_bits
         H = stats.hessian.hessian()
         scales = W.square().mean(dim=1).sqrt().clamp_min(1e-8).half().float()
-        codebook = gaussian_codebook(entries, dim)
+        codebook = _gaussian_codebook(entries, dim)
         codebook_bits = 0
         if SETTINGS["codebook"] == "matrix":  # fitted to the pieces as they will be cut (act-order)
             order = act_order_perm(H) if config.act_order else torch.arange(W.shape[1])
             codebook = self._fit_codebook(W[:, order], torch.diagonal(H)[order], scales, codebook)
             codebook_bits = entries * dim * 16
-        chosen, original, perm = vector_gptq(W, H, codebook, scales, config.damp, config.act_order)
+        _, chosen, perm = vector_gptq(W, H, codebook, scales, config.damp, config.act_order)
         if SETTINGS["refit_scales"]:
-            Hp = H if perm is None else H[perm[:, None], perm[None, :]]
-            scales = self._refit_scales(original, chosen, Hp, scales)
+            Wp, Hp = (W, H) if perm is None else (W[:, perm], H[perm[:, None], perm[None, :]])
+            scales = refit_row_scales(Wp, chosen, Hp, scales).half().float()
         values = scales[:, None] * chosen
         if perm is not None:
             values = values[:, torch.argsort(perm)]
@@ -183,15 +122,7 @@ class VectorCodebooks(Method):
         dim = init.shape[1]
         pieces = (W / scales[:, None]).reshape(-1, dim)
         weights = h.clamp_min(1e-8).repeat(W.shape[0]).reshape(-1, dim)
-        return kmeans(pieces, weights, init, SETTINGS["kmeans_iters"]).half().float()
-
-    @staticmethod
-    def _refit_scales(W: torch.Tensor, chosen: torch.Tensor, H: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-        """Each row's s minimizing (w − s c) H (w − s c)ᵀ with its chosen vectors c fixed."""
-        cH = chosen @ H
-        num, den = (cH * W).sum(dim=1), (cH * chosen).sum(dim=1)
-        refit = torch.where(den > 0, num / den.clamp_min(1e-30), scales)
-        return refit.half().float()
+        return weighted_kmeans(pieces, weights, init, SETTINGS["kmeans_iters"]).half().float()
 
 
 def main() -> None:
