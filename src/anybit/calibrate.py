@@ -172,8 +172,14 @@ def _linear_shapes(model: nn.Module, adapter: Adapter) -> list[tuple[str, tuple[
 
 
 def _check_group_sizes(model: nn.Module, adapter: Adapter, config: QuantConfig) -> None:
-    """Fail before any work when the group size asked for does not divide some linear's input dimension."""
-    if not config.group_size or not get_method(config.method).takes("group_size"):
+    """Fail before any work when the group size asked for does not divide some linear's input dimension, or
+    the recipe cannot code some linear's shape."""
+    method = get_method(config.method)
+    for name, shape in _linear_shapes(model, adapter):
+        problem = method.shape_problem(shape)
+        if problem:
+            raise AnybitError(f"method {config.method!r} cannot quantize {name}: {problem}")
+    if not config.group_size or not method.takes("group_size"):
         return
     for name, (_, in_features) in _linear_shapes(model, adapter):
         if in_features % config.group_size:

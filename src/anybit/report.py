@@ -234,7 +234,7 @@ def plot_bit_map(path: Path, out_png: Path) -> Path:
     for name, module in quant_linears(model):
         qt = module.qtensor
         index, kind = _layer_index(name)
-        kinds.setdefault(kind, {})[index] = qt.bitmap.float().mean(dim=1)
+        kinds.setdefault(kind, {})[index] = qt.line_bits()
         layer_bits.setdefault(index, [0.0, 0.0])
         layer_bits[index][0] += qt.storage_bits()
         layer_bits[index][1] += qt.numel

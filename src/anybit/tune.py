@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from anybit.format.qtensor import QuantizedTensor
+from anybit.format.vector import CodedTensor
 from anybit.layerwise import layer_output, map_tensors, run_layer
 from anybit.model.adapters import set_submodule
 from anybit.runtime.qlinear import QuantLinear, quant_linears
@@ -62,7 +62,7 @@ class LayerTuner:
 
 class _TunableLinear(nn.Module):
     """A quantized linear whose decoded weight is differentiable in its codebooks (codebook kind) or scales
-    (uniform kind) and bias; the codes, bit map, permutation, scaling vector and outliers stay as stored."""
+    (uniform and vector kinds) and bias; the codes, bit map, permutation, scaling vector and outliers stay as stored."""
 
     def __init__(self, linear: QuantLinear) -> None:
         super().__init__()
@@ -80,7 +80,7 @@ class _TunableLinear(nn.Module):
         self.bias = None if linear.bias is None else _trainable(linear.bias)
         self.codes = self.qtensor.unpacked_codes()  # unpacked once: every step decodes the weight again
 
-    def current(self) -> QuantizedTensor:
+    def current(self) -> CodedTensor:
         """The quantized tensor with the trained values in place of the stored ones (kept in float32)."""
         if self.qtensor.kind == "codebook":
             return dataclasses.replace(self.qtensor, codebooks={int(b): p for b, p in self.values.items()})

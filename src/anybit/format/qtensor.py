@@ -190,6 +190,10 @@ class QuantizedTensor:
     def widths(self) -> list[int]:
         return sorted(self.codes)
 
+    def code_streams(self) -> list[torch.Tensor]:
+        """The packed code streams (what a kernel that re-lays them no longer reads)."""
+        return list(self.codes.values())
+
     def unpacked_codes(self) -> dict[int, torch.Tensor]:
         """Each width's codes unpacked, (segments, group_size): int64 for codebooks (ready to index them),
         uint8 for uniform grids; `dequantize` takes them to skip unpacking."""
@@ -313,7 +317,7 @@ class QuantizedTensor:
         shape, group_size, axis, kind = _parse_meta(meta)
         lines, line_len = (shape[0], shape[1]) if axis == 0 else (shape[1], shape[0])
         groups = line_len // group_size
-        stored = _StoredTensors(tensors, check)
+        stored = StoredTensors(tensors, check)
         bitmap = _read_bitmap(stored, lines, groups)
         codes, zeros, books = {}, {}, {}
         for b in torch.unique(bitmap).tolist():
@@ -324,22 +328,16 @@ class QuantizedTensor:
             else:
                 books[b] = stored.take(f"codebook_{b}", _HALF, (n_seg, 1 << b), finite=True)
         scales = stored.take("scales", _HALF, (lines, groups), finite=True) if kind == "uniform" else None
-        perm = stored.take("perm", (index_dtype(shape[1]),), (shape[1],), optional=True)
-        if (
-            check
-            and perm is not None
-            and not torch.equal(torch.sort(perm.to(torch.int64)).values, torch.arange(shape[1]))
-        ):
-            raise ValueError(f"perm: not a permutation of the {shape[1]} input columns")
+        perm = read_perm(stored, shape[1])
         col_scale = stored.take("col_scale", _HALF, (shape[1],), optional=True, finite=True)
         if check and col_scale is not None and bool((col_scale == 0).any()):
             raise ValueError("col_scale: holds zeros (decoding divides by it)")
         outliers = _read_outliers(stored, shape)
-        rotation = _read_rotation(stored, shape[1])
+        rotation = read_rotation(stored, shape[1])
         stored.finish()
         return cls(
             shape=shape, group_size=group_size, axis=axis, kind=kind, bitmap=bitmap, codes=codes, scales=scales,
-            zeros=zeros, codebooks=books, perm=None if perm is None else perm.to(torch.int32), col_scale=col_scale,
+            zeros=zeros, codebooks=books, perm=perm, col_scale=col_scale,
             outliers=outliers, rotation=rotation,
         )  # fmt: skip
 
@@ -357,6 +355,10 @@ class QuantizedTensor:
     def nominal_bits(self) -> float:
         """Average code width, without any overhead."""
         return float(self.bitmap.float().mean())
+
+    def line_bits(self) -> torch.Tensor:
+        """Average code width of each line (row, or column for axis 1), float32 (lines,)."""
+        return self.bitmap.float().mean(dim=1)
 
 
 # ---- reading stored tensors back -------------------------------------------------------------------
@@ -398,7 +400,7 @@ def all_finite(tensor: torch.Tensor) -> bool:
     return True
 
 
-class _StoredTensors:
+class StoredTensors:
     """The stored tensors of one matrix, taken one by one with their expected dtype and shape; what is left
     at the end was not expected."""
 
@@ -435,7 +437,17 @@ class _StoredTensors:
             raise ValueError(f"unexpected stored tensors {', '.join(sorted(self.left))}")
 
 
-def _read_bitmap(stored: _StoredTensors, lines: int, groups: int) -> torch.Tensor:
+def read_perm(stored: StoredTensors, in_features: int) -> torch.Tensor | None:
+    """The optional act-order permutation as int32, checked to be one of the `in_features` input columns."""
+    perm = stored.take("perm", (index_dtype(in_features),), (in_features,), optional=True)
+    if perm is None:
+        return None
+    if stored.check and not torch.equal(torch.sort(perm.to(torch.int64)).values, torch.arange(in_features)):
+        raise ValueError(f"perm: not a permutation of the {in_features} input columns")
+    return perm.to(torch.int32)
+
+
+def _read_bitmap(stored: StoredTensors, lines: int, groups: int) -> torch.Tensor:
     """The (lines, groups) uint8 bit map from whichever of its three stored forms is present."""
     present = [name for name in ("bitmap", "bitmap_groups") if name in stored.left]
     if len(present) != 1:
@@ -456,7 +468,7 @@ def _read_bitmap(stored: _StoredTensors, lines: int, groups: int) -> torch.Tenso
     return (unpack_codes(packed, BITMAP_WIDTH, lines * groups) + 1).to(torch.uint8).view(lines, groups)
 
 
-def _read_outliers(stored: _StoredTensors, shape: tuple[int, int]) -> SparseOutliers | None:
+def _read_outliers(stored: StoredTensors, shape: tuple[int, int]) -> SparseOutliers | None:
     """The sparse outliers, all three of their tensors or none, their counts and columns in range."""
     names = ("outliers_row_counts", "outliers_col_idx", "outliers_values")
     present = [name for name in names if name in stored.left]
@@ -485,7 +497,7 @@ def _read_outliers(stored: _StoredTensors, shape: tuple[int, int]) -> SparseOutl
 ORTHOGONALITY_TOLERANCE = 1e-3  # |QQᵀ − I| a stored mixing matrix may show (float32 QR gives about 1e-6)
 
 
-def _read_rotation(stored: _StoredTensors, in_features: int) -> InputRotation | None:
+def read_rotation(stored: StoredTensors, in_features: int) -> InputRotation | None:
     """The input rotation: its signs and mixing matrix, both or neither, the matrix orthogonal and fitting."""
     names = ("rot_signs", "rot_mix")
     present = [name for name in names if name in stored.left]

@@ -23,6 +23,8 @@ def triton_available() -> bool:
 def cpu_unavailable(qt: QuantizedTensor, library: object, multiple: int) -> str:
     """Why a CPU kernel whose segments are `multiple` columns cannot serve `qt` ("" when it can); `library` is
     the loaded kernel, or why there is none."""
+    if qt.kind == "vector":
+        return "vector codebooks have no int8 kernel (the exact kernel serves them)"
     if qt.axis != 0:
         return "per-column (axis 1) layouts have no CPU kernel"
     if qt.group_size % multiple or qt.shape[1] % multiple:

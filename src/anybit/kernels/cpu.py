@@ -7,7 +7,7 @@ group-wise uniform grids (RTN, GPTQ), group bit maps (SliM-LLM). Longer inputs (
 with the same kernel's decoder, then take one GEMM.
 
 These products are exact (float activations, the stored fp16 codebooks); `cpu_fast` is the faster int8
-path. The kernel is compiled on first use (`build.py`); without a compiler the reference path serves,
+path. Vector-coded matrices (`format.vector`) are served here too, by `cpu_vector`. The kernel is compiled on first use (`build.py`); without a compiler the reference path serves,
 after one warning.
 """
 
@@ -21,7 +21,8 @@ import torch
 
 from anybit.format.packing import unpack_codes
 from anybit.format.qtensor import QuantizedTensor
-from anybit.kernels import MAX_BATCH, coded_input, cpu_unavailable, outlier_corrections
+from anybit.format.vector import CodedTensor, VectorTensor
+from anybit.kernels import MAX_BATCH, coded_input, cpu_unavailable, cpu_vector, outlier_corrections
 from anybit.kernels.build import CompiledKernel
 
 
@@ -35,8 +36,10 @@ def _declare(lib: ctypes.CDLL) -> None:
 KERNEL = CompiledKernel(Path(__file__).with_name("segment_lut.c"), _declare)
 
 
-def unavailable(qt: QuantizedTensor) -> str:
+def unavailable(qt: CodedTensor) -> str:
     """Why the CPU kernels cannot serve this tensor ("" when it can)."""
+    if isinstance(qt, VectorTensor):
+        return cpu_vector.unavailable(qt)
     return cpu_unavailable(qt, KERNEL.library(), 8)
 
 
@@ -62,8 +65,10 @@ class CpuPrepared:
         )  # fmt: skip
 
 
-def prepare(qt: QuantizedTensor) -> CpuPrepared:
+def prepare(qt: CodedTensor) -> CpuPrepared | cpu_vector.VectorPrepared:
     """The kernels' view of a tensor they serve (see `unavailable`)."""
+    if isinstance(qt, VectorTensor):
+        return cpu_vector.prepare(qt)
     reason = unavailable(qt)
     if reason:
         raise ValueError(reason)
@@ -118,6 +123,8 @@ def matmul(prepared: CpuPrepared, x: torch.Tensor) -> torch.Tensor:
     return _add_outliers(prepared, y, x)
 
 
-def product(prepared: CpuPrepared, x: torch.Tensor) -> torch.Tensor:
+def product(prepared: CpuPrepared | cpu_vector.VectorPrepared, x: torch.Tensor) -> torch.Tensor:
     """y = x Wᵀ for any number of rows of x: straight from the codes up to MAX_BATCH rows, else `matmul`."""
+    if isinstance(prepared, cpu_vector.VectorPrepared):
+        return cpu_vector.product(prepared, x)
     return (matvec if x.shape[0] <= MAX_BATCH else matmul)(prepared, x)

@@ -293,6 +293,8 @@ class PreparedMatrix:
 
 def unsupported_reason(qt: QuantizedTensor) -> str | None:
     """Why `qt` cannot use the kernel (None when it can)."""
+    if qt.kind == "vector":
+        return "vector codebooks have no fused kernel yet"
     if qt.axis != 0:
         return "per-column (axis 1) layouts have no kernel"
     if qt.group_size % 8:

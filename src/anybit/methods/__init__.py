@@ -10,9 +10,10 @@ from anybit.methods.nonuniform import KMeansRows, SqueezeLLM
 from anybit.methods.skim import SKIM
 from anybit.methods.slim import SliM
 from anybit.methods.uniform import GPTQ, RTN
+from anybit.methods.vector import VectorCodebooks
 
 METHODS: dict[str, Method] = {
-    m.name: m for m in (RTN(), GPTQ(), KMeansRows(), SqueezeLLM(), CLAQ(), SliM(), SKIM(), AnyBit())
+    m.name: m for m in (RTN(), GPTQ(), KMeansRows(), SqueezeLLM(), CLAQ(), SliM(), SKIM(), AnyBit(), VectorCodebooks())
 }
 
 

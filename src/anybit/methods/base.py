@@ -81,9 +81,11 @@ SCOPE = Option(
 ROTATE = Option(
     "rotate",
     bool,
-    False,
+    None,
     "Rotate each linear's input dimension by a random Hadamard-based orthogonal transform before quantizing "
     "(incoherence processing, stored with the layer and applied to its input at run time).",
+    method_default="default_rotate",
+    negatable=True,
 )
 
 
@@ -114,6 +116,7 @@ class Method:
     default_act_order: ClassVar[bool] = False
     default_outliers: ClassVar[float] = 0.0
     default_scaling: ClassVar[bool] = False
+    default_rotate: ClassVar[bool] = False
 
     @classmethod
     def takes(cls, option: str) -> bool:
@@ -137,6 +140,10 @@ class Method:
     def row_table(self, W: torch.Tensor, stats: LayerStats | None, config: QuantConfig) -> RowTable:
         """Per-row errors and costs at each candidate width, for a model-wide allocation."""
         raise AnybitError(f"method {self.name!r} has no model-wide allocation (use --scope matrix)")
+
+    def shape_problem(self, shape: tuple[int, int]) -> str:
+        """Why this recipe cannot code a linear of `shape` (out, in) ("" when it can)."""
+        return ""
 
     def cheapest_bits(self, shape: tuple[int, int], config: QuantConfig) -> float:
         """A lower bound of the counted bits a model-wide allocation can give a linear of `shape` (0: none known)."""

@@ -29,8 +29,9 @@ from anybit.format.directory import (
     transformers_quantization_config,
 )
 from anybit.format.files import make_temp_dir, make_temp_file, remove_stale_temporaries, replace_dir
-from anybit.format.qtensor import QuantizedTensor, all_finite
+from anybit.format.qtensor import all_finite
 from anybit.format.shards import ShardWriter, iter_tensors, weight_files
+from anybit.format.vector import CodedTensor, coded_tensor_from_stored
 from anybit.memory import release_file_pages, return_freed_memory
 from anybit.model.adapters import get_adapter, set_submodule
 from anybit.runtime.dec import DecPlan, Residual
@@ -53,7 +54,7 @@ def round_unquantized_(model: nn.Module) -> None:
                 p.data = p.data.to(STORE_DTYPE).to(p.dtype)
 
 
-def layer_record(qt: QuantizedTensor) -> dict:
+def layer_record(qt: CodedTensor) -> dict:
     """What anybit.json says of one quantized linear: its layout metadata and counted bits."""
     return {**qt.meta(), "storage_bits": qt.storage_bits(), "nominal_bits": qt.nominal_bits()}
 
@@ -272,7 +273,7 @@ def quant_linear_from_stored(
     own = dict(own)
     bias = own.pop("bias", None)
     try:
-        qt = QuantizedTensor.from_tensors(layer_meta, own)
+        qt = coded_tensor_from_stored(layer_meta, own)
     except ValueError as exc:
         raise ValueError(f"{name}.{exc}") from None
     if bias is not None:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anybit.format.qtensor import QuantizedTensor
+from anybit.format.vector import CodedTensor, coded_tensor_from_stored
 from anybit.kernels import MAX_BATCH, cpu_fast, triton_available
 from anybit.kernels import cpu as cpu_exact
 from anybit.memory import release_file_pages
@@ -36,7 +36,7 @@ CPU_BACKENDS = {"fast": cpu_fast, "exact": cpu_exact}  # each: unavailable(qt), 
 CPU_PREFERENCE = {"auto": ("fast", "exact"), "fast": ("fast", "exact"), "exact": ("exact",)}
 
 
-def kernel_unavailable(qtensor: QuantizedTensor) -> str:
+def kernel_unavailable(qtensor: CodedTensor) -> str:
     """Why the fused kernel cannot serve this tensor ("" when it can)."""
     if not triton_available():
         return "triton is not installed (pip install 'anybit[cuda]')"
@@ -46,23 +46,23 @@ def kernel_unavailable(qtensor: QuantizedTensor) -> str:
 
 
 class PackedModule(nn.Module):
-    """A module holding one `QuantizedTensor` as registered buffers: `.to(device)` and `state_dict()` see
+    """A module holding one coded matrix (`QuantizedTensor` or `VectorTensor`) as registered buffers: `.to(device)` and `state_dict()` see
     exactly what is stored; device moves apply, dtype casts do not (the stored dtypes are the format)."""
 
-    def __init__(self, qtensor: QuantizedTensor) -> None:
+    def __init__(self, qtensor: CodedTensor) -> None:
         super().__init__()
         self.meta = qtensor.meta()
         self._buffer_names = []
         for name, tensor in qtensor.to_tensors().items():
             self.register_buffer(name, tensor)
             self._buffer_names.append(name)
-        self._qtensor: QuantizedTensor | None = qtensor
+        self._qtensor: CodedTensor | None = qtensor
 
     @property
-    def qtensor(self) -> QuantizedTensor:
+    def qtensor(self) -> CodedTensor:
         if self._qtensor is None:
             buffers = {n: getattr(self, n) for n in self._buffer_names}
-            self._qtensor = QuantizedTensor.from_tensors(self.meta, buffers, check=False)  # checked when built
+            self._qtensor = coded_tensor_from_stored(self.meta, buffers, check=False)  # checked when built
         return self._qtensor
 
     def _apply(self, fn, recurse=True):
@@ -75,11 +75,11 @@ class PackedModule(nn.Module):
 
 
 class QuantLinear(PackedModule):
-    """y = x Ŵᵀ + b with Ŵ decoded from a `QuantizedTensor`."""
+    """y = x Ŵᵀ + b with Ŵ decoded from a coded matrix."""
 
     stored = True  # part of the quantized model as written (False: made at run time, `runtime.head`)
 
-    def __init__(self, qtensor: QuantizedTensor, bias: torch.Tensor | None = None) -> None:
+    def __init__(self, qtensor: CodedTensor, bias: torch.Tensor | None = None) -> None:
         super().__init__(qtensor)
         self.out_features, self.in_features = qtensor.shape
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
@@ -135,7 +135,7 @@ class QuantLinear(PackedModule):
         if backend not in self._prepared:
             self._prepared[backend] = self._backend_module(backend).prepare(self.qtensor)
             if getattr(self._prepared[backend], "owns_codes", False):
-                release_file_pages(self.qtensor.codes.values())
+                release_file_pages(self.qtensor.code_streams())
         return self._prepared[backend]
 
     @staticmethod
@@ -165,7 +165,7 @@ class QuantLinear(PackedModule):
                 warnings.warn(f"anybit: no fused kernel ({reason}); using the reference path", stacklevel=5)
                 return "reference"
             return "triton"
-        if device_type != "cpu" or self.qtensor.bitmap.device.type != "cpu":
+        if device_type != "cpu" or getattr(self, self._buffer_names[0]).device.type != "cpu":
             return "reference"
         for backend in CPU_PREFERENCE[self.kernel]:
             if not CPU_BACKENDS[backend].unavailable(self.qtensor):

@@ -1,0 +1,59 @@
+"""The fixed tables of d-dimensional entries that vector-coded matrices index (`format.vector`).
+
+A table of 2**k entries of dimension d is part of the format, like the grids of llama.cpp's i-quants: it is
+shipped with anybit (`vector_tables.safetensors`, checked against its sha256 when read) and not stored with a
+model. Each was fitted once by K-means to standard Gaussian samples (`quant.vector_codebooks.gaussian_codebook`,
+fixed seed), which is what a row rotated by `format.rotation` and divided by its scale looks like; regenerate
+with `python -m anybit.format.vector_tables` (about 5 minutes on two cores).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+TABLE_FILE = Path(__file__).with_name("vector_tables.safetensors")
+TABLE_SHA256 = "7e6ec000c113624ccff2e9212b31b6d510c5268057db31cb07870e815a497153"
+DIMS = (4,)
+INDEX_BITS = tuple(range(4, 12))  # 1-2.75 bits per weight at d = 4
+
+
+def table_name(dim: int, index_bits: int) -> str:
+    return f"d{dim}_k{index_bits}"
+
+
+@functools.cache
+def _all_tables() -> dict[str, torch.Tensor]:
+    data = TABLE_FILE.read_bytes()
+    if hashlib.sha256(data).hexdigest() != TABLE_SHA256:
+        raise RuntimeError(f"{TABLE_FILE} is damaged (sha256 differs): reinstall anybit")
+    return load_file(TABLE_FILE)
+
+
+def has_table(dim: int, index_bits: int) -> bool:
+    """Whether the format has a table of 2**index_bits entries of dimension `dim`."""
+    return dim in DIMS and index_bits in INDEX_BITS
+
+
+def vector_table(dim: int, index_bits: int) -> torch.Tensor:
+    """The fp16 (2**index_bits, dim) table; a ValueError where the format has none."""
+    if not has_table(dim, index_bits):
+        raise ValueError(f"no vector table of dimension {dim} with {index_bits}-bit indices")
+    return _all_tables()[table_name(dim, index_bits)]
+
+
+def generate(path: Path = TABLE_FILE) -> str:
+    """Fit every table and write them to `path`; returns the file's sha256."""
+    from anybit.quant.vector_codebooks import gaussian_codebook
+
+    tables = {table_name(d, k): gaussian_codebook(1 << k, d).half().contiguous() for d in DIMS for k in INDEX_BITS}
+    save_file(tables, path)
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+if __name__ == "__main__":
+    print(generate())
