@@ -47,8 +47,13 @@ def _ids(vocab: int) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     "options",
-    [{}, {"method": "gptq", "bits": 4, "act_order": True}, {"method": "squeezellm", "bits": 3}],
-    ids=["anybit", "gptq-act-order", "squeezellm-outliers"],
+    [
+        {},
+        {"method": "gptq", "bits": 4, "act_order": True},
+        {"method": "squeezellm", "bits": 3},
+        {"method": "vq", "bits": 2.5},
+    ],
+    ids=["anybit", "gptq-act-order", "squeezellm-outliers", "vector-codebooks"],
 )
 def test_from_pretrained_computes_what_anybit_loads(tiny_model_dir, corpus_file, tmp_path, options) -> None:
     out = _quantize(tiny_model_dir, tmp_path / "q", corpus_file, **options)

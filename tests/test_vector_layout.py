@@ -177,7 +177,8 @@ def test_vq_directory_reloads_exactly_and_runs(vq_dir, tiny_llama_dir, corpus_fi
         assert torch.equal(model(ids).logits, again(ids).logits)
     assert all(layer.backend("cpu") == "exact" for _, layer in quant_linears(model))
     for command in (["eval", vq_dir, "--dataset", corpus_file, "--seqlen", 32, "--max-windows", 2],
-                    ["generate", vq_dir, "--prompt", "The history of", "--max-new-tokens", 4]):  # fmt: skip
+                    ["generate", vq_dir, "--prompt", "The history of", "--max-new-tokens", 4],
+                    ["inspect", vq_dir]):  # fmt: skip
         result = _run(*command)
         assert result.exit_code == 0, result.output
 

@@ -2,8 +2,8 @@
 
 Decode-time products y = W x (batch 1-8) run in C (`vector_lut.c`: OpenMP over rows, each piece's table
 entry loaded and multiplied with four inputs), from the indices re-laid once as 16-bit integers (their
-packed stream is not read again) and the table in float32. Longer inputs decode the matrix once, then take
-one GEMM. Float activations and the stored values: the reference's numbers up to summation order.
+packed stream is not read again) and the table in float32. Longer inputs decode the matrix in C into a
+transient float32 matrix, then take one GEMM. Float activations and the stored values: the reference's numbers up to summation order.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ PIECE = 4  # the piece length the kernel reads
 
 
 def _declare(lib: ctypes.CDLL) -> None:
-    lib.anybit_vector_matvec.restype = None
-    lib.anybit_vector_matvec.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [
-        ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
-    ]  # fmt: skip
+    matrix = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2  # indices, table, scales, rows, columns
+    lib.anybit_vector_matvec.restype = lib.anybit_vector_dequantize.restype = None
+    lib.anybit_vector_matvec.argtypes = [*matrix, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+    lib.anybit_vector_dequantize.argtypes = [*matrix, ctypes.c_void_p, ctypes.c_int]
 
 
 KERNEL = CompiledKernel(Path(__file__).with_name("vector_lut.c"), _declare)
@@ -51,9 +51,16 @@ class VectorPrepared:
     scale: torch.Tensor  # float32 (rows,)
     owns_codes = True  # the packed codes are not read again
 
+    def matrix(self) -> tuple:
+        """The leading arguments both kernels take."""
+        rows, cols = self.qt.shape
+        return self.index.data_ptr(), self.table.data_ptr(), self.scale.data_ptr(), rows, cols
+
     def dense(self) -> torch.Tensor:
         """The coded matrix (rows, columns) in float32, in the coded column order."""
-        return (self.table[self.index.long()] * self.scale[:, None, None]).view(self.qt.shape)
+        out = torch.empty(self.qt.shape, dtype=torch.float32)
+        KERNEL.library().anybit_vector_dequantize(*self.matrix(), out.data_ptr(), torch.get_num_threads())
+        return out
 
 
 def prepare(qt: VectorTensor) -> VectorPrepared:
@@ -78,7 +85,6 @@ def product(prepared: VectorPrepared, x: torch.Tensor) -> torch.Tensor:
     xs = xs.float().contiguous()
     y = torch.empty(x.shape[0], rows, dtype=torch.float32)
     KERNEL.library().anybit_vector_matvec(
-        prepared.index.data_ptr(), prepared.table.data_ptr(), prepared.scale.data_ptr(), rows, cols,
-        xs.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads(),
-    )  # fmt: skip
+        *prepared.matrix(), xs.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads()
+    )
     return y

@@ -53,3 +53,19 @@ void anybit_vector_matvec(const uint16_t *index, const float *table, const float
         }
     }
 }
+
+/* out (rows, cols) = the coded matrix: piece p of row r is scale[r] * table[index[r, p]] */
+void anybit_vector_dequantize(const uint16_t *index, const float *table, const float *scale, int64_t rows,
+                              int64_t cols, float *out, int threads) {
+    const int64_t pieces = cols / 4;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *idx = index + r * pieces;
+        float *row = out + r * cols;
+        const float s = scale[r];
+        for (int64_t p = 0; p < pieces; p++) {
+            const float *e = table + 4 * idx[p];
+            for (int j = 0; j < 4; j++) row[4 * p + j] = s * e[j];
+        }
+    }
+}

@@ -210,8 +210,12 @@ def dense_weights(
     """Within the block, QuantLinears multiply by a cached dequantized weight, up to `max_bytes` of them in all
     (the rest decode on every call); with `skip_kernel_layers`, none of those the CPU kernels serve, which
     decode one matrix per product at about the same speed for long inputs and keep memory near the packed
-    size."""
-    layers = [m for _, m in quant_linears(model) if not (skip_kernel_layers and m.cpu_kernel_serves())]
+    size, except rotated ones: their kernels rotate every input, their cached weight has the rotation in it."""
+    layers = [
+        m
+        for _, m in quant_linears(model)
+        if not (skip_kernel_layers and m.cpu_kernel_serves() and m.qtensor.rotation is None)
+    ]
     cached = []
     try:
         budget = max_bytes
