@@ -35,8 +35,8 @@ def _assert_one_line_error(result, needle: str) -> None:
 
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory, tiny_llama_dir, corpus_file) -> dict[str, Path]:
-    """Tiny directories of five layouts: codebooks with outliers, uniform with a permutation, mixed widths,
-    group bit maps, input rotations."""
+    """Tiny directories of six layouts: codebooks with outliers, uniform with a permutation, mixed widths,
+    group bit maps, input rotations, vector codebooks."""
     root = tmp_path_factory.mktemp("quantized")
     recipes = {
         "squeezellm": ["--method", "squeezellm", "--bits", "3"],
@@ -44,6 +44,7 @@ def quantized(tmp_path_factory, tiny_llama_dir, corpus_file) -> dict[str, Path]:
         "skim": ["--method", "skim", "--bits", "3.25"],
         "slim": ["--method", "slim", "--bits", "3", "--group", "32"],
         "rotated": ["--method", "gptq", "--bits", "4", "--group", "32", "--rotate"],
+        "vq": ["--method", "vq", "--bits", "2.5", "--fisher-nsamples", "1"],
     }
     dirs = {}
     for name, args in recipes.items():
@@ -64,7 +65,7 @@ DAMAGES = {
 
 
 @pytest.mark.parametrize("damage", list(DAMAGES))
-@pytest.mark.parametrize("recipe", ["squeezellm", "gptq", "skim", "slim", "rotated"])
+@pytest.mark.parametrize("recipe", ["squeezellm", "gptq", "skim", "slim", "rotated", "vq"])
 def test_a_damaged_stored_tensor_never_reaches_a_kernel(quantized, recipe, damage, corpus_file, tmp_path) -> None:
     """Each stored tensor of one linear, damaged: eval and inspect name it in one line."""
     with safe_open(quantized[recipe] / "model.safetensors", framework="pt") as f:

@@ -183,16 +183,9 @@ def test_vq_directory_reloads_exactly_and_runs(vq_dir, tiny_llama_dir, corpus_fi
         assert result.exit_code == 0, result.output
 
 
-def test_damaged_vq_directory_is_refused(vq_dir, tmp_path) -> None:
+def test_vq_layout_metadata_out_of_range_is_refused(vq_dir, tmp_path) -> None:
+    """(Damaged stored tensors of a vq directory: tests/test_reliability.py, with every other layout.)"""
     name = "model.layers.0.self_attn.q_proj"
-
-    def cut_codes(tensors):
-        tensors[f"{name}.codes"] = tensors[f"{name}.codes"][:-1].clone()
-
-    damaged = damaged_copy(vq_dir, tmp_path / "damaged", cut_codes)
-    result = _run("eval", damaged, "--max-windows", 1)
-    assert result.exit_code != 0 and f"{name}.codes: shape" in result.output, result.output
-
     info = json.loads((vq_dir / "anybit.json").read_text())
     info["layers"][name]["index_bits"] = 12
     bad_meta = tmp_path / "bad_meta"
@@ -244,3 +237,39 @@ def test_vq_without_rotation_or_act_order(tiny_llama_dir, corpus_file) -> None:
     linears = [m for m in loaded.model.modules() if isinstance(m, QuantLinear)]
     assert all(m.qtensor.rotation is None and m.qtensor.perm is None for m in linears)
     assert sum(m.qtensor.storage_bits() for m in linears) <= 2.75 * sum(m.qtensor.numel for m in linears)
+
+
+def test_vq_error_table_falls_with_width_and_counts_what_is_stored() -> None:
+    from anybit.methods import get_method
+    from anybit.methods.base import LayerStats
+    from anybit.quant.gptq import HessianAccumulator
+
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(40, 64, generator=g)
+    acc = HessianAccumulator(64)
+    acc.add_batch(torch.randn(256, 64, generator=g))
+    config = QuantConfig(method="vq", bits=2.5, rotate=False)
+    table = get_method("vq").row_table(W, LayerStats(acc), config)
+    assert table.widths == list(INDEX_BITS) and table.errors.shape == (1, len(INDEX_BITS))
+    assert bool((table.errors[0, 1:] < table.errors[0, :-1]).all())
+    for k, cost in zip(INDEX_BITS, table.costs[0].tolist(), strict=True):
+        qt = VectorTensor.from_codes(torch.zeros(40, 16, dtype=torch.int64), torch.ones(40), (40, 64), PIECE, k,
+                                     torch.arange(64))  # fmt: skip
+        assert cost == qt.storage_bits() == stored_bits((40, 64), k, config)
+
+
+def test_a_damaged_table_file_is_refused(monkeypatch, tmp_path) -> None:
+    import anybit.format.vector_tables as tables
+    from anybit.errors import AnybitError
+
+    damaged = tmp_path / "tables.safetensors"
+    data = bytearray(TABLE_FILE.read_bytes())
+    data[-1] ^= 1
+    damaged.write_bytes(bytes(data))
+    monkeypatch.setattr(tables, "TABLE_FILE", damaged)
+    tables._all_tables.cache_clear()
+    try:
+        with pytest.raises(AnybitError, match="damaged"):
+            vector_table(PIECE, 10)
+    finally:
+        tables._all_tables.cache_clear()

@@ -3,8 +3,10 @@
 A table of 2**k entries of dimension d is part of the format, like the grids of llama.cpp's i-quants: it is
 shipped with anybit (`vector_tables.safetensors`, checked against its sha256 when read) and not stored with a
 model. Each was fitted once by K-means to standard Gaussian samples (`quant.vector_codebooks.gaussian_codebook`,
-fixed seed), which is what a row rotated by `format.rotation` and divided by its scale looks like; regenerate
-with `python -m anybit.format.vector_tables` (about 5 minutes on two cores).
+fixed seed), which is what a row rotated by `format.rotation` and divided by its scale looks like. A shipped
+table never changes (directories made with it decode by it); `python -m anybit.format.vector_tables` fits the
+tables `INDEX_BITS` names that the file does not hold yet and adds them (the eight shipped ones took about 5
+minutes on two cores), then prints the sha256 to record in `TABLE_SHA256`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from anybit.errors import AnybitError
 
 TABLE_FILE = Path(__file__).with_name("vector_tables.safetensors")
 TABLE_SHA256 = "7e6ec000c113624ccff2e9212b31b6d510c5268057db31cb07870e815a497153"
@@ -30,7 +34,7 @@ def table_name(dim: int, index_bits: int) -> str:
 def _all_tables() -> dict[str, torch.Tensor]:
     data = TABLE_FILE.read_bytes()
     if hashlib.sha256(data).hexdigest() != TABLE_SHA256:
-        raise RuntimeError(f"{TABLE_FILE} is damaged (sha256 differs): reinstall anybit")
+        raise AnybitError(f"{TABLE_FILE} is damaged (its sha256 differs from the shipped one): reinstall anybit")
     return load_file(TABLE_FILE)
 
 
@@ -47,10 +51,15 @@ def vector_table(dim: int, index_bits: int) -> torch.Tensor:
 
 
 def generate(path: Path = TABLE_FILE) -> str:
-    """Fit every table and write them to `path`; returns the file's sha256."""
+    """Fit the tables `path` lacks and write them beside the ones it holds (never refitted); returns the
+    file's sha256."""
     from anybit.quant.vector_codebooks import gaussian_codebook
 
-    tables = {table_name(d, k): gaussian_codebook(1 << k, d).half().contiguous() for d in DIMS for k in INDEX_BITS}
+    tables = load_file(path) if path.exists() else {}
+    for d in DIMS:
+        for k in INDEX_BITS:
+            if table_name(d, k) not in tables:
+                tables[table_name(d, k)] = gaussian_codebook(1 << k, d).half().contiguous()
     save_file(tables, path)
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
