@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from anybit.alloc.skim import RowTable
 from anybit.format.packing import packed_nbytes
 from anybit.format.qtensor import index_dtype
 from anybit.format.rotation import rotation_bits
@@ -17,7 +18,6 @@ from anybit.quant.gptq import act_order_perm
 from anybit.quant.vector_codebooks import nearest_entries, refit_row_scales, vector_gptq
 
 if TYPE_CHECKING:
-    from anybit.alloc.skim import RowTable
     from anybit.config import QuantConfig
 
 PIECE = 4  # weights per table entry
@@ -71,8 +71,6 @@ class VectorCodebooks(Method):
     def row_table(self, W: torch.Tensor, stats: LayerStats | None, config: QuantConfig) -> RowTable:
         """The whole linear as one unit: its estimated Fisher-weighted layer-wise error and its counted bits at
         each index width (see the class doc)."""
-        from anybit.alloc.skim import RowTable
-
         H = stats.hessian.hessian()
         rows = torch.linspace(0, W.shape[0] - 1, min(TABLE_ROWS, W.shape[0])).round().long().unique()
         importance = row_importance(stats, H, W.shape[0])[rows]
