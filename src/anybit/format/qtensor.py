@@ -89,8 +89,28 @@ class SparseOutliers:
         return W
 
 
+class CodedMatrix:
+    """What every stored matrix layout shares, from its `shape`, `rotation` and `to_tensors()`: its counted
+    storage and the input its coded part multiplies."""
+
+    def storage_bits(self) -> int:
+        """Exact stored size in bits: every tensor `to_tensors()` hands to the file."""
+        return sum(t.numel() * t.element_size() * 8 for t in self.to_tensors().values())
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    def bits_per_weight(self) -> float:
+        return self.storage_bits() / self.numel
+
+    def rotated_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the coded part multiplies: R x for each row x of `x` where the tensor has a rotation, else x."""
+        return x if self.rotation is None else self.rotation.apply(x)
+
+
 @dataclass(frozen=True)
-class QuantizedTensor:
+class QuantizedTensor(CodedMatrix):
     """A packed quantized matrix (layout in the module docstring)."""
 
     shape: tuple[int, int]
@@ -235,10 +255,6 @@ class QuantizedTensor:
             W = self.rotation.unapply(W)  # W' R, row by row
         return W
 
-    def rotated_input(self, x: torch.Tensor) -> torch.Tensor:
-        """What the coded part multiplies: R x for each row x of `x` where the tensor has a rotation, else x."""
-        return x if self.rotation is None else self.rotation.apply(x)
-
     def dequantize_rows(self, rows: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Rows of the dense weight (an embedding lookup), decoding only their codes. For axis-0 tensors of
         one width, without permutation, scaling vector or outliers (what `runtime.head` stores)."""
@@ -340,17 +356,6 @@ class QuantizedTensor:
             zeros=zeros, codebooks=books, perm=perm, col_scale=col_scale,
             outliers=outliers, rotation=rotation,
         )  # fmt: skip
-
-    def storage_bits(self) -> int:
-        """Exact stored size in bits: codes, zeros/scales or codebooks, bit map, permutation, outliers, rotation."""
-        return sum(t.numel() * t.element_size() * 8 for t in self.to_tensors().values())
-
-    @property
-    def numel(self) -> int:
-        return self.shape[0] * self.shape[1]
-
-    def bits_per_weight(self) -> float:
-        return self.storage_bits() / self.numel
 
     def nominal_bits(self) -> float:
         """Average code width, without any overhead."""

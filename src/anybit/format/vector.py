@@ -21,7 +21,14 @@ from typing import ClassVar
 import torch
 
 from anybit.format.packing import pack_codes, packed_nbytes, unpack_codes
-from anybit.format.qtensor import QuantizedTensor, StoredTensors, index_dtype, read_perm, read_rotation
+from anybit.format.qtensor import (
+    CodedMatrix,
+    QuantizedTensor,
+    StoredTensors,
+    index_dtype,
+    read_perm,
+    read_rotation,
+)
 from anybit.format.rotation import InputRotation
 from anybit.format.vector_tables import has_table, vector_table
 
@@ -29,7 +36,7 @@ KIND = "vector"
 
 
 @dataclass(frozen=True)
-class VectorTensor:
+class VectorTensor(CodedMatrix):
     """A vector-coded matrix (layout in the module docstring)."""
 
     shape: tuple[int, int]
@@ -109,10 +116,6 @@ class VectorTensor:
         W = W.contiguous()
         return W if self.rotation is None else self.rotation.unapply(W)
 
-    def rotated_input(self, x: torch.Tensor) -> torch.Tensor:
-        """What the coded part multiplies: R x for each row x of `x` where the tensor has a rotation, else x."""
-        return x if self.rotation is None else self.rotation.apply(x)
-
     # ---- storage ------------------------------------------------------------------------------
     def to_tensors(self) -> dict[str, torch.Tensor]:
         """Exactly the tensors that are stored (names relative to this matrix)."""
@@ -144,17 +147,6 @@ class VectorTensor:
         rotation = read_rotation(stored, columns)
         stored.finish()
         return cls(shape, dim, index_bits, codes, scales, perm, rotation)
-
-    def storage_bits(self) -> int:
-        """Exact stored size in bits: codes, scales, permutation, rotation."""
-        return sum(t.numel() * t.element_size() * 8 for t in self.to_tensors().values())
-
-    @property
-    def numel(self) -> int:
-        return self.shape[0] * self.shape[1]
-
-    def bits_per_weight(self) -> float:
-        return self.storage_bits() / self.numel
 
     def nominal_bits(self) -> float:
         """Index bits per weight, without any overhead."""
