@@ -5,8 +5,8 @@ shipped with anybit (`vector_tables.safetensors`, checked against its sha256 whe
 model. Each was fitted once by K-means to standard Gaussian samples (`quant.vector_codebooks.gaussian_codebook`,
 fixed seed), which is what a row rotated by `format.rotation` and divided by its scale looks like. A shipped
 table never changes (directories made with it decode by it); `python -m anybit.format.vector_tables` fits the
-tables `INDEX_BITS` names that the file does not hold yet and adds them (the eight shipped ones took about 5
-minutes on two cores), then prints the sha256 to record in `TABLE_SHA256`.
+tables `INDEX_BITS` names that the file does not hold yet and adds them (each doubling of the entries quadruples
+the time), then prints the sha256 to record in `TABLE_SHA256`.
 """
 
 from __future__ import annotations
