@@ -1,4 +1,5 @@
-"""Vector codebooks at 2-2.5 bits (issue 23, item 5), simulated end to end.
+"""Vector codebooks at 2-2.5 bits (issue 23, item 5), simulated end to end (the stored recipe that came of it is
+`anybit quantize --method vq`; this script keeps the simulation its first records came from).
 
 Each linear's weight, its input dimension rotated (`--rotate`, as `anybit quantize --rotate` does), is cut
 into d-dimensional pieces along each row (d consecutive input columns, after act-order), and each piece is
@@ -83,7 +84,7 @@ class SimulatedLinear(torch.nn.Module):
 class VectorCodebooks(Method):
     """The simulated recipe (benchmark only; see the module doc)."""
 
-    name = "vq"
+    name = "vq-simulated"  # beside the stored recipe `vq`, never in its place
     options = (DAMP, ACT_ORDER, ROTATE)
     integer_bits = False
     bit_range = (1, 4)
@@ -142,7 +143,11 @@ def main() -> None:
     METHODS[VectorCodebooks.name] = VectorCodebooks()
     loaded = load_model("smollm2-135m", dtype=torch.float32)
     config = QuantConfig(
-        method="vq", bits=args.bits, nsamples=args.nsamples, calib_dtype="float32", rotate=not args.no_rotate
+        method=VectorCodebooks.name,
+        bits=args.bits,
+        nsamples=args.nsamples,
+        calib_dtype="float32",
+        rotate=not args.no_rotate,
     )
     windows = _calibration(loaded.tokenizer, loaded.model, config)
     calibrate.QuantLinear = SimulatedLinear  # the driver swaps in the simulated linears
