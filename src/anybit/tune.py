@@ -62,7 +62,8 @@ class LayerTuner:
 
 class _TunableLinear(nn.Module):
     """A quantized linear whose decoded weight is differentiable in its codebooks (codebook kind) or scales
-    (uniform and vector kinds) and bias; the codes, bit map, permutation, scaling vector and outliers stay as stored."""
+    (uniform and vector kinds) and bias; the codes, bit map, permutation, scaling vector and outliers stay as
+    stored."""
 
     def __init__(self, linear: QuantLinear) -> None:
         super().__init__()

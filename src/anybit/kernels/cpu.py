@@ -7,8 +7,8 @@ group-wise uniform grids (RTN, GPTQ), group bit maps (SliM-LLM). Longer inputs (
 with the same kernel's decoder, then take one GEMM.
 
 These products are exact (float activations, the stored fp16 codebooks); `cpu_fast` is the faster int8
-path. Vector-coded matrices (`format.vector`) are served here too, by `cpu_vector`. The kernel is compiled on first use (`build.py`); without a compiler the reference path serves,
-after one warning.
+path. Vector-coded matrices (`format.vector`) are served here too, by `cpu_vector`. The kernel is
+compiled on first use (`build.py`); without a compiler the reference path serves, after one warning.
 """
 
 from __future__ import annotations

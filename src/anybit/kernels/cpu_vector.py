@@ -3,7 +3,8 @@
 Decode-time products y = W x (batch 1-8) run in C (`vector_lut.c`: OpenMP over rows, each piece's table
 entry loaded and multiplied with four inputs), from the indices re-laid once as 16-bit integers (their
 packed stream is not read again) and the table in float32. Longer inputs decode the matrix in C into a
-transient float32 matrix, then take one GEMM. Float activations and the stored values: the reference's numbers up to summation order.
+transient float32 matrix, then take one GEMM. Float activations and the stored values: the reference's
+numbers up to summation order.
 """
 
 from __future__ import annotations

@@ -101,7 +101,7 @@ def stored_bits(shape: tuple[int, int], index_bits: int, config: QuantConfig) ->
     rows, columns = shape
     bits = 8 * packed_nbytes(rows * columns // PIECE, index_bits) + 16 * rows
     if config.act_order:
-        bits += columns * 8 * torch.empty(0, dtype=index_dtype(columns)).element_size()
+        bits += columns * torch.iinfo(index_dtype(columns)).bits
     if config.rotate:
         bits += rotation_bits(columns)
     return bits

@@ -1,7 +1,7 @@
 """Vector codebooks: pieces of d consecutive weights of a row coded as a per-row scale times one entry of a
 shared table of d-dimensional entries, rounded with GPTQ's error feedback over blocks of d columns (GPTVQ).
 
-Not yet a stored layout: `benchmarks/vector_codebooks.py` measures it with the coded weights kept dense.
+The stored layout is `format.vector`, the recipe `methods.vector` (`--method vq`).
 """
 
 from __future__ import annotations

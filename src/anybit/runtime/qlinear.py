@@ -46,8 +46,9 @@ def kernel_unavailable(qtensor: CodedTensor) -> str:
 
 
 class PackedModule(nn.Module):
-    """A module holding one coded matrix (`QuantizedTensor` or `VectorTensor`) as registered buffers: `.to(device)` and `state_dict()` see
-    exactly what is stored; device moves apply, dtype casts do not (the stored dtypes are the format)."""
+    """A module holding one coded matrix (`QuantizedTensor` or `VectorTensor`) as registered buffers:
+    `.to(device)` and `state_dict()` see exactly what is stored; device moves apply, dtype casts do not (the
+    stored dtypes are the format)."""
 
     def __init__(self, qtensor: CodedTensor) -> None:
         super().__init__()
@@ -165,7 +166,7 @@ class QuantLinear(PackedModule):
                 warnings.warn(f"anybit: no fused kernel ({reason}); using the reference path", stacklevel=5)
                 return "reference"
             return "triton"
-        if device_type != "cpu" or getattr(self, self._buffer_names[0]).device.type != "cpu":
+        if device_type != "cpu" or self.qtensor.code_streams()[0].device.type != "cpu":
             return "reference"
         for backend in CPU_PREFERENCE[self.kernel]:
             if not CPU_BACKENDS[backend].unavailable(self.qtensor):
