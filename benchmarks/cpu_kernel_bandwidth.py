@@ -4,7 +4,7 @@ Usage: python benchmarks/cpu_kernel_bandwidth.py [--weights 268435456] [--rounds
 
 For each layout (per-row codebooks of mixed widths at anybit's 2.25, 3.25 and 4.25 bits, group
 codebooks, uniform grids per channel and per group at 2-4 bits, SliM-LLM's group bit maps, SqueezeLLM's
-outliers with SKIM's scaling vector and a permutation), a set of 4096×4096 matrices holding `--weights`
+outliers with SKIM's scaling vector and a permutation, vq's vector codebooks at 2.25-2.75 bits), a set of 4096×4096 matrices holding `--weights`
 weights in all (far more bytes than the last-level cache), with random codes: the time of one product
 of every matrix with a (batch, 4096) input, as the median of `--rounds`. Bandwidth is the bytes the
 kernel reads (its re-laid codes, tables, scales and zero points) per second, beside the machine's read
@@ -23,6 +23,7 @@ import torch
 
 from _common import log_result
 from anybit.format.qtensor import QuantizedTensor, SparseOutliers
+from anybit.format.vector import VectorTensor
 from anybit.kernels import cpu_fast
 from anybit.quant.uniform import rtn_quantize
 
@@ -63,6 +64,13 @@ def _squeezellm_like() -> QuantizedTensor:
     )  # fmt: skip
 
 
+def _vector(index_bits: int) -> VectorTensor:
+    """`--method vq`'s layout: a k-bit table index per piece of 4 weights, a scale per row, act-order."""
+    codes = torch.randint(0, 1 << index_bits, (SIDE, SIDE // 4))
+    scales = torch.rand(SIDE) * 0.02
+    return VectorTensor.from_codes(codes, scales, (SIDE, SIDE), 4, index_bits, torch.randperm(SIDE))
+
+
 LAYOUTS = {
     "row codebooks 2.25 (anybit)": lambda: _codebook({2: 0.75, 3: 0.25}, SIDE),
     "row codebooks 3.25 (anybit)": lambda: _codebook({3: 0.75, 4: 0.25}, SIDE),
@@ -74,6 +82,9 @@ LAYOUTS = {
     "uniform g64, 4-bit (gptq4)": lambda: _uniform({4: 1.0}, 64),
     "group bit map g64, 2-4 bits (slim)": lambda: _uniform({2: 0.25, 3: 0.5, 4: 0.25}, 64, per_segment=True),
     "row codebooks 3-bit + outliers, scaling, permutation": _squeezellm_like,
+    "vector codebooks 2.25 (vq, 9-bit indices)": lambda: _vector(9),
+    "vector codebooks 2.5 (vq, 10-bit indices)": lambda: _vector(10),
+    "vector codebooks 2.75 (vq, 11-bit indices)": lambda: _vector(11),
 }
 
 
@@ -88,12 +99,12 @@ def read_bandwidth(rounds: int) -> float:
     return data.numel() * 4 / statistics.median(seconds[1:]) / 1e9
 
 
-def _copies(prepared: cpu_fast.FastPrepared, count: int) -> list[cpu_fast.FastPrepared]:
+def _copies(prepared, count: int) -> list:
     """`count` independent copies (own memory) of one prepared matrix."""
-    fields = ("codes", "row_offset", "order", "bits", "tables", "table_offset", "offset", "scale")
 
-    def copy() -> cpu_fast.FastPrepared:
-        tensors = {f: None if getattr(prepared, f) is None else getattr(prepared, f).clone() for f in fields}
+    def copy():
+        fields = (f.name for f in dataclasses.fields(prepared))
+        tensors = {f: getattr(prepared, f).clone() for f in fields if isinstance(getattr(prepared, f), torch.Tensor)}
         return dataclasses.replace(prepared, **tensors)
 
     return [copy() for _ in range(count)]

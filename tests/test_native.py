@@ -20,7 +20,7 @@ from anybit.runtime.native import LINEARS, PATHS, NativeDecoder, native_or_warn,
 from anybit.runtime.native_model import load_native
 from anybit.runtime.qlinear import QuantLinear, quant_linears
 from conftest import tiny_config
-from qtensors import codebook_tensor
+from qtensors import codebook_tensor, vector_tensor
 
 if reason := cpu_fast.unavailable(codebook_tensor(8, 64, 64, (2,))):
     pytest.skip(f"no fast CPU kernel here: {reason}", allow_module_level=True)
@@ -33,10 +33,12 @@ WIDE = dict(hidden_size=128, intermediate_size=256)  # multiples of 64: every li
 INPUT_GROUPS = {"q": "qkv", "k": "qkv", "v": "qkv", "o": "o", "gate": "gate_up", "up": "gate_up", "down": "down"}
 
 
-def _quantized(family: str, rotate: bool = False, **overrides) -> torch.nn.Module:
+def _quantized(family: str, rotate: bool = False, vector: bool = False, **overrides) -> torch.nn.Module:
     """A tiny random model of `family` whose decoder linears are 4-bit group-64 QuantLinears (a mix of
     uniform grids and, for the MLP, per-row codebooks of 2-4 bits), head and embedding packed to 8 bits; with
-    `rotate`, every linear has an input rotation (one per group of linears sharing an input, as `--rotate`)."""
+    `rotate`, every linear has an input rotation (one per group of linears sharing an input, as `--rotate`);
+    with `vector`, every linear is vector-coded instead (random 9-bit indices, each row's scale its weight's
+    spread, in a random column order)."""
     torch.manual_seed(0)
     config = tiny_config(family, VOCAB)
     for key, value in {**WIDE, **overrides}.items():
@@ -49,7 +51,9 @@ def _quantized(family: str, rotate: bool = False, **overrides) -> torch.nn.Modul
             path = PATHS[name]
             linear = layer.get_submodule(path)
             rows, cols = linear.weight.shape
-            if name in ("gate", "up", "down"):
+            if vector:
+                qt = vector_tensor(rows, cols, 9, row_scale=linear.weight.detach().std(dim=1) / 0.6)
+            elif name in ("gate", "up", "down"):
                 qt = codebook_tensor(rows, cols, cols, (2, 3, 4))
             else:
                 qt = rtn_quantize(linear.weight.detach(), 64, torch.full((rows, cols // 64), 4, dtype=torch.uint8))
@@ -109,6 +113,23 @@ def test_native_decoding_gives_the_eager_models_greedy_tokens(family: str, overr
     first = decoder.forward(prompt[0])
     scale = expected_logits[0].abs().max()
     assert float((first - expected_logits[0]).abs().max()) <= scale / 127
+
+
+@SERVED
+def test_vector_coded_models_decode_natively(family: str, overrides: dict) -> None:
+    """Vector codebooks (`--method vq`) on the native decoder: their rows multiply the float input, so the
+    logits agree with the eager model's (the same fast kernel, Python per layer) up to the 8-bit head's
+    rounding of the final hidden state."""
+    model = _quantized(family, rotate=True, vector=True, **overrides)
+    quantize_head(model, "int8")
+    assert native_unavailable(model) == ""
+    prompt = torch.randint(0, VOCAB, (1, 20), generator=torch.Generator().manual_seed(1))  # past a batch of 8
+    expected, expected_logits = _eager_greedy(model, prompt, 12)
+    decoder = NativeDecoder(model, 40)
+    assert _native_tokens(decoder, prompt, 12, 0.0, set(), None) == expected
+    decoder.reset()
+    first = decoder.forward(prompt[0])
+    assert float((first - expected_logits[0]).abs().max()) <= expected_logits[0].abs().max() / 127
 
 
 def test_a_dense_head_multiplies_in_torch() -> None:

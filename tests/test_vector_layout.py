@@ -128,17 +128,18 @@ def test_the_shipped_tables_are_the_checked_ones() -> None:
     assert bool((ratios < 0.8).all()) and bool((ratios > 0.6).all()), ratios
 
 
-@pytest.mark.parametrize("batch", [1, 3, 8, 20])
-@pytest.mark.parametrize("isa", ["native", "portable"])
-def test_cpu_kernel_matches_the_reference(batch: int, isa: str, monkeypatch) -> None:
+@pytest.mark.parametrize("batch", [1, 3, 8, 20, 70])  # 70: the decoded matrix and one GEMM
+@pytest.mark.parametrize("isa", ["native", "avx2", "portable"])
+@pytest.mark.parametrize("backend", ["fast", "exact"])
+def test_cpu_kernel_matches_the_reference(batch: int, isa: str, backend: str, monkeypatch) -> None:
     from anybit.kernels import cpu_vector
 
     monkeypatch.setenv("ANYBIT_CPU_ISA", isa)
-    qt, *_ = _vector_tensor(rows=37, cols=72, index_bits=11)  # 18 pieces: the unrolled loop and its tail
+    qt, *_ = _vector_tensor(rows=37, cols=76, index_bits=11)  # 19 pieces: the unrolled loops and their tails
     layer, reference = QuantLinear(qt), QuantLinear(qt)
-    layer.kernel, reference.kernel = "exact", "reference"
-    assert not cpu_vector.unavailable(qt) and layer.backend("cpu") == "exact"
-    x = torch.randn(batch, 72)
+    layer.kernel, reference.kernel = backend, "reference"
+    assert not cpu_vector.unavailable(qt) and layer.backend("cpu") == backend
+    x = torch.randn(batch, 76)
     expected = reference(x)
     # the same products summed in another order, and the rotation applied to x instead of to W: float32
     # rounding, a few ulps of the sum of the products' magnitudes (the rotation adds a few steps)
@@ -175,12 +176,25 @@ def test_vq_directory_reloads_exactly_and_runs(vq_dir, tiny_llama_dir, corpus_fi
     ids = torch.arange(1, 17)[None, :]
     with torch.inference_mode():
         assert torch.equal(model(ids).logits, again(ids).logits)
-    assert all(layer.backend("cpu") == "exact" for _, layer in quant_linears(model))
+    assert all(layer.backend("cpu") == "fast" for _, layer in quant_linears(model))
     for command in (["eval", vq_dir, "--dataset", corpus_file, "--seqlen", 32, "--max-windows", 2],
-                    ["generate", vq_dir, "--prompt", "The history of", "--max-new-tokens", 4],
                     ["inspect", vq_dir]):  # fmt: skip
         result = _run(*command)
         assert result.exit_code == 0, result.output
+
+
+def test_vq_directory_decodes_natively(vq_dir) -> None:
+    """`generate` and `bench` run a vq directory on the native decoder, loaded without transformers' model
+    code; the text is the eager loop's."""
+    prompt = ["--prompt", "The history of", "--max-new-tokens", 8]
+    native, eager = _run("generate", vq_dir, *prompt), _run("generate", vq_dir, *prompt, "--decoder", "eager")
+    assert native.exit_code == eager.exit_code == 0, native.output + eager.output
+    assert "eager path" not in native.output and native.stdout == eager.stdout and native.stdout.strip()
+    bench = _run("bench", vq_dir, "--json", "--prompt-tokens", 8, "--new-tokens", 4, "--repeats", 1)
+    assert bench.exit_code == 0, bench.output
+    result = json.loads(bench.stdout.strip().splitlines()[-1])
+    assert (result["decoder"], result["loader"], result["kernel"]) == ("native", "native", "auto")
+    assert result["kernel_bytes"] > 0
 
 
 def test_vq_layout_metadata_out_of_range_is_refused(vq_dir, tmp_path) -> None:

@@ -23,8 +23,6 @@ def triton_available() -> bool:
 def cpu_unavailable(qt: QuantizedTensor, library: object, multiple: int) -> str:
     """Why a CPU kernel whose segments are `multiple` columns cannot serve `qt` ("" when it can); `library` is
     the loaded kernel, or why there is none."""
-    if qt.kind == "vector":
-        return "vector codebooks have no int8 kernel (the exact kernel serves them)"
     if qt.axis != 0:
         return "per-column (axis 1) layouts have no CPU kernel"
     if qt.group_size % multiple or qt.shape[1] % multiple:
@@ -32,6 +30,13 @@ def cpu_unavailable(qt: QuantizedTensor, library: object, multiple: int) -> str:
     if qt.bitmap.device.type != "cpu":
         return "the tensor is not in CPU memory"
     return library if isinstance(library, str) else ""
+
+
+def check_cpu_input(x: torch.Tensor, cols: int, max_rows: int | None = None) -> None:
+    """Raise ValueError unless x is a CPU matrix of `cols` columns (and at most `max_rows` rows)."""
+    if x.dim() != 2 or x.shape[1] != cols or x.device.type != "cpu" or (max_rows and x.shape[0] > max_rows):
+        rows = f"at most {max_rows}" if max_rows else "tokens"
+        raise ValueError(f"x must be a CPU tensor ({rows}, {cols}), got {tuple(x.shape)} on {x.device}")
 
 
 def coded_input(x: torch.Tensor, perm: torch.Tensor | None, col_scale: torch.Tensor | None) -> torch.Tensor:

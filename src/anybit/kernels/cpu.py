@@ -22,7 +22,14 @@ import torch
 from anybit.format.packing import unpack_codes
 from anybit.format.qtensor import QuantizedTensor
 from anybit.format.vector import CodedTensor, VectorTensor
-from anybit.kernels import MAX_BATCH, coded_input, cpu_unavailable, cpu_vector, outlier_corrections
+from anybit.kernels import (
+    MAX_BATCH,
+    check_cpu_input,
+    coded_input,
+    cpu_unavailable,
+    cpu_vector,
+    outlier_corrections,
+)
 from anybit.kernels.build import CompiledKernel
 
 
@@ -101,8 +108,7 @@ def matvec(prepared: CpuPrepared, x: torch.Tensor) -> torch.Tensor:
     """y = W x for x of shape (batch ≤ 8, in_features); float32 result (batch, out_features)."""
     qt = prepared.qt
     rows, cols = qt.shape
-    if x.dim() != 2 or x.shape[1] != cols or x.shape[0] > MAX_BATCH or x.device.type != "cpu":
-        raise ValueError(f"x must be a CPU tensor (batch <= {MAX_BATCH}, {cols}), got {tuple(x.shape)} on {x.device}")
+    check_cpu_input(x, cols, MAX_BATCH)
     xs = coded_input(x, qt.perm, qt.col_scale).float().contiguous()
     y = torch.empty(x.shape[0], rows, dtype=torch.float32)
     KERNEL.library().anybit_segment_matvec(
@@ -115,8 +121,7 @@ def matmul(prepared: CpuPrepared, x: torch.Tensor) -> torch.Tensor:
     """y = x Wᵀ for any number of rows of x (prefill): the coded matrix decoded once into a transient dense
     float32 matrix, then one GEMM in x's dtype."""
     qt = prepared.qt
-    if x.dim() != 2 or x.shape[1] != qt.shape[1] or x.device.type != "cpu":
-        raise ValueError(f"x must be a CPU tensor (tokens, {qt.shape[1]}), got {tuple(x.shape)} on {x.device}")
+    check_cpu_input(x, qt.shape[1])
     dense = torch.empty(qt.shape, dtype=torch.float32)
     KERNEL.library().anybit_segment_dequantize(*prepared.arguments(), dense.data_ptr(), torch.get_num_threads())
     y = coded_input(x, qt.perm, qt.col_scale).to(x.dtype) @ dense.to(x.dtype).t()

@@ -30,7 +30,8 @@ import torch
 
 from anybit.format.packing import unpack_codes
 from anybit.format.qtensor import QuantizedTensor
-from anybit.kernels import coded_input, cpu_unavailable, outlier_corrections
+from anybit.format.vector import CodedTensor, VectorTensor
+from anybit.kernels import check_cpu_input, coded_input, cpu_unavailable, outlier_corrections
 from anybit.kernels.build import CompiledKernel
 
 BLOCK = 64  # columns per block of codes and of rounded activations
@@ -52,6 +53,7 @@ class Matrix(ctypes.Structure):
         ("n_outliers", _I), ("outlier_rows", _P), ("outlier_cols", _P), ("outlier_deltas", _P), ("bias", _P),
         ("dec_codes", _P), ("dec_scales", _P), ("dec_weight", _P), ("dec_fixed", _P), ("dec_row_bytes", _I),
         ("dec_k_chunk", _I), ("dec_n_fixed", _I), ("rot_signs", _P), ("rot_mix", _P), ("rot_m", _I),
+        ("vq_index", _P), ("vq_table", _P), ("vq_scale", _P),
     ]  # fmt: skip
 
 
@@ -77,6 +79,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.anybit_fast_rows.argtypes = [ctypes.POINTER(Matrix), _P, _I, _P]
     lib.anybit_fast_amx.restype = ctypes.c_int
     lib.anybit_fast_amx.argtypes = [ctypes.c_int]
+    lib.anybit_vector_dequantize.restype = None
+    lib.anybit_vector_dequantize.argtypes = [ctypes.POINTER(Matrix), _P, ctypes.c_int]
 
 
 KERNEL = CompiledKernel(Path(__file__).with_name("int8_lut.c"), _declare)
@@ -98,9 +102,18 @@ def use_tiles(on: bool | None = None) -> bool:
     return bool(lib.anybit_fast_amx(-1 if on is None else int(on)))
 
 
-def unavailable(qt: QuantizedTensor) -> str:
+def unavailable(qt: CodedTensor) -> str:
     """Why the fast path cannot serve this tensor ("" when it can)."""
+    if isinstance(qt, VectorTensor):
+        return _vector_layout().unavailable(qt)
     return cpu_unavailable(qt, KERNEL.library(), BLOCK)
+
+
+def _vector_layout():
+    """`kernels.cpu_vector`, which prepares vector-coded tensors for this kernel (it imports this module)."""
+    from anybit.kernels import cpu_vector
+
+    return cpu_vector
 
 
 @dataclass
@@ -140,9 +153,7 @@ class FastPrepared:
 
     @functools.cached_property
     def _rotation(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The input rotation as the kernel reads it: the signs as float32 ±1, the mixing matrix."""
-        rotation, cols = self.qt.rotation, self.qt.shape[1]
-        return rotation.sign_vector(cols).contiguous(), rotation.mix.float().contiguous()
+        return rotation_operands(self.qt)
 
     @functools.cached_property
     def _plain_matrix(self) -> Matrix:
@@ -150,24 +161,38 @@ class FastPrepared:
 
     def _build_matrix(self, bias: torch.Tensor | None, dec: Compensation | None, rotated: bool = False) -> Matrix:
         rows, cols, deltas = self.outliers if self.outliers is not None else (None, None, None)
-        extra = {}
-        if rotated:
-            signs, mix = self._rotation
-            extra.update(rot_signs=signs.data_ptr(), rot_mix=mix.data_ptr(), rot_m=mix.shape[0])
-        if dec is not None:
-            extra.update(
-                dec_codes=dec.codes.data_ptr(), dec_scales=dec.scales.data_ptr(), dec_weight=_pointer(dec.weight),
-                dec_fixed=_pointer(dec.fixed), dec_row_bytes=dec.codes.shape[1], dec_k_chunk=dec.k_chunk,
-                dec_n_fixed=0 if dec.fixed is None else dec.fixed.numel(),
-            )  # fmt: skip
         return Matrix(
             codes=self.codes.data_ptr(), row_off=self.row_offset.data_ptr(), order=self.order.data_ptr(),
             bits=self.bits.data_ptr(), tables=_pointer(self.tables), table_off=_pointer(self.table_offset),
             offset=self.offset.data_ptr(), scale=self.scale.data_ptr(), rows=self.qt.shape[0], cols=self.qt.shape[1],
             group_size=self.qt.group_size, perm=_pointer(self.perm), col_scale=_pointer(self.col_scale),
             n_outliers=0 if rows is None else rows.numel(), outlier_rows=_pointer(rows), outlier_cols=_pointer(cols),
-            outlier_deltas=_pointer(deltas), bias=_pointer(bias), **extra,
+            outlier_deltas=_pointer(deltas), **matrix_extras(bias, dec, self._rotation if rotated else None),
         )  # fmt: skip
+
+
+def rotation_operands(qt) -> tuple[torch.Tensor, torch.Tensor]:
+    """A tensor's input rotation as the kernel reads it: the signs as float32 ±1, the mixing matrix."""
+    rotation, cols = qt.rotation, qt.shape[1]
+    return rotation.sign_vector(cols).contiguous(), rotation.mix.float().contiguous()
+
+
+def matrix_extras(
+    bias: torch.Tensor | None, dec: Compensation | None, rotation: tuple[torch.Tensor, torch.Tensor] | None
+) -> dict:
+    """The `Matrix` fields of a float32 bias, a compensation and a rotation (`rotation_operands`) the kernel
+    applies itself; the caller keeps the tensors alive."""
+    extra = {"bias": _pointer(bias)}
+    if rotation is not None:
+        signs, mix = rotation
+        extra.update(rot_signs=signs.data_ptr(), rot_mix=mix.data_ptr(), rot_m=mix.shape[0])
+    if dec is not None:
+        extra.update(
+            dec_codes=dec.codes.data_ptr(), dec_scales=dec.scales.data_ptr(), dec_weight=_pointer(dec.weight),
+            dec_fixed=_pointer(dec.fixed), dec_row_bytes=dec.codes.shape[1], dec_k_chunk=dec.k_chunk,
+            dec_n_fixed=0 if dec.fixed is None else dec.fixed.numel(),
+        )  # fmt: skip
+    return extra
 
 
 def _pointer(tensor: torch.Tensor | None) -> int | None:
@@ -212,9 +237,12 @@ def _segment_tables(books: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (torch.cat([high, low], dim=1) + 128).to(torch.uint8), scale
 
 
-def prepare(qt: QuantizedTensor) -> FastPrepared:
+def prepare(qt: CodedTensor):
     """The fast kernel's view of a tensor it serves (see `unavailable`): its codes re-laid, or the stored
-    ones where they are in the kernel's layout already."""
+    ones where they are in the kernel's layout already (`FastPrepared`; `cpu_vector.VectorPrepared` for
+    vector codebooks)."""
+    if isinstance(qt, VectorTensor):
+        return _vector_layout().prepare(qt)
     reason = unavailable(qt)
     if reason:
         raise ValueError(reason)
@@ -262,14 +290,18 @@ def prepare(qt: QuantizedTensor) -> FastPrepared:
     )  # fmt: skip
 
 
-def product(prepared: FastPrepared, x: torch.Tensor) -> torch.Tensor:
+def product(prepared, x: torch.Tensor) -> torch.Tensor:
     """y = x Ŵᵀ for x of shape (tokens, in_features), any number of tokens; float32 (tokens, out_features)."""
-    rows, cols = prepared.qt.shape
-    if x.dim() != 2 or x.shape[1] != cols or x.device.type != "cpu":
-        raise ValueError(f"x must be a CPU tensor (tokens, {cols}), got {tuple(x.shape)} on {x.device}")
+    if not isinstance(prepared, FastPrepared):
+        return _vector_layout().product(prepared, x)
+    check_cpu_input(x, prepared.qt.shape[1])
+    return matmul(prepared.matrix(), x)
+
+
+def matmul(matrix: Matrix, x: torch.Tensor) -> torch.Tensor:
+    """y = x Wᵀ for the prepared matrix `matrix` and a CPU input x (tokens, cols); float32 (tokens, rows)."""
     x = x.float().contiguous()
-    y = torch.empty(x.shape[0], rows, dtype=torch.float32)
-    matrix = prepared.matrix()
+    y = torch.empty(x.shape[0], matrix.rows, dtype=torch.float32)
     status = KERNEL.library().anybit_fast_matmul(
         ctypes.byref(matrix), x.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads()
     )

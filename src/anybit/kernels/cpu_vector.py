@@ -1,41 +1,39 @@
-"""CPU kernel for vector-coded matrices (`format.vector`), part of the exact backend (`kernels.cpu`).
+"""Vector-coded matrices (`format.vector`) on the CPU, served by both C backends, "fast" and "exact".
 
-Decode-time products y = W x (batch 1-8) run in C (`vector_lut.c`: OpenMP over rows, each piece's table
-entry loaded and multiplied with four inputs), from the indices re-laid once as 16-bit integers (their
-packed stream is not read again) and the table in float32. Longer inputs decode the matrix in C into a
-transient float32 matrix, then take one GEMM. Float activations and the stored values: the reference's
-numbers up to summation order.
+Their products run in the fast kernel's library (`int8_lut.c`, `vq_row_product`): per row, each piece's table
+entry (float32, loaded from a table the size of L1 or L2) multiplied with four inputs, the row's sum times its
+scale; 1-8 tokens per pass over a row's indices, OpenMP over rows. The activations stay float32 (the int8
+rounding of the segment layouts would cost accuracy and save nothing here: the table entries are loaded, not
+looked up in registers), so both backends compute the reference's numbers up to summation order. The
+indices are re-laid once as 16-bit integers (2 bytes per piece of four weights: 4 bits per weight in memory,
+against the 1-3 counted; the packed stream is not read again). The native decoder (`runtime.native`) runs these
+matrices inside its decode step, the input rotation included. On the eager path, inputs longer than
+`GEMM_TOKENS` decode the matrix in C into a transient float32 matrix and take one GEMM.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from anybit.format.vector import VectorTensor
-from anybit.kernels import MAX_BATCH, coded_input
-from anybit.kernels.build import CompiledKernel
+from anybit.kernels import check_cpu_input, coded_input, cpu_fast
+from anybit.kernels.cpu_fast import KERNEL, Compensation, Matrix
 
-PIECE = 4  # the piece length the kernel reads
-
-
-def _declare(lib: ctypes.CDLL) -> None:
-    matrix = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2  # indices, table, scales, rows, columns
-    lib.anybit_vector_matvec.restype = lib.anybit_vector_dequantize.restype = None
-    lib.anybit_vector_matvec.argtypes = [*matrix, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
-    lib.anybit_vector_dequantize.argtypes = [*matrix, ctypes.c_void_p, ctypes.c_int]
-
-
-KERNEL = CompiledKernel(Path(__file__).with_name("vector_lut.c"), _declare)
+PIECE = 4  # the piece length the kernel reads (VQ_PIECE in int8_lut.c)
+MAX_INDEX_BITS = 15  # indices are re-laid as int16
+GEMM_TOKENS = 64  # longer eager inputs multiply the decoded matrix
 
 
 def unavailable(qt: VectorTensor) -> str:
     """Why the kernel cannot serve this tensor ("" when it can)."""
     if qt.dim != PIECE:
         return f"pieces of {qt.dim} (the kernel reads pieces of {PIECE})"
+    if qt.index_bits > MAX_INDEX_BITS:
+        return f"{qt.index_bits}-bit indices (the kernel reads at most {MAX_INDEX_BITS})"
     if qt.codes.device.type != "cpu":
         return "the tensor is not in CPU memory"
     library = KERNEL.library()
@@ -50,17 +48,45 @@ class VectorPrepared:
     index: torch.Tensor  # int16 (rows, pieces): table indices, below 2**15
     table: torch.Tensor  # float32 (entries, 4)
     scale: torch.Tensor  # float32 (rows,)
+    order: torch.Tensor  # int64 (rows,): the rows in order
+    perm: torch.Tensor | None  # int64: the coded column order
     owns_codes = True  # the packed codes are not read again
 
-    def matrix(self) -> tuple:
-        """The leading arguments both kernels take."""
+    def nbytes(self) -> int:
+        """Bytes the kernel holds besides the stored tensors."""
+        held = [self.index, self.table, self.scale, self.order] + ([self.perm] if self.perm is not None else [])
+        return sum(t.numel() * t.element_size() for t in held)
+
+    def matrix(self, bias: torch.Tensor | None = None, dec: Compensation | None = None, rotate: bool = False) -> Matrix:
+        """The C structure over these tensors, a float32 `bias` and a compensation (which the caller keeps
+        alive); with `rotate`, the kernel applies the input rotation itself (the native decoder), else it takes
+        R x (`product`)."""
+        if bias is None and dec is None and not (rotate and self.qt.rotation is not None):
+            return self._plain_matrix
+        return self._build_matrix(bias, dec, rotate)
+
+    @functools.cached_property
+    def _plain_matrix(self) -> Matrix:
+        return self._build_matrix(None, None, False)
+
+    @functools.cached_property
+    def _rotation(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return cpu_fast.rotation_operands(self.qt)
+
+    def _build_matrix(self, bias: torch.Tensor | None, dec: Compensation | None, rotate: bool) -> Matrix:
         rows, cols = self.qt.shape
-        return self.index.data_ptr(), self.table.data_ptr(), self.scale.data_ptr(), rows, cols
+        rotation = self._rotation if rotate and self.qt.rotation is not None else None
+        return Matrix(
+            rows=rows, cols=cols, group_size=PIECE, order=self.order.data_ptr(),
+            perm=None if self.perm is None else self.perm.data_ptr(), vq_index=self.index.data_ptr(),
+            vq_table=self.table.data_ptr(), vq_scale=self.scale.data_ptr(), **cpu_fast.matrix_extras(bias, dec, rotation),
+        )  # fmt: skip
 
     def dense(self) -> torch.Tensor:
         """The coded matrix (rows, columns) in float32, in the coded column order."""
         out = torch.empty(self.qt.shape, dtype=torch.float32)
-        KERNEL.library().anybit_vector_dequantize(*self.matrix(), out.data_ptr(), torch.get_num_threads())
+        matrix = self._plain_matrix
+        KERNEL.library().anybit_vector_dequantize(ctypes.byref(matrix), out.data_ptr(), torch.get_num_threads())
         return out
 
 
@@ -70,22 +96,16 @@ def prepare(qt: VectorTensor) -> VectorPrepared:
     if reason:
         raise ValueError(reason)
     index = qt.unpacked_codes().to(torch.int16).contiguous()
-    return VectorPrepared(qt, index, qt.table(torch.float32).contiguous(), qt.scales.float().contiguous())
+    perm = None if qt.perm is None else qt.perm.to(torch.int64).contiguous()
+    order = torch.arange(qt.shape[0], dtype=torch.int64)
+    return VectorPrepared(qt, index, qt.table(torch.float32).contiguous(), qt.scales.float().contiguous(), order, perm)
 
 
 def product(prepared: VectorPrepared, x: torch.Tensor) -> torch.Tensor:
-    """y = x Wᵀ (float32) for the rotated input rows x (W' of the module doc): from the indices up to MAX_BATCH
-    rows, else through the decoded matrix and one GEMM in x's dtype."""
-    qt = prepared.qt
-    rows, cols = qt.shape
-    if x.dim() != 2 or x.shape[1] != cols or x.device.type != "cpu":
-        raise ValueError(f"x must be a CPU tensor (tokens, {cols}), got {tuple(x.shape)} on {x.device}")
-    xs = coded_input(x, qt.perm, None)
-    if x.shape[0] > MAX_BATCH:
+    """y = x Wᵀ (float32) for the rotated input rows x (W' of `format.vector`): from the indices up to
+    GEMM_TOKENS rows (the kernel permutes x), else through the decoded matrix and one GEMM in x's dtype."""
+    check_cpu_input(x, prepared.qt.shape[1])
+    if x.shape[0] > GEMM_TOKENS:
+        xs = coded_input(x, prepared.qt.perm, None)
         return (xs.to(x.dtype) @ prepared.dense().to(x.dtype).t()).float()
-    xs = xs.float().contiguous()
-    y = torch.empty(x.shape[0], rows, dtype=torch.float32)
-    KERNEL.library().anybit_vector_matvec(
-        *prepared.matrix(), xs.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads()
-    )
-    return y
+    return cpu_fast.matmul(prepared.matrix(), x)

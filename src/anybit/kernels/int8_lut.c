@@ -23,6 +23,10 @@
  * All paths compute the same integer dot products; only the order of float sums differs (the AVX-512 and AMX
  * paths multiply the unsigned values and take their bias out with the input's sums, the others multiply
  * value - 128).
+ *
+ * Vector-coded matrices (anybit/format/vector.py, prepared by anybit/kernels/cpu_vector.py) share the
+ * structure, the input rotation, the threads and the decode step, but multiply the float input: each piece of
+ * four weights is a table entry (float32) times the row's scale (vq_row_product).
  */
 #include <math.h>
 #include <stdint.h>
@@ -368,7 +372,85 @@ typedef struct {
      * diag(s) with s the signs (cols floats of ±1), Q the rot_m × rot_m mix (row-major), b = cols / rot_m. */
     const float *rot_signs, *rot_mix;
     int64_t rot_m;
+    /* Vector codebooks (anybit/format/vector.py; NULL vq_index: the segment layout above): row r is cut into
+     * pieces of VQ_PIECE columns in the coded order, piece p being vq_scale[r] times the table entry
+     * vq_index[r, p]. These rows multiply the float input (coded order), not its int8 parts. */
+    const uint16_t *vq_index; /* (rows, cols / VQ_PIECE) */
+    const float *vq_table;    /* (entries, VQ_PIECE) */
+    const float *vq_scale;    /* (rows,) */
 } anybit_matrix;
+
+#define VQ_PIECE 4
+
+#if defined(PATH_AVX512)
+/* The table entries of four consecutive pieces, in one register. */
+static inline __m512 vq_entries(const float *table, const uint16_t *idx) {
+    __m512 e = _mm512_castps128_ps512(_mm_loadu_ps(table + VQ_PIECE * idx[0]));
+    e = _mm512_insertf32x4(e, _mm_loadu_ps(table + VQ_PIECE * idx[1]), 1);
+    e = _mm512_insertf32x4(e, _mm_loadu_ps(table + VQ_PIECE * idx[2]), 2);
+    return _mm512_insertf32x4(e, _mm_loadu_ps(table + VQ_PIECE * idx[3]), 3);
+}
+#elif defined(PATH_AVX2)
+/* The table entries of two consecutive pieces, in one register. */
+static inline __m256 vq_entries(const float *table, const uint16_t *idx) {
+    return _mm256_set_m128(_mm_loadu_ps(table + VQ_PIECE * idx[1]), _mm_loadu_ps(table + VQ_PIECE * idx[0]));
+}
+#endif
+
+/* y[t, r] for the tokens t0 .. t0 + n - 1 of row r of a vector-coded matrix: each piece's table entry times
+ * the float input, summed in float, times the row's scale. Inlined with n constant; two sets of sums halve the
+ * chains of dependent multiply-adds. */
+static inline __attribute__((always_inline)) void vq_row_product(const anybit_matrix *m, int64_t r,
+                                                                 const coded_input *in, int64_t t0, const int n,
+                                                                 float *y) {
+    const int64_t cols = m->cols, pieces = cols / VQ_PIECE;
+    const uint16_t *idx = m->vq_index + r * pieces;
+    const float *table = m->vq_table, *x = in->coded + t0 * cols;
+    float sum[MAX_TOKENS];
+    int64_t p = 0;
+#if defined(PATH_AVX512) || defined(PATH_AVX2)
+#if defined(PATH_AVX512)
+#define VQ_STEP 4 /* pieces per register */
+    __m512 a0[MAX_TOKENS], a1[MAX_TOKENS];
+    for (int t = 0; t < n; t++) a0[t] = a1[t] = _mm512_setzero_ps();
+#define VQ_FMA(e, xp, a) _mm512_fmadd_ps(e, _mm512_loadu_ps(xp), a)
+#else
+#define VQ_STEP 2
+    __m256 a0[MAX_TOKENS], a1[MAX_TOKENS];
+    for (int t = 0; t < n; t++) a0[t] = a1[t] = _mm256_setzero_ps();
+#define VQ_FMA(e, xp, a) _mm256_fmadd_ps(e, _mm256_loadu_ps(xp), a)
+#endif
+    for (; p + 2 * VQ_STEP <= pieces; p += 2 * VQ_STEP) {
+        const __typeof__(a0[0]) e0 = vq_entries(table, idx + p), e1 = vq_entries(table, idx + p + VQ_STEP);
+        for (int t = 0; t < n; t++) {
+            const float *xp = x + t * cols + VQ_PIECE * p;
+            a0[t] = VQ_FMA(e0, xp, a0[t]);
+            a1[t] = VQ_FMA(e1, xp + VQ_PIECE * VQ_STEP, a1[t]);
+        }
+    }
+    for (int t = 0; t < n; t++) {
+#if defined(PATH_AVX512)
+        sum[t] = _mm512_reduce_add_ps(_mm512_add_ps(a0[t], a1[t]));
+#else
+        float lanes[8];
+        _mm256_storeu_ps(lanes, _mm256_add_ps(a0[t], a1[t]));
+        sum[t] = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+#endif
+    }
+#undef VQ_FMA
+#undef VQ_STEP
+#else
+    for (int t = 0; t < n; t++) sum[t] = 0.0f;
+#endif
+    for (; p < pieces; p++) {
+        const float *e = table + VQ_PIECE * idx[p];
+        for (int t = 0; t < n; t++) {
+            const float *xp = x + t * cols + VQ_PIECE * p;
+            sum[t] += (e[0] * xp[0] + e[1] * xp[1]) + (e[2] * xp[2] + e[3] * xp[3]);
+        }
+    }
+    for (int t = 0; t < n; t++) y[(t0 + t) * m->rows + r] = m->vq_scale[r] * sum[t];
+}
 
 /* y[t, r] for the tokens t0 .. t0 + n - 1 of one row r (inlined with n constant: see row_product_n). A
  * segment's weights are (value - offset) scale; the offsets and the low tables' bias of 128 are taken out
@@ -421,8 +503,21 @@ static inline __attribute__((always_inline)) void row_product(const anybit_matri
     }
 }
 
-/* row_product with the number of tokens a constant, one copy per count. */
+/* row_product (or vq_row_product) with the number of tokens a constant, one copy per count. */
 static void row_product_n(const anybit_matrix *m, int64_t r, const coded_input *in, int64_t t0, int n, float *y) {
+    if (m->vq_index) {
+        switch (n) {
+        case 1: vq_row_product(m, r, in, t0, 1, y); break;
+        case 2: vq_row_product(m, r, in, t0, 2, y); break;
+        case 3: vq_row_product(m, r, in, t0, 3, y); break;
+        case 4: vq_row_product(m, r, in, t0, 4, y); break;
+        case 5: vq_row_product(m, r, in, t0, 5, y); break;
+        case 6: vq_row_product(m, r, in, t0, 6, y); break;
+        case 7: vq_row_product(m, r, in, t0, 7, y); break;
+        default: vq_row_product(m, r, in, t0, 8, y); break;
+        }
+        return;
+    }
     switch (n) {
     case 1: row_product(m, r, in, t0, 1, y); break;
     case 2: row_product(m, r, in, t0, 2, y); break;
@@ -521,7 +616,15 @@ static int same_rotation(const anybit_matrix *a, const anybit_matrix *b) {
 }
 
 static int shares_input(const anybit_matrix *const *m, int i) {
-    return i > 0 && !m[i]->perm && !m[i]->col_scale && !m[0]->perm && !m[0]->col_scale && same_rotation(m[0], m[i]);
+    return i > 0 && !m[i]->perm && !m[i]->col_scale && !m[0]->perm && !m[0]->col_scale && same_rotation(m[0], m[i]) &&
+           !m[i]->vq_index == !m[0]->vq_index;
+}
+
+/* Whether any of `count` matrices is vector-coded (those take the row path, on the float input). */
+static int any_vector_coded(const anybit_matrix *const *m, int count) {
+    for (int i = 0; i < count; i++)
+        if (m[i]->vq_index) return 1;
+    return 0;
 }
 
 /* out = R v (anybit_matrix.rot_mix): signs, a Walsh-Hadamard transform of each block of b, then Q across the
@@ -569,6 +672,11 @@ static void code_token(const anybit_matrix *const *m, int count, const float *x,
                 coded[j] = src[c] / (m[i]->col_scale ? m[i]->col_scale[c] : 1.0f);
             }
             src = coded;
+        }
+        if (m[i]->vq_index) { /* vector codebooks multiply the float input, from `coded` */
+            float *coded = in[i].coded + t * cols;
+            if (src != coded) memcpy(coded, src, sizeof(float) * (size_t)cols);
+            continue;
         }
         quantize_token(src, t, cols, in + i);
     }
@@ -778,7 +886,7 @@ static void products(const anybit_matrix *const *m, int count, const float *x, i
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < T; t++) code_token(m, count, x, t, in);
 #if defined(PATH_AMX)
-    if (amx_tokens(T) && in->tiles)
+    if (amx_tokens(T) && in->tiles && !any_vector_coded(m, count))
         amx_products(m, count, coded, T, y);
     else
 #endif
@@ -828,6 +936,18 @@ int anybit_fast_matmul(const anybit_matrix *m, const float *x, int64_t tokens, f
     products(&m, 1, x, tokens, &y, &in);
     free_input(&in);
     return 0;
+}
+
+/* out (rows, cols) = a vector-coded matrix (coded column order), decoded on `threads` threads. */
+void anybit_vector_dequantize(const anybit_matrix *m, float *out, int threads) {
+    const int64_t pieces = m->cols / VQ_PIECE;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t r = 0; r < m->rows; r++) {
+        const uint16_t *idx = m->vq_index + r * pieces;
+        float *row = out + r * m->cols;
+        for (int64_t p = 0; p < pieces; p++)
+            for (int j = 0; j < VQ_PIECE; j++) row[VQ_PIECE * p + j] = m->vq_scale[r] * m->vq_table[VQ_PIECE * idx[p] + j];
+    }
 }
 
 /* Rows ids[0 .. n - 1] of a matrix whose segments are all 8-bit (a block is its 64 codes, one byte each), decoded
