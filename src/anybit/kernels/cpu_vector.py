@@ -1,13 +1,14 @@
 """Vector-coded matrices (`format.vector`) on the CPU, served by both C backends, "fast" and "exact".
 
 Their products run in the fast kernel's library (`int8_lut.c`, `vq_row_product`): per row, each piece's table
-entry (float32, loaded from a table the size of L1 or L2) multiplied with four inputs, the row's sum times its
-scale; 1-8 tokens per pass over a row's indices, OpenMP over rows. The activations stay float32 (the int8
-rounding of the segment layouts would cost accuracy and save nothing here: the table entries are loaded, not
-looked up in registers), so both backends compute the reference's numbers up to summation order. The
+entry (float32, from a table of at least 32 KB shared by every matrix of one index width, `kernel_table`)
+multiplied with four inputs, the row's sum times its scale; 1-8 tokens per pass over a row's indices, OpenMP
+over rows; longer inputs decode each row's entries once for all their passes. The activations stay float32
+(the int8 rounding of the segment layouts would cost accuracy and save nothing here: the entries are loaded,
+not looked up in registers), so both backends compute the reference's numbers up to summation order. The
 indices are re-laid once as 16-bit integers (2 bytes per piece of four weights: 4 bits per weight in memory,
-against the 1-3 counted; the packed stream is not read again). The native decoder (`runtime.native`) runs these
-matrices inside its decode step, the input rotation included. On the eager path, inputs longer than
+against the 1-3 counted; the packed stream is not read again). The native decoder (`runtime.native`) runs
+these matrices inside its decode step, the input rotation included. On the eager path, inputs longer than
 `GEMM_TOKENS` decode the matrix in C into a transient float32 matrix and take one GEMM.
 """
 
@@ -20,12 +21,17 @@ from dataclasses import dataclass
 import torch
 
 from anybit.format.vector import VectorTensor
+from anybit.format.vector_tables import vector_table
 from anybit.kernels import check_cpu_input, coded_input, cpu_fast
 from anybit.kernels.cpu_fast import KERNEL, Compensation, Matrix
 
 PIECE = 4  # the piece length the kernel reads (VQ_PIECE in int8_lut.c)
 MAX_INDEX_BITS = 15  # indices are re-laid as int16
 GEMM_TOKENS = 64  # longer eager inputs multiply the decoded matrix
+# The kernel's tables spread their entries over this many slots (32 KB of float32 pieces) where they have
+# fewer: random lookups into a table of 16 KB or less ran 1.5-1.8x slower per piece than into 32 KB on the
+# Intel Xeon of RESULTS ("vq on the native decoder"), for reasons the measurements do not show.
+TABLE_SLOTS = 2048
 
 
 def unavailable(qt: VectorTensor) -> str:
@@ -45,16 +51,16 @@ class VectorPrepared:
     """A vector-coded tensor re-laid for the kernel."""
 
     qt: VectorTensor
-    index: torch.Tensor  # int16 (rows, pieces): table indices, below 2**15
-    table: torch.Tensor  # float32 (entries, 4)
+    index: torch.Tensor  # int16 (rows, pieces): slots of `table` (the table index times its spread)
+    table: torch.Tensor  # float32 (slots, 4): shared by every tensor of one index width (`kernel_table`)
     scale: torch.Tensor  # float32 (rows,)
     order: torch.Tensor  # int64 (rows,): the rows in order
     perm: torch.Tensor | None  # int64: the coded column order
     owns_codes = True  # the packed codes are not read again
 
     def nbytes(self) -> int:
-        """Bytes the kernel holds besides the stored tensors."""
-        held = [self.index, self.table, self.scale, self.order] + ([self.perm] if self.perm is not None else [])
+        """Bytes the kernel holds for this tensor besides the stored ones (the shared table left out)."""
+        held = [self.index, self.scale, self.order] + ([self.perm] if self.perm is not None else [])
         return sum(t.numel() * t.element_size() for t in held)
 
     def matrix(self, bias: torch.Tensor | None = None, dec: Compensation | None = None, rotate: bool = False) -> Matrix:
@@ -95,10 +101,22 @@ def prepare(qt: VectorTensor) -> VectorPrepared:
     reason = unavailable(qt)
     if reason:
         raise ValueError(reason)
-    index = qt.unpacked_codes().to(torch.int16).contiguous()
+    table, spread = kernel_table(qt.dim, qt.index_bits)
+    index = (qt.unpacked_codes() * spread).to(torch.int16).contiguous()
     perm = None if qt.perm is None else qt.perm.to(torch.int64).contiguous()
     order = torch.arange(qt.shape[0], dtype=torch.int64)
-    return VectorPrepared(qt, index, qt.table(torch.float32).contiguous(), qt.scales.float().contiguous(), order, perm)
+    return VectorPrepared(qt, index, table, qt.scales.float().contiguous(), order, perm)
+
+
+@functools.cache
+def kernel_table(dim: int, index_bits: int) -> tuple[torch.Tensor, int]:
+    """The table of `index_bits`-bit indices as the kernel reads it, and its spread s: entry i in slot i·s
+    (float32, at least TABLE_SLOTS slots), the other slots zero."""
+    table = vector_table(dim, index_bits).float()
+    spread = max(1, TABLE_SLOTS >> index_bits)
+    slots = torch.zeros(table.shape[0] * spread, dim)
+    slots[::spread] = table
+    return slots, spread
 
 
 def product(prepared: VectorPrepared, x: torch.Tensor) -> torch.Tensor:
