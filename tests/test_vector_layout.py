@@ -148,20 +148,6 @@ def test_cpu_kernel_matches_the_reference(batch: int, isa: str, backend: str, mo
     assert bool(((layer(x) - expected).abs() <= bound).all())
 
 
-@pytest.mark.parametrize("isa", ["native", "avx2", "portable"])
-def test_prompts_read_each_row_once_with_the_same_sums(isa: str, monkeypatch) -> None:
-    """Inputs longer than 8 tokens decode each row's entries once for all their passes: the very sums of the
-    table lookups made 8 tokens at a time."""
-    from anybit.kernels import cpu_fast
-
-    monkeypatch.setenv("ANYBIT_CPU_ISA", isa)
-    qt, *_ = _vector_tensor(rows=37, cols=76, index_bits=10)
-    prepared = cpu_fast.prepare(qt)
-    x = torch.randn(21, 76)
-    whole = cpu_fast.product(prepared, x)
-    assert torch.equal(whole, torch.cat([cpu_fast.product(prepared, x[i : i + 8]) for i in range(0, 21, 8)]))
-
-
 # ---- the recipe, end to end on a tiny model -----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def vq_dir(tiny_llama_dir, corpus_file, tmp_path_factory):

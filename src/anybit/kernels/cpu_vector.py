@@ -3,7 +3,7 @@
 Their products run in the fast kernel's library (`int8_lut.c`, `vq_row_product`): per row, each piece's table
 entry (float32, from a table of at least 32 KB shared by every matrix of one index width, `kernel_table`)
 multiplied with four inputs, the row's sum times its scale; 1-8 tokens per pass over a row's indices, OpenMP
-over rows; longer inputs decode each row's entries once for all their passes. The activations stay float32
+over rows. The activations stay float32
 (the int8 rounding of the segment layouts would cost accuracy and save nothing here: the entries are loaded,
 not looked up in registers), so both backends compute the reference's numbers up to summation order. The
 indices are re-laid once as 16-bit integers (2 bytes per piece of four weights: 4 bits per weight in memory,

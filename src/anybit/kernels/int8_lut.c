@@ -413,22 +413,13 @@ static inline float vq_sum(vq_vector a) {
 }
 #endif
 
-/* Row r's table entries, piece after piece (cols floats, the row's scale left out): a prompt's passes over
- * the row read them from here instead of looking each one up again. */
-static void vq_decode_row(const anybit_matrix *m, int64_t r, float *entries) {
-    const int64_t pieces = m->cols / VQ_PIECE;
-    const uint16_t *idx = m->vq_index + r * pieces;
-    for (int64_t p = 0; p < pieces; p++)
-        memcpy(entries + VQ_PIECE * p, m->vq_table + VQ_PIECE * idx[p], sizeof(float) * VQ_PIECE);
-}
-
 /* y[t, r] for the tokens t0 .. t0 + n - 1 of row r of a vector-coded matrix: each piece's table entry times
- * the float input, summed in float, times the row's scale. The entries come from the table, or from
- * `entries` (vq_decode_row) when `decoded`: the same values, so the same sums. Inlined with n and `decoded`
- * constant; two sets of sums halve the chains of dependent multiply-adds. */
+ * the float input, summed in float, times the row's scale. Inlined with n constant; two sets of sums halve the
+ * chains of dependent multiply-adds. (Decoding a prompt's rows once for all its passes instead gained 0-7 %
+ * at 64 tokens: the multiply-adds bound it, not the lookups.) */
 static inline __attribute__((always_inline)) void vq_row_product(const anybit_matrix *m, int64_t r,
                                                                  const coded_input *in, int64_t t0, const int n,
-                                                                 const int decoded, const float *entries, float *y) {
+                                                                 float *y) {
     const int64_t cols = m->cols, pieces = cols / VQ_PIECE;
     const uint16_t *idx = m->vq_index + r * pieces;
     const float *table = m->vq_table, *x = in->coded + t0 * cols;
@@ -438,9 +429,7 @@ static inline __attribute__((always_inline)) void vq_row_product(const anybit_ma
     vq_vector a0[MAX_TOKENS], a1[MAX_TOKENS];
     for (int t = 0; t < n; t++) a0[t] = a1[t] = VQ_ZERO;
     for (; p + 2 * VQ_STEP <= pieces; p += 2 * VQ_STEP) {
-        const vq_vector e0 = decoded ? VQ_LOAD(entries + VQ_PIECE * p) : vq_entries(table, idx + p);
-        const vq_vector e1 =
-            decoded ? VQ_LOAD(entries + VQ_PIECE * (p + VQ_STEP)) : vq_entries(table, idx + p + VQ_STEP);
+        const vq_vector e0 = vq_entries(table, idx + p), e1 = vq_entries(table, idx + p + VQ_STEP);
         for (int t = 0; t < n; t++) {
             const float *xp = x + t * cols + VQ_PIECE * p;
             a0[t] = VQ_FMA(e0, VQ_LOAD(xp), a0[t]);
@@ -452,7 +441,7 @@ static inline __attribute__((always_inline)) void vq_row_product(const anybit_ma
     for (int t = 0; t < n; t++) sum[t] = 0.0f;
 #endif
     for (; p < pieces; p++) {
-        const float *e = decoded ? entries + VQ_PIECE * p : table + VQ_PIECE * idx[p];
+        const float *e = table + VQ_PIECE * idx[p];
         for (int t = 0; t < n; t++) {
             const float *xp = x + t * cols + VQ_PIECE * p;
             sum[t] += (e[0] * xp[0] + e[1] * xp[1]) + (e[2] * xp[2] + e[3] * xp[3]);
@@ -461,28 +450,18 @@ static inline __attribute__((always_inline)) void vq_row_product(const anybit_ma
     for (int t = 0; t < n; t++) y[(t0 + t) * m->rows + r] = m->vq_scale[r] * sum[t];
 }
 
-/* vq_row_product with the number of tokens and the entries' source constant, one copy per case. */
-static void vq_row_product_n(const anybit_matrix *m, int64_t r, const coded_input *in, int64_t t0, int n,
-                             const float *entries, float *y) {
-#define VQ_CASE(N)                                                                                                    \
-    case N:                                                                                                           \
-        if (entries)                                                                                                  \
-            vq_row_product(m, r, in, t0, N, 1, entries, y);                                                           \
-        else                                                                                                          \
-            vq_row_product(m, r, in, t0, N, 0, NULL, y);                                                              \
-        break;
+/* vq_row_product with the number of tokens a constant, one copy per count. */
+static void vq_row_product_n(const anybit_matrix *m, int64_t r, const coded_input *in, int64_t t0, int n, float *y) {
     switch (n) {
-        VQ_CASE(1)
-        VQ_CASE(2)
-        VQ_CASE(3)
-        VQ_CASE(4)
-        VQ_CASE(5)
-        VQ_CASE(6)
-        VQ_CASE(7)
-    default:
-        VQ_CASE(8)
+    case 1: vq_row_product(m, r, in, t0, 1, y); break;
+    case 2: vq_row_product(m, r, in, t0, 2, y); break;
+    case 3: vq_row_product(m, r, in, t0, 3, y); break;
+    case 4: vq_row_product(m, r, in, t0, 4, y); break;
+    case 5: vq_row_product(m, r, in, t0, 5, y); break;
+    case 6: vq_row_product(m, r, in, t0, 6, y); break;
+    case 7: vq_row_product(m, r, in, t0, 7, y); break;
+    default: vq_row_product(m, r, in, t0, 8, y); break;
     }
-#undef VQ_CASE
 }
 
 /* y[t, r] for the tokens t0 .. t0 + n - 1 of one row r (inlined with n constant: see row_product_n). A
@@ -640,12 +619,14 @@ static int shares_input(const anybit_matrix *const *m, int i) {
            !m[i]->vq_index == !m[0]->vq_index;
 }
 
+#if defined(PATH_AMX)
 /* Whether any of `count` matrices is vector-coded (those take the row path, on the float input). */
 static int any_vector_coded(const anybit_matrix *const *m, int count) {
     for (int i = 0; i < count; i++)
         if (m[i]->vq_index) return 1;
     return 0;
 }
+#endif
 
 /* out = R v (anybit_matrix.rot_mix): signs, a Walsh-Hadamard transform of each block of b, then Q across the
  * blocks; `work` holds cols floats. */
@@ -709,27 +690,19 @@ static void code_token(const anybit_matrix *const *m, int count, const float *x,
  * branch on the width is predicted), MAX_TOKENS tokens per pass over a row (called by every thread). */
 static void row_products(const anybit_matrix *const *m, int count, const coded_input *const *coded, int64_t T,
                          float *const *y) {
-    int64_t total = 0, wide = 0; /* rows cost about the same at any width: an equal count per thread */
-    for (int i = 0; i < count; i++) total += m[i]->rows, wide = m[i]->cols > wide ? m[i]->cols : wide;
-    /* vector-coded rows of a prompt are decoded once for all its passes (without room: looked up each pass) */
-    float *entries = T > MAX_TOKENS && any_vector_coded(m, count) ? malloc(sizeof(float) * (size_t)wide) : NULL;
+    int64_t total = 0; /* rows cost about the same at any width: an equal count per thread */
+    for (int i = 0; i < count; i++) total += m[i]->rows;
 #pragma omp for schedule(static)
     for (int64_t R = 0; R < total; R++) {
         int i = 0;
         int64_t r = R;
         while (r >= m[i]->rows) r -= m[i++]->rows;
         r = m[i]->order[r];
-        const int vector = m[i]->vq_index != NULL;
-        if (vector && entries) vq_decode_row(m[i], r, entries);
         for (int64_t t0 = 0; t0 < T; t0 += MAX_TOKENS) {
             const int n = (int)(T - t0 < MAX_TOKENS ? T - t0 : MAX_TOKENS);
-            if (vector)
-                vq_row_product_n(m[i], r, coded[i], t0, n, entries, y[i]);
-            else
-                row_product_n(m[i], r, coded[i], t0, n, y[i]);
+            (m[i]->vq_index ? vq_row_product_n : row_product_n)(m[i], r, coded[i], t0, n, y[i]);
         }
     }
-    free(entries);
 }
 
 #if defined(PATH_AMX)
