@@ -128,14 +128,30 @@ def test_the_shipped_tables_are_the_checked_ones() -> None:
     assert bool((ratios < 0.8).all()) and bool((ratios > 0.6).all()), ratios
 
 
+@pytest.mark.parametrize("index_bits", [5, 11])
+def test_kernel_code_streams_follow_their_definition(index_bits: int) -> None:
+    """Each row's codes as one little-endian stream of k-bit fields, read back bit by bit."""
+    from anybit.kernels.cpu_vector import bit_streams
+
+    qt, codes, *_ = _vector_tensor(rows=5, cols=76, index_bits=index_bits)  # 19 codes: rows end mid-byte
+    stream, row_bytes = bit_streams(qt)
+    assert row_bytes == -(-19 * index_bits // 8) and stream.numel() == 5 * row_bytes + 8
+    for r in range(5):
+        row = stream[r * row_bytes : (r + 1) * row_bytes].tolist()
+        bits = [(row[i // 8] >> (i % 8)) & 1 for i in range(8 * row_bytes)]
+        for p in range(19):
+            assert sum(bits[p * index_bits + i] << i for i in range(index_bits)) == int(codes[r, p])
+
+
 @pytest.mark.parametrize("batch", [1, 3, 8, 20, 70])  # 70: the decoded matrix and one GEMM
 @pytest.mark.parametrize("isa", ["native", "avx2", "portable"])
 @pytest.mark.parametrize("backend", ["fast", "exact"])
-def test_cpu_kernel_matches_the_reference(batch: int, isa: str, backend: str, monkeypatch) -> None:
+@pytest.mark.parametrize("index_bits", [5, 11])  # tables spread over 2048 slots, and not
+def test_cpu_kernel_matches_the_reference(batch: int, isa: str, backend: str, index_bits: int, monkeypatch) -> None:
     from anybit.kernels import cpu_vector
 
     monkeypatch.setenv("ANYBIT_CPU_ISA", isa)
-    qt, *_ = _vector_tensor(rows=37, cols=76, index_bits=11)  # 19 pieces: the unrolled loops and their tails
+    qt, *_ = _vector_tensor(rows=37, cols=76, index_bits=index_bits)  # 19 pieces: the unrolled loops, their tails
     layer, reference = QuantLinear(qt), QuantLinear(qt)
     layer.kernel, reference.kernel = backend, "reference"
     assert not cpu_vector.unavailable(qt) and layer.backend("cpu") == backend

@@ -53,7 +53,8 @@ class Matrix(ctypes.Structure):
         ("n_outliers", _I), ("outlier_rows", _P), ("outlier_cols", _P), ("outlier_deltas", _P), ("bias", _P),
         ("dec_codes", _P), ("dec_scales", _P), ("dec_weight", _P), ("dec_fixed", _P), ("dec_row_bytes", _I),
         ("dec_k_chunk", _I), ("dec_n_fixed", _I), ("rot_signs", _P), ("rot_mix", _P), ("rot_m", _I),
-        ("vq_index", _P), ("vq_table", _P), ("vq_scale", _P),
+        ("vq_codes", _P), ("vq_table", _P), ("vq_scale", _P), ("vq_bits", _I), ("vq_row_bytes", _I),
+        ("vq_slot_shift", _I),
     ]  # fmt: skip
 
 

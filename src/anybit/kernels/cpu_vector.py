@@ -6,8 +6,9 @@ multiplied with four inputs, the row's sum times its scale; 1-8 tokens per pass 
 over rows. The activations stay float32
 (the int8 rounding of the segment layouts would cost accuracy and save nothing here: the entries are loaded,
 not looked up in registers), so both backends compute the reference's numbers up to summation order. The
-indices are re-laid once as 16-bit integers (2 bytes per piece of four weights: 4 bits per weight in memory,
-against the 1-3 counted; the packed stream is not read again). The native decoder (`runtime.native`) runs
+indices are re-laid once into one little-endian stream of k-bit fields per row, the kernel's order (as many
+bytes as the stored codes, which are not read again: in memory a vq model holds its counted bits). The
+native decoder (`runtime.native`) runs
 these matrices inside its decode step, the input rotation included. On the eager path, inputs longer than
 `GEMM_TOKENS` decode the matrix in C into a transient float32 matrix and take one GEMM.
 """
@@ -26,7 +27,8 @@ from anybit.kernels import check_cpu_input, coded_input, cpu_fast
 from anybit.kernels.cpu_fast import KERNEL, Compensation, Matrix
 
 PIECE = 4  # the piece length the kernel reads (VQ_PIECE in int8_lut.c)
-MAX_INDEX_BITS = 15  # indices are re-laid as int16
+MAX_INDEX_BITS = 14  # VQ_MAX_BITS in int8_lut.c
+RELAY_ROWS = 256  # rows re-laid at once (bounds the temporaries)
 GEMM_TOKENS = 64  # longer eager inputs multiply the decoded matrix
 # The kernel's tables spread their entries over this many slots (32 KB of float32 pieces) where they have
 # fewer: random lookups into a table of 16 KB or less ran 1.5-1.8x slower per piece than into 32 KB on the
@@ -51,8 +53,10 @@ class VectorPrepared:
     """A vector-coded tensor re-laid for the kernel."""
 
     qt: VectorTensor
-    index: torch.Tensor  # int16 (rows, pieces): slots of `table` (the table index times its spread)
+    codes: torch.Tensor  # uint8: per row, its codes as one little-endian bit stream (`bit_streams`), then 8 bytes
+    row_bytes: int
     table: torch.Tensor  # float32 (slots, 4): shared by every tensor of one index width (`kernel_table`)
+    slot_shift: int  # code c's entry is in slot c << slot_shift
     scale: torch.Tensor  # float32 (rows,)
     order: torch.Tensor  # int64 (rows,): the rows in order
     perm: torch.Tensor | None  # int64: the coded column order
@@ -60,7 +64,7 @@ class VectorPrepared:
 
     def nbytes(self) -> int:
         """Bytes the kernel holds for this tensor besides the stored ones (the shared table left out)."""
-        held = [self.index, self.scale, self.order] + ([self.perm] if self.perm is not None else [])
+        held = [self.codes, self.scale, self.order] + ([self.perm] if self.perm is not None else [])
         return sum(t.numel() * t.element_size() for t in held)
 
     def matrix(self, bias: torch.Tensor | None = None, dec: Compensation | None = None, rotate: bool = False) -> Matrix:
@@ -84,8 +88,9 @@ class VectorPrepared:
         rotation = self._rotation if rotate and self.qt.rotation is not None else None
         return Matrix(
             rows=rows, cols=cols, group_size=PIECE, order=self.order.data_ptr(),
-            perm=None if self.perm is None else self.perm.data_ptr(), vq_index=self.index.data_ptr(),
-            vq_table=self.table.data_ptr(), vq_scale=self.scale.data_ptr(), **cpu_fast.matrix_extras(bias, dec, rotation),
+            perm=None if self.perm is None else self.perm.data_ptr(), vq_codes=self.codes.data_ptr(),
+            vq_table=self.table.data_ptr(), vq_scale=self.scale.data_ptr(), vq_bits=self.qt.index_bits,
+            vq_row_bytes=self.row_bytes, vq_slot_shift=self.slot_shift, **cpu_fast.matrix_extras(bias, dec, rotation),
         )  # fmt: skip
 
     def dense(self) -> torch.Tensor:
@@ -101,22 +106,40 @@ def prepare(qt: VectorTensor) -> VectorPrepared:
     reason = unavailable(qt)
     if reason:
         raise ValueError(reason)
-    table, spread = kernel_table(qt.dim, qt.index_bits)
-    index = (qt.unpacked_codes() * spread).to(torch.int16).contiguous()
+    table, slot_shift = kernel_table(qt.dim, qt.index_bits)
+    codes, row_bytes = bit_streams(qt)
     perm = None if qt.perm is None else qt.perm.to(torch.int64).contiguous()
     order = torch.arange(qt.shape[0], dtype=torch.int64)
-    return VectorPrepared(qt, index, table, qt.scales.float().contiguous(), order, perm)
+    return VectorPrepared(qt, codes, row_bytes, table, slot_shift, qt.scales.float().contiguous(), order, perm)
+
+
+def bit_streams(qt: VectorTensor) -> tuple[torch.Tensor, int]:
+    """The codes of each row as one little-endian stream of k-bit fields (k the index width; code p in bits
+    p·k .. p·k + k - 1 of the row's bytes), rows one after another, then 8 zero bytes (the kernel reads 8
+    bytes at a time); and the bytes of a row."""
+    bits, rows, pieces = qt.index_bits, qt.shape[0], qt.shape[1] // qt.dim
+    row_bytes = -(-pieces * bits // 8)
+    out = torch.zeros(rows * row_bytes + 8, dtype=torch.uint8)
+    codes = qt.unpacked_codes()
+    for start in range(0, rows, RELAY_ROWS):
+        part = codes[start : start + RELAY_ROWS]
+        fields = (part[:, :, None] >> torch.arange(bits)) & 1  # (n, pieces, bits), least significant first
+        stream = torch.zeros(part.shape[0], row_bytes * 8, dtype=torch.int64)
+        stream[:, : pieces * bits] = fields.reshape(part.shape[0], -1)
+        packed = (stream.view(part.shape[0], row_bytes, 8) << torch.arange(8)).sum(dim=2)
+        out[start * row_bytes : (start + part.shape[0]) * row_bytes] = packed.reshape(-1).to(torch.uint8)
+    return out, row_bytes
 
 
 @functools.cache
 def kernel_table(dim: int, index_bits: int) -> tuple[torch.Tensor, int]:
-    """The table of `index_bits`-bit indices as the kernel reads it, and its spread s: entry i in slot i·s
-    (float32, at least TABLE_SLOTS slots), the other slots zero."""
+    """The table of `index_bits`-bit indices as the kernel reads it, and its slot shift s: entry i in slot
+    i << s (float32, at least TABLE_SLOTS slots), the other slots zero."""
     table = vector_table(dim, index_bits).float()
-    spread = max(1, TABLE_SLOTS >> index_bits)
-    slots = torch.zeros(table.shape[0] * spread, dim)
-    slots[::spread] = table
-    return slots, spread
+    shift = max(0, (TABLE_SLOTS >> index_bits).bit_length() - 1)
+    slots = torch.zeros(table.shape[0] << shift, dim)
+    slots[:: 1 << shift] = table
+    return slots, shift
 
 
 def product(prepared: VectorPrepared, x: torch.Tensor) -> torch.Tensor:

@@ -372,15 +372,30 @@ typedef struct {
      * diag(s) with s the signs (cols floats of ±1), Q the rot_m × rot_m mix (row-major), b = cols / rot_m. */
     const float *rot_signs, *rot_mix;
     int64_t rot_m;
-    /* Vector codebooks (anybit/format/vector.py; NULL vq_index: the segment layout above): row r is cut into
-     * pieces of VQ_PIECE columns in the coded order, piece p being vq_scale[r] times the table entry
-     * vq_index[r, p]. These rows multiply the float input (coded order), not its int8 parts. */
-    const uint16_t *vq_index; /* (rows, cols / VQ_PIECE) */
-    const float *vq_table;    /* (entries, VQ_PIECE) */
-    const float *vq_scale;    /* (rows,) */
+    /* Vector codebooks (anybit/format/vector.py; NULL vq_codes: the segment layout above): row r is cut into
+     * pieces of VQ_PIECE columns in the coded order, piece p being vq_scale[r] times the table entry in slot
+     * c << vq_slot_shift, c its vq_bits-bit code (at most VQ_MAX_BITS). Row r's codes are one little-endian bit
+     * stream of vq_row_bytes bytes from vq_codes + r vq_row_bytes (code p in bits p k .. p k + k - 1), followed
+     * by 8 readable bytes. These rows multiply the float input (coded order), not its int8 parts. */
+    const uint8_t *vq_codes;
+    const float *vq_table; /* (slots, VQ_PIECE) */
+    const float *vq_scale; /* (rows,) */
+    int64_t vq_bits, vq_row_bytes, vq_slot_shift;
 } anybit_matrix;
 
 #define VQ_PIECE 4
+#define VQ_MAX_BITS 14 /* four codes and the offset of the first one's bit fit one 64-bit load */
+
+/* The table offsets (in floats) of pieces p .. p + 3 of a row's code stream: one unaligned 64-bit load. */
+static inline void vq_offsets(const anybit_matrix *m, const uint8_t *row, int64_t p, int64_t *offset) {
+    const int64_t bit = p * m->vq_bits;
+    uint64_t word;
+    memcpy(&word, row + (bit >> 3), sizeof word);
+    word >>= bit & 7;
+    const uint64_t mask = ((uint64_t)1 << m->vq_bits) - 1;
+    const int shift = (int)m->vq_slot_shift + 2; /* slots of VQ_PIECE floats */
+    for (int j = 0; j < 4; j++) offset[j] = (int64_t)(((word >> (j * m->vq_bits)) & mask) << shift);
+}
 
 #if defined(PATH_AVX512)
 typedef __m512 vq_vector;
@@ -388,12 +403,12 @@ typedef __m512 vq_vector;
 #define VQ_ZERO _mm512_setzero_ps()
 #define VQ_LOAD _mm512_loadu_ps
 #define VQ_FMA _mm512_fmadd_ps
-/* The table entries of four consecutive pieces, in one register. */
-static inline vq_vector vq_entries(const float *table, const uint16_t *idx) {
-    __m512 e = _mm512_castps128_ps512(_mm_loadu_ps(table + VQ_PIECE * idx[0]));
-    e = _mm512_insertf32x4(e, _mm_loadu_ps(table + VQ_PIECE * idx[1]), 1);
-    e = _mm512_insertf32x4(e, _mm_loadu_ps(table + VQ_PIECE * idx[2]), 2);
-    return _mm512_insertf32x4(e, _mm_loadu_ps(table + VQ_PIECE * idx[3]), 3);
+/* The table entries at four offsets (vq_offsets), in one register. */
+static inline vq_vector vq_entries(const float *table, const int64_t *offset) {
+    __m512 e = _mm512_castps128_ps512(_mm_loadu_ps(table + offset[0]));
+    e = _mm512_insertf32x4(e, _mm_loadu_ps(table + offset[1]), 1);
+    e = _mm512_insertf32x4(e, _mm_loadu_ps(table + offset[2]), 2);
+    return _mm512_insertf32x4(e, _mm_loadu_ps(table + offset[3]), 3);
 }
 static inline float vq_sum(vq_vector a) { return _mm512_reduce_add_ps(a); }
 #elif defined(PATH_AVX2)
@@ -402,9 +417,9 @@ typedef __m256 vq_vector;
 #define VQ_ZERO _mm256_setzero_ps()
 #define VQ_LOAD _mm256_loadu_ps
 #define VQ_FMA _mm256_fmadd_ps
-/* The table entries of two consecutive pieces, in one register. */
-static inline vq_vector vq_entries(const float *table, const uint16_t *idx) {
-    return _mm256_set_m128(_mm_loadu_ps(table + VQ_PIECE * idx[1]), _mm_loadu_ps(table + VQ_PIECE * idx[0]));
+/* The table entries at two offsets (vq_offsets), in one register. */
+static inline vq_vector vq_entries(const float *table, const int64_t *offset) {
+    return _mm256_set_m128(_mm_loadu_ps(table + offset[1]), _mm_loadu_ps(table + offset[0]));
 }
 static inline float vq_sum(vq_vector a) {
     float lanes[8];
@@ -421,15 +436,16 @@ static inline __attribute__((always_inline)) void vq_row_product(const anybit_ma
                                                                  const coded_input *in, int64_t t0, const int n,
                                                                  float *y) {
     const int64_t cols = m->cols, pieces = cols / VQ_PIECE;
-    const uint16_t *idx = m->vq_index + r * pieces;
+    const uint8_t *row = m->vq_codes + r * m->vq_row_bytes;
     const float *table = m->vq_table, *x = in->coded + t0 * cols;
     float sum[MAX_TOKENS];
-    int64_t p = 0;
+    int64_t p = 0, offset[8];
 #if defined(PATH_AVX512) || defined(PATH_AVX2)
     vq_vector a0[MAX_TOKENS], a1[MAX_TOKENS];
     for (int t = 0; t < n; t++) a0[t] = a1[t] = VQ_ZERO;
     for (; p + 2 * VQ_STEP <= pieces; p += 2 * VQ_STEP) {
-        const vq_vector e0 = vq_entries(table, idx + p), e1 = vq_entries(table, idx + p + VQ_STEP);
+        for (int q = 0; q < 2 * VQ_STEP; q += 4) vq_offsets(m, row, p + q, offset + q);
+        const vq_vector e0 = vq_entries(table, offset), e1 = vq_entries(table, offset + VQ_STEP);
         for (int t = 0; t < n; t++) {
             const float *xp = x + t * cols + VQ_PIECE * p;
             a0[t] = VQ_FMA(e0, VQ_LOAD(xp), a0[t]);
@@ -441,7 +457,8 @@ static inline __attribute__((always_inline)) void vq_row_product(const anybit_ma
     for (int t = 0; t < n; t++) sum[t] = 0.0f;
 #endif
     for (; p < pieces; p++) {
-        const float *e = table + VQ_PIECE * idx[p];
+        vq_offsets(m, row, p, offset); /* reads past the row's last code at most into the 8 bytes that follow */
+        const float *e = table + offset[0];
         for (int t = 0; t < n; t++) {
             const float *xp = x + t * cols + VQ_PIECE * p;
             sum[t] += (e[0] * xp[0] + e[1] * xp[1]) + (e[2] * xp[2] + e[3] * xp[3]);
@@ -616,14 +633,14 @@ static int same_rotation(const anybit_matrix *a, const anybit_matrix *b) {
 
 static int shares_input(const anybit_matrix *const *m, int i) {
     return i > 0 && !m[i]->perm && !m[i]->col_scale && !m[0]->perm && !m[0]->col_scale && same_rotation(m[0], m[i]) &&
-           !m[i]->vq_index == !m[0]->vq_index;
+           !m[i]->vq_codes == !m[0]->vq_codes;
 }
 
 #if defined(PATH_AMX)
 /* Whether any of `count` matrices is vector-coded (those take the row path, on the float input). */
 static int any_vector_coded(const anybit_matrix *const *m, int count) {
     for (int i = 0; i < count; i++)
-        if (m[i]->vq_index) return 1;
+        if (m[i]->vq_codes) return 1;
     return 0;
 }
 #endif
@@ -674,7 +691,7 @@ static void code_token(const anybit_matrix *const *m, int count, const float *x,
             }
             src = coded;
         }
-        if (m[i]->vq_index) { /* vector codebooks multiply the float input, from `coded` */
+        if (m[i]->vq_codes) { /* vector codebooks multiply the float input, from `coded` */
             float *coded = in[i].coded + t * cols;
             if (src != coded) memcpy(coded, src, sizeof(float) * (size_t)cols);
             continue;
@@ -700,7 +717,7 @@ static void row_products(const anybit_matrix *const *m, int count, const coded_i
         r = m[i]->order[r];
         for (int64_t t0 = 0; t0 < T; t0 += MAX_TOKENS) {
             const int n = (int)(T - t0 < MAX_TOKENS ? T - t0 : MAX_TOKENS);
-            (m[i]->vq_index ? vq_row_product_n : row_product_n)(m[i], r, coded[i], t0, n, y[i]);
+            (m[i]->vq_codes ? vq_row_product_n : row_product_n)(m[i], r, coded[i], t0, n, y[i]);
         }
     }
 }
@@ -946,10 +963,13 @@ void anybit_vector_dequantize(const anybit_matrix *m, float *out, int threads) {
     const int64_t pieces = m->cols / VQ_PIECE;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t r = 0; r < m->rows; r++) {
-        const uint16_t *idx = m->vq_index + r * pieces;
+        const uint8_t *codes = m->vq_codes + r * m->vq_row_bytes;
         float *row = out + r * m->cols;
-        for (int64_t p = 0; p < pieces; p++)
-            for (int j = 0; j < VQ_PIECE; j++) row[VQ_PIECE * p + j] = m->vq_scale[r] * m->vq_table[VQ_PIECE * idx[p] + j];
+        int64_t offset[4];
+        for (int64_t p = 0; p < pieces; p++) {
+            vq_offsets(m, codes, p, offset);
+            for (int j = 0; j < VQ_PIECE; j++) row[VQ_PIECE * p + j] = m->vq_scale[r] * m->vq_table[offset[0] + j];
+        }
     }
 }
 
