@@ -119,15 +119,17 @@ def bit_streams(qt: VectorTensor) -> tuple[torch.Tensor, int]:
     bytes at a time); and the bytes of a row."""
     bits, rows, pieces = qt.index_bits, qt.shape[0], qt.shape[1] // qt.dim
     row_bytes = -(-pieces * bits // 8)
+    position = torch.arange(pieces) * bits
+    first_byte, shift = position // 8, position % 8
+    spans = -(-(bits + 7) // 8)  # bytes a code can touch from its first
     out = torch.zeros(rows * row_bytes + 8, dtype=torch.uint8)
     codes = qt.unpacked_codes()
-    for start in range(0, rows, RELAY_ROWS):
-        part = codes[start : start + RELAY_ROWS]
-        fields = (part[:, :, None] >> torch.arange(bits)) & 1  # (n, pieces, bits), least significant first
-        stream = torch.zeros(part.shape[0], row_bytes * 8, dtype=torch.int64)
-        stream[:, : pieces * bits] = fields.reshape(part.shape[0], -1)
-        packed = (stream.view(part.shape[0], row_bytes, 8) << torch.arange(8)).sum(dim=2)
-        out[start * row_bytes : (start + part.shape[0]) * row_bytes] = packed.reshape(-1).to(torch.uint8)
+    for start in range(0, rows, RELAY_ROWS):  # a chunk at a time: small temporaries
+        moved = codes[start : start + RELAY_ROWS] << shift  # each code at its bit offset within its first byte
+        chunk = torch.zeros(moved.shape[0], row_bytes + spans, dtype=torch.int64)
+        for j in range(spans):  # the codes' bits do not overlap: adding their bytes is OR-ing them
+            chunk.index_add_(1, first_byte + j, (moved >> (8 * j)) & 255)
+        out[start * row_bytes : (start + moved.shape[0]) * row_bytes] = chunk[:, :row_bytes].reshape(-1).to(torch.uint8)
     return out, row_bytes
 
 
