@@ -117,8 +117,35 @@ def _vector_layout():
     return cpu_vector
 
 
+class PreparedMatrix:
+    """What every layout prepared for this kernel shares: its C structure (built once where nothing is added
+    to it) and its input rotation as the kernel reads it. Subclasses hold `qt` and build the structure in
+    `_build_matrix` from the fields `matrix_extras` gives."""
+
+    def matrix(self, bias: torch.Tensor | None = None, dec: Compensation | None = None, rotate: bool = False) -> Matrix:
+        """The C structure over these tensors, a float32 `bias` and a compensation (which the caller keeps
+        alive); with `rotate`, the kernel applies the tensor's input rotation itself (callers that pass it the
+        input as given: the native decoder; `product` takes R x). Without any, built once and kept (every product
+        passes it)."""
+        rotated = rotate and self.qt.rotation is not None
+        if bias is None and dec is None and not rotated:
+            return self._plain_matrix
+        return self._build_matrix(matrix_extras(bias, dec, self._rotation if rotated else None))
+
+    @functools.cached_property
+    def _rotation(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return rotation_operands(self.qt)
+
+    @functools.cached_property
+    def _plain_matrix(self) -> Matrix:
+        return self._build_matrix(matrix_extras(None, None, None))
+
+    def _build_matrix(self, extras: dict) -> Matrix:
+        raise NotImplementedError
+
+
 @dataclass
-class FastPrepared:
+class FastPrepared(PreparedMatrix):
     """A tensor re-laid for the fast kernel; segments in row-major order."""
 
     qt: QuantizedTensor
@@ -142,25 +169,7 @@ class FastPrepared:
         held += [t for t in (self.tables, self.table_offset) if t is not None]
         return sum(t.numel() * t.element_size() for t in held)
 
-    def matrix(self, bias: torch.Tensor | None = None, dec: Compensation | None = None, rotate: bool = False) -> Matrix:
-        """The C structure over these tensors, a float32 `bias` and a compensation (which the caller keeps
-        alive); with `rotate`, the kernel applies the tensor's input rotation itself (callers that pass it the
-        input as given: the native decoder; `product` takes R x). Without any, built once and kept (every product
-        passes it)."""
-        rotated = rotate and self.qt.rotation is not None
-        if bias is None and dec is None and not rotated:
-            return self._plain_matrix
-        return self._build_matrix(bias, dec, rotated)
-
-    @functools.cached_property
-    def _rotation(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return rotation_operands(self.qt)
-
-    @functools.cached_property
-    def _plain_matrix(self) -> Matrix:
-        return self._build_matrix(None, None)
-
-    def _build_matrix(self, bias: torch.Tensor | None, dec: Compensation | None, rotated: bool = False) -> Matrix:
+    def _build_matrix(self, extras: dict) -> Matrix:
         rows, cols, deltas = self.outliers if self.outliers is not None else (None, None, None)
         return Matrix(
             codes=self.codes.data_ptr(), row_off=self.row_offset.data_ptr(), order=self.order.data_ptr(),
@@ -168,7 +177,7 @@ class FastPrepared:
             offset=self.offset.data_ptr(), scale=self.scale.data_ptr(), rows=self.qt.shape[0], cols=self.qt.shape[1],
             group_size=self.qt.group_size, perm=_pointer(self.perm), col_scale=_pointer(self.col_scale),
             n_outliers=0 if rows is None else rows.numel(), outlier_rows=_pointer(rows), outlier_cols=_pointer(cols),
-            outlier_deltas=_pointer(deltas), **matrix_extras(bias, dec, self._rotation if rotated else None),
+            outlier_deltas=_pointer(deltas), **extras,
         )  # fmt: skip
 
 

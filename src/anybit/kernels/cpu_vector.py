@@ -24,7 +24,7 @@ import torch
 from anybit.format.vector import VectorTensor
 from anybit.format.vector_tables import vector_table
 from anybit.kernels import check_cpu_input, coded_input, cpu_fast
-from anybit.kernels.cpu_fast import KERNEL, Compensation, Matrix
+from anybit.kernels.cpu_fast import KERNEL, Matrix, PreparedMatrix
 
 PIECE = 4  # the piece length the kernel reads (VQ_PIECE in int8_lut.c)
 MAX_INDEX_BITS = 14  # VQ_MAX_BITS in int8_lut.c
@@ -49,7 +49,7 @@ def unavailable(qt: VectorTensor) -> str:
 
 
 @dataclass
-class VectorPrepared:
+class VectorPrepared(PreparedMatrix):
     """A vector-coded tensor re-laid for the kernel."""
 
     qt: VectorTensor
@@ -67,30 +67,13 @@ class VectorPrepared:
         held = [self.codes, self.scale, self.order] + ([self.perm] if self.perm is not None else [])
         return sum(t.numel() * t.element_size() for t in held)
 
-    def matrix(self, bias: torch.Tensor | None = None, dec: Compensation | None = None, rotate: bool = False) -> Matrix:
-        """The C structure over these tensors, a float32 `bias` and a compensation (which the caller keeps
-        alive); with `rotate`, the kernel applies the input rotation itself (the native decoder), else it takes
-        R x (`product`)."""
-        if bias is None and dec is None and not (rotate and self.qt.rotation is not None):
-            return self._plain_matrix
-        return self._build_matrix(bias, dec, rotate)
-
-    @functools.cached_property
-    def _plain_matrix(self) -> Matrix:
-        return self._build_matrix(None, None, False)
-
-    @functools.cached_property
-    def _rotation(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return cpu_fast.rotation_operands(self.qt)
-
-    def _build_matrix(self, bias: torch.Tensor | None, dec: Compensation | None, rotate: bool) -> Matrix:
+    def _build_matrix(self, extras: dict) -> Matrix:
         rows, cols = self.qt.shape
-        rotation = self._rotation if rotate and self.qt.rotation is not None else None
         return Matrix(
             rows=rows, cols=cols, group_size=PIECE, order=self.order.data_ptr(),
             perm=None if self.perm is None else self.perm.data_ptr(), vq_codes=self.codes.data_ptr(),
             vq_table=self.table.data_ptr(), vq_scale=self.scale.data_ptr(), vq_bits=self.qt.index_bits,
-            vq_row_bytes=self.row_bytes, vq_slot_shift=self.slot_shift, **cpu_fast.matrix_extras(bias, dec, rotation),
+            vq_row_bytes=self.row_bytes, vq_slot_shift=self.slot_shift, **extras,
         )  # fmt: skip
 
     def dense(self) -> torch.Tensor:

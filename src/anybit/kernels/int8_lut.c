@@ -467,18 +467,22 @@ static inline __attribute__((always_inline)) void vq_row_product(const anybit_ma
     for (int t = 0; t < n; t++) y[(t0 + t) * m->rows + r] = m->vq_scale[r] * sum[t];
 }
 
-/* vq_row_product with the number of tokens a constant, one copy per count. */
-static void vq_row_product_n(const anybit_matrix *m, int64_t r, const coded_input *in, int64_t t0, int n, float *y) {
-    switch (n) {
-    case 1: vq_row_product(m, r, in, t0, 1, y); break;
-    case 2: vq_row_product(m, r, in, t0, 2, y); break;
-    case 3: vq_row_product(m, r, in, t0, 3, y); break;
-    case 4: vq_row_product(m, r, in, t0, 4, y); break;
-    case 5: vq_row_product(m, r, in, t0, 5, y); break;
-    case 6: vq_row_product(m, r, in, t0, 6, y); break;
-    case 7: vq_row_product(m, r, in, t0, 7, y); break;
-    default: vq_row_product(m, r, in, t0, 8, y); break;
+/* PRODUCT(m, r, in, t0, N, y) with N the number of tokens n (1 .. MAX_TOKENS) as a constant: one inlined copy
+ * of a row product per count. */
+#define WITH_TOKEN_COUNT(PRODUCT, m, r, in, t0, n, y)                                                                 \
+    switch (n) {                                                                                                      \
+    case 1: PRODUCT(m, r, in, t0, 1, y); break;                                                                       \
+    case 2: PRODUCT(m, r, in, t0, 2, y); break;                                                                       \
+    case 3: PRODUCT(m, r, in, t0, 3, y); break;                                                                       \
+    case 4: PRODUCT(m, r, in, t0, 4, y); break;                                                                       \
+    case 5: PRODUCT(m, r, in, t0, 5, y); break;                                                                       \
+    case 6: PRODUCT(m, r, in, t0, 6, y); break;                                                                       \
+    case 7: PRODUCT(m, r, in, t0, 7, y); break;                                                                       \
+    default: PRODUCT(m, r, in, t0, 8, y); break;                                                                      \
     }
+
+static void vq_row_product_n(const anybit_matrix *m, int64_t r, const coded_input *in, int64_t t0, int n, float *y) {
+    WITH_TOKEN_COUNT(vq_row_product, m, r, in, t0, n, y)
 }
 
 /* y[t, r] for the tokens t0 .. t0 + n - 1 of one row r (inlined with n constant: see row_product_n). A
@@ -532,18 +536,8 @@ static inline __attribute__((always_inline)) void row_product(const anybit_matri
     }
 }
 
-/* row_product with the number of tokens a constant, one copy per count. */
 static void row_product_n(const anybit_matrix *m, int64_t r, const coded_input *in, int64_t t0, int n, float *y) {
-    switch (n) {
-    case 1: row_product(m, r, in, t0, 1, y); break;
-    case 2: row_product(m, r, in, t0, 2, y); break;
-    case 3: row_product(m, r, in, t0, 3, y); break;
-    case 4: row_product(m, r, in, t0, 4, y); break;
-    case 5: row_product(m, r, in, t0, 5, y); break;
-    case 6: row_product(m, r, in, t0, 6, y); break;
-    case 7: row_product(m, r, in, t0, 7, y); break;
-    default: row_product(m, r, in, t0, 8, y); break;
-    }
+    WITH_TOKEN_COUNT(row_product, m, r, in, t0, n, y)
 }
 
 
