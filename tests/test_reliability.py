@@ -115,6 +115,12 @@ def _edit_info(directory: Path, edit) -> None:
             lambda i: i.update(end_to_end_tuning={"steps": True, "before": 1.0, "after": 0.5, "kept": True}),
             "field 'end_to_end_tuning' is not",
         ),
+        (
+            lambda i: i.update(
+                end_to_end_tuning={"steps": 2, "before": 1.0, "after": 0.5, "kept": True, "earlier": [{"steps": 1}]}
+            ),
+            "field 'end_to_end_tuning' is not",
+        ),
     ],
     ids=[
         "bits",
@@ -131,6 +137,7 @@ def _edit_info(directory: Path, edit) -> None:
         "tuning-entry",
         "tuning-type",
         "end-to-end-record",
+        "end-to-end-earlier",
     ],
 )
 def test_damaged_anybit_json_is_refused_at_load(quantized, edit, needle, corpus_file, tmp_path) -> None:

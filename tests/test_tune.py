@@ -139,6 +139,13 @@ def test_end_to_end_tuning_lowers_the_held_out_kl_and_keeps_the_codes(tiny_llama
     assert torch.equal(before.model.get_input_embeddings().weight, after.model.get_input_embeddings().weight)
     inspected = runner.invoke(main, ["inspect", tuned])
     assert "tuned end to end (24 steps)" in inspected.output
+    again = str(tmp_path / "t2")  # a second pass keeps the first one's record
+    short = ["--steps", "2", *options[2:]]
+    assert runner.invoke(main, ["tune", tuned, "--out", again, *short]).exit_code == 0
+    second = json.loads((tmp_path / "t2" / "anybit.json").read_text())["end_to_end_tuning"]
+    assert second["steps"] == 2 and second["earlier"] == [record]
+    inspected = runner.invoke(main, ["inspect", again]).output
+    assert inspected.index("tuned end to end (24 steps)") < inspected.index("tuned end to end (2 steps)")
     refused = runner.invoke(main, ["tune", quantized, "--out", quantized, "--force", *options])
     assert refused.exit_code != 0 and "source model" in refused.output
     assert runner.invoke(main, ["tune", str(tiny_llama_dir), "--out", str(tmp_path / "x")]).exit_code != 0

@@ -168,6 +168,9 @@ def tune_to_dir(
         "before": result.before, "after": result.after, "kept": result.kept, "device": device,
         "seconds": round(time.perf_counter() - start, 1),
     }  # fmt: skip
+    earlier = loaded.quant_info.get("end_to_end_tuning")
+    if earlier:  # a further pass: the passes before it stay on record, oldest first
+        record["earlier"] = [*earlier.get("earlier", []), {k: v for k, v in earlier.items() if k != "earlier"}]
     info = {**loaded.quant_info, "end_to_end_tuning": record}
     return save_quantized(loaded.model, loaded.tokenizer, out, info, force=force)
 

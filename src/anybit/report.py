@@ -73,11 +73,15 @@ def _end_to_end_notes(info: dict) -> list[str]:
     record = info.get("end_to_end_tuning")
     if not record:
         return []
+    return [_end_to_end_note(earlier) for earlier in record.get("earlier", [])] + [_end_to_end_note(record)]
+
+
+def _end_to_end_note(record: dict) -> str:
     verdict = "kept" if record["kept"] else "not kept"
-    return [
+    return (
         f"tuned end to end ({record['steps']} steps): held-out KL {record['before']:.4f} -> {record['after']:.4f}, "
         f"{verdict}"
-    ]
+    )
 
 
 def _group_notes(info: dict) -> list[str]:

@@ -149,9 +149,16 @@ def _has_fields(record: object, fields: dict) -> bool:
 
 def _end_to_end_problem(record: object) -> str:
     """What is wrong with the record of end-to-end tuning ("" when nothing is; it is optional)."""
-    if record is None or _has_fields(record, {**_TUNING_FIELDS, "steps": int}):
+    fields = {**_TUNING_FIELDS, "steps": int}
+    if record is None:
         return ""
-    return "field 'end_to_end_tuning' is not {steps: int, before: number, after: number, kept: bool, ...}"
+    earlier = record.get("earlier", []) if isinstance(record, dict) else None
+    if _has_fields(record, fields) and isinstance(earlier, list) and all(_has_fields(r, fields) for r in earlier):
+        return ""
+    return (
+        "field 'end_to_end_tuning' is not {steps: int, before: number, after: number, kept: bool, "
+        "earlier: [such records], ...}"
+    )
 
 
 def _tuning_problem(tuning: object) -> str:
