@@ -156,39 +156,58 @@ def test_same_result_whatever_the_thread_count() -> None:
         torch.set_num_threads(threads)
 
 
-@pytest.mark.skipif(not _cpu_has("amx_tile", "amx_int8"), reason="no AMX tiles on this CPU")
-def test_prompts_on_tiles_match_the_row_path() -> None:
-    """The tile path computes the row path's integer sums: per-row and group codebooks, grids, partial blocks of
-    rows and tokens, and the native build uses the tiles where the CPU has them."""
-    if not cpu_fast.use_tiles():  # the CPU has them, but an older Linux does not hand them to processes
-        pytest.skip("the system does not let this process use the AMX tiles")
+def _block_path_cases() -> list[QuantizedTensor]:
     torch.manual_seed(5)
-    cases = [
+    return [
         codebook_tensor(45, 576, 576, (1, 2, 3, 4, 5, 6, 7, 8)),
         codebook_tensor(30, 256, 64, (2, 3, 8), perm=torch.randperm(256), col_scale=torch.rand(256) + 0.5),
         rtn_quantize(torch.randn(33, 192) * 0.1, 64, torch.randint(1, 9, (33, 3), dtype=torch.uint8)),
     ]
+
+
+def _check_block_path(path: str) -> None:
+    """Prompts in blocks of rows on `path` against the row path: per-row and group codebooks, grids, partial
+    blocks of rows (45, 30, 33) and of tokens (29), more tokens than one decoding of the rows serves (300)."""
     try:
-        for qt in cases:
+        for qt in _block_path_cases():
             prepared = cpu_fast.prepare(qt)
-            for tokens in (16, 29, 64):
+            for tokens in (16, 29, 64, 300):
                 x = torch.randn(tokens, qt.shape[1])
-                assert cpu_fast.use_tiles(True)
-                tiles = cpu_fast.product(prepared, x).double()
-                assert not cpu_fast.use_tiles(False)
+                x[3] *= 40  # one token of a much larger step than the others
+                assert cpu_fast.prompt_path(path) == path
+                blocks = cpu_fast.product(prepared, x).double()
+                assert cpu_fast.prompt_path("rows") == "rows"
                 rows = cpu_fast.product(prepared, x).double()
-                assert bool(((tiles - rows).abs() <= 2 * _float_slack(prepared, x)).all())
+                assert bool(((blocks - rows).abs() <= 2 * _float_slack(prepared, x)).all())
     finally:
-        cpu_fast.use_tiles(True)
+        cpu_fast.prompt_path("tiles")
 
 
-def test_tiles_can_be_turned_off_and_on() -> None:
-    allowed = cpu_fast.use_tiles()
+@pytest.mark.skipif(not _cpu_has("avx512bw", "avx512vbmi", "avx512_vnni"), reason="no AVX-512 VNNI on this CPU")
+def test_prompts_on_registers_match_the_row_path() -> None:
+    _check_block_path("registers")
+
+
+@pytest.mark.skipif(not _cpu_has("amx_tile", "amx_int8"), reason="no AMX tiles on this CPU")
+def test_prompts_on_tiles_match_the_row_path() -> None:
+    if cpu_fast.prompt_path("tiles") != "tiles":  # the CPU has them, but an older Linux does not hand them out
+        pytest.skip("the system does not let this process use the AMX tiles")
+    _check_block_path("tiles")
+
+
+def test_prompt_paths_can_be_chosen() -> None:
+    """Each choice holds within what the build allows, and the default (tiles where allowed) comes back."""
+    default = cpu_fast.prompt_path()
+    avx512 = cpu_fast.code_path() == "avx512"
     try:
-        assert not cpu_fast.use_tiles(False)
-        assert cpu_fast.use_tiles(True) == allowed
+        assert cpu_fast.prompt_path("rows") == "rows"
+        assert cpu_fast.prompt_path("registers") == ("registers" if avx512 else "rows")
+        assert cpu_fast.prompt_path("tiles") == default
+        assert default in (("tiles", "registers") if avx512 else ("rows",))
+        with pytest.raises(ValueError, match="is not one of rows, registers, tiles"):
+            cpu_fast.prompt_path("gpu")
     finally:
-        cpu_fast.use_tiles(allowed)
+        cpu_fast.prompt_path("tiles")
 
 
 def test_relaid_codes_take_the_stored_bytes() -> None:

@@ -24,7 +24,7 @@ class SpeedResult:
     decode_ms_per_token: float
     cuda_graph: bool  # decode steps replayed from a CUDA graph (static KV cache)
     decoder: str  # "native" (each step in C, `runtime.native`) or "eager" (Hugging Face's forward)
-    prompt_on_tiles: bool  # the prompt's products ran on AMX tiles (`kernels.cpu_fast.use_tiles`)
+    prompt_path: str | None  # how the fast CPU kernel multiplied the prompt (`kernels.cpu_fast.prompt_path`)
     tensor_bytes: int  # parameters and buffers the model holds, shared ones once
     kernel_bytes: int  # what the kernels hold besides them (the fast CPU kernel's re-laid codes and tables)
     peak_gpu_bytes: int | None  # CUDA only: peak allocated during the runs
@@ -33,17 +33,18 @@ class SpeedResult:
         return asdict(self)
 
 
-def prompt_on_tiles(model: torch.nn.Module, device: torch.device, tokens: int) -> bool:
-    """Whether a prompt of `tokens` has its quantized products on AMX tiles: layers on the fast CPU kernel, which
-    uses them."""
+def prompt_path(model: torch.nn.Module, device: torch.device, tokens: int) -> str | None:
+    """How a prompt of `tokens` has its quantized products multiplied by the fast CPU kernel ("tiles",
+    "registers" or "rows"; `kernels.cpu_fast.prompt_path`), None when no layer is on that kernel. Vector-coded
+    layers multiply their float input row by row whatever the path."""
     from anybit.kernels import cpu_fast
-
-    if device.type != "cpu" or tokens < cpu_fast.TILE_MIN_TOKENS:
-        return False
     from anybit.runtime.qlinear import QuantLinear
 
-    fast = any(isinstance(m, QuantLinear) and m.backend(device) == "fast" for m in model.modules())
-    return fast and cpu_fast.use_tiles()
+    if device.type != "cpu" or not any(
+        isinstance(m, QuantLinear) and m.backend(device) == "fast" for m in model.modules()
+    ):
+        return None
+    return cpu_fast.prompt_path() if tokens >= cpu_fast.TILE_MIN_TOKENS else "rows"
 
 
 def tensor_bytes(model: torch.nn.Module) -> int:
@@ -239,7 +240,7 @@ def decode_speed(
         decode_ms_per_token=1000 * decode_s / new_tokens,
         cuda_graph=cuda_graph,
         decoder="native" if native is not None else "eager",
-        prompt_on_tiles=prompt_on_tiles(model, dev, prompt_tokens),
+        prompt_path=prompt_path(model, dev, prompt_tokens),
         tensor_bytes=tensor_bytes(model),
         kernel_bytes=kernel_bytes(model),
         peak_gpu_bytes=torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,

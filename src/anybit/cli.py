@@ -184,6 +184,9 @@ def _make_config(ctx: click.Context, config_file: str | None, **values: object) 
     return QuantConfig.from_toml(config_file, **explicit)
 
 
+_PROMPT_PATHS = {"tiles": ", on AMX tiles", "registers": ", in blocks of rows"}  # `anybit bench`'s line
+
+
 def _mb(n_bytes: int) -> str:
     return f"{n_bytes / 1e6:.1f} MB"
 
@@ -534,7 +537,7 @@ def bench(
         return
     line = (
         f"{model} on {result.device} ({result.dtype}): prefill {result.prefill_tokens_per_s:.1f} tokens/s "
-        f"({prompt_tokens} tokens{', on AMX tiles' if result.prompt_on_tiles else ''}), decode "
+        f"({prompt_tokens} tokens{_PROMPT_PATHS.get(result.prompt_path, '')}), decode "
         f"{result.decode_tokens_per_s:.2f} tokens/s "
         f"({result.decode_ms_per_token:.1f} ms/token, {result.decoder}), {_mb(result.tensor_bytes)} of tensors"
     )

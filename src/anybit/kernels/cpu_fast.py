@@ -10,9 +10,10 @@ the error these roundings allow.
 Re-laid codes take the same bytes as the stored ones (per 64 codes of a b-bit segment, the stored 8 b bytes
 on the AVX-512 path, b 64-bit plane words on the others, the 64 codes themselves at 8 bits), rows of one
 width together; codebook tables take 2 · 2^b bytes (a high and a low part) and one float scale per segment.
-Prompts of 16 tokens or more multiply on AMX tiles where the CPU has them (and Linux lets the process use
-them): the same integer sums, 16 rows by 16 tokens per tile product, each block of rows decoded once for all
-tokens (`use_tiles`).
+On the AVX-512 path, prompts of 16 tokens or more multiply in blocks of 16 rows, each decoded once for all
+tokens: on AMX tiles where the CPU has them (and Linux lets the process use them), 16 rows by 16 tokens per
+tile product, else on AVX-512 registers, 16 tokens' sums per register; the same integer sums as the row path
+(`prompt_path`).
 
 Served: axis-0 layouts whose segments are whole 64-column blocks (group size and row length multiples of 64), every width 1-8, uniform or
 codebook, with the permutation, scaling vector and outliers of the exact path.
@@ -37,7 +38,8 @@ from anybit.kernels.build import CompiledKernel
 BLOCK = 64  # columns per block of codes and of rounded activations
 TABLE_PAD = 256  # the widest lookup reads four 64-byte registers from a table's start
 RELAY_ROWS = 2048  # segments re-laid at once (bounds the temporaries)
-TILE_MIN_TOKENS = 16  # inputs this long multiply on AMX tiles where used (AMX_MIN_TOKENS in int8_lut.c)
+TILE_MIN_TOKENS = 16  # inputs this long multiply in blocks of rows where the build has them (int8_lut.c)
+PROMPT_PATHS = ("rows", "registers", "tiles")  # PROMPT_ROWS, PROMPT_REGISTERS, PROMPT_TILES in int8_lut.c
 
 
 _P = ctypes.c_void_p
@@ -78,8 +80,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.anybit_fast_matmul.argtypes = [ctypes.POINTER(Matrix), _P, _I, _P, ctypes.c_int]
     lib.anybit_fast_rows.restype = None
     lib.anybit_fast_rows.argtypes = [ctypes.POINTER(Matrix), _P, _I, _P]
-    lib.anybit_fast_amx.restype = ctypes.c_int
-    lib.anybit_fast_amx.argtypes = [ctypes.c_int]
+    lib.anybit_fast_prompt_path.restype = ctypes.c_int
+    lib.anybit_fast_prompt_path.argtypes = [ctypes.c_int]
     lib.anybit_vector_dequantize.restype = None
     lib.anybit_vector_dequantize.argtypes = [ctypes.POINTER(Matrix), _P, ctypes.c_int]
 
@@ -93,14 +95,17 @@ def code_path() -> str:
     return lib if isinstance(lib, str) else ("portable", "avx2", "avx512")[lib.anybit_fast_path()]
 
 
-def use_tiles(on: bool | None = None) -> bool:
-    """Whether prompts (16 tokens or more) multiply on AMX tiles: the build has the path, the CPU the tiles and
-    the system lets this process use them. `on` False turns the tiles off (every product takes the row path),
-    True back on where allowed; None only asks."""
+def prompt_path(choice: str | None = None) -> str:
+    """How prompts (TILE_MIN_TOKENS tokens or more) multiply: "tiles" (AMX), "registers" (AVX-512 blocks of
+    rows) or "rows" (row by row, as single tokens do). `choice` sets it, within what the build, the CPU and
+    the system allow ("tiles" falls back to "registers" where the tiles are not available, both to "rows" off
+    the AVX-512 path); None only asks. Returns the path now in use."""
     lib = KERNEL.library()
     if isinstance(lib, str):
-        return False
-    return bool(lib.anybit_fast_amx(-1 if on is None else int(on)))
+        return "rows"
+    if choice is not None and choice not in PROMPT_PATHS:
+        raise ValueError(f"prompt path {choice!r} is not one of {', '.join(PROMPT_PATHS)}")
+    return PROMPT_PATHS[lib.anybit_fast_prompt_path(-1 if choice is None else PROMPT_PATHS.index(choice))]
 
 
 def unavailable(qt: CodedTensor) -> str:

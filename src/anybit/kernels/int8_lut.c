@@ -18,11 +18,11 @@
  *
  * Paths, chosen when compiled: AVX-512 (BW, VBMI, VNNI, GFNI): codes transposed from the stored bit planes by
  * vpermb and gf2p8affineqb, tables looked up by vpermb/vpermi2b, products by vpdpbusd; prompts of 16 tokens
- * or more on AMX tiles where the build and the system allow (see AMX below); AVX2: codes assembled from plane
- * words, 32 columns at a time, tables of up to 32 entries by pshufb, products by maddubs; portable C otherwise.
- * All paths compute the same integer dot products; only the order of float sums differs (the AVX-512 and AMX
- * paths multiply the unsigned values and take their bias out with the input's sums, the others multiply
- * value - 128).
+ * or more in blocks of 16 rows, on AMX tiles or AVX-512 registers (see "Prompts" below); AVX2: codes
+ * assembled from plane words, 32 columns at a time, tables of up to 32 entries by pshufb, products by
+ * maddubs; portable C otherwise. All paths compute the same integer dot products; only the order of float
+ * sums differs (the AVX-512 paths multiply the unsigned values and take their bias out with the input's sums,
+ * the others multiply value - 128).
  *
  * Vector-coded matrices (anybit/format/vector.py, prepared by anybit/kernels/cpu_vector.py) share the
  * structure, the input rotation, the threads and the decode step, but multiply the float input: each piece of
@@ -87,15 +87,27 @@ typedef struct {
     float *coded;    /* the input in coded column order, scaled (perm or col_scale); else unused */
     int64_t *picked;   /* per token, the channels compensation picks (cols slots each) */
     int64_t *n_picked; /* per token, how many */
-    int8_t *tiles;     /* AMX: the parts in tile order (amx_input_tiles); NULL when the tiles are not used */
+    int8_t *tiles;     /* the parts in tile order (lay_input_tile); NULL when prompts take the row path */
     float *rotated;    /* the input rotated (anybit_matrix.rot_mix); else unused */
 } coded_input;
+
+/* max |v[j]| over n floats (fmaxf is a library call that GCC does not vectorize). */
+static float abs_max(const float *v, int64_t n) {
+    float amax = 0.0f;
+    int64_t j = 0;
+#if defined(PATH_AVX512)
+    __m512 m = _mm512_setzero_ps();
+    for (; j + 16 <= n; j += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(v + j)));
+    amax = _mm512_reduce_max_ps(m);
+#endif
+    for (; j < n; j++) amax = fmaxf(amax, fabsf(v[j]));
+    return amax;
+}
 
 /* Round token t (v, cols columns) with one step s = max|x| / 127 to two int8 parts, x ~ s (hi + lo / 256). */
 static void quantize_token(const float *v, int64_t t, int64_t cols, coded_input *in) {
     const int64_t blocks = cols / BLOCK;
-    float amax = 0.0f;
-    for (int64_t j = 0; j < cols; j++) amax = fmaxf(amax, fabsf(v[j]));
+    const float amax = abs_max(v, cols);
     const float step = amax / 127.0f, inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
     double *xsum = in->xsum + t * (blocks + 1), *hisum = in->hisum + t * (blocks + 1);
     xsum[0] = hisum[0] = 0.0;
@@ -203,37 +215,58 @@ static inline __m256i half_dot(__m256i acc, __m256i w, const int8_t *xq) {
 }
 #endif
 
-/* The constant tables the code path needs, filled on first use (before any thread starts). */
-/* AMX (prompts of AMX_MIN_TOKENS tokens or more): the same integer dot products as the AVX-512 path, 16 rows by
- * 16 tokens per tile product. A block of 16 rows is decoded once (its high and low table values, 64 columns a
- * tile) and multiplied with every group of 16 tokens, whose parts are laid in the tiles' order beforehand
- * (tile row kk holds, for each token n, its 4 values of columns 4 kk .. 4 kk + 3). Linux gives a process the
- * tile registers on request (arch_prctl ARCH_REQ_XCOMP_PERM); where it refuses, or where
- * anybit_fast_amx(0) turned them off, every product takes the row path. */
-#define AMX_TILE 16
-#define AMX_MIN_TOKENS 16
-#define AMX_TILE_BYTES (AMX_TILE * 64)
-static int amx_state; /* 0: not asked yet, 1: in use, -1: not available or turned off */
+/* Prompts (TILE_MIN_TOKENS tokens or more) on the AVX-512 path: a block of 16 rows is decoded once (its high
+ * and low table values, 64 columns a tile) and multiplied with every group of 16 tokens, whose parts are laid
+ * in tile order beforehand (tile row kk holds, for each token n, its 4 values of columns 4 kk .. 4 kk + 3):
+ * the same integer dot products as the row path, without decoding the codes again for every 8 tokens and
+ * without a horizontal sum per row and token. Two multipliers: AMX tiles (16 rows by 16 tokens per tile
+ * product) where the build has them and Linux gives the process the tile registers (arch_prctl
+ * ARCH_REQ_XCOMP_PERM), else AVX-512 registers (vpdpbusd of one row's 4 broadcast values with a tile row:
+ * 16 tokens' sums per register, REGISTER_ROWS rows at a time). anybit_fast_prompt_path turns either off. */
+#define TILE 16
+#define TILE_MIN_TOKENS 16
+#define TILE_BYTES (TILE * 64)
+#define PROMPT_ROWS 0
+#define PROMPT_REGISTERS 1
+#define PROMPT_TILES 2
+static int amx_state;         /* 0: not asked yet, 1: in use, -1: not available or turned off */
+static int registers_off;     /* the register path turned off: prompts without tiles take the row path */
 
-/* request 1: use the tiles where the system allows, 0: never; -1: ask the system once. Returns whether used. */
-int anybit_fast_amx(int request) {
+/* Which path prompts take: PROMPT_TILES, PROMPT_REGISTERS or PROMPT_ROWS. `request` -1 only asks (asking the
+ * system for the tiles once); PROMPT_ROWS turns both block paths off, PROMPT_REGISTERS the tiles off,
+ * PROMPT_TILES both on where the build and system allow. */
+int anybit_fast_prompt_path(int request) {
 #if defined(PATH_AMX)
-    if (request == 0)
+    if (request == PROMPT_ROWS || request == PROMPT_REGISTERS)
         amx_state = -1;
-    else if (request == 1 || amx_state == 0)
+    else if (request == PROMPT_TILES || amx_state == 0)
         amx_state = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 ? 1 : -1;
-    return amx_state > 0;
 #else
-    (void)request;
-    return 0;
+    amx_state = -1;
+#endif
+    if (request >= 0) registers_off = request == PROMPT_ROWS;
+#if defined(PATH_AVX512)
+    if (amx_state > 0) return PROMPT_TILES;
+    return registers_off ? PROMPT_ROWS : PROMPT_REGISTERS;
+#else
+    return PROMPT_ROWS;
 #endif
 }
 
-static int amx_tokens(int64_t T) { return T >= AMX_MIN_TOKENS && amx_state > 0; }
-static int64_t amx_token_groups(int64_t T) { return (T + AMX_TILE - 1) / AMX_TILE; }
+/* Whether T tokens multiply in blocks of rows (on tiles or registers) rather than row by row. */
+static int block_tokens(int64_t T) {
+#if defined(PATH_AVX512)
+    return T >= TILE_MIN_TOKENS && (amx_state > 0 || !registers_off);
+#else
+    (void)T;
+    return 0;
+#endif
+}
+static int64_t token_groups(int64_t T) { return (T + TILE - 1) / TILE; }
 
+/* The constant tables the code path needs, filled on first use (before any thread starts). */
 static void init_tables(void) {
-    if (!amx_state) anybit_fast_amx(-1);
+    if (!amx_state) anybit_fast_prompt_path(-1);
 #if defined(PATH_AVX512)
     if (!SPREAD_MASK[1]) init_spread_tables();
 #endif
@@ -552,9 +585,9 @@ static int alloc_input(coded_input *in, int64_t T, int64_t cols) {
     in->picked = malloc(sizeof(int64_t) * (size_t)(T * cols));
     in->n_picked = malloc(sizeof(int64_t) * (size_t)T);
     in->rotated = malloc(sizeof(float) * (size_t)(T * cols));
-    in->tiles = amx_tokens(T) ? malloc((size_t)(2 * amx_token_groups(T) * AMX_TILE * cols)) : NULL;
+    in->tiles = block_tokens(T) ? malloc((size_t)(2 * token_groups(T) * TILE * cols)) : NULL;
     return in->xq && in->step && in->xsum && in->hisum && in->coded && in->picked && in->n_picked && in->rotated &&
-                   (in->tiles || !amx_tokens(T))
+                   (in->tiles || !block_tokens(T))
                ? 0
                : -1;
 }
@@ -630,7 +663,7 @@ static int shares_input(const anybit_matrix *const *m, int i) {
            !m[i]->vq_codes == !m[0]->vq_codes;
 }
 
-#if defined(PATH_AMX)
+#if defined(PATH_AVX512)
 /* Whether any of `count` matrices is vector-coded (those take the row path, on the float input). */
 static int any_vector_coded(const anybit_matrix *const *m, int count) {
     for (int i = 0; i < count; i++)
@@ -716,6 +749,173 @@ static void row_products(const anybit_matrix *const *m, int count, const coded_i
     }
 }
 
+#if defined(PATH_AVX512)
+/* The high and low parts of tokens 16 tg .. 16 tg + 15 (zeros past T) in block k, in tile order. */
+static int8_t *input_tile(const coded_input *in, int64_t blocks, int64_t tg, int64_t k) {
+    return in->tiles + (tg * blocks + k) * 2 * TILE_BYTES;
+}
+
+static void lay_input_tile(const coded_input *in, int64_t cols, int64_t T, int64_t tg, int64_t k) {
+    int8_t *dst = input_tile(in, cols / BLOCK, tg, k);
+    for (int n = 0; n < TILE; n++) {
+        const int64_t t = tg * TILE + n;
+        const int8_t *src = t < T ? XQ(in->xq, cols, t, k) : NULL;
+        for (int part = 0; part < 2; part++)
+            for (int kk = 0; kk < 16; kk++) {
+                int8_t *to = dst + part * TILE_BYTES + kk * 64 + n * 4;
+                if (src)
+                    memcpy(to, src + part * BLOCK + kk * 4, 4);
+                else
+                    memset(to, 0, 4);
+            }
+    }
+}
+
+/* One row's segment of b bits decoded into the block buffer (per block: 16 rows of 64 high values, then of
+ * low values; `dst` at this row's slot of the segment's first block). */
+static inline __attribute__((always_inline)) const uint8_t *decode_segment(const uint8_t *w, const int b,
+                                                                           const uint8_t *table, uint8_t *dst,
+                                                                           int64_t nblocks) {
+    for (int64_t k = 0; k < nblocks; k++, w += 8 * b, dst += 2 * TILE_BYTES) {
+        const __m512i codes = block_codes(w, b);
+        _mm512_storeu_si512(dst, table ? lookup(codes, b, table) : codes);
+        if (table) _mm512_storeu_si512(dst + TILE_BYTES, lookup(codes, b, table + (1 << b)));
+    }
+    return w;
+}
+
+static void decode_row_block(const anybit_matrix *m, const int64_t *rows, int nrows, uint8_t *buf) {
+    const int64_t blocks = m->cols / BLOCK, groups = m->cols / m->group_size, group_blocks = m->group_size / BLOCK;
+    for (int q = nrows; q < TILE; q++) /* rows past the matrix's end multiply as zeros */
+        for (int64_t k = 0; k < 2 * blocks; k++) memset(buf + k * TILE_BYTES + q * 64, 0, 64);
+    for (int q = 0; q < nrows; q++) {
+        const int64_t r = rows[q];
+        const uint8_t *w = m->codes + m->row_off[r];
+        for (int64_t g = 0; g < groups; g++) {
+            const int64_t s = r * groups + g;
+            const uint8_t *table = m->tables ? m->tables + m->table_off[s] : NULL;
+            uint8_t *dst = buf + g * group_blocks * 2 * TILE_BYTES + q * 64;
+            switch (m->bits[s]) {
+            case 1: w = decode_segment(w, 1, table, dst, group_blocks); break;
+            case 2: w = decode_segment(w, 2, table, dst, group_blocks); break;
+            case 3: w = decode_segment(w, 3, table, dst, group_blocks); break;
+            case 4: w = decode_segment(w, 4, table, dst, group_blocks); break;
+            case 5: w = decode_segment(w, 5, table, dst, group_blocks); break;
+            case 6: w = decode_segment(w, 6, table, dst, group_blocks); break;
+            case 7: w = decode_segment(w, 7, table, dst, group_blocks); break;
+            default: w = decode_segment(w, 8, table, dst, group_blocks); break;
+            }
+        }
+    }
+}
+
+/* Per segment g and token n of token group tg: the sums over the segment's blocks of the rounded input (dx)
+ * and of s times its high parts (dh), zeros past T: what the offsets and the low tables' bias take out. */
+static void segment_sums(const anybit_matrix *m, const coded_input *in, int64_t T, int64_t tg, float *dx, float *dh) {
+    const int64_t blocks = m->cols / BLOCK, groups = m->cols / m->group_size, group_blocks = m->group_size / BLOCK;
+    for (int n = 0; n < TILE; n++) {
+        const int64_t t = tg * TILE + n;
+        const double *xsum = in->xsum + t * (blocks + 1), *hisum = in->hisum + t * (blocks + 1);
+        for (int64_t g = 0; g < groups; g++) {
+            const int64_t k0 = g * group_blocks, k1 = k0 + group_blocks;
+            dx[g * TILE + n] = t < T ? (float)(xsum[k1] - xsum[k0]) : 0.0f;
+            dh[g * TILE + n] = t < T ? (float)(hisum[k1] - hisum[k0]) : 0.0f;
+        }
+    }
+}
+
+/* y[t, rows[q]] (q < nrows) for the 16 tokens of group tg from the rows' float sums `acc` and the bias taken
+ * out `total` (16 tokens each): total + s acc. */
+static void store_token_group(const anybit_matrix *m, const int64_t *rows, int nrows, const coded_input *in,
+                              int64_t T, int64_t tg, float (*acc)[TILE], float (*total)[TILE], float *y) {
+    const int nt = T - tg * TILE < TILE ? (int)(T - tg * TILE) : TILE;
+    for (int q = 0; q < nrows; q++)
+        for (int n = 0; n < nt; n++) {
+            const int64_t t = tg * TILE + n;
+            y[t * m->rows + rows[q]] = total[q][n] + in->step[t] * acc[q][n];
+        }
+}
+
+#define REGISTER_ROWS 8 /* rows per pass of the register path: 16 accumulators (4 measured slower) */
+
+/* acc += vpdpbusd(u, s), in place: GCC (12) otherwise copies each accumulator once or twice per product. */
+static inline __m512i dpbusd_in_place(__m512i acc, __m512i u, __m512i s) {
+    __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "v"(s));
+    return acc;
+}
+
+/* acc[q] += the segment's scale times A + B / 256 over the blocks k0 .. k1 - 1 of rows q0 .. q0 + REGISTER_ROWS
+ * - 1 of the decoded block `buf` and token group tg: per tile row kk, each row's 4 values broadcast and
+ * multiplied with the 16 tokens' 4 parts (vpdpbusd). Inlined with `tabled` constant. */
+static inline __attribute__((always_inline)) void register_segment(const uint8_t *buf, int q0, const int tabled,
+                                                                   const coded_input *in, int64_t blocks, int64_t tg,
+                                                                   int64_t k0, int64_t k1, const float *sc,
+                                                                   float (*acc)[TILE]) {
+    for (int64_t first = k0; first < k1; first += FLUSH_BLOCKS) {
+        const int64_t end = first + FLUSH_BLOCKS < k1 ? first + FLUSH_BLOCKS : k1;
+        __m512i a[REGISTER_ROWS], bl[REGISTER_ROWS];
+        for (int q = 0; q < REGISTER_ROWS; q++) a[q] = bl[q] = _mm512_setzero_si512();
+        for (int64_t k = first; k < end; k++) {
+            const int8_t *x = input_tile(in, blocks, tg, k);
+            const uint8_t *w = buf + k * 2 * TILE_BYTES + q0 * 64;
+#pragma GCC unroll 4
+            for (int kk = 0; kk < 16; kk++) {
+                const __m512i xh = _mm512_loadu_si512(x + kk * 64), xl = _mm512_loadu_si512(x + TILE_BYTES + kk * 64);
+                for (int q = 0; q < REGISTER_ROWS; q++) {
+                    int32_t four;
+                    memcpy(&four, w + q * 64 + kk * 4, 4);
+                    const __m512i wh = _mm512_set1_epi32(four);
+                    a[q] = dpbusd_in_place(a[q], wh, xh), bl[q] = dpbusd_in_place(bl[q], wh, xl);
+                    if (tabled) {
+                        memcpy(&four, w + TILE_BYTES + q * 64 + kk * 4, 4);
+                        bl[q] = dpbusd_in_place(bl[q], _mm512_set1_epi32(four), xh);
+                    }
+                }
+            }
+        }
+        for (int q = 0; q < REGISTER_ROWS; q++) {
+            const __m512 f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(bl[q]), _mm512_set1_ps(1.0f / 256.0f),
+                                             _mm512_cvtepi32_ps(a[q]));
+            _mm512_storeu_ps(acc[q], _mm512_fmadd_ps(f, _mm512_set1_ps(sc[q]), _mm512_loadu_ps(acc[q])));
+        }
+    }
+}
+
+/* y[t, r] for the rows `rows` (nrows <= 16) of m and the token groups tg0 .. tg1 - 1, from their decoded
+ * values in `buf`, on AVX-512 registers: per segment and token, sc (A + B / 256) less the offsets' and the
+ * low tables' bias, as row_product adds them. */
+static void register_row_block(const anybit_matrix *m, const int64_t *rows, int nrows, const coded_input *in,
+                               int64_t T, int64_t tg0, int64_t tg1, const uint8_t *buf, float *y, float *sums) {
+    const int64_t blocks = m->cols / BLOCK, groups = m->cols / m->group_size, group_blocks = m->group_size / BLOCK;
+    float *dx = sums, *dh = sums + groups * TILE;
+    for (int64_t tg = tg0; tg < tg1; tg++) {
+        float acc[TILE][TILE] __attribute__((aligned(64))) = {{0}};
+        float total[TILE][TILE] __attribute__((aligned(64))) = {{0}};
+        segment_sums(m, in, T, tg, dx, dh);
+        for (int q0 = 0; q0 < nrows; q0 += REGISTER_ROWS)
+            for (int64_t g = 0; g < groups; g++) {
+                float sc[REGISTER_ROWS], off[REGISTER_ROWS];
+                for (int q = 0; q < REGISTER_ROWS; q++) { /* rows past nrows: zeros in buf, scale 0 */
+                    const int64_t s = q0 + q < nrows ? rows[q0 + q] * groups + g : -1;
+                    sc[q] = s >= 0 ? m->scale[s] : 0.0f, off[q] = s >= 0 ? (float)m->offset[s] : 0.0f;
+                }
+                const int64_t k0 = g * group_blocks, k1 = k0 + group_blocks;
+                if (m->tables)
+                    register_segment(buf, q0, 1, in, blocks, tg, k0, k1, sc, acc + q0);
+                else
+                    register_segment(buf, q0, 0, in, blocks, tg, k0, k1, sc, acc + q0);
+                const __m512 sx = _mm512_loadu_ps(dx + g * TILE), sh = _mm512_loadu_ps(dh + g * TILE);
+                const __m512 low_bias = _mm512_mul_ps(sh, _mm512_set1_ps(m->tables ? 128.0f / 256.0f : 0.0f));
+                for (int q = 0; q < REGISTER_ROWS; q++) {
+                    const __m512 bias = _mm512_fmadd_ps(_mm512_set1_ps(off[q]), sx, low_bias);
+                    _mm512_storeu_ps(total[q0 + q],
+                                     _mm512_fnmadd_ps(_mm512_set1_ps(sc[q]), bias, _mm512_loadu_ps(total[q0 + q])));
+                }
+            }
+        store_token_group(m, rows, nrows, in, T, tg, acc, total, y);
+    }
+}
+
 #if defined(PATH_AMX)
 typedef struct {
     uint8_t palette, start_row, reserved[14];
@@ -729,80 +929,20 @@ static void amx_configure(void) {
     amx_config c;
     memset(&c, 0, sizeof c);
     c.palette = 1;
-    for (int i = 0; i < 6; i++) c.colsb[i] = 64, c.rows[i] = AMX_TILE;
+    for (int i = 0; i < 6; i++) c.colsb[i] = 64, c.rows[i] = TILE;
     _tile_loadconfig(&c);
 }
 
-/* The high and low parts of tokens 16 tg .. 16 tg + 15 (zeros past T) in block k, in tile order. */
-static int8_t *amx_tile(const coded_input *in, int64_t blocks, int64_t tg, int64_t k) {
-    return in->tiles + (tg * blocks + k) * 2 * AMX_TILE_BYTES;
-}
-
-static void amx_input_tiles(const coded_input *in, int64_t cols, int64_t T, int64_t tg, int64_t k) {
-    int8_t *dst = amx_tile(in, cols / BLOCK, tg, k);
-    for (int n = 0; n < AMX_TILE; n++) {
-        const int64_t t = tg * AMX_TILE + n;
-        const int8_t *src = t < T ? XQ(in->xq, cols, t, k) : NULL;
-        for (int part = 0; part < 2; part++)
-            for (int kk = 0; kk < 16; kk++) {
-                int8_t *to = dst + part * AMX_TILE_BYTES + kk * 64 + n * 4;
-                if (src)
-                    memcpy(to, src + part * BLOCK + kk * 4, 4);
-                else
-                    memset(to, 0, 4);
-            }
-    }
-}
-
-/* One row's segment of b bits decoded into the tile buffer (per block: 16 rows of 64 high values, then of
- * low values; `dst` at this row's slot of the segment's first block). */
-static inline __attribute__((always_inline)) const uint8_t *amx_decode(const uint8_t *w, const int b,
-                                                                       const uint8_t *table, uint8_t *dst,
-                                                                       int64_t nblocks) {
-    for (int64_t k = 0; k < nblocks; k++, w += 8 * b, dst += 2 * AMX_TILE_BYTES) {
-        const __m512i codes = block_codes(w, b);
-        _mm512_storeu_si512(dst, table ? lookup(codes, b, table) : codes);
-        if (table) _mm512_storeu_si512(dst + AMX_TILE_BYTES, lookup(codes, b, table + (1 << b)));
-    }
-    return w;
-}
-
-static void amx_decode_rows(const anybit_matrix *m, const int64_t *rows, int nrows, uint8_t *buf) {
-    const int64_t blocks = m->cols / BLOCK, groups = m->cols / m->group_size, group_blocks = m->group_size / BLOCK;
-    for (int q = nrows; q < AMX_TILE; q++) /* rows past the matrix's end multiply as zeros */
-        for (int64_t k = 0; k < 2 * blocks; k++) memset(buf + k * AMX_TILE_BYTES + q * 64, 0, 64);
-    for (int q = 0; q < nrows; q++) {
-        const int64_t r = rows[q];
-        const uint8_t *w = m->codes + m->row_off[r];
-        for (int64_t g = 0; g < groups; g++) {
-            const int64_t s = r * groups + g;
-            const uint8_t *table = m->tables ? m->tables + m->table_off[s] : NULL;
-            uint8_t *dst = buf + g * group_blocks * 2 * AMX_TILE_BYTES + q * 64;
-            switch (m->bits[s]) {
-            case 1: w = amx_decode(w, 1, table, dst, group_blocks); break;
-            case 2: w = amx_decode(w, 2, table, dst, group_blocks); break;
-            case 3: w = amx_decode(w, 3, table, dst, group_blocks); break;
-            case 4: w = amx_decode(w, 4, table, dst, group_blocks); break;
-            case 5: w = amx_decode(w, 5, table, dst, group_blocks); break;
-            case 6: w = amx_decode(w, 6, table, dst, group_blocks); break;
-            case 7: w = amx_decode(w, 7, table, dst, group_blocks); break;
-            default: w = amx_decode(w, 8, table, dst, group_blocks); break;
-            }
-        }
-    }
-}
-
-/* y[t, r] for the rows `rows` (nrows <= 16) of m and every token, from their decoded values in `buf`: per
- * segment and token, sc (A + B / 256) less the offsets' and the low tables' bias, as row_product adds them. */
+/* register_row_block on AMX tiles: 16 rows by 16 tokens per tile product. */
 static void amx_row_block(const anybit_matrix *m, const int64_t *rows, int nrows, const coded_input *in, int64_t T,
-                          const uint8_t *buf, float *y) {
+                          int64_t tg0, int64_t tg1, const uint8_t *buf, float *y) {
     const int64_t cols = m->cols, blocks = cols / BLOCK, groups = cols / m->group_size;
     const int64_t group_blocks = m->group_size / BLOCK;
     const int tabled = m->tables != NULL;
-    int32_t a[AMX_TILE * AMX_TILE] __attribute__((aligned(64))), bl[AMX_TILE * AMX_TILE] __attribute__((aligned(64)));
-    for (int64_t tg = 0; tg < amx_token_groups(T); tg++) {
-        const int nt = T - tg * AMX_TILE < AMX_TILE ? (int)(T - tg * AMX_TILE) : AMX_TILE;
-        float acc[AMX_TILE][AMX_TILE] = {{0}}, total[AMX_TILE][AMX_TILE] = {{0}};
+    int32_t a[TILE * TILE] __attribute__((aligned(64))), bl[TILE * TILE] __attribute__((aligned(64)));
+    for (int64_t tg = tg0; tg < tg1; tg++) {
+        const int nt = T - tg * TILE < TILE ? (int)(T - tg * TILE) : TILE;
+        float acc[TILE][TILE] = {{0}}, total[TILE][TILE] = {{0}};
         for (int64_t g = 0; g < groups; g++) {
             const int64_t k0 = g * group_blocks, k1 = k0 + group_blocks;
             for (int64_t first = k0; first < k1; first += FLUSH_BLOCKS) {
@@ -810,14 +950,14 @@ static void amx_row_block(const anybit_matrix *m, const int64_t *rows, int nrows
                 _tile_zero(0);
                 _tile_zero(1);
                 for (int64_t k = first; k < end; k++) {
-                    const int8_t *x = amx_tile(in, blocks, tg, k);
-                    _tile_loadd(2, buf + k * 2 * AMX_TILE_BYTES, 64);
+                    const int8_t *x = input_tile(in, blocks, tg, k);
+                    _tile_loadd(2, buf + k * 2 * TILE_BYTES, 64);
                     _tile_loadd(4, x, 64);
-                    _tile_loadd(5, x + AMX_TILE_BYTES, 64);
+                    _tile_loadd(5, x + TILE_BYTES, 64);
                     _tile_dpbusd(0, 2, 4);
                     _tile_dpbusd(1, 2, 5);
                     if (tabled) {
-                        _tile_loadd(3, buf + (k * 2 + 1) * AMX_TILE_BYTES, 64);
+                        _tile_loadd(3, buf + (k * 2 + 1) * TILE_BYTES, 64);
                         _tile_dpbusd(1, 3, 4);
                     }
                 }
@@ -826,13 +966,13 @@ static void amx_row_block(const anybit_matrix *m, const int64_t *rows, int nrows
                 for (int q = 0; q < nrows; q++) {
                     const float sc = m->scale[rows[q] * groups + g];
                     for (int n = 0; n < nt; n++)
-                        acc[q][n] += sc * ((float)bl[q * AMX_TILE + n] * (1.0f / 256.0f) + (float)a[q * AMX_TILE + n]);
+                        acc[q][n] += sc * ((float)bl[q * TILE + n] * (1.0f / 256.0f) + (float)a[q * TILE + n]);
                 }
             }
             for (int q = 0; q < nrows; q++) {
                 const int64_t s = rows[q] * groups + g;
                 for (int n = 0; n < nt; n++) {
-                    const int64_t t = tg * AMX_TILE + n;
+                    const int64_t t = tg * TILE + n;
                     const double *xsum = in->xsum + t * (blocks + 1), *hisum = in->hisum + t * (blocks + 1);
                     double bias = (double)m->offset[s] * (xsum[k1] - xsum[k0]);
                     if (tabled) bias += 128.0 / 256.0 * (hisum[k1] - hisum[k0]);
@@ -840,22 +980,22 @@ static void amx_row_block(const anybit_matrix *m, const int64_t *rows, int nrows
                 }
             }
         }
-        for (int q = 0; q < nrows; q++)
-            for (int n = 0; n < nt; n++) {
-                const int64_t t = tg * AMX_TILE + n;
-                y[t * m->rows + rows[q]] = total[q][n] + in->step[t] * acc[q][n];
-            }
+        store_token_group(m, rows, nrows, in, T, tg, acc, total, y);
     }
 }
+#endif
 
-/* The row loop of `products` on tiles, for T >= AMX_MIN_TOKENS tokens (called by every thread). */
-static void amx_products(const anybit_matrix *const *m, int count, const coded_input *const *coded, int64_t T,
-                         float *const *y) {
-    const int64_t tgroups = amx_token_groups(T);
+#define CHUNK_GROUPS 16 /* token groups multiplied per decoding of a block of rows: their input tiles stay in L2 */
+
+/* The row loop of `products` in blocks of 16 rows, for T >= TILE_MIN_TOKENS tokens (called by every thread):
+ * on AMX tiles where in use, else on registers; the rows decoded again for every CHUNK_GROUPS token groups. */
+static void block_products(const anybit_matrix *const *m, int count, const coded_input *const *coded, int64_t T,
+                           float *const *y) {
+    const int64_t tgroups = token_groups(T);
     int64_t units = 0, total = 0, wide = 0;
     for (int i = 0; i < count; i++) {
         if (!shares_input(m, i)) units += tgroups * (m[i]->cols / BLOCK);
-        total += (m[i]->rows + AMX_TILE - 1) / AMX_TILE;
+        total += (m[i]->rows + TILE - 1) / TILE;
         wide = m[i]->cols > wide ? m[i]->cols : wide;
     }
 #pragma omp for schedule(static)
@@ -866,42 +1006,62 @@ static void amx_products(const anybit_matrix *const *m, int count, const coded_i
             if (!shares_input(m, i)) u -= tgroups * (m[i]->cols / BLOCK);
             i++;
         }
-        amx_input_tiles(coded[i], m[i]->cols, T, u / (m[i]->cols / BLOCK), u % (m[i]->cols / BLOCK));
+        lay_input_tile(coded[i], m[i]->cols, T, u / (m[i]->cols / BLOCK), u % (m[i]->cols / BLOCK));
     }
-    uint8_t *buf = aligned_alloc(64, (size_t)(wide / BLOCK * 2 * AMX_TILE_BYTES));
-    if (buf) amx_configure();
+    const int tiles = amx_state > 0;
+    (void)tiles; /* read only where the build has AMX */
+    uint8_t *buf = aligned_alloc(64, (size_t)(wide / BLOCK * 2 * TILE_BYTES));
+    float *sums = malloc(sizeof(float) * (size_t)(wide / BLOCK * 2 * TILE)); /* segment_sums: at most a block each */
+    if (!sums) free(buf), buf = NULL;
+#if defined(PATH_AMX)
+    if (buf && tiles) amx_configure();
+#endif
+    for (int64_t tg0 = 0; tg0 < tgroups; tg0 += CHUNK_GROUPS) {
+        const int64_t tg1 = tg0 + CHUNK_GROUPS < tgroups ? tg0 + CHUNK_GROUPS : tgroups;
+        const int64_t t0 = tg0 * TILE, t1 = tg1 * TILE < T ? tg1 * TILE : T;
 #pragma omp for schedule(static)
-    for (int64_t R = 0; R < total; R++) {
-        int i = 0;
-        int64_t r = R;
-        while (r >= (m[i]->rows + AMX_TILE - 1) / AMX_TILE) r -= (m[i++]->rows + AMX_TILE - 1) / AMX_TILE;
-        const int64_t *rows = m[i]->order + r * AMX_TILE;
-        const int nrows = m[i]->rows - r * AMX_TILE < AMX_TILE ? (int)(m[i]->rows - r * AMX_TILE) : AMX_TILE;
-        if (buf) {
-            amx_decode_rows(m[i], rows, nrows, buf);
-            amx_row_block(m[i], rows, nrows, coded[i], T, buf, y[i]);
-        } else { /* no room for this thread's decoded rows: the row path */
-            for (int q = 0; q < nrows; q++)
-                for (int64_t t0 = 0; t0 < T; t0 += MAX_TOKENS)
-                    row_product_n(m[i], rows[q], coded[i], t0, (int)(T - t0 < MAX_TOKENS ? T - t0 : MAX_TOKENS), y[i]);
+        for (int64_t R = 0; R < total; R++) {
+            int i = 0;
+            int64_t r = R;
+            while (r >= (m[i]->rows + TILE - 1) / TILE) r -= (m[i++]->rows + TILE - 1) / TILE;
+            const int64_t *rows = m[i]->order + r * TILE;
+            const int nrows = m[i]->rows - r * TILE < TILE ? (int)(m[i]->rows - r * TILE) : TILE;
+            if (!buf) { /* no room for this thread's decoded rows: the row path */
+                for (int q = 0; q < nrows; q++)
+                    for (int64_t t = t0; t < t1; t += MAX_TOKENS) {
+                        const int n = (int)(t1 - t < MAX_TOKENS ? t1 - t : MAX_TOKENS);
+                        row_product_n(m[i], rows[q], coded[i], t, n, y[i]);
+                    }
+                continue;
+            }
+            decode_row_block(m[i], rows, nrows, buf);
+#if defined(PATH_AMX)
+            if (tiles) {
+                amx_row_block(m[i], rows, nrows, coded[i], T, tg0, tg1, buf, y[i]);
+                continue;
+            }
+#endif
+            register_row_block(m[i], rows, nrows, coded[i], T, tg0, tg1, buf, y[i], sums);
         }
     }
-    if (buf) _tile_release();
-    free(buf);
+#if defined(PATH_AMX)
+    if (buf && tiles) _tile_release();
+#endif
+    free(buf), free(sums);
 }
 #endif
 
 /* y[i] (T, rows_i) = x (T, cols) W_iᵀ for `count` matrices sharing x, their outliers and biases included;
- * called by every thread of a parallel region: on tiles for a prompt where AMX is in use, else row by row. */
+ * called by every thread of a parallel region: a prompt in blocks of rows (block_products), else row by row. */
 static void products(const anybit_matrix *const *m, int count, const float *x, int64_t T, float *const *y,
                      coded_input *in) {
     const coded_input *coded[SCRATCH_INPUTS] = {0};
     for (int i = 0; i < count; i++) coded[i] = shares_input(m, i) ? in : in + i;
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < T; t++) code_token(m, count, x, t, in);
-#if defined(PATH_AMX)
-    if (amx_tokens(T) && in->tiles && !any_vector_coded(m, count))
-        amx_products(m, count, coded, T, y);
+#if defined(PATH_AVX512)
+    if (block_tokens(T) && in->tiles && !any_vector_coded(m, count))
+        block_products(m, count, coded, T, y);
     else
 #endif
         row_products(m, count, coded, T, y);
