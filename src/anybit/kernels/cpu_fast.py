@@ -10,10 +10,10 @@ the error these roundings allow.
 Re-laid codes take the same bytes as the stored ones (per 64 codes of a b-bit segment, the stored 8 b bytes
 on the AVX-512 path, b 64-bit plane words on the others, the 64 codes themselves at 8 bits), rows of one
 width together; codebook tables take 2 · 2^b bytes (a high and a low part) and one float scale per segment.
-On the AVX-512 path, prompts of 16 tokens or more multiply in blocks of 16 rows, each decoded once for all
-tokens: on AMX tiles where the CPU has them (and Linux lets the process use them), 16 rows by 16 tokens per
-tile product, else on AVX-512 registers, 16 tokens' sums per register; the same integer sums as the row path
-(`prompt_path`).
+On the AVX-512 and AVX2 paths, prompts of 16 tokens or more multiply in blocks of 16 rows, each decoded once
+per 256 tokens: on AMX tiles where the CPU has them (and Linux lets the process use them), 16 rows by 16
+tokens per tile product, else on vector registers, 16 (AVX-512) or 8 (AVX2) tokens' sums per register; the
+same integer sums as the row path (`prompt_path`).
 
 Served: axis-0 layouts whose segments are whole 64-column blocks (group size and row length multiples of 64), every width 1-8, uniform or
 codebook, with the permutation, scaling vector and outliers of the exact path.
@@ -96,10 +96,10 @@ def code_path() -> str:
 
 
 def prompt_path(choice: str | None = None) -> str:
-    """How prompts (TILE_MIN_TOKENS tokens or more) multiply: "tiles" (AMX), "registers" (AVX-512 blocks of
-    rows) or "rows" (row by row, as single tokens do). `choice` sets it, within what the build, the CPU and
-    the system allow ("tiles" falls back to "registers" where the tiles are not available, both to "rows" off
-    the AVX-512 path); None only asks. Returns the path now in use."""
+    """How prompts (TILE_MIN_TOKENS tokens or more) multiply: "tiles" (AMX), "registers" (blocks of rows on
+    AVX-512 or AVX2 registers) or "rows" (row by row, as single tokens do). `choice` sets it, within what the
+    build, the CPU and the system allow ("tiles" falls back to "registers" where the tiles are not available,
+    both to "rows" on the portable path); None only asks. Returns the path now in use."""
     lib = KERNEL.library()
     if isinstance(lib, str):
         return "rows"

@@ -17,10 +17,10 @@
  * the whole, is left out): integer sums in int32, times s and the segment's scale.
  *
  * Paths, chosen when compiled: AVX-512 (BW, VBMI, VNNI, GFNI): codes transposed from the stored bit planes by
- * vpermb and gf2p8affineqb, tables looked up by vpermb/vpermi2b, products by vpdpbusd; prompts of 16 tokens
- * or more in blocks of 16 rows, on AMX tiles or AVX-512 registers (see "Prompts" below); AVX2: codes
- * assembled from plane words, 32 columns at a time, tables of up to 32 entries by pshufb, products by
- * maddubs; portable C otherwise. All paths compute the same integer dot products; only the order of float
+ * vpermb and gf2p8affineqb, tables looked up by vpermb/vpermi2b, products by vpdpbusd; AVX2: codes assembled
+ * from plane words, 32 columns at a time, tables of up to 32 entries by pshufb, products by maddubs; both
+ * multiply prompts of 16 tokens or more in blocks of 16 rows (on AMX tiles where AVX-512 has them; see
+ * "Prompts" below); portable C otherwise. All paths compute the same integer dot products; only the order of float
  * sums differs (the AVX-512 paths multiply the unsigned values and take their bias out with the input's sums,
  * the others multiply value - 128).
  *
@@ -51,6 +51,10 @@ static int omp_thread(void) { return 0; }
 #include <unistd.h>
 #define ARCH_REQ_XCOMP_PERM 0x1023 /* from the kernel's asm/prctl.h */
 #define XFEATURE_XTILEDATA 18
+#endif
+
+#if defined(PATH_AVX512) || defined(PATH_AVX2)
+#define PATH_BLOCKS 1 /* prompts in blocks of rows (see "Prompts" below) */
 #endif
 
 #define BLOCK 64
@@ -215,14 +219,15 @@ static inline __m256i half_dot(__m256i acc, __m256i w, const int8_t *xq) {
 }
 #endif
 
-/* Prompts (TILE_MIN_TOKENS tokens or more) on the AVX-512 path: a block of 16 rows is decoded once (its high
- * and low table values, 64 columns a tile) and multiplied with every group of 16 tokens, whose parts are laid
- * in tile order beforehand (tile row kk holds, for each token n, its 4 values of columns 4 kk .. 4 kk + 3):
- * the same integer dot products as the row path, without decoding the codes again for every 8 tokens and
- * without a horizontal sum per row and token. Two multipliers: AMX tiles (16 rows by 16 tokens per tile
- * product) where the build has them and Linux gives the process the tile registers (arch_prctl
- * ARCH_REQ_XCOMP_PERM), else AVX-512 registers (vpdpbusd of one row's 4 broadcast values with a tile row:
- * 16 tokens' sums per register, REGISTER_ROWS rows at a time). anybit_fast_prompt_path turns either off. */
+/* Prompts (TILE_MIN_TOKENS tokens or more) on the AVX-512 and AVX2 paths: a block of 16 rows is decoded once
+ * per CHUNK_GROUPS token groups (its high and low table values, 64 columns a tile) and multiplied with every
+ * group of 16 tokens, whose parts are laid in tile order beforehand (tile row kk holds, for each token n, its
+ * 4 values of columns 4 kk .. 4 kk + 3): the same integer dot products as the row path, without decoding the
+ * codes again for every 8 tokens and without a horizontal sum per row and token. Multipliers: AMX tiles (16
+ * rows by 16 tokens per tile product) where the build has them and Linux gives the process the tile
+ * registers (arch_prctl ARCH_REQ_XCOMP_PERM), else vector registers: one row's 4 values broadcast against a
+ * tile row, 16 tokens' sums per AVX-512 register (vpdpbusd) or 8 per AVX2 register (maddubs),
+ * REGISTER_ROWS rows at a time. anybit_fast_prompt_path turns either off. */
 #define TILE 16
 #define TILE_MIN_TOKENS 16
 #define TILE_BYTES (TILE * 64)
@@ -245,7 +250,7 @@ int anybit_fast_prompt_path(int request) {
     amx_state = -1;
 #endif
     if (request >= 0) registers_off = request == PROMPT_ROWS;
-#if defined(PATH_AVX512)
+#if defined(PATH_BLOCKS)
     if (amx_state > 0) return PROMPT_TILES;
     return registers_off ? PROMPT_ROWS : PROMPT_REGISTERS;
 #else
@@ -255,7 +260,7 @@ int anybit_fast_prompt_path(int request) {
 
 /* Whether T tokens multiply in blocks of rows (on tiles or registers) rather than row by row. */
 static int block_tokens(int64_t T) {
-#if defined(PATH_AVX512)
+#if defined(PATH_BLOCKS)
     return T >= TILE_MIN_TOKENS && (amx_state > 0 || !registers_off);
 #else
     (void)T;
@@ -663,7 +668,7 @@ static int shares_input(const anybit_matrix *const *m, int i) {
            !m[i]->vq_codes == !m[0]->vq_codes;
 }
 
-#if defined(PATH_AVX512)
+#if defined(PATH_BLOCKS)
 /* Whether any of `count` matrices is vector-coded (those take the row path, on the float input). */
 static int any_vector_coded(const anybit_matrix *const *m, int count) {
     for (int i = 0; i < count; i++)
@@ -749,7 +754,7 @@ static void row_products(const anybit_matrix *const *m, int count, const coded_i
     }
 }
 
-#if defined(PATH_AVX512)
+#if defined(PATH_BLOCKS)
 /* The high and low parts of tokens 16 tg .. 16 tg + 15 (zeros past T) in block k, in tile order. */
 static int8_t *input_tile(const coded_input *in, int64_t blocks, int64_t tg, int64_t k) {
     return in->tiles + (tg * blocks + k) * 2 * TILE_BYTES;
@@ -772,14 +777,24 @@ static void lay_input_tile(const coded_input *in, int64_t cols, int64_t T, int64
 }
 
 /* One row's segment of b bits decoded into the block buffer (per block: 16 rows of 64 high values, then of
- * low values; `dst` at this row's slot of the segment's first block). */
+ * low values; `dst` at this row's slot of the segment's first block), as the path multiplies them: unsigned
+ * on AVX-512, value - 128 on AVX2. */
 static inline __attribute__((always_inline)) const uint8_t *decode_segment(const uint8_t *w, const int b,
                                                                            const uint8_t *table, uint8_t *dst,
                                                                            int64_t nblocks) {
     for (int64_t k = 0; k < nblocks; k++, w += 8 * b, dst += 2 * TILE_BYTES) {
+#if defined(PATH_AVX512)
         const __m512i codes = block_codes(w, b);
         _mm512_storeu_si512(dst, table ? lookup(codes, b, table) : codes);
         if (table) _mm512_storeu_si512(dst + TILE_BYTES, lookup(codes, b, table + (1 << b)));
+#else
+        for (int half = 0; half < 2; half++) {
+            const __m256i codes = half_codes((const uint64_t *)w, b, half);
+            _mm256_storeu_si256((__m256i *)(dst + 32 * half), half_values(codes, b, table));
+            if (table)
+                _mm256_storeu_si256((__m256i *)(dst + TILE_BYTES + 32 * half), half_values(codes, b, table + (1 << b)));
+        }
+#endif
     }
     return w;
 }
@@ -836,6 +851,7 @@ static void store_token_group(const anybit_matrix *m, const int64_t *rows, int n
         }
 }
 
+#if defined(PATH_AVX512)
 #define REGISTER_ROWS 8 /* rows per pass of the register path: 16 accumulators (4 measured slower) */
 
 /* acc += vpdpbusd(u, s), in place: GCC (12) otherwise copies each accumulator once or twice per product. */
@@ -880,9 +896,58 @@ static inline __attribute__((always_inline)) void register_segment(const uint8_t
         }
     }
 }
+#else
+#define REGISTER_ROWS 4 /* rows per pass: 8 accumulators of the 16 AVX2 registers */
+
+/* acc + the int32 sums of the products of signed values w (|w| in aw) with signed parts x, as half_dot. */
+static inline __m256i signed_dot(__m256i acc, __m256i aw, __m256i w, __m256i x) {
+    const __m256i pairs = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(x, w));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+}
+
+/* register_segment on AVX2: the values are value - 128 (signed), and a tile row's 16 tokens take two
+ * registers, multiplied one half (8 tokens) at a time. */
+static inline __attribute__((always_inline)) void register_segment(const uint8_t *buf, int q0, const int tabled,
+                                                                   const coded_input *in, int64_t blocks, int64_t tg,
+                                                                   int64_t k0, int64_t k1, const float *sc,
+                                                                   float (*acc)[TILE]) {
+    for (int64_t first = k0; first < k1; first += FLUSH_BLOCKS) {
+        const int64_t end = first + FLUSH_BLOCKS < k1 ? first + FLUSH_BLOCKS : k1;
+        for (int half = 0; half < 2; half++) {
+            __m256i a[REGISTER_ROWS], bl[REGISTER_ROWS];
+            for (int q = 0; q < REGISTER_ROWS; q++) a[q] = bl[q] = _mm256_setzero_si256();
+            for (int64_t k = first; k < end; k++) {
+                const int8_t *x = input_tile(in, blocks, tg, k) + 32 * half;
+                const uint8_t *w = buf + k * 2 * TILE_BYTES + q0 * 64;
+                for (int kk = 0; kk < 16; kk++) {
+                    const __m256i xh = _mm256_loadu_si256((const __m256i *)(x + kk * 64));
+                    const __m256i xl = _mm256_loadu_si256((const __m256i *)(x + TILE_BYTES + kk * 64));
+                    for (int q = 0; q < REGISTER_ROWS; q++) {
+                        int32_t four;
+                        memcpy(&four, w + q * 64 + kk * 4, 4);
+                        const __m256i wh = _mm256_set1_epi32(four), awh = _mm256_abs_epi8(wh);
+                        a[q] = signed_dot(a[q], awh, wh, xh), bl[q] = signed_dot(bl[q], awh, wh, xl);
+                        if (tabled) {
+                            memcpy(&four, w + TILE_BYTES + q * 64 + kk * 4, 4);
+                            const __m256i wl = _mm256_set1_epi32(four);
+                            bl[q] = signed_dot(bl[q], _mm256_abs_epi8(wl), wl, xh);
+                        }
+                    }
+                }
+            }
+            for (int q = 0; q < REGISTER_ROWS; q++) {
+                const __m256 f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(bl[q]), _mm256_set1_ps(1.0f / 256.0f),
+                                                 _mm256_cvtepi32_ps(a[q]));
+                float *to = acc[q] + 8 * half;
+                _mm256_storeu_ps(to, _mm256_fmadd_ps(f, _mm256_set1_ps(sc[q]), _mm256_loadu_ps(to)));
+            }
+        }
+    }
+}
+#endif
 
 /* y[t, r] for the rows `rows` (nrows <= 16) of m and the token groups tg0 .. tg1 - 1, from their decoded
- * values in `buf`, on AVX-512 registers: per segment and token, sc (A + B / 256) less the offsets' and the
+ * values in `buf`, on vector registers: per segment and token, sc (A + B / 256) less the offsets' and the
  * low tables' bias, as row_product adds them. */
 static void register_row_block(const anybit_matrix *m, const int64_t *rows, int nrows, const coded_input *in,
                                int64_t T, int64_t tg0, int64_t tg1, const uint8_t *buf, float *y, float *sums) {
@@ -897,20 +962,17 @@ static void register_row_block(const anybit_matrix *m, const int64_t *rows, int 
                 float sc[REGISTER_ROWS], off[REGISTER_ROWS];
                 for (int q = 0; q < REGISTER_ROWS; q++) { /* rows past nrows: zeros in buf, scale 0 */
                     const int64_t s = q0 + q < nrows ? rows[q0 + q] * groups + g : -1;
-                    sc[q] = s >= 0 ? m->scale[s] : 0.0f, off[q] = s >= 0 ? (float)m->offset[s] : 0.0f;
+                    sc[q] = s >= 0 ? m->scale[s] : 0.0f, off[q] = s >= 0 ? (float)(m->offset[s] - VALUE_BIAS) : 0.0f;
                 }
                 const int64_t k0 = g * group_blocks, k1 = k0 + group_blocks;
                 if (m->tables)
                     register_segment(buf, q0, 1, in, blocks, tg, k0, k1, sc, acc + q0);
                 else
                     register_segment(buf, q0, 0, in, blocks, tg, k0, k1, sc, acc + q0);
-                const __m512 sx = _mm512_loadu_ps(dx + g * TILE), sh = _mm512_loadu_ps(dh + g * TILE);
-                const __m512 low_bias = _mm512_mul_ps(sh, _mm512_set1_ps(m->tables ? 128.0f / 256.0f : 0.0f));
-                for (int q = 0; q < REGISTER_ROWS; q++) {
-                    const __m512 bias = _mm512_fmadd_ps(_mm512_set1_ps(off[q]), sx, low_bias);
-                    _mm512_storeu_ps(total[q0 + q],
-                                     _mm512_fnmadd_ps(_mm512_set1_ps(sc[q]), bias, _mm512_loadu_ps(total[q0 + q])));
-                }
+                const float low = m->tables ? (128.0f - VALUE_BIAS) / 256.0f : 0.0f;
+                for (int q = 0; q < REGISTER_ROWS; q++)
+                    for (int n = 0; n < TILE; n++)
+                        total[q0 + q][n] -= sc[q] * (off[q] * dx[g * TILE + n] + low * dh[g * TILE + n]);
             }
         store_token_group(m, rows, nrows, in, T, tg, acc, total, y);
     }
@@ -1059,7 +1121,7 @@ static void products(const anybit_matrix *const *m, int count, const float *x, i
     for (int i = 0; i < count; i++) coded[i] = shares_input(m, i) ? in : in + i;
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < T; t++) code_token(m, count, x, t, in);
-#if defined(PATH_AVX512)
+#if defined(PATH_BLOCKS)
     if (block_tokens(T) && in->tiles && !any_vector_coded(m, count))
         block_products(m, count, coded, T, y);
     else
