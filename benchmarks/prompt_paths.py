@@ -1,6 +1,6 @@
 """Prompt products on the fast CPU kernel: row by row against blocks of rows (AVX-512 registers, AMX tiles).
 
-Usage: python benchmarks/prompt_paths.py DIR [--tokens 64,2048] [--rounds 5] [--threads N]
+Usage: [ANYBIT_CPU_ISA=avx2] python benchmarks/prompt_paths.py DIR [--tokens 64,2048] [--rounds 5] [--threads N]
 For the quantized model in DIR: one pass over every decoder linear the fast kernel serves with a (tokens, in)
 input, on each prompt path this build and CPU offer (`kernels.cpu_fast.prompt_path`), in alternating rounds
 within one process (so that a busy machine slows every path alike), medians after a warm-up round. Checks
@@ -67,7 +67,8 @@ def main() -> None:
                 "prompt_paths",
                 {
                     "dir": args.dir, "tokens": tokens, "threads": torch.get_num_threads(),
-                    "linears": len(layers), "linears_served": len(served), "default_path": default,
+                    "linears": len(layers), "linears_served": len(served), "code_path": cpu_fast.code_path(),
+                    "default_path": default,
                     **{f"{path}_ms": ms[path] for path in paths},
                     **{f"{path}_tokens_per_s": 1000 * tokens / ms[path] for path in paths},
                     **{f"{path}_speedup": ms["rows"] / ms[path] for path in paths[1:]},
