@@ -1,6 +1,7 @@
 """anybit beside llama.cpp on the same CPU: prefill and decode speed, peak memory and perplexity in one table.
 
 Usage: python benchmarks/cpu_vs_llamacpp.py [ANYBIT_DIR ...] [--threads 2] [--ppl-windows 0] [--types F16,Q8_0,...]
+       [--isa avx2]
 
 Once, into the anybit cache: builds llama.cpp's `llama-quantize`, `llama-imatrix`, `llama-bench` and
 `llama-perplexity` from the sources vendored in the `llama-cpp-python` sdist (pip download, cmake; a
@@ -15,7 +16,10 @@ a fresh process under /usr/bin/time for its peak resident memory; for anybit als
 generate` (its defaults, 128 new tokens of a short prompt). With --ppl-windows N, each model's
 perplexity by anybit's protocol on the first N WikiText-2 test windows (`anybit eval` reads the GGUFs too;
 for anybit's directories, with the kernel and head the speed run used). With --dec K, each anybit directory
-with residuals (`anybit residual DIR`) is run again with dynamic error compensation.
+with residuals (`anybit residual DIR`) is run again with dynamic error compensation. With --isa avx2, both
+runtimes are held to AVX2 on a CPU that has more, standing in for an AVX2-only CPU: llama.cpp built without
+its AVX-512 and VNNI paths (a second build), anybit's kernel built for AVX2 (`ANYBIT_CPU_ISA`), and torch,
+oneDNN and MKL told to stop at AVX2.
 One JSON line per model goes to benchmarks/results/cpu_vs_llamacpp.jsonl. Run it on an idle machine:
 llama.cpp's threads spin and collapse when the cores are shared.
 """
@@ -51,10 +55,10 @@ def run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
     return done
 
 
-def build_llamacpp() -> Path:
-    """The directory holding llama.cpp's tools, built once into the cache."""
+def build_llamacpp(isa: str) -> Path:
+    """The directory holding llama.cpp's tools for `isa` ("native" or "avx2"), built once into the cache."""
     root = cache_dir() / "llama.cpp" / SDIST.split("==")[1]
-    bin_dir = root / "build-noamx" / "bin"
+    bin_dir = root / ("build-noamx" if isa == "native" else f"build-{isa}") / "bin"
     if all((bin_dir / tool).is_file() for tool in TOOLS):
         return bin_dir
     root.mkdir(parents=True, exist_ok=True)
@@ -69,19 +73,25 @@ def build_llamacpp() -> Path:
     llama = next(source.glob("*/vendor/llama.cpp"))
     print(f"building {', '.join(TOOLS)} from {llama} (once)", file=sys.stderr, flush=True)
     flags = ["-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DBUILD_SHARED_LIBS=OFF",
-             "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DGGML_OPENMP=ON", *isa_flags()]  # fmt: skip
+             "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DGGML_OPENMP=ON", *isa_flags(isa)]  # fmt: skip
     build = bin_dir.parent
     run(["cmake", "-S", str(llama), "-B", str(build), *flags])
     run(["cmake", "--build", str(build), "--config", "Release", "-j", "2", "--target", *TOOLS])
     return bin_dir
 
 
-def isa_flags() -> list[str]:
-    """ggml's x86 instruction sets as this CPU has them, AMX excepted: with -march=native on a CPU with AMX,
-    ggml's AMX backend repacks Q4_0/Q8_0/Q4_K weights and llama-bench dies with SIGSEGV at the first product
-    (seen on this project's Intel Xeon machine; llama.cpp issue 20824, closed without a fix)."""
+AVX2_LEVEL = {"avx", "avx2", "fma", "f16c", "bmi2"}  # what an AVX2-only x86 CPU (AMD Zen 2/3, Intel Haswell+) has
+
+
+def isa_flags(isa: str) -> list[str]:
+    """ggml's x86 instruction sets as this CPU has them (with `isa` "avx2", only those of AVX2_LEVEL), AMX
+    excepted: with -march=native on a CPU with AMX, ggml's AMX backend repacks Q4_0/Q8_0/Q4_K weights and
+    llama-bench dies with SIGSEGV at the first product (seen on this project's Intel Xeon machine; llama.cpp
+    issue 20824, closed without a fix)."""
     cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
     flags = set(next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), []))
+    if isa == "avx2":
+        flags &= AVX2_LEVEL
     wanted = {"GGML_AVX": "avx", "GGML_AVX2": "avx2", "GGML_FMA": "fma", "GGML_F16C": "f16c",
               "GGML_AVX512": "avx512f", "GGML_AVX512_VBMI": "avx512vbmi", "GGML_AVX512_VNNI": "avx512_vnni",
               "GGML_AVX512_BF16": "avx512_bf16", "GGML_AVX_VNNI": "avx_vnni", "GGML_BMI2": "bmi2"}  # fmt: skip
@@ -109,9 +119,15 @@ def make_ggufs(bin_dir: Path, types: list[str], threads: int) -> dict[str, Path]
     return {kind: files[kind] for kind in types}
 
 
-def timed(command: list[str], threads: int) -> tuple[str, float]:
+ISA_ENV = {  # anybit held to AVX2: its kernel's build, torch's kernels, oneDNN and MKL
+    "avx2": {"ANYBIT_CPU_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+             "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+}  # fmt: skip
+
+
+def timed(command: list[str], threads: int, isa: str = "native") -> tuple[str, float]:
     """stdout of the command and its peak resident memory in MB (GNU time); torch takes `threads` threads."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), **ISA_ENV.get(isa, {})}
     done = run(["/usr/bin/time", "-f", "PEAK_RSS_KB=%M", *command], env=env)
     peak = next(line for line in done.stderr.splitlines() if line.startswith("PEAK_RSS_KB="))
     return done.stdout, int(peak.split("=")[1]) / 1024
@@ -127,20 +143,20 @@ def llama_bench(bin_dir: Path, gguf: Path, threads: int) -> dict:
             "peak_rss_mb": peak, "file_bytes": gguf.stat().st_size}  # fmt: skip
 
 
-def anybit_bench(model: str, threads: int, options: list[str] = ()) -> dict:
+def anybit_bench(model: str, threads: int, options: list[str] = (), isa: str = "native") -> dict:
     """`anybit bench` as a user runs it: its defaults (fast kernel, native decoder, 8-bit embedding and head)."""
     out, peak = timed([str(ANYBIT), "bench", model, "--json", "--dtype", "float32", "--prompt-tokens", "64",
-                       "--new-tokens", "128", *options], threads)  # fmt: skip
+                       "--new-tokens", "128", *options], threads, isa)  # fmt: skip
     result = json.loads(out.strip().splitlines()[-1])
     keys = ("prefill_tokens_per_s", "decode_tokens_per_s", "decoder", "kernel", "tensor_bytes", "kernel_bytes",
-            "head", "head_bits_per_weight", "loader")  # fmt: skip
+            "head", "head_bits_per_weight", "loader", "prompt_path")  # fmt: skip
     return {"peak_rss_mb": peak, **{key: result[key] for key in keys}}
 
 
-def anybit_generate_peak(model: str, threads: int) -> dict:
+def anybit_generate_peak(model: str, threads: int, isa: str = "native") -> dict:
     """Peak resident memory of `anybit generate` as a user runs it (its defaults), 128 new tokens."""
     _, peak = timed([str(ANYBIT), "generate", model, "--prompt", "The history of the city begins",
-                     "--max-new-tokens", "128"], threads)  # fmt: skip
+                     "--max-new-tokens", "128"], threads, isa)  # fmt: skip
     return {"generate_peak_rss_mb": peak}
 
 
@@ -161,8 +177,9 @@ def main() -> None:
     parser.add_argument("--ppl-windows", type=int, default=0)
     parser.add_argument("--types", default=",".join(TYPES))
     parser.add_argument("--dec", help="also bench each anybit directory with --dec K (needs `anybit residual DIR`)")
+    parser.add_argument("--isa", choices=("native", "avx2"), default="native")
     args = parser.parse_args()
-    bin_dir = build_llamacpp()
+    bin_dir = build_llamacpp(args.isa)
     ggufs = make_ggufs(bin_dir, args.types.split(","), args.threads)
     for kind, gguf in ggufs.items():
         try:
@@ -171,16 +188,22 @@ def main() -> None:
             print(failure, file=sys.stderr, flush=True)
             log_result("cpu_vs_llamacpp", {"runtime": "llama.cpp", "model": kind, "error": str(failure)})
             continue
-        record = {"runtime": "llama.cpp", "model": kind, **measured}
+        record = {"runtime": "llama.cpp", "model": kind, "isa": args.isa, **measured}
         log_result("cpu_vs_llamacpp", {**record, **perplexity(str(gguf), args.ppl_windows)})
     for model in ["smollm2-135m", *args.anybit_dirs]:
-        record = {"runtime": "anybit", "model": model, **anybit_bench(model, args.threads)}
-        record.update(anybit_generate_peak(model, args.threads))
+        record = {
+            "runtime": "anybit",
+            "model": model,
+            "isa": args.isa,
+            **anybit_bench(model, args.threads, isa=args.isa),
+        }
+        record.update(anybit_generate_peak(model, args.threads, args.isa))
         runtime = ["--kernel", record["kernel"], "--head", record["head"]]
         log_result("cpu_vs_llamacpp", {**record, **perplexity(model, args.ppl_windows, runtime)})
         if args.dec and (Path(model) / RESIDUAL_FILE).is_file():
             dec = ["--dec", args.dec]
-            record = {"runtime": "anybit", "model": model, "dec": args.dec, **anybit_bench(model, args.threads, dec)}
+            record = {"runtime": "anybit", "model": model, "isa": args.isa, "dec": args.dec,
+                      **anybit_bench(model, args.threads, dec, args.isa)}  # fmt: skip
             log_result("cpu_vs_llamacpp", {**record, **perplexity(model, args.ppl_windows, runtime + dec)})
 
 
