@@ -860,40 +860,37 @@ static inline __m512i dpbusd_in_place(__m512i acc, __m512i u, __m512i s) {
     return acc;
 }
 
-/* acc[q] += the segment's scale times A + B / 256 over the blocks k0 .. k1 - 1 of rows q0 .. q0 + REGISTER_ROWS
- * - 1 of the decoded block `buf` and token group tg: per tile row kk, each row's 4 values broadcast and
- * multiplied with the 16 tokens' 4 parts (vpdpbusd). Inlined with `tabled` constant. */
-static inline __attribute__((always_inline)) void register_segment(const uint8_t *buf, int q0, const int tabled,
-                                                                   const coded_input *in, int64_t blocks, int64_t tg,
-                                                                   int64_t k0, int64_t k1, const float *sc,
-                                                                   float (*acc)[TILE]) {
-    for (int64_t first = k0; first < k1; first += FLUSH_BLOCKS) {
-        const int64_t end = first + FLUSH_BLOCKS < k1 ? first + FLUSH_BLOCKS : k1;
-        __m512i a[REGISTER_ROWS], bl[REGISTER_ROWS];
-        for (int q = 0; q < REGISTER_ROWS; q++) a[q] = bl[q] = _mm512_setzero_si512();
-        for (int64_t k = first; k < end; k++) {
-            const int8_t *x = input_tile(in, blocks, tg, k);
-            const uint8_t *w = buf + k * 2 * TILE_BYTES + q0 * 64;
+/* acc[q] += sc[q] (A + B / 256) over the blocks first .. end - 1 (at most FLUSH_BLOCKS) of rows q0 .. q0 +
+ * REGISTER_ROWS - 1 of the decoded block `buf` and token group tg: per tile row kk, each row's 4 values
+ * broadcast and multiplied with the 16 tokens' 4 parts (vpdpbusd). Inlined with `tabled` constant. */
+static inline __attribute__((always_inline)) void register_chunk(const uint8_t *buf, int q0, const int tabled,
+                                                                 const coded_input *in, int64_t blocks, int64_t tg,
+                                                                 int64_t first, int64_t end, const float *sc,
+                                                                 float (*acc)[TILE]) {
+    __m512i a[REGISTER_ROWS], bl[REGISTER_ROWS];
+    for (int q = 0; q < REGISTER_ROWS; q++) a[q] = bl[q] = _mm512_setzero_si512();
+    for (int64_t k = first; k < end; k++) {
+        const int8_t *x = input_tile(in, blocks, tg, k);
+        const uint8_t *w = buf + k * 2 * TILE_BYTES + q0 * 64;
 #pragma GCC unroll 4
-            for (int kk = 0; kk < 16; kk++) {
-                const __m512i xh = _mm512_loadu_si512(x + kk * 64), xl = _mm512_loadu_si512(x + TILE_BYTES + kk * 64);
-                for (int q = 0; q < REGISTER_ROWS; q++) {
-                    int32_t four;
-                    memcpy(&four, w + q * 64 + kk * 4, 4);
-                    const __m512i wh = _mm512_set1_epi32(four);
-                    a[q] = dpbusd_in_place(a[q], wh, xh), bl[q] = dpbusd_in_place(bl[q], wh, xl);
-                    if (tabled) {
-                        memcpy(&four, w + TILE_BYTES + q * 64 + kk * 4, 4);
-                        bl[q] = dpbusd_in_place(bl[q], _mm512_set1_epi32(four), xh);
-                    }
+        for (int kk = 0; kk < 16; kk++) {
+            const __m512i xh = _mm512_loadu_si512(x + kk * 64), xl = _mm512_loadu_si512(x + TILE_BYTES + kk * 64);
+            for (int q = 0; q < REGISTER_ROWS; q++) {
+                int32_t four;
+                memcpy(&four, w + q * 64 + kk * 4, 4);
+                const __m512i wh = _mm512_set1_epi32(four);
+                a[q] = dpbusd_in_place(a[q], wh, xh), bl[q] = dpbusd_in_place(bl[q], wh, xl);
+                if (tabled) {
+                    memcpy(&four, w + TILE_BYTES + q * 64 + kk * 4, 4);
+                    bl[q] = dpbusd_in_place(bl[q], _mm512_set1_epi32(four), xh);
                 }
             }
         }
-        for (int q = 0; q < REGISTER_ROWS; q++) {
-            const __m512 f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(bl[q]), _mm512_set1_ps(1.0f / 256.0f),
-                                             _mm512_cvtepi32_ps(a[q]));
-            _mm512_storeu_ps(acc[q], _mm512_fmadd_ps(f, _mm512_set1_ps(sc[q]), _mm512_loadu_ps(acc[q])));
-        }
+    }
+    for (int q = 0; q < REGISTER_ROWS; q++) {
+        const __m512 f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(bl[q]), _mm512_set1_ps(1.0f / 256.0f),
+                                         _mm512_cvtepi32_ps(a[q]));
+        _mm512_storeu_ps(acc[q], _mm512_fmadd_ps(f, _mm512_set1_ps(sc[q]), _mm512_loadu_ps(acc[q])));
     }
 }
 #else
@@ -905,46 +902,55 @@ static inline __m256i signed_dot(__m256i acc, __m256i aw, __m256i w, __m256i x) 
     return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
 }
 
-/* register_segment on AVX2: the values are value - 128 (signed), and a tile row's 16 tokens take two
+/* register_chunk on AVX2: the values are value - 128 (signed), and a tile row's 16 tokens take two
  * registers, multiplied one half (8 tokens) at a time. */
+static inline __attribute__((always_inline)) void register_chunk(const uint8_t *buf, int q0, const int tabled,
+                                                                 const coded_input *in, int64_t blocks, int64_t tg,
+                                                                 int64_t first, int64_t end, const float *sc,
+                                                                 float (*acc)[TILE]) {
+    for (int half = 0; half < 2; half++) {
+        __m256i a[REGISTER_ROWS], bl[REGISTER_ROWS];
+        for (int q = 0; q < REGISTER_ROWS; q++) a[q] = bl[q] = _mm256_setzero_si256();
+        for (int64_t k = first; k < end; k++) {
+            const int8_t *x = input_tile(in, blocks, tg, k) + 32 * half;
+            const uint8_t *w = buf + k * 2 * TILE_BYTES + q0 * 64;
+            for (int kk = 0; kk < 16; kk++) {
+                const __m256i xh = _mm256_loadu_si256((const __m256i *)(x + kk * 64));
+                const __m256i xl = _mm256_loadu_si256((const __m256i *)(x + TILE_BYTES + kk * 64));
+                for (int q = 0; q < REGISTER_ROWS; q++) {
+                    int32_t four;
+                    memcpy(&four, w + q * 64 + kk * 4, 4);
+                    const __m256i wh = _mm256_set1_epi32(four), awh = _mm256_abs_epi8(wh);
+                    a[q] = signed_dot(a[q], awh, wh, xh), bl[q] = signed_dot(bl[q], awh, wh, xl);
+                    if (tabled) {
+                        memcpy(&four, w + TILE_BYTES + q * 64 + kk * 4, 4);
+                        const __m256i wl = _mm256_set1_epi32(four);
+                        bl[q] = signed_dot(bl[q], _mm256_abs_epi8(wl), wl, xh);
+                    }
+                }
+            }
+        }
+        for (int q = 0; q < REGISTER_ROWS; q++) {
+            const __m256 f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(bl[q]), _mm256_set1_ps(1.0f / 256.0f),
+                                             _mm256_cvtepi32_ps(a[q]));
+            float *to = acc[q] + 8 * half;
+            _mm256_storeu_ps(to, _mm256_fmadd_ps(f, _mm256_set1_ps(sc[q]), _mm256_loadu_ps(to)));
+        }
+    }
+}
+#endif
+
+/* acc[q] += sc[q] (A + B / 256) over the blocks k0 .. k1 - 1 of one segment (register_chunk on at most
+ * FLUSH_BLOCKS blocks at a time: the int32 sums cannot overflow). */
 static inline __attribute__((always_inline)) void register_segment(const uint8_t *buf, int q0, const int tabled,
                                                                    const coded_input *in, int64_t blocks, int64_t tg,
                                                                    int64_t k0, int64_t k1, const float *sc,
                                                                    float (*acc)[TILE]) {
     for (int64_t first = k0; first < k1; first += FLUSH_BLOCKS) {
         const int64_t end = first + FLUSH_BLOCKS < k1 ? first + FLUSH_BLOCKS : k1;
-        for (int half = 0; half < 2; half++) {
-            __m256i a[REGISTER_ROWS], bl[REGISTER_ROWS];
-            for (int q = 0; q < REGISTER_ROWS; q++) a[q] = bl[q] = _mm256_setzero_si256();
-            for (int64_t k = first; k < end; k++) {
-                const int8_t *x = input_tile(in, blocks, tg, k) + 32 * half;
-                const uint8_t *w = buf + k * 2 * TILE_BYTES + q0 * 64;
-                for (int kk = 0; kk < 16; kk++) {
-                    const __m256i xh = _mm256_loadu_si256((const __m256i *)(x + kk * 64));
-                    const __m256i xl = _mm256_loadu_si256((const __m256i *)(x + TILE_BYTES + kk * 64));
-                    for (int q = 0; q < REGISTER_ROWS; q++) {
-                        int32_t four;
-                        memcpy(&four, w + q * 64 + kk * 4, 4);
-                        const __m256i wh = _mm256_set1_epi32(four), awh = _mm256_abs_epi8(wh);
-                        a[q] = signed_dot(a[q], awh, wh, xh), bl[q] = signed_dot(bl[q], awh, wh, xl);
-                        if (tabled) {
-                            memcpy(&four, w + TILE_BYTES + q * 64 + kk * 4, 4);
-                            const __m256i wl = _mm256_set1_epi32(four);
-                            bl[q] = signed_dot(bl[q], _mm256_abs_epi8(wl), wl, xh);
-                        }
-                    }
-                }
-            }
-            for (int q = 0; q < REGISTER_ROWS; q++) {
-                const __m256 f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(bl[q]), _mm256_set1_ps(1.0f / 256.0f),
-                                                 _mm256_cvtepi32_ps(a[q]));
-                float *to = acc[q] + 8 * half;
-                _mm256_storeu_ps(to, _mm256_fmadd_ps(f, _mm256_set1_ps(sc[q]), _mm256_loadu_ps(to)));
-            }
-        }
+        register_chunk(buf, q0, tabled, in, blocks, tg, first, end, sc, acc);
     }
 }
-#endif
 
 /* y[t, r] for the rows `rows` (nrows <= 16) of m and the token groups tg0 .. tg1 - 1, from their decoded
  * values in `buf`, on vector registers: per segment and token, sc (A + B / 256) less the offsets' and the
