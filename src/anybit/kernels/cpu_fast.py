@@ -7,9 +7,10 @@ does not flatten the rest), and each codebook's entries likewise to two int8 par
 out. `benchmarks/fast_path_quality.py` measures what this costs in perplexity; tests bound each product by
 the error these roundings allow.
 
-Re-laid codes take the same bytes as the stored ones (per 64 codes of a b-bit segment, the stored 8 b bytes
-on the AVX-512 path, b 64-bit plane words on the others, the 64 codes themselves at 8 bits), rows of one
-width together; codebook tables take 2 · 2^b bytes (a high and a low part) and one float scale per segment.
+Re-laid codes take the same bytes as the stored ones (per 64 codes of a b-bit segment, the stored 8 b bytes on
+the AVX-512 path, runs of their 4-, 2- and 1-bit parts on AVX2, b 64-bit plane words on the portable path, the
+64 codes themselves at 8 bits), rows of one width together; codebook tables take 2 · 2^b bytes (a high and a
+low part) and one float scale per segment.
 On the AVX-512 and AVX2 paths, prompts of 16 tokens or more multiply in blocks of 16 rows, each decoded once
 per 256 tokens: on AMX tiles where the CPU has them (and Linux lets the process use them), 16 rows by 16
 tokens per tile product, else on vector registers, 16 (AVX-512) or 8 (AVX2) tokens' sums per register; the
@@ -216,11 +217,37 @@ def _pointer(tensor: torch.Tensor | None) -> int | None:
 
 def _kernel_layout(stored: torch.Tensor, b: int, group_size: int) -> torch.Tensor:
     """A chunk of stored segments (each group_size // 8 * b bytes) as the compiled kernel reads them: as
-    stored on the AVX-512 path, else as 64-bit plane words (`_plane_words`)."""
-    if code_path() == "avx512":
+    stored on the AVX-512 path, in 4-, 2- and 1-bit parts on the AVX2 path (`_part_runs`), else as 64-bit
+    plane words (`_plane_words`)."""
+    path = code_path()
+    if path == "avx512":
         return stored.view(-1, group_size // 8 * b)
     codes = unpack_codes(stored, b, stored.numel() // b * 8, torch.uint8).view(-1, group_size)
-    return _plane_words(codes, b)
+    return _part_runs(codes, b) if path == "avx2" else _plane_words(codes, b)
+
+
+def _part_runs(codes: torch.Tensor, b: int) -> torch.Tensor:
+    """(segments, blocks * 64) codes as (segments, blocks * b * 8) bytes in the AVX2 layout: per block, the
+    codes' bits split into parts of 4, 2 and 1 bits from the low bits up, each part a run of its own (4 bits:
+    byte i = p[i] | p[i + 32] << 4; 2 bits: byte i = p[i] | p[i + 16] << 2 | p[i + 32] << 4 | p[i + 48] << 6;
+    1 bit: bit k of byte i = p[i + 8 k]); 8-bit codes stay one byte each, in order."""
+    if b == 8:
+        return codes.contiguous()
+    n, length = codes.shape
+    blocks = codes.view(n, length // BLOCK, BLOCK)
+    runs, shift = [], 0
+    for part in (4, 2, 1):
+        if not b & part:
+            continue
+        p = (blocks >> shift) & ((1 << part) - 1)
+        per_byte = 8 // part  # codes sharing a byte, BLOCK // per_byte apart
+        slices = p.view(n, length // BLOCK, per_byte, BLOCK // per_byte)
+        byte = slices[:, :, 0].clone()
+        for k in range(1, per_byte):
+            byte |= slices[:, :, k] << (part * k)
+        runs.append(byte)
+        shift += part
+    return torch.cat(runs, dim=2).view(n, -1)
 
 
 def _plane_words(codes: torch.Tensor, b: int) -> torch.Tensor:

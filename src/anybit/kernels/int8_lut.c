@@ -1,14 +1,17 @@
 /* The fast CPU product y = x Wᵀ for anybit's axis-0 layouts, on integer dot products.
  * Built and loaded by anybit/kernels/build.py; prepared and called by anybit/kernels/cpu_fast.py.
  *
- * Weights, re-laid at load time: every row is cut into segments of `group_size` columns, and every segment
- * into blocks of 64 columns; a block of a b-bit segment takes 8 b bytes. The AVX-512 path (with GFNI) reads
- * them in the stored order (per 8 codes, b bytes, byte q holding bit q of each), 8 bits included; the others
- * as b little-endian 64-bit words, word q holding bit q of the block's 64 codes (bit j for column j), and at 8
- * bits the 64 codes themselves, one byte each. A segment's weights are (value - offset) * scale, where value
- * is the code itself (uniform grids: offset is the zero point) or an entry of the segment's table of 2^b
- * unsigned bytes (codebooks, offset 128: each centroid c rounded to two parts, c ~ scale ((hi - 128) +
- * (lo - 128) / 256), a high and a low table).
+ * Weights, re-laid at load time: every row is cut into segments of `group_size` columns, and every segment into
+ * blocks of 64 columns; a block of a b-bit segment takes 8 b bytes. The AVX-512 path (with GFNI) reads them in
+ * the stored order (per 8 codes, b bytes, byte q holding bit q of each), 8 bits included. The AVX2 path splits
+ * each code's bits into parts of 4, 2 and 1 bits from the low bits up (b = 3: 2 + 1; 5: 4 + 1; 6: 4 + 2; 7: 4 + 2
+ * + 1), each part of the block's codes p[0 .. 63] a run of its own: 4 bits in 32 bytes, byte i = p[i] | p[i + 32]
+ * << 4; 2 bits in 16 bytes, byte i = p[i] | p[i + 16] << 2 | p[i + 32] << 4 | p[i + 48] << 6; 1 bit in 8 bytes,
+ * bit k of byte i = p[i + 8 k] (half_codes). The portable path reads b little-endian 64-bit words, word q holding
+ * bit q of the block's 64 codes (bit j for column j). At 8 bits the last two read the 64 codes themselves, one
+ * byte each. A segment's weights are (value - offset) * scale, where value is the code itself (uniform grids:
+ * offset is the zero point) or an entry of the segment's table of 2^b unsigned bytes (codebooks, offset 128: each
+ * centroid c rounded to two parts, c ~ scale ((hi - 128) + (lo - 128) / 256), a high and a low table).
  *
  * Activations: every token is rounded with one float step s (its absolute maximum -> 127) to two int8 parts,
  * x ~ s (hi + lo / 256): about 15 bits, so that one outlying activation does not flatten the rest of the row.
@@ -18,7 +21,7 @@
  *
  * Paths, chosen when compiled: AVX-512 (BW, VBMI, VNNI, GFNI): codes transposed from the stored bit planes by
  * vpermb and gf2p8affineqb, tables looked up by vpermb/vpermi2b, products by vpdpbusd; AVX2: codes assembled
- * from plane words, 32 columns at a time, tables of up to 32 entries by pshufb, products by maddubs; both
+ * from their part runs, 32 columns at a time, tables of up to 64 entries by pshufb, products by maddubs; both
  * multiply prompts of 16 tokens or more in blocks of 16 rows (on AMX tiles where AVX-512 has them; see
  * "Prompts" below); portable C otherwise. All paths compute the same integer dot products; only the order of float
  * sums differs (the AVX-512 paths multiply the unsigned values and take their bias out with the input's sums,
@@ -172,34 +175,54 @@ static inline __m512i lookup(__m512i codes, int b, const uint8_t *table) {
 }
 #define DOT(acc, v, x) _mm512_dpbusd_epi32(acc, v, _mm512_loadu_si512(x))
 #elif defined(PATH_AVX2)
-/* 32 one-bit flags (bit j for byte j) as 32 bytes of 0 or `bit`. */
-static inline __m256i spread_bits(uint32_t flags, uint8_t bit) {
-    const __m256i pick = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2,
-                                          3, 3, 3, 3, 3, 3, 3, 3);
-    const __m256i select = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
-    __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32((int)flags), pick);
-    v = _mm256_cmpeq_epi8(_mm256_and_si256(v, select), select);
-    return _mm256_and_si256(v, _mm256_set1_epi8((char)bit));
-}
-
-/* The 32 codes of half a block (half 0 or 1) from its plane words. */
-static inline __m256i half_codes(const uint64_t *words, int b, int half) {
-    if (b == 8) return _mm256_loadu_si256((const __m256i *)((const uint8_t *)words + 32 * half));
+/* The 32 codes of half a block (half 0 or 1) from the AVX2 layout (see the top of this file): a 4-bit part
+ * from its nibbles, a 2-bit part by a shift per 128-bit lane, a 1-bit part by a shift per 64-bit lane, each
+ * moved to its place in the code. Inlined with b constant. */
+static inline __m256i half_codes(const uint8_t *block, int b, int half) {
+    if (b == 8) return _mm256_loadu_si256((const __m256i *)(block + 32 * half));
     __m256i codes = _mm256_setzero_si256();
-    for (int q = 0; q < b; q++)
-        codes = _mm256_or_si256(codes, spread_bits((uint32_t)(words[q] >> (32 * half)), (uint8_t)(1 << q)));
+    int shift = 0;
+    if (b >= 4) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)block);
+        codes = _mm256_and_si256(half ? _mm256_srli_epi16(v, 4) : v, _mm256_set1_epi8(15));
+        block += 32, shift = 4;
+    }
+    if (b & 2) {
+        const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)block));
+        const __m256i by = half ? _mm256_setr_epi32(4, 4, 4, 4, 6, 6, 6, 6) : _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2);
+        const __m256i part = _mm256_and_si256(_mm256_srlv_epi32(v, by), _mm256_set1_epi8(3));
+        codes = _mm256_or_si256(codes, _mm256_sll_epi16(part, _mm_cvtsi32_si128(shift)));
+        block += 16, shift += 2;
+    }
+    if (b & 1) {
+        uint64_t word;
+        memcpy(&word, block, sizeof word);
+        const __m256i by = half ? _mm256_setr_epi64x(4, 5, 6, 7) : _mm256_setr_epi64x(0, 1, 2, 3);
+        const __m256i part = _mm256_and_si256(_mm256_srlv_epi64(_mm256_set1_epi64x((long long)word), by),
+                                              _mm256_set1_epi8(1));
+        codes = _mm256_or_si256(codes, _mm256_sll_epi16(part, _mm_cvtsi32_si128(shift)));
+    }
     return codes;
 }
 
-/* The codes (or their entries in a table of 2^b bytes) as signed bytes value - 128. */
+/* Entries `quarter` * 16 .. + 15 of a table, looked up by the low 4 bits of each code (bit 7 is never set). */
+static inline __m256i table_quarter(const uint8_t *table, int quarter, __m256i low_bits) {
+    const __m256i entries = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(table + 16 * quarter)));
+    return _mm256_shuffle_epi8(entries, low_bits);
+}
+
+/* The codes (or their entries in a table of 2^b bytes) as signed bytes value - 128. Tables of up to 64
+ * entries by pshufb on each 16 and blends on bits 4 and 5 (moved to bit 7, which blendv reads). */
 static inline __m256i half_values(__m256i codes, int b, const uint8_t *table) {
-    if (table && b <= 5) {
-        const __m256i low = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)table));
-        __m256i v = _mm256_shuffle_epi8(low, codes); /* pshufb uses the low 4 bits (bit 7 is never set) */
-        if (b == 5) {
-            const __m256i high = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(table + 16)));
-            const __m256i bit4 = _mm256_slli_epi16(codes, 3); /* bit 4 of each byte moved to bit 7 */
-            v = _mm256_blendv_epi8(v, _mm256_shuffle_epi8(high, _mm256_and_si256(codes, _mm256_set1_epi8(15))), bit4);
+    if (table && b <= 6) {
+        const __m256i low_bits = _mm256_and_si256(codes, _mm256_set1_epi8(15));
+        const __m256i bit4 = _mm256_slli_epi16(codes, 3), bit5 = _mm256_slli_epi16(codes, 2);
+        __m256i v = table_quarter(table, 0, low_bits);
+        if (b >= 5) v = _mm256_blendv_epi8(v, table_quarter(table, 1, low_bits), bit4);
+        if (b == 6) {
+            const __m256i upper = _mm256_blendv_epi8(table_quarter(table, 2, low_bits),
+                                                     table_quarter(table, 3, low_bits), bit4);
+            v = _mm256_blendv_epi8(v, upper, bit5);
         }
         codes = v;
     } else if (table) { /* wider tables: looked up one byte at a time */
@@ -340,8 +363,7 @@ segment_blocks(const uint8_t *w, const int b, const int tabled, const uint8_t *t
         __m256i a[MAX_TOKENS], bl[MAX_TOKENS];
         for (int t = 0; t < n; t++) a[t] = bl[t] = _mm256_setzero_si256();
         for (int64_t k = first; k < end; k++, w += 8 * b) {
-            const uint64_t *words = (const uint64_t *)w;
-            const __m256i codes0 = half_codes(words, b, 0), codes1 = half_codes(words, b, 1);
+            const __m256i codes0 = half_codes(w, b, 0), codes1 = half_codes(w, b, 1);
             const __m256i v0 = half_values(codes0, b, table), v1 = half_values(codes1, b, table);
             __m256i lv0 = v0, lv1 = v1;
             if (tabled) lv0 = half_values(codes0, b, low_table), lv1 = half_values(codes1, b, low_table);
@@ -789,7 +811,7 @@ static inline __attribute__((always_inline)) const uint8_t *decode_segment(const
         if (table) _mm512_storeu_si512(dst + TILE_BYTES, lookup(codes, b, table + (1 << b)));
 #else
         for (int half = 0; half < 2; half++) {
-            const __m256i codes = half_codes((const uint64_t *)w, b, half);
+            const __m256i codes = half_codes(w, b, half);
             _mm256_storeu_si256((__m256i *)(dst + 32 * half), half_values(codes, b, table));
             if (table)
                 _mm256_storeu_si256((__m256i *)(dst + TILE_BYTES + 32 * half), half_values(codes, b, table + (1 << b)));
