@@ -7,7 +7,7 @@ codebooks, uniform grids per channel and per group at 2-4 bits, SliM-LLM's group
 outliers with SKIM's scaling vector and a permutation, vq's vector codebooks at 2.25-2.75 bits), a set of 4096×4096 matrices holding `--weights`
 weights in all (far more bytes than the last-level cache), with random codes: the time of one product
 of every matrix with a (batch, 4096) input, as the median of `--rounds`. Bandwidth is the bytes the
-kernel reads (its re-laid codes, tables, scales and zero points) per second, beside the machine's read
+kernel reads (its codes, re-laid or read in place, tables, scales and zero points) per second, beside the machine's read
 bandwidth measured in the same run by a streaming sum over 1 GiB. One JSON line per layout and batch
 to benchmarks/results/cpu_kernel_bandwidth.jsonl.
 """
@@ -99,6 +99,13 @@ def read_bandwidth(rounds: int) -> float:
     return data.numel() * 4 / statistics.median(seconds[1:]) / 1e9
 
 
+def read_bytes(prepared) -> int:
+    """Bytes one product reads: what the kernel holds (`nbytes`) and, where it reads the stored codes in
+    place (one width on the AVX-512 path), those codes too."""
+    shared = not getattr(prepared, "owns_codes", True)
+    return prepared.nbytes() + (prepared.codes.numel() * prepared.codes.element_size() if shared else 0)
+
+
 def _copies(prepared, count: int) -> list:
     """`count` independent copies (own memory) of one prepared matrix."""
 
@@ -125,7 +132,7 @@ def main() -> None:
             continue
         qt = build()
         matrices = _copies(cpu_fast.prepare(qt), count)
-        read = sum(m.nbytes() for m in matrices)
+        read = sum(read_bytes(m) for m in matrices)
         for batch in (int(b) for b in args.batches.split(",")):
             x = torch.randn(batch, SIDE)
             seconds = []
