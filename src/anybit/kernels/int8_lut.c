@@ -238,11 +238,16 @@ static inline __m256i half_values(__m256i codes, int b, const uint8_t *table) {
     return _mm256_xor_si256(codes, _mm256_set1_epi8((char)0x80));
 }
 
-/* acc + eight int32 partial sums of the products of 32 signed values w with 32 int8 activations. */
-static inline __m256i half_dot(__m256i acc, __m256i w, const int8_t *xq) {
-    const __m256i x = _mm256_loadu_si256((const __m256i *)xq);
-    const __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w));
+/* acc + eight int32 partial sums of the products of 32 signed values w (|w| in aw) with 32 signed bytes x:
+ * maddubs multiplies unsigned by signed, so |w| by x with w's sign. */
+static inline __m256i signed_dot(__m256i acc, __m256i aw, __m256i w, __m256i x) {
+    const __m256i pairs = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(x, w));
     return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+}
+
+/* signed_dot of 32 signed values w with 32 int8 activations at xq. */
+static inline __m256i half_dot(__m256i acc, __m256i w, const int8_t *xq) {
+    return signed_dot(acc, _mm256_abs_epi8(w), w, _mm256_loadu_si256((const __m256i *)xq));
 }
 #endif
 
@@ -923,12 +928,6 @@ static inline __attribute__((always_inline)) void register_chunk(const uint8_t *
 #else
 #define REGISTER_ROWS 4 /* rows per pass: 8 accumulators of the 16 AVX2 registers */
 
-/* acc + the int32 sums of the products of signed values w (|w| in aw) with signed parts x, as half_dot. */
-static inline __m256i signed_dot(__m256i acc, __m256i aw, __m256i w, __m256i x) {
-    const __m256i pairs = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(x, w));
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
-}
-
 /* register_chunk on AVX2: the values are value - 128 (signed), and a tile row's 16 tokens take two
  * registers, multiplied one half (8 tokens) at a time. */
 static inline __attribute__((always_inline)) void register_chunk(const uint8_t *buf, int q0, const int tabled,
@@ -986,6 +985,7 @@ static void register_row_block(const anybit_matrix *m, const int64_t *rows, int 
                                int64_t T, int64_t tg0, int64_t tg1, const uint8_t *buf, float *y, float *sums) {
     const int64_t blocks = m->cols / BLOCK, groups = m->cols / m->group_size, group_blocks = m->group_size / BLOCK;
     float *dx = sums, *dh = sums + groups * TILE;
+    const float low = m->tables ? (128.0f - VALUE_BIAS) / 256.0f : 0.0f; /* the low tables' bias per dh */
     for (int64_t tg = tg0; tg < tg1; tg++) {
         float acc[TILE][TILE] __attribute__((aligned(64))) = {{0}};
         float total[TILE][TILE] __attribute__((aligned(64))) = {{0}};
@@ -1002,7 +1002,6 @@ static void register_row_block(const anybit_matrix *m, const int64_t *rows, int 
                     register_segment(buf, q0, 1, in, blocks, tg, k0, k1, sc, acc + q0);
                 else
                     register_segment(buf, q0, 0, in, blocks, tg, k0, k1, sc, acc + q0);
-                const float low = m->tables ? (128.0f - VALUE_BIAS) / 256.0f : 0.0f;
                 for (int q = 0; q < REGISTER_ROWS; q++)
                     for (int n = 0; n < TILE; n++)
                         total[q0 + q][n] -= sc[q] * (off[q] * dx[g * TILE + n] + low * dh[g * TILE + n]);
