@@ -83,3 +83,14 @@ def test_gaussian_table_beats_the_best_scalar_grid():
     picked = table[nearest_entries(samples, torch.ones_like(samples), table)]
     assert float((samples - picked).square().mean()) < 0.1175 * 0.9
     assert table.shape == (256, 4)
+
+
+def test_nearest_entries_against_every_distance():
+    """The weighted and the unweighted (None) searches pick the entry of least (weighted) squared distance."""
+    g = torch.Generator().manual_seed(11)
+    points, entries = torch.randn(3000, 4, generator=g), torch.randn(700, 4, generator=g)
+    weights = torch.rand(3000, 4, generator=g) + 0.1
+    distances = (weights[:, None, :] * (points[:, None, :] - entries[None]).square()).sum(dim=2)
+    assert torch.equal(nearest_entries(points, weights, entries), distances.argmin(dim=1))
+    plain = (points[:, None, :] - entries[None]).square().sum(dim=2).argmin(dim=1)
+    assert torch.equal(nearest_entries(points, None, entries), plain)

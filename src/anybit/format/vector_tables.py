@@ -21,9 +21,9 @@ from safetensors.torch import load_file, save_file
 from anybit.errors import AnybitError
 
 TABLE_FILE = Path(__file__).with_name("vector_tables.safetensors")
-TABLE_SHA256 = "7e6ec000c113624ccff2e9212b31b6d510c5268057db31cb07870e815a497153"
+TABLE_SHA256 = "9c70d4182ebb2f1d5c798997c62fd1e70f82e064dbbee875c8457641d8c3d6be"
 DIMS = (4,)
-INDEX_BITS = tuple(range(4, 12))  # 1-2.75 bits per weight at d = 4
+INDEX_BITS = tuple(range(4, 14))  # 1-3.25 bits per weight at d = 4
 
 
 def table_name(dim: int, index_bits: int) -> str:
@@ -60,7 +60,7 @@ def generate(path: Path = TABLE_FILE) -> str:
         for k in INDEX_BITS:
             if table_name(d, k) not in tables:
                 tables[table_name(d, k)] = gaussian_codebook(1 << k, d).half().contiguous()
-    save_file(tables, path)
+                save_file(tables, path)  # each fit kept as soon as it is done
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 

@@ -41,7 +41,7 @@ class VectorCodebooks(Method):
     name = "vq"
     options = (DAMP, ACT_ORDER, ROTATE)
     integer_bits = False
-    bit_range = (1, 3)
+    bit_range = (1, 3.25)
     default_bits = 2.5
     default_scope = "model"
     default_act_order = True
