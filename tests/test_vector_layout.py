@@ -238,7 +238,7 @@ def test_vq_scales_tune_with_the_codes_fixed(tiny_llama_dir, corpus_file, tmp_pa
 def test_vq_refusals_come_before_any_work(tiny_llama_dir, corpus_file, tmp_path) -> None:
     calib = ["--calib", corpus_file, "--nsamples", 2, "--seqlen", 32]
     result = _run("quantize", tiny_llama_dir, "--method", "vq", "--bits", 0.9, *calib, "--out", tmp_path / "a")
-    assert result.exit_code != 0 and "bit budget in 1-3" in result.output, result.output
+    assert result.exit_code != 0 and "bit budget in 1-3.25" in result.output, result.output
     result = _run("quantize", tiny_llama_dir, "--method", "vq", "--bits", 1.0, *calib, "--out", tmp_path / "b")
     assert result.exit_code != 0 and "below the model's minimum" in result.output, result.output
     result = _run("quantize", tiny_llama_dir, "--method", "vq", "--group", 64, *calib, "--out", tmp_path / "c")
