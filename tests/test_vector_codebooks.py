@@ -94,3 +94,18 @@ def test_nearest_entries_against_every_distance():
     assert torch.equal(nearest_entries(points, weights, entries), distances.argmin(dim=1))
     plain = (points[:, None, :] - entries[None]).square().sum(dim=2).argmin(dim=1)
     assert torch.equal(nearest_entries(points, None, entries), plain)
+
+
+def test_the_scaled_search_in_chunks_of_rows_is_the_whole_search():
+    """The error-feedback rounding's search, a chunk of rows at a time (many chunks at 4096 entries), picks
+    what one product over all rows picks."""
+    from anybit.quant.vector_codebooks import _nearest_scaled
+
+    g = torch.Generator().manual_seed(12)
+    vA, CA, s = (
+        torch.randn(300, 4, generator=g),
+        torch.randn(4096, 4, generator=g),
+        torch.rand(300, 1, generator=g) + 0.5,
+    )
+    whole = (s.square() * CA.square().sum(dim=1)[None, :] - 2 * s * (vA @ CA.T)).argmin(dim=1)
+    assert torch.equal(_nearest_scaled(vA, CA, s), whole)
