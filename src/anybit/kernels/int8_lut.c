@@ -17,15 +17,18 @@
  * x ~ s (hi + lo / 256): about 15 bits, so that one outlying activation does not flatten the rest of the row.
  * A segment's product is A + B / 256, A the dot product of the (high) values with the high parts, B that with
  * the low parts plus the low table's with the high parts (the product of the two low parts, below 2^-16 of
- * the whole, is left out): integer sums in int32, times s and the segment's scale.
+ * the whole, is left out): integer sums in int32, times s and the segment's scale. AVX2's row path multiplies
+ * the activations as whole int16 values 256 hi + lo and the tables' entries as 256 hi + lo + 128 (madd_epi16:
+ * one product per weight and token instead of three), the low parts' product included.
  *
  * Paths, chosen when compiled: AVX-512 (BW, VBMI, VNNI, GFNI): codes transposed from the stored bit planes by
  * vpermb and gf2p8affineqb, tables looked up by vpermb/vpermi2b, products by vpdpbusd; AVX2: codes assembled
- * from their part runs, 32 columns at a time, tables of up to 64 entries by pshufb, products by maddubs; both
- * multiply prompts of 16 tokens or more in blocks of 16 rows (on AMX tiles where AVX-512 has them; see
- * "Prompts" below); portable C otherwise. All paths compute the same integer dot products; only the order of float
- * sums differs (the AVX-512 paths multiply the unsigned values and take their bias out with the input's sums,
- * the others multiply value - 128).
+ * from their part runs, 32 columns at a time, tables of up to 64 entries by pshufb, products by madd_epi16
+ * (rows) or maddubs (blocks of rows); both multiply prompts of 16 tokens or more in blocks of 16 rows (on AMX
+ * tiles where AVX-512 has them; see "Prompts" below); portable C otherwise. All paths compute the same integer
+ * dot products, but for the low parts' product on AVX2's rows; the order of float sums differs (the AVX-512
+ * paths multiply the unsigned values and take their bias out with the input's sums, the others multiply value
+ * - 128, AVX2's rows the wide values).
  *
  * Vector-coded matrices (anybit/format/vector.py, prepared by anybit/kernels/cpu_vector.py) share the
  * structure, the input rotation, the threads and the decode step, but multiply the float input: each piece of
@@ -78,6 +81,11 @@ int anybit_fast_path(void) {
 #define XQ(xq, cols, t, k) ((xq) + 2 * ((t) * (cols) + (k) * BLOCK))
 #define SCRATCH_INPUTS 3 /* matrices sharing one input at most: q, k, v */
 #define FLUSH_BLOCKS 64 /* blocks summed in int32 before a float sum takes them (no overflow up to 4096 columns) */
+#if defined(PATH_AVX2)
+#define ROW_FLUSH_BLOCKS 16 /* the AVX2 rows' int16 products: 8-bit codes times 2^15 reach 2^26.5 per block */
+#else
+#define ROW_FLUSH_BLOCKS FLUSH_BLOCKS
+#endif
 
 #if defined(PATH_AVX512)
 #define VALUE_BIAS 0 /* the AVX-512 path multiplies the unsigned values (codes, or table entries) */
@@ -111,8 +119,17 @@ static float abs_max(const float *v, int64_t n) {
     return amax;
 }
 
-/* Round token t (v, cols columns) with one step s = max|x| / 127 to two int8 parts, x ~ s (hi + lo / 256). */
-static void quantize_token(const float *v, int64_t t, int64_t cols, coded_input *in) {
+/* Where column j (0 .. 63) of a block sits in the wide (int16) layout: the order in which AVX2's unpacklo and
+ * unpackhi interleave the two 32-byte halves of a block's table values (per half: bytes 0-7 and 16-23 of the
+ * 32, then 8-15 and 24-31), so that each 16 values multiply 16 consecutive activations. */
+static inline int wide_slot(int j) {
+    const int half = j / 32, i = j % 32, lane = i / 16, r = i % 16;
+    return 32 * half + 16 * (r / 8) + 8 * lane + r % 8;
+}
+
+/* Round token t (v, cols columns) with one step s = max|x| / 127 to two int8 parts, x ~ s (hi + lo / 256),
+ * stored as the parts or (wide: for AVX2's row path) as the int16 256 hi + lo in wide_slot order. */
+static void quantize_token(const float *v, int64_t t, int64_t cols, coded_input *in, int wide) {
     const int64_t blocks = cols / BLOCK;
     const float amax = abs_max(v, cols);
     const float step = amax / 127.0f, inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
@@ -127,7 +144,10 @@ static void quantize_token(const float *v, int64_t t, int64_t cols, coded_input 
             h = h > 127 ? 127 : (h < -127 ? -127 : h);
             int l = (int)rintf((scaled - (float)h) * 256.0f);
             l = l > 127 ? 127 : (l < -127 ? -127 : l);
-            hi[j] = (int8_t)h, lo[j] = (int8_t)l;
+            if (wide)
+                ((int16_t *)hi)[wide_slot(j)] = (int16_t)(256 * h + l);
+            else
+                hi[j] = (int8_t)h, lo[j] = (int8_t)l;
             sum += 256 * h + l, high += h;
         }
         xsum[k + 1] = xsum[k] + (double)sum * step / 256.0;
@@ -215,9 +235,9 @@ static inline __m256i table_quarter(const uint8_t *table, int quarter, __m256i l
     return _mm256_shuffle_epi8(entries, low_bits);
 }
 
-/* The codes (or their entries in a table of 2^b bytes) as signed bytes value - 128. Tables of up to 64
+/* The codes' entries in a table of 2^b bytes (the codes themselves without a table). Tables of up to 64
  * entries by pshufb on each 16 and blends on bits 4 and 5 (moved to bit 7, which blendv reads). */
-static inline __m256i half_values(__m256i codes, int b, const uint8_t *table) {
+static inline __m256i half_lookup(__m256i codes, int b, const uint8_t *table) {
     if (table && b <= 6) {
         const __m256i low_bits = _mm256_and_si256(codes, _mm256_set1_epi8(15));
         const __m256i bit4 = _mm256_slli_epi16(codes, 3), bit5 = _mm256_slli_epi16(codes, 2);
@@ -235,7 +255,20 @@ static inline __m256i half_values(__m256i codes, int b, const uint8_t *table) {
         for (int j = 0; j < 32; j++) c[j] = table[c[j]];
         codes = _mm256_loadu_si256((const __m256i *)c);
     }
-    return _mm256_xor_si256(codes, _mm256_set1_epi8((char)0x80));
+    return codes;
+}
+
+/* half_lookup as signed bytes value - 128. */
+static inline __m256i half_values(__m256i codes, int b, const uint8_t *table) {
+    return _mm256_xor_si256(half_lookup(codes, b, table), _mm256_set1_epi8((char)0x80));
+}
+
+/* The wide (int16) values of half a block, in the unpack order of wide_slot: the codes themselves, or for a
+ * table 256 hi + lo + 128 (hi signed from the high table, lo + 128 as the low table stores it). */
+static inline void half_wide_values(__m256i codes, int b, const uint8_t *table, __m256i *first, __m256i *second) {
+    __m256i low = codes, high = _mm256_setzero_si256();
+    if (table) low = half_lookup(codes, b, table + (1 << b)), high = half_values(codes, b, table);
+    *first = _mm256_unpacklo_epi8(low, high), *second = _mm256_unpackhi_epi8(low, high);
 }
 
 /* acc + eight int32 partial sums of the products of 32 signed values w (|w| in aw) with 32 signed bytes x:
@@ -329,9 +362,11 @@ typedef float accumulator;
 static inline __attribute__((always_inline)) const uint8_t *
 segment_blocks(const uint8_t *w, const int b, const int tabled, const uint8_t *table, float sc, int64_t k0,
                int64_t nblocks, const int8_t *xq, int64_t cols, int64_t t0, const int n, accumulator *acc) {
+#if !defined(PATH_AVX2)
     const uint8_t *low_table = tabled ? table + (1 << b) : NULL;
-    for (int64_t first = k0; first < k0 + nblocks; first += FLUSH_BLOCKS) {
-        const int64_t end = first + FLUSH_BLOCKS < k0 + nblocks ? first + FLUSH_BLOCKS : k0 + nblocks;
+#endif
+    for (int64_t first = k0; first < k0 + nblocks; first += ROW_FLUSH_BLOCKS) {
+        const int64_t end = first + ROW_FLUSH_BLOCKS < k0 + nblocks ? first + ROW_FLUSH_BLOCKS : k0 + nblocks;
 #if defined(PATH_AVX512)
         __m512i a[MAX_TOKENS], bl[MAX_TOKENS];
         for (int t = 0; t < n; t++) a[t] = bl[t] = _mm512_setzero_si512();
@@ -370,24 +405,33 @@ segment_blocks(const uint8_t *w, const int b, const int tabled, const uint8_t *t
             acc[t] = _mm512_fmadd_ps(f, _mm512_set1_ps(sc), acc[t]);
         }
 #elif defined(PATH_AVX2)
-        __m256i a[MAX_TOKENS], bl[MAX_TOKENS];
-        for (int t = 0; t < n; t++) a[t] = bl[t] = _mm256_setzero_si256();
+        /* One product per weight and token: the wide values times the token's int16 activations (madd_epi16,
+         * the two low parts' product included). A table's products reach 2^31 and are summed in float; codes'
+         * sums stay in int32 (ROW_FLUSH_BLOCKS keeps them from overflowing). */
+        __m256 f[MAX_TOKENS];
+        __m256i ia[MAX_TOKENS];
+        for (int t = 0; t < n; t++) f[t] = _mm256_setzero_ps(), ia[t] = _mm256_setzero_si256();
         for (int64_t k = first; k < end; k++, w += 8 * b) {
-            const __m256i codes0 = half_codes(w, b, 0), codes1 = half_codes(w, b, 1);
-            const __m256i v0 = half_values(codes0, b, table), v1 = half_values(codes1, b, table);
-            __m256i lv0 = v0, lv1 = v1;
-            if (tabled) lv0 = half_values(codes0, b, low_table), lv1 = half_values(codes1, b, low_table);
+            __m256i v[4];
+            half_wide_values(half_codes(w, b, 0), b, table, v, v + 1);
+            half_wide_values(half_codes(w, b, 1), b, table, v + 2, v + 3);
             for (int t = 0; t < n; t++) {
-                const int8_t *x = XQ(xq, cols, t0 + t, k);
-                a[t] = half_dot(half_dot(a[t], v0, x), v1, x + 32);
-                bl[t] = half_dot(half_dot(bl[t], v0, x + BLOCK), v1, x + BLOCK + 32);
-                if (tabled) bl[t] = half_dot(half_dot(bl[t], lv0, x), lv1, x + 32);
+                const __m256i *x = (const __m256i *)XQ(xq, cols, t0 + t, k);
+                __m256i p[4];
+                for (int q = 0; q < 4; q++) p[q] = _mm256_madd_epi16(v[q], _mm256_loadu_si256(x + q));
+                if (tabled) {
+                    const __m256 p01 = _mm256_add_ps(_mm256_cvtepi32_ps(p[0]), _mm256_cvtepi32_ps(p[1]));
+                    const __m256 p23 = _mm256_add_ps(_mm256_cvtepi32_ps(p[2]), _mm256_cvtepi32_ps(p[3]));
+                    f[t] = _mm256_add_ps(f[t], _mm256_add_ps(p01, p23));
+                } else {
+                    ia[t] = _mm256_add_epi32(ia[t], _mm256_add_epi32(_mm256_add_epi32(p[0], p[1]),
+                                                                     _mm256_add_epi32(p[2], p[3])));
+                }
             }
         }
-        for (int t = 0; t < n; t++) {
-            const __m256 f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(bl[t]), _mm256_set1_ps(1.0f / 256.0f),
-                                             _mm256_cvtepi32_ps(a[t]));
-            acc[t] = _mm256_fmadd_ps(f, _mm256_set1_ps(sc), acc[t]);
+        for (int t = 0; t < n; t++) { /* wide values are 256 times a table's (hi + lo / 256), activations too */
+            const __m256 sum = tabled ? f[t] : _mm256_cvtepi32_ps(ia[t]);
+            acc[t] = _mm256_fmadd_ps(sum, _mm256_set1_ps(sc / (tabled ? 65536.0f : 256.0f)), acc[t]);
         }
 #else
         int64_t a[MAX_TOKENS] = {0}, bl[MAX_TOKENS] = {0};
@@ -573,8 +617,13 @@ static inline __attribute__((always_inline)) void row_product(const anybit_matri
         const float sc = m->scale[s];
         for (int t = 0; t < n; t++) {
             const double *xsum = in->xsum + (t0 + t) * (blocks + 1), *hisum = in->hisum + (t0 + t) * (blocks + 1);
+#if defined(PATH_AVX2) /* wide values (segment_blocks): the codes themselves, or a table's entries plus 1/2 */
+            double bias = (table ? 0.5 : (double)m->offset[s]) * (xsum[k1] - xsum[k0]);
+            (void)hisum;
+#else
             double bias = (double)(m->offset[s] - VALUE_BIAS) * (xsum[k1] - xsum[k0]);
             if (table) bias += (128.0 - VALUE_BIAS) / 256.0 * (hisum[k1] - hisum[k0]);
+#endif
             total[t] -= sc * (float)bias;
         }
 #define SEGMENT(B)                                                                                                    \
@@ -737,7 +786,8 @@ static void rotate_input(const anybit_matrix *m, const float *v, float *work, fl
 
 /* Round token t of the input x of `count` matrices into in[i] (not where shares_input), and pick its
  * channels for compensation. */
-static void code_token(const anybit_matrix *const *m, int count, const float *x, int64_t t, coded_input *in) {
+static void code_token(const anybit_matrix *const *m, int count, const float *x, int64_t t, coded_input *in,
+                       int wide) {
     for (int i = 0; i < count; i++) {
         const int64_t cols = m[i]->cols;
         const float *src = x + t * cols;
@@ -760,7 +810,7 @@ static void code_token(const anybit_matrix *const *m, int count, const float *x,
             if (src != coded) memcpy(coded, src, sizeof(float) * (size_t)cols);
             continue;
         }
-        quantize_token(src, t, cols, in + i);
+        quantize_token(src, t, cols, in + i, wide);
     }
     for (int i = 0; i < count; i++)
         if (m[i]->dec_codes)
@@ -1151,10 +1201,18 @@ static void products(const anybit_matrix *const *m, int count, const float *x, i
                      coded_input *in) {
     const coded_input *coded[SCRATCH_INPUTS] = {0};
     for (int i = 0; i < count; i++) coded[i] = shares_input(m, i) ? in : in + i;
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < T; t++) code_token(m, count, x, t, in);
 #if defined(PATH_BLOCKS)
-    if (block_tokens(T) && in->tiles && !any_vector_coded(m, count))
+    const int in_blocks = block_tokens(T) && in->tiles && !any_vector_coded(m, count);
+#endif
+#if defined(PATH_AVX2)
+    const int wide = !in_blocks; /* AVX2's rows multiply int16 activations (segment_blocks) */
+#else
+    const int wide = 0;
+#endif
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < T; t++) code_token(m, count, x, t, in, wide);
+#if defined(PATH_BLOCKS)
+    if (in_blocks)
         block_products(m, count, coded, T, y);
     else
 #endif
