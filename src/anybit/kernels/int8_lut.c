@@ -202,7 +202,7 @@ static inline __m512i lookup(__m512i codes, int b, const uint8_t *table) {
 /* The 32 codes of half a block (half 0 or 1) from the AVX2 layout (see the top of this file): a 4-bit part
  * from its nibbles, a 2-bit part by a shift per 128-bit lane, a 1-bit part by a shift per 64-bit lane, each
  * moved to its place in the code. Inlined with b constant. */
-static inline __m256i half_codes(const uint8_t *block, int b, int half) {
+static inline __attribute__((always_inline)) __m256i half_codes(const uint8_t *block, int b, int half) {
     if (b == 8) return _mm256_loadu_si256((const __m256i *)(block + 32 * half));
     __m256i codes = _mm256_setzero_si256();
     int shift = 0;
@@ -215,7 +215,7 @@ static inline __m256i half_codes(const uint8_t *block, int b, int half) {
         const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)block));
         const __m256i by = half ? _mm256_setr_epi32(4, 4, 4, 4, 6, 6, 6, 6) : _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2);
         const __m256i part = _mm256_and_si256(_mm256_srlv_epi32(v, by), _mm256_set1_epi8(3));
-        codes = _mm256_or_si256(codes, _mm256_sll_epi16(part, _mm_cvtsi32_si128(shift)));
+        codes = shift ? _mm256_or_si256(codes, _mm256_sll_epi16(part, _mm_cvtsi32_si128(shift))) : part;
         block += 16, shift += 2;
     }
     if (b & 1) {
@@ -224,22 +224,23 @@ static inline __m256i half_codes(const uint8_t *block, int b, int half) {
         const __m256i by = half ? _mm256_setr_epi64x(4, 5, 6, 7) : _mm256_setr_epi64x(0, 1, 2, 3);
         const __m256i part = _mm256_and_si256(_mm256_srlv_epi64(_mm256_set1_epi64x((long long)word), by),
                                               _mm256_set1_epi8(1));
-        codes = _mm256_or_si256(codes, _mm256_sll_epi16(part, _mm_cvtsi32_si128(shift)));
+        codes = shift ? _mm256_or_si256(codes, _mm256_sll_epi16(part, _mm_cvtsi32_si128(shift))) : part;
     }
     return codes;
 }
 
 /* Entries `quarter` * 16 .. + 15 of a table, looked up by the low 4 bits of each code (bit 7 is never set). */
-static inline __m256i table_quarter(const uint8_t *table, int quarter, __m256i low_bits) {
+static inline __attribute__((always_inline)) __m256i table_quarter(const uint8_t *table, int quarter,
+                                                                   __m256i low_bits) {
     const __m256i entries = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(table + 16 * quarter)));
     return _mm256_shuffle_epi8(entries, low_bits);
 }
 
 /* The codes' entries in a table of 2^b bytes (the codes themselves without a table). Tables of up to 64
  * entries by pshufb on each 16 and blends on bits 4 and 5 (moved to bit 7, which blendv reads). */
-static inline __m256i half_lookup(__m256i codes, int b, const uint8_t *table) {
-    if (table && b <= 6) {
-        const __m256i low_bits = _mm256_and_si256(codes, _mm256_set1_epi8(15));
+static inline __attribute__((always_inline)) __m256i half_lookup(__m256i codes, int b, const uint8_t *table) {
+    if (table && b <= 6) { /* codes below 16 index pshufb as they are */
+        const __m256i low_bits = b <= 4 ? codes : _mm256_and_si256(codes, _mm256_set1_epi8(15));
         const __m256i bit4 = _mm256_slli_epi16(codes, 3), bit5 = _mm256_slli_epi16(codes, 2);
         __m256i v = table_quarter(table, 0, low_bits);
         if (b >= 5) v = _mm256_blendv_epi8(v, table_quarter(table, 1, low_bits), bit4);
@@ -259,13 +260,14 @@ static inline __m256i half_lookup(__m256i codes, int b, const uint8_t *table) {
 }
 
 /* half_lookup as signed bytes value - 128. */
-static inline __m256i half_values(__m256i codes, int b, const uint8_t *table) {
+static inline __attribute__((always_inline)) __m256i half_values(__m256i codes, int b, const uint8_t *table) {
     return _mm256_xor_si256(half_lookup(codes, b, table), _mm256_set1_epi8((char)0x80));
 }
 
 /* The wide (int16) values of half a block, in the unpack order of wide_slot: the codes themselves, or for a
  * table 256 hi + lo + 128 (hi signed from the high table, lo + 128 as the low table stores it). */
-static inline void half_wide_values(__m256i codes, int b, const uint8_t *table, __m256i *first, __m256i *second) {
+static inline __attribute__((always_inline)) void half_wide_values(__m256i codes, int b, const uint8_t *table,
+                                                                   __m256i *first, __m256i *second) {
     __m256i low = codes, high = _mm256_setzero_si256();
     if (table) low = half_lookup(codes, b, table + (1 << b)), high = half_values(codes, b, table);
     *first = _mm256_unpacklo_epi8(low, high), *second = _mm256_unpackhi_epi8(low, high);
