@@ -114,6 +114,12 @@ static float abs_max(const float *v, int64_t n) {
     __m512 m = _mm512_setzero_ps();
     for (; j + 16 <= n; j += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(v + j)));
     amax = _mm512_reduce_max_ps(m);
+#elif defined(PATH_AVX2)
+    __m256 m = _mm256_setzero_ps();
+    for (; j + 8 <= n; j += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(_mm256_set1_ps(-0.0f), _mm256_loadu_ps(v + j)));
+    float lanes[8];
+    _mm256_storeu_ps(lanes, m);
+    for (int e = 0; e < 8; e++) amax = lanes[e] > amax ? lanes[e] : amax;
 #endif
     for (; j < n; j++) amax = fmaxf(amax, fabsf(v[j]));
     return amax;
@@ -127,6 +133,36 @@ static inline int wide_slot(int j) {
     return 32 * half + 16 * (r / 8) + 8 * lane + r % 8;
 }
 
+#if defined(PATH_AVX2)
+/* One block of quantize_token into the wide layout, eight columns at a time, with the same roundings (vroundps
+ * to nearest even, as rintf): its 64 int16 values at `out`, the sums of 256 hi + lo and of hi. */
+static void wide_block(const float *v, float inverse, int16_t *out, int64_t *sum, int64_t *high) {
+    const __m256 top = _mm256_set1_ps(127.0f), bottom = _mm256_set1_ps(-127.0f);
+    __m256i values[8], total = _mm256_setzero_si256(), highs = _mm256_setzero_si256();
+    for (int g = 0; g < 8; g++) {
+        const __m256 scaled = _mm256_mul_ps(_mm256_loadu_ps(v + 8 * g), _mm256_set1_ps(inverse));
+        const __m256 h = _mm256_min_ps(
+            _mm256_max_ps(_mm256_round_ps(scaled, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), bottom), top);
+        const __m256 low = _mm256_mul_ps(_mm256_sub_ps(scaled, h), _mm256_set1_ps(256.0f));
+        const __m256 l = _mm256_min_ps(
+            _mm256_max_ps(_mm256_round_ps(low, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), bottom), top);
+        const __m256i hi = _mm256_cvtps_epi32(h);
+        values[g] = _mm256_add_epi32(_mm256_slli_epi32(hi, 8), _mm256_cvtps_epi32(l));
+        total = _mm256_add_epi32(total, values[g]), highs = _mm256_add_epi32(highs, hi);
+    }
+    for (int half = 0; half < 2; half++) { /* columns 0-7 and 16-23 of the half, then 8-15 and 24-31 */
+        const __m256i *g = values + 4 * half;
+        __m256i *to = (__m256i *)(out + 32 * half);
+        _mm256_storeu_si256(to, _mm256_permute4x64_epi64(_mm256_packs_epi32(g[0], g[2]), 0xD8));
+        _mm256_storeu_si256(to + 1, _mm256_permute4x64_epi64(_mm256_packs_epi32(g[1], g[3]), 0xD8));
+    }
+    int32_t lanes[8], high_lanes[8];
+    _mm256_storeu_si256((__m256i *)lanes, total), _mm256_storeu_si256((__m256i *)high_lanes, highs);
+    *sum = *high = 0;
+    for (int e = 0; e < 8; e++) *sum += lanes[e], *high += high_lanes[e];
+}
+#endif
+
 /* Round token t (v, cols columns) with one step s = max|x| / 127 to two int8 parts, x ~ s (hi + lo / 256),
  * stored as the parts or (wide: for AVX2's row path) as the int16 256 hi + lo in wide_slot order. */
 static void quantize_token(const float *v, int64_t t, int64_t cols, coded_input *in, int wide) {
@@ -138,6 +174,14 @@ static void quantize_token(const float *v, int64_t t, int64_t cols, coded_input 
     for (int64_t k = 0; k < blocks; k++) {
         int8_t *hi = XQ(in->xq, cols, t, k), *lo = hi + BLOCK;
         int64_t sum = 0, high = 0;
+#if defined(PATH_AVX2)
+        if (wide) {
+            wide_block(v + k * BLOCK, inverse, (int16_t *)hi, &sum, &high);
+            xsum[k + 1] = xsum[k] + (double)sum * step / 256.0;
+            hisum[k + 1] = hisum[k] + (double)high * step;
+            continue;
+        }
+#endif
         for (int j = 0; j < BLOCK; j++) {
             const float scaled = v[k * BLOCK + j] * inverse;
             int h = (int)rintf(scaled); /* rintf (nearest even) inlines; lrintf is a call */
