@@ -51,7 +51,7 @@ def _rounding_bound(prepared: cpu_fast.FastPrepared, x: torch.Tensor) -> torch.T
 
 
 def _low_product(prepared: cpu_fast.FastPrepared, x: torch.Tensor) -> torch.Tensor:
-    """Σ|x_lo|·|w_lo|: the product of the two low parts, which AVX2's row path includes and the others leave out."""
+    """Σ|x_lo|·|w_lo|: the product of the two low parts, which the AVX2 path includes and the others leave out."""
     qt = prepared.qt
     low_x = cpu_fast.input_parts(coded_input(x, qt.perm, qt.col_scale).float())[1].double().abs()
     return low_x @ cpu_fast.weight_parts(prepared)[1].double().abs().t()
@@ -183,7 +183,7 @@ def _check_block_path(path: str) -> None:
                 blocks = cpu_fast.product(prepared, x).double()
                 assert cpu_fast.prompt_path("rows") == "rows"
                 rows = cpu_fast.product(prepared, x).double()
-                bound = 2 * _float_slack(prepared, x) + _low_product(prepared, x)  # AVX2's rows include it
+                bound = 2 * _float_slack(prepared, x) + _low_product(prepared, x)  # AVX2's rows and blocks include it
                 assert bool(((blocks - rows).abs() <= bound).all())
     finally:
         cpu_fast.prompt_path("tiles")

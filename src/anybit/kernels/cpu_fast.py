@@ -4,8 +4,8 @@ What it changes, numerically, against the exact paths: each token's activations 
 parts with one step (x ~ s (hi + lo / 256), s = max|x| / 127: about 15 bits, so that an outlying activation
 does not flatten the rest), and each codebook's entries likewise to two int8 parts of its largest magnitude
 / 127 (uniform grids stay exact: their codes are the integers); the product of the two low parts is left
-out, except on AVX2's row path (single tokens, short inputs), which multiplies both as whole int16 values
-(256 hi + lo) with one madd_epi16 per 16 weights and token. `benchmarks/fast_path_quality.py` measures what this costs in perplexity; tests bound each product by
+out, except on the AVX2 path, which multiplies both as whole int16 values (256 hi + lo), one madd_epi16 per
+two weights and a register of tokens. `benchmarks/fast_path_quality.py` measures what this costs in perplexity; tests bound each product by
 the error these roundings allow.
 
 Re-laid codes take the same bytes as the stored ones (per 64 codes of a b-bit segment, the stored 8 b bytes on
@@ -15,7 +15,7 @@ low part) and one float scale per segment.
 On the AVX-512 and AVX2 paths, prompts of 16 tokens or more multiply in blocks of 16 rows, each decoded once
 per 256 tokens: on AMX tiles where the CPU has them (and Linux lets the process use them), 16 rows by 16
 tokens per tile product, else on vector registers, 16 (AVX-512) or 8 (AVX2) tokens' sums per register; the
-same integer sums as the row path (on AVX2, less the low parts' product) (`prompt_path`).
+same integer sums as the row path (`prompt_path`).
 
 Served: axis-0 layouts whose segments are whole 64-column blocks (group size and row length multiples of 64), every width 1-8, uniform or
 codebook, with the permutation, scaling vector and outliers of the exact path.
@@ -367,10 +367,10 @@ def rows(prepared: FastPrepared, ids: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def low_product_included(tokens: int) -> bool:
-    """Whether the kernel's sums for `tokens` tokens include the product of the activations' and the tables'
-    low parts: AVX2's row path multiplies both as whole int16 values; the other paths leave it out."""
-    return code_path() == "avx2" and (tokens < TILE_MIN_TOKENS or prompt_path() == "rows")
+def low_product_included() -> bool:
+    """Whether the kernel's sums include the product of the activations' and the tables' low parts: the AVX2
+    path multiplies both as whole int16 values; the others leave it out."""
+    return code_path() == "avx2"
 
 
 def emulate(prepared: FastPrepared, x: torch.Tensor) -> torch.Tensor:
@@ -382,7 +382,7 @@ def emulate(prepared: FastPrepared, x: torch.Tensor) -> torch.Tensor:
     high_w, low_w = weight_parts(prepared)
     high_x, low_x, high_w, low_w = (t.double() for t in (high_x, low_x, high_w, low_w))
     y = high_x @ high_w.t() + low_x @ high_w.t() + high_x @ low_w.t()
-    if low_product_included(x.shape[0]):
+    if low_product_included():
         y += low_x @ low_w.t()
     if prepared.outliers is not None:
         out_rows, out_cols, deltas = prepared.outliers

@@ -17,18 +17,18 @@
  * x ~ s (hi + lo / 256): about 15 bits, so that one outlying activation does not flatten the rest of the row.
  * A segment's product is A + B / 256, A the dot product of the (high) values with the high parts, B that with
  * the low parts plus the low table's with the high parts (the product of the two low parts, below 2^-16 of
- * the whole, is left out): integer sums in int32, times s and the segment's scale. AVX2's row path multiplies
- * the activations as whole int16 values 256 hi + lo and the tables' entries as 256 hi + lo + 128 (madd_epi16:
- * one product per weight and token instead of three), the low parts' product included.
+ * the whole, is left out): integer sums in int32, times s and the segment's scale. The AVX2 path holds the
+ * activations as whole int16 values 256 hi + lo and multiplies them with the tables' entries as 256 hi + lo +
+ * 128, or with the codes (madd_epi16: one product per weight and token instead of three), the low parts'
+ * product included.
  *
  * Paths, chosen when compiled: AVX-512 (BW, VBMI, VNNI, GFNI): codes transposed from the stored bit planes by
  * vpermb and gf2p8affineqb, tables looked up by vpermb/vpermi2b, products by vpdpbusd; AVX2: codes assembled
- * from their part runs, 32 columns at a time, tables of up to 64 entries by pshufb, products by madd_epi16
- * (rows) or maddubs (blocks of rows); both multiply prompts of 16 tokens or more in blocks of 16 rows (on AMX
- * tiles where AVX-512 has them; see "Prompts" below); portable C otherwise. All paths compute the same integer
- * dot products, but for the low parts' product on AVX2's rows; the order of float sums differs (the AVX-512
- * paths multiply the unsigned values and take their bias out with the input's sums, the others multiply value
- * - 128, AVX2's rows the wide values).
+ * from their part runs, 32 columns at a time, tables of up to 64 entries by pshufb, products by madd_epi16;
+ * both multiply prompts of 16 tokens or more in blocks of 16 rows (on AMX tiles where AVX-512 has them; see
+ * "Prompts" below); portable C otherwise. All paths compute the same integer dot products, but for the low
+ * parts' product on AVX2; the order of float sums differs (the AVX-512 paths multiply the unsigned values and
+ * take their bias out with the input's sums, the portable path multiplies value - 128, AVX2 the wide values).
  *
  * Vector-coded matrices (anybit/format/vector.py, prepared by anybit/kernels/cpu_vector.py) share the
  * structure, the input rotation, the threads and the decode step, but multiply the float input: each piece of
@@ -90,7 +90,16 @@ int anybit_fast_path(void) {
 #if defined(PATH_AVX512)
 #define VALUE_BIAS 0 /* the AVX-512 path multiplies the unsigned values (codes, or table entries) */
 #else
-#define VALUE_BIAS 128 /* the others multiply value - 128, signed */
+#define VALUE_BIAS 128 /* the portable path multiplies value - 128, signed */
+#endif
+/* What segment s's integer sums carry besides its weights, taken out with the input's sums: OFFSET_BIAS per
+ * unit of the rounded input's sum (xsum), LOW_BIAS per unit of s times its high parts' sum (hisum). */
+#if defined(PATH_AVX2) /* wide values (half_wide_values): the codes themselves, or a table's entries plus 1/2 */
+#define OFFSET_BIAS(m, s) ((m)->tables ? 0.5 : (double)(m)->offset[s])
+#define LOW_BIAS(m) 0.0
+#else
+#define OFFSET_BIAS(m, s) ((double)((m)->offset[s] - VALUE_BIAS))
+#define LOW_BIAS(m) ((m)->tables ? (128.0 - VALUE_BIAS) / 256.0 : 0.0)
 #endif
 
 /* One matrix's rounded input: for each token, the two parts of every block (XQ), the step s, and running sums
@@ -125,14 +134,9 @@ static float abs_max(const float *v, int64_t n) {
     return amax;
 }
 
-/* Where column j (0 .. 63) of a block sits in the wide (int16) layout: the order in which AVX2's unpacklo and
- * unpackhi interleave the two 32-byte halves of a block's table values (per half: bytes 0-7 and 16-23 of the
- * 32, then 8-15 and 24-31), so that each 16 values multiply 16 consecutive activations. */
-static inline int wide_slot(int j) {
-    const int half = j / 32, i = j % 32, lane = i / 16, r = i % 16;
-    return 32 * half + 16 * (r / 8) + 8 * lane + r % 8;
-}
-
+/* The wide layout (AVX2): a block's 64 values as int16, in the order in which AVX2's unpacklo and unpackhi
+ * interleave the two 32-byte halves of a block's table values ("wide slots": per half of 32 columns, columns
+ * 0-7 and 16-23, then 8-15 and 24-31), so that each 16 weights multiply 16 consecutive activations. */
 #if defined(PATH_AVX2)
 /* One block of quantize_token into the wide layout, eight columns at a time, with the same roundings (vroundps
  * to nearest even, as rintf): its 64 int16 values at `out`, the sums of 256 hi + lo and of hi. */
@@ -164,8 +168,8 @@ static void wide_block(const float *v, float inverse, int16_t *out, int64_t *sum
 #endif
 
 /* Round token t (v, cols columns) with one step s = max|x| / 127 to two int8 parts, x ~ s (hi + lo / 256),
- * stored as the parts or (wide: for AVX2's row path) as the int16 256 hi + lo in wide_slot order. */
-static void quantize_token(const float *v, int64_t t, int64_t cols, coded_input *in, int wide) {
+ * stored as the parts (XQ), or on AVX2 as the int16 256 hi + lo in the wide layout (the same 128 bytes). */
+static void quantize_token(const float *v, int64_t t, int64_t cols, coded_input *in) {
     const int64_t blocks = cols / BLOCK;
     const float amax = abs_max(v, cols);
     const float step = amax / 127.0f, inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
@@ -175,25 +179,19 @@ static void quantize_token(const float *v, int64_t t, int64_t cols, coded_input 
         int8_t *hi = XQ(in->xq, cols, t, k), *lo = hi + BLOCK;
         int64_t sum = 0, high = 0;
 #if defined(PATH_AVX2)
-        if (wide) {
-            wide_block(v + k * BLOCK, inverse, (int16_t *)hi, &sum, &high);
-            xsum[k + 1] = xsum[k] + (double)sum * step / 256.0;
-            hisum[k + 1] = hisum[k] + (double)high * step;
-            continue;
-        }
-#endif
+        (void)lo;
+        wide_block(v + k * BLOCK, inverse, (int16_t *)hi, &sum, &high);
+#else
         for (int j = 0; j < BLOCK; j++) {
             const float scaled = v[k * BLOCK + j] * inverse;
             int h = (int)rintf(scaled); /* rintf (nearest even) inlines; lrintf is a call */
             h = h > 127 ? 127 : (h < -127 ? -127 : h);
             int l = (int)rintf((scaled - (float)h) * 256.0f);
             l = l > 127 ? 127 : (l < -127 ? -127 : l);
-            if (wide)
-                ((int16_t *)hi)[wide_slot(j)] = (int16_t)(256 * h + l);
-            else
-                hi[j] = (int8_t)h, lo[j] = (int8_t)l;
+            hi[j] = (int8_t)h, lo[j] = (int8_t)l;
             sum += 256 * h + l, high += h;
         }
+#endif
         xsum[k + 1] = xsum[k] + (double)sum * step / 256.0;
         hisum[k + 1] = hisum[k] + (double)high * step;
     }
@@ -308,7 +306,7 @@ static inline __attribute__((always_inline)) __m256i half_values(__m256i codes, 
     return _mm256_xor_si256(half_lookup(codes, b, table), _mm256_set1_epi8((char)0x80));
 }
 
-/* The wide (int16) values of half a block, in the unpack order of wide_slot: the codes themselves, or for a
+/* The wide (int16) values of half a block, in wide slots: the codes themselves, or for a
  * table 256 hi + lo + 128 (hi signed from the high table, lo + 128 as the low table stores it). */
 static inline __attribute__((always_inline)) void half_wide_values(__m256i codes, int b, const uint8_t *table,
                                                                    __m256i *first, __m256i *second) {
@@ -317,17 +315,6 @@ static inline __attribute__((always_inline)) void half_wide_values(__m256i codes
     *first = _mm256_unpacklo_epi8(low, high), *second = _mm256_unpackhi_epi8(low, high);
 }
 
-/* acc + eight int32 partial sums of the products of 32 signed values w (|w| in aw) with 32 signed bytes x:
- * maddubs multiplies unsigned by signed, so |w| by x with w's sign. */
-static inline __m256i signed_dot(__m256i acc, __m256i aw, __m256i w, __m256i x) {
-    const __m256i pairs = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(x, w));
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
-}
-
-/* signed_dot of 32 signed values w with 32 int8 activations at xq. */
-static inline __m256i half_dot(__m256i acc, __m256i w, const int8_t *xq) {
-    return signed_dot(acc, _mm256_abs_epi8(w), w, _mm256_loadu_si256((const __m256i *)xq));
-}
 #endif
 
 /* Prompts (TILE_MIN_TOKENS tokens or more) on the AVX-512 and AVX2 paths: a block of 16 rows is decoded once
@@ -663,13 +650,7 @@ static inline __attribute__((always_inline)) void row_product(const anybit_matri
         const float sc = m->scale[s];
         for (int t = 0; t < n; t++) {
             const double *xsum = in->xsum + (t0 + t) * (blocks + 1), *hisum = in->hisum + (t0 + t) * (blocks + 1);
-#if defined(PATH_AVX2) /* wide values (segment_blocks): the codes themselves, or a table's entries plus 1/2 */
-            double bias = (table ? 0.5 : (double)m->offset[s]) * (xsum[k1] - xsum[k0]);
-            (void)hisum;
-#else
-            double bias = (double)(m->offset[s] - VALUE_BIAS) * (xsum[k1] - xsum[k0]);
-            if (table) bias += (128.0 - VALUE_BIAS) / 256.0 * (hisum[k1] - hisum[k0]);
-#endif
+            const double bias = OFFSET_BIAS(m, s) * (xsum[k1] - xsum[k0]) + LOW_BIAS(m) * (hisum[k1] - hisum[k0]);
             total[t] -= sc * (float)bias;
         }
 #define SEGMENT(B)                                                                                                    \
@@ -832,8 +813,7 @@ static void rotate_input(const anybit_matrix *m, const float *v, float *work, fl
 
 /* Round token t of the input x of `count` matrices into in[i] (not where shares_input), and pick its
  * channels for compensation. */
-static void code_token(const anybit_matrix *const *m, int count, const float *x, int64_t t, coded_input *in,
-                       int wide) {
+static void code_token(const anybit_matrix *const *m, int count, const float *x, int64_t t, coded_input *in) {
     for (int i = 0; i < count; i++) {
         const int64_t cols = m[i]->cols;
         const float *src = x + t * cols;
@@ -856,7 +836,7 @@ static void code_token(const anybit_matrix *const *m, int count, const float *x,
             if (src != coded) memcpy(coded, src, sizeof(float) * (size_t)cols);
             continue;
         }
-        quantize_token(src, t, cols, in + i, wide);
+        quantize_token(src, t, cols, in + i);
     }
     for (int i = 0; i < count; i++)
         if (m[i]->dec_codes)
@@ -905,8 +885,8 @@ static void lay_input_tile(const coded_input *in, int64_t cols, int64_t T, int64
 }
 
 /* One row's segment of b bits decoded into the block buffer (per block: 16 rows of 64 high values, then of
- * low values; `dst` at this row's slot of the segment's first block), as the path multiplies them: unsigned
- * on AVX-512, value - 128 on AVX2. */
+ * low values, on AVX2 of the first and second 32 wide values; `dst` at this row's slot of the segment's first
+ * block), as the path multiplies them: unsigned on AVX-512, wide on AVX2. */
 static inline __attribute__((always_inline)) const uint8_t *decode_segment(const uint8_t *w, const int b,
                                                                            const uint8_t *table, uint8_t *dst,
                                                                            int64_t nblocks) {
@@ -916,11 +896,11 @@ static inline __attribute__((always_inline)) const uint8_t *decode_segment(const
         _mm512_storeu_si512(dst, table ? lookup(codes, b, table) : codes);
         if (table) _mm512_storeu_si512(dst + TILE_BYTES, lookup(codes, b, table + (1 << b)));
 #else
-        for (int half = 0; half < 2; half++) {
-            const __m256i codes = half_codes(w, b, half);
-            _mm256_storeu_si256((__m256i *)(dst + 32 * half), half_values(codes, b, table));
-            if (table)
-                _mm256_storeu_si256((__m256i *)(dst + TILE_BYTES + 32 * half), half_values(codes, b, table + (1 << b)));
+        for (int half = 0; half < 2; half++) { /* a half's 32 wide values: 64 bytes, one part's row */
+            __m256i first, second;
+            half_wide_values(half_codes(w, b, half), b, table, &first, &second);
+            _mm256_storeu_si256((__m256i *)(dst + half * TILE_BYTES), first);
+            _mm256_storeu_si256((__m256i *)(dst + half * TILE_BYTES + 32), second);
         }
 #endif
     }
@@ -1022,41 +1002,43 @@ static inline __attribute__((always_inline)) void register_chunk(const uint8_t *
     }
 }
 #else
-#define REGISTER_ROWS 4 /* rows per pass: 8 accumulators of the 16 AVX2 registers */
+#define REGISTER_ROWS 4 /* rows per pass */
 
-/* register_chunk on AVX2: the values are value - 128 (signed), and a tile row's 16 tokens take two
- * registers, multiplied one half (8 tokens) at a time. */
+/* register_chunk on AVX2, on the wide layout: the decoded rows and the input tiles hold int16 values (two
+ * per 4-byte unit, in the same wide slots), and each madd_epi16 multiplies a row's two values with 8 tokens'
+ * two activations. A table's products reach 2^31 and are summed in float; codes' in int32 over one block. */
 static inline __attribute__((always_inline)) void register_chunk(const uint8_t *buf, int q0, const int tabled,
                                                                  const coded_input *in, int64_t blocks, int64_t tg,
                                                                  int64_t first, int64_t end, const float *sc,
                                                                  float (*acc)[TILE]) {
+    const float unit = tabled ? 1.0f / 65536.0f : 1.0f / 256.0f; /* wide values are 256 times the values */
     for (int half = 0; half < 2; half++) {
-        __m256i a[REGISTER_ROWS], bl[REGISTER_ROWS];
-        for (int q = 0; q < REGISTER_ROWS; q++) a[q] = bl[q] = _mm256_setzero_si256();
+        __m256 f[REGISTER_ROWS];
+        for (int q = 0; q < REGISTER_ROWS; q++) f[q] = _mm256_setzero_ps();
         for (int64_t k = first; k < end; k++) {
             const int8_t *x = input_tile(in, blocks, tg, k) + 32 * half;
             const uint8_t *w = buf + k * 2 * TILE_BYTES + q0 * 64;
-            for (int kk = 0; kk < 16; kk++) {
-                const __m256i xh = _mm256_loadu_si256((const __m256i *)(x + kk * 64));
-                const __m256i xl = _mm256_loadu_si256((const __m256i *)(x + TILE_BYTES + kk * 64));
-                for (int q = 0; q < REGISTER_ROWS; q++) {
-                    int32_t four;
-                    memcpy(&four, w + q * 64 + kk * 4, 4);
-                    const __m256i wh = _mm256_set1_epi32(four), awh = _mm256_abs_epi8(wh);
-                    a[q] = signed_dot(a[q], awh, wh, xh), bl[q] = signed_dot(bl[q], awh, wh, xl);
-                    if (tabled) {
-                        memcpy(&four, w + TILE_BYTES + q * 64 + kk * 4, 4);
-                        const __m256i wl = _mm256_set1_epi32(four);
-                        bl[q] = signed_dot(bl[q], _mm256_abs_epi8(wl), wl, xh);
+            __m256i ia[REGISTER_ROWS];
+            for (int q = 0; q < REGISTER_ROWS; q++) ia[q] = _mm256_setzero_si256();
+            for (int part = 0; part < 2; part++)
+                for (int kk = 0; kk < 16; kk++) {
+                    const __m256i xv = _mm256_loadu_si256((const __m256i *)(x + part * TILE_BYTES + kk * 64));
+                    for (int q = 0; q < REGISTER_ROWS; q++) {
+                        int32_t two;
+                        memcpy(&two, w + part * TILE_BYTES + q * 64 + kk * 4, 4);
+                        const __m256i m = _mm256_madd_epi16(_mm256_set1_epi32(two), xv);
+                        if (tabled)
+                            f[q] = _mm256_add_ps(f[q], _mm256_cvtepi32_ps(m));
+                        else
+                            ia[q] = _mm256_add_epi32(ia[q], m);
                     }
                 }
-            }
+            if (!tabled)
+                for (int q = 0; q < REGISTER_ROWS; q++) f[q] = _mm256_add_ps(f[q], _mm256_cvtepi32_ps(ia[q]));
         }
         for (int q = 0; q < REGISTER_ROWS; q++) {
-            const __m256 f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(bl[q]), _mm256_set1_ps(1.0f / 256.0f),
-                                             _mm256_cvtepi32_ps(a[q]));
             float *to = acc[q] + 8 * half;
-            _mm256_storeu_ps(to, _mm256_fmadd_ps(f, _mm256_set1_ps(sc[q]), _mm256_loadu_ps(to)));
+            _mm256_storeu_ps(to, _mm256_fmadd_ps(f[q], _mm256_set1_ps(sc[q] * unit), _mm256_loadu_ps(to)));
         }
     }
 }
@@ -1081,7 +1063,7 @@ static void register_row_block(const anybit_matrix *m, const int64_t *rows, int 
                                int64_t T, int64_t tg0, int64_t tg1, const uint8_t *buf, float *y, float *sums) {
     const int64_t blocks = m->cols / BLOCK, groups = m->cols / m->group_size, group_blocks = m->group_size / BLOCK;
     float *dx = sums, *dh = sums + groups * TILE;
-    const float low = m->tables ? (128.0f - VALUE_BIAS) / 256.0f : 0.0f; /* the low tables' bias per dh */
+    const float low = (float)LOW_BIAS(m);
     for (int64_t tg = tg0; tg < tg1; tg++) {
         float acc[TILE][TILE] __attribute__((aligned(64))) = {{0}};
         float total[TILE][TILE] __attribute__((aligned(64))) = {{0}};
@@ -1091,7 +1073,7 @@ static void register_row_block(const anybit_matrix *m, const int64_t *rows, int 
                 float sc[REGISTER_ROWS], off[REGISTER_ROWS];
                 for (int q = 0; q < REGISTER_ROWS; q++) { /* rows past nrows: zeros in buf, scale 0 */
                     const int64_t s = q0 + q < nrows ? rows[q0 + q] * groups + g : -1;
-                    sc[q] = s >= 0 ? m->scale[s] : 0.0f, off[q] = s >= 0 ? (float)(m->offset[s] - VALUE_BIAS) : 0.0f;
+                    sc[q] = s >= 0 ? m->scale[s] : 0.0f, off[q] = s >= 0 ? (float)OFFSET_BIAS(m, s) : 0.0f;
                 }
                 const int64_t k0 = g * group_blocks, k1 = k0 + group_blocks;
                 if (m->tables)
@@ -1247,18 +1229,10 @@ static void products(const anybit_matrix *const *m, int count, const float *x, i
                      coded_input *in) {
     const coded_input *coded[SCRATCH_INPUTS] = {0};
     for (int i = 0; i < count; i++) coded[i] = shares_input(m, i) ? in : in + i;
-#if defined(PATH_BLOCKS)
-    const int in_blocks = block_tokens(T) && in->tiles && !any_vector_coded(m, count);
-#endif
-#if defined(PATH_AVX2)
-    const int wide = !in_blocks; /* AVX2's rows multiply int16 activations (segment_blocks) */
-#else
-    const int wide = 0;
-#endif
 #pragma omp for schedule(static)
-    for (int64_t t = 0; t < T; t++) code_token(m, count, x, t, in, wide);
+    for (int64_t t = 0; t < T; t++) code_token(m, count, x, t, in);
 #if defined(PATH_BLOCKS)
-    if (in_blocks)
+    if (block_tokens(T) && in->tiles && !any_vector_coded(m, count))
         block_products(m, count, coded, T, y);
     else
 #endif
