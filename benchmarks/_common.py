@@ -73,10 +73,21 @@ def device_peak_gbs() -> float:
     raise SystemExit(f"peak bandwidth of {name!r} unknown: pass --peak-gbs")
 
 
-def run_json(command: list[str]) -> dict:
+ISA_ENV = {  # anybit held to AVX2: its kernel's build, torch's kernels, oneDNN and MKL
+    "avx2": {"ANYBIT_CPU_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+             "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+}  # fmt: skip
+
+
+def isa_env(isa: str, **extra: str) -> dict:
+    """The environment for a child process held to `isa` ("native": as it is; "avx2": `ISA_ENV`)."""
+    return {**os.environ, **extra, **ISA_ENV.get(isa, {})}
+
+
+def run_json(command: list[str], env: dict | None = None) -> dict:
     """The last stdout line of a command that prints one JSON object (an `anybit ... --json`); exits with
     the command's last error line when it fails."""
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode:
         raise SystemExit(f"{' '.join(command)} failed: {done.stderr.strip().splitlines()[-1:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])

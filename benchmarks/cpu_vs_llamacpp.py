@@ -28,13 +28,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tarfile
 from pathlib import Path
 
-from _common import log_result
+from _common import isa_env, log_result
 from anybit.cache import cache_dir
 from anybit.format.directory import RESIDUAL_FILE
 from anybit.model.loading import fetch_alias
@@ -119,15 +118,9 @@ def make_ggufs(bin_dir: Path, types: list[str], threads: int) -> dict[str, Path]
     return {kind: files[kind] for kind in types}
 
 
-ISA_ENV = {  # anybit held to AVX2: its kernel's build, torch's kernels, oneDNN and MKL
-    "avx2": {"ANYBIT_CPU_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
-             "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
-}  # fmt: skip
-
-
 def timed(command: list[str], threads: int, isa: str = "native") -> tuple[str, float]:
     """stdout of the command and its peak resident memory in MB (GNU time); torch takes `threads` threads."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), **ISA_ENV.get(isa, {})}
+    env = isa_env(isa, OMP_NUM_THREADS=str(threads))
     done = run(["/usr/bin/time", "-f", "PEAK_RSS_KB=%M", *command], env=env)
     peak = next(line for line in done.stderr.splitlines() if line.startswith("PEAK_RSS_KB="))
     return done.stdout, int(peak.split("=")[1]) / 1024
