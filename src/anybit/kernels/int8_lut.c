@@ -102,8 +102,9 @@ int anybit_fast_path(void) {
 #define LOW_BIAS(m) ((m)->tables ? (128.0 - VALUE_BIAS) / 256.0 : 0.0)
 #endif
 
-/* One matrix's rounded input: for each token, the two parts of every block (XQ), the step s, and running sums
- * over the blocks (blocks + 1 per token, from 0) of the rounded x and of s times the high parts. */
+/* One matrix's rounded input: for each token, the two parts of every block (XQ; on AVX2 its wide values), the
+ * step s, and running sums over the blocks (blocks + 1 per token, from 0) of the rounded x and of s times the
+ * high parts. */
 typedef struct {
     int8_t *xq;
     float *step;
@@ -863,7 +864,8 @@ static void row_products(const anybit_matrix *const *m, int count, const coded_i
 }
 
 #if defined(PATH_BLOCKS)
-/* The high and low parts of tokens 16 tg .. 16 tg + 15 (zeros past T) in block k, in tile order. */
+/* The high and low parts (on AVX2 the wide values) of tokens 16 tg .. 16 tg + 15 (zeros past T) in block k,
+ * in tile order: 4-byte units, the same copy for either. */
 static int8_t *input_tile(const coded_input *in, int64_t blocks, int64_t tg, int64_t k) {
     return in->tiles + (tg * blocks + k) * 2 * TILE_BYTES;
 }
