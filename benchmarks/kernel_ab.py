@@ -1,0 +1,101 @@
+"""Two versions of the fast CPU kernel side by side, in one process, on the same prepared matrices.
+
+Usage: python benchmarks/kernel_ab.py --old REV [--isa avx2] [--threads 1] [--tokens 1,8,64]
+       [--layouts "row codebooks 3.25,uniform g64"] [--rounds 12]
+
+The old kernel is `src/anybit/kernels/int8_lut.c` at git revision REV, the new one the working tree's; both are
+compiled with the flags anybit uses for `--isa` (`kernels.build.ISA_FLAGS`) and called through the same
+`anybit_matrix`, so the two versions must share the matrix structure and the re-laid code layout (the
+working tree's `cpu_fast.prepare` lays them out). For each layout of `cpu_kernel_bandwidth.py` (eight copies
+of its 4096×4096 matrix) and token count, the best of `--rounds` alternating rounds of each version: alternating
+in one process keeps this machine's drifts in speed (up to 30 % between runs minutes apart) out of the ratio.
+One JSON line per layout and token count to benchmarks/results/kernel_ab.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from _common import log_result
+from anybit.kernels import build, cpu_fast
+from cpu_kernel_bandwidth import LAYOUTS, SIDE, _copies
+
+SOURCE = "src/anybit/kernels/int8_lut.c"
+
+
+def compile_kernel(source: Path, isa: str, out: Path) -> ctypes.CDLL:
+    subprocess.run([os.environ.get("CC", "cc"), *build.ISA_FLAGS[isa], "-o", str(out), str(source)], check=True)
+    lib = ctypes.CDLL(str(out))
+    lib.anybit_fast_matmul.restype = ctypes.c_int
+    return lib
+
+
+def best_seconds(libs: dict, matrices: list, tokens: int, threads: int, rounds: int) -> dict[str, float]:
+    """The best time of one product per matrix, for each kernel, over `rounds` alternating rounds."""
+    x = torch.randn(tokens, SIDE)
+    y = torch.empty(tokens, SIDE)
+    best = dict.fromkeys(libs, float("inf"))
+    for _ in range(rounds):
+        for name, lib in libs.items():
+            start = time.perf_counter()
+            for m in matrices:
+                args = (ctypes.byref(m), ctypes.c_void_p(x.data_ptr()), ctypes.c_int64(tokens))
+                if lib.anybit_fast_matmul(*args, ctypes.c_void_p(y.data_ptr()), threads):
+                    raise MemoryError("the kernel could not allocate its scratch")
+            best[name] = min(best[name], (time.perf_counter() - start) / len(matrices))
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--old", required=True, help="git revision of the old kernel source")
+    parser.add_argument("--isa", choices=tuple(build.ISA_FLAGS), default="native")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--tokens", default="1,8,64")
+    parser.add_argument("--layouts", default="row codebooks 3.25,uniform g64, 4-bit")
+    parser.add_argument("--rounds", type=int, default=12)
+    args = parser.parse_args()
+    if args.isa != build.requested_isa():
+        raise SystemExit(f"set ANYBIT_CPU_ISA={args.isa}: the matrices must be laid out for the kernels compared")
+    root = Path(__file__).resolve().parent.parent
+    old_text = subprocess.run(["git", "show", f"{args.old}:{SOURCE}"], cwd=root, capture_output=True, text=True)
+    if old_text.returncode:
+        raise SystemExit(f"git show {args.old}:{SOURCE} failed: {old_text.stderr.strip()}")
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as scratch:
+        old_source = Path(scratch, "old.c")
+        old_source.write_text(old_text.stdout)
+        libs = {
+            "old": compile_kernel(old_source, args.isa, Path(scratch, "old.so")),
+            "new": compile_kernel(root / SOURCE, args.isa, Path(scratch, "new.so")),
+        }
+        for prefix in args.layouts.split(","):
+            for name, make in LAYOUTS.items():
+                if not name.startswith(prefix.strip()):
+                    continue
+                torch.manual_seed(0)
+                prepared = _copies(cpu_fast.prepare(make()), 8)
+                matrices = [p.matrix() for p in prepared]  # `prepared` keeps their memory alive
+                for tokens in (int(t) for t in args.tokens.split(",")):
+                    best = best_seconds(libs, matrices, tokens, args.threads, args.rounds)
+                    rate = {k: SIDE * SIDE * tokens / v / 1e9 for k, v in best.items()}
+                    log_result(
+                        "kernel_ab",
+                        {
+                            "old": args.old, "isa": args.isa, "code_path": cpu_fast.code_path(), "layout": name,
+                            "tokens": tokens, "threads": args.threads, "old_gmacs": rate["old"],
+                            "new_gmacs": rate["new"], "speedup": rate["new"] / rate["old"],
+                        },
+                    )  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
