@@ -673,9 +673,9 @@ static inline __attribute__((always_inline)) void row_product(const anybit_matri
 #if defined(PATH_AVX512)
         const float sum = _mm512_reduce_add_ps(acc[t]);
 #elif defined(PATH_AVX2)
-        float lanes[8], sum = 0.0f;
-        _mm256_storeu_ps(lanes, acc[t]);
-        for (int e = 0; e < 8; e++) sum += lanes[e];
+        const __m128 four = _mm_add_ps(_mm256_castps256_ps128(acc[t]), _mm256_extractf128_ps(acc[t], 1));
+        const __m128 two = _mm_add_ps(four, _mm_movehl_ps(four, four));
+        const float sum = _mm_cvtss_f32(_mm_add_ss(two, _mm_movehdup_ps(two)));
 #else
         const float sum = acc[t];
 #endif
