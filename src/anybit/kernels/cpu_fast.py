@@ -5,8 +5,8 @@ parts with one step (x ~ s (hi + lo / 256), s = max|x| / 127: about 15 bits, so 
 does not flatten the rest), and each codebook's entries likewise to two int8 parts of its largest magnitude
 / 127 (uniform grids stay exact: their codes are the integers); the product of the two low parts is left
 out, except on the AVX2 path, which multiplies both as whole int16 values (256 hi + lo), one madd_epi16 per
-two weights and a register of tokens. `benchmarks/fast_path_quality.py` measures what this costs in perplexity; tests bound each product by
-the error these roundings allow.
+two weights and a register of tokens. `benchmarks/fast_path_quality.py` measures what this costs in
+perplexity; tests bound each product by the error these roundings allow.
 
 Re-laid codes take the same bytes as the stored ones (per 64 codes of a b-bit segment, the stored 8 b bytes on
 the AVX-512 path, runs of their 4-, 2- and 1-bit parts on AVX2, b 64-bit plane words on the portable path, the
