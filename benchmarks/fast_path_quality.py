@@ -7,8 +7,9 @@ Usage: python benchmarks/fast_path_quality.py DIR [DIR ...] [--max-windows N] [-
 
 Each configuration is `anybit eval DIR --json --dtype float32 --kernel K --head H` in a fresh process (the
 reference protocol: WikiText-2 test, windows of 2048). One JSON line per directory and configuration to
-benchmarks/results/fast_path_quality.jsonl, with the relative change against the first configuration. `--isa avx2` holds the kernel (and torch) to AVX2,
-as `cpu_vs_llamacpp.py` does, to score that path on a CPU that has more.
+benchmarks/results/fast_path_quality.jsonl, with the relative change against the first configuration.
+`--isa avx2` holds the kernel (and torch) to AVX2, as `cpu_vs_llamacpp.py` does, to score that path on a CPU
+that has more.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from _common import isa_env, log_result, run_json
+from _common import ISA_ENV, isa_env, log_result, run_json
 
 ANYBIT = Path(sys.executable).with_name("anybit")
 
@@ -34,7 +35,7 @@ def main() -> None:
     parser.add_argument("dirs", nargs="+")
     parser.add_argument("--max-windows", type=int, default=None, help="default: the full test (147 windows)")
     parser.add_argument("--configs", default="exact:dense,fast:dense,fast:int8")
-    parser.add_argument("--isa", choices=("native", "avx2"), default="native")
+    parser.add_argument("--isa", choices=("native", *ISA_ENV), default="native")
     args = parser.parse_args()
     for directory in args.dirs:
         first = None

@@ -4,9 +4,9 @@ Usage: python benchmarks/kernel_ab.py --old REV [--isa avx2] [--threads 1] [--to
        [--layouts "row codebooks 3.25,uniform g64"] [--rounds 12]
 
 The old kernel is `src/anybit/kernels/int8_lut.c` at git revision REV, the new one the working tree's; both are
-compiled with the flags anybit uses for `--isa` (`kernels.build.ISA_FLAGS`) and called through the same
-`anybit_matrix`, so the two versions must share the matrix structure and the re-laid code layout (the
-working tree's `cpu_fast.prepare` lays them out). For each layout of `cpu_kernel_bandwidth.py` (eight copies
+built as anybit builds its kernels (`kernels.build.CompiledKernel`, for `ANYBIT_CPU_ISA`, into the anybit cache)
+and called through the same `anybit_matrix`, so the two versions must share the matrix structure and the re-laid
+code layout (the working tree's `cpu_fast.prepare` lays them out). For each layout of `cpu_kernel_bandwidth.py` (eight copies
 of its 4096×4096 matrix) and token count, the best of `--rounds` alternating rounds of each version: alternating
 in one process keeps this machine's drifts in speed (up to 30 % between runs minutes apart) out of the ratio.
 One JSON line per layout and token count to benchmarks/results/kernel_ab.jsonl.
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import os
 import subprocess
 import tempfile
 import time
@@ -31,10 +30,10 @@ from cpu_kernel_bandwidth import LAYOUTS, SIDE, _copies
 SOURCE = "src/anybit/kernels/int8_lut.c"
 
 
-def compile_kernel(source: Path, isa: str, out: Path) -> ctypes.CDLL:
-    subprocess.run([os.environ.get("CC", "cc"), *build.ISA_FLAGS[isa], "-o", str(out), str(source)], check=True)
-    lib = ctypes.CDLL(str(out))
-    lib.anybit_fast_matmul.restype = ctypes.c_int
+def load(kernel: build.CompiledKernel) -> ctypes.CDLL:
+    lib = kernel.library()
+    if isinstance(lib, str):
+        raise SystemExit(lib)
     return lib
 
 
@@ -47,8 +46,7 @@ def best_seconds(libs: dict, matrices: list, tokens: int, threads: int, rounds: 
         for name, lib in libs.items():
             start = time.perf_counter()
             for m in matrices:
-                args = (ctypes.byref(m), ctypes.c_void_p(x.data_ptr()), ctypes.c_int64(tokens))
-                if lib.anybit_fast_matmul(*args, ctypes.c_void_p(y.data_ptr()), threads):
+                if lib.anybit_fast_matmul(ctypes.byref(m), x.data_ptr(), tokens, y.data_ptr(), threads):
                     raise MemoryError("the kernel could not allocate its scratch")
             best[name] = min(best[name], (time.perf_counter() - start) / len(matrices))
     return best
@@ -71,12 +69,9 @@ def main() -> None:
         raise SystemExit(f"git show {args.old}:{SOURCE} failed: {old_text.stderr.strip()}")
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as scratch:
-        old_source = Path(scratch, "old.c")
+        old_source = Path(scratch, Path(SOURCE).name)
         old_source.write_text(old_text.stdout)
-        libs = {
-            "old": compile_kernel(old_source, args.isa, Path(scratch, "old.so")),
-            "new": compile_kernel(root / SOURCE, args.isa, Path(scratch, "new.so")),
-        }
+        libs = {"old": load(build.CompiledKernel(old_source, cpu_fast._declare)), "new": load(cpu_fast.KERNEL)}
         for prefix in args.layouts.split(","):
             for name, make in LAYOUTS.items():
                 if not name.startswith(prefix.strip()):
