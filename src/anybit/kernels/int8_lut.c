@@ -177,12 +177,12 @@ static void quantize_token(const float *v, int64_t t, int64_t cols, coded_input 
     double *xsum = in->xsum + t * (blocks + 1), *hisum = in->hisum + t * (blocks + 1);
     xsum[0] = hisum[0] = 0.0;
     for (int64_t k = 0; k < blocks; k++) {
-        int8_t *hi = XQ(in->xq, cols, t, k), *lo = hi + BLOCK;
+        int8_t *hi = XQ(in->xq, cols, t, k);
         int64_t sum = 0, high = 0;
 #if defined(PATH_AVX2)
-        (void)lo;
         wide_block(v + k * BLOCK, inverse, (int16_t *)hi, &sum, &high);
 #else
+        int8_t *lo = hi + BLOCK;
         for (int j = 0; j < BLOCK; j++) {
             const float scaled = v[k * BLOCK + j] * inverse;
             int h = (int)rintf(scaled); /* rintf (nearest even) inlines; lrintf is a call */
