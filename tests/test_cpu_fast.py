@@ -223,6 +223,16 @@ def test_relaid_codes_take_the_stored_bytes() -> None:
     assert prepared.codes.numel() == sum(c.numel() for c in qt.codes.values())
 
 
+def test_relaying_in_chunks_gives_the_same_layout(isa: str, monkeypatch) -> None:
+    torch.manual_seed(4)
+    qt = codebook_tensor(48, 576, 64, (2, 3, 5, 8))
+    whole = cpu_fast.prepare(qt)
+    monkeypatch.setattr(cpu_fast, "RELAY_BYTES", 100)  # a few segments per chunk, or one where they are larger
+    chunked = cpu_fast.prepare(qt)
+    assert torch.equal(chunked.codes, whole.codes)
+    assert torch.equal(chunked.tables, whole.tables)
+
+
 def test_quant_linear_picks_fast_then_exact_then_reference() -> None:
     torch.manual_seed(5)
     layer = QuantLinear(codebook_tensor(32, 128, 64, (3, 4)), bias=torch.randn(32))

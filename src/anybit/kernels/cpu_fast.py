@@ -39,7 +39,7 @@ from anybit.kernels.build import CompiledKernel
 
 BLOCK = 64  # columns per block of codes and of rounded activations
 TABLE_PAD = 256  # the widest lookup reads four 64-byte registers from a table's start
-RELAY_ROWS = 2048  # segments re-laid at once (bounds the temporaries)
+RELAY_BYTES = 1 << 18  # stored bytes re-laid at once: unpacking them makes temporaries about 40 times as large
 TILE_MIN_TOKENS = 16  # inputs this long multiply in blocks of rows where the build has them (int8_lut.c)
 PROMPT_PATHS = ("rows", "registers", "tiles")  # PROMPT_ROWS, PROMPT_REGISTERS, PROMPT_TILES in int8_lut.c
 
@@ -310,8 +310,9 @@ def prepare(qt: CodedTensor):
         seg = (widths == b).nonzero()[:, 0]
         stored_bytes = qt.group_size // 8 * b  # one segment's packed codes
         if not shared:
-            for start in range(0, seg.numel(), RELAY_ROWS):  # a chunk at a time: unpacking makes temporaries
-                part = seg[start : start + RELAY_ROWS]
+            chunk = max(1, RELAY_BYTES // stored_bytes)  # segments at a time
+            for start in range(0, seg.numel(), chunk):
+                part = seg[start : start + chunk]
                 packed = qt.codes[b][start * stored_bytes : (start + part.numel()) * stored_bytes]
                 where = segment_start[part][:, None] + torch.arange(stored_bytes)
                 codes[where] = _kernel_layout(packed, b, qt.group_size)
