@@ -180,7 +180,7 @@ def decode_speed(
         torch.cuda.reset_peak_memory_stats(dev)
     native = None
     if decoder == "native" and dev.type == "cpu" and not cuda_graph:
-        from anybit.runtime.native import native_or_warn
+        from anybit.runtime.native import greedy_token, native_or_warn
 
         native = native_or_warn(model, prompt_tokens + new_tokens + 1)
     if native is not None:
@@ -191,7 +191,7 @@ def decode_speed(
 
         def run_decode(logits: object) -> None:
             for _ in range(new_tokens):
-                logits = native.forward(logits.argmax().reshape(1))
+                logits = native.forward(torch.tensor([greedy_token(logits)]))
 
     elif cuda_graph:
         static = StaticDecoder(model, prompt_tokens + new_tokens + 1, graph=True)

@@ -100,6 +100,8 @@ def _native_tokens(
     decoder, ids: torch.Tensor, max_new_tokens: int, temperature: float, eos: set[int], streamer
 ) -> list[int]:
     """New token ids from the native decoder: greedy, or sampled at `temperature` (torch's seeded generator)."""
+    from anybit.runtime.native import greedy_token
+
     logits = decoder.forward(ids[0])
     if streamer is not None:
         streamer.put(ids)  # the prompt, which the streamer skips (as in model.generate)
@@ -108,7 +110,7 @@ def _native_tokens(
         if temperature > 0:
             token = int(torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1))
         else:
-            token = int(logits.argmax())
+            token = greedy_token(logits)
         new.append(token)
         if streamer is not None:
             streamer.put(torch.tensor([token]))

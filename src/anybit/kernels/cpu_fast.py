@@ -360,7 +360,8 @@ def rows(prepared: FastPrepared, ids: torch.Tensor) -> torch.Tensor:
     if prepared.qt.widths != [8]:
         raise ValueError(f"rows() decodes 8-bit matrices, not widths {prepared.qt.widths}")
     ids = ids.reshape(-1).to(torch.int64).contiguous()
-    if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < prepared.qt.shape[0]:
+    low, high = (int(v) for v in ids.aminmax()) if ids.numel() else (0, 0)  # one reduction: a decode step calls this
+    if not 0 <= low <= high < prepared.qt.shape[0]:
         raise IndexError(f"row ids must lie in [0, {prepared.qt.shape[0]})")
     out = torch.empty(ids.numel(), prepared.qt.shape[1], dtype=torch.float32)
     matrix = prepared.matrix()

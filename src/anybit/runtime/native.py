@@ -198,6 +198,12 @@ class NativeDecoder:
         return out
 
 
+def greedy_token(logits: torch.Tensor) -> int:
+    """The most likely next token of float32 CPU logits (numpy's argmax: torch's takes about 80 µs over 49,152
+    logits, 1 % of a native decode step)."""
+    return int(logits.numpy().argmax())
+
+
 def native_or_warn(model: nn.Module, max_len: int) -> NativeDecoder | None:
     """A native decoder for `model`, or None after one warning saying why the eager loop decodes instead."""
     reason = native_unavailable(model)
