@@ -161,6 +161,21 @@ def test_same_result_whatever_the_thread_count() -> None:
         torch.set_num_threads(threads)
 
 
+def test_paired_rows_give_what_single_rows_give(isa: str) -> None:
+    """One token multiplies two rows of the same widths at a time; two tokens take rows one by one, with the
+    same sums: the results are equal, bit for bit."""
+    torch.manual_seed(6)
+    cases = [
+        codebook_tensor(49, 192, 192, (1, 3, 5, 8)),  # an odd row left over; pairs across two widths do not pair
+        codebook_tensor(30, 256, 64, (2, 3)),  # group codebooks: rows pair only where every segment's width agrees
+        rtn_quantize(torch.randn(41, 256) * 0.1, 64, torch.full((41, 4), 4, dtype=torch.uint8)),
+    ]
+    for qt in cases:
+        prepared = cpu_fast.prepare(qt)
+        x = torch.randn(1, qt.shape[1])
+        assert torch.equal(cpu_fast.product(prepared, x), cpu_fast.product(prepared, x.repeat(2, 1))[:1])
+
+
 def _block_path_cases() -> list[QuantizedTensor]:
     torch.manual_seed(5)
     return [
