@@ -1,7 +1,7 @@
 """Two versions of the fast CPU kernel side by side, in one process, on the same prepared matrices.
 
 Usage: python benchmarks/kernel_ab.py --old REV [--isa avx2] [--threads 1] [--tokens 1,8,64]
-       [--layouts "row codebooks 3.25,uniform g64"] [--rounds 12]
+       [--layouts "row codebooks 3.25,uniform g64"] [--rounds 12] [--model DIR]
 
 The old kernel is `src/anybit/kernels/int8_lut.c` at git revision REV, the new one the working tree's; both are
 built as anybit builds its kernels (`kernels.build.CompiledKernel`, for `ANYBIT_CPU_ISA`, into the anybit cache)
@@ -9,7 +9,10 @@ and called through the same `anybit_matrix`, so the two versions must share the 
 code layout (the working tree's `cpu_fast.prepare` lays them out). For each layout of `cpu_kernel_bandwidth.py` (eight copies
 of its 4096×4096 matrix) and token count, the best of `--rounds` alternating rounds of each version: alternating
 in one process keeps this machine's drifts in speed (up to 30 % between runs minutes apart) out of the ratio.
-One JSON line per layout and token count to benchmarks/results/kernel_ab.jsonl.
+One JSON line per layout and token count to benchmarks/results/kernel_ab.jsonl. With --model DIR (a quantized
+directory the native decoder serves), also the decode steps of that model end to end, on `--threads` threads:
+a 64-token prompt, then 64 greedy tokens, the best of `--rounds` alternating rounds (one more JSON line): short
+rows such as SmolLM2's 576 columns weigh what a kernel does per row more than the 4096-column layouts do.
 """
 
 from __future__ import annotations
@@ -52,6 +55,28 @@ def best_seconds(libs: dict, matrices: list, tokens: int, threads: int, rounds: 
     return best
 
 
+def decode_seconds(libs: dict, model_dir: str, threads: int, rounds: int, prompt: int = 64, new: int = 64) -> dict:
+    """The best time per decode step of the native decoder on `model_dir`, for each kernel."""
+    from anybit.runtime.native import NativeDecoder, greedy_token
+    from anybit.runtime.native_model import load_for_native
+
+    loaded = load_for_native(model_dir, torch.float32, "int8", "auto")
+    if loaded is None:
+        raise SystemExit(f"{model_dir}: not a quantized directory the native decoder serves")
+    decoders = {name: NativeDecoder(loaded.model, prompt + new + 1, lib) for name, lib in libs.items()}
+    ids = torch.randint(0, loaded.model.config.vocab_size, (prompt,), generator=torch.Generator().manual_seed(0))
+    best = dict.fromkeys(libs, float("inf"))
+    for _ in range(rounds):
+        for name, decoder in decoders.items():
+            decoder.reset()
+            logits = decoder.forward(ids)
+            start = time.perf_counter()
+            for _ in range(new):
+                logits = decoder.forward(torch.tensor([greedy_token(logits)]))
+            best[name] = min(best[name], (time.perf_counter() - start) / new)
+    return best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--old", required=True, help="git revision of the old kernel source")
@@ -60,6 +85,7 @@ def main() -> None:
     parser.add_argument("--tokens", default="1,8,64")
     parser.add_argument("--layouts", default="row codebooks 3.25,uniform g64, 4-bit")
     parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--model", help="a quantized directory whose native decode steps to time as well")
     args = parser.parse_args()
     if args.isa != build.requested_isa():
         raise SystemExit(f"set ANYBIT_CPU_ISA={args.isa}: the matrices must be laid out for the kernels compared")
@@ -72,9 +98,9 @@ def main() -> None:
         old_source = Path(scratch, Path(SOURCE).name)
         old_source.write_text(old_text.stdout)
         libs = {"old": load(build.CompiledKernel(old_source, cpu_fast._declare)), "new": load(cpu_fast.KERNEL)}
-        for prefix in args.layouts.split(","):
+        for prefix in filter(None, (p.strip() for p in args.layouts.split(","))):  # --layouts "": none
             for name, make in LAYOUTS.items():
-                if not name.startswith(prefix.strip()):
+                if not name.startswith(prefix):
                     continue
                 torch.manual_seed(0)
                 prepared = _copies(cpu_fast.prepare(make()), 8)
@@ -90,6 +116,16 @@ def main() -> None:
                             "new_gmacs": rate["new"], "speedup": rate["new"] / rate["old"],
                         },
                     )  # fmt: skip
+        if args.model:
+            best = decode_seconds(libs, args.model, args.threads, args.rounds)
+            log_result(
+                "kernel_ab",
+                {
+                    "old": args.old, "isa": args.isa, "code_path": cpu_fast.code_path(), "model": args.model,
+                    "tokens": 1, "threads": args.threads, "old_tokens_per_s": 1 / best["old"],
+                    "new_tokens_per_s": 1 / best["new"], "speedup": best["old"] / best["new"],
+                },
+            )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -82,15 +82,16 @@ def native_unavailable(model: nn.Module) -> str:
 
 
 class NativeDecoder:
-    """Batch-1 decoding of a served model (see `native_unavailable`) on a KV cache of `max_len` positions."""
+    """Batch-1 decoding of a served model (see `native_unavailable`) on a KV cache of `max_len` positions; `lib`:
+    another build of the kernel with the same structures (benchmarks compare two), else anybit's."""
 
-    def __init__(self, model: nn.Module, max_len: int) -> None:
+    def __init__(self, model: nn.Module, max_len: int, lib: ctypes.CDLL | None = None) -> None:
         reason = native_unavailable(model)
         if reason:
             raise ValueError(reason)
         config, self.model = model.config, model
         self.max_len = max_len
-        self._lib = cpu_fast.KERNEL.library()  # loaded: native_unavailable checked it
+        self._lib = lib or cpu_fast.KERNEL.library()  # loaded: native_unavailable checked it
         _declare(self._lib)
         self._keep: list[object] = []  # every tensor (or compensation) the C structures point into
         layers = model.model.layers
