@@ -65,6 +65,10 @@ static int omp_thread(void) { return 0; }
 
 #define BLOCK 64
 #define MAX_TOKENS 8 /* tokens multiplied per pass over a row's codes */
+/* Codes read this many bytes ahead are fetched into L1 while a single token multiplies: the hardware
+ * prefetcher alone left per-row codebooks at 46-57 % of the read bandwidth, 62-69 % with it
+ * (cpu_kernel_bandwidth.py, Intel Xeon without AMX, AVX-512 path). */
+#define PREFETCH_AHEAD 1024
 
 /* Which code path this build has: 2 AVX-512, 1 AVX2, 0 portable. */
 int anybit_fast_path(void) {
@@ -237,10 +241,6 @@ static inline __m512i lookup(__m512i codes, int b, const uint8_t *table) {
     return _mm512_mask_blend_epi8(_mm512_movepi8_mask(codes), low, high);
 }
 #define DOT(acc, v, x) _mm512_dpbusd_epi32(acc, v, _mm512_loadu_si512(x))
-/* Codes read this many bytes ahead are fetched into L1 while a single token multiplies: the hardware
- * prefetcher alone left per-row codebooks at 46-57 % of the read bandwidth, 62-69 % with it
- * (cpu_kernel_bandwidth.py, Intel Xeon without AMX). */
-#define PREFETCH_AHEAD 1024
 #elif defined(PATH_AVX2)
 /* The 32 codes of half a block (half 0 or 1) from the AVX2 layout (see the top of this file): a 4-bit part
  * from its nibbles, a 2-bit part by a shift per 128-bit lane, a 1-bit part by a shift per 64-bit lane, each
@@ -469,6 +469,7 @@ segment_blocks(const uint8_t *w, const int b, const int tabled, const uint8_t *t
         __m256i ia[MAX_TOKENS];
         for (int t = 0; t < n; t++) f[t] = _mm256_setzero_ps(), ia[t] = _mm256_setzero_si256();
         for (int64_t k = first; k < end; k++, w += 8 * b) {
+            if (n == 1) _mm_prefetch((const char *)w + PREFETCH_AHEAD, _MM_HINT_T0);
             __m256i v[4];
             half_wide_values(half_codes(w, b, 0), b, table, v, v + 1);
             half_wide_values(half_codes(w, b, 1), b, table, v + 2, v + 3);
@@ -731,6 +732,8 @@ static inline __attribute__((always_inline)) void pair_blocks(const uint8_t *wa,
         __m256 fa = _mm256_setzero_ps(), fb = fa;
         __m256i ia = _mm256_setzero_si256(), ib = ia;
         for (int64_t k = first; k < end; k++, wa += 8 * b, wb += 8 * b) {
+            _mm_prefetch((const char *)wa + PREFETCH_AHEAD, _MM_HINT_T0);
+            _mm_prefetch((const char *)wb + PREFETCH_AHEAD, _MM_HINT_T0);
             __m256i va[4], vb[4], pa[4], pb[4];
             half_wide_values(half_codes(wa, b, 0), b, ta, va, va + 1);
             half_wide_values(half_codes(wa, b, 1), b, ta, va + 2, va + 3);
