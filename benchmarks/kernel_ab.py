@@ -10,8 +10,8 @@ code layout (the working tree's `cpu_fast.prepare` lays them out). For each layo
 of its 4096×4096 matrix) and token count, the best of `--rounds` alternating rounds of each version: alternating
 in one process keeps this machine's drifts in speed (up to 30 % between runs minutes apart) out of the ratio.
 One JSON line per layout and token count to benchmarks/results/kernel_ab.jsonl. With --model DIR (a quantized
-directory the native decoder serves), also the decode steps of that model end to end, on `--threads` threads:
-a 64-token prompt, then 64 greedy tokens, the best of `--rounds` alternating rounds (one more JSON line): short
+directory the native decoder serves), also that model end to end, on `--threads` threads: a 64-token prompt,
+then 64 greedy tokens, the best of `--rounds` alternating rounds for each (two more JSON lines, "tokens" 64 and 1): short
 rows such as SmolLM2's 576 columns weigh what a kernel does per row more than the 4096-column layouts do.
 """
 
@@ -55,8 +55,11 @@ def best_seconds(libs: dict, matrices: list, tokens: int, threads: int, rounds: 
     return best
 
 
-def decode_seconds(libs: dict, model_dir: str, threads: int, rounds: int, prompt: int = 64, new: int = 64) -> dict:
-    """The best time per decode step of the native decoder on `model_dir`, for each kernel."""
+def decode_seconds(
+    libs: dict, model_dir: str, threads: int, rounds: int, prompt: int = 64, new: int = 64
+) -> tuple[dict, dict]:
+    """The best time of the native decoder on `model_dir` per prompt token (a `prompt`-token prefill) and per
+    decode step, for each kernel."""
     from anybit.runtime.native import NativeDecoder, greedy_token
     from anybit.runtime.native_model import load_for_native
 
@@ -65,16 +68,18 @@ def decode_seconds(libs: dict, model_dir: str, threads: int, rounds: int, prompt
         raise SystemExit(f"{model_dir}: not a quantized directory the native decoder serves")
     decoders = {name: NativeDecoder(loaded.model, prompt + new + 1, lib) for name, lib in libs.items()}
     ids = torch.randint(0, loaded.model.config.vocab_size, (prompt,), generator=torch.Generator().manual_seed(0))
-    best = dict.fromkeys(libs, float("inf"))
+    prefill, decode = dict.fromkeys(libs, float("inf")), dict.fromkeys(libs, float("inf"))
     for _ in range(rounds):
         for name, decoder in decoders.items():
             decoder.reset()
+            start = time.perf_counter()
             logits = decoder.forward(ids)
+            prefill[name] = min(prefill[name], (time.perf_counter() - start) / prompt)
             start = time.perf_counter()
             for _ in range(new):
                 logits = decoder.forward(torch.tensor([greedy_token(logits)]))
-            best[name] = min(best[name], (time.perf_counter() - start) / new)
-    return best
+            decode[name] = min(decode[name], (time.perf_counter() - start) / new)
+    return prefill, decode
 
 
 def main() -> None:
@@ -117,15 +122,16 @@ def main() -> None:
                         },
                     )  # fmt: skip
         if args.model:
-            best = decode_seconds(libs, args.model, args.threads, args.rounds)
-            log_result(
-                "kernel_ab",
-                {
-                    "old": args.old, "isa": args.isa, "code_path": cpu_fast.code_path(), "model": args.model,
-                    "tokens": 1, "threads": args.threads, "old_tokens_per_s": 1 / best["old"],
-                    "new_tokens_per_s": 1 / best["new"], "speedup": best["old"] / best["new"],
-                },
-            )  # fmt: skip
+            prefill, decode = decode_seconds(libs, args.model, args.threads, args.rounds)
+            for tokens, best in ((64, prefill), (1, decode)):  # a 64-token prompt, then single tokens
+                log_result(
+                    "kernel_ab",
+                    {
+                        "old": args.old, "isa": args.isa, "code_path": cpu_fast.code_path(), "model": args.model,
+                        "tokens": tokens, "threads": args.threads, "old_tokens_per_s": 1 / best["old"],
+                        "new_tokens_per_s": 1 / best["new"], "speedup": best["old"] / best["new"],
+                    },
+                )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ parts with one step (x ~ s (hi + lo / 256), s = max|x| / 127: about 15 bits, so 
 does not flatten the rest), and each codebook's entries likewise to two int8 parts of its largest magnitude
 / 127 (uniform grids stay exact: their codes are the integers); the product of the two low parts is left
 out, except on the AVX2 path, which multiplies both as whole int16 values (256 hi + lo), one madd_epi16 per
-two weights and a register of tokens. `benchmarks/fast_path_quality.py` measures what this costs in
+two weights and a register of tokens, with each codebook entry an integer of 12 bits (its largest magnitude
+/ 2047: a step finer than fp16's at that magnitude), so that the products sum in int32. `benchmarks/fast_path_quality.py` measures what this costs in
 perplexity; tests bound each product by the error these roundings allow.
 
 Re-laid codes take the same bytes as the stored ones (per 64 codes of a b-bit segment, the stored 8 b bytes on
@@ -42,6 +43,9 @@ TABLE_PAD = 256  # the widest lookup reads four 64-byte registers from a table's
 RELAY_BYTES = 1 << 18  # stored bytes re-laid at once: unpacking them makes temporaries about 40 times as large
 TILE_MIN_TOKENS = 16  # inputs this long multiply in blocks of rows where the build has them (int8_lut.c)
 PROMPT_PATHS = ("rows", "registers", "tiles")  # PROMPT_ROWS, PROMPT_REGISTERS, PROMPT_TILES in int8_lut.c
+# AVX2 tables: entries as integers of at most 12 bits, so that 32 products with the int16 activations (at most
+# 32639) sum in int32: 32 · 2047 · 32639 < 2^31 (int8_lut.c's TABLE_SUM_BLOCKS and register_chunk)
+WIDE_TABLE_MAX = 2047
 
 
 _P = ctypes.c_void_p
@@ -269,15 +273,29 @@ def _plane_words(codes: torch.Tensor, b: int) -> torch.Tensor:
 
 
 def _segment_tables(books: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp16 codebooks (segments, 2^b) as uint8 tables (segments, 2 · 2^b), a high part 128 + hi then a low
-    part 128 + lo with book ~ scale (hi + lo / 256), and their float32 scales (largest magnitude / 127)."""
+    """fp16 codebooks (segments, 2^b) as uint8 tables (segments, 2 · 2^b), a high part then a low part, and
+    their float32 scales, with book ~ scale (high − 128 + (low − low_table_offset()) / 256): on the AVX2 path one
+    integer w (|w| ≤ WIDE_TABLE_MAX) per entry, its high and low bytes, so that products sum in int32
+    (`int8_lut.c`); elsewhere two int8 parts of the largest magnitude / 127, 128 + hi and 128 + lo."""
     values = books.float()
+    if code_path() == "avx2":
+        step = values.abs().amax(dim=1) / WIDE_TABLE_MAX
+        step = torch.where(step > 0, step, torch.ones_like(step))
+        wide = torch.round(values / step[:, None]).clamp(-WIDE_TABLE_MAX, WIDE_TABLE_MAX).to(torch.int32)
+        high, low = (wide >> 8) + 128, wide & 255
+        return torch.cat([high, low], dim=1).to(torch.uint8), step * 256
     scale = values.abs().amax(dim=1) / 127
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     scaled = values / scale[:, None]
     high = torch.round(scaled).clamp(-127, 127)
     low = torch.round((scaled - high) * 256).clamp(-127, 127)
     return (torch.cat([high, low], dim=1) + 128).to(torch.uint8), scale
+
+
+def low_table_offset() -> int:
+    """What a low table's byte carries besides its part: 128 (a signed part, stored shifted), or 0 on the AVX2
+    path, whose low byte is the entry's own."""
+    return 0 if code_path() == "avx2" else 128
 
 
 def prepare(qt: CodedTensor):
@@ -419,7 +437,7 @@ def weight_parts(prepared: FastPrepared) -> tuple[torch.Tensor, torch.Tensor]:
         for b in qt.widths:
             seg = (widths == b).nonzero()[:, 0]
             where = prepared.table_offset[seg][:, None] + part * (1 << b) + torch.arange(1 << b)
-            entries = prepared.tables[where].float() - 128
+            entries = prepared.tables[where].float() - (low_table_offset() if part else 128)
             books[b] = entries * prepared.scale[seg][:, None] / (256 if part else 1)
         plain = dataclasses.replace(qt, perm=None, col_scale=None, outliers=None, codebooks=books)
         parts.append(plain.dequantize(torch.float32))

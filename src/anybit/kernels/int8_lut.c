@@ -18,9 +18,10 @@
  * A segment's product is A + B / 256, A the dot product of the (high) values with the high parts, B that with
  * the low parts plus the low table's with the high parts (the product of the two low parts, below 2^-16 of
  * the whole, is left out): integer sums in int32, times s and the segment's scale. The AVX2 path holds the
- * activations as whole int16 values 256 hi + lo and multiplies them with the tables' entries as 256 hi + lo +
- * 128, or with the codes (madd_epi16: one product per weight and token instead of three), the low parts'
- * product included.
+ * activations as whole int16 values 256 hi + lo and multiplies them with the codes, or with the tables'
+ * entries as integers of 12 bits (their high and low bytes in the two tables; cpu_fast._segment_tables), by
+ * madd_epi16: one product per weight and token instead of three, the low parts' product included, summed in
+ * int32.
  *
  * Paths, chosen when compiled: AVX-512 (BW, VBMI, VNNI, GFNI): codes transposed from the stored bit planes by
  * vpermb and gf2p8affineqb, tables looked up by vpermb/vpermi2b, products by vpdpbusd; AVX2: codes assembled
@@ -86,10 +87,11 @@ int anybit_fast_path(void) {
 #define XQ(xq, cols, t, k) ((xq) + 2 * ((t) * (cols) + (k) * BLOCK))
 #define SCRATCH_INPUTS 3 /* matrices sharing one input at most: q, k, v */
 #define FLUSH_BLOCKS 64 /* blocks summed in int32 before a float sum takes them (no overflow up to 4096 columns) */
-#if defined(PATH_AVX2)
-#define ROW_FLUSH_BLOCKS 16 /* the AVX2 rows' int16 products: 8-bit codes times 2^15 reach 2^26.5 per block */
+#if defined(PATH_AVX2) /* the rows' int16 products: 8-bit codes times 2^15 reach 2^26.5 per block, a table's 12-bit
+                          * entries (cpu_fast.WIDE_TABLE_MAX) 2^29 */
+#define ROW_FLUSH(tabled) ((tabled) ? 4 : 16)
 #else
-#define ROW_FLUSH_BLOCKS FLUSH_BLOCKS
+#define ROW_FLUSH(tabled) FLUSH_BLOCKS
 #endif
 
 #if defined(PATH_AVX512)
@@ -99,10 +101,12 @@ int anybit_fast_path(void) {
 #endif
 /* What segment s's integer sums carry besides its weights, taken out with the input's sums: OFFSET_BIAS per
  * unit of the rounded input's sum (xsum), LOW_BIAS per unit of s times its high parts' sum (hisum). */
-#if defined(PATH_AVX2) /* wide values (half_wide_values): the codes themselves, or a table's entries plus 1/2 */
-#define OFFSET_BIAS(m, s) ((m)->tables ? 0.5 : (double)(m)->offset[s])
+#if defined(PATH_AVX2) /* wide values (half_wide_values): the codes themselves, or a table's entries */
+#define OFFSET_BIAS(m, s) ((m)->tables ? 0.0 : (double)(m)->offset[s])
 #define LOW_BIAS(m) 0.0
+#define LOW_TABLE_OFFSET 0.0f /* a low table's byte: the entry's low byte (cpu_fast.low_table_offset) */
 #else
+#define LOW_TABLE_OFFSET 128.0f /* a low table's byte: its part plus 128 */
 #define OFFSET_BIAS(m, s) ((double)((m)->offset[s] - VALUE_BIAS))
 #define LOW_BIAS(m) ((m)->tables ? (128.0 - VALUE_BIAS) / 256.0 : 0.0)
 #endif
@@ -308,8 +312,8 @@ static inline __attribute__((always_inline)) __m256i half_values(__m256i codes, 
     return _mm256_xor_si256(half_lookup(codes, b, table), _mm256_set1_epi8((char)0x80));
 }
 
-/* The wide (int16) values of half a block, in wide slots: the codes themselves, or for a
- * table 256 hi + lo + 128 (hi signed from the high table, lo + 128 as the low table stores it). */
+/* The wide (int16) values of half a block, in wide slots: the codes themselves, or a table's entries (the
+ * high table's byte, signed, and the low table's). */
 static inline __attribute__((always_inline)) void half_wide_values(__m256i codes, int b, const uint8_t *table,
                                                                    __m256i *first, __m256i *second) {
     __m256i low = codes, high = _mm256_setzero_si256();
@@ -317,13 +321,7 @@ static inline __attribute__((always_inline)) void half_wide_values(__m256i codes
     *first = _mm256_unpacklo_epi8(low, high), *second = _mm256_unpackhi_epi8(low, high);
 }
 
-/* A block's four madd_epi16 products summed: in float where a table's wide values make them reach 2^31, */
-static inline __attribute__((always_inline)) __m256 float_sum4(const __m256i *p) {
-    return _mm256_add_ps(_mm256_add_ps(_mm256_cvtepi32_ps(p[0]), _mm256_cvtepi32_ps(p[1])),
-                         _mm256_add_ps(_mm256_cvtepi32_ps(p[2]), _mm256_cvtepi32_ps(p[3])));
-}
-
-/* else in int32. */
+/* A block's four madd_epi16 products summed. */
 static inline __attribute__((always_inline)) __m256i int_sum4(const __m256i *p) {
     return _mm256_add_epi32(_mm256_add_epi32(p[0], p[1]), _mm256_add_epi32(p[2], p[3]));
 }
@@ -423,8 +421,8 @@ segment_blocks(const uint8_t *w, const int b, const int tabled, const uint8_t *t
 #if !defined(PATH_AVX2)
     const uint8_t *low_table = tabled ? table + (1 << b) : NULL;
 #endif
-    for (int64_t first = k0; first < k0 + nblocks; first += ROW_FLUSH_BLOCKS) {
-        const int64_t end = first + ROW_FLUSH_BLOCKS < k0 + nblocks ? first + ROW_FLUSH_BLOCKS : k0 + nblocks;
+    for (int64_t first = k0; first < k0 + nblocks; first += ROW_FLUSH(tabled)) {
+        const int64_t end = first + ROW_FLUSH(tabled) < k0 + nblocks ? first + ROW_FLUSH(tabled) : k0 + nblocks;
 #if defined(PATH_AVX512)
         __m512i a[MAX_TOKENS], bl[MAX_TOKENS];
         for (int t = 0; t < n; t++) a[t] = bl[t] = _mm512_setzero_si512();
@@ -464,11 +462,9 @@ segment_blocks(const uint8_t *w, const int b, const int tabled, const uint8_t *t
         }
 #elif defined(PATH_AVX2)
         /* One product per weight and token: the wide values times the token's int16 activations (madd_epi16,
-         * the two low parts' product included). A table's products reach 2^31 and are summed in float; codes'
-         * sums stay in int32 (ROW_FLUSH_BLOCKS keeps them from overflowing). */
-        __m256 f[MAX_TOKENS];
+         * the two low parts' product included), summed in int32 (ROW_FLUSH keeps them from overflowing). */
         __m256i ia[MAX_TOKENS];
-        for (int t = 0; t < n; t++) f[t] = _mm256_setzero_ps(), ia[t] = _mm256_setzero_si256();
+        for (int t = 0; t < n; t++) ia[t] = _mm256_setzero_si256();
         for (int64_t k = first; k < end; k++, w += 8 * b) {
             if (n == 1) _mm_prefetch((const char *)w + PREFETCH_AHEAD, _MM_HINT_T0);
             __m256i v[4];
@@ -478,16 +474,12 @@ segment_blocks(const uint8_t *w, const int b, const int tabled, const uint8_t *t
                 const __m256i *x = (const __m256i *)XQ(xq, cols, t0 + t, k);
                 __m256i p[4];
                 for (int q = 0; q < 4; q++) p[q] = _mm256_madd_epi16(v[q], _mm256_loadu_si256(x + q));
-                if (tabled)
-                    f[t] = _mm256_add_ps(f[t], float_sum4(p));
-                else
-                    ia[t] = _mm256_add_epi32(ia[t], int_sum4(p));
+                ia[t] = _mm256_add_epi32(ia[t], int_sum4(p));
             }
         }
-        for (int t = 0; t < n; t++) { /* wide values are 256 times a table's (hi + lo / 256), activations too */
-            const __m256 sum = tabled ? f[t] : _mm256_cvtepi32_ps(ia[t]);
-            acc[t] = _mm256_fmadd_ps(sum, _mm256_set1_ps(sc / (tabled ? 65536.0f : 256.0f)), acc[t]);
-        }
+        for (int t = 0; t < n; t++) /* wide values are 256 times a table's (hi + lo / 256), activations too */
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ia[t]), _mm256_set1_ps(sc / (tabled ? 65536.0f : 256.0f)),
+                                     acc[t]);
 #else
         int64_t a[MAX_TOKENS] = {0}, bl[MAX_TOKENS] = {0};
         for (int64_t k = first; k < end; k++, w += 8 * b) {
@@ -705,8 +697,8 @@ static inline __attribute__((always_inline)) void pair_blocks(const uint8_t *wa,
                                                               const int tabled, const uint8_t *ta, const uint8_t *tb,
                                                               float sa, float sb, int64_t nblocks, const int8_t *xq,
                                                               accumulator *acc_a, accumulator *acc_b) {
-    for (int64_t first = 0; first < nblocks; first += ROW_FLUSH_BLOCKS) {
-        const int64_t end = first + ROW_FLUSH_BLOCKS < nblocks ? first + ROW_FLUSH_BLOCKS : nblocks;
+    for (int64_t first = 0; first < nblocks; first += ROW_FLUSH(tabled)) {
+        const int64_t end = first + ROW_FLUSH(tabled) < nblocks ? first + ROW_FLUSH(tabled) : nblocks;
 #if defined(PATH_AVX512)
         __m512i high_a = _mm512_setzero_si512(), low_a = high_a, high_b = high_a, low_b = high_a;
         for (int64_t k = first; k < end; k++, wa += 8 * b, wb += 8 * b) {
@@ -730,7 +722,6 @@ static inline __attribute__((always_inline)) void pair_blocks(const uint8_t *wa,
         *acc_a = _mm512_fmadd_ps(fa, _mm512_set1_ps(sa), *acc_a);
         *acc_b = _mm512_fmadd_ps(fb, _mm512_set1_ps(sb), *acc_b);
 #else
-        __m256 fa = _mm256_setzero_ps(), fb = fa;
         __m256i ia = _mm256_setzero_si256(), ib = ia;
         for (int64_t k = first; k < end; k++, wa += 8 * b, wb += 8 * b) {
             _mm_prefetch((const char *)wa + PREFETCH_AHEAD, _MM_HINT_T0);
@@ -745,14 +736,11 @@ static inline __attribute__((always_inline)) void pair_blocks(const uint8_t *wa,
                 const __m256i xv = _mm256_loadu_si256(x + q);
                 pa[q] = _mm256_madd_epi16(va[q], xv), pb[q] = _mm256_madd_epi16(vb[q], xv);
             }
-            if (tabled)
-                fa = _mm256_add_ps(fa, float_sum4(pa)), fb = _mm256_add_ps(fb, float_sum4(pb));
-            else
-                ia = _mm256_add_epi32(ia, int_sum4(pa)), ib = _mm256_add_epi32(ib, int_sum4(pb));
+            ia = _mm256_add_epi32(ia, int_sum4(pa)), ib = _mm256_add_epi32(ib, int_sum4(pb));
         }
         const float unit = tabled ? 65536.0f : 256.0f;
-        *acc_a = _mm256_fmadd_ps(tabled ? fa : _mm256_cvtepi32_ps(ia), _mm256_set1_ps(sa / unit), *acc_a);
-        *acc_b = _mm256_fmadd_ps(tabled ? fb : _mm256_cvtepi32_ps(ib), _mm256_set1_ps(sb / unit), *acc_b);
+        *acc_a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ia), _mm256_set1_ps(sa / unit), *acc_a);
+        *acc_b = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ib), _mm256_set1_ps(sb / unit), *acc_b);
 #endif
     }
 }
@@ -1132,7 +1120,8 @@ static inline __attribute__((always_inline)) void register_chunk(const uint8_t *
 
 /* register_chunk on AVX2, on the wide layout: the decoded rows and the input tiles hold int16 values (two
  * per 4-byte unit, in the same wide slots), and each madd_epi16 multiplies a row's two values with 8 tokens'
- * two activations. A table's products reach 2^31 and are summed in float; codes' in int32 over one block. */
+ * two activations, summed in int32 over one part of a block (16 madds: a table's 12-bit entries reach 2^31
+ * there), codes' over the whole block. */
 static inline __attribute__((always_inline)) void register_chunk(const uint8_t *buf, int q0, const int tabled,
                                                                  const coded_input *in, int64_t blocks, int64_t tg,
                                                                  int64_t first, int64_t end, const float *sc,
@@ -1146,21 +1135,21 @@ static inline __attribute__((always_inline)) void register_chunk(const uint8_t *
             const uint8_t *w = buf + k * 2 * TILE_BYTES + q0 * 64;
             __m256i ia[REGISTER_ROWS];
             for (int q = 0; q < REGISTER_ROWS; q++) ia[q] = _mm256_setzero_si256();
-            for (int part = 0; part < 2; part++)
+            for (int part = 0; part < 2; part++) {
                 for (int kk = 0; kk < 16; kk++) {
                     const __m256i xv = _mm256_loadu_si256((const __m256i *)(x + part * TILE_BYTES + kk * 64));
                     for (int q = 0; q < REGISTER_ROWS; q++) {
                         int32_t two;
                         memcpy(&two, w + part * TILE_BYTES + q * 64 + kk * 4, 4);
-                        const __m256i m = _mm256_madd_epi16(_mm256_set1_epi32(two), xv);
-                        if (tabled)
-                            f[q] = _mm256_add_ps(f[q], _mm256_cvtepi32_ps(m));
-                        else
-                            ia[q] = _mm256_add_epi32(ia[q], m);
+                        ia[q] = _mm256_add_epi32(ia[q], _mm256_madd_epi16(_mm256_set1_epi32(two), xv));
                     }
                 }
-            if (!tabled)
-                for (int q = 0; q < REGISTER_ROWS; q++) f[q] = _mm256_add_ps(f[q], _mm256_cvtepi32_ps(ia[q]));
+                if (tabled || part == 1)
+                    for (int q = 0; q < REGISTER_ROWS; q++) {
+                        f[q] = _mm256_add_ps(f[q], _mm256_cvtepi32_ps(ia[q]));
+                        ia[q] = _mm256_setzero_si256();
+                    }
+            }
         }
         for (int q = 0; q < REGISTER_ROWS; q++) {
             float *to = acc[q] + 8 * half;
@@ -1451,7 +1440,7 @@ void anybit_fast_rows(const anybit_matrix *m, const int64_t *ids, int64_t n, flo
             float *y = out + i * m->cols + g * m->group_size;
             for (int64_t j = 0; j < m->group_size; j++) {
                 const int code = code8(row, g * m->group_size + j);
-                y[j] = high ? ((float)high[code] - offset + ((float)low[code] - 128.0f) / 256.0f) * sc
+                y[j] = high ? ((float)high[code] - offset + ((float)low[code] - LOW_TABLE_OFFSET) / 256.0f) * sc
                             : ((float)code - offset) * sc;
             }
         }
