@@ -4,10 +4,11 @@ What it changes, numerically, against the exact paths: each token's activations 
 parts with one step (x ~ s (hi + lo / 256), s = max|x| / 127: about 15 bits, so that an outlying activation
 does not flatten the rest), and each codebook's entries likewise to two int8 parts of its largest magnitude
 / 127 (uniform grids stay exact: their codes are the integers); the product of the two low parts is left
-out, except on the AVX2 path, which multiplies both as whole int16 values (256 hi + lo), one madd_epi16 per
-two weights and a register of tokens, with each codebook entry an integer of 12 bits (its largest magnitude
-/ 2047: a step finer than fp16's at that magnitude), so that the products sum in int32. `benchmarks/fast_path_quality.py` measures what this costs in
-perplexity; tests bound each product by the error these roundings allow.
+out, except on the AVX2 path, which multiplies the activations as whole int16 values (256 hi + lo), one
+madd_epi16 per two weights and a register of tokens, and each codebook entry as one integer of 12 bits (a step
+of its largest magnitude / 2047, no coarser than fp16's at that magnitude), so that the products sum in int32.
+`benchmarks/fast_path_quality.py` measures what this costs in perplexity; tests bound each product by the
+error these roundings allow.
 
 Re-laid codes take the same bytes as the stored ones (per 64 codes of a b-bit segment, the stored 8 b bytes on
 the AVX-512 path, runs of their 4-, 2- and 1-bit parts on AVX2, b 64-bit plane words on the portable path, the
@@ -44,7 +45,7 @@ RELAY_BYTES = 1 << 18  # stored bytes re-laid at once: unpacking them makes temp
 TILE_MIN_TOKENS = 16  # inputs this long multiply in blocks of rows where the build has them (int8_lut.c)
 PROMPT_PATHS = ("rows", "registers", "tiles")  # PROMPT_ROWS, PROMPT_REGISTERS, PROMPT_TILES in int8_lut.c
 # AVX2 tables: entries as integers of at most 12 bits, so that 32 products with the int16 activations (at most
-# 32639) sum in int32: 32 · 2047 · 32639 < 2^31 (int8_lut.c's TABLE_SUM_BLOCKS and register_chunk)
+# 32639) sum in int32: 32 · 2047 · 32639 < 2^31 (int8_lut.c's ROW_FLUSH and register_chunk)
 WIDE_TABLE_MAX = 2047
 
 
