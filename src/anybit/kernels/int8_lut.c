@@ -646,14 +646,35 @@ static void vq_row_product_n(const anybit_matrix *m, int64_t r, const coded_inpu
     WITH_TOKEN_COUNT(vq_row_product, m, r, in, t0, n, y)
 }
 
+/* CALL(B) with the width b as the constant B (1-8), so that what it calls is inlined for that width. */
+#define WITH_WIDTH(b, CALL)                                                                                           \
+    switch (b) {                                                                                                      \
+    case 1: CALL(1); break;                                                                                           \
+    case 2: CALL(2); break;                                                                                           \
+    case 3: CALL(3); break;                                                                                           \
+    case 4: CALL(4); break;                                                                                           \
+    case 5: CALL(5); break;                                                                                           \
+    case 6: CALL(6); break;                                                                                           \
+    case 7: CALL(7); break;                                                                                           \
+    default: CALL(8); break;                                                                                          \
+    }
+
+/* What segment s (blocks k0 .. k1 - 1) of token t's product carries besides its weights (OFFSET_BIAS and
+ * LOW_BIAS), times the segment's scale: the row paths subtract it from their sums. */
+static inline float segment_bias(const anybit_matrix *m, int64_t s, const coded_input *in, int64_t t, int64_t k0,
+                                 int64_t k1) {
+    const int64_t sums = m->cols / BLOCK + 1;
+    const double *xsum = in->xsum + t * sums, *hisum = in->hisum + t * sums;
+    return m->scale[s] * (float)(OFFSET_BIAS(m, s) * (xsum[k1] - xsum[k0]) + LOW_BIAS(m) * (hisum[k1] - hisum[k0]));
+}
+
 /* y[t, r] for the tokens t0 .. t0 + n - 1 of one row r (inlined with n constant: see row_product_n). A
  * segment's weights are (value - offset) scale; the offsets and the low tables' bias of 128 are taken out
  * with the running sums of the input. */
 static inline __attribute__((always_inline)) void row_product(const anybit_matrix *m, int64_t r,
                                                               const coded_input *in, int64_t t0, const int n,
                                                               float *y) {
-    const int64_t cols = m->cols, blocks = cols / BLOCK, groups = cols / m->group_size;
-    const int64_t group_blocks = m->group_size / BLOCK;
+    const int64_t cols = m->cols, groups = cols / m->group_size, group_blocks = m->group_size / BLOCK;
     float total[MAX_TOKENS] = {0};
     accumulator acc[MAX_TOKENS];
     for (int t = 0; t < n; t++) acc[t] = ACC_ZERO;
@@ -662,24 +683,12 @@ static inline __attribute__((always_inline)) void row_product(const anybit_matri
         const int64_t s = r * groups + g, k0 = g * group_blocks, k1 = k0 + group_blocks;
         const uint8_t *table = m->tables ? m->tables + m->table_off[s] : NULL;
         const float sc = m->scale[s];
-        for (int t = 0; t < n; t++) {
-            const double *xsum = in->xsum + (t0 + t) * (blocks + 1), *hisum = in->hisum + (t0 + t) * (blocks + 1);
-            const double bias = OFFSET_BIAS(m, s) * (xsum[k1] - xsum[k0]) + LOW_BIAS(m) * (hisum[k1] - hisum[k0]);
-            total[t] -= sc * (float)bias;
-        }
+        for (int t = 0; t < n; t++)
+            total[t] -= segment_bias(m, s, in, t0 + t, k0, k1);
 #define SEGMENT(B)                                                                                                    \
-    (table ? segment_blocks(w, B, 1, table, sc, k0, group_blocks, in->xq, cols, t0, n, acc)                           \
-           : segment_blocks(w, B, 0, NULL, sc, k0, group_blocks, in->xq, cols, t0, n, acc))
-        switch (m->bits[s]) {
-        case 1: w = SEGMENT(1); break;
-        case 2: w = SEGMENT(2); break;
-        case 3: w = SEGMENT(3); break;
-        case 4: w = SEGMENT(4); break;
-        case 5: w = SEGMENT(5); break;
-        case 6: w = SEGMENT(6); break;
-        case 7: w = SEGMENT(7); break;
-        default: w = SEGMENT(8); break;
-        }
+    w = table ? segment_blocks(w, B, 1, table, sc, k0, group_blocks, in->xq, cols, t0, n, acc)                        \
+              : segment_blocks(w, B, 0, NULL, sc, k0, group_blocks, in->xq, cols, t0, n, acc)
+        WITH_WIDTH(m->bits[s], SEGMENT)
 #undef SEGMENT
     }
     for (int t = 0; t < n; t++) y[(t0 + t) * m->rows + r] = total[t] + in->step[t0 + t] * acc_sum(acc[t]);
@@ -756,24 +765,14 @@ static void pair_product(const anybit_matrix *m, int64_t ra, int64_t rb, const c
         const uint8_t *ta = m->tables ? m->tables + m->table_off[sa_] : NULL;
         const uint8_t *tb = m->tables ? m->tables + m->table_off[sb_] : NULL;
         const float sa = m->scale[sa_], sb = m->scale[sb_];
-        const double dx = in->xsum[k1] - in->xsum[k0], dh = in->hisum[k1] - in->hisum[k0];
-        total_a -= sa * (float)(OFFSET_BIAS(m, sa_) * dx + LOW_BIAS(m) * dh);
-        total_b -= sb * (float)(OFFSET_BIAS(m, sb_) * dx + LOW_BIAS(m) * dh);
+        total_a -= segment_bias(m, sa_, in, 0, k0, k1);
+        total_b -= segment_bias(m, sb_, in, 0, k0, k1);
         const int8_t *xq = in->xq + 2 * k0 * BLOCK;
         const int b = m->bits[sa_];
 #define PAIR(B)                                                                                                       \
-    (ta ? pair_blocks(wa, wb, B, 1, ta, tb, sa, sb, group_blocks, xq, &acc_a, &acc_b)                                 \
-        : pair_blocks(wa, wb, B, 0, NULL, NULL, sa, sb, group_blocks, xq, &acc_a, &acc_b))
-        switch (b) {
-        case 1: PAIR(1); break;
-        case 2: PAIR(2); break;
-        case 3: PAIR(3); break;
-        case 4: PAIR(4); break;
-        case 5: PAIR(5); break;
-        case 6: PAIR(6); break;
-        case 7: PAIR(7); break;
-        default: PAIR(8); break;
-        }
+    ta ? pair_blocks(wa, wb, B, 1, ta, tb, sa, sb, group_blocks, xq, &acc_a, &acc_b)                                  \
+       : pair_blocks(wa, wb, B, 0, NULL, NULL, sa, sb, group_blocks, xq, &acc_a, &acc_b)
+        WITH_WIDTH(b, PAIR)
 #undef PAIR
         wa += group_blocks * 8 * b, wb += group_blocks * 8 * b;
     }
@@ -1032,16 +1031,9 @@ static void decode_row_block(const anybit_matrix *m, const int64_t *rows, int nr
             const int64_t s = r * groups + g;
             const uint8_t *table = m->tables ? m->tables + m->table_off[s] : NULL;
             uint8_t *dst = buf + g * group_blocks * 2 * TILE_BYTES + q * 64;
-            switch (m->bits[s]) {
-            case 1: w = decode_segment(w, 1, table, dst, group_blocks); break;
-            case 2: w = decode_segment(w, 2, table, dst, group_blocks); break;
-            case 3: w = decode_segment(w, 3, table, dst, group_blocks); break;
-            case 4: w = decode_segment(w, 4, table, dst, group_blocks); break;
-            case 5: w = decode_segment(w, 5, table, dst, group_blocks); break;
-            case 6: w = decode_segment(w, 6, table, dst, group_blocks); break;
-            case 7: w = decode_segment(w, 7, table, dst, group_blocks); break;
-            default: w = decode_segment(w, 8, table, dst, group_blocks); break;
-            }
+#define DECODE(B) w = decode_segment(w, B, table, dst, group_blocks)
+            WITH_WIDTH(m->bits[s], DECODE)
+#undef DECODE
         }
     }
 }
