@@ -379,9 +379,10 @@ def rows(prepared: FastPrepared, ids: torch.Tensor) -> torch.Tensor:
     if prepared.qt.widths != [8]:
         raise ValueError(f"rows() decodes 8-bit matrices, not widths {prepared.qt.widths}")
     ids = ids.reshape(-1).to(torch.int64).contiguous()
-    low, high = (int(v) for v in ids.aminmax()) if ids.numel() else (0, 0)  # one reduction: a decode step calls this
-    if not 0 <= low <= high < prepared.qt.shape[0]:
-        raise IndexError(f"row ids must lie in [0, {prepared.qt.shape[0]})")
+    if ids.numel():
+        low, high = (int(v) for v in ids.aminmax())  # one reduction: every decode step looks a token up
+        if not 0 <= low <= high < prepared.qt.shape[0]:
+            raise IndexError(f"row ids must lie in [0, {prepared.qt.shape[0]})")
     out = torch.empty(ids.numel(), prepared.qt.shape[1], dtype=torch.float32)
     matrix = prepared.matrix()
     KERNEL.library().anybit_fast_rows(ctypes.byref(matrix), ids.data_ptr(), ids.numel(), out.data_ptr())
