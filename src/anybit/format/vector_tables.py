@@ -1,6 +1,6 @@
 """The fixed tables of d-dimensional entries that vector-coded matrices index (`format.vector`).
 
-A table of 2**k entries of dimension d is part of the format, like the grids of llama.cpp's i-quants: it is
+A table of 2**k entries of dimension d (`INDEX_BITS`) is part of the format, like the grids of llama.cpp's i-quants: it is
 shipped with anybit (`vector_tables.safetensors`, checked against its sha256 when read) and not stored with a
 model. Each was fitted once by K-means to standard Gaussian samples (`quant.vector_codebooks.gaussian_codebook`,
 fixed seed), which is what a row rotated by `format.rotation` and divided by its scale looks like. A shipped
@@ -21,9 +21,11 @@ from safetensors.torch import load_file, save_file
 from anybit.errors import AnybitError
 
 TABLE_FILE = Path(__file__).with_name("vector_tables.safetensors")
-TABLE_SHA256 = "9c70d4182ebb2f1d5c798997c62fd1e70f82e064dbbee875c8457641d8c3d6be"
-DIMS = (4,)
-INDEX_BITS = tuple(range(4, 14))  # 1-3.25 bits per weight at d = 4
+TABLE_SHA256 = "677d3193e7a768c78b27bac46ac945d1eda3ffced5a10ad6f96738941fe114bc"
+# Index widths per dimension: 4-D entries for 1-3.25 bits per weight, 2-D entries for 3.5-5.5 (a 4-D table
+# for 4 bits per weight would hold 2**16 entries, too many to search while rounding).
+INDEX_BITS = {4: tuple(range(4, 14)), 2: tuple(range(7, 12))}
+DIMS = tuple(INDEX_BITS)
 
 
 def table_name(dim: int, index_bits: int) -> str:
@@ -40,7 +42,7 @@ def _all_tables() -> dict[str, torch.Tensor]:
 
 def has_table(dim: int, index_bits: int) -> bool:
     """Whether the format has a table of 2**index_bits entries of dimension `dim`."""
-    return dim in DIMS and index_bits in INDEX_BITS
+    return index_bits in INDEX_BITS.get(dim, ())
 
 
 def vector_table(dim: int, index_bits: int) -> torch.Tensor:
@@ -56,8 +58,8 @@ def generate(path: Path = TABLE_FILE) -> str:
     from anybit.quant.vector_codebooks import gaussian_codebook
 
     tables = load_file(path) if path.exists() else {}
-    for d in DIMS:
-        for k in INDEX_BITS:
+    for d, widths in INDEX_BITS.items():
+        for k in widths:
             if table_name(d, k) not in tables:
                 tables[table_name(d, k)] = gaussian_codebook(1 << k, d).half().contiguous()
                 save_file(tables, path)  # each fit kept as soon as it is done

@@ -63,7 +63,7 @@ class Matrix(ctypes.Structure):
         ("dec_codes", _P), ("dec_scales", _P), ("dec_weight", _P), ("dec_fixed", _P), ("dec_row_bytes", _I),
         ("dec_k_chunk", _I), ("dec_n_fixed", _I), ("rot_signs", _P), ("rot_mix", _P), ("rot_m", _I),
         ("vq_codes", _P), ("vq_table", _P), ("vq_scale", _P), ("vq_bits", _I), ("vq_row_bytes", _I),
-        ("vq_slot_shift", _I),
+        ("vq_slot_shift", _I), ("vq_dim", _I),
     ]  # fmt: skip
 
 

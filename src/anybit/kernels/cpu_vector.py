@@ -1,9 +1,9 @@
 """Vector-coded matrices (`format.vector`) on the CPU, served by both C backends, "fast" and "exact".
 
-Their products run in the fast kernel's library (`int8_lut.c`, `vq_row_product`): per row, each piece's table
-entry (float32, from a table of at least 32 KB shared by every matrix of one index width, `kernel_table`)
-multiplied with four inputs, the row's sum times its scale; 1-8 tokens per pass over a row's indices, OpenMP
-over rows. The activations stay float32
+Their products run in the fast kernel's library (`int8_lut.c`, `vq_row_product`, `vq2_row_product`): per row,
+each piece's table entry (float32, from a table of at least 32 KB shared by every matrix of one dimension and
+index width, `kernel_table`; 2-D entries gathered) multiplied with its four or two inputs, the row's sum times
+its scale; 1-8 tokens per pass over a row's indices, OpenMP over rows. The activations stay float32
 (the int8 rounding of the segment layouts would cost accuracy and save nothing here: the entries are loaded,
 not looked up in registers), so both backends compute the reference's numbers up to summation order. The
 indices are re-laid once into one little-endian stream of k-bit fields per row, the kernel's order (as many
@@ -26,20 +26,20 @@ from anybit.format.vector_tables import vector_table
 from anybit.kernels import check_cpu_input, coded_input, cpu_fast
 from anybit.kernels.cpu_fast import KERNEL, Matrix, PreparedMatrix
 
-PIECE = 4  # the piece length the kernel reads (VQ_PIECE in int8_lut.c)
+DIMS = (2, 4)  # the piece lengths the kernel reads (vq_dim in int8_lut.c)
 MAX_INDEX_BITS = 14  # VQ_MAX_BITS in int8_lut.c
 RELAY_ROWS = 256  # rows re-laid at once (bounds the temporaries)
 GEMM_TOKENS = 64  # longer eager inputs multiply the decoded matrix
-# The kernel's tables spread their entries over this many slots (32 KB of float32 pieces) where they have
-# fewer: random lookups into a table of 16 KB or less ran 1.5-1.8x slower per piece than into 32 KB on the
+# The kernel's tables spread their entries over this many bytes of float32 pieces where they have fewer: random
+# lookups into a table of 16 KB or less ran 1.5-1.8x slower per piece than into 32 KB on the
 # Intel Xeon of RESULTS ("vq on the native decoder"), for reasons the measurements do not show.
-TABLE_SLOTS = 2048
+TABLE_BYTES = 32768
 
 
 def unavailable(qt: VectorTensor) -> str:
     """Why the kernel cannot serve this tensor ("" when it can)."""
-    if qt.dim != PIECE:
-        return f"pieces of {qt.dim} (the kernel reads pieces of {PIECE})"
+    if qt.dim not in DIMS:
+        return f"pieces of {qt.dim} (the kernel reads pieces of {' or '.join(map(str, DIMS))})"
     if qt.index_bits > MAX_INDEX_BITS:
         return f"{qt.index_bits}-bit indices (the kernel reads at most {MAX_INDEX_BITS})"
     if qt.codes.device.type != "cpu":
@@ -55,7 +55,7 @@ class VectorPrepared(PreparedMatrix):
     qt: VectorTensor
     codes: torch.Tensor  # uint8: per row, its codes as one little-endian bit stream (`bit_streams`), then 8 bytes
     row_bytes: int
-    table: torch.Tensor  # float32 (slots, 4): shared by every tensor of one index width (`kernel_table`)
+    table: torch.Tensor  # float32 (slots, dim): shared by every tensor of one index width (`kernel_table`)
     slot_shift: int  # code c's entry is in slot c << slot_shift
     scale: torch.Tensor  # float32 (rows,)
     order: torch.Tensor  # int64 (rows,): the rows in order
@@ -70,10 +70,10 @@ class VectorPrepared(PreparedMatrix):
     def _build_matrix(self, extras: dict) -> Matrix:
         rows, cols = self.qt.shape
         return Matrix(
-            rows=rows, cols=cols, group_size=PIECE, order=self.order.data_ptr(),
+            rows=rows, cols=cols, group_size=self.qt.dim, order=self.order.data_ptr(),
             perm=None if self.perm is None else self.perm.data_ptr(), vq_codes=self.codes.data_ptr(),
             vq_table=self.table.data_ptr(), vq_scale=self.scale.data_ptr(), vq_bits=self.qt.index_bits,
-            vq_row_bytes=self.row_bytes, vq_slot_shift=self.slot_shift, **extras,
+            vq_row_bytes=self.row_bytes, vq_slot_shift=self.slot_shift, vq_dim=self.qt.dim, **extras,
         )  # fmt: skip
 
     def dense(self) -> torch.Tensor:
@@ -119,9 +119,9 @@ def bit_streams(qt: VectorTensor) -> tuple[torch.Tensor, int]:
 @functools.cache
 def kernel_table(dim: int, index_bits: int) -> tuple[torch.Tensor, int]:
     """The table of `index_bits`-bit indices as the kernel reads it, and its slot shift s: entry i in slot
-    i << s (float32, at least TABLE_SLOTS slots), the other slots zero."""
+    i << s (float32, at least TABLE_BYTES), the other slots zero."""
     table = vector_table(dim, index_bits).float()
-    shift = max(0, (TABLE_SLOTS >> index_bits).bit_length() - 1)
+    shift = max(0, ((TABLE_BYTES // (4 * dim)) >> index_bits).bit_length() - 1)
     slots = torch.zeros(table.shape[0] << shift, dim)
     slots[:: 1 << shift] = table
     return slots, shift

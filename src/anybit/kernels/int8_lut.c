@@ -534,17 +534,16 @@ typedef struct {
     const float *rot_signs, *rot_mix;
     int64_t rot_m;
     /* Vector codebooks (anybit/format/vector.py; NULL vq_codes: the segment layout above): row r is cut into
-     * pieces of VQ_PIECE columns in the coded order, piece p being vq_scale[r] times the table entry in slot
-     * c << vq_slot_shift, c its vq_bits-bit code (at most VQ_MAX_BITS). Row r's codes are one little-endian bit
+     * pieces of vq_dim (2 or 4) columns in the coded order, piece p being vq_scale[r] times the table entry in
+     * slot c << vq_slot_shift, c its vq_bits-bit code (at most VQ_MAX_BITS). Row r's codes are one little-endian bit
      * stream of vq_row_bytes bytes from vq_codes + r vq_row_bytes (code p in bits p k .. p k + k - 1), followed
      * by 8 readable bytes. These rows multiply the float input (coded order), not its int8 parts. */
     const uint8_t *vq_codes;
-    const float *vq_table; /* (slots, VQ_PIECE) */
+    const float *vq_table; /* (slots, vq_dim) */
     const float *vq_scale; /* (rows,) */
-    int64_t vq_bits, vq_row_bytes, vq_slot_shift;
+    int64_t vq_bits, vq_row_bytes, vq_slot_shift, vq_dim;
 } anybit_matrix;
 
-#define VQ_PIECE 4
 #define VQ_MAX_BITS 14 /* four codes and the offset of the first one's bit fit one 64-bit load */
 
 /* The table offsets (in floats) of pieces p .. p + 3 of a row's code stream: one unaligned 64-bit load. */
@@ -554,7 +553,7 @@ static inline void vq_offsets(const anybit_matrix *m, const uint8_t *row, int64_
     memcpy(&word, row + (bit >> 3), sizeof word);
     word >>= bit & 7;
     const uint64_t mask = ((uint64_t)1 << m->vq_bits) - 1;
-    const int shift = (int)m->vq_slot_shift + 2; /* slots of VQ_PIECE floats */
+    const int shift = (int)m->vq_slot_shift + (m->vq_dim == 4 ? 2 : 1); /* slots of vq_dim floats */
     for (int j = 0; j < 4; j++) offset[j] = (int64_t)(((word >> (j * m->vq_bits)) & mask) << shift);
 }
 
@@ -572,6 +571,11 @@ static inline vq_vector vq_entries(const float *table, const int64_t *offset) {
     return _mm512_insertf32x4(e, _mm_loadu_ps(table + offset[3]), 3);
 }
 static inline float vq_sum(vq_vector a) { return _mm512_reduce_add_ps(a); }
+#define VQ2_STEP 8 /* 2-D pieces per register */
+/* The 2-D table entries at eight offsets, in one register (each entry one 64-bit gather lane). */
+static inline vq_vector vq2_entries(const float *table, const int64_t *offset) {
+    return _mm512_castpd_ps(_mm512_i64gather_pd(_mm512_loadu_si512(offset), (const double *)table, 4));
+}
 #elif defined(PATH_AVX2)
 typedef __m256 vq_vector;
 #define VQ_STEP 2
@@ -581,6 +585,11 @@ typedef __m256 vq_vector;
 /* The table entries at two offsets (vq_offsets), in one register. */
 static inline vq_vector vq_entries(const float *table, const int64_t *offset) {
     return _mm256_set_m128(_mm_loadu_ps(table + offset[1]), _mm_loadu_ps(table + offset[0]));
+}
+#define VQ2_STEP 4
+static inline vq_vector vq2_entries(const float *table, const int64_t *offset) {
+    const __m256i at = _mm256_loadu_si256((const __m256i *)offset);
+    return _mm256_castpd_ps(_mm256_i64gather_pd((const double *)table, at, 4));
 }
 static inline float vq_sum(vq_vector a) {
     float lanes[8];
@@ -596,7 +605,7 @@ static inline float vq_sum(vq_vector a) {
 static inline __attribute__((always_inline)) void vq_row_product(const anybit_matrix *m, int64_t r,
                                                                  const coded_input *in, int64_t t0, const int n,
                                                                  float *y) {
-    const int64_t cols = m->cols, pieces = cols / VQ_PIECE;
+    const int64_t cols = m->cols, pieces = cols / 4;
     const uint8_t *row = m->vq_codes + r * m->vq_row_bytes;
     const float *table = m->vq_table, *x = in->coded + t0 * cols;
     float sum[MAX_TOKENS];
@@ -608,9 +617,9 @@ static inline __attribute__((always_inline)) void vq_row_product(const anybit_ma
         for (int q = 0; q < 2 * VQ_STEP; q += 4) vq_offsets(m, row, p + q, offset + q);
         const vq_vector e0 = vq_entries(table, offset), e1 = vq_entries(table, offset + VQ_STEP);
         for (int t = 0; t < n; t++) {
-            const float *xp = x + t * cols + VQ_PIECE * p;
+            const float *xp = x + t * cols + 4 * p;
             a0[t] = VQ_FMA(e0, VQ_LOAD(xp), a0[t]);
-            a1[t] = VQ_FMA(e1, VQ_LOAD(xp + VQ_PIECE * VQ_STEP), a1[t]);
+            a1[t] = VQ_FMA(e1, VQ_LOAD(xp + 4 * VQ_STEP), a1[t]);
         }
     }
     for (int t = 0; t < n; t++) sum[t] = vq_sum(a0[t] + a1[t]);
@@ -621,8 +630,44 @@ static inline __attribute__((always_inline)) void vq_row_product(const anybit_ma
         vq_offsets(m, row, p, offset); /* reads past the row's last code at most into the 8 bytes that follow */
         const float *e = table + offset[0];
         for (int t = 0; t < n; t++) {
-            const float *xp = x + t * cols + VQ_PIECE * p;
+            const float *xp = x + t * cols + 4 * p;
             sum[t] += (e[0] * xp[0] + e[1] * xp[1]) + (e[2] * xp[2] + e[3] * xp[3]);
+        }
+    }
+    for (int t = 0; t < n; t++) y[(t0 + t) * m->rows + r] = m->vq_scale[r] * sum[t];
+}
+
+/* vq_row_product for 2-D pieces: the entries gathered VQ2_STEP at a time. */
+static inline __attribute__((always_inline)) void vq2_row_product(const anybit_matrix *m, int64_t r,
+                                                                  const coded_input *in, int64_t t0, const int n,
+                                                                  float *y) {
+    const int64_t cols = m->cols, pieces = cols / 2;
+    const uint8_t *row = m->vq_codes + r * m->vq_row_bytes;
+    const float *table = m->vq_table, *x = in->coded + t0 * cols;
+    float sum[MAX_TOKENS];
+    int64_t p = 0, offset[16];
+#if defined(PATH_AVX512) || defined(PATH_AVX2)
+    vq_vector a0[MAX_TOKENS], a1[MAX_TOKENS];
+    for (int t = 0; t < n; t++) a0[t] = a1[t] = VQ_ZERO;
+    for (; p + 2 * VQ2_STEP <= pieces; p += 2 * VQ2_STEP) {
+        for (int q = 0; q < 2 * VQ2_STEP; q += 4) vq_offsets(m, row, p + q, offset + q);
+        const vq_vector e0 = vq2_entries(table, offset), e1 = vq2_entries(table, offset + VQ2_STEP);
+        for (int t = 0; t < n; t++) {
+            const float *xp = x + t * cols + 2 * p;
+            a0[t] = VQ_FMA(e0, VQ_LOAD(xp), a0[t]);
+            a1[t] = VQ_FMA(e1, VQ_LOAD(xp + 2 * VQ2_STEP), a1[t]);
+        }
+    }
+    for (int t = 0; t < n; t++) sum[t] = vq_sum(a0[t] + a1[t]);
+#else
+    for (int t = 0; t < n; t++) sum[t] = 0.0f;
+#endif
+    for (; p < pieces; p++) {
+        vq_offsets(m, row, p, offset); /* reads past the row's last code at most into the 8 bytes that follow */
+        const float *e = table + offset[0];
+        for (int t = 0; t < n; t++) {
+            const float *xp = x + t * cols + 2 * p;
+            sum[t] += e[0] * xp[0] + e[1] * xp[1];
         }
     }
     for (int t = 0; t < n; t++) y[(t0 + t) * m->rows + r] = m->vq_scale[r] * sum[t];
@@ -643,7 +688,11 @@ static inline __attribute__((always_inline)) void vq_row_product(const anybit_ma
     }
 
 static void vq_row_product_n(const anybit_matrix *m, int64_t r, const coded_input *in, int64_t t0, int n, float *y) {
-    WITH_TOKEN_COUNT(vq_row_product, m, r, in, t0, n, y)
+    if (m->vq_dim == 2) {
+        WITH_TOKEN_COUNT(vq2_row_product, m, r, in, t0, n, y)
+    } else {
+        WITH_TOKEN_COUNT(vq_row_product, m, r, in, t0, n, y)
+    }
 }
 
 /* CALL(B) with the width b as the constant B (1-8), so that what it calls is inlined for that width. */
@@ -1393,7 +1442,7 @@ int anybit_fast_matmul(const anybit_matrix *m, const float *x, int64_t tokens, f
 
 /* out (rows, cols) = a vector-coded matrix (coded column order), decoded on `threads` threads. */
 void anybit_vector_dequantize(const anybit_matrix *m, float *out, int threads) {
-    const int64_t pieces = m->cols / VQ_PIECE;
+    const int64_t dim = m->vq_dim, pieces = m->cols / dim;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t r = 0; r < m->rows; r++) {
         const uint8_t *codes = m->vq_codes + r * m->vq_row_bytes;
@@ -1401,7 +1450,7 @@ void anybit_vector_dequantize(const anybit_matrix *m, float *out, int threads) {
         int64_t offset[4];
         for (int64_t p = 0; p < pieces; p++) {
             vq_offsets(m, codes, p, offset);
-            for (int j = 0; j < VQ_PIECE; j++) row[VQ_PIECE * p + j] = m->vq_scale[r] * m->vq_table[offset[0] + j];
+            for (int j = 0; j < dim; j++) row[dim * p + j] = m->vq_scale[r] * m->vq_table[offset[0] + j];
         }
     }
 }
