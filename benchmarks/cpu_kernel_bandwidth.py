@@ -4,8 +4,8 @@ Usage: python benchmarks/cpu_kernel_bandwidth.py [--weights 268435456] [--rounds
 
 For each layout (per-row codebooks of mixed widths at anybit's 2.25, 3.25 and 4.25 bits, group
 codebooks, uniform grids per channel and per group at 2-4 bits, SliM-LLM's group bit maps, SqueezeLLM's
-outliers with SKIM's scaling vector and a permutation, vq's vector codebooks at 2.25-2.75 bits), a set of 4096×4096 matrices holding `--weights`
-weights in all (far more bytes than the last-level cache), with random codes: the time of one product
+outliers with SKIM's scaling vector and a permutation, vq's vector codebooks: 4-D at 2.25-2.75 bits, 2-D
+at 4 and 4.5), a set of 4096×4096 matrices holding `--weights` weights in all (far more bytes than the last-level cache), with random codes: the time of one product
 of every matrix with a (batch, 4096) input, as the median of `--rounds`. Bandwidth is the bytes the
 kernel reads (its codes, re-laid or read in place, tables, scales and zero points) per second, beside the machine's read
 bandwidth measured in the same run by a streaming sum over 1 GiB. One JSON line per layout and batch
@@ -64,11 +64,11 @@ def _squeezellm_like() -> QuantizedTensor:
     )  # fmt: skip
 
 
-def _vector(index_bits: int) -> VectorTensor:
-    """`--method vq`'s layout: a k-bit table index per piece of 4 weights, a scale per row, act-order."""
-    codes = torch.randint(0, 1 << index_bits, (SIDE, SIDE // 4))
+def _vector(index_bits: int, dim: int = 4) -> VectorTensor:
+    """`--method vq`'s layout: a k-bit table index per piece of `dim` weights, a scale per row, act-order."""
+    codes = torch.randint(0, 1 << index_bits, (SIDE, SIDE // dim))
     scales = torch.rand(SIDE) * 0.02
-    return VectorTensor.from_codes(codes, scales, (SIDE, SIDE), 4, index_bits, torch.randperm(SIDE))
+    return VectorTensor.from_codes(codes, scales, (SIDE, SIDE), dim, index_bits, torch.randperm(SIDE))
 
 
 LAYOUTS = {
@@ -85,6 +85,8 @@ LAYOUTS = {
     "vector codebooks 2.25 (vq, 9-bit indices)": lambda: _vector(9),
     "vector codebooks 2.5 (vq, 10-bit indices)": lambda: _vector(10),
     "vector codebooks 2.75 (vq, 11-bit indices)": lambda: _vector(11),
+    "vector codebooks 4 (vq, 2-D, 8-bit indices)": lambda: _vector(8, dim=2),
+    "vector codebooks 4.5 (vq, 2-D, 9-bit indices)": lambda: _vector(9, dim=2),
 }
 
 

@@ -85,7 +85,7 @@ class VectorCodebooks(Method):
             dim, index_bits = layout_of(width)
             table = vector_table(dim, index_bits).float()
             pieces = (sample / scales[:, None]).reshape(-1, dim)
-            nearest = table[nearest_entries(pieces, torch.ones_like(pieces), table)]
+            nearest = table[nearest_entries(pieces, None, table)]
             delta = sample - scales[:, None] * nearest.view_as(sample)
             error = ((delta @ Hp) * delta).sum(dim=1).double().cpu() * importance
             errors.append(float(error.sum()) * W.shape[0] / len(rows))
