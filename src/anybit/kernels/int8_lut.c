@@ -557,6 +557,14 @@ static inline void vq_offsets(const anybit_matrix *m, const uint8_t *row, int64_
     for (int j = 0; j < 4; j++) offset[j] = (int64_t)(((word >> (j * m->vq_bits)) & mask) << shift);
 }
 
+#if defined(PATH_AVX512) || defined(PATH_AVX2)
+/* Two 2-D table entries (at offsets[0] and offsets[1]) in one 128-bit register. */
+static inline __m128 vq2_pair(const float *table, const int64_t *offset) {
+    const __m128d low = _mm_load_sd((const double *)(table + offset[0]));
+    return _mm_castpd_ps(_mm_loadh_pd(low, (const double *)(table + offset[1])));
+}
+#endif
+
 #if defined(PATH_AVX512)
 typedef __m512 vq_vector;
 #define VQ_STEP 4 /* pieces per register */
@@ -572,9 +580,13 @@ static inline vq_vector vq_entries(const float *table, const int64_t *offset) {
 }
 static inline float vq_sum(vq_vector a) { return _mm512_reduce_add_ps(a); }
 #define VQ2_STEP 8 /* 2-D pieces per register */
-/* The 2-D table entries at eight offsets, in one register (each entry one 64-bit gather lane). */
+/* The 2-D table entries at eight offsets, in one register (loads and inserts, not a gather: gathers are slow
+ * where the microcode mitigates Gather Data Sampling). */
 static inline vq_vector vq2_entries(const float *table, const int64_t *offset) {
-    return _mm512_castpd_ps(_mm512_i64gather_pd(_mm512_loadu_si512(offset), (const double *)table, 4));
+    __m512 e = _mm512_castps128_ps512(vq2_pair(table, offset));
+    e = _mm512_insertf32x4(e, vq2_pair(table, offset + 2), 1);
+    e = _mm512_insertf32x4(e, vq2_pair(table, offset + 4), 2);
+    return _mm512_insertf32x4(e, vq2_pair(table, offset + 6), 3);
 }
 #elif defined(PATH_AVX2)
 typedef __m256 vq_vector;
@@ -588,8 +600,7 @@ static inline vq_vector vq_entries(const float *table, const int64_t *offset) {
 }
 #define VQ2_STEP 4
 static inline vq_vector vq2_entries(const float *table, const int64_t *offset) {
-    const __m256i at = _mm256_loadu_si256((const __m256i *)offset);
-    return _mm256_castpd_ps(_mm256_i64gather_pd((const double *)table, at, 4));
+    return _mm256_set_m128(vq2_pair(table, offset + 2), vq2_pair(table, offset));
 }
 static inline float vq_sum(vq_vector a) {
     float lanes[8];
