@@ -1,9 +1,9 @@
 """Vector-coded matrices (`format.vector`) on the CPU, served by both C backends, "fast" and "exact".
 
-Their products run in the fast kernel's library (`int8_lut.c`, `vq_row_product`, `vq2_row_product`): per row,
-each piece's table entry (float32, from a table of at least 32 KB shared by every matrix of one dimension and
-index width, `kernel_table`; 2-D entries gathered) multiplied with its four or two inputs, the row's sum times
-its scale; 1-8 tokens per pass over a row's indices, OpenMP over rows. The activations stay float32
+Their products run in the fast kernel's library (`int8_lut.c`, `vq_row_product`): per row, each piece's table
+entry (float32, from a table of at least 32 KB shared by every matrix of one dimension and index width,
+`kernel_table`) multiplied with its four or two inputs, the row's sum times its scale; 1-8 tokens per pass over a
+row's indices, OpenMP over rows. The activations stay float32
 (the int8 rounding of the segment layouts would cost accuracy and save nothing here: the entries are loaded,
 not looked up in registers), so both backends compute the reference's numbers up to summation order. The
 indices are re-laid once into one little-endian stream of k-bit fields per row, the kernel's order (as many

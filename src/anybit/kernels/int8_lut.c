@@ -609,64 +609,30 @@ static inline float vq_sum(vq_vector a) {
 }
 #endif
 
-/* y[t, r] for the tokens t0 .. t0 + n - 1 of row r of a vector-coded matrix: each piece's table entry times
- * the float input, summed in float, times the row's scale. Inlined with n constant; two sets of sums halve the
- * chains of dependent multiply-adds. (Decoding a prompt's rows once for all its passes instead gained 0-7 %
- * at 64 tokens: the multiply-adds bound it, not the lookups.) */
+/* y[t, r] for the tokens t0 .. t0 + n - 1 of row r of a vector-coded matrix of `dim`-weight pieces: each
+ * piece's table entry times the float input, summed in float, times the row's scale. Inlined with n and dim
+ * constant; two sets of sums halve the chains of dependent multiply-adds. (Decoding a prompt's rows once for
+ * all its passes instead gained 0-7 % at 64 tokens: the multiply-adds bound it, not the lookups.) */
 static inline __attribute__((always_inline)) void vq_row_product(const anybit_matrix *m, int64_t r,
                                                                  const coded_input *in, int64_t t0, const int n,
-                                                                 float *y) {
-    const int64_t cols = m->cols, pieces = cols / 4;
-    const uint8_t *row = m->vq_codes + r * m->vq_row_bytes;
-    const float *table = m->vq_table, *x = in->coded + t0 * cols;
-    float sum[MAX_TOKENS];
-    int64_t p = 0, offset[8];
-#if defined(PATH_AVX512) || defined(PATH_AVX2)
-    vq_vector a0[MAX_TOKENS], a1[MAX_TOKENS];
-    for (int t = 0; t < n; t++) a0[t] = a1[t] = VQ_ZERO;
-    for (; p + 2 * VQ_STEP <= pieces; p += 2 * VQ_STEP) {
-        for (int q = 0; q < 2 * VQ_STEP; q += 4) vq_offsets(m, row, p + q, offset + q);
-        const vq_vector e0 = vq_entries(table, offset), e1 = vq_entries(table, offset + VQ_STEP);
-        for (int t = 0; t < n; t++) {
-            const float *xp = x + t * cols + 4 * p;
-            a0[t] = VQ_FMA(e0, VQ_LOAD(xp), a0[t]);
-            a1[t] = VQ_FMA(e1, VQ_LOAD(xp + 4 * VQ_STEP), a1[t]);
-        }
-    }
-    for (int t = 0; t < n; t++) sum[t] = vq_sum(a0[t] + a1[t]);
-#else
-    for (int t = 0; t < n; t++) sum[t] = 0.0f;
-#endif
-    for (; p < pieces; p++) {
-        vq_offsets(m, row, p, offset); /* reads past the row's last code at most into the 8 bytes that follow */
-        const float *e = table + offset[0];
-        for (int t = 0; t < n; t++) {
-            const float *xp = x + t * cols + 4 * p;
-            sum[t] += (e[0] * xp[0] + e[1] * xp[1]) + (e[2] * xp[2] + e[3] * xp[3]);
-        }
-    }
-    for (int t = 0; t < n; t++) y[(t0 + t) * m->rows + r] = m->vq_scale[r] * sum[t];
-}
-
-/* vq_row_product for 2-D pieces: the entries gathered VQ2_STEP at a time. */
-static inline __attribute__((always_inline)) void vq2_row_product(const anybit_matrix *m, int64_t r,
-                                                                  const coded_input *in, int64_t t0, const int n,
-                                                                  float *y) {
-    const int64_t cols = m->cols, pieces = cols / 2;
+                                                                 float *y, const int dim) {
+    const int64_t cols = m->cols, pieces = cols / dim;
     const uint8_t *row = m->vq_codes + r * m->vq_row_bytes;
     const float *table = m->vq_table, *x = in->coded + t0 * cols;
     float sum[MAX_TOKENS];
     int64_t p = 0, offset[16];
 #if defined(PATH_AVX512) || defined(PATH_AVX2)
+    const int step = dim == 4 ? VQ_STEP : VQ2_STEP; /* pieces per register */
     vq_vector a0[MAX_TOKENS], a1[MAX_TOKENS];
     for (int t = 0; t < n; t++) a0[t] = a1[t] = VQ_ZERO;
-    for (; p + 2 * VQ2_STEP <= pieces; p += 2 * VQ2_STEP) {
-        for (int q = 0; q < 2 * VQ2_STEP; q += 4) vq_offsets(m, row, p + q, offset + q);
-        const vq_vector e0 = vq2_entries(table, offset), e1 = vq2_entries(table, offset + VQ2_STEP);
+    for (; p + 2 * step <= pieces; p += 2 * step) {
+        for (int q = 0; q < 2 * step; q += 4) vq_offsets(m, row, p + q, offset + q);
+        const vq_vector e0 = dim == 4 ? vq_entries(table, offset) : vq2_entries(table, offset);
+        const vq_vector e1 = dim == 4 ? vq_entries(table, offset + step) : vq2_entries(table, offset + step);
         for (int t = 0; t < n; t++) {
-            const float *xp = x + t * cols + 2 * p;
+            const float *xp = x + t * cols + dim * p;
             a0[t] = VQ_FMA(e0, VQ_LOAD(xp), a0[t]);
-            a1[t] = VQ_FMA(e1, VQ_LOAD(xp + 2 * VQ2_STEP), a1[t]);
+            a1[t] = VQ_FMA(e1, VQ_LOAD(xp + dim * step), a1[t]);
         }
     }
     for (int t = 0; t < n; t++) sum[t] = vq_sum(a0[t] + a1[t]);
@@ -677,12 +643,15 @@ static inline __attribute__((always_inline)) void vq2_row_product(const anybit_m
         vq_offsets(m, row, p, offset); /* reads past the row's last code at most into the 8 bytes that follow */
         const float *e = table + offset[0];
         for (int t = 0; t < n; t++) {
-            const float *xp = x + t * cols + 2 * p;
-            sum[t] += e[0] * xp[0] + e[1] * xp[1];
+            const float *xp = x + t * cols + dim * p;
+            sum[t] += dim == 4 ? (e[0] * xp[0] + e[1] * xp[1]) + (e[2] * xp[2] + e[3] * xp[3])
+                               : e[0] * xp[0] + e[1] * xp[1];
         }
     }
     for (int t = 0; t < n; t++) y[(t0 + t) * m->rows + r] = m->vq_scale[r] * sum[t];
 }
+#define VQ_PIECES_4(m, r, in, t0, n, y) vq_row_product(m, r, in, t0, n, y, 4)
+#define VQ_PIECES_2(m, r, in, t0, n, y) vq_row_product(m, r, in, t0, n, y, 2)
 
 /* PRODUCT(m, r, in, t0, N, y) with N the number of tokens n (1 .. MAX_TOKENS) as a constant: one inlined copy
  * of a row product per count. */
@@ -700,9 +669,9 @@ static inline __attribute__((always_inline)) void vq2_row_product(const anybit_m
 
 static void vq_row_product_n(const anybit_matrix *m, int64_t r, const coded_input *in, int64_t t0, int n, float *y) {
     if (m->vq_dim == 2) {
-        WITH_TOKEN_COUNT(vq2_row_product, m, r, in, t0, n, y)
+        WITH_TOKEN_COUNT(VQ_PIECES_2, m, r, in, t0, n, y)
     } else {
-        WITH_TOKEN_COUNT(vq_row_product, m, r, in, t0, n, y)
+        WITH_TOKEN_COUNT(VQ_PIECES_4, m, r, in, t0, n, y)
     }
 }
 
