@@ -34,8 +34,7 @@ class VectorCodebooks(Method):
 
     Each linear's width, 1 to 5.5 bits per weight, is one table: d = 4 and k = 4-13 up to 3.25 bits per weight,
     d = 2 and k = 7-11 above (`layout_of`). The width is chosen per linear from one model-wide budget in counted
-    bits:
-    the first pass estimates each linear's Fisher-weighted layer-wise error at every width by rounding a
+    bits: the first pass estimates each linear's Fisher-weighted layer-wise error at every width by rounding a
     sample of its rows to the nearest entries (no error feedback: an estimate that ranks the linears, not
     the error the second pass reaches), and the greedy allocation spends the budget where that error falls
     most per counted bit.
