@@ -55,7 +55,7 @@ class VectorPrepared(PreparedMatrix):
     qt: VectorTensor
     codes: torch.Tensor  # uint8: per row, its codes as one little-endian bit stream (`bit_streams`), then 8 bytes
     row_bytes: int
-    table: torch.Tensor  # float32 (slots, dim): shared by every tensor of one index width (`kernel_table`)
+    table: torch.Tensor  # float32 (slots, dim): shared by every tensor of one dimension and index width
     slot_shift: int  # code c's entry is in slot c << slot_shift
     scale: torch.Tensor  # float32 (rows,)
     order: torch.Tensor  # int64 (rows,): the rows in order

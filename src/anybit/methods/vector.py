@@ -79,11 +79,12 @@ class VectorCodebooks(Method):
         order = act_order_perm(H) if config.act_order else torch.arange(W.shape[1])
         sample, Hp = W[rows][:, order].float(), H[order[:, None], order[None, :]].float()
         scales = _initial_scales(sample)
+        normalized = sample / scales[:, None]
         errors, costs = [], []
         for width in WIDTHS:
             dim, index_bits = layout_of(width)
             table = vector_table(dim, index_bits).float()
-            pieces = (sample / scales[:, None]).reshape(-1, dim)
+            pieces = normalized.reshape(-1, dim)
             nearest = table[nearest_entries(pieces, None, table)]
             delta = sample - scales[:, None] * nearest.view_as(sample)
             error = ((delta @ Hp) * delta).sum(dim=1).double().cpu() * importance
