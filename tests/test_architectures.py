@@ -1,11 +1,13 @@
 """Every supported family: a tiny random model on disk is loaded, quantized, saved, reloaded, evaluated."""
 
+import math
+
 import pytest
 import torch
 
 from anybit.config import QuantConfig
 from anybit.data import calibration_windows, eval_windows, load_corpus, tokenize_corpus
-from anybit.eval import evaluate
+from anybit.eval import evaluate, perplexity
 from anybit.methods import get_method
 from anybit.model import get_adapter, load_model
 from anybit.pipeline import quantize_to_dir
@@ -104,3 +106,36 @@ def test_calibration_windows_are_seeded(corpus_file, tiny_tokenizer) -> None:
     assert torch.equal(a, calibration_windows(ids, 8, 32, seed=0))
     assert not torch.equal(a, calibration_windows(ids, 8, 32, seed=1))
     assert a.shape == (8, 32)
+
+
+def _scores_from_full_logits(model, windows, reference=None) -> tuple[float, float, float]:
+    """Perplexity, KL and top-1 agreement computed from each model's whole logits, as its forward returns them."""
+    nll, kl, agree, tokens = 0.0, 0.0, 0, 0
+    with torch.inference_mode():
+        for window in windows:
+            logp = torch.log_softmax(model(window[None]).logits[0, :-1].float(), -1)
+            ref_logp = torch.log_softmax(reference(window[None]).logits[0, :-1].float(), -1)
+            nll -= logp.gather(1, window[1:, None]).sum().item()
+            kl += (ref_logp.exp() * (ref_logp - logp)).sum().item()
+            agree += int((logp.argmax(-1) == ref_logp.argmax(-1)).sum())
+            tokens += window.numel() - 1
+    return math.exp(nll / tokens), kl / tokens, agree / tokens
+
+
+def test_evaluate_scores_in_chunks_as_the_whole_logits(tiny_model_dir, corpus_file, monkeypatch) -> None:
+    """Scoring the head's logits a few rows at a time gives the figures of the model's own whole logits."""
+    model = load_model(str(tiny_model_dir)).model
+    if hasattr(model.config, "final_logit_softcapping"):
+        model.config.final_logit_softcapping = 3.0  # Gemma's soft-capping, made to matter
+    reference = load_model(str(tiny_model_dir)).model
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ids = tokenize_corpus(load_model(str(tiny_model_dir)).tokenizer, load_corpus(str(corpus_file)))
+    windows = eval_windows(ids, 64, max_windows=3)
+    monkeypatch.setattr(perplexity, "LOGIT_CHUNK_ELEMENTS", 20 * model.config.vocab_size)  # 4 chunks a window
+    result = evaluate(model, windows, reference=reference, progress=False)
+    ppl, kl, agree = _scores_from_full_logits(model, windows, reference)
+    assert result.ppl == pytest.approx(ppl, rel=1e-5)
+    assert result.kl == pytest.approx(kl, rel=1e-4) and kl > 1e-3
+    assert result.top1_agreement == agree < 1

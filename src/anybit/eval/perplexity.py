@@ -37,8 +37,29 @@ class EvalResult:
         return asdict(self)
 
 
-def _logits(model: nn.Module, window: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return model(window.unsqueeze(0).to(device), use_cache=False).logits[0, :-1].float()
+# Logits are made and scored this many at a time (float32: 128 MiB): a 262k-token vocabulary's logits for one
+# 2048-token window would otherwise take 2 GiB, twice over with their log-probabilities.
+LOGIT_CHUNK_ELEMENTS = 1 << 25
+
+
+def _hidden_states(model: nn.Module, window: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The final hidden states (seqlen - 1, hidden) that predict tokens 2..seqlen of `window`."""
+    out = model.get_decoder()(window.unsqueeze(0).to(device), use_cache=False)
+    return out.last_hidden_state[0, :-1]
+
+
+def _log_probs(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Next-token log-probabilities from final hidden states, as the model's own head computes its logits."""
+    logits = model.get_output_embeddings()(hidden).float()
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    return F.log_softmax(logits, dim=-1)
+
+
+def _chunks(rows: int, vocab: int) -> list[slice]:
+    step = max(1, LOGIT_CHUNK_ELEMENTS // vocab)
+    return [slice(start, start + step) for start in range(0, rows, step)]
 
 
 @torch.inference_mode()
@@ -56,14 +77,17 @@ def evaluate(
     nll, kl, agree, tokens = 0.0, 0.0, 0, 0
     with dense_weights(model, skip_kernel_layers=True):
         for window in tqdm(windows, desc=desc, unit="window", disable=not progress):
-            logp = F.log_softmax(_logits(model, window, dev), dim=-1)
             targets = window[1:].to(dev)
-            nll += F.nll_loss(logp, targets, reduction="sum").item()
+            hidden = _hidden_states(model, window, dev)
+            ref_hidden = None if reference is None else _hidden_states(reference, window, dev)
+            for rows in _chunks(targets.numel(), model.config.vocab_size):
+                logp = _log_probs(model, hidden[rows])
+                nll += F.nll_loss(logp, targets[rows], reduction="sum").item()
+                if ref_hidden is not None:
+                    ref_logp = _log_probs(reference, ref_hidden[rows])
+                    kl += F.kl_div(logp, ref_logp, log_target=True, reduction="sum").item()
+                    agree += int((logp.argmax(-1) == ref_logp.argmax(-1)).sum())
             tokens += targets.numel()
-            if reference is not None:
-                ref_logp = F.log_softmax(_logits(reference, window, dev), dim=-1)
-                kl += F.kl_div(logp, ref_logp, log_target=True, reduction="sum").item()
-                agree += int((logp.argmax(-1) == ref_logp.argmax(-1)).sum())
     result = EvalResult(
         ppl=math.exp(nll / tokens),
         windows=len(windows),
