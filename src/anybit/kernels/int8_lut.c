@@ -67,10 +67,11 @@ static int omp_thread(void) { return 0; }
 #define BLOCK 64
 #define MAX_TOKENS 8 /* tokens multiplied per pass over a row's codes */
 /* Codes read this many bytes ahead are fetched into L1 while a single token multiplies: the hardware
- * prefetcher alone left per-row codebooks at 46-57 % of the read bandwidth, 62-69 % with it on the AVX-512
- * path (cpu_kernel_bandwidth.py, Intel Xeon without AMX); on AVX2 the 8-bit head's product took 2.08 ms on two
- * threads without, 1.55 with. */
-#define PREFETCH_AHEAD 1024
+ * prefetcher alone left per-row codebooks at 46-57 % of the read bandwidth, 62-69 % with 1024 bytes ahead on
+ * the AVX-512 path (cpu_kernel_bandwidth.py, Intel Xeon without AMX); on AVX2 the 8-bit head's product took
+ * 2.08 ms on two threads without, 1.55 with. 4096 bytes ahead (a pair of rows reads two streams) decoded
+ * SmolLM2 1.05-1.09x as fast as 1024 on both paths; 8192 was no faster, 2048 slower (kernel_ab.py). */
+#define PREFETCH_AHEAD 4096
 
 /* Which code path this build has: 2 AVX-512, 1 AVX2, 0 portable. */
 int anybit_fast_path(void) {
