@@ -731,7 +731,8 @@ static inline float row_bias(const anybit_matrix *m, int64_t r, const coded_inpu
     if (m->tables) return 0.0f; /* wide values carry no offset */
     __m256 sum = _mm256_setzero_ps();
     for (; g + 8 <= groups; g += 8) {
-        const __m256 offsets = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm_loadu_si128((const __m128i *)(offset + g))));
+        const __m128i offsets16 = _mm_loadu_si128((const __m128i *)(offset + g));
+        const __m256 offsets = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(offsets16));
         sum = _mm256_fmadd_ps(_mm256_loadu_ps(scale + g), _mm256_mul_ps(offsets, _mm256_loadu_ps(xblock + g)), sum);
     }
     bias = acc_sum(sum);
@@ -892,8 +893,8 @@ static int alloc_input(coded_input *in, int64_t T, int64_t cols) {
     in->n_picked = malloc(sizeof(int64_t) * (size_t)T);
     in->rotated = malloc(sizeof(float) * (size_t)(T * cols));
     in->tiles = block_tokens(T) ? malloc((size_t)(2 * token_groups(T) * TILE * cols)) : NULL;
-    return in->xq && in->step && in->xsum && in->hisum && in->xblock && in->hiblock && in->coded && in->picked && in->n_picked && in->rotated &&
-                   (in->tiles || !block_tokens(T))
+    return in->xq && in->step && in->xsum && in->hisum && in->xblock && in->hiblock && in->coded && in->picked &&
+                   in->n_picked && in->rotated && (in->tiles || !block_tokens(T))
                ? 0
                : -1;
 }
