@@ -108,7 +108,7 @@ def test_calibration_windows_are_seeded(corpus_file, tiny_tokenizer) -> None:
     assert a.shape == (8, 32)
 
 
-def _scores_from_full_logits(model, windows, reference=None) -> tuple[float, float, float]:
+def _scores_from_full_logits(model, windows, reference) -> tuple[float, float, float]:
     """Perplexity, KL and top-1 agreement computed from each model's whole logits, as its forward returns them."""
     nll, kl, agree, tokens = 0.0, 0.0, 0, 0
     with torch.inference_mode():
@@ -124,14 +124,15 @@ def _scores_from_full_logits(model, windows, reference=None) -> tuple[float, flo
 
 def test_evaluate_scores_in_chunks_as_the_whole_logits(tiny_model_dir, corpus_file, monkeypatch) -> None:
     """Scoring the head's logits a few rows at a time gives the figures of the model's own whole logits."""
-    model = load_model(str(tiny_model_dir)).model
+    loaded = load_model(str(tiny_model_dir))
+    model = loaded.model
     if hasattr(model.config, "final_logit_softcapping"):
         model.config.final_logit_softcapping = 3.0  # Gemma's soft-capping, made to matter
     reference = load_model(str(tiny_model_dir)).model
     with torch.no_grad():
         for p in reference.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    ids = tokenize_corpus(load_model(str(tiny_model_dir)).tokenizer, load_corpus(str(corpus_file)))
+    ids = tokenize_corpus(loaded.tokenizer, load_corpus(str(corpus_file)))
     windows = eval_windows(ids, 64, max_windows=3)
     monkeypatch.setattr(perplexity, "LOGIT_CHUNK_ELEMENTS", 20 * model.config.vocab_size)  # 4 chunks a window
     result = evaluate(model, windows, reference=reference, progress=False)

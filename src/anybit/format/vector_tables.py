@@ -1,12 +1,12 @@
 """The fixed tables of d-dimensional entries that vector-coded matrices index (`format.vector`).
 
 A table of 2**k entries of dimension d (`INDEX_BITS`) is part of the format, like the grids of llama.cpp's
-i-quants: it is shipped with anybit (`vector_tables.safetensors`, checked against its sha256 when read) and not stored with a
-model. Each was fitted once by K-means to standard Gaussian samples (`quant.vector_codebooks.gaussian_codebook`,
-fixed seed), which is what a row rotated by `format.rotation` and divided by its scale looks like. A shipped
-table never changes (directories made with it decode by it); `python -m anybit.format.vector_tables` fits the
-tables `INDEX_BITS` names that the file does not hold yet and adds them (each doubling of the entries quadruples
-the time), then prints the sha256 to record in `TABLE_SHA256`.
+i-quants: it is shipped with anybit (`vector_tables.safetensors`, checked against its sha256 when read) and not
+stored with a model. Each was fitted once by K-means to standard Gaussian samples
+(`quant.vector_codebooks.gaussian_codebook`, fixed seed), which is what a row rotated by `format.rotation` and
+divided by its scale looks like. A shipped table never changes (directories made with it decode by it);
+`python -m anybit.format.vector_tables` fits the tables `INDEX_BITS` names that the file does not hold yet and
+adds them (each doubling of the entries quadruples the time), then prints the sha256 to record in `TABLE_SHA256`.
 """
 
 from __future__ import annotations

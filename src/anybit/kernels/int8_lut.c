@@ -205,9 +205,10 @@ static void quantize_token(const float *v, int64_t t, int64_t cols, coded_input 
             sum += 256 * h + l, high += h;
         }
 #endif
-        xblock[k] = (float)((double)sum * step / 256.0), hiblock[k] = (float)((double)high * step);
-        xsum[k + 1] = xsum[k] + (double)sum * step / 256.0;
-        hisum[k + 1] = hisum[k] + (double)high * step;
+        const double block_x = (double)sum * step / 256.0, block_high = (double)high * step;
+        xblock[k] = (float)block_x, hiblock[k] = (float)block_high;
+        xsum[k + 1] = xsum[k] + block_x;
+        hisum[k + 1] = hisum[k] + block_high;
     }
     in->step[t] = step;
 }
@@ -712,7 +713,8 @@ static inline float row_bias(const anybit_matrix *m, int64_t r, const coded_inpu
             bias += segment_bias(m, s0 + g, in, t, g * group_blocks, (g + 1) * group_blocks);
         return bias;
     }
-    const float *scale = m->scale + s0, *xblock = in->xblock + t * groups, *hiblock = in->hiblock + t * groups;
+    const int64_t blocks = m->cols / BLOCK; /* = groups here */
+    const float *scale = m->scale + s0, *xblock = in->xblock + t * blocks, *hiblock = in->hiblock + t * blocks;
     const int16_t *offset = m->offset + s0;
     const float low_bias = (float)LOW_BIAS(m);
     int64_t g = 0;
@@ -757,12 +759,11 @@ static inline __attribute__((always_inline)) void row_product(const anybit_matri
         const int64_t s = r * groups + g, k0 = g * group_blocks;
         const uint8_t *table = m->tables ? m->tables + m->table_off[s] : NULL;
         const float sc = m->scale[s];
-#define SEGMENT(B)                                                                                                    \
-    w = table ? segment_blocks(w, B, 1, table, sc, k0, group_blocks, in->xq, cols, t0, n, acc)                        \
-              : segment_blocks(w, B, 0, NULL, sc, k0, group_blocks, in->xq, cols, t0, n, acc)
-#define SEGMENT_ONE_BLOCK(B)                                                                                          \
-    w = table ? segment_blocks(w, B, 1, table, sc, k0, 1, in->xq, cols, t0, n, acc)                                   \
-              : segment_blocks(w, B, 0, NULL, sc, k0, 1, in->xq, cols, t0, n, acc)
+#define SEGMENT_OF(B, NBLOCKS)                                                                                        \
+    w = table ? segment_blocks(w, B, 1, table, sc, k0, NBLOCKS, in->xq, cols, t0, n, acc)                             \
+              : segment_blocks(w, B, 0, NULL, sc, k0, NBLOCKS, in->xq, cols, t0, n, acc)
+#define SEGMENT(B) SEGMENT_OF(B, group_blocks)
+#define SEGMENT_ONE_BLOCK(B) SEGMENT_OF(B, 1)
 #if defined(PATH_AVX512) /* measured 1.22-1.35x at 8 tokens on AVX-512, 0.87-0.95x on AVX2 (kernel_ab.py) */
         if (group_blocks == 1) {
             WITH_WIDTH(m->bits[s], SEGMENT_ONE_BLOCK)
@@ -771,6 +772,7 @@ static inline __attribute__((always_inline)) void row_product(const anybit_matri
         {
             WITH_WIDTH(m->bits[s], SEGMENT)
         }
+#undef SEGMENT_OF
 #undef SEGMENT
 #undef SEGMENT_ONE_BLOCK
     }
@@ -850,17 +852,17 @@ static void pair_product(const anybit_matrix *m, int64_t ra, int64_t rb, const c
         const float sa = m->scale[sa_], sb = m->scale[sb_];
         const int8_t *xq = in->xq + 2 * k0 * BLOCK;
         const int b = m->bits[sa_];
-#define PAIR(B)                                                                                                       \
-    ta ? pair_blocks(wa, wb, B, 1, ta, tb, sa, sb, group_blocks, xq, &acc_a, &acc_b)                                  \
-       : pair_blocks(wa, wb, B, 0, NULL, NULL, sa, sb, group_blocks, xq, &acc_a, &acc_b)
-#define PAIR_ONE_BLOCK(B)                                                                                             \
-    ta ? pair_blocks(wa, wb, B, 1, ta, tb, sa, sb, 1, xq, &acc_a, &acc_b)                                             \
-       : pair_blocks(wa, wb, B, 0, NULL, NULL, sa, sb, 1, xq, &acc_a, &acc_b)
+#define PAIR_OF(B, NBLOCKS)                                                                                           \
+    ta ? pair_blocks(wa, wb, B, 1, ta, tb, sa, sb, NBLOCKS, xq, &acc_a, &acc_b)                                       \
+       : pair_blocks(wa, wb, B, 0, NULL, NULL, sa, sb, NBLOCKS, xq, &acc_a, &acc_b)
+#define PAIR(B) PAIR_OF(B, group_blocks)
+#define PAIR_ONE_BLOCK(B) PAIR_OF(B, 1)
         if (group_blocks == 1) {
             WITH_WIDTH(b, PAIR_ONE_BLOCK)
         } else {
             WITH_WIDTH(b, PAIR)
         }
+#undef PAIR_OF
 #undef PAIR
 #undef PAIR_ONE_BLOCK
         wa += group_blocks * 8 * b, wb += group_blocks * 8 * b;
