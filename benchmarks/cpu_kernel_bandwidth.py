@@ -8,23 +8,29 @@ outliers with SKIM's scaling vector and a permutation, vq's vector codebooks: 4-
 at 4 and 4.5), a set of 4096×4096 matrices holding `--weights` weights in all (far more bytes than the last-level cache), with random codes: the time of one product
 of every matrix with a (batch, 4096) input, as the median of `--rounds`. Bandwidth is the bytes the
 kernel reads (its codes, re-laid or read in place, tables, scales and zero points) per second, beside the machine's read
-bandwidth measured in the same run by a streaming sum over 1 GiB. One JSON line per layout and batch
-to benchmarks/results/cpu_kernel_bandwidth.jsonl.
+bandwidth measured in the same run by a streaming sum over 1 GiB. Beside it, the roof the machine's integer
+products set (`int8_dot_roof.c`: the multiplies per second of the code path's product instruction, on the
+kernel's threads): `roof_fraction` is the share of the read bandwidth a layout would reach if the kernel did
+nothing but its products at that rate (AVX-512: two byte products per weight and token, three with tables;
+AVX2: one int16 product), the most any code with these products could reach. One JSON line per layout and
+batch to benchmarks/results/cpu_kernel_bandwidth.jsonl.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
 from _common import log_result
 from anybit.format.qtensor import QuantizedTensor, SparseOutliers
 from anybit.format.vector import VectorTensor
-from anybit.kernels import cpu_fast
+from anybit.kernels import build, cpu_fast
 from anybit.quant.uniform import rtn_quantize
 
 SIDE = 4096
@@ -101,6 +107,35 @@ def read_bandwidth(rounds: int) -> float:
     return data.numel() * 4 / statistics.median(seconds[1:]) / 1e9
 
 
+def _declare_roof(lib: ctypes.CDLL) -> None:
+    lib.anybit_dot_roof.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.POINTER(ctypes.c_int64)]
+    lib.anybit_dot_roof.restype = ctypes.c_double
+
+
+ROOF = build.CompiledKernel(Path(__file__).with_name("int8_dot_roof.c"), _declare_roof)
+
+
+def dot_roof(rounds: int) -> float | None:
+    """G multiplies per second of the code path's product instruction on torch's threads (best of `rounds`),
+    None where it cannot be built or the build has none."""
+    lib = ROOF.library()
+    if isinstance(lib, str):
+        return None
+    sink = ctypes.c_int64()
+    best = max(lib.anybit_dot_roof(torch.get_num_threads(), 20_000_000, ctypes.byref(sink)) for _ in range(rounds))
+    return best or None
+
+
+def products_per_weight(prepared) -> int | None:
+    """The kernel's integer products per weight and token on this code path (None: float products, vq)."""
+    if isinstance(prepared.qt, VectorTensor):
+        return None
+    path = cpu_fast.code_path()
+    if path == "avx512":
+        return 3 if prepared.tables is not None else 2
+    return 1 if path == "avx2" else None
+
+
 def read_bytes(prepared) -> int:
     """Bytes one product reads: what the kernel holds (`nbytes`) and, where it reads the stored codes in
     place (one width on the AVX-512 path), those codes too."""
@@ -128,13 +163,15 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     bandwidth = read_bandwidth(args.rounds)
+    roof = dot_roof(args.rounds)
     count = max(1, args.weights // (SIDE * SIDE))
-    for name, build in LAYOUTS.items():
+    for name, make in LAYOUTS.items():
         if args.layouts and not any(name.startswith(p) for p in args.layouts.split(",")):
             continue
-        qt = build()
+        qt = make()
         matrices = _copies(cpu_fast.prepare(qt), count)
         read = sum(read_bytes(m) for m in matrices)
+        per_weight = products_per_weight(matrices[0])
         for batch in (int(b) for b in args.batches.split(",")):
             x = torch.randn(batch, SIDE)
             seconds = []
@@ -144,14 +181,19 @@ def main() -> None:
                     cpu_fast.product(m, x)
                 seconds.append(time.perf_counter() - start)
             median = statistics.median(seconds[1:])
+            weights = count * SIDE * SIDE
+            roof_fraction = None
+            if roof and per_weight:  # the products alone, at the roof: weights/s times bytes per weight
+                roof_fraction = roof * 1e9 / (batch * per_weight) * (read / weights) / (bandwidth * 1e9)
             log_result(
                 "cpu_kernel_bandwidth",
                 {
                     "layout": name, "batch": batch, "code_path": cpu_fast.code_path(), "matrices": count,
-                    "weights": count * SIDE * SIDE, "counted_bits": qt.bits_per_weight(),
+                    "weights": weights, "counted_bits": qt.bits_per_weight(),
                     "kernel_bytes": read, "seconds": median, "kernel_gbs": read / median / 1e9,
                     "read_gbs": bandwidth, "fraction_of_read": read / median / 1e9 / bandwidth,
-                    "gweights_per_s": count * SIDE * SIDE / median / 1e9,
+                    "gweights_per_s": weights / median / 1e9, "gmacs": weights * batch / median / 1e9,
+                    "dot_roof_gmuls": roof, "roof_fraction": roof_fraction,
                 },
             )  # fmt: skip
         del matrices

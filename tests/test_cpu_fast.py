@@ -162,8 +162,8 @@ def test_same_result_whatever_the_thread_count() -> None:
 
 
 def test_paired_rows_give_what_single_rows_give(isa: str) -> None:
-    """One token multiplies two rows of the same widths at a time; two tokens take rows one by one, with the
-    same sums: the results are equal, bit for bit."""
+    """One token multiplies two rows of the same widths at a time; two tokens on the row path take rows one by
+    one, with the same sums: the results are equal, bit for bit."""
     torch.manual_seed(6)
     cases = [
         codebook_tensor(49, 192, 192, (1, 3, 5, 8)),  # an odd row left over; pairs across two widths do not pair
@@ -173,7 +173,11 @@ def test_paired_rows_give_what_single_rows_give(isa: str) -> None:
     for qt in cases:
         prepared = cpu_fast.prepare(qt)
         x = torch.randn(1, qt.shape[1])
-        assert torch.equal(cpu_fast.product(prepared, x), cpu_fast.product(prepared, x.repeat(2, 1))[:1])
+        try:
+            assert cpu_fast.prompt_path("rows") == "rows"
+            assert torch.equal(cpu_fast.product(prepared, x), cpu_fast.product(prepared, x.repeat(2, 1))[:1])
+        finally:
+            cpu_fast.prompt_path("tiles")
 
 
 def _block_path_cases() -> list[QuantizedTensor]:
@@ -186,14 +190,15 @@ def _block_path_cases() -> list[QuantizedTensor]:
 
 
 def _check_block_path(path: str) -> None:
-    """Prompts in blocks of rows on `path` against the row path: per-row and group codebooks, grids, partial
-    blocks of rows (45, 30, 33) and of tokens (29), more tokens than one decoding of the rows serves (300)."""
+    """Prompts and few tokens in blocks of rows on `path` against the row path: per-row and group codebooks,
+    grids, partial blocks of rows (45, 30, 33) and of tokens (29; few tokens: 3 and 11 in passes of 8), more
+    tokens than one decoding of the rows serves (300)."""
     try:
         for qt in _block_path_cases():
             prepared = cpu_fast.prepare(qt)
-            for tokens in (16, 29, 64, 300):
+            for tokens in (2, 3, 8, 11, 15, 16, 29, 64, 300):
                 x = torch.randn(tokens, qt.shape[1])
-                x[3] *= 40  # one token of a much larger step than the others
+                x[tokens // 2] *= 40  # one token of a much larger step than the others
                 assert cpu_fast.prompt_path(path) == path
                 blocks = cpu_fast.product(prepared, x).double()
                 assert cpu_fast.prompt_path("rows") == "rows"

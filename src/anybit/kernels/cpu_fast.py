@@ -104,7 +104,8 @@ def code_path() -> str:
 
 def prompt_path(choice: str | None = None) -> str:
     """How prompts (TILE_MIN_TOKENS tokens or more) multiply: "tiles" (AMX), "registers" (blocks of rows on
-    AVX-512 or AVX2 registers) or "rows" (row by row, as single tokens do). `choice` sets it, within what the
+    AVX-512 or AVX2 registers) or "rows" (row by row, as single tokens do; on AVX-512 it also turns off the
+    blocks of rows that 4-15 tokens multiply in). `choice` sets it, within what the
     build, the CPU and the system allow ("tiles" falls back to "registers" where the tiles are not available,
     both to "rows" on the portable path); None only asks. Returns the path now in use."""
     lib = KERNEL.library()

@@ -27,9 +27,10 @@
  * vpermb and gf2p8affineqb, tables looked up by vpermb/vpermi2b, products by vpdpbusd; AVX2: codes assembled
  * from their part runs, 32 columns at a time, tables of up to 64 entries by pshufb, products by madd_epi16;
  * both multiply prompts of 16 tokens or more in blocks of 16 rows (on AMX tiles where AVX-512 has them; see
- * "Prompts" below); portable C otherwise. All paths compute the same integer dot products, but for the low
- * parts' product on AVX2; the order of float sums differs (the AVX-512 paths multiply the unsigned values and
- * take their bias out with the input's sums, the portable path multiplies value - 128, AVX2 the wide values).
+ * "Prompts" below), and AVX-512 4-15 tokens in transposed blocks of 16 rows ("Few tokens"); portable C
+ * otherwise. All paths compute the same integer dot products, but for the low parts' product on AVX2; the
+ * order of float sums differs (the AVX-512 paths multiply the unsigned values and take their bias out with the
+ * input's sums, the portable path multiplies value - 128, AVX2 the wide values).
  *
  * Vector-coded matrices (anybit/format/vector.py, prepared by anybit/kernels/cpu_vector.py) share the
  * structure, the input rotation, the threads and the decode step, but multiply the float input: each piece of
@@ -1422,6 +1423,169 @@ static void block_products(const anybit_matrix *const *m, int count, const coded
 #endif
     free(buf), free(sums);
 }
+
+#if defined(PATH_AVX512)
+/* Few tokens (4 or 8 .. TILE_MIN_TOKENS - 1: few_tokens) on AVX-512: a block of 16 rows is decoded once (as for
+ * prompts), each of its 16-by-16 units of 4 bytes transposed, so that one register holds the 16 rows' values
+ * of 4 columns, and multiplied with each token's 4 parts of those columns broadcast from the rounded input
+ * (vpdpbusd with a broadcast operand): 16 rows' sums per register and token, FEW_TOKENS tokens per pass. The
+ * row path multiplies few tokens at the speed of one, for it reloads every token's activations for every
+ * row; here one load serves 16 rows, and nothing needs laying in tile order beforehand. The same integer
+ * sums, flushed at the same blocks and in the same order as the register path's. */
+#define FEW_TOKENS 8
+
+/* Whether T tokens multiply in few-token blocks: from 4 tokens where every segment is one block (the row path
+ * flushes such rows' sums to float for every block and token), from 8 where segments are longer (the row path
+ * is as fast below; kernel_ab.py, AMD EPYC, 2026-12-06). */
+static int few_tokens(const anybit_matrix *const *m, int count, int64_t T) {
+    if (T >= TILE_MIN_TOKENS || registers_off) return 0;
+    for (int i = 0; i < count; i++)
+        if (m[i]->vq_codes || T < (m[i]->group_size == BLOCK ? 4 : 8)) return 0;
+    return 1;
+}
+
+/* acc += vpdpbusd(u, the 4 signed bytes at s broadcast to every lane), in place (see dpbusd_in_place). */
+static inline __m512i dpbusd_broadcast(__m512i acc, __m512i u, const int8_t *s) {
+    __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(u), "m"(*(const int32_t *)s));
+    return acc;
+}
+
+/* Each 1 KiB part of the decoded block buffer (16 rows of 16 units of 4 bytes) transposed in place: unit kk
+ * of row q moves to position q of unit row kk. Without tables only the high parts hold values. */
+static void transpose_row_block(uint8_t *buf, int64_t blocks, int tabled) {
+    for (int64_t part = 0; part < 2 * blocks; part += tabled ? 1 : 2) {
+        __m512i *unit = (__m512i *)(buf + part * TILE_BYTES), r[16], t[16];
+        for (int q = 0; q < 16; q++) r[q] = _mm512_load_si512(unit + q);
+        for (int q = 0; q < 16; q += 2)
+            t[q] = _mm512_unpacklo_epi32(r[q], r[q + 1]), t[q + 1] = _mm512_unpackhi_epi32(r[q], r[q + 1]);
+        for (int q = 0; q < 16; q += 4) { /* r[q + j], lane L: unit 4 L + j of rows q .. q + 3 */
+            r[q] = _mm512_unpacklo_epi64(t[q], t[q + 2]), r[q + 1] = _mm512_unpackhi_epi64(t[q], t[q + 2]);
+            r[q + 2] = _mm512_unpacklo_epi64(t[q + 1], t[q + 3]), r[q + 3] = _mm512_unpackhi_epi64(t[q + 1], t[q + 3]);
+        }
+        for (int j = 0; j < 4; j++) {
+            const __m512i even = _mm512_shuffle_i32x4(r[j], r[4 + j], 0x88);
+            const __m512i odd = _mm512_shuffle_i32x4(r[j], r[4 + j], 0xdd);
+            const __m512i even2 = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0x88);
+            const __m512i odd2 = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0xdd);
+            _mm512_store_si512(unit + j, _mm512_shuffle_i32x4(even, even2, 0x88));
+            _mm512_store_si512(unit + 8 + j, _mm512_shuffle_i32x4(even, even2, 0xdd));
+            _mm512_store_si512(unit + 4 + j, _mm512_shuffle_i32x4(odd, odd2, 0x88));
+            _mm512_store_si512(unit + 12 + j, _mm512_shuffle_i32x4(odd, odd2, 0xdd));
+        }
+    }
+}
+
+/* y[t, rows[q]] (q < nrows) for the n tokens t0 .. t0 + n - 1 from the transposed block `buf`; `sc` and `off`
+ * hold the 16 rows' scales and scales times offsets per segment (zeros past nrows). Inlined with n and
+ * `tabled` constant. */
+static inline __attribute__((always_inline)) void few_token_pass(const anybit_matrix *m, const int64_t *rows,
+                                                                 int nrows, const coded_input *in, int64_t t0,
+                                                                 const int n, const int tabled, const uint8_t *buf,
+                                                                 const float *sc, const float *off, float *y) {
+    const int64_t cols = m->cols, groups = cols / m->group_size, group_blocks = m->group_size / BLOCK;
+    __m512 acc[FEW_TOKENS];
+    for (int t = 0; t < n; t++) acc[t] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        const int64_t k1 = (g + 1) * group_blocks;
+        for (int64_t first = g * group_blocks; first < k1; first += FLUSH_BLOCKS) {
+            const int64_t end = first + FLUSH_BLOCKS < k1 ? first + FLUSH_BLOCKS : k1;
+            __m512i a[FEW_TOKENS], bl[FEW_TOKENS];
+            for (int t = 0; t < n; t++) a[t] = bl[t] = _mm512_setzero_si512();
+            for (int64_t k = first; k < end; k++) {
+                const uint8_t *w = buf + k * 2 * TILE_BYTES;
+                const int8_t *x = XQ(in->xq, cols, t0, k);
+#pragma GCC unroll 2
+                for (int kk = 0; kk < 16; kk++) {
+                    const __m512i high = _mm512_load_si512(w + kk * 64);
+                    for (int t = 0; t < n; t++) {
+                        const int8_t *xt = x + 2 * t * cols + 4 * kk;
+                        a[t] = dpbusd_broadcast(a[t], high, xt), bl[t] = dpbusd_broadcast(bl[t], high, xt + BLOCK);
+                    }
+                    if (tabled) {
+                        const __m512i low = _mm512_load_si512(w + TILE_BYTES + kk * 64);
+                        for (int t = 0; t < n; t++) bl[t] = dpbusd_broadcast(bl[t], low, x + 2 * t * cols + 4 * kk);
+                    }
+                }
+            }
+            const __m512 scale = _mm512_loadu_ps(sc + g * TILE);
+            for (int t = 0; t < n; t++) {
+                const __m512 f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(bl[t]), _mm512_set1_ps(1.0f / 256.0f),
+                                                 _mm512_cvtepi32_ps(a[t]));
+                acc[t] = _mm512_fmadd_ps(f, scale, acc[t]);
+            }
+        }
+    }
+    const float low = (float)LOW_BIAS(m); /* nonzero with tables only */
+    for (int t = 0; t < n; t++) {
+        const int64_t blocks = cols / BLOCK;
+        const float *xblock = in->xblock + (t0 + t) * blocks, *hiblock = in->hiblock + (t0 + t) * blocks;
+        const double *xsum = in->xsum + (t0 + t) * (blocks + 1), *hisum = in->hisum + (t0 + t) * (blocks + 1);
+        __m512 total = _mm512_setzero_ps();
+        for (int64_t g = 0; g < groups; g++) {
+            const int64_t k0 = g * group_blocks, k1 = k0 + group_blocks;
+            const float dx = group_blocks == 1 ? xblock[g] : (float)(xsum[k1] - xsum[k0]);
+            total = _mm512_fnmadd_ps(_mm512_loadu_ps(off + g * TILE), _mm512_set1_ps(dx), total);
+            if (tabled) {
+                const float dh = group_blocks == 1 ? hiblock[g] : (float)(hisum[k1] - hisum[k0]);
+                total = _mm512_fnmadd_ps(_mm512_loadu_ps(sc + g * TILE), _mm512_set1_ps(low * dh), total);
+            }
+        }
+        float out[TILE];
+        _mm512_storeu_ps(out, _mm512_fmadd_ps(_mm512_set1_ps(in->step[t0 + t]), acc[t], total));
+        for (int q = 0; q < nrows; q++) y[(t0 + t) * m->rows + rows[q]] = out[q];
+    }
+}
+
+static void few_token_block(const anybit_matrix *m, const int64_t *rows, int nrows, const coded_input *in,
+                            int64_t T, const uint8_t *buf, const float *sc, const float *off, float *y) {
+    for (int64_t t0 = 0; t0 < T; t0 += FEW_TOKENS) {
+        const int n = (int)(T - t0 < FEW_TOKENS ? T - t0 : FEW_TOKENS);
+#define FEW_PASS(m, r, in, t0, N, y)                                                                                   \
+    (m)->tables ? few_token_pass(m, r, nrows, in, t0, N, 1, buf, sc, off, y)                                           \
+                : few_token_pass(m, r, nrows, in, t0, N, 0, buf, sc, off, y)
+        WITH_TOKEN_COUNT(FEW_PASS, m, rows, in, t0, n, y)
+#undef FEW_PASS
+    }
+}
+
+/* The row loop of `products` in blocks of 16 rows for few tokens (called by every thread). */
+static void few_token_products(const anybit_matrix *const *m, int count, const coded_input *const *coded, int64_t T,
+                               float *const *y) {
+    int64_t total = 0, wide = 0, most_groups = 0;
+    for (int i = 0; i < count; i++) {
+        total += (m[i]->rows + TILE - 1) / TILE;
+        wide = m[i]->cols > wide ? m[i]->cols : wide;
+        most_groups = m[i]->cols / m[i]->group_size > most_groups ? m[i]->cols / m[i]->group_size : most_groups;
+    }
+    uint8_t *buf = aligned_alloc(64, (size_t)(wide / BLOCK * 2 * TILE_BYTES));
+    float *sc = malloc(sizeof(float) * (size_t)(2 * most_groups * TILE)), *off = sc + most_groups * TILE;
+#pragma omp for schedule(static)
+    for (int64_t R = 0; R < total; R++) {
+        int i = 0;
+        int64_t r = R;
+        while (r >= (m[i]->rows + TILE - 1) / TILE) r -= (m[i++]->rows + TILE - 1) / TILE;
+        const int64_t *rows = m[i]->order + r * TILE;
+        const int nrows = m[i]->rows - r * TILE < TILE ? (int)(m[i]->rows - r * TILE) : TILE;
+        if (!buf || !sc) { /* no room for this thread's decoded rows: the row path */
+            for (int q = 0; q < nrows; q++)
+                for (int64_t t = 0; t < T; t += MAX_TOKENS)
+                    row_product_n(m[i], rows[q], coded[i], t, (int)(T - t < MAX_TOKENS ? T - t : MAX_TOKENS), y[i]);
+            continue;
+        }
+        const int64_t groups = m[i]->cols / m[i]->group_size;
+        for (int64_t g = 0; g < groups; g++)
+            for (int q = 0; q < TILE; q++) {
+                const int64_t s = rows[q < nrows ? q : 0] * groups + g;
+                sc[g * TILE + q] = q < nrows ? m[i]->scale[s] : 0.0f;
+                off[g * TILE + q] = q < nrows ? m[i]->scale[s] * (float)OFFSET_BIAS(m[i], s) : 0.0f;
+            }
+        decode_row_block(m[i], rows, nrows, buf);
+        transpose_row_block(buf, m[i]->cols / BLOCK, m[i]->tables != NULL);
+        few_token_block(m[i], rows, nrows, coded[i], T, buf, sc, off, y[i]);
+    }
+    free(buf), free(sc);
+}
+#endif
 #endif
 
 /* y[i] (T, rows_i) = x (T, cols) W_iᵀ for `count` matrices sharing x, their outliers and biases included;
@@ -1435,6 +1599,11 @@ static void products(const anybit_matrix *const *m, int count, const float *x, i
 #if defined(PATH_BLOCKS)
     if (block_tokens(T) && in->tiles && !any_vector_coded(m, count))
         block_products(m, count, coded, T, y);
+    else
+#endif
+#if defined(PATH_BLOCKS) && defined(PATH_AVX512)
+    if (few_tokens(m, count, T))
+        few_token_products(m, count, coded, T, y);
     else
 #endif
         row_products(m, count, coded, T, y);
