@@ -840,12 +840,47 @@ static inline __attribute__((always_inline)) void pair_blocks(const uint8_t *wa,
     }
 }
 
+/* Whether every segment of row r has the width of its first. */
+static inline int one_width(const anybit_matrix *m, int64_t r) {
+    const int64_t groups = m->cols / m->group_size;
+    const uint8_t *bits = m->bits + r * groups;
+    for (int64_t g = 1; g < groups; g++)
+        if (bits[g] != bits[0]) return 0;
+    return 1;
+}
+
+/* pair_product's segments where each is one block and all have one width b: the width chosen once per row
+ * rather than once per segment. Inlined with b and `tabled` constant. */
+static inline __attribute__((always_inline)) void pair_one_width(const anybit_matrix *m, int64_t ra, int64_t rb,
+                                                                 const int b, const int tabled,
+                                                                 const coded_input *in, accumulator *acc_a,
+                                                                 accumulator *acc_b) {
+    const int64_t groups = m->cols / BLOCK;
+    const uint8_t *wa = m->codes + m->row_off[ra], *wb = m->codes + m->row_off[rb];
+    const float *scale_a = m->scale + ra * groups, *scale_b = m->scale + rb * groups;
+    for (int64_t g = 0; g < groups; g++, wa += 8 * b, wb += 8 * b) {
+        const uint8_t *ta = tabled ? m->tables + m->table_off[ra * groups + g] : NULL;
+        const uint8_t *tb = tabled ? m->tables + m->table_off[rb * groups + g] : NULL;
+        pair_blocks(wa, wb, b, tabled, ta, tb, scale_a[g], scale_b[g], 1, in->xq + 2 * g * BLOCK, acc_a, acc_b);
+    }
+}
+
 /* row_product for two rows whose segments have the same widths (see pairs), token 0 alone. */
 static void pair_product(const anybit_matrix *m, int64_t ra, int64_t rb, const coded_input *in, float *y) {
     const int64_t groups = m->cols / m->group_size, group_blocks = m->group_size / BLOCK;
     const float total_a = -row_bias(m, ra, in, 0), total_b = -row_bias(m, rb, in, 0);
     accumulator acc_a = ACC_ZERO, acc_b = ACC_ZERO;
     const uint8_t *wa = m->codes + m->row_off[ra], *wb = m->codes + m->row_off[rb];
+    if (group_blocks == 1 && one_width(m, ra)) {
+#define ONE_WIDTH(B)                                                                                                   \
+    m->tables ? pair_one_width(m, ra, rb, B, 1, in, &acc_a, &acc_b)                                                    \
+              : pair_one_width(m, ra, rb, B, 0, in, &acc_a, &acc_b)
+        WITH_WIDTH(m->bits[ra * groups], ONE_WIDTH)
+#undef ONE_WIDTH
+        y[ra] = total_a + in->step[0] * acc_sum(acc_a);
+        y[rb] = total_b + in->step[0] * acc_sum(acc_b);
+        return;
+    }
     for (int64_t g = 0; g < groups; g++) {
         const int64_t sa_ = ra * groups + g, sb_ = rb * groups + g, k0 = g * group_blocks;
         const uint8_t *ta = m->tables ? m->tables + m->table_off[sa_] : NULL;
