@@ -189,6 +189,22 @@ def _block_path_cases() -> list[QuantizedTensor]:
     ]
 
 
+def test_few_tokens_take_blocks_of_rows_where_they_pay() -> None:
+    """On AVX-512, 4-15 tokens of one-block segments and 8-15 of longer ones multiply in few-token blocks; one
+    token and the paths turned off take rows."""
+    if cpu_fast.code_path() != "avx512":
+        pytest.skip("few-token blocks are an AVX-512 path")
+    grid, codebook = (cpu_fast.prepare(qt) for qt in _block_path_cases()[2::-2])
+    assert [cpu_fast.token_path(grid, t) for t in (1, 3, 4, 15)] == ["rows", "rows", "few", "few"]
+    assert [cpu_fast.token_path(codebook, t) for t in (4, 7, 8, 15)] == ["rows", "rows", "few", "few"]
+    assert cpu_fast.token_path(grid, 16) in ("registers", "tiles")
+    try:
+        assert cpu_fast.prompt_path("rows") == "rows"
+        assert cpu_fast.token_path(grid, 8) == "rows"
+    finally:
+        cpu_fast.prompt_path("tiles")
+
+
 def _check_block_path(path: str) -> None:
     """Prompts and few tokens in blocks of rows on `path` against the row path: per-row and group codebooks,
     grids, partial blocks of rows (45, 30, 33) and of tokens (29; few tokens: 3 and 11 in passes of 8), more

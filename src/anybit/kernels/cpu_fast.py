@@ -89,6 +89,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.anybit_fast_rows.argtypes = [ctypes.POINTER(Matrix), _P, _I, _P]
     lib.anybit_fast_prompt_path.restype = ctypes.c_int
     lib.anybit_fast_prompt_path.argtypes = [ctypes.c_int]
+    lib.anybit_fast_token_path.restype = ctypes.c_int
+    lib.anybit_fast_token_path.argtypes = [ctypes.POINTER(Matrix), _I]
     lib.anybit_vector_dequantize.restype = None
     lib.anybit_vector_dequantize.argtypes = [ctypes.POINTER(Matrix), _P, ctypes.c_int]
 
@@ -360,6 +362,15 @@ def product(prepared, x: torch.Tensor) -> torch.Tensor:
         return _vector_layout().product(prepared, x)
     check_cpu_input(x, prepared.qt.shape[1])
     return matmul(prepared.matrix(), x)
+
+
+TOKEN_PATHS = ("rows", "few", "registers", "tiles")
+
+
+def token_path(prepared: FastPrepared, tokens: int) -> str:
+    """How `tokens` tokens multiply with this matrix: one of TOKEN_PATHS ("few": blocks of rows for 4-15
+    tokens on AVX-512; "registers", "tiles": see `prompt_path`)."""
+    return TOKEN_PATHS[KERNEL.library().anybit_fast_token_path(ctypes.byref(prepared.matrix()), tokens)]
 
 
 def matmul(matrix: Matrix, x: torch.Tensor) -> torch.Tensor:

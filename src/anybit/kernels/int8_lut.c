@@ -1674,6 +1674,20 @@ static void products(const anybit_matrix *const *m, int count, const float *x, i
     }
 }
 
+/* Which path `tokens` tokens of m take: 0 row by row, 1 few-token blocks of rows, 2 blocks of rows on
+ * registers, 3 on AMX tiles (as `products` chooses, when its scratch can be allocated). */
+int anybit_fast_token_path(const anybit_matrix *m, int64_t tokens) {
+    init_tables();
+#if defined(PATH_BLOCKS)
+    if (block_tokens(tokens) && !m->vq_codes) return amx_state > 0 ? 3 : 2;
+#if defined(PATH_AVX512)
+    if (few_tokens(&m, 1, tokens)) return 1;
+#endif
+#endif
+    (void)m, (void)tokens;
+    return 0;
+}
+
 /* y (tokens, rows) = x (tokens, cols) Wᵀ on `threads` threads. Returns 0, or -1 when the scratch for the
  * rounded input cannot be allocated. */
 int anybit_fast_matmul(const anybit_matrix *m, const float *x, int64_t tokens, float *y, int threads) {
