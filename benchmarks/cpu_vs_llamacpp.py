@@ -126,6 +126,14 @@ def timed(command: list[str], threads: int, isa: str = "native") -> tuple[str, f
     return done.stdout, int(peak.split("=")[1]) / 1024
 
 
+def gguf_linear_bits(path: Path) -> float:
+    """Bits per weight of a GGUF's decoder linears (every 2-D `blk.*.weight`), as stored."""
+    import gguf
+
+    linears = [t for t in gguf.GGUFReader(path).tensors if t.name.startswith("blk.") and len(t.shape) == 2]
+    return 8 * sum(int(t.n_bytes) for t in linears) / sum(int(t.n_elements) for t in linears)
+
+
 def llama_bench(bin_dir: Path, gguf: Path, threads: int) -> dict:
     out, peak = timed([str(bin_dir / "llama-bench"), "-m", str(gguf), "-p", "64", "-n", "128", "-t", str(threads),
                        "-b", "64", "-o", "json"], threads)  # fmt: skip
@@ -133,7 +141,8 @@ def llama_bench(bin_dir: Path, gguf: Path, threads: int) -> dict:
     prefill = next(r for r in rows if r["n_prompt"] and not r["n_gen"])
     decode = next(r for r in rows if r["n_gen"] and not r["n_prompt"])
     return {"prefill_tokens_per_s": prefill["avg_ts"], "decode_tokens_per_s": decode["avg_ts"],
-            "peak_rss_mb": peak, "file_bytes": gguf.stat().st_size}  # fmt: skip
+            "peak_rss_mb": peak, "file_bytes": gguf.stat().st_size,
+            "linear_bits_per_weight": gguf_linear_bits(gguf)}  # fmt: skip
 
 
 def anybit_bench(model: str, threads: int, options: list[str] = (), isa: str = "native") -> dict:
