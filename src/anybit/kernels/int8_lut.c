@@ -1396,6 +1396,23 @@ static void amx_row_block(const anybit_matrix *m, const int64_t *rows, int nrows
 
 #define CHUNK_GROUPS 16 /* token groups multiplied per decoding of a block of rows: their input tiles stay in L2 */
 
+/* Block R of the blocks of 16 rows of `m` (every matrix's blocks in turn): its matrix, rows and row count. */
+static int row_block(const anybit_matrix *const *m, int64_t R, const int64_t **rows, int *nrows) {
+    int i = 0;
+    while (R >= (m[i]->rows + TILE - 1) / TILE) R -= (m[i++]->rows + TILE - 1) / TILE;
+    *rows = m[i]->order + R * TILE;
+    *nrows = m[i]->rows - R * TILE < TILE ? (int)(m[i]->rows - R * TILE) : TILE;
+    return i;
+}
+
+/* Tokens t0 .. t1 - 1 of a block of rows on the row path: where a thread has no room for its decoded rows. */
+static void block_by_rows(const anybit_matrix *m, const int64_t *rows, int nrows, const coded_input *in, int64_t t0,
+                          int64_t t1, float *y) {
+    for (int q = 0; q < nrows; q++)
+        for (int64_t t = t0; t < t1; t += MAX_TOKENS)
+            row_product_n(m, rows[q], in, t, (int)(t1 - t < MAX_TOKENS ? t1 - t : MAX_TOKENS), y);
+}
+
 /* The row loop of `products` in blocks of 16 rows, for T >= TILE_MIN_TOKENS tokens (called by every thread):
  * on AMX tiles where in use, else on registers; the rows decoded again for every CHUNK_GROUPS token groups. */
 static void block_products(const anybit_matrix *const *m, int count, const coded_input *const *coded, int64_t T,
@@ -1430,17 +1447,11 @@ static void block_products(const anybit_matrix *const *m, int count, const coded
         const int64_t t0 = tg0 * TILE, t1 = tg1 * TILE < T ? tg1 * TILE : T;
 #pragma omp for schedule(static)
         for (int64_t R = 0; R < total; R++) {
-            int i = 0;
-            int64_t r = R;
-            while (r >= (m[i]->rows + TILE - 1) / TILE) r -= (m[i++]->rows + TILE - 1) / TILE;
-            const int64_t *rows = m[i]->order + r * TILE;
-            const int nrows = m[i]->rows - r * TILE < TILE ? (int)(m[i]->rows - r * TILE) : TILE;
-            if (!buf) { /* no room for this thread's decoded rows: the row path */
-                for (int q = 0; q < nrows; q++)
-                    for (int64_t t = t0; t < t1; t += MAX_TOKENS) {
-                        const int n = (int)(t1 - t < MAX_TOKENS ? t1 - t : MAX_TOKENS);
-                        row_product_n(m[i], rows[q], coded[i], t, n, y[i]);
-                    }
+            const int64_t *rows;
+            int nrows;
+            const int i = row_block(m, R, &rows, &nrows);
+            if (!buf) {
+                block_by_rows(m[i], rows, nrows, coded[i], t0, t1, y[i]);
                 continue;
             }
             decode_row_block(m[i], rows, nrows, buf);
@@ -1593,21 +1604,18 @@ static void few_token_products(const anybit_matrix *const *m, int count, const c
         most_groups = m[i]->cols / m[i]->group_size > most_groups ? m[i]->cols / m[i]->group_size : most_groups;
     }
     uint8_t *buf = aligned_alloc(64, (size_t)(wide / BLOCK * 2 * TILE_BYTES));
-    float *sc = malloc(sizeof(float) * (size_t)(2 * most_groups * TILE)), *off = sc + most_groups * TILE;
+    float *sc = malloc(sizeof(float) * (size_t)(2 * most_groups * TILE));
 #pragma omp for schedule(static)
     for (int64_t R = 0; R < total; R++) {
-        int i = 0;
-        int64_t r = R;
-        while (r >= (m[i]->rows + TILE - 1) / TILE) r -= (m[i++]->rows + TILE - 1) / TILE;
-        const int64_t *rows = m[i]->order + r * TILE;
-        const int nrows = m[i]->rows - r * TILE < TILE ? (int)(m[i]->rows - r * TILE) : TILE;
-        if (!buf || !sc) { /* no room for this thread's decoded rows: the row path */
-            for (int q = 0; q < nrows; q++)
-                for (int64_t t = 0; t < T; t += MAX_TOKENS)
-                    row_product_n(m[i], rows[q], coded[i], t, (int)(T - t < MAX_TOKENS ? T - t : MAX_TOKENS), y[i]);
+        const int64_t *rows;
+        int nrows;
+        const int i = row_block(m, R, &rows, &nrows);
+        if (!buf || !sc) {
+            block_by_rows(m[i], rows, nrows, coded[i], 0, T, y[i]);
             continue;
         }
         const int64_t groups = m[i]->cols / m[i]->group_size;
+        float *off = sc + most_groups * TILE;
         for (int64_t g = 0; g < groups; g++)
             for (int q = 0; q < TILE; q++) {
                 const int64_t s = rows[q < nrows ? q : 0] * groups + g;
