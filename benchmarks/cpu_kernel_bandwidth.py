@@ -165,6 +165,7 @@ def main() -> None:
     bandwidth = read_bandwidth(args.rounds)
     roof = dot_roof(args.rounds)
     count = max(1, args.weights // (SIDE * SIDE))
+    weights = count * SIDE * SIDE
     for name, make in LAYOUTS.items():
         if args.layouts and not any(name.startswith(p) for p in args.layouts.split(",")):
             continue
@@ -181,7 +182,6 @@ def main() -> None:
                     cpu_fast.product(m, x)
                 seconds.append(time.perf_counter() - start)
             median = statistics.median(seconds[1:])
-            weights = count * SIDE * SIDE
             roof_fraction = None
             if roof and per_weight:  # the products alone, at the roof: weights/s times bytes per weight
                 roof_fraction = roof * 1e9 / (batch * per_weight) * (read / weights) / (bandwidth * 1e9)

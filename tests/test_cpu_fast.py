@@ -194,7 +194,7 @@ def test_few_tokens_take_blocks_of_rows_where_they_pay() -> None:
     token and the paths turned off take rows."""
     if cpu_fast.code_path() != "avx512":
         pytest.skip("few-token blocks are an AVX-512 path")
-    grid, codebook = (cpu_fast.prepare(qt) for qt in _block_path_cases()[2::-2])
+    codebook, _, grid = (cpu_fast.prepare(qt) for qt in _block_path_cases())  # per-row codebooks; g64 grids
     assert [cpu_fast.token_path(grid, t) for t in (1, 3, 4, 15)] == ["rows", "rows", "few", "few"]
     assert [cpu_fast.token_path(codebook, t) for t in (4, 7, 8, 15)] == ["rows", "rows", "few", "few"]
     assert cpu_fast.token_path(grid, 16) in ("registers", "tiles")

@@ -877,31 +877,29 @@ static void pair_product(const anybit_matrix *m, int64_t ra, int64_t rb, const c
               : pair_one_width(m, ra, rb, B, 0, in, &acc_a, &acc_b)
         WITH_WIDTH(m->bits[ra * groups], ONE_WIDTH)
 #undef ONE_WIDTH
-        y[ra] = total_a + in->step[0] * acc_sum(acc_a);
-        y[rb] = total_b + in->step[0] * acc_sum(acc_b);
-        return;
-    }
-    for (int64_t g = 0; g < groups; g++) {
-        const int64_t sa_ = ra * groups + g, sb_ = rb * groups + g, k0 = g * group_blocks;
-        const uint8_t *ta = m->tables ? m->tables + m->table_off[sa_] : NULL;
-        const uint8_t *tb = m->tables ? m->tables + m->table_off[sb_] : NULL;
-        const float sa = m->scale[sa_], sb = m->scale[sb_];
-        const int8_t *xq = in->xq + 2 * k0 * BLOCK;
-        const int b = m->bits[sa_];
+    } else {
+        for (int64_t g = 0; g < groups; g++) {
+            const int64_t sa_ = ra * groups + g, sb_ = rb * groups + g, k0 = g * group_blocks;
+            const uint8_t *ta = m->tables ? m->tables + m->table_off[sa_] : NULL;
+            const uint8_t *tb = m->tables ? m->tables + m->table_off[sb_] : NULL;
+            const float sa = m->scale[sa_], sb = m->scale[sb_];
+            const int8_t *xq = in->xq + 2 * k0 * BLOCK;
+            const int b = m->bits[sa_];
 #define PAIR_OF(B, NBLOCKS)                                                                                           \
     ta ? pair_blocks(wa, wb, B, 1, ta, tb, sa, sb, NBLOCKS, xq, &acc_a, &acc_b)                                       \
        : pair_blocks(wa, wb, B, 0, NULL, NULL, sa, sb, NBLOCKS, xq, &acc_a, &acc_b)
 #define PAIR(B) PAIR_OF(B, group_blocks)
 #define PAIR_ONE_BLOCK(B) PAIR_OF(B, 1)
-        if (group_blocks == 1) {
-            WITH_WIDTH(b, PAIR_ONE_BLOCK)
-        } else {
-            WITH_WIDTH(b, PAIR)
-        }
+            if (group_blocks == 1) {
+                WITH_WIDTH(b, PAIR_ONE_BLOCK)
+            } else {
+                WITH_WIDTH(b, PAIR)
+            }
 #undef PAIR_OF
 #undef PAIR
 #undef PAIR_ONE_BLOCK
-        wa += group_blocks * 8 * b, wb += group_blocks * 8 * b;
+            wa += group_blocks * 8 * b, wb += group_blocks * 8 * b;
+        }
     }
     y[ra] = total_a + in->step[0] * acc_sum(acc_a);
     y[rb] = total_b + in->step[0] * acc_sum(acc_b);
@@ -1631,6 +1629,24 @@ static void few_token_products(const anybit_matrix *const *m, int count, const c
 #endif
 #endif
 
+#define TOKENS_ROWS 0
+#define TOKENS_FEW 1
+#define TOKENS_REGISTERS 2
+#define TOKENS_TILES 3
+
+/* Which path T tokens of `count` matrices sharing an input take (as `products` chooses, when its scratch can be
+ * allocated): row by row, few-token blocks of rows, or blocks of rows on registers or on AMX tiles. */
+static int token_path(const anybit_matrix *const *m, int count, int64_t T) {
+#if defined(PATH_BLOCKS)
+    if (block_tokens(T) && !any_vector_coded(m, count)) return amx_state > 0 ? TOKENS_TILES : TOKENS_REGISTERS;
+#if defined(PATH_AVX512)
+    if (few_tokens(m, count, T)) return TOKENS_FEW;
+#endif
+#endif
+    (void)m, (void)count, (void)T;
+    return TOKENS_ROWS;
+}
+
 /* y[i] (T, rows_i) = x (T, cols) W_iᵀ for `count` matrices sharing x, their outliers and biases included;
  * called by every thread of a parallel region: a prompt in blocks of rows (block_products), else row by row. */
 static void products(const anybit_matrix *const *m, int count, const float *x, int64_t T, float *const *y,
@@ -1639,13 +1655,15 @@ static void products(const anybit_matrix *const *m, int count, const float *x, i
     for (int i = 0; i < count; i++) coded[i] = shares_input(m, i) ? in : in + i;
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < T; t++) code_token(m, count, x, t, in);
+    const int path = token_path(m, count, T);
+    (void)path; /* the portable build has only rows */
 #if defined(PATH_BLOCKS)
-    if (block_tokens(T) && in->tiles && !any_vector_coded(m, count))
+    if (path >= TOKENS_REGISTERS && in->tiles)
         block_products(m, count, coded, T, y);
     else
 #endif
 #if defined(PATH_BLOCKS) && defined(PATH_AVX512)
-    if (few_tokens(m, count, T))
+    if (path == TOKENS_FEW)
         few_token_products(m, count, coded, T, y);
     else
 #endif
@@ -1682,18 +1700,10 @@ static void products(const anybit_matrix *const *m, int count, const float *x, i
     }
 }
 
-/* Which path `tokens` tokens of m take: 0 row by row, 1 few-token blocks of rows, 2 blocks of rows on
- * registers, 3 on AMX tiles (as `products` chooses, when its scratch can be allocated). */
+/* token_path for one matrix: TOKENS_ROWS, TOKENS_FEW, TOKENS_REGISTERS or TOKENS_TILES. */
 int anybit_fast_token_path(const anybit_matrix *m, int64_t tokens) {
     init_tables();
-#if defined(PATH_BLOCKS)
-    if (block_tokens(tokens) && !m->vq_codes) return amx_state > 0 ? 3 : 2;
-#if defined(PATH_AVX512)
-    if (few_tokens(&m, 1, tokens)) return 1;
-#endif
-#endif
-    (void)m, (void)tokens;
-    return 0;
+    return token_path(&m, 1, tokens);
 }
 
 /* y (tokens, rows) = x (tokens, cols) Wᵀ on `threads` threads. Returns 0, or -1 when the scratch for the
