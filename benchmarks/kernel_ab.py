@@ -33,6 +33,12 @@ from cpu_kernel_bandwidth import LAYOUTS, SIDE, _copies
 SOURCE = "src/anybit/kernels/int8_lut.c"
 
 
+def matrix_struct(source: str) -> str:
+    """The text of `anybit_matrix`'s definition in a kernel source."""
+    end = source.index("} anybit_matrix;")
+    return source[source.rindex("typedef struct {", 0, end) : end]
+
+
 def load(kernel: build.CompiledKernel) -> ctypes.CDLL:
     lib = kernel.library()
     if isinstance(lib, str):
@@ -98,6 +104,9 @@ def main() -> None:
     old_text = subprocess.run(["git", "show", f"{args.old}:{SOURCE}"], cwd=root, capture_output=True, text=True)
     if old_text.returncode:
         raise SystemExit(f"git show {args.old}:{SOURCE} failed: {old_text.stderr.strip()}")
+    if args.model and matrix_struct(old_text.stdout) != matrix_struct((root / SOURCE).read_text()):
+        # products take a pointer and read what they know of the structure; the decoder's layers hold it by value
+        raise SystemExit(f"--model: anybit_matrix differs between {args.old} and the working tree")
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as scratch:
         old_source = Path(scratch, Path(SOURCE).name)

@@ -39,14 +39,15 @@ def isa(request, monkeypatch):
 def _rounding_bound(prepared: cpu_fast.FastPrepared, x: torch.Tensor) -> torch.Tensor:
     """Per output, the largest |kernel − exact| the roundings allow: Σ|w|·δx + Σ|x|·δw + Σ δx·δw + Σ|x_lo|·|w_lo|,
     with δx the step of each token's low part (max|x| / 127 / 256: half a step of rounding, or a step where
-    the low part clamps), δw likewise the step of each codebook's low table (scale / 256; uniform grids are
-    exact), the last term the product of the two low parts that most paths leave out; plus float32 summation
-    slack."""
+    the low part clamps), δw likewise the step of each codebook's low table (scale / 256), or half the step of
+    its int8 table where it has no low part (uniform grids are exact), the last term the product of the two low
+    parts that most paths leave out; plus float32 summation slack."""
     qt = prepared.qt
     xs = coded_input(x, qt.perm, qt.col_scale).double()
     dx = (xs.abs().amax(dim=1, keepdim=True) / 127 / 256).expand_as(xs)
     coded = cpu_fast.rounded_weight(prepared).double().abs()
-    dw = torch.zeros_like(coded) if qt.kind == "uniform" else _per_column(prepared, prepared.scale.double() / 256)
+    table_step = prepared.scale.double() * (0.5 if prepared.high_only else 1 / 256)
+    dw = torch.zeros_like(coded) if qt.kind == "uniform" else _per_column(prepared, table_step)
     return dx @ coded.t() + xs.abs() @ dw.t() + dx @ dw.t() + _low_product(prepared, x) + _float_slack(prepared, x)
 
 
@@ -71,7 +72,12 @@ def _float_slack(prepared: cpu_fast.FastPrepared, x: torch.Tensor) -> torch.Tens
 
 
 def _check(qt: QuantizedTensor) -> None:
-    prepared = cpu_fast.prepare(qt)
+    for tables in cpu_fast.TABLES:
+        _check_tables(cpu_fast.prepare(qt, tables))
+
+
+def _check_tables(prepared: cpu_fast.FastPrepared) -> None:
+    qt = prepared.qt
     # one pass, a full pass of eight, a second, partial pass; prompts: one group of 16 tokens, then three, the
     # last partial (on AMX tiles where the CPU has them)
     for tokens in (1, 3, 8, 13, 16, 37):
@@ -163,7 +169,8 @@ def test_same_result_whatever_the_thread_count() -> None:
 
 def test_paired_rows_give_what_single_rows_give(isa: str) -> None:
     """One token multiplies two rows of the same widths at a time; two tokens on the row path take rows one by
-    one, with the same sums: the results are equal, bit for bit."""
+    one, with the same integer sums: the results differ only by the order of the last float sums (the paired
+    rows' lanes are added up sixteen rows at a time)."""
     torch.manual_seed(6)
     cases = [
         codebook_tensor(49, 192, 192, (1, 3, 5, 8)),  # an odd row left over; pairs across two widths do not pair
@@ -175,7 +182,8 @@ def test_paired_rows_give_what_single_rows_give(isa: str) -> None:
         x = torch.randn(1, qt.shape[1])
         try:
             assert cpu_fast.prompt_path("rows") == "rows"
-            assert torch.equal(cpu_fast.product(prepared, x), cpu_fast.product(prepared, x.repeat(2, 1))[:1])
+            rows = cpu_fast.product(prepared, x.repeat(2, 1))[:1]
+            torch.testing.assert_close(cpu_fast.product(prepared, x), rows, rtol=0, atol=1e-5 * rows.abs().max())
         finally:
             cpu_fast.prompt_path("tiles")
 
@@ -288,3 +296,20 @@ def test_quant_linear_picks_fast_then_exact_then_reference() -> None:
     assert layer.backend("cpu") == narrow.backend("cpu") == "reference"
     with pytest.raises(ValueError, match="kernel must be one of"):
         set_kernel(model, "fastest")
+
+
+def test_the_tables_asked_for_are_the_tables_multiplied() -> None:
+    """int8 tables (the default) leave the low parts out where the code path has them (not AVX2, whose tables are
+    12-bit integers); asking a model for the other kind prepares its layers again."""
+    torch.manual_seed(8)
+    layer = QuantLinear(codebook_tensor(16, 128, 128, (3, 4)))
+    layer.kernel = "fast"
+    x = torch.randn(1, 128)
+    assert layer.prepared("fast").high_only == (cpu_fast.code_path() != "avx2")
+    set_kernel(layer, "fast", "int16")
+    assert not layer.prepared("fast").high_only
+    parts = cpu_fast.weight_parts(layer.prepared("fast"))
+    torch.testing.assert_close(layer(x), cpu_fast.emulate(layer.prepared("fast"), x).float(), rtol=1e-5, atol=1e-5)
+    assert cpu_fast.code_path() == "avx2" or bool(parts[1].abs().sum() > 0)  # two parts: the low ones count
+    with pytest.raises(ValueError, match="tables must be one of"):
+        set_kernel(layer, "fast", "int4")

@@ -269,10 +269,10 @@ def test_generate_and_bench_run_native_by_default(tiny_tokenizer, corpus_file, t
     assert result["loader"] == "native"  # no transformers model code for a served directory
     assert result["kernel_bytes"] > 0 and result["head_bits_per_weight"] > 8
     bench = runner.invoke(main, ["bench", quantized, "--json", "--prompt-tokens", "8", "--new-tokens", "4",
-                                 "--repeats", "1", "--dec", "8"])  # fmt: skip
+                                 "--repeats", "1", "--dec", "8", "--tables", "int16"])  # fmt: skip
     assert bench.exit_code == 0, bench.output
     result = json.loads(bench.stdout.strip().splitlines()[-1])
-    assert (result["decoder"], result["loader"], result["dec"]) == ("native", "native", 8)
+    assert (result["decoder"], result["loader"], result["dec"], result["tables"]) == ("native", "native", 8, "int16")
 
 
 @SERVED

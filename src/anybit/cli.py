@@ -22,6 +22,7 @@ from anybit.config import (
     option_users,
 )
 from anybit.errors import AnybitError
+from anybit.kernels.cpu_fast import TABLES
 from anybit.methods import METHODS
 from anybit.options import Option
 from anybit.quant.groups import DEFAULT_GROUP
@@ -313,7 +314,7 @@ def _dec_note(plan: object, static: bool, score: str) -> str:
 
 
 def _runtime_options(kernel: str, head: str, decoder: bool):
-    """--kernel and --head (and --decoder): how a loaded model runs (`pipeline.configure_runtime`)."""
+    """--kernel, --head and --tables (and --decoder): how a loaded model runs (`pipeline.configure_runtime`)."""
 
     def apply(f):
         options = [
@@ -332,6 +333,14 @@ def _runtime_options(kernel: str, head: str, decoder: bool):
                 show_default=True,
                 help="A quantized directory's embedding and output head: packed to 8 bits per weight (one "
                 "grid per row), or as stored.",
+            ),
+            click.option(
+                "--tables",
+                type=click.Choice(TABLES),
+                default="int8",
+                show_default=True,
+                help="The fast kernel's codebook tables: each entry one int8 (fewer products per weight), or "
+                "two int8 parts (AVX2: 12-bit entries either way).",
             ),
         ]
         if decoder:
@@ -387,7 +396,7 @@ def eval_cmd(model: str, kl: bool, reference: str | None, as_json: bool, **kwarg
         out["bits_per_weight"] = loaded.quant_info["bits_per_weight"]
         out["method"] = loaded.quant_info["method"]
     if kwargs["kernel"] != "exact" or kwargs["head"] != "dense":
-        out.update(kernel=kwargs["kernel"], head=kwargs["head"])
+        out.update(kernel=kwargs["kernel"], head=kwargs["head"], tables=kwargs["tables"])
     if kwargs["dec"] is not None:
         out["dec"] = kwargs["dec"].to_json()
         out["dec_static"] = kwargs["dec_static"]
@@ -450,6 +459,7 @@ def generate(
     dec_score: str,
     kernel: str,
     head: str,
+    tables: str,
     decoder: str,
 ) -> None:
     """Generate text with MODEL (a model spec or a quantized DIR), streaming it to stdout."""
@@ -467,7 +477,7 @@ def generate(
     native = decoder == "native" and not dense_cache
     loaded, _ = _load_to_decode(model, torch.float32, head, kernel, device, native)
     loaded.model.to(device)
-    configure_runtime(loaded, kernel, head)
+    configure_runtime(loaded, kernel, head, tables)
     dec_context = dec_compensation(loaded, dec, dec_static, dec_score)
     native = decoder == "native" and not dense_cache
     with dense_weights(loaded.model) if dense_cache else nullcontext(), dec_context:
@@ -503,6 +513,7 @@ def bench(
     dec_score: str,
     kernel: str,
     head: str,
+    tables: str,
     decoder: str,
 ) -> None:
     """Prefill and decode speed of MODEL (a model spec or a quantized DIR), batch 1 with a KV cache."""
@@ -521,14 +532,14 @@ def bench(
     torch_dtype = getattr(torch, compute_dtype(dtype, device))
     loaded, loader = _load_to_decode(model, torch_dtype, head, kernel, device, native, tokenizer=False)
     loaded.model.to(device)
-    head_info = configure_runtime(loaded, kernel, head)
+    head_info = configure_runtime(loaded, kernel, head, tables)
     dec_context = dec_compensation(loaded, dec, dec_static, dec_score)
     with dense_weights(loaded.model) if dense_cache else nullcontext(), dec_context:
         result = decode_speed(
             loaded.model, prompt_tokens, new_tokens, repeats, device, cuda_graph=cuda_graph,
             decoder="eager" if dense_cache else decoder,
         )  # fmt: skip
-    out = {"model": model, **result.to_dict(), "dense_cache": dense_cache, "kernel": kernel}
+    out = {"model": model, **result.to_dict(), "dense_cache": dense_cache, "kernel": kernel, "tables": tables}
     out["loader"] = loader
     out.update(head=head_info.kind, head_bits_per_weight=head_info.bits_per_weight, head_weights=head_info.weights)
     out.update(dec=None if dec is None else dec.to_json(), dec_static=dec_static, dec_score=dec_score)

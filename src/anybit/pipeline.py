@@ -192,10 +192,11 @@ def _calibration(tokenizer, model: torch.nn.Module, config: QuantConfig) -> torc
     return calibration_windows(ids, config.nsamples, config.seqlen, config.seed)
 
 
-def configure_runtime(loaded: LoadedModel, kernel: str = "auto", head: str = "dense") -> HeadInfo:
-    """Ask every quantized linear for `kernel` (`runtime.qlinear.KERNELS`) and, for a quantized directory
-    with `head="int8"`, pack its embedding and output head to 8 bits (`runtime.head`); what the head holds."""
-    set_kernel(loaded.model, kernel)
+def configure_runtime(loaded: LoadedModel, kernel: str = "auto", head: str = "dense", tables: str = "int8") -> HeadInfo:
+    """Ask every quantized linear for `kernel` (`runtime.qlinear.KERNELS`) with the fast kernel's `tables`
+    (`kernels.cpu_fast.TABLES`) and, for a quantized directory with `head="int8"`, pack its embedding and
+    output head to 8 bits (`runtime.head`); what the head holds."""
+    set_kernel(loaded.model, kernel, tables)
     info = quantize_head(loaded.model, head if loaded.kind == "quantized" else "dense")
     return_freed_memory()  # the dense embedding, just replaced
     return info
@@ -215,15 +216,16 @@ def evaluate_spec(
     dec_score: str = "activation",
     kernel: str = "exact",
     head: str = "dense",
+    tables: str = "int8",
 ) -> EvalResult:
     """Perplexity of a loaded model on a corpus (and KL/top-1 against `reference` if given).
 
     `dec` (a k_chunk or a `DecPlan`) turns on dynamic error compensation from the directory's stored
-    residuals. `kernel` and `head` choose the runtime (`configure_runtime`): by default the exact products
-    and the stored head, so that figures measure the quantization alone.
+    residuals. `kernel`, `head` and `tables` choose the runtime (`configure_runtime`): by default the exact
+    products and the stored head, so that figures measure the quantization alone.
     """
     check_device(device)
-    configure_runtime(loaded, kernel, head)
+    configure_runtime(loaded, kernel, head, tables)
     torch_dtype = getattr(torch, compute_dtype(dtype, device))
     windows = eval_windows(corpus_ids(loaded, dataset), seqlen, max_windows)
     model = loaded.model.to(device=device, dtype=torch_dtype)

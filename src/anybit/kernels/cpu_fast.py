@@ -43,6 +43,7 @@ BLOCK = 64  # columns per block of codes and of rounded activations
 TABLE_PAD = 256  # the widest lookup reads four 64-byte registers from a table's start
 RELAY_BYTES = 1 << 18  # stored bytes re-laid at once: unpacking them makes temporaries about 40 times as large
 TILE_MIN_TOKENS = 16  # inputs this long multiply in blocks of rows where the build has them (int8_lut.c)
+TABLES = ("int8", "int16")  # a codebook table's entries: one int8 part, or two (`_segment_tables`)
 PROMPT_PATHS = ("rows", "registers", "tiles")  # PROMPT_ROWS, PROMPT_REGISTERS, PROMPT_TILES in int8_lut.c
 # AVX2 tables: entries as integers of at most 12 bits, so that 32 products with the int16 activations (at most
 # 32639) sum in int32: 32 · 2047 · 32639 < 2^31 (int8_lut.c's ROW_FLUSH and register_chunk)
@@ -63,7 +64,7 @@ class Matrix(ctypes.Structure):
         ("dec_codes", _P), ("dec_scales", _P), ("dec_weight", _P), ("dec_fixed", _P), ("dec_row_bytes", _I),
         ("dec_k_chunk", _I), ("dec_n_fixed", _I), ("rot_signs", _P), ("rot_mix", _P), ("rot_m", _I),
         ("vq_codes", _P), ("vq_table", _P), ("vq_scale", _P), ("vq_bits", _I), ("vq_row_bytes", _I),
-        ("vq_slot_shift", _I), ("vq_dim", _I),
+        ("vq_slot_shift", _I), ("vq_dim", _I), ("high_only", _I),
     ]  # fmt: skip
 
 
@@ -176,6 +177,7 @@ class FastPrepared(PreparedMatrix):
     col_scale: torch.Tensor | None  # float32: the scaling vector
     outliers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # int64 rows, int64 columns, float32 deltas
     owns_codes: bool = True  # False: `codes` is the stored stream itself (one width, read as stored)
+    high_only: bool = False  # the low tables hold zero parts, which the one-token products skip (int8 tables)
 
     def nbytes(self) -> int:
         """Bytes the kernel holds besides the stored tensors: the re-laid codes (unless it reads the stored
@@ -192,7 +194,7 @@ class FastPrepared(PreparedMatrix):
             offset=self.offset.data_ptr(), scale=self.scale.data_ptr(), rows=self.qt.shape[0], cols=self.qt.shape[1],
             group_size=self.qt.group_size, perm=_pointer(self.perm), col_scale=_pointer(self.col_scale),
             n_outliers=0 if rows is None else rows.numel(), outlier_rows=_pointer(rows), outlier_cols=_pointer(cols),
-            outlier_deltas=_pointer(deltas), **extras,
+            outlier_deltas=_pointer(deltas), high_only=int(self.high_only), **extras,
         )  # fmt: skip
 
 
@@ -276,11 +278,12 @@ def _plane_words(codes: torch.Tensor, b: int) -> torch.Tensor:
     return planes.view(n, -1)
 
 
-def _segment_tables(books: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _segment_tables(books: torch.Tensor, high_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """fp16 codebooks (segments, 2^b) as uint8 tables (segments, 2 · 2^b), a high part then a low part, and
     their float32 scales, with book ~ scale (high − 128 + (low − low_table_offset()) / 256): on the AVX2 path one
     integer w (|w| ≤ WIDE_TABLE_MAX) per entry, its high and low bytes, so that products sum in int32
-    (`int8_lut.c`); elsewhere two int8 parts of the largest magnitude / 127, 128 + hi and 128 + lo."""
+    (`int8_lut.c`); elsewhere two int8 parts of the largest magnitude / 127, 128 + hi and 128 + lo, or with
+    `high_only` the high part alone (the low parts zero)."""
     values = books.float()
     if code_path() == "avx2":
         step = values.abs().amax(dim=1) / WIDE_TABLE_MAX
@@ -292,7 +295,7 @@ def _segment_tables(books: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     scaled = values / scale[:, None]
     high = torch.round(scaled).clamp(-127, 127)
-    low = torch.round((scaled - high) * 256).clamp(-127, 127)
+    low = torch.zeros_like(high) if high_only else torch.round((scaled - high) * 256).clamp(-127, 127)
     return (torch.cat([high, low], dim=1) + 128).to(torch.uint8), scale
 
 
@@ -302,15 +305,20 @@ def low_table_offset() -> int:
     return 0 if code_path() == "avx2" else 128
 
 
-def prepare(qt: CodedTensor):
+def prepare(qt: CodedTensor, tables: str = "int8"):
     """The fast kernel's view of a tensor it serves (see `unavailable`): its codes re-laid, or the stored
     ones where they are in the kernel's layout already (`FastPrepared`; `cpu_vector.VectorPrepared` for
-    vector codebooks)."""
+    vector codebooks). `tables` (one of TABLES): codebook entries rounded to one int8 part per row's table,
+    which one token multiplies with two integer products per weight instead of three (AVX-512 and the
+    portable path; the AVX2 path's tables are 12-bit integers either way), or to two."""
     if isinstance(qt, VectorTensor):
         return _vector_layout().prepare(qt)
+    if tables not in TABLES:
+        raise ValueError(f"tables must be one of {', '.join(TABLES)}, got {tables!r}")
     reason = unavailable(qt)
     if reason:
         raise ValueError(reason)
+    high_only = tables == "int8" and qt.kind != "uniform" and code_path() != "avx2"
     rows, groups = qt.bitmap.shape
     widths = qt.bitmap.reshape(-1).to(torch.int64)
     order = torch.sort(qt.bitmap[:, 0], stable=True).indices.to(torch.int64)  # rows of one width together
@@ -341,7 +349,7 @@ def prepare(qt: CodedTensor):
         if uniform:
             offset[seg] = unpack_codes(qt.zeros[b], b, seg.numel(), torch.int16)
         else:
-            entries, scale[seg] = _segment_tables(qt.codebooks[b])
+            entries, scale[seg] = _segment_tables(qt.codebooks[b], high_only)
             tables[(table_offset[seg][:, None] + torch.arange(2 << b)).reshape(-1)] = entries.reshape(-1)
     bits = widths.to(torch.uint8)
     perm = None if qt.perm is None else qt.perm.to(torch.int64).contiguous()
@@ -352,7 +360,7 @@ def prepare(qt: CodedTensor):
         outliers = (rows_.to(torch.int64).contiguous(), cols_.to(torch.int64).contiguous(), deltas.float().contiguous())
     return FastPrepared(
         qt, codes, row_offset, order, bits, tables, table_offset, offset, scale, perm, col_scale, outliers,
-        owns_codes=not shared,
+        owns_codes=not shared, high_only=high_only,
     )  # fmt: skip
 
 

@@ -112,6 +112,7 @@ int anybit_fast_path(void) {
 #define OFFSET_BIAS(m, s) ((double)((m)->offset[s] - VALUE_BIAS))
 #define LOW_BIAS(m) ((m)->tables ? (128.0 - VALUE_BIAS) / 256.0 : 0.0)
 #endif
+#define ROW_LOW_BIAS(m) (HIGH_ONLY(m) ? 0.0 : LOW_BIAS(m)) /* the row paths skip high-only tables' low parts */
 
 /* One matrix's rounded input: for each token, the two parts of every block (XQ; on AVX2 its wide values), the
  * step s, running sums over the blocks (blocks + 1 per token, from 0) of the rounded x and of s times the
@@ -443,7 +444,7 @@ segment_blocks(const uint8_t *w, const int b, const int tabled, const uint8_t *t
                 const __m512i v1 = tabled ? lookup(codes1, b, table) : codes1;
                 a[0] = DOT(a[0], v0, x), bl[0] = DOT(bl[0], v0, x + BLOCK);
                 a1 = DOT(a1, v1, x + 2 * BLOCK), b1 = DOT(b1, v1, x + 3 * BLOCK);
-                if (tabled) {
+                if (tabled == 1) {
                     l0 = DOT(l0, lookup(codes0, b, low_table), x);
                     l1 = DOT(l1, lookup(codes1, b, low_table), x + 2 * BLOCK);
                 }
@@ -454,11 +455,11 @@ segment_blocks(const uint8_t *w, const int b, const int tabled, const uint8_t *t
         for (; k < end; k++, w += 8 * b) {
             const __m512i codes = block_codes(w, b);
             const __m512i v = tabled ? lookup(codes, b, table) : codes;
-            const __m512i lv = tabled ? lookup(codes, b, low_table) : codes;
+            const __m512i lv = tabled == 1 ? lookup(codes, b, low_table) : codes;
             for (int t = 0; t < n; t++) {
                 const int8_t *x = XQ(xq, cols, t0 + t, k);
                 a[t] = DOT(a[t], v, x), bl[t] = DOT(bl[t], v, x + BLOCK);
-                if (tabled) bl[t] = DOT(bl[t], lv, x);
+                if (tabled == 1) bl[t] = DOT(bl[t], lv, x);
             }
         }
         for (int t = 0; t < n; t++) {
@@ -496,7 +497,7 @@ segment_blocks(const uint8_t *w, const int b, const int tabled, const uint8_t *t
                 else
                     for (int q = 0; q < b; q++) code |= (int)((((const uint64_t *)w)[q] >> j) & 1) << q;
                 const int v = (tabled ? table[code] : code) - VALUE_BIAS;
-                const int lv = tabled ? low_table[code] - VALUE_BIAS : 0;
+                const int lv = tabled == 1 ? low_table[code] - VALUE_BIAS : 0;
                 for (int t = 0; t < n; t++) {
                     const int8_t *x = XQ(xq, cols, t0 + t, k);
                     a[t] += v * x[j], bl[t] += v * x[BLOCK + j] + lv * x[j];
@@ -548,7 +549,19 @@ typedef struct {
     const float *vq_table; /* (slots, vq_dim) */
     const float *vq_scale; /* (rows,) */
     int64_t vq_bits, vq_row_bytes, vq_slot_shift, vq_dim;
+    /* Nonzero: the low tables hold zero parts (int8 tables, cpu_fast.prepare), which the row paths skip (a
+     * lookup and a product per block and token fewer) and the block paths multiply as they are. Ignored on
+     * AVX2, whose tables are 12-bit integers. */
+    int64_t high_only;
 } anybit_matrix;
+
+/* A row path's `tabled` for one segment: 0 without a table, 1 with its high and low parts, 2 with the high
+ * part alone (high_only). */
+#if defined(PATH_AVX2)
+#define HIGH_ONLY(m) 0
+#else
+#define HIGH_ONLY(m) ((m)->high_only)
+#endif
 
 #define VQ_MAX_BITS 14 /* four codes and the offset of the first one's bit fit one 64-bit load */
 
@@ -700,7 +713,7 @@ static inline float segment_bias(const anybit_matrix *m, int64_t s, const coded_
                                  int64_t k1) {
     const int64_t sums = m->cols / BLOCK + 1;
     const double *xsum = in->xsum + t * sums, *hisum = in->hisum + t * sums;
-    return m->scale[s] * (float)(OFFSET_BIAS(m, s) * (xsum[k1] - xsum[k0]) + LOW_BIAS(m) * (hisum[k1] - hisum[k0]));
+    return m->scale[s] * (float)(OFFSET_BIAS(m, s) * (xsum[k1] - xsum[k0]) + ROW_LOW_BIAS(m) * (hisum[k1] - hisum[k0]));
 }
 
 /* The sum of segment_bias over row r's segments for token t. Where a segment is one block, the segments' biases
@@ -709,6 +722,7 @@ static inline float segment_bias(const anybit_matrix *m, int64_t s, const coded_
 static inline float row_bias(const anybit_matrix *m, int64_t r, const coded_input *in, int64_t t) {
     const int64_t groups = m->cols / m->group_size, group_blocks = m->group_size / BLOCK, s0 = r * groups;
     float bias = 0.0f;
+    if (groups == 1) return segment_bias(m, r, in, t, 0, group_blocks); /* per-row codebooks, per-channel grids */
     if (group_blocks > 1) {
         for (int64_t g = 0; g < groups; g++)
             bias += segment_bias(m, s0 + g, in, t, g * group_blocks, (g + 1) * group_blocks);
@@ -717,7 +731,7 @@ static inline float row_bias(const anybit_matrix *m, int64_t r, const coded_inpu
     const int64_t blocks = m->cols / BLOCK; /* = groups here */
     const float *scale = m->scale + s0, *xblock = in->xblock + t * blocks, *hiblock = in->hiblock + t * blocks;
     const int16_t *offset = m->offset + s0;
-    const float low_bias = (float)LOW_BIAS(m);
+    const float low_bias = (float)ROW_LOW_BIAS(m);
     int64_t g = 0;
 #if defined(PATH_AVX512)
     __m512 sum = _mm512_setzero_ps();
@@ -761,8 +775,9 @@ static inline __attribute__((always_inline)) void row_product(const anybit_matri
         const uint8_t *table = m->tables ? m->tables + m->table_off[s] : NULL;
         const float sc = m->scale[s];
 #define SEGMENT_OF(B, NBLOCKS)                                                                                        \
-    w = table ? segment_blocks(w, B, 1, table, sc, k0, NBLOCKS, in->xq, cols, t0, n, acc)                             \
-              : segment_blocks(w, B, 0, NULL, sc, k0, NBLOCKS, in->xq, cols, t0, n, acc)
+    w = !table          ? segment_blocks(w, B, 0, NULL, sc, k0, NBLOCKS, in->xq, cols, t0, n, acc)                    \
+        : HIGH_ONLY(m) ? segment_blocks(w, B, 2, table, sc, k0, NBLOCKS, in->xq, cols, t0, n, acc)                   \
+                       : segment_blocks(w, B, 1, table, sc, k0, NBLOCKS, in->xq, cols, t0, n, acc)
 #define SEGMENT(B) SEGMENT_OF(B, group_blocks)
 #define SEGMENT_ONE_BLOCK(B) SEGMENT_OF(B, 1)
 #if defined(PATH_AVX512) /* measured 1.22-1.35x at 8 tokens on AVX-512, 0.87-0.95x on AVX2 (kernel_ab.py) */
@@ -805,7 +820,7 @@ static inline __attribute__((always_inline)) void pair_blocks(const uint8_t *wa,
             const __m512i vb = tabled ? lookup(codes_b, b, tb) : codes_b;
             high_a = DOT(high_a, va, x), low_a = DOT(low_a, va, x + BLOCK);
             high_b = DOT(high_b, vb, x), low_b = DOT(low_b, vb, x + BLOCK);
-            if (tabled) {
+            if (tabled == 1) {
                 low_a = DOT(low_a, lookup(codes_a, b, ta + (1 << b)), x);
                 low_b = DOT(low_b, lookup(codes_b, b, tb + (1 << b)), x);
             }
@@ -865,16 +880,85 @@ static inline __attribute__((always_inline)) void pair_one_width(const anybit_ma
     }
 }
 
-/* row_product for two rows whose segments have the same widths (see pairs), token 0 alone. */
-static void pair_product(const anybit_matrix *m, int64_t ra, int64_t rb, const coded_input *in, float *y) {
+/* Rows whose vector sums wait to be added up PENDING_ROWS at a time: one transposed sum over as many rows as the
+ * vector has lanes takes fewer instructions than a horizontal sum per row, and no row waits on its own (a
+ * horizontal sum per row took a quarter of a 576-column pair's time on Zen 4). y of a waiting row: its total
+ * plus the sum of its vector's lanes. */
+#if defined(PATH_AVX512)
+#define PENDING_ROWS 16
+#else
+#define PENDING_ROWS 8
+#endif
+typedef struct {
+    float lanes[PENDING_ROWS][PENDING_ROWS] __attribute__((aligned(64)));
+    float total[PENDING_ROWS] __attribute__((aligned(64)));
+    float *dst[PENDING_ROWS];
+    int count;
+} pending_sums;
+
+/* Every waiting row's y. */
+static void flush_pending(pending_sums *p) {
+    if (!p->count) return;
+    float sums[PENDING_ROWS] __attribute__((aligned(64)));
+    for (int i = p->count; i < PENDING_ROWS; i++) memset(p->lanes[i], 0, sizeof(p->lanes[i]));
+#if defined(PATH_AVX512)
+    __m512 v[16], w[8], u[4], q[2];
+    for (int i = 0; i < 16; i++) v[i] = _mm512_load_ps(p->lanes[i]);
+    /* rows 2i, 2i + 1: per 128-bit lane (r0 + r2, s0 + s2, r1 + r3, s1 + s3) */
+    for (int i = 0; i < 8; i++)
+        w[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    /* rows 4i .. 4i + 3: per 128-bit lane, one partial sum each, in order */
+    for (int i = 0; i < 4; i++)
+        u[i] = _mm512_add_ps(_mm512_shuffle_ps(w[2 * i], w[2 * i + 1], 0x44),
+                             _mm512_shuffle_ps(w[2 * i], w[2 * i + 1], 0xEE));
+    /* rows 8i .. 8i + 7: lanes 0, 1 hold rows 8i .. 8i + 3 (halves of their sums), lanes 2, 3 the next four */
+    for (int i = 0; i < 2; i++)
+        q[i] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0x88),
+                             _mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0xDD));
+    /* lane j: rows 4j .. 4j + 3 */
+    const __m512 all = _mm512_add_ps(_mm512_shuffle_f32x4(q[0], q[1], 0x88), _mm512_shuffle_f32x4(q[0], q[1], 0xDD));
+    _mm512_store_ps(sums, _mm512_add_ps(all, _mm512_load_ps(p->total)));
+#elif defined(PATH_AVX2)
+    __m256 v[8], w[4], u[2];
+    for (int i = 0; i < 8; i++) v[i] = _mm256_load_ps(p->lanes[i]);
+    for (int i = 0; i < 4; i++)
+        w[i] = _mm256_add_ps(_mm256_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm256_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 2; i++)
+        u[i] = _mm256_add_ps(_mm256_shuffle_ps(w[2 * i], w[2 * i + 1], 0x44),
+                             _mm256_shuffle_ps(w[2 * i], w[2 * i + 1], 0xEE));
+    /* 128-bit lane 0 of u[i] holds half of rows 4i .. 4i + 3's sums, lane 1 the other half */
+    const __m256 all =
+        _mm256_add_ps(_mm256_permute2f128_ps(u[0], u[1], 0x20), _mm256_permute2f128_ps(u[0], u[1], 0x31));
+    _mm256_store_ps(sums, _mm256_add_ps(all, _mm256_load_ps(p->total)));
+#endif
+    for (int i = 0; i < p->count; i++) *p->dst[i] = sums[i];
+    p->count = 0;
+}
+
+/* Row `dst` waits with its total and its vector sum (already times the input's step). */
+static inline void pend(pending_sums *p, float *dst, float total, accumulator acc) {
+#if defined(PATH_AVX512)
+    _mm512_store_ps(p->lanes[p->count], acc);
+#else
+    _mm256_store_ps(p->lanes[p->count], acc);
+#endif
+    p->total[p->count] = total, p->dst[p->count] = dst;
+    if (++p->count == PENDING_ROWS) flush_pending(p);
+}
+
+/* row_product for two rows whose segments have the same widths (see pairs), token 0 alone; their y wait in
+ * `pending`. */
+static void pair_product(const anybit_matrix *m, int64_t ra, int64_t rb, const coded_input *in, float *y,
+                         pending_sums *pending) {
     const int64_t groups = m->cols / m->group_size, group_blocks = m->group_size / BLOCK;
     const float total_a = -row_bias(m, ra, in, 0), total_b = -row_bias(m, rb, in, 0);
     accumulator acc_a = ACC_ZERO, acc_b = ACC_ZERO;
     const uint8_t *wa = m->codes + m->row_off[ra], *wb = m->codes + m->row_off[rb];
     if (group_blocks == 1 && one_width(m, ra)) {
 #define ONE_WIDTH(B)                                                                                                   \
-    m->tables ? pair_one_width(m, ra, rb, B, 1, in, &acc_a, &acc_b)                                                    \
-              : pair_one_width(m, ra, rb, B, 0, in, &acc_a, &acc_b)
+    !m->tables     ? pair_one_width(m, ra, rb, B, 0, in, &acc_a, &acc_b)                                               \
+    : HIGH_ONLY(m) ? pair_one_width(m, ra, rb, B, 2, in, &acc_a, &acc_b)                                               \
+                   : pair_one_width(m, ra, rb, B, 1, in, &acc_a, &acc_b)
         WITH_WIDTH(m->bits[ra * groups], ONE_WIDTH)
 #undef ONE_WIDTH
     } else {
@@ -886,8 +970,9 @@ static void pair_product(const anybit_matrix *m, int64_t ra, int64_t rb, const c
             const int8_t *xq = in->xq + 2 * k0 * BLOCK;
             const int b = m->bits[sa_];
 #define PAIR_OF(B, NBLOCKS)                                                                                           \
-    ta ? pair_blocks(wa, wb, B, 1, ta, tb, sa, sb, NBLOCKS, xq, &acc_a, &acc_b)                                       \
-       : pair_blocks(wa, wb, B, 0, NULL, NULL, sa, sb, NBLOCKS, xq, &acc_a, &acc_b)
+    !ta            ? pair_blocks(wa, wb, B, 0, NULL, NULL, sa, sb, NBLOCKS, xq, &acc_a, &acc_b)                       \
+    : HIGH_ONLY(m) ? pair_blocks(wa, wb, B, 2, ta, tb, sa, sb, NBLOCKS, xq, &acc_a, &acc_b)                           \
+                   : pair_blocks(wa, wb, B, 1, ta, tb, sa, sb, NBLOCKS, xq, &acc_a, &acc_b)
 #define PAIR(B) PAIR_OF(B, group_blocks)
 #define PAIR_ONE_BLOCK(B) PAIR_OF(B, 1)
             if (group_blocks == 1) {
@@ -901,8 +986,14 @@ static void pair_product(const anybit_matrix *m, int64_t ra, int64_t rb, const c
             wa += group_blocks * 8 * b, wb += group_blocks * 8 * b;
         }
     }
-    y[ra] = total_a + in->step[0] * acc_sum(acc_a);
-    y[rb] = total_b + in->step[0] * acc_sum(acc_b);
+#if defined(PATH_AVX512)
+    const accumulator step = _mm512_set1_ps(in->step[0]);
+    acc_a = _mm512_mul_ps(acc_a, step), acc_b = _mm512_mul_ps(acc_b, step);
+#else
+    const accumulator step = _mm256_set1_ps(in->step[0]);
+    acc_a = _mm256_mul_ps(acc_a, step), acc_b = _mm256_mul_ps(acc_b, step);
+#endif
+    pend(pending, y + ra, total_a, acc_a), pend(pending, y + rb, total_b, acc_b);
 }
 
 /* Whether rows ra and rb multiply together (pair_product): one token, no vector codebooks, and the same width
@@ -910,6 +1001,7 @@ static void pair_product(const anybit_matrix *m, int64_t ra, int64_t rb, const c
 static inline int pairs(const anybit_matrix *m, int64_t ra, int64_t rb, int64_t T) {
     if (T != 1 || m->vq_codes) return 0;
     const int64_t groups = m->cols / m->group_size;
+    if (groups == 1) return m->bits[ra] == m->bits[rb]; /* no library call for one segment per row */
     return !memcmp(m->bits + ra * groups, m->bits + rb * groups, (size_t)groups);
 }
 #endif
@@ -1082,7 +1174,11 @@ static void row_products(const anybit_matrix *const *m, int count, const coded_i
                          float *const *y) {
     int64_t total = 0; /* pairs of rows: rows cost about the same at any width, so an equal count per thread */
     for (int i = 0; i < count; i++) total += (m[i]->rows + 1) / 2;
-#pragma omp for schedule(static)
+#if defined(PATH_AVX512) || defined(PATH_AVX2)
+    pending_sums pending;
+    pending.count = 0;
+#endif
+#pragma omp for schedule(static) nowait
     for (int64_t P = 0; P < total; P++) {
         int i = 0;
         int64_t p = P;
@@ -1090,7 +1186,7 @@ static void row_products(const anybit_matrix *const *m, int count, const coded_i
         const int64_t rows[2] = {m[i]->order[2 * p], 2 * p + 1 < m[i]->rows ? m[i]->order[2 * p + 1] : -1};
 #if defined(PATH_AVX512) || defined(PATH_AVX2)
         if (rows[1] >= 0 && pairs(m[i], rows[0], rows[1], T)) {
-            pair_product(m[i], rows[0], rows[1], coded[i], y[i]);
+            pair_product(m[i], rows[0], rows[1], coded[i], y[i], &pending);
             continue;
         }
 #endif
@@ -1100,6 +1196,10 @@ static void row_products(const anybit_matrix *const *m, int count, const coded_i
                 (m[i]->vq_codes ? vq_row_product_n : row_product_n)(m[i], rows[j], coded[i], t0, n, y[i]);
             }
     }
+#if defined(PATH_AVX512) || defined(PATH_AVX2)
+    flush_pending(&pending);
+#endif
+#pragma omp barrier
 }
 
 #if defined(PATH_BLOCKS)

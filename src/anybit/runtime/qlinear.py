@@ -86,6 +86,7 @@ class QuantLinear(PackedModule):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self._dense: torch.Tensor | None = None
         self.kernel = "auto"  # one of KERNELS: the backend asked for
+        self.tables = "int8"  # the fast kernel's codebook tables (`cpu_fast.TABLES`)
         self._chosen: dict[tuple[str, str], str] = {}  # (kernel asked, device type) -> backend
         self._prepared: dict[str, object] = {}  # backend -> its prepared view of the codes
 
@@ -135,7 +136,8 @@ class QuantLinear(PackedModule):
         handed back, and so is the heap the re-laying's temporaries left (glibc keeps it otherwise: 51 MB of
         SmolLM2's 74 MB of re-laid copies on the AVX2 path)."""
         if backend not in self._prepared:
-            self._prepared[backend] = self._backend_module(backend).prepare(self.qtensor)
+            options = {"tables": self.tables} if backend == "fast" else {}
+            self._prepared[backend] = self._backend_module(backend).prepare(self.qtensor, **options)
             if getattr(self._prepared[backend], "owns_codes", False):
                 release_file_pages(self.qtensor.code_streams())
                 return_freed_memory()
@@ -175,6 +177,12 @@ class QuantLinear(PackedModule):
                 return backend
         return "reference"
 
+    def use_tables(self, tables: str) -> None:
+        """The fast kernel's codebook tables from now on (one of `cpu_fast.TABLES`)."""
+        if tables != self.tables:
+            self.tables = tables
+            self._prepared.pop("fast", None)
+
     def cpu_kernel_serves(self) -> bool:
         """Whether a C kernel serves this layer's products on the CPU."""
         return self.backend("cpu") in CPU_BACKENDS
@@ -187,12 +195,17 @@ class QuantLinear(PackedModule):
         )
 
 
-def set_kernel(model: nn.Module, kernel: str) -> None:
-    """Ask every QuantLinear of `model` for one backend (one of KERNELS)."""
+def set_kernel(model: nn.Module, kernel: str, tables: str | None = None) -> None:
+    """Ask every QuantLinear of `model` for one backend (one of KERNELS) and, where given, the fast kernel's
+    codebook tables (one of `cpu_fast.TABLES`)."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+    if tables is not None and tables not in cpu_fast.TABLES:
+        raise ValueError(f"tables must be one of {', '.join(cpu_fast.TABLES)}, got {tables!r}")
     for _, layer in quant_linears(model, runtime=True):
         layer.kernel = kernel
+        if tables is not None:
+            layer.use_tables(tables)
 
 
 def quant_linears(model: nn.Module, runtime: bool = False) -> Iterator[tuple[str, QuantLinear]]:
