@@ -880,76 +880,8 @@ static inline __attribute__((always_inline)) void pair_one_width(const anybit_ma
     }
 }
 
-/* Rows whose vector sums wait to be added up PENDING_ROWS at a time: one transposed sum over as many rows as the
- * vector has lanes takes fewer instructions than a horizontal sum per row, and no row waits on its own (a
- * horizontal sum per row took a quarter of a 576-column pair's time on Zen 4). y of a waiting row: its total
- * plus the sum of its vector's lanes. */
-#if defined(PATH_AVX512)
-#define PENDING_ROWS 16
-#else
-#define PENDING_ROWS 8
-#endif
-typedef struct {
-    float lanes[PENDING_ROWS][PENDING_ROWS] __attribute__((aligned(64)));
-    float total[PENDING_ROWS] __attribute__((aligned(64)));
-    float *dst[PENDING_ROWS];
-    int count;
-} pending_sums;
-
-/* Every waiting row's y. */
-static void flush_pending(pending_sums *p) {
-    if (!p->count) return;
-    float sums[PENDING_ROWS] __attribute__((aligned(64)));
-    for (int i = p->count; i < PENDING_ROWS; i++) memset(p->lanes[i], 0, sizeof(p->lanes[i]));
-#if defined(PATH_AVX512)
-    __m512 v[16], w[8], u[4], q[2];
-    for (int i = 0; i < 16; i++) v[i] = _mm512_load_ps(p->lanes[i]);
-    /* rows 2i, 2i + 1: per 128-bit lane (r0 + r2, s0 + s2, r1 + r3, s1 + s3) */
-    for (int i = 0; i < 8; i++)
-        w[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
-    /* rows 4i .. 4i + 3: per 128-bit lane, one partial sum each, in order */
-    for (int i = 0; i < 4; i++)
-        u[i] = _mm512_add_ps(_mm512_shuffle_ps(w[2 * i], w[2 * i + 1], 0x44),
-                             _mm512_shuffle_ps(w[2 * i], w[2 * i + 1], 0xEE));
-    /* rows 8i .. 8i + 7: lanes 0, 1 hold rows 8i .. 8i + 3 (halves of their sums), lanes 2, 3 the next four */
-    for (int i = 0; i < 2; i++)
-        q[i] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0x88),
-                             _mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0xDD));
-    /* lane j: rows 4j .. 4j + 3 */
-    const __m512 all = _mm512_add_ps(_mm512_shuffle_f32x4(q[0], q[1], 0x88), _mm512_shuffle_f32x4(q[0], q[1], 0xDD));
-    _mm512_store_ps(sums, _mm512_add_ps(all, _mm512_load_ps(p->total)));
-#elif defined(PATH_AVX2)
-    __m256 v[8], w[4], u[2];
-    for (int i = 0; i < 8; i++) v[i] = _mm256_load_ps(p->lanes[i]);
-    for (int i = 0; i < 4; i++)
-        w[i] = _mm256_add_ps(_mm256_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm256_unpackhi_ps(v[2 * i], v[2 * i + 1]));
-    for (int i = 0; i < 2; i++)
-        u[i] = _mm256_add_ps(_mm256_shuffle_ps(w[2 * i], w[2 * i + 1], 0x44),
-                             _mm256_shuffle_ps(w[2 * i], w[2 * i + 1], 0xEE));
-    /* 128-bit lane 0 of u[i] holds half of rows 4i .. 4i + 3's sums, lane 1 the other half */
-    const __m256 all =
-        _mm256_add_ps(_mm256_permute2f128_ps(u[0], u[1], 0x20), _mm256_permute2f128_ps(u[0], u[1], 0x31));
-    _mm256_store_ps(sums, _mm256_add_ps(all, _mm256_load_ps(p->total)));
-#endif
-    for (int i = 0; i < p->count; i++) *p->dst[i] = sums[i];
-    p->count = 0;
-}
-
-/* Row `dst` waits with its total and its vector sum (already times the input's step). */
-static inline void pend(pending_sums *p, float *dst, float total, accumulator acc) {
-#if defined(PATH_AVX512)
-    _mm512_store_ps(p->lanes[p->count], acc);
-#else
-    _mm256_store_ps(p->lanes[p->count], acc);
-#endif
-    p->total[p->count] = total, p->dst[p->count] = dst;
-    if (++p->count == PENDING_ROWS) flush_pending(p);
-}
-
-/* row_product for two rows whose segments have the same widths (see pairs), token 0 alone; their y wait in
- * `pending`. */
-static void pair_product(const anybit_matrix *m, int64_t ra, int64_t rb, const coded_input *in, float *y,
-                         pending_sums *pending) {
+/* row_product for two rows whose segments have the same widths (see pairs), token 0 alone. */
+static void pair_product(const anybit_matrix *m, int64_t ra, int64_t rb, const coded_input *in, float *y) {
     const int64_t groups = m->cols / m->group_size, group_blocks = m->group_size / BLOCK;
     const float total_a = -row_bias(m, ra, in, 0), total_b = -row_bias(m, rb, in, 0);
     accumulator acc_a = ACC_ZERO, acc_b = ACC_ZERO;
@@ -986,14 +918,8 @@ static void pair_product(const anybit_matrix *m, int64_t ra, int64_t rb, const c
             wa += group_blocks * 8 * b, wb += group_blocks * 8 * b;
         }
     }
-#if defined(PATH_AVX512)
-    const accumulator step = _mm512_set1_ps(in->step[0]);
-    acc_a = _mm512_mul_ps(acc_a, step), acc_b = _mm512_mul_ps(acc_b, step);
-#else
-    const accumulator step = _mm256_set1_ps(in->step[0]);
-    acc_a = _mm256_mul_ps(acc_a, step), acc_b = _mm256_mul_ps(acc_b, step);
-#endif
-    pend(pending, y + ra, total_a, acc_a), pend(pending, y + rb, total_b, acc_b);
+    y[ra] = total_a + in->step[0] * acc_sum(acc_a);
+    y[rb] = total_b + in->step[0] * acc_sum(acc_b);
 }
 
 /* Whether rows ra and rb multiply together (pair_product): one token, no vector codebooks, and the same width
@@ -1174,11 +1100,7 @@ static void row_products(const anybit_matrix *const *m, int count, const coded_i
                          float *const *y) {
     int64_t total = 0; /* pairs of rows: rows cost about the same at any width, so an equal count per thread */
     for (int i = 0; i < count; i++) total += (m[i]->rows + 1) / 2;
-#if defined(PATH_AVX512) || defined(PATH_AVX2)
-    pending_sums pending;
-    pending.count = 0;
-#endif
-#pragma omp for schedule(static) nowait
+#pragma omp for schedule(static)
     for (int64_t P = 0; P < total; P++) {
         int i = 0;
         int64_t p = P;
@@ -1186,7 +1108,7 @@ static void row_products(const anybit_matrix *const *m, int count, const coded_i
         const int64_t rows[2] = {m[i]->order[2 * p], 2 * p + 1 < m[i]->rows ? m[i]->order[2 * p + 1] : -1};
 #if defined(PATH_AVX512) || defined(PATH_AVX2)
         if (rows[1] >= 0 && pairs(m[i], rows[0], rows[1], T)) {
-            pair_product(m[i], rows[0], rows[1], coded[i], y[i], &pending);
+            pair_product(m[i], rows[0], rows[1], coded[i], y[i]);
             continue;
         }
 #endif
@@ -1196,10 +1118,6 @@ static void row_products(const anybit_matrix *const *m, int count, const coded_i
                 (m[i]->vq_codes ? vq_row_product_n : row_product_n)(m[i], rows[j], coded[i], t0, n, y[i]);
             }
     }
-#if defined(PATH_AVX512) || defined(PATH_AVX2)
-    flush_pending(&pending);
-#endif
-#pragma omp barrier
 }
 
 #if defined(PATH_BLOCKS)
