@@ -1,15 +1,17 @@
 """Where one native decode step's time goes: each kind of decoder linear and the head multiplied alone, beside the
 whole step, on the same prepared matrices.
 
-Usage: python benchmarks/decode_profile.py DIR [--threads 2] [--rounds 12] [--steps 32] [--tables int8]
+Usage: python benchmarks/decode_profile.py DIR [--threads 2] [--rounds 12] [--steps 32] [--tables int16,int8]
 
 For a quantized directory the native decoder serves (loaded as `anybit bench` loads it: fast kernel, 8-bit
-head, codebook tables as `--tables` asks), times the best of `--rounds` rounds of: `--steps` decode steps (one token each, after a 64-token
+head; codebook tables as `--tables` asks, each in its own decoder, the decoders' rounds alternated), times the
+best of `--rounds` rounds of: `--steps` decode steps (one token each, after a 64-token
 prompt); each linear kind (q, k, v, o, gate, up, down: one token through that matrix of every layer) and the
 head alone through `anybit_fast_matmul`. The rest of the step (norms, attention, rounding the activations,
-the threads' barriers) is the step less the products. Each part's bytes (re-laid codes and tables, or the
+the threads' barriers) is the step less the products (each product alone also pays a parallel region and
+its input's rounding, so that figure is rough, and can come out below zero). Each part's bytes (re-laid codes and tables, or the
 stored codes a matrix reads in place) over its time give its read rate, beside a streaming read measured in
-the same run. One JSON line to benchmarks/results/decode_profile.jsonl.
+the same run. One JSON line per kind of tables to benchmarks/results/decode_profile.jsonl.
 """
 
 from __future__ import annotations
@@ -47,16 +49,19 @@ def product_seconds(lib, parts: dict[str, list], threads: int, rounds: int) -> d
     return best
 
 
-def step_seconds(decoder: NativeDecoder, steps: int, rounds: int, prompt: int = 64) -> float:
-    ids = torch.randint(0, decoder.vocab, (prompt,), generator=torch.Generator().manual_seed(0))
-    best = float("inf")
+def step_seconds(decoders: dict[str, NativeDecoder], steps: int, rounds: int, prompt: int = 64) -> dict[str, float]:
+    """For each decoder, the best time per decode step over `rounds` alternating rounds of `steps` steps."""
+    vocab = next(iter(decoders.values())).vocab
+    ids = torch.randint(0, vocab, (prompt,), generator=torch.Generator().manual_seed(0))
+    best = dict.fromkeys(decoders, float("inf"))
     for _ in range(rounds):
-        decoder.reset()
-        logits = decoder.forward(ids)
-        start = time.perf_counter()
-        for _ in range(steps):
-            logits = decoder.forward(torch.tensor([greedy_token(logits)]))
-        best = min(best, (time.perf_counter() - start) / steps)
+        for name, decoder in decoders.items():
+            decoder.reset()
+            logits = decoder.forward(ids)
+            start = time.perf_counter()
+            for _ in range(steps):
+                logits = decoder.forward(torch.tensor([greedy_token(logits)]))
+            best[name] = min(best[name], (time.perf_counter() - start) / steps)
     return best
 
 
@@ -66,39 +71,45 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--steps", type=int, default=32)
-    parser.add_argument("--tables", choices=cpu_fast.TABLES, default="int8")
+    parser.add_argument("--tables", default="int8", help="one of int8, int16, or both (int16,int8): alternated")
     args = parser.parse_args()
+    tables = args.tables.split(",")
+    if not set(tables) <= set(cpu_fast.TABLES):
+        raise SystemExit(f"--tables: each one of {', '.join(cpu_fast.TABLES)}")
     torch.set_num_threads(args.threads)
     loaded = load_for_native(args.model, torch.float32, "int8", "auto")
     if loaded is None:
         raise SystemExit(f"{args.model}: not a quantized directory the native decoder serves")
     model = loaded.model
-    set_kernel(model, "auto", args.tables)
-    decoder = NativeDecoder(model, 64 + args.steps + 1)
-    lib = cpu_fast.KERNEL.library()
-    layers = model.model.layers
-    parts = {name: [layer.get_submodule(PATHS[name]).prepared("fast") for layer in layers] for name in LINEARS}
-    head = model.get_output_embeddings()
-    if hasattr(head, "prepared"):
-        parts["head"] = [head.prepared("fast")]
-    step = step_seconds(decoder, args.steps, args.rounds)
+    decoders, parts = {}, {}
+    for kind in tables:  # each decoder keeps the matrices it was built on
+        set_kernel(model, "auto", kind)
+        decoders[kind] = NativeDecoder(model, 64 + args.steps + 1)
+        parts[kind] = {name: [layer.get_submodule(PATHS[name]).prepared("fast") for layer in model.model.layers]
+                       for name in LINEARS}  # fmt: skip
+        head = model.get_output_embeddings()
+        if hasattr(head, "prepared"):
+            parts[kind]["head"] = [head.prepared("fast")]
+    steps = step_seconds(decoders, args.steps, args.rounds)
     gbs = read_bandwidth(5)
-    record = {"model": args.model, "threads": args.threads, "code_path": cpu_fast.code_path(), "tables": args.tables,
-              "read_gbs": gbs,
-              "step_ms": step * 1e3, "tokens_per_s": 1 / step}  # fmt: skip
-    products = 0.0
-    for name, seconds in product_seconds(lib, parts, args.threads, args.rounds).items():
-        nbytes = sum(read_bytes(p) for p in parts[name])
-        products += seconds
-        record[name] = {"ms": seconds * 1e3, "mb": nbytes / 1e6, "read_share": nbytes / seconds / 1e9 / gbs}
-    record["products_ms"] = products * 1e3
-    record["rest_ms"] = (step - products) * 1e3
-    log_result("decode_profile", record)
-    for name in parts:
-        part = record[name]
-        print(f"{name:5s} {part['ms']:7.3f} ms {part['mb']:7.2f} MB {100 * part['read_share']:5.1f} % of read")
-    print(f"step {record['step_ms']:.3f} ms, products {record['products_ms']:.3f}, rest {record['rest_ms']:.3f};"
-          f" read {gbs:.1f} GB/s")  # fmt: skip
+    lib = cpu_fast.KERNEL.library()
+    for kind in tables:
+        record = {"model": args.model, "threads": args.threads, "code_path": cpu_fast.code_path(), "tables": kind,
+                  "read_gbs": gbs, "step_ms": steps[kind] * 1e3, "tokens_per_s": 1 / steps[kind]}  # fmt: skip
+        products = 0.0
+        for name, seconds in product_seconds(lib, parts[kind], args.threads, args.rounds).items():
+            nbytes = sum(read_bytes(p) for p in parts[kind][name])
+            products += seconds
+            record[name] = {"ms": seconds * 1e3, "mb": nbytes / 1e6, "read_share": nbytes / seconds / 1e9 / gbs}
+        record["products_ms"] = products * 1e3
+        record["rest_ms"] = (steps[kind] - products) * 1e3
+        log_result("decode_profile", record)
+        print(f"tables {kind}:")
+        for name in parts[kind]:
+            part = record[name]
+            print(f"  {name:5s} {part['ms']:7.3f} ms {part['mb']:7.2f} MB {100 * part['read_share']:5.1f} % of read")
+        print(f"  step {record['step_ms']:.3f} ms, products {record['products_ms']:.3f}, rest {record['rest_ms']:.3f};"
+              f" read {gbs:.1f} GB/s")  # fmt: skip
 
 
 if __name__ == "__main__":

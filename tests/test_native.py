@@ -139,6 +139,25 @@ def test_a_dense_head_multiplies_in_torch() -> None:
     assert _native_tokens(NativeDecoder(model, 16), prompt, 8, 0.0, set(), None) == expected
 
 
+def test_a_decoder_keeps_the_matrices_it_multiplies() -> None:
+    """A decoder holds the prepared matrices its C structures point into: asking the layers for other tables
+    afterwards (which drops their prepared views) changes nothing for it."""
+    import gc
+
+    from anybit.runtime.qlinear import set_kernel
+
+    model = _quantized("llama")
+    prompt = torch.randint(0, VOCAB, (5,), generator=torch.Generator().manual_seed(4))
+    decoder = NativeDecoder(model, 16)
+    expected = decoder.forward(prompt)
+    set_kernel(model, "auto", "int16" if model.model.layers[0].mlp.up_proj.tables == "int8" else "int8")
+    gc.collect()
+    junk = [torch.randn(4096) for _ in range(64)]  # reuse what was freed, were anything freed
+    decoder.reset()
+    assert torch.equal(decoder.forward(prompt), expected)
+    del junk
+
+
 @pytest.mark.parametrize("family", ["gemma3_text", "phi3", "gpt2"])
 def test_other_architectures_decode_eagerly_after_one_warning(family: str) -> None:
     model = tf.AutoModelForCausalLM.from_config(tiny_config(family, VOCAB)).eval()

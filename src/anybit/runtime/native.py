@@ -93,7 +93,9 @@ class NativeDecoder:
         self.max_len = max_len
         self._lib = lib or cpu_fast.KERNEL.library()  # loaded: native_unavailable checked it
         _declare(self._lib)
-        self._keep: list[object] = []  # every tensor (or compensation) the C structures point into
+        # every tensor, prepared matrix or compensation the C structures point into: a layer may drop its prepared
+        # view (moved, or asked for other tables) while this decoder still multiplies with it
+        self._keep: list[object] = []
         layers = model.model.layers
         attention = layers[0].self_attn
         self.head_dim = attention.head_dim
@@ -155,7 +157,9 @@ class NativeDecoder:
                 fixed=None if comp.fixed is None else comp.fixed.to(torch.int64).contiguous(),
             )  # fmt: skip
             self._keep.append(dec)
-        return layer.prepared("fast").matrix(bias, dec, rotate=True)  # the decoder hands the layer's input as is
+        prepared = layer.prepared("fast")
+        self._keep.append(prepared)
+        return prepared.matrix(bias, dec, rotate=True)  # the decoder hands the layer's input as is
 
     def _layer(self, layer: nn.Module) -> _Layer:
         attention = layer.self_attn
