@@ -2,8 +2,9 @@
 
 What it changes, numerically, against the exact paths: each token's activations are rounded to two int8
 parts with one step (x ~ s (hi + lo / 256), s = max|x| / 127: about 15 bits, so that an outlying activation
-does not flatten the rest), and each codebook's entries likewise to two int8 parts of its largest magnitude
-/ 127 (uniform grids stay exact: their codes are the integers); the product of the two low parts is left
+does not flatten the rest), and each codebook's entries to one int8 part of its largest magnitude / 127
+(`tables="int8"`, the default: one token then multiplies each block twice, not three times) or likewise to two
+(`"int16"`) (uniform grids stay exact: their codes are the integers); the product of the two low parts is left
 out, except on the AVX2 path, which multiplies the activations as whole int16 values (256 hi + lo), one
 madd_epi16 per two weights and a register of tokens, and each codebook entry as one integer of 12 bits (a step
 of its largest magnitude / 2047, no coarser than fp16's at that magnitude), so that the products sum in int32.

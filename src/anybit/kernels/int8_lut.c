@@ -11,7 +11,8 @@
  * bit q of the block's 64 codes (bit j for column j). At 8 bits the last two read the 64 codes themselves, one
  * byte each. A segment's weights are (value - offset) * scale, where value is the code itself (uniform grids:
  * offset is the zero point) or an entry of the segment's table of 2^b unsigned bytes (codebooks, offset 128: each
- * centroid c rounded to two parts, c ~ scale ((hi - 128) + (lo - 128) / 256), a high and a low table).
+ * centroid c rounded to two parts, c ~ scale ((hi - 128) + (lo - 128) / 256), a high and a low table; with int8
+ * tables the low parts are zero, and the row paths skip them: anybit_matrix.high_only).
  *
  * Activations: every token is rounded with one float step s (its absolute maximum -> 127) to two int8 parts,
  * x ~ s (hi + lo / 256): about 15 bits, so that one outlying activation does not flatten the rest of the row.
