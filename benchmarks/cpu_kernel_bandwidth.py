@@ -11,7 +11,8 @@ kernel reads (its codes, re-laid or read in place, tables, scales and zero point
 bandwidth measured in the same run by a streaming sum over 1 GiB. Beside it, the roof the machine's integer
 products set (`int8_dot_roof.c`: the multiplies per second of the code path's product instruction, on the
 kernel's threads): `roof_fraction` is the share of the read bandwidth a layout would reach if the kernel did
-nothing but its products at that rate (AVX-512: two byte products per weight and token, three with tables;
+nothing but its products at that rate (AVX-512: two byte products per weight and token, three with two-part
+tables or, with int8 tables, where 4 tokens or more multiply their zero low parts;
 AVX2: one int16 product), the most any code with these products could reach. One JSON line per layout and
 batch to benchmarks/results/cpu_kernel_bandwidth.jsonl.
 """

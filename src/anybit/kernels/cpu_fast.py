@@ -306,6 +306,12 @@ def low_table_offset() -> int:
     return 0 if code_path() == "avx2" else 128
 
 
+def check_tables(tables: str) -> None:
+    """A ValueError unless `tables` is one of TABLES."""
+    if tables not in TABLES:
+        raise ValueError(f"tables must be one of {', '.join(TABLES)}, got {tables!r}")
+
+
 def prepare(qt: CodedTensor, tables: str = "int8"):
     """The fast kernel's view of a tensor it serves (see `unavailable`): its codes re-laid, or the stored
     ones where they are in the kernel's layout already (`FastPrepared`; `cpu_vector.VectorPrepared` for
@@ -314,8 +320,7 @@ def prepare(qt: CodedTensor, tables: str = "int8"):
     portable path; the AVX2 path's tables are 12-bit integers either way), or to two."""
     if isinstance(qt, VectorTensor):
         return _vector_layout().prepare(qt)
-    if tables not in TABLES:
-        raise ValueError(f"tables must be one of {', '.join(TABLES)}, got {tables!r}")
+    check_tables(tables)
     reason = unavailable(qt)
     if reason:
         raise ValueError(reason)

@@ -200,8 +200,8 @@ def set_kernel(model: nn.Module, kernel: str, tables: str | None = None) -> None
     codebook tables (one of `cpu_fast.TABLES`)."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
-    if tables is not None and tables not in cpu_fast.TABLES:
-        raise ValueError(f"tables must be one of {', '.join(cpu_fast.TABLES)}, got {tables!r}")
+    if tables is not None:
+        cpu_fast.check_tables(tables)
     for _, layer in quant_linears(model, runtime=True):
         layer.kernel = kernel
         if tables is not None:
