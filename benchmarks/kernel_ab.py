@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import re
 import subprocess
 import tempfile
 import time
@@ -34,9 +35,10 @@ SOURCE = "src/anybit/kernels/int8_lut.c"
 
 
 def matrix_struct(source: str) -> str:
-    """The text of `anybit_matrix`'s definition in a kernel source."""
+    """`anybit_matrix`'s definition in a kernel source, without its comments and spacing: its fields."""
     end = source.index("} anybit_matrix;")
-    return source[source.rindex("typedef struct {", 0, end) : end]
+    text = re.sub(r"/\*.*?\*/", " ", source[source.rindex("typedef struct {", 0, end) : end], flags=re.S)
+    return " ".join(text.split())
 
 
 def load(kernel: build.CompiledKernel) -> ctypes.CDLL:

@@ -6,8 +6,9 @@ does not flatten the rest), and each codebook's entries to one int8 part of its 
 (`tables="int8"`, the default: one token then multiplies each block twice, not three times) or likewise to two
 (`"int16"`) (uniform grids stay exact: their codes are the integers); the product of the two low parts is left
 out, except on the AVX2 path, which multiplies the activations as whole int16 values (256 hi + lo), one
-madd_epi16 per two weights and a register of tokens, and each codebook entry as one integer of 12 bits (a step
-of its largest magnitude / 2047, no coarser than fp16's at that magnitude), so that the products sum in int32.
+madd_epi16 per two weights and a register of tokens, and each codebook entry as its int8 part (looked up as an
+unsigned byte and multiplied as a code is) or, with `"int16"`, as one integer of 12 bits (a step of its largest
+magnitude / 2047, no coarser than fp16's at that magnitude), so that the products sum in int32.
 `benchmarks/fast_path_quality.py` measures what this costs in perplexity; tests bound each product by the
 error these roundings allow.
 
@@ -281,12 +282,12 @@ def _plane_words(codes: torch.Tensor, b: int) -> torch.Tensor:
 
 def _segment_tables(books: torch.Tensor, high_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """fp16 codebooks (segments, 2^b) as uint8 tables (segments, 2 · 2^b), a high part then a low part, and
-    their float32 scales, with book ~ scale (high − 128 + (low − low_table_offset()) / 256): on the AVX2 path one
-    integer w (|w| ≤ WIDE_TABLE_MAX) per entry, its high and low bytes, so that products sum in int32
-    (`int8_lut.c`); elsewhere two int8 parts of the largest magnitude / 127, 128 + hi and 128 + lo, or with
-    `high_only` the high part alone (the low parts zero)."""
+    their float32 scales, with book ~ scale (high − 128 + (low − low_table_offset()) / 256): with `high_only`
+    the high part alone, 128 + an int8 part of the largest magnitude / 127 (the low parts zero); else on the
+    AVX2 path one integer w (|w| ≤ WIDE_TABLE_MAX) per entry, its high and low bytes, so that products sum in
+    int32 (`int8_lut.c`), elsewhere two int8 parts, 128 + hi and 128 + lo."""
     values = books.float()
-    if code_path() == "avx2":
+    if code_path() == "avx2" and not high_only:
         step = values.abs().amax(dim=1) / WIDE_TABLE_MAX
         step = torch.where(step > 0, step, torch.ones_like(step))
         wide = torch.round(values / step[:, None]).clamp(-WIDE_TABLE_MAX, WIDE_TABLE_MAX).to(torch.int32)
@@ -297,7 +298,7 @@ def _segment_tables(books: torch.Tensor, high_only: bool = False) -> tuple[torch
     scaled = values / scale[:, None]
     high = torch.round(scaled).clamp(-127, 127)
     low = torch.zeros_like(high) if high_only else torch.round((scaled - high) * 256).clamp(-127, 127)
-    return (torch.cat([high, low], dim=1) + 128).to(torch.uint8), scale
+    return torch.cat([high + 128, low + low_table_offset()], dim=1).to(torch.uint8), scale
 
 
 def low_table_offset() -> int:
@@ -317,14 +318,14 @@ def prepare(qt: CodedTensor, tables: str = "int8"):
     ones where they are in the kernel's layout already (`FastPrepared`; `cpu_vector.VectorPrepared` for
     vector codebooks). `tables` (one of TABLES): codebook entries rounded to one int8 part per row's table,
     which one token multiplies with two integer products per weight instead of three (AVX-512 and the
-    portable path; the AVX2 path's tables are 12-bit integers either way), or to two."""
+    portable path) or with one table lookup instead of two (AVX2), or to two parts (12-bit integers on AVX2)."""
     if isinstance(qt, VectorTensor):
         return _vector_layout().prepare(qt)
     check_tables(tables)
     reason = unavailable(qt)
     if reason:
         raise ValueError(reason)
-    high_only = tables == "int8" and qt.kind != "uniform" and code_path() != "avx2"
+    high_only = tables == "int8" and qt.kind != "uniform"
     rows, groups = qt.bitmap.shape
     widths = qt.bitmap.reshape(-1).to(torch.int64)
     order = torch.sort(qt.bitmap[:, 0], stable=True).indices.to(torch.int64)  # rows of one width together

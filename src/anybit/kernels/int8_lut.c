@@ -12,7 +12,8 @@
  * byte each. A segment's weights are (value - offset) * scale, where value is the code itself (uniform grids:
  * offset is the zero point) or an entry of the segment's table of 2^b unsigned bytes (codebooks, offset 128: each
  * centroid c rounded to two parts, c ~ scale ((hi - 128) + (lo - 128) / 256), a high and a low table; with int8
- * tables the low parts are zero, and the row paths skip them: anybit_matrix.high_only).
+ * tables the low parts are zero, and the row paths skip them: anybit_matrix.high_only; on AVX2 the high byte
+ * is then multiplied as a code of offset 128 is).
  *
  * Activations: every token is rounded with one float step s (its absolute maximum -> 127) to two int8 parts,
  * x ~ s (hi + lo / 256): about 15 bits, so that one outlying activation does not flatten the rest of the row.
@@ -92,7 +93,7 @@ int anybit_fast_path(void) {
 #define FLUSH_BLOCKS 64 /* blocks summed in int32 before a float sum takes them (no overflow up to 4096 columns) */
 #if defined(PATH_AVX2) /* the rows' int16 products: 8-bit codes times 2^15 reach 2^26.5 per block, a table's 12-bit
                           * entries (cpu_fast.WIDE_TABLE_MAX) 2^29 */
-#define ROW_FLUSH(tabled) ((tabled) ? 4 : 16)
+#define ROW_FLUSH(tabled) ((tabled) == 1 ? 4 : 16)
 #else
 #define ROW_FLUSH(tabled) FLUSH_BLOCKS
 #endif
@@ -105,7 +106,7 @@ int anybit_fast_path(void) {
 /* What segment s's integer sums carry besides its weights, taken out with the input's sums: OFFSET_BIAS per
  * unit of the rounded input's sum (xsum), LOW_BIAS per unit of s times its high parts' sum (hisum). */
 #if defined(PATH_AVX2) /* wide values (half_wide_values): the codes themselves, or a table's entries */
-#define OFFSET_BIAS(m, s) ((m)->tables ? 0.0 : (double)(m)->offset[s])
+#define OFFSET_BIAS(m, s) (WIDE_TABLES(m) ? 0.0 : (double)(m)->offset[s])
 #define LOW_BIAS(m) 0.0
 #define LOW_TABLE_OFFSET 0.0f /* a low table's byte: the entry's low byte (cpu_fast.low_table_offset) */
 #else
@@ -320,14 +321,21 @@ static inline __attribute__((always_inline)) __m256i half_values(__m256i codes, 
     return _mm256_xor_si256(half_lookup(codes, b, table), _mm256_set1_epi8((char)0x80));
 }
 
-/* The wide (int16) values of half a block, in wide slots: the codes themselves, or a table's entries (the
- * high table's byte, signed, and the low table's). */
-static inline __attribute__((always_inline)) void half_wide_values(__m256i codes, int b, const uint8_t *table,
-                                                                   __m256i *first, __m256i *second) {
+/* The wide (int16) values of half a block, in wide slots: without a table (`tabled` 0) the codes themselves;
+ * with two-part tables (1) the table's 12-bit entries (the high table's byte, signed, and the low table's);
+ * with the high part alone (2) the high table's unsigned byte, which multiplies as a code with offset 128. */
+static inline __attribute__((always_inline)) void half_wide_values(__m256i codes, int b, const int tabled,
+                                                                   const uint8_t *table, __m256i *first,
+                                                                   __m256i *second) {
     __m256i low = codes, high = _mm256_setzero_si256();
-    if (table) low = half_lookup(codes, b, table + (1 << b)), high = half_values(codes, b, table);
+    if (tabled == 1) low = half_lookup(codes, b, table + (1 << b)), high = half_values(codes, b, table);
+    if (tabled == 2) low = half_lookup(codes, b, table);
     *first = _mm256_unpacklo_epi8(low, high), *second = _mm256_unpackhi_epi8(low, high);
 }
+
+/* What one unit of a sum of wide values times int16 activations is worth, in the weights' and the
+ * activations' units: both are 256 times their values with 12-bit tables, the activations alone otherwise. */
+#define WIDE_UNIT(tabled) ((tabled) == 1 ? 65536.0f : 256.0f)
 
 /* A block's four madd_epi16 products summed. */
 static inline __attribute__((always_inline)) __m256i int_sum4(const __m256i *p) {
@@ -476,8 +484,8 @@ segment_blocks(const uint8_t *w, const int b, const int tabled, const uint8_t *t
         for (int64_t k = first; k < end; k++, w += 8 * b) {
             if (n == 1) _mm_prefetch((const char *)w + PREFETCH_AHEAD, _MM_HINT_T0);
             __m256i v[4];
-            half_wide_values(half_codes(w, b, 0), b, table, v, v + 1);
-            half_wide_values(half_codes(w, b, 1), b, table, v + 2, v + 3);
+            half_wide_values(half_codes(w, b, 0), b, tabled, table, v, v + 1);
+            half_wide_values(half_codes(w, b, 1), b, tabled, table, v + 2, v + 3);
             for (int t = 0; t < n; t++) {
                 const __m256i *x = (const __m256i *)XQ(xq, cols, t0 + t, k);
                 __m256i p[4];
@@ -486,8 +494,7 @@ segment_blocks(const uint8_t *w, const int b, const int tabled, const uint8_t *t
             }
         }
         for (int t = 0; t < n; t++) /* wide values are 256 times a table's (hi + lo / 256), activations too */
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ia[t]), _mm256_set1_ps(sc / (tabled ? 65536.0f : 256.0f)),
-                                     acc[t]);
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ia[t]), _mm256_set1_ps(sc / WIDE_UNIT(tabled)), acc[t]);
 #else
         int64_t a[MAX_TOKENS] = {0}, bl[MAX_TOKENS] = {0};
         for (int64_t k = first; k < end; k++, w += 8 * b) {
@@ -551,17 +558,19 @@ typedef struct {
     const float *vq_scale; /* (rows,) */
     int64_t vq_bits, vq_row_bytes, vq_slot_shift, vq_dim;
     /* Nonzero: the low tables hold zero parts (int8 tables, cpu_fast.prepare), which the row paths skip (a
-     * lookup and a product per block and token fewer) and the block paths multiply as they are. Ignored on
-     * AVX2, whose tables are 12-bit integers. */
+     * lookup and a product per block and token fewer) and the AVX-512 block paths multiply as they are. On
+     * AVX2 (WIDE_TABLES) every path multiplies the high table's unsigned byte as it would a code. */
     int64_t high_only;
 } anybit_matrix;
 
 /* A row path's `tabled` for one segment: 0 without a table, 1 with its high and low parts, 2 with the high
  * part alone (high_only). */
-#if defined(PATH_AVX2)
-#define HIGH_ONLY(m) 0
-#else
 #define HIGH_ONLY(m) ((m)->high_only)
+#if defined(PATH_AVX2) /* two-part tables as 12-bit integers; high-only tables multiply as unsigned codes do */
+#define WIDE_TABLES(m) ((m)->tables && !HIGH_ONLY(m))
+#define BLOCK_TABLED(m) WIDE_TABLES(m)
+#else
+#define BLOCK_TABLED(m) ((m)->tables != NULL) /* the block paths multiply the low tables, zeros included */
 #endif
 
 #define VQ_MAX_BITS 14 /* four codes and the offset of the first one's bit fit one 64-bit load */
@@ -749,7 +758,7 @@ static inline float row_bias(const anybit_matrix *m, int64_t r, const coded_inpu
     }
     bias = _mm512_reduce_add_ps(sum);
 #elif defined(PATH_AVX2)
-    if (m->tables) return 0.0f; /* wide values carry no offset */
+    if (WIDE_TABLES(m)) return 0.0f; /* 12-bit entries carry no offset */
     __m256 sum = _mm256_setzero_ps();
     for (; g + 8 <= groups; g += 8) {
         const __m128i offsets16 = _mm_loadu_si128((const __m128i *)(offset + g));
@@ -841,10 +850,10 @@ static inline __attribute__((always_inline)) void pair_blocks(const uint8_t *wa,
             _mm_prefetch((const char *)wa + PREFETCH_AHEAD, _MM_HINT_T0);
             _mm_prefetch((const char *)wb + PREFETCH_AHEAD, _MM_HINT_T0);
             __m256i va[4], vb[4], pa[4], pb[4];
-            half_wide_values(half_codes(wa, b, 0), b, ta, va, va + 1);
-            half_wide_values(half_codes(wa, b, 1), b, ta, va + 2, va + 3);
-            half_wide_values(half_codes(wb, b, 0), b, tb, vb, vb + 1);
-            half_wide_values(half_codes(wb, b, 1), b, tb, vb + 2, vb + 3);
+            half_wide_values(half_codes(wa, b, 0), b, tabled, ta, va, va + 1);
+            half_wide_values(half_codes(wa, b, 1), b, tabled, ta, va + 2, va + 3);
+            half_wide_values(half_codes(wb, b, 0), b, tabled, tb, vb, vb + 1);
+            half_wide_values(half_codes(wb, b, 1), b, tabled, tb, vb + 2, vb + 3);
             const __m256i *x = (const __m256i *)(xq + 2 * k * BLOCK);
             for (int q = 0; q < 4; q++) {
                 const __m256i xv = _mm256_loadu_si256(x + q);
@@ -852,9 +861,8 @@ static inline __attribute__((always_inline)) void pair_blocks(const uint8_t *wa,
             }
             ia = _mm256_add_epi32(ia, int_sum4(pa)), ib = _mm256_add_epi32(ib, int_sum4(pb));
         }
-        const float unit = tabled ? 65536.0f : 256.0f;
-        *acc_a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ia), _mm256_set1_ps(sa / unit), *acc_a);
-        *acc_b = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ib), _mm256_set1_ps(sb / unit), *acc_b);
+        *acc_a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ia), _mm256_set1_ps(sa / WIDE_UNIT(tabled)), *acc_a);
+        *acc_b = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ib), _mm256_set1_ps(sb / WIDE_UNIT(tabled)), *acc_b);
 #endif
     }
 }
@@ -1153,17 +1161,17 @@ static void lay_input_tile(const coded_input *in, int64_t cols, int64_t T, int64
  * low values, on AVX2 of the first and second 32 wide values; `dst` at this row's slot of the segment's first
  * block), as the path multiplies them: unsigned on AVX-512, wide on AVX2. */
 static inline __attribute__((always_inline)) const uint8_t *decode_segment(const uint8_t *w, const int b,
-                                                                           const uint8_t *table, uint8_t *dst,
-                                                                           int64_t nblocks) {
+                                                                           const int tabled, const uint8_t *table,
+                                                                           uint8_t *dst, int64_t nblocks) {
     for (int64_t k = 0; k < nblocks; k++, w += 8 * b, dst += 2 * TILE_BYTES) {
 #if defined(PATH_AVX512)
         const __m512i codes = block_codes(w, b);
-        _mm512_storeu_si512(dst, table ? lookup(codes, b, table) : codes);
-        if (table) _mm512_storeu_si512(dst + TILE_BYTES, lookup(codes, b, table + (1 << b)));
+        _mm512_storeu_si512(dst, tabled ? lookup(codes, b, table) : codes);
+        if (tabled) _mm512_storeu_si512(dst + TILE_BYTES, lookup(codes, b, table + (1 << b)));
 #else
         for (int half = 0; half < 2; half++) { /* a half's 32 wide values: 64 bytes, one part's row */
             __m256i first, second;
-            half_wide_values(half_codes(w, b, half), b, table, &first, &second);
+            half_wide_values(half_codes(w, b, half), b, tabled, table, &first, &second);
             _mm256_storeu_si256((__m256i *)(dst + half * TILE_BYTES), first);
             _mm256_storeu_si256((__m256i *)(dst + half * TILE_BYTES + 32), second);
         }
@@ -1183,7 +1191,10 @@ static void decode_row_block(const anybit_matrix *m, const int64_t *rows, int nr
             const int64_t s = r * groups + g;
             const uint8_t *table = m->tables ? m->tables + m->table_off[s] : NULL;
             uint8_t *dst = buf + g * group_blocks * 2 * TILE_BYTES + q * 64;
-#define DECODE(B) w = decode_segment(w, B, table, dst, group_blocks)
+#define DECODE(B)                                                                                                      \
+    w = !table              ? decode_segment(w, B, 0, NULL, dst, group_blocks)                                        \
+        : BLOCK_TABLED(m) ? decode_segment(w, B, 1, table, dst, group_blocks)                                         \
+                          : decode_segment(w, B, 2, table, dst, group_blocks)
             WITH_WIDTH(m->bits[s], DECODE)
 #undef DECODE
         }
@@ -1335,7 +1346,7 @@ static void register_row_block(const anybit_matrix *m, const int64_t *rows, int 
                     sc[q] = s >= 0 ? m->scale[s] : 0.0f, off[q] = s >= 0 ? (float)OFFSET_BIAS(m, s) : 0.0f;
                 }
                 const int64_t k0 = g * group_blocks, k1 = k0 + group_blocks;
-                if (m->tables)
+                if (BLOCK_TABLED(m))
                     register_segment(buf, q0, 1, in, blocks, tg, k0, k1, sc, acc + q0);
                 else
                     register_segment(buf, q0, 0, in, blocks, tg, k0, k1, sc, acc + q0);
