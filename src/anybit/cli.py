@@ -339,8 +339,8 @@ def _runtime_options(kernel: str, head: str, decoder: bool):
                 type=click.Choice(TABLES),
                 default="int8",
                 show_default=True,
-                help="The fast kernel's codebook tables: each entry one int8 (fewer products per weight), or "
-                "two int8 parts (AVX2: 12-bit entries either way).",
+                help="The fast kernel's codebook tables: each entry one int8 (less work per weight), or "
+                "two int8 parts (AVX2: one 12-bit integer).",
             ),
         ]
         if decoder:
