@@ -1296,41 +1296,45 @@ static inline __attribute__((always_inline)) void register_chunk(const uint8_t *
 /* register_chunk on AVX2, on the wide layout: the decoded rows and the input tiles hold int16 values (two
  * per 4-byte unit, in the same wide slots), and each madd_epi16 multiplies a row's two values with 8 tokens'
  * two activations, summed in int32 over one part of a block (16 madds: a table's 12-bit entries reach 2^31
- * there), codes' over the whole block. */
+ * there), codes' over the whole block. Each row's broadcast values multiply both halves of the 16 tokens. */
 static inline __attribute__((always_inline)) void register_chunk(const uint8_t *buf, int q0, const int tabled,
                                                                  const coded_input *in, int64_t blocks, int64_t tg,
                                                                  int64_t first, int64_t end, const float *sc,
                                                                  float (*acc)[TILE]) {
     const float unit = tabled ? 1.0f / 65536.0f : 1.0f / 256.0f; /* wide values are 256 times the values */
-    for (int half = 0; half < 2; half++) {
-        __m256 f[REGISTER_ROWS];
-        for (int q = 0; q < REGISTER_ROWS; q++) f[q] = _mm256_setzero_ps();
-        for (int64_t k = first; k < end; k++) {
-            const int8_t *x = input_tile(in, blocks, tg, k) + 32 * half;
-            const uint8_t *w = buf + k * 2 * TILE_BYTES + q0 * 64;
-            __m256i ia[REGISTER_ROWS];
-            for (int q = 0; q < REGISTER_ROWS; q++) ia[q] = _mm256_setzero_si256();
-            for (int part = 0; part < 2; part++) {
-                for (int kk = 0; kk < 16; kk++) {
-                    const __m256i xv = _mm256_loadu_si256((const __m256i *)(x + part * TILE_BYTES + kk * 64));
-                    for (int q = 0; q < REGISTER_ROWS; q++) {
-                        int32_t two;
-                        memcpy(&two, w + part * TILE_BYTES + q * 64 + kk * 4, 4);
-                        ia[q] = _mm256_add_epi32(ia[q], _mm256_madd_epi16(_mm256_set1_epi32(two), xv));
-                    }
+    __m256 f[2][REGISTER_ROWS];
+    for (int q = 0; q < REGISTER_ROWS; q++) f[0][q] = f[1][q] = _mm256_setzero_ps();
+    for (int64_t k = first; k < end; k++) {
+        const int8_t *x = input_tile(in, blocks, tg, k);
+        const uint8_t *w = buf + k * 2 * TILE_BYTES + q0 * 64;
+        __m256i ia[2][REGISTER_ROWS];
+        for (int q = 0; q < REGISTER_ROWS; q++) ia[0][q] = ia[1][q] = _mm256_setzero_si256();
+        for (int part = 0; part < 2; part++) {
+            for (int kk = 0; kk < 16; kk++) {
+                const int8_t *xk = x + part * TILE_BYTES + kk * 64;
+                const __m256i x0 = _mm256_loadu_si256((const __m256i *)xk);
+                const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xk + 32));
+                for (int q = 0; q < REGISTER_ROWS; q++) {
+                    int32_t two;
+                    memcpy(&two, w + part * TILE_BYTES + q * 64 + kk * 4, 4);
+                    const __m256i values = _mm256_set1_epi32(two);
+                    ia[0][q] = _mm256_add_epi32(ia[0][q], _mm256_madd_epi16(values, x0));
+                    ia[1][q] = _mm256_add_epi32(ia[1][q], _mm256_madd_epi16(values, x1));
                 }
-                if (tabled || part == 1)
-                    for (int q = 0; q < REGISTER_ROWS; q++) {
-                        f[q] = _mm256_add_ps(f[q], _mm256_cvtepi32_ps(ia[q]));
-                        ia[q] = _mm256_setzero_si256();
-                    }
             }
-        }
-        for (int q = 0; q < REGISTER_ROWS; q++) {
-            float *to = acc[q] + 8 * half;
-            _mm256_storeu_ps(to, _mm256_fmadd_ps(f[q], _mm256_set1_ps(sc[q] * unit), _mm256_loadu_ps(to)));
+            if (tabled || part == 1)
+                for (int half = 0; half < 2; half++)
+                    for (int q = 0; q < REGISTER_ROWS; q++) {
+                        f[half][q] = _mm256_add_ps(f[half][q], _mm256_cvtepi32_ps(ia[half][q]));
+                        ia[half][q] = _mm256_setzero_si256();
+                    }
         }
     }
+    for (int half = 0; half < 2; half++)
+        for (int q = 0; q < REGISTER_ROWS; q++) {
+            float *to = acc[q] + 8 * half;
+            _mm256_storeu_ps(to, _mm256_fmadd_ps(f[half][q], _mm256_set1_ps(sc[q] * unit), _mm256_loadu_ps(to)));
+        }
 }
 #endif
 
