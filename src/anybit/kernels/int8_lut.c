@@ -892,6 +892,13 @@ static inline __attribute__((always_inline)) void pair_one_width(const anybit_ma
     }
 }
 
+/* pair_blocks over NBLOCKS blocks of width B with the table kind of the pair's segments (ta, tb: NULL for
+ * uniform grids), in pair_product and pair_one_segment, on their locals wa, wb, sa, sb, xq, acc_a, acc_b. */
+#define PAIR_OF(B, NBLOCKS)                                                                                           \
+    !ta            ? pair_blocks(wa, wb, B, 0, NULL, NULL, sa, sb, NBLOCKS, xq, &acc_a, &acc_b)                       \
+    : HIGH_ONLY(m) ? pair_blocks(wa, wb, B, 2, ta, tb, sa, sb, NBLOCKS, xq, &acc_a, &acc_b)                           \
+                   : pair_blocks(wa, wb, B, 1, ta, tb, sa, sb, NBLOCKS, xq, &acc_a, &acc_b)
+
 /* row_product for two rows whose segments have the same widths (see pairs), token 0 alone. */
 static void pair_product(const anybit_matrix *m, int64_t ra, int64_t rb, const coded_input *in, float *y) {
     const int64_t groups = m->cols / m->group_size, group_blocks = m->group_size / BLOCK;
@@ -913,10 +920,6 @@ static void pair_product(const anybit_matrix *m, int64_t ra, int64_t rb, const c
             const float sa = m->scale[sa_], sb = m->scale[sb_];
             const int8_t *xq = in->xq + 2 * k0 * BLOCK;
             const int b = m->bits[sa_];
-#define PAIR_OF(B, NBLOCKS)                                                                                           \
-    !ta            ? pair_blocks(wa, wb, B, 0, NULL, NULL, sa, sb, NBLOCKS, xq, &acc_a, &acc_b)                       \
-    : HIGH_ONLY(m) ? pair_blocks(wa, wb, B, 2, ta, tb, sa, sb, NBLOCKS, xq, &acc_a, &acc_b)                           \
-                   : pair_blocks(wa, wb, B, 1, ta, tb, sa, sb, NBLOCKS, xq, &acc_a, &acc_b)
 #define PAIR(B) PAIR_OF(B, group_blocks)
 #define PAIR_ONE_BLOCK(B) PAIR_OF(B, 1)
             if (group_blocks == 1) {
@@ -924,7 +927,6 @@ static void pair_product(const anybit_matrix *m, int64_t ra, int64_t rb, const c
             } else {
                 WITH_WIDTH(b, PAIR)
             }
-#undef PAIR_OF
 #undef PAIR
 #undef PAIR_ONE_BLOCK
             wa += group_blocks * 8 * b, wb += group_blocks * 8 * b;
@@ -946,15 +948,13 @@ static void pair_one_segment(const anybit_matrix *m, int64_t ra, int64_t rb, con
     const uint8_t *tb = m->tables ? m->tables + m->table_off[rb] : NULL;
     const float sa = m->scale[ra], sb = m->scale[rb];
     const int8_t *xq = in->xq;
-#define PAIR(B)                                                                                                        \
-    !ta            ? pair_blocks(wa, wb, B, 0, NULL, NULL, sa, sb, blocks, xq, &acc_a, &acc_b)                        \
-    : HIGH_ONLY(m) ? pair_blocks(wa, wb, B, 2, ta, tb, sa, sb, blocks, xq, &acc_a, &acc_b)                            \
-                   : pair_blocks(wa, wb, B, 1, ta, tb, sa, sb, blocks, xq, &acc_a, &acc_b)
+#define PAIR(B) PAIR_OF(B, blocks)
     WITH_WIDTH(m->bits[ra], PAIR)
 #undef PAIR
     y[ra] = total_a + in->step[0] * acc_sum(acc_a);
     y[rb] = total_b + in->step[0] * acc_sum(acc_b);
 }
+#undef PAIR_OF
 
 /* Whether rows ra and rb multiply together (pair_product): one token, no vector codebooks, and the same width
  * segment by segment. */
@@ -1404,7 +1404,7 @@ static void amx_row_block(const anybit_matrix *m, const int64_t *rows, int nrows
                           int64_t tg0, int64_t tg1, const uint8_t *buf, float *y) {
     const int64_t cols = m->cols, blocks = cols / BLOCK, groups = cols / m->group_size;
     const int64_t group_blocks = m->group_size / BLOCK;
-    const int tabled = m->tables != NULL;
+    const int tabled = BLOCK_TABLED(m);
     int32_t a[TILE * TILE] __attribute__((aligned(64))), bl[TILE * TILE] __attribute__((aligned(64)));
     for (int64_t tg = tg0; tg < tg1; tg++) {
         const int nt = T - tg * TILE < TILE ? (int)(T - tg * TILE) : TILE;
@@ -1644,8 +1644,8 @@ static void few_token_block(const anybit_matrix *m, const int64_t *rows, int nro
     for (int64_t t0 = 0; t0 < T; t0 += FEW_TOKENS) {
         const int n = (int)(T - t0 < FEW_TOKENS ? T - t0 : FEW_TOKENS);
 #define FEW_PASS(m, r, in, t0, N, y)                                                                                   \
-    (m)->tables ? few_token_pass(m, r, nrows, in, t0, N, 1, buf, sc, off, y)                                           \
-                : few_token_pass(m, r, nrows, in, t0, N, 0, buf, sc, off, y)
+    BLOCK_TABLED(m) ? few_token_pass(m, r, nrows, in, t0, N, 1, buf, sc, off, y)                                       \
+                    : few_token_pass(m, r, nrows, in, t0, N, 0, buf, sc, off, y)
         WITH_TOKEN_COUNT(FEW_PASS, m, rows, in, t0, n, y)
 #undef FEW_PASS
     }
@@ -1680,7 +1680,7 @@ static void few_token_products(const anybit_matrix *const *m, int count, const c
                 off[g * TILE + q] = q < nrows ? m[i]->scale[s] * (float)OFFSET_BIAS(m[i], s) : 0.0f;
             }
         decode_row_block(m[i], rows, nrows, buf);
-        transpose_row_block(buf, m[i]->cols / BLOCK, m[i]->tables != NULL);
+        transpose_row_block(buf, m[i]->cols / BLOCK, BLOCK_TABLED(m[i]));
         few_token_block(m[i], rows, nrows, coded[i], T, buf, sc, off, y[i]);
     }
     free(buf), free(sc);
