@@ -5,13 +5,26 @@ import torch
 from anybit.format.qtensor import QuantizedTensor
 
 
-def codebook_tensor(rows: int, cols: int, group_size: int, widths: tuple[int, ...], **extras) -> QuantizedTensor:
-    """Random codes and sorted codebooks, each segment's width drawn from `widths`."""
+def codebook_tensor(
+    rows: int, cols: int, group_size: int, widths: tuple[int, ...], shared: bool = False, **extras
+) -> QuantizedTensor:
+    """Random codes and sorted codebooks, each segment's width drawn from `widths` (with `shared`, one draw per
+    column group for all rows, as SliM-LLM's bit maps)."""
     groups = cols // group_size
-    bitmap = torch.tensor(widths, dtype=torch.uint8)[torch.randint(0, len(widths), (rows, groups))]
+    bitmap = (
+        shared_bitmap(rows, groups, widths)
+        if shared
+        else torch.tensor(widths, dtype=torch.uint8)[torch.randint(0, len(widths), (rows, groups))]
+    )
     codes = torch.randint(0, 256, (rows, cols)) % (1 << bitmap.long()).repeat_interleave(group_size, dim=1)
     books = torch.randn(rows, groups, 1 << max(widths)).sort(dim=-1).values
     return QuantizedTensor.from_codebook(codes, books, bitmap, (rows, cols), group_size, **extras)
+
+
+def shared_bitmap(rows: int, groups: int, widths: tuple[int, ...]) -> torch.Tensor:
+    """A bit map whose column groups each have one width drawn from `widths` for every row."""
+    drawn = torch.tensor(widths, dtype=torch.uint8)[torch.randint(0, len(widths), (groups,))]
+    return drawn[None, :].expand(rows, groups).contiguous()
 
 
 def vector_tensor(rows: int, cols: int, index_bits: int, row_scale: torch.Tensor | None = None, **extras):

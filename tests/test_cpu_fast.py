@@ -10,7 +10,7 @@ from anybit.format.qtensor import QuantizedTensor, SparseOutliers
 from anybit.kernels import build, coded_input, cpu_fast
 from anybit.quant.uniform import rtn_quantize
 from anybit.runtime.qlinear import QuantLinear, set_kernel
-from qtensors import codebook_tensor
+from qtensors import codebook_tensor, shared_bitmap
 
 if reason := cpu_fast.unavailable(codebook_tensor(8, 64, 64, (2,))):
     pytest.skip(f"no fast CPU kernel here: {reason}", allow_module_level=True)
@@ -46,7 +46,7 @@ def _rounding_bound(prepared: cpu_fast.FastPrepared, x: torch.Tensor) -> torch.T
     xs = coded_input(x, qt.perm, qt.col_scale).double()
     dx = (xs.abs().amax(dim=1, keepdim=True) / 127 / 256).expand_as(xs)
     coded = cpu_fast.rounded_weight(prepared).double().abs()
-    table_step = prepared.scale.double() * (0.5 if prepared.high_only else 1 / 256)
+    table_step = prepared.stored_order(prepared.scale).double() * (0.5 if prepared.high_only else 1 / 256)
     dw = torch.zeros_like(coded) if qt.kind == "uniform" else _per_column(prepared, table_step)
     return dx @ coded.t() + xs.abs() @ dw.t() + dx @ dw.t() + _low_product(prepared, x) + _float_slack(prepared, x)
 
@@ -67,7 +67,8 @@ def _float_slack(prepared: cpu_fast.FastPrepared, x: torch.Tensor) -> torch.Tens
     their offset is taken out included (the AVX2 and portable paths shift them by 128 first)."""
     qt = prepared.qt
     uncentred = cpu_fast.rounded_weight(prepared).double().abs()
-    uncentred += _per_column(prepared, (prepared.offset.double().abs() + 128) * prepared.scale.double().abs())
+    offset, scale = prepared.stored_order(prepared.offset), prepared.stored_order(prepared.scale)
+    uncentred += _per_column(prepared, (offset.double().abs() + 128) * scale.double().abs())
     return 1e-5 * (coded_input(x, qt.perm, qt.col_scale).double().abs() @ uncentred.t()) + 1e-6
 
 
@@ -112,6 +113,29 @@ def test_uniform_grids_per_group_and_per_channel(isa: str, widths: tuple[int, ..
     rows, cols = 40, 256
     bitmap = torch.tensor(widths, dtype=torch.uint8)[torch.randint(0, len(widths), (rows, cols // gs))]
     _check(rtn_quantize(torch.randn(rows, cols) * 0.1, gs, bitmap))
+
+
+def test_a_shared_bit_map_multiplies_in_runs_of_one_width(isa: str) -> None:
+    """Where every row has the same mixed widths (SliM-LLM), the kernel takes the column groups in runs of one
+    width: its codes, scales, tables and column order follow, and the products stay within the bound."""
+    torch.manual_seed(8)
+    rows, cols = 26, 512
+    mask = torch.rand(rows, cols) < 0.02
+    extras = dict(perm=torch.randperm(cols), col_scale=torch.rand(cols) + 0.5)
+    cases = [
+        rtn_quantize(torch.randn(rows, cols) * 0.1, 64, shared_bitmap(rows, cols // 64, (2, 3, 4))),
+        codebook_tensor(rows, cols, 64, (2, 3, 4, 8), shared=True, **extras),
+        codebook_tensor(
+            rows, cols, 128, (3, 5), shared=True, outliers=SparseOutliers.from_mask(torch.randn(rows, cols), mask)
+        ),
+    ]
+    for qt in cases:
+        prepared = cpu_fast.prepare(qt)
+        assert prepared.group_order is not None
+        laid = prepared.bits.view(rows, -1)
+        assert bool((laid[:, 1:] >= laid[:, :-1]).all())
+        assert torch.equal(prepared.stored_order(prepared.bits), qt.bitmap.reshape(-1))
+        _check(qt)
 
 
 def test_uniform_grids_are_exact_up_to_the_activations() -> None:
@@ -175,6 +199,7 @@ def test_paired_rows_give_what_single_rows_give(isa: str) -> None:
         codebook_tensor(49, 192, 192, (1, 3, 5, 8)),  # an odd row left over; pairs across two widths do not pair
         codebook_tensor(30, 256, 64, (2, 3)),  # group codebooks: rows pair only where every segment's width agrees
         rtn_quantize(torch.randn(41, 256) * 0.1, 64, torch.full((41, 4), 4, dtype=torch.uint8)),
+        rtn_quantize(torch.randn(41, 512) * 0.1, 64, shared_bitmap(41, 8, (2, 3, 4))),  # runs of one width
     ]
     for qt in cases:
         prepared = cpu_fast.prepare(qt)
@@ -192,6 +217,7 @@ def _block_path_cases() -> list[QuantizedTensor]:
         codebook_tensor(45, 576, 576, (1, 2, 3, 4, 5, 6, 7, 8)),
         codebook_tensor(30, 256, 64, (2, 3, 8), perm=torch.randperm(256), col_scale=torch.rand(256) + 0.5),
         rtn_quantize(torch.randn(33, 192) * 0.1, 64, torch.randint(1, 9, (33, 3), dtype=torch.uint8)),
+        codebook_tensor(20, 384, 64, (2, 4), shared=True, perm=torch.randperm(384)),
     ]
 
 
@@ -200,7 +226,7 @@ def test_few_tokens_take_blocks_of_rows_where_they_pay() -> None:
     token and the paths turned off take rows."""
     if cpu_fast.code_path() != "avx512":
         pytest.skip("few-token blocks are an AVX-512 path")
-    codebook, _, grid = (cpu_fast.prepare(qt) for qt in _block_path_cases())  # per-row codebooks; g64 grids
+    codebook, _, grid = (cpu_fast.prepare(qt) for qt in _block_path_cases()[:3])  # per-row codebooks; g64 grids
     assert [cpu_fast.token_path(grid, t) for t in (1, 3, 4, 15)] == ["rows", "rows", "few", "few"]
     assert [cpu_fast.token_path(codebook, t) for t in (4, 7, 8, 15)] == ["rows", "rows", "few", "few"]
     assert cpu_fast.token_path(grid, 16) in ("registers", "tiles")

@@ -62,7 +62,7 @@ class Matrix(ctypes.Structure):
     _fields_ = [
         ("codes", _P), ("row_off", _P), ("order", _P), ("bits", _P), ("tables", _P), ("table_off", _P), ("offset", _P),
         ("scale", _P), ("rows", _I), ("cols", _I), ("group_size", _I), ("perm", _P), ("col_scale", _P),
-        ("n_outliers", _I), ("outlier_rows", _P), ("outlier_cols", _P), ("outlier_deltas", _P), ("bias", _P),
+        ("n_outliers", _I), ("outlier_start", _P), ("outlier_cols", _P), ("outlier_deltas", _P), ("bias", _P),
         ("dec_codes", _P), ("dec_scales", _P), ("dec_weight", _P), ("dec_fixed", _P), ("dec_row_bytes", _I),
         ("dec_k_chunk", _I), ("dec_n_fixed", _I), ("rot_signs", _P), ("rot_mix", _P), ("rot_m", _I),
         ("vq_codes", _P), ("vq_table", _P), ("vq_scale", _P), ("vq_bits", _I), ("vq_row_bytes", _I),
@@ -177,25 +177,39 @@ class FastPrepared(PreparedMatrix):
     scale: torch.Tensor  # float32 (segments,)
     perm: torch.Tensor | None  # int64: the coded column order
     col_scale: torch.Tensor | None  # float32: the scaling vector
-    outliers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # int64 rows, int64 columns, float32 deltas
+    # by row: int64 (rows + 1,) where each row's outliers start, int32 columns, float32 (stored - decoded) deltas
+    outliers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
     owns_codes: bool = True  # False: `codes` is the stored stream itself (one width, read as stored)
     high_only: bool = False  # the low tables hold zero parts, which the one-token products skip (int8 tables)
+    # int64 (groups,): the stored column groups in the kernel's order (`_group_order`), which the per-segment
+    # fields and `perm` follow; None: the stored order
+    group_order: torch.Tensor | None = None
 
     def nbytes(self) -> int:
         """Bytes the kernel holds besides the stored tensors: the re-laid codes (unless it reads the stored
-        ones) and the segment tables."""
+        ones), the segment tables, the outliers by row and a column order of its own."""
         held = [self.row_offset, self.order, self.bits, self.offset, self.scale] + [self.codes] * self.owns_codes
         held += [t for t in (self.tables, self.table_offset) if t is not None]
+        held += list(self.outliers or ())
+        if self.group_order is not None:
+            held += [self.group_order, self.perm]
         return sum(t.numel() * t.element_size() for t in held)
 
+    def stored_order(self, per_segment: torch.Tensor) -> torch.Tensor:
+        """A per-segment field (`bits`, `offset`, `scale`, `table_offset`) in the stored segments' order."""
+        if self.group_order is None:
+            return per_segment
+        rows, groups = self.qt.bitmap.shape
+        return per_segment.view(rows, groups)[:, torch.argsort(self.group_order)].reshape(-1)
+
     def _build_matrix(self, extras: dict) -> Matrix:
-        rows, cols, deltas = self.outliers if self.outliers is not None else (None, None, None)
+        start, cols, deltas = self.outliers if self.outliers is not None else (None, None, None)
         return Matrix(
             codes=self.codes.data_ptr(), row_off=self.row_offset.data_ptr(), order=self.order.data_ptr(),
             bits=self.bits.data_ptr(), tables=_pointer(self.tables), table_off=_pointer(self.table_offset),
             offset=self.offset.data_ptr(), scale=self.scale.data_ptr(), rows=self.qt.shape[0], cols=self.qt.shape[1],
             group_size=self.qt.group_size, perm=_pointer(self.perm), col_scale=_pointer(self.col_scale),
-            n_outliers=0 if rows is None else rows.numel(), outlier_rows=_pointer(rows), outlier_cols=_pointer(cols),
+            n_outliers=0 if cols is None else cols.numel(), outlier_start=_pointer(start), outlier_cols=_pointer(cols),
             outlier_deltas=_pointer(deltas), high_only=int(self.high_only), **extras,
         )  # fmt: skip
 
@@ -307,6 +321,27 @@ def low_table_offset() -> int:
     return 0 if code_path() == "avx2" else 128
 
 
+def _group_order(qt: QuantizedTensor) -> torch.Tensor | None:
+    """The column groups ordered by width where every row has the same mixed widths (SliM-LLM's bit maps): a
+    row then multiplies in a few runs of one width instead of switching width at every segment (2.2x as
+    fast on AVX2, cpu_kernel_bandwidth.py); None where the stored order is kept."""
+    bitmap = qt.bitmap
+    if len(qt.widths) == 1 or not torch.equal(bitmap, bitmap[:1].expand_as(bitmap)):
+        return None
+    order = torch.sort(bitmap[0], stable=True).indices.to(torch.int64)
+    return None if torch.equal(order, torch.arange(order.numel())) else order
+
+
+def _kernel_perm(qt: QuantizedTensor, group_order: torch.Tensor | None) -> torch.Tensor | None:
+    """The input column each of the kernel's coded columns reads: the stored `perm`, its groups in
+    `group_order`."""
+    perm = None if qt.perm is None else qt.perm.to(torch.int64)
+    if group_order is not None:
+        columns = (group_order[:, None] * qt.group_size + torch.arange(qt.group_size)).reshape(-1)
+        perm = columns if perm is None else perm[columns]
+    return None if perm is None else perm.contiguous()
+
+
 def check_tables(tables: str) -> None:
     """A ValueError unless `tables` is one of TABLES."""
     if tables not in TABLES:
@@ -329,11 +364,16 @@ def prepare(qt: CodedTensor, tables: str = "int8"):
     rows, groups = qt.bitmap.shape
     widths = qt.bitmap.reshape(-1).to(torch.int64)
     order = torch.sort(qt.bitmap[:, 0], stable=True).indices.to(torch.int64)  # rows of one width together
+    group_order = _group_order(qt)
+    kernel_groups = torch.arange(groups) if group_order is None else group_order
     segment_bytes = widths * (qt.group_size // 8)
     row_bytes = segment_bytes.view(rows, groups).sum(dim=1)
     row_offset = torch.empty(rows, dtype=torch.int64)
     row_offset[order] = torch.cumsum(row_bytes[order], 0) - row_bytes[order]  # laid out in the kernel's order
-    segment_start = (row_offset[:, None] + torch.cumsum(segment_bytes.view(rows, groups), 1)).view(-1) - segment_bytes
+    laid_bytes = segment_bytes.view(rows, groups)[:, kernel_groups]  # a row's segments in the kernel's order
+    segment_start = torch.empty(rows, groups, dtype=torch.int64)
+    segment_start[:, kernel_groups] = row_offset[:, None] + torch.cumsum(laid_bytes, 1) - laid_bytes
+    segment_start = segment_start.view(-1)
     # one width on the AVX-512 path: the stored stream is the kernel's layout already (rows in order)
     shared = len(qt.widths) == 1 and code_path() == "avx512"
     codes = qt.codes[qt.widths[0]] if shared else torch.empty(int(segment_bytes.sum()), dtype=torch.uint8)
@@ -359,16 +399,28 @@ def prepare(qt: CodedTensor, tables: str = "int8"):
             entries, scale[seg] = _segment_tables(qt.codebooks[b], high_only)
             tables[(table_offset[seg][:, None] + torch.arange(2 << b)).reshape(-1)] = entries.reshape(-1)
     bits = widths.to(torch.uint8)
-    perm = None if qt.perm is None else qt.perm.to(torch.int64).contiguous()
+    if group_order is not None:  # the per-segment fields in the kernel's order
+        kernel_segments = (torch.arange(rows)[:, None] * groups + group_order).reshape(-1)
+        bits, offset, scale = bits[kernel_segments], offset[kernel_segments], scale[kernel_segments].contiguous()
+        table_offset = None if table_offset is None else table_offset[kernel_segments]
+    perm = _kernel_perm(qt, group_order)
     col_scale = None if qt.col_scale is None else qt.col_scale.float().contiguous()
-    outliers = outlier_corrections(qt)
-    if outliers is not None:
-        rows_, cols_, deltas = outliers
-        outliers = (rows_.to(torch.int64).contiguous(), cols_.to(torch.int64).contiguous(), deltas.float().contiguous())
     return FastPrepared(
-        qt, codes, row_offset, order, bits, tables, table_offset, offset, scale, perm, col_scale, outliers,
-        owns_codes=not shared, high_only=high_only,
+        qt, codes, row_offset, order, bits, tables, table_offset, offset, scale, perm, col_scale, _outliers_by_row(qt),
+        owns_codes=not shared, high_only=high_only, group_order=group_order,
     )  # fmt: skip
+
+
+def _outliers_by_row(qt: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """`outlier_corrections` sorted by row: where each row's entries start (rows + 1), int32 columns, deltas."""
+    corrections = outlier_corrections(qt)
+    if corrections is None:
+        return None
+    rows, cols, deltas = corrections
+    by_row = torch.sort(rows.to(torch.int64), stable=True).indices
+    start = torch.zeros(qt.shape[0] + 1, dtype=torch.int64)
+    start[1:] = torch.cumsum(torch.bincount(rows.to(torch.int64), minlength=qt.shape[0]), 0)
+    return start, cols[by_row].to(torch.int32).contiguous(), deltas[by_row].float().contiguous()
 
 
 def product(prepared, x: torch.Tensor) -> torch.Tensor:
@@ -434,8 +486,9 @@ def emulate(prepared: FastPrepared, x: torch.Tensor) -> torch.Tensor:
     if low_product_included():
         y += low_x @ low_w.t()
     if prepared.outliers is not None:
-        out_rows, out_cols, deltas = prepared.outliers
-        y.index_add_(1, out_rows, deltas.double()[None, :] * x.double()[:, out_cols])
+        start, out_cols, deltas = prepared.outliers
+        out_rows = torch.repeat_interleave(torch.arange(qt.shape[0]), start.diff())
+        y.index_add_(1, out_rows, deltas.double()[None, :] * x.double()[:, out_cols.long()])
     return y
 
 
@@ -460,14 +513,15 @@ def weight_parts(prepared: FastPrepared) -> tuple[torch.Tensor, torch.Tensor]:
         high = plain.dequantize(torch.float32)
         return high, torch.zeros_like(high)
     widths = qt.bitmap.reshape(-1).to(torch.int64)
+    table_offset, scale = prepared.stored_order(prepared.table_offset), prepared.stored_order(prepared.scale)
     parts = []
     for part in (0, 1):
         books = {}
         for b in qt.widths:
             seg = (widths == b).nonzero()[:, 0]
-            where = prepared.table_offset[seg][:, None] + part * (1 << b) + torch.arange(1 << b)
+            where = table_offset[seg][:, None] + part * (1 << b) + torch.arange(1 << b)
             entries = prepared.tables[where].float() - (low_table_offset() if part else 128)
-            books[b] = entries * prepared.scale[seg][:, None] / (256 if part else 1)
+            books[b] = entries * scale[seg][:, None] / (256 if part else 1)
         plain = dataclasses.replace(qt, perm=None, col_scale=None, outliers=None, codebooks=books)
         parts.append(plain.dequantize(torch.float32))
     return parts[0], parts[1]

@@ -532,8 +532,11 @@ typedef struct {
     const int64_t *perm;     /* coded column j reads input column perm[j]; NULL: identity */
     const float *col_scale;  /* the input is divided by it (original column order) before coding; NULL: none */
     int64_t n_outliers;
-    const int64_t *outlier_rows, *outlier_cols;
-    const float *outlier_deltas; /* stored - decoded, times x[col], added to y[row] */
+    /* row r's outliers: entries outlier_start[r] .. outlier_start[r + 1] - 1, each (stored - decoded) delta times
+     * x[col] added to y[r] */
+    const int64_t *outlier_start;
+    const int32_t *outlier_cols;
+    const float *outlier_deltas;
     const float *bias;           /* NULL: none */
     /* Dynamic error compensation (anybit/runtime/dec.py; NULL codes: none): per token, the k_chunk · L / 1024
      * input channels of each chunk of L <= 1024 with the largest |x| (times dec_weight when given), or the
@@ -867,25 +870,16 @@ static inline __attribute__((always_inline)) void pair_blocks(const uint8_t *wa,
     }
 }
 
-/* Whether every segment of row r has the width of its first. */
-static inline int one_width(const anybit_matrix *m, int64_t r) {
-    const int64_t groups = m->cols / m->group_size;
-    const uint8_t *bits = m->bits + r * groups;
-    for (int64_t g = 1; g < groups; g++)
-        if (bits[g] != bits[0]) return 0;
-    return 1;
-}
-
-/* pair_product's segments where each is one block and all have one width b: the width chosen once per row
- * rather than once per segment. Inlined with b and `tabled` constant. */
-static inline __attribute__((always_inline)) void pair_one_width(const anybit_matrix *m, int64_t ra, int64_t rb,
-                                                                 const int b, const int tabled,
-                                                                 const coded_input *in, accumulator *acc_a,
-                                                                 accumulator *acc_b) {
+/* pair_product's segments g0 .. g1 - 1 where each is one block and all have one width b: the width chosen once
+ * per run of segments rather than once per segment. Inlined with b and `tabled` constant. */
+static inline __attribute__((always_inline)) void pair_run(const anybit_matrix *m, int64_t ra, int64_t rb,
+                                                           int64_t g0, int64_t g1, const int b, const int tabled,
+                                                           const uint8_t *wa, const uint8_t *wb,
+                                                           const coded_input *in, accumulator *acc_a,
+                                                           accumulator *acc_b) {
     const int64_t groups = m->cols / BLOCK;
-    const uint8_t *wa = m->codes + m->row_off[ra], *wb = m->codes + m->row_off[rb];
     const float *scale_a = m->scale + ra * groups, *scale_b = m->scale + rb * groups;
-    for (int64_t g = 0; g < groups; g++, wa += 8 * b, wb += 8 * b) {
+    for (int64_t g = g0; g < g1; g++, wa += 8 * b, wb += 8 * b) {
         const uint8_t *ta = tabled ? m->tables + m->table_off[ra * groups + g] : NULL;
         const uint8_t *tb = tabled ? m->tables + m->table_off[rb * groups + g] : NULL;
         pair_blocks(wa, wb, b, tabled, ta, tb, scale_a[g], scale_b[g], 1, in->xq + 2 * g * BLOCK, acc_a, acc_b);
@@ -905,13 +899,19 @@ static void pair_product(const anybit_matrix *m, int64_t ra, int64_t rb, const c
     const float total_a = -row_bias(m, ra, in, 0), total_b = -row_bias(m, rb, in, 0);
     accumulator acc_a = ACC_ZERO, acc_b = ACC_ZERO;
     const uint8_t *wa = m->codes + m->row_off[ra], *wb = m->codes + m->row_off[rb];
-    if (group_blocks == 1 && one_width(m, ra)) {
-#define ONE_WIDTH(B)                                                                                                   \
-    !m->tables     ? pair_one_width(m, ra, rb, B, 0, in, &acc_a, &acc_b)                                               \
-    : HIGH_ONLY(m) ? pair_one_width(m, ra, rb, B, 2, in, &acc_a, &acc_b)                                               \
-                   : pair_one_width(m, ra, rb, B, 1, in, &acc_a, &acc_b)
-        WITH_WIDTH(m->bits[ra * groups], ONE_WIDTH)
-#undef ONE_WIDTH
+    if (group_blocks == 1) { /* runs of segments of one width (prepare lays a shared bit map's widths in runs) */
+        const uint8_t *bits = m->bits + ra * groups;
+        for (int64_t g0 = 0, g1; g0 < groups; g0 = g1) {
+            g1 = g0 + 1;
+            while (g1 < groups && bits[g1] == bits[g0]) g1++;
+#define RUN(B)                                                                                                         \
+    !m->tables     ? pair_run(m, ra, rb, g0, g1, B, 0, wa, wb, in, &acc_a, &acc_b)                                     \
+    : HIGH_ONLY(m) ? pair_run(m, ra, rb, g0, g1, B, 2, wa, wb, in, &acc_a, &acc_b)                                     \
+                   : pair_run(m, ra, rb, g0, g1, B, 1, wa, wb, in, &acc_a, &acc_b)
+            WITH_WIDTH(bits[g0], RUN)
+#undef RUN
+            wa += (g1 - g0) * 8 * bits[g0], wb += (g1 - g0) * 8 * bits[g0];
+        }
     } else {
         for (int64_t g = 0; g < groups; g++) {
             const int64_t sa_ = ra * groups + g, sb_ = rb * groups + g, k0 = g * group_blocks;
@@ -921,14 +921,8 @@ static void pair_product(const anybit_matrix *m, int64_t ra, int64_t rb, const c
             const int8_t *xq = in->xq + 2 * k0 * BLOCK;
             const int b = m->bits[sa_];
 #define PAIR(B) PAIR_OF(B, group_blocks)
-#define PAIR_ONE_BLOCK(B) PAIR_OF(B, 1)
-            if (group_blocks == 1) {
-                WITH_WIDTH(b, PAIR_ONE_BLOCK)
-            } else {
-                WITH_WIDTH(b, PAIR)
-            }
+            WITH_WIDTH(b, PAIR)
 #undef PAIR
-#undef PAIR_ONE_BLOCK
             wa += group_blocks * 8 * b, wb += group_blocks * 8 * b;
         }
     }
@@ -1706,6 +1700,19 @@ static int token_path(const anybit_matrix *const *m, int count, int64_t T) {
     return TOKENS_ROWS;
 }
 
+static inline int has_extras(const anybit_matrix *m) { return m->n_outliers > 0 || m->bias; }
+
+/* Row r's outliers and bias added to its outputs for the T tokens of x. */
+static void add_extras(const anybit_matrix *m, int64_t r, const float *x, int64_t T, float *y) {
+    const int64_t first = m->n_outliers ? m->outlier_start[r] : 0, end = m->n_outliers ? m->outlier_start[r + 1] : 0;
+    for (int64_t t = 0; t < T; t++) {
+        const float *xt = x + t * m->cols;
+        float sum = m->bias ? m->bias[r] : 0.0f;
+        for (int64_t e = first; e < end; e++) sum += m->outlier_deltas[e] * xt[m->outlier_cols[e]];
+        y[t * m->rows + r] += sum;
+    }
+}
+
 /* y[i] (T, rows_i) = x (T, cols) W_iᵀ for `count` matrices sharing x, their outliers and biases included;
  * called by every thread of a parallel region: a prompt in blocks of rows (block_products), else row by row. */
 static void products(const anybit_matrix *const *m, int count, const float *x, int64_t T, float *const *y,
@@ -1742,20 +1749,16 @@ static void products(const anybit_matrix *const *m, int count, const float *x, i
             compensate(w, x + t * w->cols, in[i].picked + t * w->cols, in[i].n_picked[t], r0, r1, y[i] + t * w->rows);
         }
     }
-    int extras = 0; /* outliers or biases */
-    for (int i = 0; i < count; i++) extras |= m[i]->n_outliers > 0 || m[i]->bias;
-    if (!extras) return;
-#pragma omp single
-    for (int i = 0; i < count; i++) {
-        const anybit_matrix *w = m[i];
-        for (int64_t t = 0; t < T; t++) {
-            float *yt = y[i] + t * w->rows;
-            const float *xt = x + t * w->cols;
-            for (int64_t e = 0; e < w->n_outliers; e++)
-                yt[w->outlier_rows[e]] += w->outlier_deltas[e] * xt[w->outlier_cols[e]];
-            if (w->bias)
-                for (int64_t r = 0; r < w->rows; r++) yt[r] += w->bias[r];
-        }
+    int64_t extra_rows = 0; /* rows with outliers or a bias to add, of every matrix that has them */
+    for (int i = 0; i < count; i++) extra_rows += has_extras(m[i]) ? m[i]->rows : 0;
+    if (!extra_rows) return;
+#pragma omp for schedule(static)
+    for (int64_t R = 0; R < extra_rows; R++) {
+        int i = 0;
+        int64_t r = R;
+        for (; !has_extras(m[i]) || r >= m[i]->rows; i++)
+            if (has_extras(m[i])) r -= m[i]->rows;
+        add_extras(m[i], r, x, T, y[i]);
     }
 }
 
