@@ -62,7 +62,8 @@ class Matrix(ctypes.Structure):
     _fields_ = [
         ("codes", _P), ("row_off", _P), ("order", _P), ("bits", _P), ("tables", _P), ("table_off", _P), ("offset", _P),
         ("scale", _P), ("rows", _I), ("cols", _I), ("group_size", _I), ("perm", _P), ("col_scale", _P),
-        ("n_outliers", _I), ("outlier_start", _P), ("outlier_cols", _P), ("outlier_deltas", _P), ("bias", _P),
+        ("n_outliers", _I), ("outlier_start", _P), ("outlier_rows", _P), ("outlier_cols", _P),
+        ("outlier_deltas", _P), ("bias", _P),
         ("dec_codes", _P), ("dec_scales", _P), ("dec_weight", _P), ("dec_fixed", _P), ("dec_row_bytes", _I),
         ("dec_k_chunk", _I), ("dec_n_fixed", _I), ("rot_signs", _P), ("rot_mix", _P), ("rot_m", _I),
         ("vq_codes", _P), ("vq_table", _P), ("vq_scale", _P), ("vq_bits", _I), ("vq_row_bytes", _I),
@@ -177,8 +178,9 @@ class FastPrepared(PreparedMatrix):
     scale: torch.Tensor  # float32 (segments,)
     perm: torch.Tensor | None  # int64: the coded column order
     col_scale: torch.Tensor | None  # float32: the scaling vector
-    # by row: int64 (rows + 1,) where each row's outliers start, int32 columns, float32 (stored - decoded) deltas
-    outliers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+    # by the rows' positions in `order`: int64 (rows + 1,) where each position's outliers start, then int32 rows,
+    # int32 columns and float32 (stored - decoded) deltas
+    outliers: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None
     owns_codes: bool = True  # False: `codes` is the stored stream itself (one width, read as stored)
     high_only: bool = False  # the low tables hold zero parts, which the one-token products skip (int8 tables)
     # int64 (groups,): the stored column groups in the kernel's order (`_group_order`), which the per-segment
@@ -203,14 +205,14 @@ class FastPrepared(PreparedMatrix):
         return per_segment.view(rows, groups)[:, torch.argsort(self.group_order)].reshape(-1)
 
     def _build_matrix(self, extras: dict) -> Matrix:
-        start, cols, deltas = self.outliers if self.outliers is not None else (None, None, None)
+        start, rows, cols, deltas = self.outliers if self.outliers is not None else (None,) * 4
         return Matrix(
             codes=self.codes.data_ptr(), row_off=self.row_offset.data_ptr(), order=self.order.data_ptr(),
             bits=self.bits.data_ptr(), tables=_pointer(self.tables), table_off=_pointer(self.table_offset),
             offset=self.offset.data_ptr(), scale=self.scale.data_ptr(), rows=self.qt.shape[0], cols=self.qt.shape[1],
             group_size=self.qt.group_size, perm=_pointer(self.perm), col_scale=_pointer(self.col_scale),
-            n_outliers=0 if cols is None else cols.numel(), outlier_start=_pointer(start), outlier_cols=_pointer(cols),
-            outlier_deltas=_pointer(deltas), high_only=int(self.high_only), **extras,
+            n_outliers=0 if cols is None else cols.numel(), outlier_start=_pointer(start), outlier_rows=_pointer(rows),
+            outlier_cols=_pointer(cols), outlier_deltas=_pointer(deltas), high_only=int(self.high_only), **extras,
         )  # fmt: skip
 
 
@@ -406,21 +408,24 @@ def prepare(qt: CodedTensor, tables: str = "int8"):
     perm = _kernel_perm(qt, group_order)
     col_scale = None if qt.col_scale is None else qt.col_scale.float().contiguous()
     return FastPrepared(
-        qt, codes, row_offset, order, bits, tables, table_offset, offset, scale, perm, col_scale, _outliers_by_row(qt),
+        qt, codes, row_offset, order, bits, tables, table_offset, offset, scale, perm, col_scale,
+        _outliers_in_order(qt, order),
         owns_codes=not shared, high_only=high_only, group_order=group_order,
     )  # fmt: skip
 
 
-def _outliers_by_row(qt: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """`outlier_corrections` sorted by row: where each row's entries start (rows + 1), int32 columns, deltas."""
+def _outliers_in_order(qt: QuantizedTensor, order: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    """`outlier_corrections` sorted by their rows' positions in `order`: where each position's entries start
+    (rows + 1), then int32 rows, int32 columns and the deltas."""
     corrections = outlier_corrections(qt)
     if corrections is None:
         return None
     rows, cols, deltas = corrections
-    by_row = torch.sort(rows.to(torch.int64), stable=True).indices
+    position = torch.argsort(order)[rows.to(torch.int64)]
+    by_position = torch.sort(position, stable=True).indices
     start = torch.zeros(qt.shape[0] + 1, dtype=torch.int64)
-    start[1:] = torch.cumsum(torch.bincount(rows.to(torch.int64), minlength=qt.shape[0]), 0)
-    return start, cols[by_row].to(torch.int32).contiguous(), deltas[by_row].float().contiguous()
+    start[1:] = torch.cumsum(torch.bincount(position, minlength=qt.shape[0]), 0)
+    return start, *(t[by_position].to(torch.int32).contiguous() for t in (rows, cols)), deltas[by_position].float()
 
 
 def product(prepared, x: torch.Tensor) -> torch.Tensor:
@@ -486,9 +491,8 @@ def emulate(prepared: FastPrepared, x: torch.Tensor) -> torch.Tensor:
     if low_product_included():
         y += low_x @ low_w.t()
     if prepared.outliers is not None:
-        start, out_cols, deltas = prepared.outliers
-        out_rows = torch.repeat_interleave(torch.arange(qt.shape[0]), start.diff())
-        y.index_add_(1, out_rows, deltas.double()[None, :] * x.double()[:, out_cols.long()])
+        _, out_rows, out_cols, deltas = prepared.outliers
+        y.index_add_(1, out_rows.long(), deltas.double()[None, :] * x.double()[:, out_cols.long()])
     return y
 
 

@@ -43,8 +43,10 @@
 #ifdef _OPENMP
 #include <omp.h>
 static int omp_thread(void) { return omp_get_thread_num(); }
+static int omp_threads(void) { return omp_get_num_threads(); }
 #else
 static int omp_thread(void) { return 0; }
+static int omp_threads(void) { return 1; }
 #endif
 #include <stdlib.h>
 #include <string.h>
@@ -532,10 +534,10 @@ typedef struct {
     const int64_t *perm;     /* coded column j reads input column perm[j]; NULL: identity */
     const float *col_scale;  /* the input is divided by it (original column order) before coding; NULL: none */
     int64_t n_outliers;
-    /* row r's outliers: entries outlier_start[r] .. outlier_start[r + 1] - 1, each (stored - decoded) delta times
-     * x[col] added to y[r] */
+    /* The outliers of the row at position q of `order`: entries outlier_start[q] .. outlier_start[q + 1] - 1, each
+     * (stored - decoded) delta times x[col] added to y[row] */
     const int64_t *outlier_start;
-    const int32_t *outlier_cols;
+    const int32_t *outlier_rows, *outlier_cols;
     const float *outlier_deltas;
     const float *bias;           /* NULL: none */
     /* Dynamic error compensation (anybit/runtime/dec.py; NULL codes: none): per token, the k_chunk · L / 1024
@@ -1120,20 +1122,63 @@ static void code_token(const anybit_matrix *const *m, int count, const float *x,
             in[i].n_picked[t] = pick_channels(m[i], x + t * m[i]->cols, in[i].picked + t * m[i]->cols);
 }
 
-/* The rows of `count` matrices to the threads in each matrix's `order` (rows of one width together, so that the
- * branch on the width is predicted), MAX_TOKENS tokens per pass over a row, two rows at a time where they pair
- * (pair_product; SmolLM2's decode steps 1.18× as fast for anybit 3.25 and 1.34× for GPTQ 4-bit g64 on AVX-512,
- * 0.98× and 1.19× on AVX2: kernel_ab.py --model), else one by one (called by every thread). */
-static void row_products(const anybit_matrix *const *m, int count, const coded_input *const *coded, int64_t T,
-                         float *const *y) {
-    int64_t total = 0; /* pairs of rows: rows cost about the same at any width, so an equal count per thread */
+static inline int has_extras(const anybit_matrix *m) { return m->n_outliers > 0 || m->bias; }
+
+/* The outliers and bias of the rows at positions q0 .. q1 - 1 of m's `order` added to their outputs for the T
+ * tokens of x (the input as given): one loop over the outliers, whose rows' short sums overlap. */
+static void add_extras(const anybit_matrix *m, int64_t q0, int64_t q1, const float *x, int64_t T, float *y) {
+    const int64_t first = m->n_outliers ? m->outlier_start[q0] : 0, end = m->n_outliers ? m->outlier_start[q1] : 0;
+    for (int64_t t = 0; t < T; t++) {
+        const float *xt = x + t * m->cols;
+        float *yt = y + t * m->rows;
+        for (int64_t e = first; e < end; e++) yt[m->outlier_rows[e]] += m->outlier_deltas[e] * xt[m->outlier_cols[e]];
+        if (m->bias)
+            for (int64_t q = q0; q < q1; q++) yt[m->order[q]] += m->bias[m->order[q]];
+    }
+}
+
+/* This thread's share of the pairs of rows of `count` matrices (each matrix's rows in its `order`, two by two):
+ * pairs first .. end - 1 of them all, an equal count per thread (rows cost about the same at any width). */
+static void thread_pairs(const anybit_matrix *const *m, int count, int64_t *first, int64_t *end) {
+    int64_t total = 0;
     for (int i = 0; i < count; i++) total += (m[i]->rows + 1) / 2;
-#pragma omp for schedule(static)
-    for (int64_t P = 0; P < total; P++) {
-        int i = 0;
-        int64_t p = P;
-        while (p >= (m[i]->rows + 1) / 2) p -= (m[i++]->rows + 1) / 2;
-        const int64_t rows[2] = {m[i]->order[2 * p], 2 * p + 1 < m[i]->rows ? m[i]->order[2 * p + 1] : -1};
+    *first = total * omp_thread() / omp_threads(), *end = total * (omp_thread() + 1) / omp_threads();
+}
+
+/* The outliers and biases of the rows in this thread's pairs (thread_pairs). */
+static void thread_extras(const anybit_matrix *const *m, int count, const float *x, int64_t T, float *const *y) {
+    int64_t first, end, base = 0;
+    thread_pairs(m, count, &first, &end);
+    for (int i = 0; i < count; base += (m[i]->rows + 1) / 2, i++) {
+        const int64_t lo = first > base ? first - base : 0, hi = end - base;
+        if (!has_extras(m[i]) || hi <= lo || lo >= (m[i]->rows + 1) / 2) continue;
+        add_extras(m[i], 2 * lo, 2 * hi < m[i]->rows ? 2 * hi : m[i]->rows, x, T, y[i]);
+    }
+}
+
+/* Pair P of the rows of `count` matrices (in each matrix's `order`): its matrix's index in *i, its rows in rows
+ * (rows[1] -1 where the matrix's last row is left alone). */
+static inline void pair_rows(const anybit_matrix *const *m, int64_t P, int *i, int64_t *rows) {
+    int k = 0;
+    while (P >= (m[k]->rows + 1) / 2) P -= (m[k++]->rows + 1) / 2;
+    *i = k;
+    rows[0] = m[k]->order[2 * P], rows[1] = 2 * P + 1 < m[k]->rows ? m[k]->order[2 * P + 1] : -1;
+}
+
+/* The rows of `count` matrices to the threads in each matrix's `order` (rows of one width together, so that the
+ * branch on the width is predicted), an equal share of pairs per thread, MAX_TOKENS tokens per pass over a row,
+ * two rows at a time where they pair (pair_product; SmolLM2's decode steps 1.18× as fast for anybit 3.25 and
+ * 1.34× for GPTQ 4-bit g64 on AVX-512, 0.98× and 1.19× on AVX2: kernel_ab.py --model), else one by one. Then
+ * each thread adds the outliers and biases (x: the input as given) of the rows it wrote, while they are in its
+ * cache, in a loop of their own where the rows' short sums overlap. Called by every thread; ends in a barrier. */
+static void row_products(const anybit_matrix *const *m, int count, const coded_input *const *coded, const float *x,
+                         int64_t T, float *const *y) {
+    int64_t first, end;
+    thread_pairs(m, count, &first, &end);
+    for (int64_t P = first; P < end; P++) {
+        int i;
+        int64_t rows[2];
+        pair_rows(m, P, &i, rows);
 #if defined(PATH_AVX512) || defined(PATH_AVX2)
         if (rows[1] >= 0 && pairs(m[i], rows[0], rows[1], T)) {
             (m[i]->group_size == m[i]->cols ? pair_one_segment : pair_product)(m[i], rows[0], rows[1], coded[i], y[i]);
@@ -1146,6 +1191,8 @@ static void row_products(const anybit_matrix *const *m, int count, const coded_i
                 (m[i]->vq_codes ? vq_row_product_n : row_product_n)(m[i], rows[j], coded[i], t0, n, y[i]);
             }
     }
+    thread_extras(m, count, x, T, y);
+#pragma omp barrier
 }
 
 #if defined(PATH_BLOCKS)
@@ -1700,19 +1747,6 @@ static int token_path(const anybit_matrix *const *m, int count, int64_t T) {
     return TOKENS_ROWS;
 }
 
-static inline int has_extras(const anybit_matrix *m) { return m->n_outliers > 0 || m->bias; }
-
-/* Row r's outliers and bias added to its outputs for the T tokens of x. */
-static void add_extras(const anybit_matrix *m, int64_t r, const float *x, int64_t T, float *y) {
-    const int64_t first = m->n_outliers ? m->outlier_start[r] : 0, end = m->n_outliers ? m->outlier_start[r + 1] : 0;
-    for (int64_t t = 0; t < T; t++) {
-        const float *xt = x + t * m->cols;
-        float sum = m->bias ? m->bias[r] : 0.0f;
-        for (int64_t e = first; e < end; e++) sum += m->outlier_deltas[e] * xt[m->outlier_cols[e]];
-        y[t * m->rows + r] += sum;
-    }
-}
-
 /* y[i] (T, rows_i) = x (T, cols) W_iᵀ for `count` matrices sharing x, their outliers and biases included;
  * called by every thread of a parallel region: a prompt in blocks of rows (block_products), else row by row. */
 static void products(const anybit_matrix *const *m, int count, const float *x, int64_t T, float *const *y,
@@ -1723,6 +1757,7 @@ static void products(const anybit_matrix *const *m, int count, const float *x, i
     for (int64_t t = 0; t < T; t++) code_token(m, count, x, t, in);
     const int path = token_path(m, count, T);
     (void)path; /* the portable build has only rows */
+    int by_rows = 0; /* the row path adds the outliers and biases itself */
 #if defined(PATH_BLOCKS)
     if (path >= TOKENS_REGISTERS && in->tiles)
         block_products(m, count, coded, T, y);
@@ -1733,7 +1768,7 @@ static void products(const anybit_matrix *const *m, int count, const float *x, i
         few_token_products(m, count, coded, T, y);
     else
 #endif
-        row_products(m, count, coded, T, y);
+        row_products(m, count, coded, x, T, y), by_rows = 1;
     /* Every thread sees the same matrices, so all take or skip each barrier below together. */
     int64_t units = 0; /* compensation: DEC_ROWS output channels of one token each */
     for (int i = 0; i < count; i++) units += T * dec_units(m[i]);
@@ -1749,16 +1784,11 @@ static void products(const anybit_matrix *const *m, int count, const float *x, i
             compensate(w, x + t * w->cols, in[i].picked + t * w->cols, in[i].n_picked[t], r0, r1, y[i] + t * w->rows);
         }
     }
-    int64_t extra_rows = 0; /* rows with outliers or a bias to add, of every matrix that has them */
-    for (int i = 0; i < count; i++) extra_rows += has_extras(m[i]) ? m[i]->rows : 0;
-    if (!extra_rows) return;
-#pragma omp for schedule(static)
-    for (int64_t R = 0; R < extra_rows; R++) {
-        int i = 0;
-        int64_t r = R;
-        for (; !has_extras(m[i]) || r >= m[i]->rows; i++)
-            if (has_extras(m[i])) r -= m[i]->rows;
-        add_extras(m[i], r, x, T, y[i]);
+    int extras = 0;
+    for (int i = 0; i < count; i++) extras |= has_extras(m[i]);
+    if (extras && !by_rows) { /* after blocks of rows: the same share of the rows as row_products gives a thread */
+        thread_extras(m, count, x, T, y);
+#pragma omp barrier
     }
 }
 
