@@ -1903,9 +1903,95 @@ static void rotate(float *v, const float *cos, const float *sin, int64_t d) {
     }
 }
 
+#if defined(PATH_AVX512) || defined(PATH_AVX2)
+/* e^x for each lane (x <= 0 here: scores less their maximum), to about 2 ulp: 2^n times a degree-6 polynomial of
+ * the remainder, Cody-Waite split ln 2; below -87.3 the lanes give about 1e-38 rather than 0. */
+static inline __m256 exp_lanes(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145752f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860677e-6f), r);
+    __m256 y = _mm256_set1_ps(1.38888889e-3f);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.33333333e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.16666667e-2f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.66666667e-1f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(0.5f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.0f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.0f));
+    const __m256i power = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(power));
+}
+
+/* The sum of a register's lanes. */
+static inline float lane_sum(__m256 v) {
+    const __m128 four = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    const __m128 two = _mm_add_ps(four, _mm_movehl_ps(four, four));
+    return _mm_cvtss_f32(_mm_add_ss(two, _mm_movehdup_ps(two)));
+}
+
+/* attend for a head of D floats (a multiple of 8, at most 128; inlined with D constant): four keys' scores per
+ * pass with the query held in registers, the exponentials 8 at a time, the weighted values summed in registers
+ * and divided by the weights' sum once. */
+static inline __attribute__((always_inline)) void attend_lanes(const float *q, const float *keys,
+                                                               const float *values, int64_t lo, int64_t p,
+                                                               const int64_t D, float scale, float *scores,
+                                                               float *out) {
+    __m256 query[16], acc[16];
+    for (int64_t c = 0; c < D / 8; c++) query[c] = _mm256_mul_ps(_mm256_loadu_ps(q + 8 * c), _mm256_set1_ps(scale));
+    __m128 tops = _mm_set1_ps(-INFINITY);
+    int64_t j = lo;
+    for (; j + 4 <= p + 1; j += 4) {
+        const float *k = keys + j * D;
+        __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+        for (int64_t c = 0; c < D / 8; c++) {
+            s0 = _mm256_fmadd_ps(query[c], _mm256_loadu_ps(k + 8 * c), s0);
+            s1 = _mm256_fmadd_ps(query[c], _mm256_loadu_ps(k + D + 8 * c), s1);
+            s2 = _mm256_fmadd_ps(query[c], _mm256_loadu_ps(k + 2 * D + 8 * c), s2);
+            s3 = _mm256_fmadd_ps(query[c], _mm256_loadu_ps(k + 3 * D + 8 * c), s3);
+        }
+        const __m256 pairs = _mm256_hadd_ps(_mm256_hadd_ps(s0, s1), _mm256_hadd_ps(s2, s3));
+        const __m128 four = _mm_add_ps(_mm256_castps256_ps128(pairs), _mm256_extractf128_ps(pairs, 1));
+        _mm_storeu_ps(scores + j, four);
+        tops = _mm_max_ps(tops, four);
+    }
+    const __m128 top4 = _mm_max_ps(tops, _mm_movehl_ps(tops, tops));
+    float top = fmaxf(_mm_cvtss_f32(top4), _mm_cvtss_f32(_mm_movehdup_ps(top4)));
+    for (; j <= p; j++) {
+        __m256 s = _mm256_setzero_ps();
+        for (int64_t c = 0; c < D / 8; c++) s = _mm256_fmadd_ps(query[c], _mm256_loadu_ps(keys + j * D + 8 * c), s);
+        scores[j] = lane_sum(s);
+        top = fmaxf(top, scores[j]);
+    }
+    __m256 totals = _mm256_setzero_ps();
+    for (j = lo; j + 8 <= p + 1; j += 8) {
+        const __m256 e = exp_lanes(_mm256_sub_ps(_mm256_loadu_ps(scores + j), _mm256_set1_ps(top)));
+        _mm256_storeu_ps(scores + j, e);
+        totals = _mm256_add_ps(totals, e);
+    }
+    float total = lane_sum(totals);
+    for (; j <= p; j++) total += scores[j] = expf(scores[j] - top);
+    for (int64_t c = 0; c < D / 8; c++) acc[c] = _mm256_setzero_ps();
+    for (j = lo; j <= p; j++) {
+        const __m256 w = _mm256_set1_ps(scores[j]);
+        for (int64_t c = 0; c < D / 8; c++)
+            acc[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(values + j * D + 8 * c), acc[c]);
+    }
+    for (int64_t c = 0; c < D / 8; c++) _mm256_storeu_ps(out + 8 * c, _mm256_div_ps(acc[c], _mm256_set1_ps(total)));
+}
+#endif
+
 /* One attention head for one token at position p over cached positions lo .. p; out (head_dim). */
 static void attend(const float *q, const float *keys, const float *values, int64_t lo, int64_t p, int64_t d,
                    float scale, float *scores, float *out) {
+#if defined(PATH_AVX512) || defined(PATH_AVX2)
+    if (d == 64 || d == 128) {
+        if (d == 64)
+            attend_lanes(q, keys, values, lo, p, 64, scale, scores, out);
+        else
+            attend_lanes(q, keys, values, lo, p, 128, scale, scores, out);
+        return;
+    }
+#endif
     float top = -INFINITY;
     for (int64_t j = lo; j <= p; j++) {
         float s = 0.0f;
