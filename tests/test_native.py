@@ -88,8 +88,11 @@ SERVED = pytest.mark.parametrize(
         ("mistral", {"sliding_window": 6}),
         ("qwen2", {}),
         ("qwen3", {"head_dim": 32}),
+        # heads of 64 and 128 floats take the vector attention (int8_lut.c, attend_lanes)
+        ("llama", {"num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 64}),
+        ("mistral", {"sliding_window": 6, "num_attention_heads": 1, "num_key_value_heads": 1, "head_dim": 128}),
     ],
-    ids=["llama", "llama-tied", "mistral-window", "qwen2-bias", "qwen3-qk-norm"],
+    ids=["llama", "llama-tied", "mistral-window", "qwen2-bias", "qwen3-qk-norm", "llama-head64", "mistral-head128"],
 )
 
 
