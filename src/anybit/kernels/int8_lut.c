@@ -415,13 +415,20 @@ typedef float accumulator;
 #define ACC_ZERO 0.0f
 #endif
 
+#if defined(PATH_AVX512) || defined(PATH_AVX2)
+/* The sum of a register's lanes. */
+static inline float lane_sum(__m256 v) {
+    const __m128 four = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    const __m128 two = _mm_add_ps(four, _mm_movehl_ps(four, four));
+    return _mm_cvtss_f32(_mm_add_ss(two, _mm_movehdup_ps(two)));
+}
+#endif
+
 static inline float acc_sum(accumulator acc) {
 #if defined(PATH_AVX512)
     return _mm512_reduce_add_ps(acc);
 #elif defined(PATH_AVX2)
-    const __m128 four = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    const __m128 two = _mm_add_ps(four, _mm_movehl_ps(four, four));
-    return _mm_cvtss_f32(_mm_add_ss(two, _mm_movehdup_ps(two)));
+    return lane_sum(acc);
 #else
     return acc;
 #endif
@@ -1920,13 +1927,6 @@ static inline __m256 exp_lanes(__m256 x) {
     y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.0f));
     const __m256i power = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(y, _mm256_castsi256_ps(power));
-}
-
-/* The sum of a register's lanes. */
-static inline float lane_sum(__m256 v) {
-    const __m128 four = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    const __m128 two = _mm_add_ps(four, _mm_movehl_ps(four, four));
-    return _mm_cvtss_f32(_mm_add_ss(two, _mm_movehdup_ps(two)));
 }
 
 /* attend for a head of D floats (a multiple of 8, at most 128; inlined with D constant): four keys' scores per
