@@ -4,8 +4,8 @@ Usage: python benchmarks/cpu_kernel_bandwidth.py [--weights 268435456] [--rounds
 
 For each layout (per-row codebooks of mixed widths at anybit's 2.25, 3.25 and 4.25 bits, group
 codebooks, uniform grids per channel and per group at 2-4 bits, SliM-LLM's group bit maps, SqueezeLLM's
-outliers with SKIM's scaling vector and a permutation, vq's vector codebooks: 4-D at 2.25-2.75 bits, 2-D
-at 4 and 4.5), a set of 4096×4096 matrices holding `--weights` weights in all (far more bytes than the last-level cache), with random codes: the time of one product
+outliers with SKIM's scaling vector and a permutation, CLAQ's per-column codebooks of mixed widths, vq's
+vector codebooks: 4-D at 2.25-2.75 bits, 2-D at 4 and 4.5), a set of 4096×4096 matrices holding `--weights` weights in all (far more bytes than the last-level cache), with random codes: the time of one product
 of every matrix with a (batch, 4096) input, as the median of `--rounds`. Bandwidth is the bytes the
 kernel reads (its codes, re-laid or read in place, tables, scales and zero points) per second, beside the machine's read
 bandwidth measured in the same run by a streaming sum over 1 GiB. Beside it, the roof the machine's integer
@@ -71,6 +71,15 @@ def _squeezellm_like() -> QuantizedTensor:
     )  # fmt: skip
 
 
+def _columns(mix: dict[int, float]) -> QuantizedTensor:
+    """CLAQ's layout: one codebook per column (all rows), each column's width drawn with the shares in `mix`,
+    act-order."""
+    bits = _widths(mix, SIDE, 1, per_row=True)  # (columns, 1)
+    codes = torch.randint(0, 256, (SIDE, SIDE), dtype=torch.uint8) % (1 << bits.long())  # (columns, rows)
+    books = torch.randn(SIDE, 1, 1 << max(mix)).sort(dim=-1).values * 0.02
+    return QuantizedTensor.from_codebook(codes, books, bits, (SIDE, SIDE), SIDE, axis=1, perm=torch.randperm(SIDE))
+
+
 def _vector(index_bits: int, dim: int = 4) -> VectorTensor:
     """`--method vq`'s layout: a k-bit table index per piece of `dim` weights, a scale per row, act-order."""
     codes = torch.randint(0, 1 << index_bits, (SIDE, SIDE // dim))
@@ -89,6 +98,8 @@ LAYOUTS = {
     "uniform g64, 4-bit (gptq4)": lambda: _uniform({4: 1.0}, 64),
     "group bit map g64, 2-4 bits (slim)": lambda: _uniform({2: 0.25, 3: 0.5, 4: 0.25}, 64, per_segment=True),
     "row codebooks 3-bit + outliers, scaling, permutation": _squeezellm_like,
+    "column codebooks 2-4 bits (claq 2.2)": lambda: _columns({2: 0.9, 4: 0.1}),
+    "column codebooks 3-4 bits (claq 3)": lambda: _columns({3: 0.9, 4: 0.1}),
     "vector codebooks 2.25 (vq, 9-bit indices)": lambda: _vector(9),
     "vector codebooks 2.5 (vq, 10-bit indices)": lambda: _vector(10),
     "vector codebooks 2.75 (vq, 11-bit indices)": lambda: _vector(11),
@@ -133,6 +144,8 @@ def products_per_weight(prepared, tokens: int) -> int | None:
     if isinstance(prepared.qt, VectorTensor):
         return None
     path = cpu_fast.code_path()
+    if prepared.qt.axis == 1:  # per-column codebooks: madd_epi16 on every SIMD path
+        return 1 if path == "avx2" else None
     if path == "avx512":
         skipped = prepared.high_only and cpu_fast.token_path(prepared, tokens) == "rows"
         return 3 if prepared.tables is not None and not skipped else 2

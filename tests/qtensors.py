@@ -21,6 +21,21 @@ def codebook_tensor(
     return QuantizedTensor.from_codebook(codes, books, bitmap, (rows, cols), group_size, **extras)
 
 
+def column_tensor(
+    rows: int, cols: int, widths: tuple[int, ...], kind: str = "codebook", scale: float = 1.0, **extras
+) -> QuantizedTensor:
+    """A per-column (axis 1, CLAQ's) tensor: each column one segment of all rows, its width drawn from `widths`,
+    random codes; sorted codebooks (times `scale`), or uniform grids with random zero points and scales."""
+    bits = torch.tensor(widths, dtype=torch.uint8)[torch.randint(0, len(widths), (cols,))]
+    codes = torch.randint(0, 256, (cols, rows)) % (1 << bits.long())[:, None]
+    if kind == "uniform":
+        zeros = torch.randint(0, 256, (cols, 1)) % (1 << bits.long())[:, None]
+        scales = (torch.rand(cols, 1) + 0.1) * scale / (1 << bits.long())[:, None]
+        return QuantizedTensor.from_uniform(codes, scales, zeros, bits[:, None], (rows, cols), rows, axis=1, **extras)
+    books = torch.randn(cols, 1, 1 << max(widths)).sort(dim=-1).values * scale
+    return QuantizedTensor.from_codebook(codes, books, bits[:, None], (rows, cols), rows, axis=1, **extras)
+
+
 def shared_bitmap(rows: int, groups: int, widths: tuple[int, ...]) -> torch.Tensor:
     """A bit map whose column groups each have one width drawn from `widths` for every row."""
     drawn = torch.tensor(widths, dtype=torch.uint8)[torch.randint(0, len(widths), (groups,))]

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from anybit.format.qtensor import QuantizedTensor, SparseOutliers
-from anybit.kernels import build, coded_input, cpu_fast
+from anybit.kernels import build, coded_input, cpu_columns, cpu_fast
 from anybit.quant.uniform import rtn_quantize
 from anybit.runtime.qlinear import QuantLinear, set_kernel
-from qtensors import codebook_tensor, shared_bitmap
+from qtensors import codebook_tensor, column_tensor, shared_bitmap
 
 if reason := cpu_fast.unavailable(codebook_tensor(8, 64, 64, (2,))):
     pytest.skip(f"no fast CPU kernel here: {reason}", allow_module_level=True)
@@ -338,3 +338,104 @@ def test_the_tables_asked_for_are_the_tables_multiplied() -> None:
     assert bool(parts[1].abs().sum() > 0)  # two parts: the low ones count
     with pytest.raises(ValueError, match="tables must be one of"):
         set_kernel(layer, "fast", "int4")
+
+
+def _column_bound(prepared: cpu_columns.ColumnPrepared, x: torch.Tensor) -> torch.Tensor:
+    """Per output, the largest |kernel − exact| a per-column matrix's two roundings allow: Σ|w|·δx + Σ|x|·δw +
+    Σ δx·δw, δx = s / (2 σ_j) the rounding of each token's x'_j = x_j σ_j / s, δw = σ_j / 2 that of a codebook's
+    entries (uniform grids are exact); plus float32 summation slack."""
+    xs = coded_input(x, prepared.perm, prepared.col_scale).double()
+    _, s = cpu_columns.rounded_input(prepared, x)
+    step = prepared.step.double()
+    dx = s.double() / (2 * step[None, :])
+    weight = cpu_columns.kernel_weight(prepared).abs()
+    dw = torch.zeros_like(weight) if prepared.qt.kind == "uniform" else (step / 2)[None, :].expand_as(weight)
+    return dx @ weight.t() + xs.abs() @ dw.t() + dx @ dw.t() + _column_slack(prepared, x)
+
+
+def _column_slack(prepared: cpu_columns.ColumnPrepared, x: torch.Tensor) -> torch.Tensor:
+    xs = coded_input(x, prepared.perm, prepared.col_scale).double()
+    return 1e-5 * (xs.abs() @ cpu_columns.kernel_weight(prepared).abs().t()) + 1e-6
+
+
+def _check_columns(qt: QuantizedTensor) -> None:
+    prepared = cpu_fast.prepare(qt)
+    assert isinstance(prepared, cpu_columns.ColumnPrepared)
+    for tokens in (1, 3, 8, 13, 16, 37):  # one pass of up to eight tokens, several, a partial last one
+        x = torch.randn(tokens, qt.shape[1])
+        got = cpu_fast.product(prepared, x).double()
+        exact = x.double() @ qt.dequantize().double().t()
+        bound = _column_bound(prepared, x)
+        assert bool(((got - exact).abs() <= bound).all()), float(((got - exact).abs() - bound).max())
+        assert bool(((got - cpu_columns.emulate(prepared, x)).abs() <= _column_slack(prepared, x)).all())
+
+
+@pytest.mark.parametrize("widths", [(1,), (2,), (3,), (4,), (5,), (6,), (7,), (8,), (2, 3, 4, 8)])
+def test_per_column_codebooks_of_every_width(isa: str, widths: tuple[int, ...]) -> None:
+    """CLAQ's layout: one codebook per column; 70 rows (a partial block of 32), mixed widths in a random order
+    (the kernel lays them in runs of one width), with permutation, scaling vector and outliers."""
+    torch.manual_seed(9)
+    rows, cols = 70, 96
+    mask = torch.rand(rows, cols) < 0.02
+    extras = dict(perm=torch.randperm(cols), col_scale=torch.rand(cols) + 0.5)
+    _check_columns(column_tensor(rows, cols, widths, **extras))
+    _check_columns(column_tensor(rows, cols, widths, outliers=SparseOutliers.from_mask(torch.randn(rows, cols), mask)))
+
+
+def test_per_column_uniform_grids_are_exact_up_to_the_activations(isa: str) -> None:
+    torch.manual_seed(10)
+    qt = column_tensor(64, 128, (2, 3, 4, 8), kind="uniform")
+    _check_columns(qt)
+    x = torch.randn(2, 128)
+    prepared = cpu_fast.prepare(qt)
+    torch.testing.assert_close(
+        cpu_columns.kernel_weight(prepared), qt.dequantize().double()[:, prepared.perm], rtol=1e-6, atol=1e-7
+    )
+    xq, _ = cpu_columns.rounded_input(prepared, x)
+    assert bool((xq.abs().amax(dim=1) == cpu_columns.INPUT_MAX).all())  # each token's largest at full scale
+
+
+def test_per_column_codes_are_relaid_into_the_stored_bytes_and_every_path_agrees(isa: str) -> None:
+    """The re-laid codes take the stored bytes (rows padded to blocks of 32), and every code path computes the
+    same sums in the same order: the same floats."""
+    torch.manual_seed(11)
+    qt = column_tensor(64, 96, (2, 3, 4, 5))
+    prepared = cpu_fast.prepare(qt)
+    assert prepared.codes.numel() == sum(c.numel() for c in qt.codes.values())
+    x = torch.randn(5, 96)
+    got = cpu_fast.product(prepared, x)
+    cpu_fast.KERNEL.cache_clear()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ANYBIT_CPU_ISA", "portable")
+        assert torch.equal(cpu_fast.product(cpu_fast.prepare(qt), x), got)
+    cpu_fast.KERNEL.cache_clear()
+
+
+def test_per_column_layouts_the_kernel_does_not_take_are_named() -> None:
+    codes, books = torch.randint(0, 4, (64, 32)), torch.randn(64, 2, 4)
+    halves = QuantizedTensor.from_codebook(codes, books, torch.full((64, 2), 2, dtype=torch.uint8), (32, 64), 16, 1)
+    assert "one segment per column" in cpu_fast.unavailable(halves)
+    odd = column_tensor(32, 63, (2,))
+    assert "odd number of columns" in cpu_fast.unavailable(odd)
+    layer = QuantLinear(odd)
+    assert layer.backend("cpu") == "reference"
+
+
+def test_per_column_rows_split_over_threads_as_on_one() -> None:
+    """Blocks of 32 rows go to the threads whole, and each thread adds the outliers of the rows it wrote."""
+    torch.manual_seed(12)
+    rows, cols = 200, 64
+    mask = torch.rand(rows, cols) < 0.05
+    qt = column_tensor(rows, cols, (3, 4), outliers=SparseOutliers.from_mask(torch.randn(rows, cols), mask))
+    prepared = cpu_fast.prepare(qt)
+    x = torch.randn(2, cols)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3, 5):
+            torch.set_num_threads(n)
+            results.append(cpu_fast.product(prepared, x))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(r, results[0]) for r in results)
+    torch.testing.assert_close(results[0].double(), cpu_columns.emulate(prepared, x), rtol=1e-5, atol=1e-5)

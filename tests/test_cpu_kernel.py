@@ -75,7 +75,8 @@ def test_quant_linear_dispatch() -> None:
         layer.kernel = "exact"
         torch.testing.assert_close(layer(x), reference, rtol=1e-5, atol=1e-5)
         assert layer.backend("cpu") == "exact" and "exact" in layer._prepared
-    # per-column (CLAQ) layouts have no CPU kernel: the reference path, silently
+    # per-column (CLAQ) layouts have no exact kernel (the fast one serves them): asked for "exact", the
+    # reference path, silently
     column = QuantLinear(
         QuantizedTensor.from_codebook(
             torch.randint(0, 4, (64, 32)), torch.randn(64, 1, 4).sort(dim=-1).values,
@@ -83,6 +84,7 @@ def test_quant_linear_dispatch() -> None:
         )
     )  # fmt: skip
     assert cpu.unavailable(column.qtensor)
+    column.kernel = "exact"
     x = torch.randn(1, 64)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -120,10 +122,10 @@ def test_without_a_working_compiler_one_warning_then_the_reference_path(
 def test_evaluation_caches_dense_weights_only_where_no_kernel_serves() -> None:
     torch.manual_seed(6)
     served = QuantLinear(codebook_tensor(32, 64, 64, (3,)))
-    column = QuantLinear(
+    column = QuantLinear(  # two segments per column: no CPU kernel serves it
         QuantizedTensor.from_codebook(
-            torch.randint(0, 4, (64, 32)), torch.randn(64, 1, 4).sort(dim=-1).values,
-            torch.full((64, 1), 2, dtype=torch.uint8), (32, 64), 32, axis=1,
+            torch.randint(0, 4, (64, 32)), torch.randn(64, 2, 4).sort(dim=-1).values,
+            torch.full((64, 2), 2, dtype=torch.uint8), (32, 64), 16, axis=1,
         )
     )  # fmt: skip
     model = torch.nn.Sequential(served, torch.nn.Linear(32, 64), column)

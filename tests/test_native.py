@@ -20,7 +20,7 @@ from anybit.runtime.native import LINEARS, PATHS, NativeDecoder, native_or_warn,
 from anybit.runtime.native_model import load_native
 from anybit.runtime.qlinear import QuantLinear, quant_linears
 from conftest import tiny_config
-from qtensors import codebook_tensor, vector_tensor
+from qtensors import codebook_tensor, column_tensor, vector_tensor
 
 if reason := cpu_fast.unavailable(codebook_tensor(8, 64, 64, (2,))):
     pytest.skip(f"no fast CPU kernel here: {reason}", allow_module_level=True)
@@ -33,12 +33,15 @@ WIDE = dict(hidden_size=128, intermediate_size=256)  # multiples of 64: every li
 INPUT_GROUPS = {"q": "qkv", "k": "qkv", "v": "qkv", "o": "o", "gate": "gate_up", "up": "gate_up", "down": "down"}
 
 
-def _quantized(family: str, rotate: bool = False, vector: bool = False, **overrides) -> torch.nn.Module:
+def _quantized(
+    family: str, rotate: bool = False, vector: bool = False, columns: bool = False, **overrides
+) -> torch.nn.Module:
     """A tiny random model of `family` whose decoder linears are 4-bit group-64 QuantLinears (a mix of
     uniform grids and, for the MLP, per-row codebooks of 2-4 bits), head and embedding packed to 8 bits; with
     `rotate`, every linear has an input rotation (one per group of linears sharing an input, as `--rotate`);
     with `vector`, every linear is vector-coded instead (random 9-bit indices, each row's scale its weight's
-    spread, in a random column order)."""
+    spread, in a random column order); with `columns`, per-column codebooks of 2-4 bits (CLAQ's layout) in a
+    random column order."""
     torch.manual_seed(0)
     config = tiny_config(family, VOCAB)
     for key, value in {**WIDE, **overrides}.items():
@@ -53,6 +56,9 @@ def _quantized(family: str, rotate: bool = False, vector: bool = False, **overri
             rows, cols = linear.weight.shape
             if vector:
                 qt = vector_tensor(rows, cols, 9, row_scale=linear.weight.detach().std(dim=1) / 0.6)
+            elif columns:
+                scale = float(linear.weight.detach().std())
+                qt = column_tensor(rows, cols, (2, 3, 4), scale=scale, perm=torch.randperm(cols, generator=generator))
             elif name in ("gate", "up", "down"):
                 qt = codebook_tensor(rows, cols, cols, (2, 3, 4))
             else:
@@ -116,6 +122,22 @@ def test_native_decoding_gives_the_eager_models_greedy_tokens(family: str, overr
     first = decoder.forward(prompt[0])
     scale = expected_logits[0].abs().max()
     assert float((first - expected_logits[0]).abs().max()) <= scale / 127
+
+
+@SERVED
+def test_per_column_models_decode_natively(family: str, overrides: dict) -> None:
+    """CLAQ's per-column codebooks on the native decoder: the eager model's greedy tokens, and its logits up to
+    where a rounding boundary falls (the norms and attention sum in another order)."""
+    model = _quantized(family, columns=True, **overrides)
+    quantize_head(model, "int8")
+    assert native_unavailable(model) == ""
+    prompt = torch.randint(0, VOCAB, (1, 20), generator=torch.Generator().manual_seed(1))  # past a pass of 8
+    expected, expected_logits = _eager_greedy(model, prompt, 12)
+    decoder = NativeDecoder(model, 40)
+    assert _native_tokens(decoder, prompt, 12, 0.0, set(), None) == expected
+    decoder.reset()
+    first = decoder.forward(prompt[0])
+    assert float((first - expected_logits[0]).abs().max()) <= expected_logits[0].abs().max() / 127
 
 
 @SERVED

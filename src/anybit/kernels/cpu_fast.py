@@ -21,8 +21,9 @@ per 256 tokens: on AMX tiles where the CPU has them (and Linux lets the process 
 tokens per tile product, else on vector registers, 16 (AVX-512) or 8 (AVX2) tokens' sums per register; the
 same integer sums as the row path (`prompt_path`).
 
-Served: axis-0 layouts whose segments are whole 64-column blocks (group size and row length multiples of 64), every width 1-8, uniform or
-codebook, with the permutation, scaling vector and outliers of the exact path.
+Served: axis-0 layouts whose segments are whole 64-column blocks (group size and row length multiples of 64),
+every width 1-8, uniform or codebook, with the permutation, scaling vector and outliers of the exact path; and,
+through `cpu_vector` and `cpu_columns`, vector codebooks and per-column codebooks (axis 1).
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ class Matrix(ctypes.Structure):
         ("dec_k_chunk", _I), ("dec_n_fixed", _I), ("rot_signs", _P), ("rot_mix", _P), ("rot_m", _I),
         ("vq_codes", _P), ("vq_table", _P), ("vq_scale", _P), ("vq_bits", _I), ("vq_row_bytes", _I),
         ("vq_slot_shift", _I), ("vq_dim", _I), ("high_only", _I),
+        ("col_codes", _P), ("col_bits", _P), ("col_tables", _P), ("col_table_off", _P), ("col_step", _P),
+        ("col_block_bytes", _I), ("col_runs", _P), ("col_n_runs", _I),
     ]  # fmt: skip
 
 
@@ -124,16 +127,23 @@ def prompt_path(choice: str | None = None) -> str:
 
 def unavailable(qt: CodedTensor) -> str:
     """Why the fast path cannot serve this tensor ("" when it can)."""
+    layout = _other_layout(qt)
+    return layout.unavailable(qt) if layout else cpu_unavailable(qt, KERNEL.library(), BLOCK)
+
+
+def _other_layout(qt: CodedTensor):
+    """The module that prepares `qt` for this kernel where it is not an axis-0 segment layout: `kernels.
+    cpu_vector` (vector codebooks) or `kernels.cpu_columns` (per-column codebooks); None for this module's own.
+    (Both import this module.)"""
     if isinstance(qt, VectorTensor):
-        return _vector_layout().unavailable(qt)
-    return cpu_unavailable(qt, KERNEL.library(), BLOCK)
+        from anybit.kernels import cpu_vector
 
+        return cpu_vector
+    if qt.axis == 1:
+        from anybit.kernels import cpu_columns
 
-def _vector_layout():
-    """`kernels.cpu_vector`, which prepares vector-coded tensors for this kernel (it imports this module)."""
-    from anybit.kernels import cpu_vector
-
-    return cpu_vector
+        return cpu_columns
+    return None
 
 
 class PreparedMatrix:
@@ -208,11 +218,11 @@ class FastPrepared(PreparedMatrix):
         start, rows, cols, deltas = self.outliers if self.outliers is not None else (None,) * 4
         return Matrix(
             codes=self.codes.data_ptr(), row_off=self.row_offset.data_ptr(), order=self.order.data_ptr(),
-            bits=self.bits.data_ptr(), tables=_pointer(self.tables), table_off=_pointer(self.table_offset),
+            bits=self.bits.data_ptr(), tables=pointer(self.tables), table_off=pointer(self.table_offset),
             offset=self.offset.data_ptr(), scale=self.scale.data_ptr(), rows=self.qt.shape[0], cols=self.qt.shape[1],
-            group_size=self.qt.group_size, perm=_pointer(self.perm), col_scale=_pointer(self.col_scale),
-            n_outliers=0 if cols is None else cols.numel(), outlier_start=_pointer(start), outlier_rows=_pointer(rows),
-            outlier_cols=_pointer(cols), outlier_deltas=_pointer(deltas), high_only=int(self.high_only), **extras,
+            group_size=self.qt.group_size, perm=pointer(self.perm), col_scale=pointer(self.col_scale),
+            n_outliers=0 if cols is None else cols.numel(), outlier_start=pointer(start), outlier_rows=pointer(rows),
+            outlier_cols=pointer(cols), outlier_deltas=pointer(deltas), high_only=int(self.high_only), **extras,
         )  # fmt: skip
 
 
@@ -227,20 +237,20 @@ def matrix_extras(
 ) -> dict:
     """The `Matrix` fields of a float32 bias, a compensation and a rotation (`rotation_operands`) the kernel
     applies itself; the caller keeps the tensors alive."""
-    extra = {"bias": _pointer(bias)}
+    extra = {"bias": pointer(bias)}
     if rotation is not None:
         signs, mix = rotation
         extra.update(rot_signs=signs.data_ptr(), rot_mix=mix.data_ptr(), rot_m=mix.shape[0])
     if dec is not None:
         extra.update(
-            dec_codes=dec.codes.data_ptr(), dec_scales=dec.scales.data_ptr(), dec_weight=_pointer(dec.weight),
-            dec_fixed=_pointer(dec.fixed), dec_row_bytes=dec.codes.shape[1], dec_k_chunk=dec.k_chunk,
+            dec_codes=dec.codes.data_ptr(), dec_scales=dec.scales.data_ptr(), dec_weight=pointer(dec.weight),
+            dec_fixed=pointer(dec.fixed), dec_row_bytes=dec.codes.shape[1], dec_k_chunk=dec.k_chunk,
             dec_n_fixed=0 if dec.fixed is None else dec.fixed.numel(),
         )  # fmt: skip
     return extra
 
 
-def _pointer(tensor: torch.Tensor | None) -> int | None:
+def pointer(tensor: torch.Tensor | None) -> int | None:
     return None if tensor is None else tensor.data_ptr()
 
 
@@ -353,12 +363,13 @@ def check_tables(tables: str) -> None:
 def prepare(qt: CodedTensor, tables: str = "int8"):
     """The fast kernel's view of a tensor it serves (see `unavailable`): its codes re-laid, or the stored
     ones where they are in the kernel's layout already (`FastPrepared`; `cpu_vector.VectorPrepared` for
-    vector codebooks). `tables` (one of TABLES): codebook entries rounded to one int8 part per row's table,
-    which one token multiplies with two integer products per weight instead of three (AVX-512 and the
-    portable path) or with one table lookup instead of two (AVX2), or to two parts (12-bit integers on AVX2)."""
-    if isinstance(qt, VectorTensor):
-        return _vector_layout().prepare(qt)
+    vector codebooks, `cpu_columns.ColumnPrepared` for per-column ones). `tables` (one of TABLES): codebook
+    entries rounded to one int8 part per row's table, which one token multiplies with two integer products per
+    weight instead of three (AVX-512 and the portable path) or with one table lookup instead of two (AVX2), or
+    to two parts (12-bit integers on AVX2); per-column tables keep 12 bits either way (`cpu_columns`)."""
     check_tables(tables)
+    if layout := _other_layout(qt):
+        return layout.prepare(qt)
     reason = unavailable(qt)
     if reason:
         raise ValueError(reason)
@@ -409,12 +420,12 @@ def prepare(qt: CodedTensor, tables: str = "int8"):
     col_scale = None if qt.col_scale is None else qt.col_scale.float().contiguous()
     return FastPrepared(
         qt, codes, row_offset, order, bits, tables, table_offset, offset, scale, perm, col_scale,
-        _outliers_in_order(qt, order),
+        outliers_in_order(qt, order),
         owns_codes=not shared, high_only=high_only, group_order=group_order,
     )  # fmt: skip
 
 
-def _outliers_in_order(qt: QuantizedTensor, order: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+def outliers_in_order(qt: QuantizedTensor, order: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
     """`outlier_corrections` sorted by their rows' positions in `order`: where each position's entries start
     (rows + 1), then int32 rows, int32 columns and the deltas."""
     corrections = outlier_corrections(qt)
@@ -431,7 +442,7 @@ def _outliers_in_order(qt: QuantizedTensor, order: torch.Tensor) -> tuple[torch.
 def product(prepared, x: torch.Tensor) -> torch.Tensor:
     """y = x Ŵᵀ for x of shape (tokens, in_features), any number of tokens; float32 (tokens, out_features)."""
     if not isinstance(prepared, FastPrepared):
-        return _vector_layout().product(prepared, x)
+        return _other_layout(prepared.qt).product(prepared, x)
     check_cpu_input(x, prepared.qt.shape[1])
     return matmul(prepared.matrix(), x)
 

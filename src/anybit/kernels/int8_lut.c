@@ -1,4 +1,4 @@
-/* The fast CPU product y = x Wᵀ for anybit's axis-0 layouts, on integer dot products.
+/* The fast CPU product y = x Wᵀ for anybit's layouts, on integer dot products.
  * Built and loaded by anybit/kernels/build.py; prepared and called by anybit/kernels/cpu_fast.py.
  *
  * Weights, re-laid at load time: every row is cut into segments of `group_size` columns, and every segment into
@@ -36,7 +36,10 @@
  *
  * Vector-coded matrices (anybit/format/vector.py, prepared by anybit/kernels/cpu_vector.py) share the
  * structure, the input rotation, the threads and the decode step, but multiply the float input: each piece of
- * four weights is a table entry (float32) times the row's scale (vq_row_product).
+ * four weights is a table entry (float32) times the row's scale (vq_row_product). Per-column codebooks (axis 1,
+ * CLAQ's layout; anybit/kernels/cpu_columns.py) share them too, with a rounding of their own (one int16 per
+ * input, the columns' table steps folded in) and rows in blocks of 32 whose codes run down the columns
+ * ("Per-column codebooks").
  */
 #include <math.h>
 #include <stdint.h>
@@ -573,6 +576,17 @@ typedef struct {
      * lookup and a product per block and token fewer) and the AVX-512 block paths multiply as they are. On
      * AVX2 (WIDE_TABLES) every path multiplies the high table's unsigned byte as it would a code. */
     int64_t high_only;
+    /* Per-column codebooks (axis 1; NULL col_codes: a layout above), see "Per-column codebooks": per block of
+     * COLUMN_ROWS rows, col_block_bytes of codes; per column of the coded order, its width, the offset of its
+     * table in col_tables and its step. `order` is then the rows in order. */
+    const uint8_t *col_codes;
+    const uint8_t *col_bits;
+    const uint8_t *col_tables;
+    const int64_t *col_table_off;
+    const float *col_step;
+    int64_t col_block_bytes;
+    const int64_t *col_runs; /* where each run of columns of one width starts, then cols (col_n_runs + 1) */
+    int64_t col_n_runs;
 } anybit_matrix;
 
 /* A row path's `tabled` for one segment: 0 without a table, 1 with its high and low parts, 2 with the high
@@ -728,6 +742,233 @@ static void vq_row_product_n(const anybit_matrix *m, int64_t r, const coded_inpu
     case 7: CALL(7); break;                                                                                           \
     default: CALL(8); break;                                                                                          \
     }
+
+/* ---- Per-column codebooks (axis 1: CLAQ; prepared by anybit/kernels/cpu_columns.py) ---------------------------
+ * Column j of the coded order (columns of one width together) has a table of int16 entries e_j (at most 12 bits)
+ * and a step σ_j (col_step): w[r][j] = σ_j e_j[c_rj]. Each token is rounded once with the steps folded in,
+ * x'_j = round(x_j σ_j / s) (int16, s = max_j |x_j σ_j| / 32767, the token's `step`), so that y_r = s Σ_j x'_j
+ * e_j[c_rj]: integer products summed in int32 over COLUMN_FLUSH columns, then in float, on every path in the same
+ * order (the same results). Rows go in blocks of COLUMN_ROWS; a block's codes column after column, each column's
+ * 32 codes in 4 b bytes, in parts of 4, 2 and 1 bits from the low bits up (b = 8: the codes themselves, one byte
+ * each): 4 bits in 16 bytes (byte i: row i in its low nibble, row i + 16 in its high), 2 bits in 8 bytes (bits 2q
+ * and 2q + 1 of byte i: row i + 8 q), 1 bit in 4 bytes (bit d of byte i: row i + 4 d). A column's table: the low
+ * bytes of its entries, then their high bytes, 2^max(b, 4) each. AVX2 (and AVX-512 builds) look the entries up
+ * for 32 rows at once by pshufb and multiply two columns per madd_epi16. */
+#define COLUMN_ROWS 32
+#define COLUMN_FLUSH 32            /* columns summed in int32: 32 · 2047 · 32767 < 2^31 */
+#define COLUMN_INPUT_MAX 32767.0f /* |x'| */
+
+static inline int column_entries_bytes(int b) { return b > 4 ? 1 << b : 16; }
+
+/* Token t of a column-coded matrix's input (coded order) as x' (XQ, int16 per column) and its step. */
+static void column_token(const anybit_matrix *m, const float *v, int64_t t, coded_input *in) {
+    const int64_t cols = m->cols;
+    float amax = 0.0f;
+    for (int64_t j = 0; j < cols; j++) {
+        const float a = fabsf(v[j] * m->col_step[j]);
+        amax = a > amax ? a : amax;
+    }
+    const float inverse = amax > 0.0f ? COLUMN_INPUT_MAX / amax : 0.0f;
+    int16_t *q = (int16_t *)XQ(in->xq, cols, t, 0);
+    for (int64_t j = 0; j < cols; j++) {
+        const float r = rintf(v[j] * m->col_step[j] * inverse);
+        q[j] = (int16_t)(r > COLUMN_INPUT_MAX ? COLUMN_INPUT_MAX : (r < -COLUMN_INPUT_MAX ? -COLUMN_INPUT_MAX : r));
+    }
+    in->step[t] = amax / COLUMN_INPUT_MAX;
+}
+
+#if defined(PATH_AVX512) || defined(PATH_AVX2)
+/* A column's 32 codes (width b, at p), byte i for row i. */
+static inline __attribute__((always_inline)) __m256i column_codes(const uint8_t *p, const int b) {
+    if (b == 8) return _mm256_loadu_si256((const __m256i *)p);
+    __m256i code = _mm256_setzero_si256();
+    int shift = 0;
+    if (b & 4) {
+        const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p));
+        code = _mm256_and_si256(_mm256_srlv_epi32(v, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)), _mm256_set1_epi8(15));
+        p += 16, shift = 4;
+    }
+    if (b & 2) {
+        int64_t w;
+        memcpy(&w, p, sizeof w);
+        __m256i part = _mm256_srlv_epi64(_mm256_set1_epi64x(w), _mm256_setr_epi64x(0, 2, 4, 6));
+        part = _mm256_and_si256(part, _mm256_set1_epi8(3));
+        code = _mm256_or_si256(code, _mm256_slli_epi16(part, shift));
+        p += 8, shift += 2;
+    }
+    if (b & 1) {
+        int32_t w;
+        memcpy(&w, p, sizeof w);
+        __m256i part = _mm256_srlv_epi32(_mm256_set1_epi32(w), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        part = _mm256_and_si256(part, _mm256_set1_epi8(1));
+        code = _mm256_or_si256(code, _mm256_slli_epi16(part, shift));
+    }
+    return code;
+}
+
+/* The bytes of a table of 2^max(b, 4) at `table` that 32 codes pick: one pshufb up to 4 bits, else one per 16
+ * entries, each kept where the codes' high bits select it. */
+static inline __attribute__((always_inline)) __m256i column_lookup(const uint8_t *table, __m256i code, const int b) {
+    if (b <= 4) return _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)table)), code);
+    const __m256i low = _mm256_and_si256(code, _mm256_set1_epi8(15));
+    const __m256i high = _mm256_and_si256(_mm256_srli_epi16(code, 4), _mm256_set1_epi8(15));
+    __m256i out = _mm256_setzero_si256();
+    for (int k = 0; k < 1 << (b - 4); k++) {
+        const __m256i part = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(table + 16 * k)));
+        const __m256i picked = _mm256_cmpeq_epi8(high, _mm256_set1_epi8((char)k));
+        out = _mm256_or_si256(out, _mm256_and_si256(picked, _mm256_shuffle_epi8(part, low)));
+    }
+    return out;
+}
+
+/* A column's 32 entries as int16: rows 0-7 and 16-23 in *a, rows 8-15 and 24-31 in *c (unpack's lanes). */
+static inline __attribute__((always_inline)) void column_values(const uint8_t *p, const uint8_t *table, const int b,
+                                                                __m256i *a, __m256i *c) {
+    const __m256i code = column_codes(p, b);
+    const __m256i lo = column_lookup(table, code, b), hi = column_lookup(table + column_entries_bytes(b), code, b);
+    *a = _mm256_unpacklo_epi8(lo, hi), *c = _mm256_unpackhi_epi8(lo, hi);
+}
+
+static inline __attribute__((always_inline)) void column_values_of_width(const uint8_t *p, const uint8_t *table, int b,
+                                                                         __m256i *a, __m256i *c) {
+#define VALUES(B) column_values(p, table, B, a, c)
+    WITH_WIDTH(b, VALUES)
+#undef VALUES
+}
+
+/* Two columns' entries (column_values) into the tokens' sums: interleaved row by row (four registers of 8 rows:
+ * rows 0-3 | 16-19, 4-7 | 20-23, 8-11 | 24-27, 12-15 | 28-31), one madd_epi16 with each token's x'_j and x'_j+1;
+ * the int32 sums flushed to float after every COLUMN_FLUSH columns and the last. */
+static inline __attribute__((always_inline)) void column_pair_sums(__m256i a0, __m256i c0, __m256i a1, __m256i c1,
+                                                                   const coded_input *in, int64_t cols, int64_t t0,
+                                                                   const int n, int64_t j, __m256i (*acc)[4],
+                                                                   __m256 (*sum)[4]) {
+    const __m256i e[4] = {_mm256_unpacklo_epi16(a0, a1), _mm256_unpackhi_epi16(a0, a1), _mm256_unpacklo_epi16(c0, c1),
+                          _mm256_unpackhi_epi16(c0, c1)};
+    for (int t = 0; t < n; t++) {
+        int32_t pair;
+        memcpy(&pair, XQ(in->xq, cols, t0 + t, 0) + 2 * j, sizeof pair);
+        const __m256i x2 = _mm256_set1_epi32(pair);
+        for (int k = 0; k < 4; k++) acc[t][k] = _mm256_add_epi32(acc[t][k], _mm256_madd_epi16(e[k], x2));
+    }
+    if ((j + 2) % COLUMN_FLUSH == 0 || j + 2 == cols)
+        for (int t = 0; t < n; t++)
+            for (int k = 0; k < 4; k++) {
+                sum[t][k] = _mm256_add_ps(sum[t][k], _mm256_cvtepi32_ps(acc[t][k]));
+                acc[t][k] = _mm256_setzero_si256();
+            }
+}
+
+/* Pairs of columns j .. end - 1, all of width b (codes from p, tables from `table`); returns where the codes end.
+ * With b constant, the codes and tables advance by constant steps (1.5-2x the speed of a width read per column). */
+static inline __attribute__((always_inline)) const uint8_t *column_run(const uint8_t *p, const uint8_t *table,
+                                                                      int64_t j, int64_t end, const int b,
+                                                                      const coded_input *in, int64_t cols, int64_t t0,
+                                                                      const int n, __m256i (*acc)[4],
+                                                                      __m256 (*sum)[4]) {
+    const int64_t stride = 2 * column_entries_bytes(b);
+    for (; j < end; j += 2, p += 8 * b, table += 2 * stride) {
+        __m256i a0, c0, a1, c1;
+        column_values(p, table, b, &a0, &c0);
+        column_values(p + 4 * b, table + stride, b, &a1, &c1);
+        column_pair_sums(a0, c0, a1, c1, in, cols, t0, n, j, acc, sum);
+    }
+    return p;
+}
+
+/* y for tokens t0 .. t0 + n - 1 of the rows of block `blk`: the columns two by two, each run of one width in a
+ * loop of its own (column_run), a run's odd last column paired with the next run's first. */
+static inline __attribute__((always_inline)) void column_block(const anybit_matrix *m, int64_t blk,
+                                                               const coded_input *in, int64_t t0, const int n,
+                                                               float *y) {
+    const int64_t cols = m->cols, r0 = blk * COLUMN_ROWS;
+    const uint8_t *p = m->col_codes + blk * m->col_block_bytes;
+    __m256i acc[MAX_TOKENS][4];
+    __m256 sum[MAX_TOKENS][4];
+    for (int t = 0; t < n; t++)
+        for (int k = 0; k < 4; k++) acc[t][k] = _mm256_setzero_si256(), sum[t][k] = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (int64_t r = 0; r < m->col_n_runs; r++) {
+        const int64_t end = m->col_runs[r + 1];
+        if (j >= end) continue; /* a one-column run, taken with the run before */
+        const int64_t paired = j + ((end - j) & ~(int64_t)1);
+        const uint8_t *table = m->col_tables + m->col_table_off[j];
+#define RUN(B) p = column_run(p, table, j, paired, B, in, cols, t0, n, acc, sum)
+        WITH_WIDTH(m->col_bits[j], RUN)
+#undef RUN
+        j = paired;
+        if (j < end) {
+            __m256i a0, c0, a1, c1;
+            column_values_of_width(p, m->col_tables + m->col_table_off[j], m->col_bits[j], &a0, &c0);
+            p += 4 * m->col_bits[j];
+            column_values_of_width(p, m->col_tables + m->col_table_off[j + 1], m->col_bits[j + 1], &a1, &c1);
+            p += 4 * m->col_bits[j + 1];
+            column_pair_sums(a0, c0, a1, c1, in, cols, t0, n, j, acc, sum);
+            j += 2;
+        }
+    }
+    for (int t = 0; t < n; t++) {
+        const __m256 s = _mm256_set1_ps(in->step[t0 + t]);
+        float out[COLUMN_ROWS];
+        _mm256_storeu_ps(out, _mm256_mul_ps(_mm256_permute2f128_ps(sum[t][0], sum[t][1], 0x20), s));
+        _mm256_storeu_ps(out + 8, _mm256_mul_ps(_mm256_permute2f128_ps(sum[t][2], sum[t][3], 0x20), s));
+        _mm256_storeu_ps(out + 16, _mm256_mul_ps(_mm256_permute2f128_ps(sum[t][0], sum[t][1], 0x31), s));
+        _mm256_storeu_ps(out + 24, _mm256_mul_ps(_mm256_permute2f128_ps(sum[t][2], sum[t][3], 0x31), s));
+        const int64_t valid = m->rows - r0 < COLUMN_ROWS ? m->rows - r0 : COLUMN_ROWS;
+        memcpy(y + (t0 + t) * m->rows + r0, out, sizeof(float) * (size_t)valid);
+    }
+}
+#else
+/* Code of row i of a column's 32 codes (width b, at p). */
+static inline int column_code(const uint8_t *p, int b, int i) {
+    if (b == 8) return p[i];
+    int code = 0, shift = 0;
+    if (b & 4) code = (p[i & 15] >> (i & 16 ? 4 : 0)) & 15, p += 16, shift = 4;
+    if (b & 2) code |= ((p[i & 7] >> (2 * (i >> 3))) & 3) << shift, p += 8, shift += 2;
+    if (b & 1) code |= ((p[i & 3] >> (i >> 2)) & 1) << shift;
+    return code;
+}
+
+static inline __attribute__((always_inline)) void column_block(const anybit_matrix *m, int64_t blk,
+                                                               const coded_input *in, int64_t t0, const int n,
+                                                               float *y) {
+    const int64_t cols = m->cols, r0 = blk * COLUMN_ROWS;
+    const uint8_t *p = m->col_codes + blk * m->col_block_bytes;
+    int32_t acc[MAX_TOKENS][COLUMN_ROWS] = {{0}};
+    float sum[MAX_TOKENS][COLUMN_ROWS] = {{0.0f}};
+    for (int64_t j = 0; j < cols; j++) {
+        const int b = m->col_bits[j];
+        const uint8_t *low = m->col_tables + m->col_table_off[j], *high = low + column_entries_bytes(b);
+        for (int i = 0; i < COLUMN_ROWS; i++) {
+            const int c = column_code(p, b, i), e = (int16_t)(low[c] | high[c] << 8);
+            for (int t = 0; t < n; t++) acc[t][i] += e * ((const int16_t *)XQ(in->xq, cols, t0 + t, 0))[j];
+        }
+        p += 4 * b;
+        if ((j + 1) % COLUMN_FLUSH == 0 || j + 1 == cols) /* where the SIMD paths flush their sums */
+            for (int t = 0; t < n; t++)
+                for (int i = 0; i < COLUMN_ROWS; i++) sum[t][i] += (float)acc[t][i], acc[t][i] = 0;
+    }
+    for (int t = 0; t < n; t++)
+        for (int i = 0; i < COLUMN_ROWS && r0 + i < m->rows; i++)
+            y[(t0 + t) * m->rows + r0 + i] = sum[t][i] * in->step[t0 + t];
+}
+#endif
+
+/* The rows of block `blk` of a column-coded matrix for T tokens: MAX_TOKENS per pass over its codes, the rest in
+ * passes of 4, 2 and 1 (four copies of column_block, not eight: each is a loop per width). */
+static void column_products(const anybit_matrix *m, int64_t blk, const coded_input *in, int64_t T, float *y) {
+    for (int64_t t0 = 0; t0 < T;) {
+        const int64_t left = T - t0;
+        if (left >= MAX_TOKENS)
+            column_block(m, blk, in, t0, MAX_TOKENS, y), t0 += MAX_TOKENS;
+        else if (left >= 4)
+            column_block(m, blk, in, t0, 4, y), t0 += 4;
+        else if (left >= 2)
+            column_block(m, blk, in, t0, 2, y), t0 += 2;
+        else
+            column_block(m, blk, in, t0, 1, y), t0 += 1;
+    }
+}
 
 /* What segment s (blocks k0 .. k1 - 1) of token t's product carries besides its weights (OFFSET_BIAS and
  * LOW_BIAS), times the segment's scale: the row paths subtract it from their sums. */
@@ -1059,14 +1300,14 @@ static int same_rotation(const anybit_matrix *a, const anybit_matrix *b) {
 
 static int shares_input(const anybit_matrix *const *m, int i) {
     return i > 0 && !m[i]->perm && !m[i]->col_scale && !m[0]->perm && !m[0]->col_scale && same_rotation(m[0], m[i]) &&
-           !m[i]->vq_codes == !m[0]->vq_codes;
+           !m[i]->vq_codes == !m[0]->vq_codes && !m[i]->col_codes && !m[0]->col_codes;
 }
 
 #if defined(PATH_BLOCKS)
-/* Whether any of `count` matrices is vector-coded (those take the row path, on the float input). */
-static int any_vector_coded(const anybit_matrix *const *m, int count) {
+/* Whether any of `count` matrices is vector-coded or column-coded (those take the row path). */
+static int any_row_only(const anybit_matrix *const *m, int count) {
     for (int i = 0; i < count; i++)
-        if (m[i]->vq_codes) return 1;
+        if (m[i]->vq_codes || m[i]->col_codes) return 1;
     return 0;
 }
 #endif
@@ -1117,6 +1358,10 @@ static void code_token(const anybit_matrix *const *m, int count, const float *x,
             }
             src = coded;
         }
+        if (m[i]->col_codes) {
+            column_token(m[i], src, t, in + i);
+            continue;
+        }
         if (m[i]->vq_codes) { /* vector codebooks multiply the float input, from `coded` */
             float *coded = in[i].coded + t * cols;
             if (src != coded) memcpy(coded, src, sizeof(float) * (size_t)cols);
@@ -1152,12 +1397,19 @@ static void thread_pairs(const anybit_matrix *const *m, int count, int64_t *firs
     *first = total * omp_thread() / omp_threads(), *end = total * (omp_thread() + 1) / omp_threads();
 }
 
+/* Where a thread's share of pairs (from `lo`, or up to `hi`) starts or ends in matrix m: column-coded rows go in
+ * blocks, each to the thread whose share holds its first pair (row_products). */
+static inline int64_t share_bound(const anybit_matrix *m, int64_t pair) {
+    const int64_t per_block = COLUMN_ROWS / 2;
+    return m->col_codes && pair > 0 ? (pair + per_block - 1) / per_block * per_block : pair;
+}
+
 /* The outliers and biases of the rows in this thread's pairs (thread_pairs). */
 static void thread_extras(const anybit_matrix *const *m, int count, const float *x, int64_t T, float *const *y) {
     int64_t first, end, base = 0;
     thread_pairs(m, count, &first, &end);
     for (int i = 0; i < count; base += (m[i]->rows + 1) / 2, i++) {
-        const int64_t lo = first > base ? first - base : 0, hi = end - base;
+        const int64_t lo = share_bound(m[i], first > base ? first - base : 0), hi = share_bound(m[i], end - base);
         if (!has_extras(m[i]) || hi <= lo || lo >= (m[i]->rows + 1) / 2) continue;
         add_extras(m[i], 2 * lo, 2 * hi < m[i]->rows ? 2 * hi : m[i]->rows, x, T, y[i]);
     }
@@ -1186,6 +1438,10 @@ static void row_products(const anybit_matrix *const *m, int count, const coded_i
         int i;
         int64_t rows[2];
         pair_rows(m, P, &i, rows);
+        if (m[i]->col_codes) { /* a block of rows, from its first pair (`order` is the rows in order) */
+            if (rows[0] % COLUMN_ROWS == 0) column_products(m[i], rows[0] / COLUMN_ROWS, coded[i], T, y[i]);
+            continue;
+        }
 #if defined(PATH_AVX512) || defined(PATH_AVX2)
         if (rows[1] >= 0 && pairs(m[i], rows[0], rows[1], T)) {
             (m[i]->group_size == m[i]->cols ? pair_one_segment : pair_product)(m[i], rows[0], rows[1], coded[i], y[i]);
@@ -1591,7 +1847,7 @@ static void block_products(const anybit_matrix *const *m, int count, const coded
 static int few_tokens(const anybit_matrix *const *m, int count, int64_t T) {
     if (T >= TILE_MIN_TOKENS || registers_off) return 0;
     for (int i = 0; i < count; i++)
-        if (m[i]->vq_codes || T < (m[i]->group_size == BLOCK ? 4 : 8)) return 0;
+        if (m[i]->vq_codes || m[i]->col_codes || T < (m[i]->group_size == BLOCK ? 4 : 8)) return 0;
     return 1;
 }
 
@@ -1745,7 +2001,7 @@ static void few_token_products(const anybit_matrix *const *m, int count, const c
  * allocated): row by row, few-token blocks of rows, or blocks of rows on registers or on AMX tiles. */
 static int token_path(const anybit_matrix *const *m, int count, int64_t T) {
 #if defined(PATH_BLOCKS)
-    if (block_tokens(T) && !any_vector_coded(m, count)) return amx_state > 0 ? TOKENS_TILES : TOKENS_REGISTERS;
+    if (block_tokens(T) && !any_row_only(m, count)) return amx_state > 0 ? TOKENS_TILES : TOKENS_REGISTERS;
 #if defined(PATH_AVX512)
     if (few_tokens(m, count, T)) return TOKENS_FEW;
 #endif
