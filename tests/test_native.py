@@ -128,16 +128,7 @@ def test_native_decoding_gives_the_eager_models_greedy_tokens(family: str, overr
 def test_per_column_models_decode_natively(family: str, overrides: dict) -> None:
     """CLAQ's per-column codebooks on the native decoder: the eager model's greedy tokens, and its logits up to
     where a rounding boundary falls (the norms and attention sum in another order); Llama's with rotated inputs."""
-    model = _quantized(family, rotate=family == "llama" and not overrides, columns=True, **overrides)
-    quantize_head(model, "int8")
-    assert native_unavailable(model) == ""
-    prompt = torch.randint(0, VOCAB, (1, 20), generator=torch.Generator().manual_seed(1))  # past a pass of 8
-    expected, expected_logits = _eager_greedy(model, prompt, 12)
-    decoder = NativeDecoder(model, 40)
-    assert _native_tokens(decoder, prompt, 12, 0.0, set(), None) == expected
-    decoder.reset()
-    first = decoder.forward(prompt[0])
-    assert float((first - expected_logits[0]).abs().max()) <= expected_logits[0].abs().max() / 127
+    _decodes_as_eager(_quantized(family, rotate=family == "llama" and not overrides, columns=True, **overrides))
 
 
 @SERVED
@@ -145,10 +136,15 @@ def test_vector_coded_models_decode_natively(family: str, overrides: dict) -> No
     """Vector codebooks (`--method vq`) on the native decoder: their rows multiply the float input, so the
     logits agree with the eager model's (the same fast kernel, Python per layer) up to the 8-bit head's
     rounding of the final hidden state."""
-    model = _quantized(family, rotate=True, vector=True, **overrides)
+    _decodes_as_eager(_quantized(family, rotate=True, vector=True, **overrides))
+
+
+def _decodes_as_eager(model: torch.nn.Module) -> None:
+    """With the 8-bit head, the native decoder serves `model` and gives its eager greedy tokens for a 20-token
+    prompt (past a pass of 8), and its first logits within 1/127 of their largest magnitude."""
     quantize_head(model, "int8")
     assert native_unavailable(model) == ""
-    prompt = torch.randint(0, VOCAB, (1, 20), generator=torch.Generator().manual_seed(1))  # past a batch of 8
+    prompt = torch.randint(0, VOCAB, (1, 20), generator=torch.Generator().manual_seed(1))
     expected, expected_logits = _eager_greedy(model, prompt, 12)
     decoder = NativeDecoder(model, 40)
     assert _native_tokens(decoder, prompt, 12, 0.0, set(), None) == expected

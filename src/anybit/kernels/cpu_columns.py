@@ -24,7 +24,7 @@ import torch
 from anybit.format.packing import unpack_codes
 from anybit.format.qtensor import QuantizedTensor
 from anybit.kernels import check_cpu_input, coded_input
-from anybit.kernels.cpu_fast import KERNEL, Matrix, PreparedMatrix, matmul, outliers_in_order, pointer
+from anybit.kernels.cpu_fast import KERNEL, Matrix, PreparedMatrix, matmul, outliers_in_order, part_runs, pointer
 
 ROWS = 32  # COLUMN_ROWS in int8_lut.c
 FLUSH = 32  # COLUMN_FLUSH: columns summed in int32 (32 · ENTRY_MAX · INPUT_MAX < 2^31)
@@ -124,28 +124,14 @@ def prepare(qt: QuantizedTensor) -> ColumnPrepared:
 
 
 def _column_parts(codes: torch.Tensor, b: int, blocks: int) -> torch.Tensor:
-    """(n, rows) codes of width b as (n, blocks, 4 b) bytes: per block of 32 rows, the parts of 4, 2 and 1 bits
-    from the low bits up (4 bits: byte i = p[i] | p[i + 16] << 4; 2 bits: byte i = Σ_q p[i + 8 q] << 2 q; 1 bit:
-    byte i = Σ_d p[i + 4 d] << d); 8 bits: the codes themselves. Rows past the last are zero codes."""
+    """(n, rows) codes of width b as (n, blocks, 4 b) bytes: per block of 32 rows, `cpu_fast.part_runs` (4 bits:
+    byte i = p[i] | p[i + 16] << 4; 2 bits: byte i = Σ_q p[i + 8 q] << 2 q; 1 bit: byte i = Σ_d p[i + 4 d] << d);
+    8 bits: the codes themselves. Rows past the last are zero codes."""
     n, rows = codes.shape
     padded = torch.zeros(n, blocks * ROWS, dtype=torch.uint8)
     padded[:, :rows] = codes
     block = padded.view(n, blocks, ROWS)
-    if b == 8:
-        return block
-    parts, shift = [], 0
-    for part in (4, 2, 1):
-        if not b & part:
-            continue
-        p = (block >> shift) & ((1 << part) - 1)
-        per_byte = 8 // part  # rows sharing a byte, ROWS // per_byte apart
-        slices = p.view(n, blocks, per_byte, ROWS // per_byte)
-        byte = slices[:, :, 0].clone()
-        for k in range(1, per_byte):
-            byte |= slices[:, :, k] << (part * k)
-        parts.append(byte)
-        shift += part
-    return torch.cat(parts, dim=2)
+    return block if b == 8 else part_runs(block, b)
 
 
 def _column_entries(qt: QuantizedTensor, b: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:

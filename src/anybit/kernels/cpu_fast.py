@@ -266,27 +266,33 @@ def _kernel_layout(stored: torch.Tensor, b: int, group_size: int) -> torch.Tenso
 
 
 def _part_runs(codes: torch.Tensor, b: int) -> torch.Tensor:
-    """(segments, blocks * 64) codes as (segments, blocks * b * 8) bytes in the AVX2 layout: per block, the
-    codes' bits split into parts of 4, 2 and 1 bits from the low bits up, each part a run of its own (4 bits:
-    byte i = p[i] | p[i + 32] << 4; 2 bits: byte i = p[i] | p[i + 16] << 2 | p[i + 32] << 4 | p[i + 48] << 6;
-    1 bit: bit k of byte i = p[i + 8 k]); 8-bit codes stay one byte each, in order."""
+    """(segments, blocks * 64) codes as (segments, blocks * b * 8) bytes in the AVX2 layout: per block,
+    `part_runs` (4 bits: byte i = p[i] | p[i + 32] << 4; 2 bits: byte i = p[i] | p[i + 16] << 2 | p[i + 32] << 4 |
+    p[i + 48] << 6; 1 bit: bit k of byte i = p[i + 8 k]); 8-bit codes stay one byte each, in order."""
     if b == 8:
         return codes.contiguous()
     n, length = codes.shape
-    blocks = codes.view(n, length // BLOCK, BLOCK)
+    return part_runs(codes.view(n, length // BLOCK, BLOCK), b).view(n, -1)
+
+
+def part_runs(units: torch.Tensor, b: int) -> torch.Tensor:
+    """b-bit codes (n, units, u) as bytes (n, units, u b / 8): each unit's codes split into parts of 4, 2 and 1
+    bits from the low bits up (b = 3: 2 + 1; 5: 4 + 1; 6: 4 + 2; 7: 4 + 2 + 1), each part a run of its own in
+    which the codes sharing a byte are u / (8 / part) apart (byte i = Σ_k p[i + k u part / 8] << part k)."""
+    n, count, u = units.shape
     runs, shift = [], 0
     for part in (4, 2, 1):
         if not b & part:
             continue
-        p = (blocks >> shift) & ((1 << part) - 1)
-        per_byte = 8 // part  # codes sharing a byte, BLOCK // per_byte apart
-        slices = p.view(n, length // BLOCK, per_byte, BLOCK // per_byte)
+        p = (units >> shift) & ((1 << part) - 1)
+        per_byte = 8 // part
+        slices = p.view(n, count, per_byte, u // per_byte)
         byte = slices[:, :, 0].clone()
         for k in range(1, per_byte):
             byte |= slices[:, :, k] << (part * k)
         runs.append(byte)
         shift += part
-    return torch.cat(runs, dim=2).view(n, -1)
+    return torch.cat(runs, dim=2)
 
 
 def _plane_words(codes: torch.Tensor, b: int) -> torch.Tensor:
