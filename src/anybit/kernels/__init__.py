@@ -27,7 +27,13 @@ def cpu_unavailable(qt: QuantizedTensor, library: object, multiple: int) -> str:
         return "per-column (axis 1) layouts have no CPU kernel"
     if qt.group_size % multiple or qt.shape[1] % multiple:
         return f"group size {qt.group_size} or row length {qt.shape[1]} is not a multiple of {multiple}"
-    if qt.bitmap.device.type != "cpu":
+    return cpu_placement_unavailable(qt.bitmap, library)
+
+
+def cpu_placement_unavailable(stored: torch.Tensor, library: object) -> str:
+    """Why a CPU kernel cannot serve a tensor whose layout it takes ("" when it can): `stored`, one of its
+    tensors, is not in CPU memory, or `library` (the loaded kernel, or why there is none) is a reason."""
+    if stored.device.type != "cpu":
         return "the tensor is not in CPU memory"
     return library if isinstance(library, str) else ""
 

@@ -23,11 +23,10 @@ import torch
 
 from anybit.format.packing import unpack_codes
 from anybit.format.qtensor import QuantizedTensor
-from anybit.kernels import check_cpu_input, coded_input
+from anybit.kernels import check_cpu_input, coded_input, cpu_placement_unavailable
 from anybit.kernels.cpu_fast import KERNEL, Matrix, PreparedMatrix, matmul, outliers_in_order, part_runs, pointer
 
 ROWS = 32  # COLUMN_ROWS in int8_lut.c
-FLUSH = 32  # COLUMN_FLUSH: columns summed in int32 (32 · ENTRY_MAX · INPUT_MAX < 2^31)
 ENTRY_MAX = 2047  # a table entry's largest magnitude
 INPUT_MAX = 32767  # a rounded activation's
 RELAY_COLUMNS = 256  # columns re-laid at once (bounds the temporaries)
@@ -40,10 +39,7 @@ def unavailable(qt: QuantizedTensor) -> str:
         return f"per-column segments of {qt.group_size} of {rows} rows (the kernel takes one segment per column)"
     if cols % 2:
         return f"an odd number of columns ({cols}; the kernel multiplies them two by two)"
-    if qt.bitmap.device.type != "cpu":
-        return "the tensor is not in CPU memory"
-    library = KERNEL.library()
-    return library if isinstance(library, str) else ""
+    return cpu_placement_unavailable(qt.bitmap, KERNEL.library())
 
 
 @dataclass
@@ -90,9 +86,8 @@ def prepare(qt: QuantizedTensor) -> ColumnPrepared:
     if reason:
         raise ValueError(reason)
     rows, cols = qt.shape
-    widths = qt.bitmap[:, 0].to(torch.int64)  # (cols,) in the stored column order
-    kernel_columns = torch.sort(widths, stable=True).indices  # columns of one width together
-    bits = widths[kernel_columns]
+    kernel_columns = _kernel_columns(qt)
+    bits = qt.bitmap[kernel_columns, 0].to(torch.int64)
     column_bytes = 4 * bits  # per block of ROWS rows
     start = torch.cumsum(column_bytes, 0) - column_bytes
     block_bytes = int(column_bytes.sum())
@@ -121,6 +116,11 @@ def prepare(qt: QuantizedTensor) -> ColumnPrepared:
         qt, codes.reshape(-1), block_bytes, bits.to(torch.uint8), tables, table_offset, step, runs, order,
         perm.contiguous(), col_scale, outliers_in_order(qt, order),
     )  # fmt: skip
+
+
+def _kernel_columns(qt: QuantizedTensor) -> torch.Tensor:
+    """The stored column each of the kernel's columns is: columns of one width together, stored order within."""
+    return torch.sort(qt.bitmap[:, 0].to(torch.int64), stable=True).indices
 
 
 def _column_parts(codes: torch.Tensor, b: int, blocks: int) -> torch.Tensor:
@@ -184,8 +184,7 @@ def kernel_weight(prepared: ColumnPrepared) -> torch.Tensor:
     widths = qt.bitmap[:, 0]
     for b, stored in qt.unpacked_codes().items():
         codes[widths == b] = stored.to(torch.int64)
-    kernel_columns = torch.sort(widths.to(torch.int64), stable=True).indices
-    values = torch.gather(table_entries(prepared).double(), 1, codes[kernel_columns])
+    values = torch.gather(table_entries(prepared).double(), 1, codes[_kernel_columns(qt)])
     return (values * prepared.step.double()[:, None]).t()
 
 

@@ -23,7 +23,7 @@ import torch
 
 from anybit.format.vector import VectorTensor
 from anybit.format.vector_tables import vector_table
-from anybit.kernels import check_cpu_input, coded_input, cpu_fast
+from anybit.kernels import check_cpu_input, coded_input, cpu_fast, cpu_placement_unavailable
 from anybit.kernels.cpu_fast import KERNEL, Matrix, PreparedMatrix
 
 DIMS = (2, 4)  # the piece lengths the kernel reads (vq_dim in int8_lut.c)
@@ -42,10 +42,7 @@ def unavailable(qt: VectorTensor) -> str:
         return f"pieces of {qt.dim} (the kernel reads pieces of {' or '.join(map(str, DIMS))})"
     if qt.index_bits > MAX_INDEX_BITS:
         return f"{qt.index_bits}-bit indices (the kernel reads at most {MAX_INDEX_BITS})"
-    if qt.codes.device.type != "cpu":
-        return "the tensor is not in CPU memory"
-    library = KERNEL.library()
-    return library if isinstance(library, str) else ""
+    return cpu_placement_unavailable(qt.codes, KERNEL.library())
 
 
 @dataclass
