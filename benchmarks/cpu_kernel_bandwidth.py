@@ -103,6 +103,7 @@ LAYOUTS = {
     "vector codebooks 2.25 (vq, 9-bit indices)": lambda: _vector(9),
     "vector codebooks 2.5 (vq, 10-bit indices)": lambda: _vector(10),
     "vector codebooks 2.75 (vq, 11-bit indices)": lambda: _vector(11),
+    "vector codebooks 3.25 (vq, 13-bit indices)": lambda: _vector(13),
     "vector codebooks 4 (vq, 2-D, 8-bit indices)": lambda: _vector(8, dim=2),
     "vector codebooks 4.5 (vq, 2-D, 9-bit indices)": lambda: _vector(9, dim=2),
 }

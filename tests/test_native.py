@@ -16,7 +16,7 @@ from anybit.model.checkpoint import load_quantized, save_quantized
 from anybit.quant.uniform import rtn_quantize
 from anybit.runtime.dec import compensation, quantize_residual
 from anybit.runtime.head import QuantEmbedding, quantize_head
-from anybit.runtime.native import LINEARS, PATHS, NativeDecoder, native_or_warn, native_unavailable
+from anybit.runtime.native import LINEARS, PATHS, NativeDecoder, attention, native_or_warn, native_unavailable
 from anybit.runtime.native_model import load_native
 from anybit.runtime.qlinear import QuantLinear, quant_linears
 from conftest import tiny_config
@@ -94,7 +94,7 @@ SERVED = pytest.mark.parametrize(
         ("mistral", {"sliding_window": 6}),
         ("qwen2", {}),
         ("qwen3", {"head_dim": 32}),
-        # heads of 64 and 128 floats take the vector attention (int8_lut.c, attend_lanes)
+        # heads of 64 and 128 floats take the blocked attention (int8_lut.c, attend_blocked)
         ("llama", {"num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 64}),
         ("mistral", {"sliding_window": 6, "num_attention_heads": 1, "num_key_value_heads": 1, "head_dim": 128}),
     ],
@@ -151,6 +151,50 @@ def _decodes_as_eager(model: torch.nn.Module) -> None:
     decoder.reset()
     first = decoder.forward(prompt[0])
     assert float((first - expected_logits[0]).abs().max()) <= expected_logits[0].abs().max() / 127
+
+
+def _attention_reference(q, k_cache, v_cache, pos: int, window: int) -> torch.Tensor:
+    """Each query's softmax over its cached keys, in float64: a head per query, grouped heads sharing a KV head."""
+    tokens, heads, head_dim = q.shape
+    group = heads // k_cache.shape[0]
+    out = torch.empty(q.shape, dtype=torch.float64)
+    for t in range(tokens):
+        p = pos + t
+        lo = max(0, p - window + 1) if window else 0
+        for h in range(heads):
+            keys, values = k_cache[h // group, lo : p + 1].double(), v_cache[h // group, lo : p + 1].double()
+            out[t, h] = torch.softmax(keys @ q[t, h].double() * head_dim**-0.5, 0) @ values
+    return out
+
+
+@pytest.mark.parametrize(
+    "tokens,pos,heads,kv_heads,head_dim,window,threads",
+    [
+        (1, 0, 9, 3, 64, 0, 2),  # a first token: one key
+        (1, 2047, 9, 3, 64, 0, 2),  # few query sets: the keys split over threads, then combined
+        (1, 3000, 2, 2, 128, 0, 5),
+        (5, 700, 9, 3, 64, 0, 2),  # keys in many blocks, the last one cut by causality per token
+        (37, 100, 4, 1, 128, 0, 3),  # several sets of tokens, some of one query
+        (3, 1000, 20, 1, 64, 300, 2),  # a group larger than a set; a sliding window across blocks
+        (2, 900, 8, 8, 64, 70, 1),  # no grouping, a window shorter than a block
+        (17, 0, 6, 2, 32, 0, 2),  # heads of 32 floats: the scalar loop
+    ],
+)
+def test_attention_matches_a_float64_softmax(tokens, pos, heads, kv_heads, head_dim, window, threads) -> None:
+    """The decode step's attention in blocks of keys with a running softmax equals the softmax over all keys
+    within float32 summation error (outputs are averages of unit-scale values)."""
+    generator = torch.Generator().manual_seed(tokens + pos)
+    max_len = pos + tokens + 3  # positions past the last token hold values that must not count
+    q = torch.randn(tokens, heads, head_dim, generator=generator) * 3
+    k_cache, v_cache = (torch.randn(kv_heads, max_len, head_dim, generator=generator) for _ in range(2))
+    k_cache[:, pos + tokens :], v_cache[:, pos + tokens :] = 1e4, 1e4
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = attention(q, k_cache, v_cache, pos, window)
+    finally:
+        torch.set_num_threads(previous)
+    assert float((got.double() - _attention_reference(q, k_cache, v_cache, pos, window)).abs().max()) < 2e-5
 
 
 def test_a_dense_head_multiplies_in_torch() -> None:

@@ -2166,6 +2166,19 @@ static void rotate(float *v, const float *cos, const float *sin, int64_t d) {
     }
 }
 
+#define ATTN_KEYS 64     /* keys per block: a block's keys and values (64 or 128 floats each) stay in L1 */
+#define ATTN_QUERIES 16  /* head vectors per unit of attention work (heads sharing a KV head, times tokens) */
+#define ATTN_SCRATCH (ATTN_QUERIES * (2 * 128 + ATTN_KEYS)) /* floats a thread's blocked attention needs */
+
+/* One unit of attention work: `count` query vectors of one KV head's group, the i-th at position p[i] over the
+ * cached positions lo[i] .. p[i], its output at out[i]. */
+typedef struct {
+    int count;
+    const float *q[ATTN_QUERIES];
+    float *out[ATTN_QUERIES];
+    int64_t lo[ATTN_QUERIES], p[ATTN_QUERIES];
+} query_set;
+
 #if defined(PATH_AVX512) || defined(PATH_AVX2)
 /* e^x for each lane (x <= 0 here: scores less their maximum), to about 2 ulp: 2^n times a degree-6 polynomial of
  * the remainder, Cody-Waite split ln 2; below -87.3 the lanes give about 1e-38 rather than 0. */
@@ -2185,69 +2198,156 @@ static inline __m256 exp_lanes(__m256 x) {
     return _mm256_mul_ps(y, _mm256_castsi256_ps(power));
 }
 
-/* attend for a head of D floats (a multiple of 8, at most 128; inlined with D constant): four keys' scores per
- * pass with the query held in registers, the exponentials 8 at a time, the weighted values summed in registers
- * and divided by the weights' sum once. */
-static inline __attribute__((always_inline)) void attend_lanes(const float *q, const float *keys,
-                                                               const float *values, int64_t lo, int64_t p,
-                                                               const int64_t D, float scale, float *scores,
-                                                               float *out) {
-    __m256 query[16], acc[16];
-    for (int64_t c = 0; c < D / 8; c++) query[c] = _mm256_mul_ps(_mm256_loadu_ps(q + 8 * c), _mm256_set1_ps(scale));
-    __m128 tops = _mm_set1_ps(-INFINITY);
-    int64_t j = lo;
-    for (; j + 4 <= p + 1; j += 4) {
+/* Scores of Q (1 or 2; inlined with Q and the head size D constant) scaled queries qs (D floats apart) against
+ * the n keys at `keys`: four keys per pass, query i's scores at s[i * ATTN_KEYS ..]. */
+static inline __attribute__((always_inline)) void block_scores(const float *qs, const float *keys, int64_t n,
+                                                               const int64_t D, const int Q, float *s) {
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
         const float *k = keys + j * D;
-        __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+        __m256 acc[2][4];
+        for (int i = 0; i < Q; i++)
+            for (int c = 0; c < 4; c++) acc[i][c] = _mm256_setzero_ps();
         for (int64_t c = 0; c < D / 8; c++) {
-            s0 = _mm256_fmadd_ps(query[c], _mm256_loadu_ps(k + 8 * c), s0);
-            s1 = _mm256_fmadd_ps(query[c], _mm256_loadu_ps(k + D + 8 * c), s1);
-            s2 = _mm256_fmadd_ps(query[c], _mm256_loadu_ps(k + 2 * D + 8 * c), s2);
-            s3 = _mm256_fmadd_ps(query[c], _mm256_loadu_ps(k + 3 * D + 8 * c), s3);
+            const __m256 k0 = _mm256_loadu_ps(k + 8 * c), k1 = _mm256_loadu_ps(k + D + 8 * c);
+            const __m256 k2 = _mm256_loadu_ps(k + 2 * D + 8 * c), k3 = _mm256_loadu_ps(k + 3 * D + 8 * c);
+            for (int i = 0; i < Q; i++) {
+                const __m256 qc = _mm256_loadu_ps(qs + i * D + 8 * c);
+                acc[i][0] = _mm256_fmadd_ps(qc, k0, acc[i][0]);
+                acc[i][1] = _mm256_fmadd_ps(qc, k1, acc[i][1]);
+                acc[i][2] = _mm256_fmadd_ps(qc, k2, acc[i][2]);
+                acc[i][3] = _mm256_fmadd_ps(qc, k3, acc[i][3]);
+            }
         }
-        const __m256 pairs = _mm256_hadd_ps(_mm256_hadd_ps(s0, s1), _mm256_hadd_ps(s2, s3));
-        const __m128 four = _mm_add_ps(_mm256_castps256_ps128(pairs), _mm256_extractf128_ps(pairs, 1));
-        _mm_storeu_ps(scores + j, four);
-        tops = _mm_max_ps(tops, four);
+        for (int i = 0; i < Q; i++) {
+            const __m256 pairs =
+                _mm256_hadd_ps(_mm256_hadd_ps(acc[i][0], acc[i][1]), _mm256_hadd_ps(acc[i][2], acc[i][3]));
+            const __m128 four = _mm_add_ps(_mm256_castps256_ps128(pairs), _mm256_extractf128_ps(pairs, 1));
+            _mm_storeu_ps(s + i * ATTN_KEYS + j, four);
+        }
     }
-    const __m128 top4 = _mm_max_ps(tops, _mm_movehl_ps(tops, tops));
-    float top = fmaxf(_mm_cvtss_f32(top4), _mm_cvtss_f32(_mm_movehdup_ps(top4)));
-    for (; j <= p; j++) {
-        __m256 s = _mm256_setzero_ps();
-        for (int64_t c = 0; c < D / 8; c++) s = _mm256_fmadd_ps(query[c], _mm256_loadu_ps(keys + j * D + 8 * c), s);
-        scores[j] = lane_sum(s);
-        top = fmaxf(top, scores[j]);
+    for (; j < n; j++)
+        for (int i = 0; i < Q; i++) {
+            __m256 a = _mm256_setzero_ps();
+            for (int64_t c = 0; c < D / 8; c++)
+                a = _mm256_fmadd_ps(_mm256_loadu_ps(qs + i * D + 8 * c), _mm256_loadu_ps(keys + j * D + 8 * c), a);
+            s[i * ATTN_KEYS + j] = lane_sum(a);
+        }
+}
+
+/* One query's scores of a block (ATTN_KEYS of them) turned into weights: e^(s - top) for the keys first ..
+ * last - 1, 0 for the others, top the running maximum over the blocks so far, total their running sum. Returns
+ * the factor that rescales what the earlier blocks summed. */
+static inline float block_weights(float *s, int64_t first, int64_t last, float *top, float *total) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256 none = _mm256_set1_ps(-INFINITY);
+    __m256 high = none;
+    for (int j = 0; j < ATTN_KEYS; j += 8) {
+        const __m256i index = _mm256_add_epi32(_mm256_set1_epi32(j), lane);
+        const __m256i valid = _mm256_andnot_si256(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)first), index),
+                                                  _mm256_cmpgt_epi32(_mm256_set1_epi32((int)last), index));
+        const __m256 x = _mm256_blendv_ps(none, _mm256_loadu_ps(s + j), _mm256_castsi256_ps(valid));
+        _mm256_storeu_ps(s + j, x);
+        high = _mm256_max_ps(high, x);
     }
-    __m256 totals = _mm256_setzero_ps();
-    for (j = lo; j + 8 <= p + 1; j += 8) {
-        const __m256 e = exp_lanes(_mm256_sub_ps(_mm256_loadu_ps(scores + j), _mm256_set1_ps(top)));
-        _mm256_storeu_ps(scores + j, e);
-        totals = _mm256_add_ps(totals, e);
+    if (first >= last) return 1.0f; /* no key of this block: the weights are zeros, the sums stand */
+    const __m128 four = _mm_max_ps(_mm256_castps256_ps128(high), _mm256_extractf128_ps(high, 1));
+    const __m128 two = _mm_max_ps(four, _mm_movehl_ps(four, four));
+    const float new_top = fmaxf(*top, fmaxf(_mm_cvtss_f32(two), _mm_cvtss_f32(_mm_movehdup_ps(two))));
+    const float rescale = expf(*top - new_top); /* 0 before the first block with keys */
+    __m256 sum = _mm256_setzero_ps();
+    for (int j = 0; j < ATTN_KEYS; j += 8) {
+        const __m256 x = _mm256_loadu_ps(s + j);
+        const __m256 e = _mm256_and_ps(exp_lanes(_mm256_sub_ps(x, _mm256_set1_ps(new_top))),
+                                       _mm256_cmp_ps(x, none, _CMP_NEQ_OQ));
+        _mm256_storeu_ps(s + j, e);
+        sum = _mm256_add_ps(sum, e);
     }
-    float total = lane_sum(totals);
-    for (; j <= p; j++) total += scores[j] = expf(scores[j] - top);
-    for (int64_t c = 0; c < D / 8; c++) acc[c] = _mm256_setzero_ps();
-    for (j = lo; j <= p; j++) {
-        const __m256 w = _mm256_set1_ps(scores[j]);
-        for (int64_t c = 0; c < D / 8; c++)
-            acc[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(values + j * D + 8 * c), acc[c]);
+    *total = *total * rescale + lane_sum(sum);
+    *top = new_top;
+    return rescale;
+}
+
+/* acc_i = acc_i * rescale[i] + sum over keys a .. b - 1 of w_i[j] values[j], for Q (1 or 2) queries (acc D
+ * floats apart, weights ATTN_KEYS apart): 32 floats of the head at a time, held in registers. */
+static inline __attribute__((always_inline)) void block_values(const float *w, const float *values, int64_t a,
+                                                               int64_t b, const int64_t D, const int Q,
+                                                               const float *rescale, float *acc) {
+    for (int64_t h = 0; h < D; h += 32) {
+        __m256 r[2][4];
+        for (int i = 0; i < Q; i++)
+            for (int c = 0; c < 4; c++)
+                r[i][c] = _mm256_mul_ps(_mm256_loadu_ps(acc + i * D + h + 8 * c), _mm256_set1_ps(rescale[i]));
+        for (int64_t j = a; j < b; j++) {
+            const float *v = values + j * D + h;
+            const __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8);
+            const __m256 v2 = _mm256_loadu_ps(v + 16), v3 = _mm256_loadu_ps(v + 24);
+            for (int i = 0; i < Q; i++) {
+                const __m256 wi = _mm256_broadcast_ss(w + i * ATTN_KEYS + j);
+                r[i][0] = _mm256_fmadd_ps(wi, v0, r[i][0]);
+                r[i][1] = _mm256_fmadd_ps(wi, v1, r[i][1]);
+                r[i][2] = _mm256_fmadd_ps(wi, v2, r[i][2]);
+                r[i][3] = _mm256_fmadd_ps(wi, v3, r[i][3]);
+            }
+        }
+        for (int i = 0; i < Q; i++)
+            for (int c = 0; c < 4; c++) _mm256_storeu_ps(acc + i * D + h + 8 * c, r[i][c]);
     }
-    for (int64_t c = 0; c < D / 8; c++) _mm256_storeu_ps(out + 8 * c, _mm256_div_ps(acc[c], _mm256_set1_ps(total)));
+}
+
+/* A query set over one KV head's keys and values, for heads of D floats (64 or 128; inlined with D constant):
+ * the keys in blocks of ATTN_KEYS read once for every query of the set, two queries per pass, the softmax kept
+ * running over the blocks (its maximum, its sum, the weighted values rescaled when the maximum grows). Without
+ * `state` each output is normalized; with it, query i's maximum, sum and unnormalized values go to
+ * state + i (D + 2) (a query without keys: -inf, 0 and zeros) for `combine_states`. */
+static inline __attribute__((always_inline)) void attend_blocked(const query_set *set, const float *keys,
+                                                                 const float *values, const int64_t D, float scale,
+                                                                 float *scratch, float *state) {
+    float *qs = scratch, *acc = qs + ATTN_QUERIES * D, *w = acc + ATTN_QUERIES * D;
+    float top[ATTN_QUERIES], total[ATTN_QUERIES], rescale[ATTN_QUERIES];
+    int64_t lo = INT64_MAX, hi = -1, first[ATTN_QUERIES], last[ATTN_QUERIES];
+    const int count = set->count;
+    for (int i = 0; i < count; i++) {
+        for (int64_t c = 0; c < D; c++) qs[i * D + c] = set->q[i][c] * scale, acc[i * D + c] = 0.0f;
+        top[i] = -INFINITY, total[i] = 0.0f;
+        if (set->lo[i] > set->p[i]) continue;
+        lo = set->lo[i] < lo ? set->lo[i] : lo, hi = set->p[i] > hi ? set->p[i] : hi;
+    }
+    for (int64_t j0 = lo; j0 <= hi; j0 += ATTN_KEYS) {
+        const int64_t n = hi + 1 - j0 < ATTN_KEYS ? hi + 1 - j0 : ATTN_KEYS;
+        const float *kb = keys + j0 * D, *vb = values + j0 * D;
+        int i = 0;
+        for (; i + 2 <= count; i += 2) block_scores(qs + i * D, kb, n, D, 2, w + i * ATTN_KEYS);
+        if (i < count) block_scores(qs + i * D, kb, n, D, 1, w + i * ATTN_KEYS);
+        for (i = 0; i < count; i++) {
+            first[i] = set->lo[i] > j0 ? set->lo[i] - j0 : 0;
+            last[i] = set->p[i] + 1 - j0 < n ? set->p[i] + 1 - j0 : n;
+            rescale[i] = block_weights(w + i * ATTN_KEYS, first[i], last[i], top + i, total + i);
+        }
+        for (i = 0; i + 2 <= count; i += 2) {
+            const int64_t a = first[i] < first[i + 1] ? first[i] : first[i + 1];
+            const int64_t b = last[i] > last[i + 1] ? last[i] : last[i + 1];
+            block_values(w + i * ATTN_KEYS, vb, a, b, D, 2, rescale + i, acc + i * D);
+        }
+        if (i < count) block_values(w + i * ATTN_KEYS, vb, first[i], last[i], D, 1, rescale + i, acc + i * D);
+    }
+    for (int i = 0; i < count; i++) {
+        if (state) {
+            float *mine = state + i * (D + 2);
+            mine[0] = top[i], mine[1] = total[i];
+            memcpy(mine + 2, acc + i * D, sizeof(float) * D);
+            continue;
+        }
+        const __m256 inverse = _mm256_set1_ps(1.0f / total[i]);
+        for (int64_t c = 0; c < D; c += 8)
+            _mm256_storeu_ps(set->out[i] + c, _mm256_mul_ps(_mm256_loadu_ps(acc + i * D + c), inverse));
+    }
 }
 #endif
 
 /* One attention head for one token at position p over cached positions lo .. p; out (head_dim). */
 static void attend(const float *q, const float *keys, const float *values, int64_t lo, int64_t p, int64_t d,
                    float scale, float *scores, float *out) {
-#if defined(PATH_AVX512) || defined(PATH_AVX2)
-    if (d == 64 || d == 128) {
-        if (d == 64)
-            attend_lanes(q, keys, values, lo, p, 64, scale, scores, out);
-        else
-            attend_lanes(q, keys, values, lo, p, 128, scale, scores, out);
-        return;
-    }
-#endif
     float top = -INFINITY;
     for (int64_t j = lo; j <= p; j++) {
         float s = 0.0f;
@@ -2266,20 +2366,158 @@ static void attend(const float *q, const float *keys, const float *values, int64
     }
 }
 
+/* Whether attend_set computes heads of d floats in blocks of keys (which alone can split the keys: `state`). */
+static int blocked_heads(int64_t d) {
+#if defined(PATH_AVX512) || defined(PATH_AVX2)
+    return d == 64 || d == 128;
+#else
+    (void)d;
+    return 0;
+#endif
+}
+
+/* A query set over one KV head's keys and values (heads of d floats); scratch holds ATTN_SCRATCH floats and
+ * then one per cached position; `state` as for attend_blocked (NULL where not blocked_heads(d)). */
+static void attend_set(const query_set *set, const float *keys, const float *values, int64_t d, float scale,
+                       float *scratch, float *state) {
+#if defined(PATH_AVX512) || defined(PATH_AVX2)
+    if (d == 64 || d == 128) {
+        if (d == 64)
+            attend_blocked(set, keys, values, 64, scale, scratch, state);
+        else
+            attend_blocked(set, keys, values, 128, scale, scratch, state);
+        return;
+    }
+#endif
+    (void)state; /* only blocked heads split their keys */
+    for (int i = 0; i < set->count; i++)
+        attend(set->q[i], keys, values, set->lo[i], set->p[i], d, scale, scratch + ATTN_SCRATCH, set->out[i]);
+}
+
+/* out = the softmax-weighted values of `splits` partial states of one query (attend_blocked's, `stride` floats
+ * apart), each over its own keys. */
+static void combine_states(const float *state, int64_t splits, int64_t stride, int64_t d, float *out) {
+    float top = -INFINITY, total = 0.0f;
+    for (int64_t s = 0; s < splits; s++) top = fmaxf(top, state[s * stride]);
+    for (int64_t c = 0; c < d; c++) out[c] = 0.0f;
+    for (int64_t s = 0; s < splits; s++) {
+        const float *part = state + s * stride, weight = expf(part[0] - top); /* 0 for a split without keys */
+        total += weight * part[1];
+        for (int64_t c = 0; c < d; c++) out[c] += weight * part[2 + c];
+    }
+    for (int64_t c = 0; c < d; c++) out[c] /= total;
+}
+
+#define ATTN_SPLIT_KEYS 256 /* the fewest cached positions per split of the keys */
+
+/* How T tokens' attention is cut into units of work: query sets of `heads` heads of one KV head's group times
+ * `tokens` tokens, each over `splits` ranges of `span` cached positions. */
+typedef struct {
+    int64_t heads, tokens, head_blocks, token_blocks, sets, splits, span;
+} attention_plan;
+
+static attention_plan plan_attention(const anybit_model *M, int64_t T, int64_t pos, int threads) {
+    attention_plan a;
+    const int64_t group = M->heads / M->kv_heads;
+    a.heads = group < ATTN_QUERIES ? group : ATTN_QUERIES;
+    a.tokens = ATTN_QUERIES / a.heads;
+    a.head_blocks = (group + a.heads - 1) / a.heads, a.token_blocks = (T + a.tokens - 1) / a.tokens;
+    a.sets = M->kv_heads * a.head_blocks * a.token_blocks;
+    a.splits = 1;
+    if (blocked_heads(M->head_dim) && a.sets < 2 * threads) { /* too few sets to share: split the keys too */
+        const int64_t keys = pos + T, most = keys / ATTN_SPLIT_KEYS > 1 ? keys / ATTN_SPLIT_KEYS : 1;
+        a.splits = (2 * threads + a.sets - 1) / a.sets;
+        a.splits = a.splits < most ? a.splits : most;
+    }
+    a.span = (pos + T + a.splits - 1) / a.splits;
+    return a;
+}
+
+/* Query set `index` of a plan (later tokens, which see more keys, first). */
+static void plan_set(const anybit_model *M, const attention_plan *a, const float *q, float *attn, int64_t T,
+                     int64_t pos, int64_t index, query_set *set) {
+    const int64_t hd = M->head_dim, q_dim = M->heads * hd, group = M->heads / M->kv_heads;
+    const int64_t per_token_block = M->kv_heads * a->head_blocks, kvh = index % M->kv_heads;
+    const int64_t h0 = kvh * group + (index / M->kv_heads) % a->head_blocks * a->heads;
+    const int64_t t0 = (a->token_blocks - 1 - index / per_token_block) * a->tokens;
+    const int64_t h1 = h0 + a->heads < (kvh + 1) * group ? h0 + a->heads : (kvh + 1) * group;
+    const int64_t t1 = t0 + a->tokens < T ? t0 + a->tokens : T;
+    set->count = 0;
+    for (int64_t t = t0; t < t1; t++)
+        for (int64_t h = h0; h < h1; h++) {
+            const int64_t p = pos + t, c = set->count++;
+            set->q[c] = q + t * q_dim + h * hd, set->out[c] = attn + t * q_dim + h * hd;
+            set->p[c] = p, set->lo[c] = M->window > 0 && p - M->window + 1 > 0 ? p - M->window + 1 : 0;
+        }
+}
+
+/* Scratch memory for `attention` on up to `threads` threads: per thread ATTN_SCRATCH floats and one per cached
+ * position, then the states of split keys (fewer than 4 units per thread where plan_attention splits). NULL when
+ * it cannot be allocated. */
+static float *attention_scratch(int threads, int64_t max_len, int64_t hd) {
+    return malloc(sizeof(float) * (size_t)threads * (ATTN_SCRATCH + max_len + 4 * ATTN_QUERIES * (hd + 2)));
+}
+
+/* Attention of T tokens at positions pos .. (their keys and values cached) inside a parallel region of at most
+ * `threads` threads, per plan_attention; scratch from attention_scratch. */
+static void attention(const anybit_model *M, const float *q, const float *kc, const float *vc, int64_t T,
+                      int64_t pos, float *scratch, int threads, float *attn) {
+    const int64_t hd = M->head_dim, stride = hd + 2;
+    const attention_plan a = plan_attention(M, T, pos, omp_threads());
+    float *own = scratch + (int64_t)omp_thread() * (ATTN_SCRATCH + M->max_len);
+    float *partial = scratch + (int64_t)threads * (ATTN_SCRATCH + M->max_len);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t u = 0; u < a.sets * a.splits; u++) {
+        query_set set;
+        plan_set(M, &a, q, attn, T, pos, u / a.splits, &set);
+        const int64_t kvh = u / a.splits % M->kv_heads, from = u % a.splits * a.span, to = from + a.span - 1;
+        for (int i = 0; a.splits > 1 && i < set.count; i++) {
+            set.lo[i] = set.lo[i] > from ? set.lo[i] : from;
+            set.p[i] = set.p[i] < to ? set.p[i] : to;
+        }
+        attend_set(&set, kc + kvh * M->max_len * hd, vc + kvh * M->max_len * hd, hd, M->attn_scale, own,
+                   a.splits > 1 ? partial + u * ATTN_QUERIES * stride : NULL);
+    }
+    if (a.splits == 1) return;
+#pragma omp for schedule(static)
+    for (int64_t index = 0; index < a.sets; index++) {
+        query_set set;
+        plan_set(M, &a, q, attn, T, pos, index, &set);
+        for (int i = 0; i < set.count; i++)
+            combine_states(partial + (index * a.splits * ATTN_QUERIES + i) * stride, a.splits,
+                           ATTN_QUERIES * stride, hd, set.out[i]);
+    }
+}
+
+/* The decode step's attention alone (tests, benchmarks): queries q (T, heads, head_dim) of the tokens at
+ * positions pos .. pos + T - 1 over the cache (kv_heads, max_len, head_dim) up to them, as anybit_decode_step
+ * runs it, into out (T, heads, head_dim). Returns 0, or -1 when scratch memory cannot be allocated. */
+int anybit_attention(const float *q, const float *k_cache, const float *v_cache, int64_t T, int64_t pos,
+                     int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t max_len, int64_t window, float scale,
+                     float *out, int threads) {
+    const anybit_model M = {.heads = heads, .kv_heads = kv_heads, .head_dim = head_dim, .max_len = max_len,
+                            .window = window, .attn_scale = scale};
+    float *scratch = attention_scratch(threads, max_len, head_dim);
+    if (!scratch) return -1;
+#pragma omp parallel num_threads(threads)
+    attention(&M, q, k_cache, v_cache, T, pos, scratch, threads, out);
+    free(scratch);
+    return 0;
+}
 
 /* Runs T tokens (embedded in x, T × hidden, overwritten) at positions pos ..; writes the last token's logits
  * (vocab). Returns 0, or -1 when scratch memory cannot be allocated. */
 int anybit_decode_step(const anybit_model *M, float *x, int64_t T, int64_t pos, float *logits, int threads) {
     init_tables();
     const int64_t H = M->hidden, hd = M->head_dim, q_dim = M->heads * hd, kv_dim = M->kv_heads * hd;
-    const int64_t wide = H > M->intermediate ? H : M->intermediate, group = M->heads / M->kv_heads;
+    const int64_t wide = H > M->intermediate ? H : M->intermediate;
     float *normed = malloc(sizeof(float) * T * wide), *q = malloc(sizeof(float) * T * q_dim);
     float *k = malloc(sizeof(float) * T * kv_dim), *v = malloc(sizeof(float) * T * kv_dim);
     float *attn = malloc(sizeof(float) * T * q_dim), *out = malloc(sizeof(float) * T * H);
     float *gate = malloc(sizeof(float) * T * M->intermediate), *up = malloc(sizeof(float) * T * M->intermediate);
-    float *scores = malloc(sizeof(float) * (size_t)threads * M->max_len);
+    float *scratch = attention_scratch(threads, M->max_len, hd);
     coded_input in[SCRATCH_INPUTS];
-    int failed = !normed || !q || !k || !v || !attn || !out || !gate || !up || !scores;
+    int failed = !normed || !q || !k || !v || !attn || !out || !gate || !up || !scratch;
     for (int i = 0; i < SCRATCH_INPUTS; i++) failed |= alloc_input(in + i, T, wide);
     if (!failed) {
 #pragma omp parallel num_threads(threads)
@@ -2309,14 +2547,7 @@ int anybit_decode_step(const anybit_model *M, float *x, int64_t T, int64_t pos, 
                         memcpy(vc + (h * M->max_len + p) * hd, v + t * kv_dim + h * hd, sizeof(float) * hd);
                     }
                 }
-#pragma omp for schedule(static)
-                for (int64_t th = 0; th < T * M->heads; th++) {
-                    const int64_t t = th / M->heads, h = th % M->heads, p = pos + t, kvh = h / group;
-                    const int64_t lo = M->window > 0 && p - M->window + 1 > 0 ? p - M->window + 1 : 0;
-                    float *own = scores + (int64_t)omp_thread() * M->max_len;
-                    attend(q + t * q_dim + h * hd, kc + kvh * M->max_len * hd, vc + kvh * M->max_len * hd, lo, p, hd,
-                           M->attn_scale, own, attn + t * q_dim + h * hd);
-                }
+                attention(M, q, kc, vc, T, pos, scratch, threads, attn);
                 const anybit_matrix *o[1] = {&L->o};
                 float *o_out[1] = {out};
                 products(o, 1, attn, T, o_out, in);
@@ -2345,7 +2576,7 @@ int anybit_decode_step(const anybit_model *M, float *x, int64_t T, int64_t pos, 
             }
         }
     }
-    free(normed), free(q), free(k), free(v), free(attn), free(out), free(gate), free(up), free(scores);
+    free(normed), free(q), free(k), free(v), free(attn), free(out), free(gate), free(up), free(scratch);
     for (int i = 0; i < SCRATCH_INPUTS; i++) free_input(in + i);
     return failed ? -1 : 0;
 }

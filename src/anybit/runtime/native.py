@@ -48,6 +48,27 @@ class _Model(ctypes.Structure):
 def _declare(lib: ctypes.CDLL) -> None:
     lib.anybit_decode_step.restype = ctypes.c_int
     lib.anybit_decode_step.argtypes = [ctypes.POINTER(_Model), _P, _I, _I, _P, ctypes.c_int]
+    lib.anybit_attention.restype = ctypes.c_int
+    lib.anybit_attention.argtypes = [_P, _P, _P, _I, _I, _I, _I, _I, _I, _I, ctypes.c_float, _P, ctypes.c_int]
+
+
+def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int, window: int = 0) -> torch.Tensor:
+    """The native decode step's attention alone (for tests and benchmarks): queries q (tokens, heads, head_dim)
+    at positions pos .. pos + tokens - 1 over the float32 cache (kv_heads, max_len, head_dim) up to them (the last
+    `window` positions with a sliding window), scaled by head_dim ** -0.5, on torch's threads."""
+    tokens, heads, head_dim = q.shape
+    kv_heads, max_len, _ = k_cache.shape
+    q, k_cache, v_cache = (t.float().contiguous() for t in (q, k_cache, v_cache))
+    out = torch.empty_like(q)
+    lib = cpu_fast.KERNEL.library()
+    _declare(lib)
+    status = lib.anybit_attention(
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tokens, pos, heads, kv_heads, head_dim, max_len, window,
+        head_dim**-0.5, out.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    if status:
+        raise MemoryError("the native attention could not allocate its scratch memory")
+    return out
 
 
 def _fast_layer(module: nn.Module) -> bool:
