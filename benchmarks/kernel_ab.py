@@ -1,7 +1,7 @@
 """Two versions of the fast CPU kernel side by side, in one process, on the same prepared matrices.
 
 Usage: python benchmarks/kernel_ab.py --old REV [--isa avx2] [--threads 1] [--tokens 1,8,64]
-       [--layouts "row codebooks 3.25,uniform g64"] [--rounds 12] [--model DIR]
+       [--layouts "row codebooks 3.25,uniform g64"] [--rounds 12] [--model DIR [--prompt-tokens 64] [--new-tokens 64]]
 
 The old kernel is `src/anybit/kernels/int8_lut.c` at git revision REV, the new one the working tree's; both are
 built as anybit builds its kernels (`kernels.build.CompiledKernel`, for `ANYBIT_CPU_ISA`, into the anybit cache)
@@ -10,9 +10,11 @@ code layout (the working tree's `cpu_fast.prepare` lays them out). For each layo
 of its 4096×4096 matrix) and token count, the best of `--rounds` alternating rounds of each version: alternating
 in one process keeps this machine's drifts in speed (up to 30 % between runs minutes apart) out of the ratio.
 One JSON line per layout and token count to benchmarks/results/kernel_ab.jsonl. With --model DIR (a quantized
-directory the native decoder serves), also that model end to end, on `--threads` threads: a 64-token prompt,
-then 64 greedy tokens, the best of `--rounds` alternating rounds for each (two more JSON lines, "tokens" 64 and 1): short
-rows such as SmolLM2's 576 columns weigh what a kernel does per row more than the 4096-column layouts do.
+directory the native decoder serves), also that model end to end, on `--threads` threads: a `--prompt-tokens`
+prompt, then `--new-tokens` greedy tokens, the best of `--rounds` alternating rounds for each (two more JSON lines,
+"tokens" the prompt's length and 1): short rows such as SmolLM2's 576 columns weigh what a kernel does per row more
+than the 4096-column layouts do, and long prompts weigh the attention. An old source whose KV cache is float32
+(before the float16 cache) decodes on a float32 cache (`_float32_cache`).
 """
 
 from __future__ import annotations
@@ -63,11 +65,18 @@ def best_seconds(libs: dict, matrices: list, tokens: int, threads: int, rounds: 
     return best
 
 
+def _float32_cache(decoder) -> None:
+    """Give a decoder float32 KV caches, for a kernel source from before the float16 cache."""
+    decoder.k_cache = torch.zeros(decoder.k_cache.shape)
+    decoder.v_cache = torch.zeros(decoder.v_cache.shape)
+    decoder._model.k_cache, decoder._model.v_cache = decoder.k_cache.data_ptr(), decoder.v_cache.data_ptr()
+
+
 def decode_seconds(
-    libs: dict, model_dir: str, threads: int, rounds: int, prompt: int = 64, new: int = 64
+    libs: dict, model_dir: str, threads: int, rounds: int, prompt: int, new: int, float32_caches: set
 ) -> tuple[dict, dict]:
     """The best time of the native decoder on `model_dir` per prompt token (a `prompt`-token prefill) and per
-    decode step, for each kernel."""
+    decode step, for each kernel (those named in `float32_caches` on float32 KV caches)."""
     from anybit.runtime.native import NativeDecoder, greedy_token
     from anybit.runtime.native_model import load_for_native
 
@@ -75,6 +84,8 @@ def decode_seconds(
     if loaded is None:
         raise SystemExit(f"{model_dir}: not a quantized directory the native decoder serves")
     decoders = {name: NativeDecoder(loaded.model, prompt + new + 1, lib) for name, lib in libs.items()}
+    for name in float32_caches:
+        _float32_cache(decoders[name])
     ids = torch.randint(0, loaded.model.config.vocab_size, (prompt,), generator=torch.Generator().manual_seed(0))
     prefill, decode = dict.fromkeys(libs, float("inf")), dict.fromkeys(libs, float("inf"))
     for _ in range(rounds):
@@ -99,6 +110,8 @@ def main() -> None:
     parser.add_argument("--layouts", default="row codebooks 3.25,uniform g64, 4-bit")
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--model", help="a quantized directory whose native decode steps to time as well")
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=64)
     args = parser.parse_args()
     if args.isa != build.requested_isa():
         raise SystemExit(f"set ANYBIT_CPU_ISA={args.isa}: the matrices must be laid out for the kernels compared")
@@ -133,8 +146,11 @@ def main() -> None:
                         },
                     )  # fmt: skip
         if args.model:
-            prefill, decode = decode_seconds(libs, args.model, args.threads, args.rounds)
-            for tokens, best in ((64, prefill), (1, decode)):  # a 64-token prompt, then single tokens
+            float32_caches = set() if "uint16_t *k_cache" in old_text.stdout else {"old"}
+            prefill, decode = decode_seconds(
+                libs, args.model, args.threads, args.rounds, args.prompt_tokens, args.new_tokens, float32_caches
+            )
+            for tokens, best in ((args.prompt_tokens, prefill), (1, decode)):  # the prompt, then single tokens
                 log_result(
                     "kernel_ab",
                     {

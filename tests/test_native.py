@@ -16,7 +16,15 @@ from anybit.model.checkpoint import load_quantized, save_quantized
 from anybit.quant.uniform import rtn_quantize
 from anybit.runtime.dec import compensation, quantize_residual
 from anybit.runtime.head import QuantEmbedding, quantize_head
-from anybit.runtime.native import LINEARS, PATHS, NativeDecoder, attention, native_or_warn, native_unavailable
+from anybit.runtime.native import (
+    LINEARS,
+    PATHS,
+    NativeDecoder,
+    attention,
+    cache_halves,
+    native_or_warn,
+    native_unavailable,
+)
 from anybit.runtime.native_model import load_native
 from anybit.runtime.qlinear import QuantLinear, quant_linears
 from conftest import tiny_config
@@ -174,7 +182,8 @@ def _attention_reference(q, k_cache, v_cache, pos: int, window: int) -> torch.Te
         (1, 2047, 9, 3, 64, 0, 2),  # few query sets: the keys split over threads, then combined
         (1, 3000, 2, 2, 128, 0, 5),
         (5, 700, 9, 3, 64, 0, 2),  # keys in many blocks, the last one cut by causality per token
-        (37, 100, 4, 1, 128, 0, 3),  # several sets of tokens, some of one query
+        (37, 100, 4, 1, 128, 0, 3),  # several sets of tokens (the cache widened to float once), some of one query
+        (6, 1500, 16, 1, 128, 0, 4),  # widened, and too few sets: the keys split too
         (3, 1000, 20, 1, 64, 300, 2),  # a group larger than a set; a sliding window across blocks
         (2, 900, 8, 8, 64, 70, 1),  # no grouping, a window shorter than a block
         (17, 0, 6, 2, 32, 0, 2),  # heads of 32 floats: the scalar loop
@@ -182,12 +191,13 @@ def _attention_reference(q, k_cache, v_cache, pos: int, window: int) -> torch.Te
 )
 def test_attention_matches_a_float64_softmax(tokens, pos, heads, kv_heads, head_dim, window, threads) -> None:
     """The decode step's attention in blocks of keys with a running softmax equals the softmax over all keys
-    within float32 summation error (outputs are averages of unit-scale values)."""
+    of the float16 cache within float32 summation error (outputs are averages of unit-scale values)."""
     generator = torch.Generator().manual_seed(tokens + pos)
     max_len = pos + tokens + 3  # positions past the last token hold values that must not count
     q = torch.randn(tokens, heads, head_dim, generator=generator) * 3
     k_cache, v_cache = (torch.randn(kv_heads, max_len, head_dim, generator=generator) for _ in range(2))
     k_cache[:, pos + tokens :], v_cache[:, pos + tokens :] = 1e4, 1e4
+    k_cache, v_cache = k_cache.half(), v_cache.half()
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -195,6 +205,21 @@ def test_attention_matches_a_float64_softmax(tokens, pos, heads, kv_heads, head_
     finally:
         torch.set_num_threads(previous)
     assert float((got.double() - _attention_reference(q, k_cache, v_cache, pos, window)).abs().max()) < 2e-5
+
+
+def test_the_cache_rounds_to_float16_as_torch_does_and_saturates() -> None:
+    """Every build's float-to-half conversion (F16C in blocks of 8, C for the rest: 8k + 5 values, and each edge
+    alone) gives torch's bits: ties to even, subnormals, zeros; beyond the largest half it saturates instead of
+    giving infinity."""
+    smallest = 2.0**-24  # the smallest subnormal half
+    edges = [0.0, -0.0, smallest / 2, smallest * 0.51, smallest * 1.5, 2.0**-14 * (1 - 2**-11), 1 + 2**-11,
+             1 + 3 * 2**-11, 1 + 2**-11 + 2**-20, 65504.0, 65519.0, -65504.0, 1 / 3, -2.5e-6]  # fmt: skip
+    values = torch.cat([torch.tensor(edges), torch.randn(4000) * torch.logspace(-9, 4, 4000)])[:4037]
+    expected = values.half()
+    assert torch.equal(cache_halves(values).view(torch.int16), expected.view(torch.int16))
+    alone = torch.cat([cache_halves(torch.tensor([edge])) for edge in edges])
+    assert torch.equal(alone.view(torch.int16), torch.tensor(edges).half().view(torch.int16))
+    assert cache_halves(torch.tensor([65520.0, -1e9, 3e38])).tolist() == [65504.0, -65504.0, 65504.0]
 
 
 def test_a_dense_head_multiplies_in_torch() -> None:

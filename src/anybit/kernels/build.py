@@ -26,7 +26,7 @@ from anybit.format.files import make_temp_file, remove_stale_temporaries
 
 ISA_FLAGS = {
     "native": ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"),
-    "avx2": ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"),
+    "avx2": ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"),
     "portable": ("-O3", "-fopenmp", "-shared", "-fPIC"),
 }
 PLAIN_FLAGS = ("-O3", "-shared", "-fPIC")  # no OpenMP, the compiler's default target

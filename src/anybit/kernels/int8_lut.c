@@ -56,7 +56,7 @@ static int omp_threads(void) { return 1; }
 #if defined(__AVX512BW__) && defined(__AVX512VBMI__) && defined(__AVX512VNNI__) && defined(__GFNI__)
 #define PATH_AVX512 1
 #include <immintrin.h>
-#elif defined(__AVX2__) && defined(__FMA__)
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define PATH_AVX2 1
 #include <immintrin.h>
 #endif
@@ -2127,7 +2127,7 @@ void anybit_fast_rows(const anybit_matrix *m, const int64_t *ids, int64_t n, flo
 /* ---- A whole decoder step of the Llama family, with no Python per layer --------------------------------
  * x (tokens at positions pos .. pos + T - 1, already embedded) runs through every layer: RMS norm, q/k/v
  * products (optionally per-head RMS norms of q and k), rotary embedding from precomputed cos/sin tables,
- * attention over the float32 KV cache (grouped heads, optional sliding window), the output product, the
+ * attention over the half-precision KV cache (grouped heads, optional sliding window), the output product, the
  * gated SiLU MLP, residual adds; then the final norm and the head product for the last token only (without a
  * head, the normed state is the output). One
  * OpenMP parallel region per step: products and attention split over threads, the small vector work done
@@ -2146,7 +2146,7 @@ typedef struct {
     const float *final_norm;
     const anybit_matrix *head;
     const float *cos, *sin;   /* (max_len, head_dim) */
-    float *k_cache, *v_cache; /* (layers, kv_heads, max_len, head_dim) */
+    uint16_t *k_cache, *v_cache; /* (layers, kv_heads, max_len, head_dim), IEEE half precision */
 } anybit_model;
 
 static void rms_norm(const float *x, const float *weight, int64_t n, float eps, float *out) {
@@ -2166,9 +2166,68 @@ static void rotate(float *v, const float *cos, const float *sin, int64_t d) {
     }
 }
 
+/* The KV cache holds IEEE half-precision floats (half the bytes a long context's decode step reads; llama.cpp's
+ * default too). Stores saturate at the largest finite half and round to nearest even; the SIMD builds convert
+ * with F16C, the portable one in these functions, to the same bits for every number. */
+#define HALF_MAX 65504.0f
+
+static inline uint16_t half_from_float(float value) {
+    value = value > HALF_MAX ? HALF_MAX : value < -HALF_MAX ? -HALF_MAX : value;
+    uint32_t bits;
+    memcpy(&bits, &value, sizeof bits);
+    const uint32_t sign = (bits >> 16) & 0x8000u, magnitude = bits & 0x7fffffffu;
+    if (magnitude > 0x7f800000u) return (uint16_t)(sign | 0x7e00u); /* NaN */
+    if (magnitude < 0x38800000u) { /* below the smallest normal half: a subnormal or zero */
+        if (magnitude < 0x33000000u) return (uint16_t)sign;
+        const uint32_t mantissa = (magnitude & 0x7fffffu) | 0x800000u, shift = 126 - (magnitude >> 23);
+        const uint32_t half = mantissa >> shift, rest = mantissa & ((1u << shift) - 1), middle = 1u << (shift - 1);
+        return (uint16_t)(sign | (half + (rest > middle || (rest == middle && (half & 1)))));
+    }
+    const uint32_t rounded = magnitude + 0xfffu + ((magnitude >> 13) & 1u); /* to nearest even at bit 13 */
+    return (uint16_t)(sign | ((rounded - 0x38000000u) >> 13));
+}
+
+static inline float float_from_half(uint16_t half) {
+    const uint32_t sign = (uint32_t)(half & 0x8000u) << 16, exponent = (half >> 10) & 0x1fu, mantissa = half & 0x3ffu;
+    uint32_t bits;
+    if (exponent == 0x1f) {
+        bits = sign | 0x7f800000u | (mantissa << 13);
+    } else if (exponent) {
+        bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
+    } else { /* a subnormal: mantissa 2^-24 */
+        const float value = (float)mantissa * 5.9604644775390625e-8f;
+        return sign ? -value : value;
+    }
+    float value;
+    memcpy(&value, &bits, sizeof value);
+    return value;
+}
+
+/* n floats to halves, and back. */
+static void halves_from_floats(uint16_t *out, const float *in, int64_t n) {
+    int64_t i = 0;
+#if defined(PATH_AVX512) || defined(PATH_AVX2)
+    const __m256 top = _mm256_set1_ps(HALF_MAX), bottom = _mm256_set1_ps(-HALF_MAX);
+    for (; i + 8 <= n; i += 8) {
+        const __m256 x = _mm256_max_ps(_mm256_min_ps(_mm256_loadu_ps(in + i), top), bottom);
+        _mm_storeu_si128((__m128i *)(out + i), _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
+    }
+#endif
+    for (; i < n; i++) out[i] = half_from_float(in[i]);
+}
+
+static void floats_from_halves(float *out, const uint16_t *in, int64_t n) {
+    int64_t i = 0;
+#if defined(PATH_AVX512) || defined(PATH_AVX2)
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(in + i))));
+#endif
+    for (; i < n; i++) out[i] = float_from_half(in[i]);
+}
+
 #define ATTN_KEYS 64     /* keys per block: a block's keys and values (64 or 128 floats each) stay in L1 */
 #define ATTN_QUERIES 16  /* head vectors per unit of attention work (heads sharing a KV head, times tokens) */
-#define ATTN_SCRATCH (ATTN_QUERIES * (2 * 128 + ATTN_KEYS)) /* floats a thread's blocked attention needs */
+/* floats a thread's blocked attention needs: queries, sums, weights, a block of keys and of values */
+#define ATTN_SCRATCH (ATTN_QUERIES * (2 * 128 + ATTN_KEYS) + 2 * ATTN_KEYS * 128)
 
 /* One unit of attention work: `count` query vectors of one KV head's group, the i-th at position p[i] over the
  * cached positions lo[i] .. p[i], its output at out[i]. */
@@ -2178,6 +2237,13 @@ typedef struct {
     float *out[ATTN_QUERIES];
     int64_t lo[ATTN_QUERIES], p[ATTN_QUERIES];
 } query_set;
+
+/* One KV head's cached keys and values (position by position, head_dim halves each) and, where the step widened
+ * them (`widens`), the same as floats. */
+typedef struct {
+    const uint16_t *keys, *values;
+    const float *wide_keys, *wide_values; /* NULL: not widened */
+} kv_view;
 
 #if defined(PATH_AVX512) || defined(PATH_AVX2)
 /* e^x for each lane (x <= 0 here: scores less their maximum), to about 2 ulp: 2^n times a degree-6 polynomial of
@@ -2296,14 +2362,16 @@ static inline __attribute__((always_inline)) void block_values(const float *w, c
 }
 
 /* A query set over one KV head's keys and values, for heads of D floats (64 or 128; inlined with D constant):
- * the keys in blocks of ATTN_KEYS read once for every query of the set, two queries per pass, the softmax kept
- * running over the blocks (its maximum, its sum, the weighted values rescaled when the maximum grows). Without
+ * the keys in blocks of ATTN_KEYS read (and widened to float, unless the view has them so) once for every query
+ * of the set, two queries per pass, the softmax kept running over the blocks (its maximum, its sum, the weighted
+ * values rescaled when the maximum grows). Without
  * `state` each output is normalized; with it, query i's maximum, sum and unnormalized values go to
  * state + i (D + 2) (a query without keys: -inf, 0 and zeros) for `combine_states`. */
-static inline __attribute__((always_inline)) void attend_blocked(const query_set *set, const float *keys,
-                                                                 const float *values, const int64_t D, float scale,
-                                                                 float *scratch, float *state) {
+static inline __attribute__((always_inline)) void attend_blocked(const query_set *set, const kv_view *kv,
+                                                                 const int64_t D, float scale, float *scratch,
+                                                                 float *state) {
     float *qs = scratch, *acc = qs + ATTN_QUERIES * D, *w = acc + ATTN_QUERIES * D;
+    float *widened = w + ATTN_QUERIES * ATTN_KEYS; /* a block's keys, then its values, as floats */
     float top[ATTN_QUERIES], total[ATTN_QUERIES], rescale[ATTN_QUERIES];
     int64_t lo = INT64_MAX, hi = -1, first[ATTN_QUERIES], last[ATTN_QUERIES];
     const int count = set->count;
@@ -2315,7 +2383,12 @@ static inline __attribute__((always_inline)) void attend_blocked(const query_set
     }
     for (int64_t j0 = lo; j0 <= hi; j0 += ATTN_KEYS) {
         const int64_t n = hi + 1 - j0 < ATTN_KEYS ? hi + 1 - j0 : ATTN_KEYS;
-        const float *kb = keys + j0 * D, *vb = values + j0 * D;
+        const float *kb = kv->wide_keys ? kv->wide_keys + j0 * D : widened;
+        const float *vb = kv->wide_values ? kv->wide_values + j0 * D : widened + ATTN_KEYS * D;
+        if (!kv->wide_keys) {
+            floats_from_halves(widened, kv->keys + j0 * D, n * D);
+            floats_from_halves(widened + ATTN_KEYS * D, kv->values + j0 * D, n * D);
+        }
         int i = 0;
         for (; i + 2 <= count; i += 2) block_scores(qs + i * D, kb, n, D, 2, w + i * ATTN_KEYS);
         if (i < count) block_scores(qs + i * D, kb, n, D, 1, w + i * ATTN_KEYS);
@@ -2346,13 +2419,12 @@ static inline __attribute__((always_inline)) void attend_blocked(const query_set
 #endif
 
 /* One attention head for one token at position p over cached positions lo .. p; out (head_dim). */
-static void attend(const float *q, const float *keys, const float *values, int64_t lo, int64_t p, int64_t d,
+static void attend(const float *q, const uint16_t *keys, const uint16_t *values, int64_t lo, int64_t p, int64_t d,
                    float scale, float *scores, float *out) {
     float top = -INFINITY;
     for (int64_t j = lo; j <= p; j++) {
         float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-        for (int64_t i = 0; i < d; i++) s += q[i] * keys[j * d + i];
+        for (int64_t i = 0; i < d; i++) s += q[i] * float_from_half(keys[j * d + i]);
         scores[j] = s * scale;
         top = fmaxf(top, scores[j]);
     }
@@ -2361,8 +2433,7 @@ static void attend(const float *q, const float *keys, const float *values, int64
     for (int64_t i = 0; i < d; i++) out[i] = 0.0f;
     for (int64_t j = lo; j <= p; j++) {
         const float w = scores[j] / total;
-#pragma omp simd
-        for (int64_t i = 0; i < d; i++) out[i] += w * values[j * d + i];
+        for (int64_t i = 0; i < d; i++) out[i] += w * float_from_half(values[j * d + i]);
     }
 }
 
@@ -2378,20 +2449,20 @@ static int blocked_heads(int64_t d) {
 
 /* A query set over one KV head's keys and values (heads of d floats); scratch holds ATTN_SCRATCH floats and
  * then one per cached position; `state` as for attend_blocked (NULL where not blocked_heads(d)). */
-static void attend_set(const query_set *set, const float *keys, const float *values, int64_t d, float scale,
-                       float *scratch, float *state) {
+static void attend_set(const query_set *set, const kv_view *kv, int64_t d, float scale, float *scratch,
+                       float *state) {
 #if defined(PATH_AVX512) || defined(PATH_AVX2)
     if (d == 64 || d == 128) {
         if (d == 64)
-            attend_blocked(set, keys, values, 64, scale, scratch, state);
+            attend_blocked(set, kv, 64, scale, scratch, state);
         else
-            attend_blocked(set, keys, values, 128, scale, scratch, state);
+            attend_blocked(set, kv, 128, scale, scratch, state);
         return;
     }
 #endif
     (void)state; /* only blocked heads split their keys */
     for (int i = 0; i < set->count; i++)
-        attend(set->q[i], keys, values, set->lo[i], set->p[i], d, scale, scratch + ATTN_SCRATCH, set->out[i]);
+        attend(set->q[i], kv->keys, kv->values, set->lo[i], set->p[i], d, scale, scratch + ATTN_SCRATCH, set->out[i]);
 }
 
 /* out = the softmax-weighted values of `splits` partial states of one query (attend_blocked's, `stride` floats
@@ -2451,21 +2522,41 @@ static void plan_set(const anybit_model *M, const attention_plan *a, const float
         }
 }
 
-/* Scratch memory for `attention` on up to `threads` threads: per thread ATTN_SCRATCH floats and one per cached
- * position, then the states of split keys (fewer than 4 units per thread where plan_attention splits). NULL when
- * it cannot be allocated. */
-static float *attention_scratch(int threads, int64_t max_len, int64_t hd) {
-    return malloc(sizeof(float) * (size_t)threads * (ATTN_SCRATCH + max_len + 4 * ATTN_QUERIES * (hd + 2)));
+/* Whether a step widens each layer's cached keys and values to float once, before its attention: where several
+ * query sets of one KV head would each widen them block by block. */
+static int widens(const anybit_model *M, int64_t T, int64_t pos) {
+    return blocked_heads(M->head_dim) && plan_attention(M, T, pos, 1).token_blocks > 1;
+}
+
+/* Scratch memory for `attention` of T tokens at pos on up to `threads` threads: per thread ATTN_SCRATCH floats and
+ * one per cached position, then the states of split keys (fewer than 4 units per thread where plan_attention
+ * splits), then where the step `widens`, every KV head's keys and values up to the last token as floats. NULL
+ * when it cannot be allocated. */
+static float *attention_scratch(const anybit_model *M, int64_t T, int64_t pos, int threads) {
+    const int64_t wide = widens(M, T, pos) ? 2 * M->kv_heads * (pos + T) * M->head_dim : 0;
+    const int64_t partial = 4 * ATTN_QUERIES * (M->head_dim + 2);
+    return malloc(sizeof(float) * ((size_t)threads * (ATTN_SCRATCH + M->max_len + partial) + wide));
 }
 
 /* Attention of T tokens at positions pos .. (their keys and values cached) inside a parallel region of at most
  * `threads` threads, per plan_attention; scratch from attention_scratch. */
-static void attention(const anybit_model *M, const float *q, const float *kc, const float *vc, int64_t T,
+static void attention(const anybit_model *M, const float *q, const uint16_t *kc, const uint16_t *vc, int64_t T,
                       int64_t pos, float *scratch, int threads, float *attn) {
-    const int64_t hd = M->head_dim, stride = hd + 2;
+    const int64_t hd = M->head_dim, stride = hd + 2, span = pos + T;
     const attention_plan a = plan_attention(M, T, pos, omp_threads());
     float *own = scratch + (int64_t)omp_thread() * (ATTN_SCRATCH + M->max_len);
     float *partial = scratch + (int64_t)threads * (ATTN_SCRATCH + M->max_len);
+    float *wide = widens(M, T, pos) ? partial + (int64_t)threads * 4 * ATTN_QUERIES * stride : NULL;
+    if (wide) {
+        const int64_t chunks = (span + ATTN_KEYS - 1) / ATTN_KEYS;
+#pragma omp for schedule(static)
+        for (int64_t c = 0; c < 2 * M->kv_heads * chunks; c++) { /* keys, then values, ATTN_KEYS positions each */
+            const int64_t head = c / chunks, p0 = c % chunks * ATTN_KEYS;
+            const int64_t n = span - p0 < ATTN_KEYS ? span - p0 : ATTN_KEYS, kvh = head % M->kv_heads;
+            const uint16_t *cache = (head < M->kv_heads ? kc : vc) + kvh * M->max_len * hd;
+            floats_from_halves(wide + (head * span + p0) * hd, cache + p0 * hd, n * hd);
+        }
+    }
 #pragma omp for schedule(dynamic, 1)
     for (int64_t u = 0; u < a.sets * a.splits; u++) {
         query_set set;
@@ -2475,8 +2566,9 @@ static void attention(const anybit_model *M, const float *q, const float *kc, co
             set.lo[i] = set.lo[i] > from ? set.lo[i] : from;
             set.p[i] = set.p[i] < to ? set.p[i] : to;
         }
-        attend_set(&set, kc + kvh * M->max_len * hd, vc + kvh * M->max_len * hd, hd, M->attn_scale, own,
-                   a.splits > 1 ? partial + u * ATTN_QUERIES * stride : NULL);
+        const kv_view kv = {kc + kvh * M->max_len * hd, vc + kvh * M->max_len * hd,
+                            wide ? wide + kvh * span * hd : NULL, wide ? wide + (M->kv_heads + kvh) * span * hd : NULL};
+        attend_set(&set, &kv, hd, M->attn_scale, own, a.splits > 1 ? partial + u * ATTN_QUERIES * stride : NULL);
     }
     if (a.splits == 1) return;
 #pragma omp for schedule(static)
@@ -2489,15 +2581,18 @@ static void attention(const anybit_model *M, const float *q, const float *kc, co
     }
 }
 
+/* n floats rounded to the KV cache's halves (tests: the conversions of every build against torch's). */
+void anybit_halves(const float *in, int64_t n, uint16_t *out) { halves_from_floats(out, in, n); }
+
 /* The decode step's attention alone (tests, benchmarks): queries q (T, heads, head_dim) of the tokens at
  * positions pos .. pos + T - 1 over the cache (kv_heads, max_len, head_dim) up to them, as anybit_decode_step
  * runs it, into out (T, heads, head_dim). Returns 0, or -1 when scratch memory cannot be allocated. */
-int anybit_attention(const float *q, const float *k_cache, const float *v_cache, int64_t T, int64_t pos,
+int anybit_attention(const float *q, const uint16_t *k_cache, const uint16_t *v_cache, int64_t T, int64_t pos,
                      int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t max_len, int64_t window, float scale,
                      float *out, int threads) {
     const anybit_model M = {.heads = heads, .kv_heads = kv_heads, .head_dim = head_dim, .max_len = max_len,
                             .window = window, .attn_scale = scale};
-    float *scratch = attention_scratch(threads, max_len, head_dim);
+    float *scratch = attention_scratch(&M, T, pos, threads);
     if (!scratch) return -1;
 #pragma omp parallel num_threads(threads)
     attention(&M, q, k_cache, v_cache, T, pos, scratch, threads, out);
@@ -2515,7 +2610,7 @@ int anybit_decode_step(const anybit_model *M, float *x, int64_t T, int64_t pos, 
     float *k = malloc(sizeof(float) * T * kv_dim), *v = malloc(sizeof(float) * T * kv_dim);
     float *attn = malloc(sizeof(float) * T * q_dim), *out = malloc(sizeof(float) * T * H);
     float *gate = malloc(sizeof(float) * T * M->intermediate), *up = malloc(sizeof(float) * T * M->intermediate);
-    float *scratch = attention_scratch(threads, M->max_len, hd);
+    float *scratch = attention_scratch(M, T, pos, threads);
     coded_input in[SCRATCH_INPUTS];
     int failed = !normed || !q || !k || !v || !attn || !out || !gate || !up || !scratch;
     for (int i = 0; i < SCRATCH_INPUTS; i++) failed |= alloc_input(in + i, T, wide);
@@ -2524,8 +2619,8 @@ int anybit_decode_step(const anybit_model *M, float *x, int64_t T, int64_t pos, 
         {
             for (int64_t l = 0; l < M->n_layers; l++) {
                 const anybit_layer *L = M->layers + l;
-                float *kc = M->k_cache + l * M->kv_heads * M->max_len * hd;
-                float *vc = M->v_cache + l * M->kv_heads * M->max_len * hd;
+                uint16_t *kc = M->k_cache + l * M->kv_heads * M->max_len * hd;
+                uint16_t *vc = M->v_cache + l * M->kv_heads * M->max_len * hd;
 #pragma omp for schedule(static)
                 for (int64_t t = 0; t < T; t++) rms_norm(x + t * H, L->attn_norm, H, M->eps, normed + t * H);
                 const anybit_matrix *qkv[3] = {&L->q, &L->k, &L->v};
@@ -2543,8 +2638,8 @@ int anybit_decode_step(const anybit_model *M, float *x, int64_t T, int64_t pos, 
                         float *kh = k + t * kv_dim + h * hd;
                         if (L->k_norm) rms_norm(kh, L->k_norm, hd, M->eps, kh);
                         rotate(kh, M->cos + p * hd, M->sin + p * hd, hd);
-                        memcpy(kc + (h * M->max_len + p) * hd, kh, sizeof(float) * hd);
-                        memcpy(vc + (h * M->max_len + p) * hd, v + t * kv_dim + h * hd, sizeof(float) * hd);
+                        halves_from_floats(kc + (h * M->max_len + p) * hd, kh, hd);
+                        halves_from_floats(vc + (h * M->max_len + p) * hd, v + t * kv_dim + h * hd, hd);
                     }
                 }
                 attention(M, q, kc, vc, T, pos, scratch, threads, attn);

@@ -2,8 +2,9 @@
 (`kernels/int8_lut.c`, `anybit_decode_step`) on the fast kernel's re-laid matrices, with no Python per layer.
 
 Served: the Llama family (llama, mistral, qwen2, qwen3: RMS norms, rotary embeddings from the model's own
-rotary module, grouped-query attention with an optional sliding window, q/k norms, gated SiLU MLP) when every
-decoder linear is a `QuantLinear` the fast kernel serves. The head runs there too when it is a fast
+rotary module, grouped-query attention with an optional sliding window over a float16 KV cache, q/k norms,
+gated SiLU MLP) when every decoder linear is a `QuantLinear` the fast kernel serves. The head runs there too
+when it is a fast
 `QuantLinear` (`runtime.head`); a dense head multiplies in torch. Dynamic error compensation (`--dec`,
 `runtime.dec.compensation`) runs in C too. `native_unavailable` says why a model is not served; callers
 then decode eagerly (Hugging Face's loop) after one warning.
@@ -48,21 +49,38 @@ class _Model(ctypes.Structure):
 def _declare(lib: ctypes.CDLL) -> None:
     lib.anybit_decode_step.restype = ctypes.c_int
     lib.anybit_decode_step.argtypes = [ctypes.POINTER(_Model), _P, _I, _I, _P, ctypes.c_int]
+
+
+def _step_parts() -> ctypes.CDLL:
+    """The kernel library with the decode step's parts that tests call alone declared."""
+    lib = cpu_fast.KERNEL.library()
     lib.anybit_attention.restype = ctypes.c_int
     lib.anybit_attention.argtypes = [_P, _P, _P, _I, _I, _I, _I, _I, _I, _I, ctypes.c_float, _P, ctypes.c_int]
+    lib.anybit_halves.restype = None
+    lib.anybit_halves.argtypes = [_P, _I, _P]
+    return lib
+
+
+def cache_halves(x: torch.Tensor) -> torch.Tensor:
+    """Float32 values as the native decoder stores them in its KV cache: float16, rounded to nearest even,
+    saturated at ±65504 (for tests)."""
+    x = x.float().contiguous()
+    out = torch.empty(x.shape, dtype=torch.float16)
+    _step_parts().anybit_halves(x.data_ptr(), x.numel(), out.data_ptr())
+    return out
 
 
 def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int, window: int = 0) -> torch.Tensor:
     """The native decode step's attention alone (for tests and benchmarks): queries q (tokens, heads, head_dim)
-    at positions pos .. pos + tokens - 1 over the float32 cache (kv_heads, max_len, head_dim) up to them (the last
-    `window` positions with a sliding window), scaled by head_dim ** -0.5, on torch's threads."""
+    at positions pos .. pos + tokens - 1 over the cache (kv_heads, max_len, head_dim) up to them (the last
+    `window` positions with a sliding window), scaled by head_dim ** -0.5, on torch's threads; the cache is
+    held in float16, as the decoder holds it."""
     tokens, heads, head_dim = q.shape
     kv_heads, max_len, _ = k_cache.shape
-    q, k_cache, v_cache = (t.float().contiguous() for t in (q, k_cache, v_cache))
+    q = q.float().contiguous()
+    k_cache, v_cache = (t.half().contiguous() for t in (k_cache, v_cache))
     out = torch.empty_like(q)
-    lib = cpu_fast.KERNEL.library()
-    _declare(lib)
-    status = lib.anybit_attention(
+    status = _step_parts().anybit_attention(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tokens, pos, heads, kv_heads, head_dim, max_len, window,
         head_dim**-0.5, out.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
@@ -121,7 +139,7 @@ class NativeDecoder:
         attention = layers[0].self_attn
         self.head_dim = attention.head_dim
         heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-        self.k_cache = torch.zeros(len(layers), kv_heads, max_len, self.head_dim)
+        self.k_cache = torch.zeros(len(layers), kv_heads, max_len, self.head_dim, dtype=torch.float16)
         self.v_cache = torch.zeros_like(self.k_cache)
         cos, sin = self._rotary_tables(max_len)
         self._layers = (_Layer * len(layers))(*(self._layer(layer) for layer in layers))
