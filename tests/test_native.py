@@ -377,6 +377,9 @@ def test_generate_and_bench_run_native_by_default(tiny_tokenizer, corpus_file, t
     assert (result["decoder"], result["kernel"], result["head"]) == ("native", "auto", "int8")
     assert result["loader"] == "native"  # no transformers model code for a served directory
     assert result["kernel_bytes"] > 0 and result["head_bits_per_weight"] > 8
+    positions = 8 + 4 + 1  # the prompt, the new tokens and one to spare: float16 keys and values at each
+    per_position = 2 * 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
+    assert result["kv_cache_bytes"] == positions * per_position
     bench = runner.invoke(main, ["bench", quantized, "--json", "--prompt-tokens", "8", "--new-tokens", "4",
                                  "--repeats", "1", "--dec", "8", "--tables", "int16"])  # fmt: skip
     assert bench.exit_code == 0, bench.output

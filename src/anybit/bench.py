@@ -27,6 +27,7 @@ class SpeedResult:
     prompt_path: str | None  # how the fast CPU kernel multiplied the prompt (`kernels.cpu_fast.prompt_path`)
     tensor_bytes: int  # parameters and buffers the model holds, shared ones once
     kernel_bytes: int  # what the kernels hold besides them (the fast CPU kernel's re-laid codes and tables)
+    kv_cache_bytes: int | None  # the native decoder's KV cache (float16, every position); None on other decoders
     peak_gpu_bytes: int | None  # CUDA only: peak allocated during the runs
 
     def to_dict(self) -> dict:
@@ -243,5 +244,6 @@ def decode_speed(
         prompt_path=prompt_path(model, dev, prompt_tokens),
         tensor_bytes=tensor_bytes(model),
         kernel_bytes=kernel_bytes(model),
+        kv_cache_bytes=None if native is None else native.cache_bytes(),
         peak_gpu_bytes=torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
     )

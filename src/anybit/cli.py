@@ -554,6 +554,8 @@ def bench(
     )
     if result.kernel_bytes:
         line += f" + {_mb(result.kernel_bytes)} re-laid for the kernel"
+    if result.kv_cache_bytes:
+        line += f" + {_mb(result.kv_cache_bytes)} of float16 KV cache"
     if head_info.kind != "dense":
         line += f"; embedding and head at {head_info.bits_per_weight:.2f} bits/weight"
     if result.peak_gpu_bytes is not None:

@@ -210,6 +210,10 @@ class NativeDecoder:
         }
         return _Layer(**{name: self._matrix(layer.get_submodule(PATHS[name])) for name in LINEARS}, **norms)
 
+    def cache_bytes(self) -> int:
+        """Bytes of the KV cache (float16, all `max_len` positions)."""
+        return sum(t.numel() * t.element_size() for t in (self.k_cache, self.v_cache))
+
     def reset(self) -> None:
         """Start a new sequence (the cache is overwritten as it fills)."""
         self.position = 0
