@@ -2207,7 +2207,8 @@ static void rotate(float *v, const float *cos, const float *sin, int64_t d) {
 
 /* The KV cache holds IEEE half-precision floats (half the bytes a long context's decode step reads; llama.cpp's
  * default too). Stores saturate at the largest finite half and round to nearest even; the SIMD builds convert
- * with F16C, the portable one in these functions, to the same bits for every number. */
+ * with F16C, the portable one in these functions, to the same bits for every number (a NaN saturates on the
+ * SIMD builds, stays NaN on the portable one). */
 #define HALF_MAX 65504.0f
 
 static inline uint16_t half_from_float(float value) {
