@@ -2266,8 +2266,8 @@ static void floats_from_halves(float *out, const uint16_t *in, int64_t n) {
 
 #define ATTN_KEYS 64     /* keys per block: a block's keys and values (64 or 128 floats each) stay in L1 */
 #define ATTN_QUERIES 16  /* head vectors per unit of attention work (heads sharing a KV head, times tokens) */
-/* floats a thread's blocked attention needs: queries, sums, weights, a block of keys and of values */
-#define ATTN_SCRATCH (ATTN_QUERIES * (2 * 128 + ATTN_KEYS) + 2 * ATTN_KEYS * 128)
+/* floats a thread's blocked attention needs: queries, sums, weights */
+#define ATTN_SCRATCH (ATTN_QUERIES * (2 * 128 + ATTN_KEYS))
 
 /* One unit of attention work: `count` query vectors of one KV head's group, the i-th at position p[i] over the
  * cached positions lo[i] .. p[i], its output at out[i]. */
@@ -2304,19 +2304,26 @@ static inline __m256 exp_lanes(__m256 x) {
     return _mm256_mul_ps(y, _mm256_castsi256_ps(power));
 }
 
-/* Scores of Q (1 or 2; inlined with Q and the head size D constant) scaled queries qs (D floats apart) against
- * the n keys at `keys`: four keys per pass, query i's scores at s[i * ATTN_KEYS ..]. */
-static inline __attribute__((always_inline)) void block_scores(const float *qs, const float *keys, int64_t n,
-                                                               const int64_t D, const int Q, float *s) {
+/* 8 cached floats at element i of `data`: halves (widened here) or floats (inlined with `halves` constant). */
+static inline __attribute__((always_inline)) __m256 cached8(const void *data, int64_t i, const int halves) {
+    return halves ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)data + i)))
+                  : _mm256_loadu_ps((const float *)data + i);
+}
+
+/* Scores of Q (1 or 2; inlined with Q, the head size D and `halves` constant) scaled queries qs (D floats apart)
+ * against the n keys at `keys` (halves or floats): four keys per pass, query i's scores at s[i * ATTN_KEYS ..]. */
+static inline __attribute__((always_inline)) void block_scores(const float *qs, const void *keys, int64_t n,
+                                                               const int64_t D, const int Q, const int halves,
+                                                               float *s) {
     int64_t j = 0;
     for (; j + 4 <= n; j += 4) {
-        const float *k = keys + j * D;
+        const int64_t k = j * D;
         __m256 acc[2][4];
         for (int i = 0; i < Q; i++)
             for (int c = 0; c < 4; c++) acc[i][c] = _mm256_setzero_ps();
         for (int64_t c = 0; c < D / 8; c++) {
-            const __m256 k0 = _mm256_loadu_ps(k + 8 * c), k1 = _mm256_loadu_ps(k + D + 8 * c);
-            const __m256 k2 = _mm256_loadu_ps(k + 2 * D + 8 * c), k3 = _mm256_loadu_ps(k + 3 * D + 8 * c);
+            const __m256 k0 = cached8(keys, k + 8 * c, halves), k1 = cached8(keys, k + D + 8 * c, halves);
+            const __m256 k2 = cached8(keys, k + 2 * D + 8 * c, halves), k3 = cached8(keys, k + 3 * D + 8 * c, halves);
             for (int i = 0; i < Q; i++) {
                 const __m256 qc = _mm256_loadu_ps(qs + i * D + 8 * c);
                 acc[i][0] = _mm256_fmadd_ps(qc, k0, acc[i][0]);
@@ -2336,7 +2343,7 @@ static inline __attribute__((always_inline)) void block_scores(const float *qs, 
         for (int i = 0; i < Q; i++) {
             __m256 a = _mm256_setzero_ps();
             for (int64_t c = 0; c < D / 8; c++)
-                a = _mm256_fmadd_ps(_mm256_loadu_ps(qs + i * D + 8 * c), _mm256_loadu_ps(keys + j * D + 8 * c), a);
+                a = _mm256_fmadd_ps(_mm256_loadu_ps(qs + i * D + 8 * c), cached8(keys, j * D + 8 * c, halves), a);
             s[i * ATTN_KEYS + j] = lane_sum(a);
         }
 }
@@ -2376,18 +2383,19 @@ static inline float block_weights(float *s, int64_t first, int64_t last, float *
 
 /* acc_i = acc_i * rescale[i] + sum over keys a .. b - 1 of w_i[j] values[j], for Q (1 or 2) queries (acc D
  * floats apart, weights ATTN_KEYS apart): 32 floats of the head at a time, held in registers. */
-static inline __attribute__((always_inline)) void block_values(const float *w, const float *values, int64_t a,
+static inline __attribute__((always_inline)) void block_values(const float *w, const void *values, int64_t a,
                                                                int64_t b, const int64_t D, const int Q,
-                                                               const float *rescale, float *acc) {
+                                                               const int halves, const float *rescale,
+                                                               float *acc) {
     for (int64_t h = 0; h < D; h += 32) {
         __m256 r[2][4];
         for (int i = 0; i < Q; i++)
             for (int c = 0; c < 4; c++)
                 r[i][c] = _mm256_mul_ps(_mm256_loadu_ps(acc + i * D + h + 8 * c), _mm256_set1_ps(rescale[i]));
         for (int64_t j = a; j < b; j++) {
-            const float *v = values + j * D + h;
-            const __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8);
-            const __m256 v2 = _mm256_loadu_ps(v + 16), v3 = _mm256_loadu_ps(v + 24);
+            const int64_t v = j * D + h;
+            const __m256 v0 = cached8(values, v, halves), v1 = cached8(values, v + 8, halves);
+            const __m256 v2 = cached8(values, v + 16, halves), v3 = cached8(values, v + 24, halves);
             for (int i = 0; i < Q; i++) {
                 const __m256 wi = _mm256_broadcast_ss(w + i * ATTN_KEYS + j);
                 r[i][0] = _mm256_fmadd_ps(wi, v0, r[i][0]);
@@ -2402,16 +2410,17 @@ static inline __attribute__((always_inline)) void block_values(const float *w, c
 }
 
 /* A query set over one KV head's keys and values, for heads of D floats (64 or 128; inlined with D constant):
- * the keys in blocks of ATTN_KEYS read (and widened to float, unless the view has them so) once for every query
- * of the set, two queries per pass, the softmax kept running over the blocks (its maximum, its sum, the weighted
- * values rescaled when the maximum grows). Without
- * `state` each output is normalized; with it, query i's maximum, sum and unnormalized values go to
- * state + i (D + 2) (a query without keys: -inf, 0 and zeros) for `combine_states`. */
+ * the keys in blocks of ATTN_KEYS read once for every query of the set, two queries per pass, each half widened
+ * as it is loaded (unless the view has them as floats: widening each block into scratch first made one-token
+ * attention 1.24-1.53x slower, by hand), the softmax kept running over the blocks (its maximum, its sum, the
+ * weighted values rescaled when the maximum grows). Without `state` each output is normalized; with it, query
+ * i's maximum, sum and unnormalized values go to state + i (D + 2) (a query without keys: -inf, 0 and zeros)
+ * for `combine_states`. */
 static inline __attribute__((always_inline)) void attend_blocked(const query_set *set, const kv_view *kv,
                                                                  const int64_t D, float scale, float *scratch,
                                                                  float *state) {
     float *qs = scratch, *acc = qs + ATTN_QUERIES * D, *w = acc + ATTN_QUERIES * D;
-    float *widened = w + ATTN_QUERIES * ATTN_KEYS; /* a block's keys, then its values, as floats */
+    const int halves = !kv->wide_keys; /* read the cache's halves, widening each as it is loaded */
     float top[ATTN_QUERIES], total[ATTN_QUERIES], rescale[ATTN_QUERIES];
     int64_t lo = INT64_MAX, hi = -1, first[ATTN_QUERIES], last[ATTN_QUERIES];
     const int count = set->count;
@@ -2423,15 +2432,15 @@ static inline __attribute__((always_inline)) void attend_blocked(const query_set
     }
     for (int64_t j0 = lo; j0 <= hi; j0 += ATTN_KEYS) {
         const int64_t n = hi + 1 - j0 < ATTN_KEYS ? hi + 1 - j0 : ATTN_KEYS;
-        const float *kb = kv->wide_keys ? kv->wide_keys + j0 * D : widened;
-        const float *vb = kv->wide_values ? kv->wide_values + j0 * D : widened + ATTN_KEYS * D;
-        if (!kv->wide_keys) {
-            floats_from_halves(widened, kv->keys + j0 * D, n * D);
-            floats_from_halves(widened + ATTN_KEYS * D, kv->values + j0 * D, n * D);
-        }
+        const void *kb = halves ? (const void *)(kv->keys + j0 * D) : kv->wide_keys + j0 * D;
+        const void *vb = halves ? (const void *)(kv->values + j0 * D) : kv->wide_values + j0 * D;
         int i = 0;
-        for (; i + 2 <= count; i += 2) block_scores(qs + i * D, kb, n, D, 2, w + i * ATTN_KEYS);
-        if (i < count) block_scores(qs + i * D, kb, n, D, 1, w + i * ATTN_KEYS);
+        for (; i + 2 <= count; i += 2)
+            halves ? block_scores(qs + i * D, kb, n, D, 2, 1, w + i * ATTN_KEYS)
+                   : block_scores(qs + i * D, kb, n, D, 2, 0, w + i * ATTN_KEYS);
+        if (i < count)
+            halves ? block_scores(qs + i * D, kb, n, D, 1, 1, w + i * ATTN_KEYS)
+                   : block_scores(qs + i * D, kb, n, D, 1, 0, w + i * ATTN_KEYS);
         for (i = 0; i < count; i++) {
             first[i] = set->lo[i] > j0 ? set->lo[i] - j0 : 0;
             last[i] = set->p[i] + 1 - j0 < n ? set->p[i] + 1 - j0 : n;
@@ -2440,9 +2449,13 @@ static inline __attribute__((always_inline)) void attend_blocked(const query_set
         for (i = 0; i + 2 <= count; i += 2) {
             const int64_t a = first[i] < first[i + 1] ? first[i] : first[i + 1];
             const int64_t b = last[i] > last[i + 1] ? last[i] : last[i + 1];
-            block_values(w + i * ATTN_KEYS, vb, a, b, D, 2, rescale + i, acc + i * D);
+            halves ? block_values(w + i * ATTN_KEYS, vb, a, b, D, 2, 1, rescale + i, acc + i * D)
+                   : block_values(w + i * ATTN_KEYS, vb, a, b, D, 2, 0, rescale + i, acc + i * D);
         }
-        if (i < count) block_values(w + i * ATTN_KEYS, vb, first[i], last[i], D, 1, rescale + i, acc + i * D);
+        if (i < count)
+            halves ? block_values(w + i * ATTN_KEYS, vb, first[i], last[i], D, 1, 1, rescale + i, acc + i * D)
+                   : block_values(w + i * ATTN_KEYS, vb, first[i], last[i], D, 1, 0, rescale + i,
+                                  acc + i * D);
     }
     for (int i = 0; i < count; i++) {
         if (state) {
