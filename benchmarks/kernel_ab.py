@@ -2,6 +2,7 @@
 
 Usage: python benchmarks/kernel_ab.py --old REV [--isa avx2] [--threads 1] [--tokens 1,8,64]
        [--layouts "row codebooks 3.25,uniform g64"] [--rounds 12] [--model DIR [--prompt-tokens 64] [--new-tokens 64]]
+       [--attention 512,2048]
 
 The old kernel is `src/anybit/kernels/int8_lut.c` at git revision REV, the new one the working tree's; both are
 built as anybit builds its kernels (`kernels.build.CompiledKernel`, for `ANYBIT_CPU_ISA`, into the anybit cache)
@@ -14,7 +15,9 @@ directory the native decoder serves), also that model end to end, on `--threads`
 prompt, then `--new-tokens` greedy tokens, the best of `--rounds` alternating rounds for each (two more JSON lines,
 "tokens" the prompt's length and 1): short rows such as SmolLM2's 576 columns weigh what a kernel does per row more
 than the 4096-column layouts do, and long prompts weigh the attention. An old source whose KV cache is float32
-(before the float16 cache) decodes on a float32 cache (`_float32_cache`).
+(before the float16 cache) decodes on a float32 cache (`_float32_cache`). With --attention POSITIONS, also the
+decode step's attention alone (`anybit_attention`, both versions on float16 caches) for one token at each of those
+positions, in SmolLM2's shape (30 layers of 9 query heads over 3 KV heads of 64 floats, a cache per layer).
 """
 
 from __future__ import annotations
@@ -101,6 +104,30 @@ def decode_seconds(
     return prefill, decode
 
 
+def attention_seconds(libs: dict, position: int, threads: int, rounds: int) -> dict[str, float]:
+    """The best time, for each kernel, of one token's attention at `position` in every layer of SmolLM2's shape."""
+    layers, kv_heads, heads, head_dim = 30, 3, 9, 64
+    caches = [torch.randn(2, kv_heads, position + 1, head_dim).half() for _ in range(layers)]
+    q, out = torch.randn(1, heads, head_dim), torch.empty(1, heads, head_dim)
+    for lib in libs.values():
+        lib.anybit_attention.restype = ctypes.c_int
+        lib.anybit_attention.argtypes = (
+            [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 7 + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
+        )
+    best = dict.fromkeys(libs, float("inf"))
+    for _ in range(rounds):
+        for name, lib in libs.items():
+            start = time.perf_counter()
+            for cache in caches:
+                keys, values = cache[0], cache[1]
+                lib.anybit_attention(
+                    q.data_ptr(), keys.data_ptr(), values.data_ptr(), 1, position, heads, kv_heads, head_dim,
+                    position + 1, 0, head_dim**-0.5, out.data_ptr(), threads,
+                )  # fmt: skip
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--old", required=True, help="git revision of the old kernel source")
@@ -112,6 +139,7 @@ def main() -> None:
     parser.add_argument("--model", help="a quantized directory whose native decode steps to time as well")
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--attention", help="positions at which to time one token's attention alone (e.g. 512,2048)")
     args = parser.parse_args()
     if args.isa != build.requested_isa():
         raise SystemExit(f"set ANYBIT_CPU_ISA={args.isa}: the matrices must be laid out for the kernels compared")
@@ -119,6 +147,8 @@ def main() -> None:
     old_text = subprocess.run(["git", "show", f"{args.old}:{SOURCE}"], cwd=root, capture_output=True, text=True)
     if old_text.returncode:
         raise SystemExit(f"git show {args.old}:{SOURCE} failed: {old_text.stderr.strip()}")
+    if args.attention and "int anybit_attention(const float *q, const uint16_t" not in old_text.stdout:
+        raise SystemExit(f"--attention: {args.old} has no anybit_attention on a float16 cache")
     if args.model and matrix_struct(old_text.stdout) != matrix_struct((root / SOURCE).read_text()):
         # products take a pointer and read what they know of the structure; the decoder's layers hold it by value
         raise SystemExit(f"--model: anybit_matrix differs between {args.old} and the working tree")
@@ -159,6 +189,16 @@ def main() -> None:
                         "new_tokens_per_s": 1 / best["new"], "speedup": best["old"] / best["new"],
                     },
                 )  # fmt: skip
+        for position in (int(p) for p in (args.attention or "").split(",") if p):
+            best = attention_seconds(libs, position, args.threads, args.rounds)
+            log_result(
+                "kernel_ab",
+                {
+                    "old": args.old, "isa": args.isa, "code_path": cpu_fast.code_path(), "attention_position": position,
+                    "threads": args.threads, "old_ms": 1e3 * best["old"], "new_ms": 1e3 * best["new"],
+                    "speedup": best["old"] / best["new"],
+                },
+            )  # fmt: skip
 
 
 if __name__ == "__main__":
