@@ -109,11 +109,10 @@ def attention_seconds(libs: dict, position: int, threads: int, rounds: int) -> d
     layers, kv_heads, heads, head_dim = 30, 3, 9, 64
     caches = [torch.randn(2, kv_heads, position + 1, head_dim).half() for _ in range(layers)]
     q, out = torch.randn(1, heads, head_dim), torch.empty(1, heads, head_dim)
+    from anybit.runtime.native import declare_attention
+
     for lib in libs.values():
-        lib.anybit_attention.restype = ctypes.c_int
-        lib.anybit_attention.argtypes = (
-            [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 7 + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
-        )
+        declare_attention(lib)
     best = dict.fromkeys(libs, float("inf"))
     for _ in range(rounds):
         for name, lib in libs.items():

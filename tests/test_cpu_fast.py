@@ -77,17 +77,22 @@ def _check(qt: QuantizedTensor) -> None:
         _check_tables(cpu_fast.prepare(qt, tables))
 
 
-def _check_tables(prepared: cpu_fast.FastPrepared) -> None:
+def _check_products(prepared, bound, emulate, slack) -> None:
+    """The kernel's products of `prepared` within bound(prepared, x) of the exact ones and within
+    slack(prepared, x) of emulate(prepared, x): one pass, a full pass of eight, a second, partial pass; prompts:
+    one group of 16 tokens, then three, the last partial (on AMX tiles where the CPU has them)."""
     qt = prepared.qt
-    # one pass, a full pass of eight, a second, partial pass; prompts: one group of 16 tokens, then three, the
-    # last partial (on AMX tiles where the CPU has them)
     for tokens in (1, 3, 8, 13, 16, 37):
         x = torch.randn(tokens, qt.shape[1])
         got = cpu_fast.product(prepared, x).double()
         exact = x.double() @ qt.dequantize().double().t()
-        bound = _rounding_bound(prepared, x)
-        assert bool(((got - exact).abs() <= bound).all()), float(((got - exact).abs() - bound).max())
-        assert bool(((got - cpu_fast.emulate(prepared, x)).abs() <= _float_slack(prepared, x)).all())
+        limit = bound(prepared, x)
+        assert bool(((got - exact).abs() <= limit).all()), float(((got - exact).abs() - limit).max())
+        assert bool(((got - emulate(prepared, x)).abs() <= slack(prepared, x)).all())
+
+
+def _check_tables(prepared: cpu_fast.FastPrepared) -> None:
+    _check_products(prepared, _rounding_bound, cpu_fast.emulate, _float_slack)
 
 
 def test_row_codebooks_of_every_width(isa: str) -> None:
@@ -361,13 +366,7 @@ def _column_slack(prepared: cpu_columns.ColumnPrepared, x: torch.Tensor) -> torc
 def _check_columns(qt: QuantizedTensor) -> None:
     prepared = cpu_fast.prepare(qt)
     assert isinstance(prepared, cpu_columns.ColumnPrepared)
-    for tokens in (1, 3, 8, 13, 16, 37):  # one pass of up to eight tokens, several, a partial last one
-        x = torch.randn(tokens, qt.shape[1])
-        got = cpu_fast.product(prepared, x).double()
-        exact = x.double() @ qt.dequantize().double().t()
-        bound = _column_bound(prepared, x)
-        assert bool(((got - exact).abs() <= bound).all()), float(((got - exact).abs() - bound).max())
-        assert bool(((got - cpu_columns.emulate(prepared, x)).abs() <= _column_slack(prepared, x)).all())
+    _check_products(prepared, _column_bound, cpu_columns.emulate, _column_slack)
 
 
 @pytest.mark.parametrize("widths", [(1,), (2,), (3,), (4,), (5,), (6,), (7,), (8,), (2, 3, 4, 8)])

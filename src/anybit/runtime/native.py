@@ -4,10 +4,9 @@
 Served: the Llama family (llama, mistral, qwen2, qwen3: RMS norms, rotary embeddings from the model's own
 rotary module, grouped-query attention with an optional sliding window over a float16 KV cache, q/k norms,
 gated SiLU MLP) when every decoder linear is a `QuantLinear` the fast kernel serves. The head runs there too
-when it is a fast
-`QuantLinear` (`runtime.head`); a dense head multiplies in torch. Dynamic error compensation (`--dec`,
-`runtime.dec.compensation`) runs in C too. `native_unavailable` says why a model is not served; callers
-then decode eagerly (Hugging Face's loop) after one warning.
+when it is a fast `QuantLinear` (`runtime.head`); a dense head multiplies in torch. Dynamic error compensation
+(`--dec`, `runtime.dec.compensation`) runs in C too. `native_unavailable` says why a model is not served;
+callers then decode eagerly (Hugging Face's loop) after one warning.
 """
 
 from __future__ import annotations
@@ -51,11 +50,16 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.anybit_decode_step.argtypes = [ctypes.POINTER(_Model), _P, _I, _I, _P, ctypes.c_int]
 
 
-def _step_parts() -> ctypes.CDLL:
-    """The kernel library with the decode step's parts that tests call alone declared."""
-    lib = cpu_fast.KERNEL.library()
+def declare_attention(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """`lib` (a build of the fast kernel) with `anybit_attention`, the decode step's attention alone, declared."""
     lib.anybit_attention.restype = ctypes.c_int
     lib.anybit_attention.argtypes = [_P, _P, _P, _I, _I, _I, _I, _I, _I, _I, ctypes.c_float, _P, ctypes.c_int]
+    return lib
+
+
+def _step_parts() -> ctypes.CDLL:
+    """The kernel library with the decode step's parts that tests call alone declared."""
+    lib = declare_attention(cpu_fast.KERNEL.library())
     lib.anybit_halves.restype = None
     lib.anybit_halves.argtypes = [_P, _I, _P]
     return lib
