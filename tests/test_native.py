@@ -181,6 +181,7 @@ def _attention_reference(q, k_cache, v_cache, pos: int, window: int) -> torch.Te
         (1, 0, 9, 3, 64, 0, 2),  # a first token: one key
         (1, 2047, 9, 3, 64, 0, 2),  # few query sets: the keys split over threads, then combined
         (1, 3000, 2, 2, 128, 0, 5),
+        (1, 1000, 4, 2, 128, 0, 2),  # two queries of 128 floats in a pass
         (1, 2000, 8, 2, 64, 700, 2),  # split keys with a window: the first split holds no key of the query
         (5, 700, 9, 3, 64, 0, 2),  # keys in many blocks, the last one cut by causality per token
         (37, 100, 4, 1, 128, 0, 3),  # several sets of tokens (the cache widened to float once), some of one query

@@ -2310,7 +2310,7 @@ static inline __attribute__((always_inline)) __m256 cached8(const void *data, in
                   : _mm256_loadu_ps((const float *)data + i);
 }
 
-/* Scores of Q (1 or 2; inlined with Q, the head size D and `halves` constant) scaled queries qs (D floats apart)
+/* Scores of Q (1 to 3; inlined with Q, the head size D and `halves` constant) scaled queries qs (D floats apart)
  * against the n keys at `keys` (halves or floats): four keys per pass, query i's scores at s[i * ATTN_KEYS ..]. */
 static inline __attribute__((always_inline)) void block_scores(const float *qs, const void *keys, int64_t n,
                                                                const int64_t D, const int Q, const int halves,
@@ -2318,20 +2318,19 @@ static inline __attribute__((always_inline)) void block_scores(const float *qs, 
     int64_t j = 0;
     for (; j + 4 <= n; j += 4) {
         const int64_t k = j * D;
-        __m256 acc[2][4];
+        __m256 acc[3][4];
         for (int i = 0; i < Q; i++)
             for (int c = 0; c < 4; c++) acc[i][c] = _mm256_setzero_ps();
-        for (int64_t c = 0; c < D / 8; c++) {
-            const __m256 k0 = cached8(keys, k + 8 * c, halves), k1 = cached8(keys, k + D + 8 * c, halves);
-            const __m256 k2 = cached8(keys, k + 2 * D + 8 * c, halves), k3 = cached8(keys, k + 3 * D + 8 * c, halves);
-            for (int i = 0; i < Q; i++) {
-                const __m256 qc = _mm256_loadu_ps(qs + i * D + 8 * c);
-                acc[i][0] = _mm256_fmadd_ps(qc, k0, acc[i][0]);
-                acc[i][1] = _mm256_fmadd_ps(qc, k1, acc[i][1]);
-                acc[i][2] = _mm256_fmadd_ps(qc, k2, acc[i][2]);
-                acc[i][3] = _mm256_fmadd_ps(qc, k3, acc[i][3]);
+        const int K = Q == 3 ? 2 : 4; /* keys per sweep: three queries' 12 sums and 4 keys left no register free */
+        for (int e = 0; e < 4; e += K)
+            for (int64_t c = 0; c < D / 8; c++) {
+                __m256 kc[4];
+                for (int f = 0; f < K; f++) kc[f] = cached8(keys, k + (e + f) * D + 8 * c, halves);
+                for (int i = 0; i < Q; i++) {
+                    const __m256 qc = _mm256_loadu_ps(qs + i * D + 8 * c);
+                    for (int f = 0; f < K; f++) acc[i][e + f] = _mm256_fmadd_ps(qc, kc[f], acc[i][e + f]);
+                }
             }
-        }
         for (int i = 0; i < Q; i++) {
             const __m256 pairs =
                 _mm256_hadd_ps(_mm256_hadd_ps(acc[i][0], acc[i][1]), _mm256_hadd_ps(acc[i][2], acc[i][3]));
@@ -2381,36 +2380,34 @@ static inline float block_weights(float *s, int64_t first, int64_t last, float *
     return rescale;
 }
 
-/* acc_i = acc_i * rescale[i] + sum over keys a .. b - 1 of w_i[j] values[j], for Q (1 or 2) queries (acc D
- * floats apart, weights ATTN_KEYS apart): 32 floats of the head at a time, held in registers. */
+/* acc_i = acc_i * rescale[i] + sum over keys a .. b - 1 of w_i[j] values[j], for Q (1 to 3) queries (acc D
+ * floats apart, weights ATTN_KEYS apart): 8 C floats of the head at a time (C 4 for one or two queries, 2 for
+ * three, which keeps the sums, the values and a weight in AVX2's 16 registers), held in registers. */
 static inline __attribute__((always_inline)) void block_values(const float *w, const void *values, int64_t a,
                                                                int64_t b, const int64_t D, const int Q,
                                                                const int halves, const float *rescale,
                                                                float *acc) {
-    for (int64_t h = 0; h < D; h += 32) {
-        __m256 r[2][4];
+    const int C = Q == 3 ? 2 : 4;
+    for (int64_t h = 0; h < D; h += 8 * C) {
+        __m256 r[3][4], v[4];
         for (int i = 0; i < Q; i++)
-            for (int c = 0; c < 4; c++)
+            for (int c = 0; c < C; c++)
                 r[i][c] = _mm256_mul_ps(_mm256_loadu_ps(acc + i * D + h + 8 * c), _mm256_set1_ps(rescale[i]));
-        for (int64_t j = a; j < b; j++) {
-            const int64_t v = j * D + h;
-            const __m256 v0 = cached8(values, v, halves), v1 = cached8(values, v + 8, halves);
-            const __m256 v2 = cached8(values, v + 16, halves), v3 = cached8(values, v + 24, halves);
+        int64_t j = a;
+        for (; j < b; j++) {
+            for (int c = 0; c < C; c++) v[c] = cached8(values, j * D + h + 8 * c, halves);
             for (int i = 0; i < Q; i++) {
                 const __m256 wi = _mm256_broadcast_ss(w + i * ATTN_KEYS + j);
-                r[i][0] = _mm256_fmadd_ps(wi, v0, r[i][0]);
-                r[i][1] = _mm256_fmadd_ps(wi, v1, r[i][1]);
-                r[i][2] = _mm256_fmadd_ps(wi, v2, r[i][2]);
-                r[i][3] = _mm256_fmadd_ps(wi, v3, r[i][3]);
+                for (int c = 0; c < C; c++) r[i][c] = _mm256_fmadd_ps(wi, v[c], r[i][c]);
             }
         }
         for (int i = 0; i < Q; i++)
-            for (int c = 0; c < 4; c++) _mm256_storeu_ps(acc + i * D + h + 8 * c, r[i][c]);
+            for (int c = 0; c < C; c++) _mm256_storeu_ps(acc + i * D + h + 8 * c, r[i][c]);
     }
 }
 
 /* A query set over one KV head's keys and values, for heads of D floats (64 or 128; inlined with D constant):
- * the keys in blocks of ATTN_KEYS read once for every query of the set, two queries per pass, each half widened
+ * the keys in blocks of ATTN_KEYS read once for every query of the set, three queries per pass, each half widened
  * as it is loaded (unless the view has them as floats: widening each block into scratch first made one-token
  * attention 1.36-1.40x slower, kernel_ab.py --attention), the softmax kept running over the blocks (its maximum, its sum, the
  * weighted values rescaled when the maximum grows). Without `state` each output is normalized; with it, query
@@ -2434,28 +2431,28 @@ static inline __attribute__((always_inline)) void attend_blocked(const query_set
         const int64_t n = hi + 1 - j0 < ATTN_KEYS ? hi + 1 - j0 : ATTN_KEYS;
         const void *kb = halves ? (const void *)(kv->keys + j0 * D) : kv->wide_keys + j0 * D;
         const void *vb = halves ? (const void *)(kv->values + j0 * D) : kv->wide_values + j0 * D;
-        int i = 0;
-        for (; i + 2 <= count; i += 2)
-            halves ? block_scores(qs + i * D, kb, n, D, 2, 1, w + i * ATTN_KEYS)
-                   : block_scores(qs + i * D, kb, n, D, 2, 0, w + i * ATTN_KEYS);
-        if (i < count)
-            halves ? block_scores(qs + i * D, kb, n, D, 1, 1, w + i * ATTN_KEYS)
-                   : block_scores(qs + i * D, kb, n, D, 1, 0, w + i * ATTN_KEYS);
-        for (i = 0; i < count; i++) {
+        /* block_scores and block_values for Q of 1 to 3 queries from query i, with Q and `halves` constant */
+#define SCORES(Q) (halves ? block_scores(qs + i * D, kb, n, D, Q, 1, w + i * ATTN_KEYS)                              \
+                          : block_scores(qs + i * D, kb, n, D, Q, 0, w + i * ATTN_KEYS))
+#define VALUES(Q) (halves ? block_values(w + i * ATTN_KEYS, vb, a, b, D, Q, 1, rescale + i, acc + i * D)             \
+                          : block_values(w + i * ATTN_KEYS, vb, a, b, D, Q, 0, rescale + i, acc + i * D))
+        for (int i = 0, q; i < count; i += q) {
+            q = count - i < 3 ? count - i : 3;
+            q == 3 ? SCORES(3) : q == 2 ? SCORES(2) : SCORES(1);
+        }
+        for (int i = 0; i < count; i++) {
             first[i] = set->lo[i] > j0 ? set->lo[i] - j0 : 0;
             last[i] = set->p[i] + 1 - j0 < n ? set->p[i] + 1 - j0 : n;
             rescale[i] = block_weights(w + i * ATTN_KEYS, first[i], last[i], top + i, total + i);
         }
-        for (i = 0; i + 2 <= count; i += 2) {
-            const int64_t a = first[i] < first[i + 1] ? first[i] : first[i + 1];
-            const int64_t b = last[i] > last[i + 1] ? last[i] : last[i + 1];
-            halves ? block_values(w + i * ATTN_KEYS, vb, a, b, D, 2, 1, rescale + i, acc + i * D)
-                   : block_values(w + i * ATTN_KEYS, vb, a, b, D, 2, 0, rescale + i, acc + i * D);
+        for (int i = 0, q; i < count; i += q) {
+            q = count - i < 3 ? count - i : 3;
+            int64_t a = first[i], b = last[i];
+            for (int e = i + 1; e < i + q; e++) a = first[e] < a ? first[e] : a, b = last[e] > b ? last[e] : b;
+            q == 3 ? VALUES(3) : q == 2 ? VALUES(2) : VALUES(1);
         }
-        if (i < count)
-            halves ? block_values(w + i * ATTN_KEYS, vb, first[i], last[i], D, 1, 1, rescale + i, acc + i * D)
-                   : block_values(w + i * ATTN_KEYS, vb, first[i], last[i], D, 1, 0, rescale + i,
-                                  acc + i * D);
+#undef SCORES
+#undef VALUES
     }
     for (int i = 0; i < count; i++) {
         if (state) {
