@@ -2,7 +2,7 @@
 
 Usage: python benchmarks/kernel_ab.py --old REV [--isa avx2] [--threads 1] [--tokens 1,8,64]
        [--layouts "row codebooks 3.25,uniform g64"] [--rounds 12] [--model DIR [--prompt-tokens 64] [--new-tokens 64]]
-       [--attention 512,2048]
+       [--attention 512,2048 [--attention-tokens 1]]
 
 The old kernel is `src/anybit/kernels/int8_lut.c` at git revision REV, the new one the working tree's; both are
 built as anybit builds its kernels (`kernels.build.CompiledKernel`, for `ANYBIT_CPU_ISA`, into the anybit cache)
@@ -16,8 +16,9 @@ prompt, then `--new-tokens` greedy tokens, the best of `--rounds` alternating ro
 "tokens" the prompt's length and 1): short rows such as SmolLM2's 576 columns weigh what a kernel does per row more
 than the 4096-column layouts do, and long prompts weigh the attention. An old source whose KV cache is float32
 (before the float16 cache) decodes on a float32 cache (`_float32_cache`). With --attention POSITIONS, also the
-decode step's attention alone (`anybit_attention`, both versions on float16 caches) for one token at each of those
-positions, in SmolLM2's shape (30 layers of 9 query heads over 3 KV heads of 64 floats, a cache per layer).
+decode step's attention alone (`anybit_attention`, both versions on float16 caches) for `--attention-tokens` tokens
+(1: a decode step; `--attention 0 --attention-tokens 2048`: a 2048-token prompt's) from each of those positions, in
+SmolLM2's shape (30 layers of 9 query heads over 3 KV heads of 64 floats, a cache per layer).
 """
 
 from __future__ import annotations
@@ -104,11 +105,13 @@ def decode_seconds(
     return prefill, decode
 
 
-def attention_seconds(libs: dict, position: int, threads: int, rounds: int) -> dict[str, float]:
-    """The best time, for each kernel, of one token's attention at `position` in every layer of SmolLM2's shape."""
+def attention_seconds(libs: dict, position: int, tokens: int, threads: int, rounds: int) -> dict[str, float]:
+    """The best time, for each kernel, of the attention of `tokens` tokens from `position` in every layer of
+    SmolLM2's shape."""
     layers, kv_heads, heads, head_dim = 30, 3, 9, 64
-    caches = [torch.randn(2, kv_heads, position + 1, head_dim).half() for _ in range(layers)]
-    q, out = torch.randn(1, heads, head_dim), torch.empty(1, heads, head_dim)
+    span = position + tokens
+    caches = [torch.randn(2, kv_heads, span, head_dim).half() for _ in range(layers)]
+    q, out = torch.randn(tokens, heads, head_dim), torch.empty(tokens, heads, head_dim)
     from anybit.runtime.native import declare_attention
 
     for lib in libs.values():
@@ -120,8 +123,8 @@ def attention_seconds(libs: dict, position: int, threads: int, rounds: int) -> d
             for cache in caches:
                 keys, values = cache[0], cache[1]
                 lib.anybit_attention(
-                    q.data_ptr(), keys.data_ptr(), values.data_ptr(), 1, position, heads, kv_heads, head_dim,
-                    position + 1, 0, head_dim**-0.5, out.data_ptr(), threads,
+                    q.data_ptr(), keys.data_ptr(), values.data_ptr(), tokens, position, heads, kv_heads, head_dim,
+                    span, 0, head_dim**-0.5, out.data_ptr(), threads,
                 )  # fmt: skip
             best[name] = min(best[name], time.perf_counter() - start)
     return best
@@ -138,7 +141,8 @@ def main() -> None:
     parser.add_argument("--model", help="a quantized directory whose native decode steps to time as well")
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--attention", help="positions at which to time one token's attention alone (e.g. 512,2048)")
+    parser.add_argument("--attention", help="positions at which to time the attention alone (e.g. 512,2048)")
+    parser.add_argument("--attention-tokens", type=int, default=1, help="tokens whose attention --attention times")
     args = parser.parse_args()
     if args.isa != build.requested_isa():
         raise SystemExit(f"set ANYBIT_CPU_ISA={args.isa}: the matrices must be laid out for the kernels compared")
@@ -189,12 +193,12 @@ def main() -> None:
                     },
                 )  # fmt: skip
         for position in (int(p) for p in (args.attention or "").split(",") if p):
-            best = attention_seconds(libs, position, args.threads, args.rounds)
+            best = attention_seconds(libs, position, args.attention_tokens, args.threads, args.rounds)
             log_result(
                 "kernel_ab",
                 {
                     "old": args.old, "isa": args.isa, "code_path": cpu_fast.code_path(), "attention_position": position,
-                    "threads": args.threads, "old_ms": 1e3 * best["old"], "new_ms": 1e3 * best["new"],
+                    "attention_tokens": args.attention_tokens, "threads": args.threads, "old_ms": 1e3 * best["old"], "new_ms": 1e3 * best["new"],
                     "speedup": best["old"] / best["new"],
                 },
             )  # fmt: skip

@@ -2407,17 +2407,21 @@ static inline __attribute__((always_inline)) void block_values(const float *w, c
 }
 
 /* A query set over one KV head's keys and values, for heads of D floats (64 or 128; inlined with D constant):
- * the keys in blocks of ATTN_KEYS read once for every query of the set, three queries per pass, each half widened
- * as it is loaded (unless the view has them as floats: widening each block into scratch first made one-token
- * attention 1.36-1.40x slower, kernel_ab.py --attention), the softmax kept running over the blocks (its maximum, its sum, the
- * weighted values rescaled when the maximum grows). Without `state` each output is normalized; with it, query
- * i's maximum, sum and unnormalized values go to state + i (D + 2) (a query without keys: -inf, 0 and zeros)
- * for `combine_states`. */
+ * the keys in blocks of ATTN_KEYS read once for every query of the set, two or three queries per pass, each
+ * half widened as it is loaded (unless the view has them as floats: widening each block into scratch first made
+ * one-token attention 1.36-1.40x slower, kernel_ab.py --attention), the softmax kept running over the blocks
+ * (its maximum, its sum, the weighted values rescaled when the maximum grows). Without `state` each output is
+ * normalized; with it, query i's maximum, sum and unnormalized values go to state + i (D + 2) (a query without
+ * keys: -inf, 0 and zeros) for `combine_states`. */
 static inline __attribute__((always_inline)) void attend_blocked(const query_set *set, const kv_view *kv,
                                                                  const int64_t D, float scale, float *scratch,
                                                                  float *state) {
     float *qs = scratch, *acc = qs + ATTN_QUERIES * D, *w = acc + ATTN_QUERIES * D;
     const int halves = !kv->wide_keys; /* read the cache's halves, widening each as it is loaded */
+    /* queries per pass: three where each key and value is widened as loaded (a GQA group of 3 reads each once:
+     * one token's attention 1.06-1.10x at 2048 positions); two on floats (three: a 2048-token prompt's 0.84-0.87x,
+     * with fewer independent sums and more loads per product; kernel_ab.py --attention) */
+    const int most = halves ? 3 : 2;
     float top[ATTN_QUERIES], total[ATTN_QUERIES], rescale[ATTN_QUERIES];
     int64_t lo = INT64_MAX, hi = -1, first[ATTN_QUERIES], last[ATTN_QUERIES];
     const int count = set->count;
@@ -2437,7 +2441,7 @@ static inline __attribute__((always_inline)) void attend_blocked(const query_set
 #define VALUES(Q) (halves ? block_values(w + i * ATTN_KEYS, vb, a, b, D, Q, 1, rescale + i, acc + i * D)             \
                           : block_values(w + i * ATTN_KEYS, vb, a, b, D, Q, 0, rescale + i, acc + i * D))
         for (int i = 0, q; i < count; i += q) {
-            q = count - i < 3 ? count - i : 3;
+            q = count - i < most ? count - i : most;
             q == 3 ? SCORES(3) : q == 2 ? SCORES(2) : SCORES(1);
         }
         for (int i = 0; i < count; i++) {
@@ -2446,7 +2450,7 @@ static inline __attribute__((always_inline)) void attend_blocked(const query_set
             rescale[i] = block_weights(w + i * ATTN_KEYS, first[i], last[i], top + i, total + i);
         }
         for (int i = 0, q; i < count; i += q) {
-            q = count - i < 3 ? count - i : 3;
+            q = count - i < most ? count - i : most;
             int64_t a = first[i], b = last[i];
             for (int e = i + 1; e < i + q; e++) a = first[e] < a ? first[e] : a, b = last[e] > b ? last[e] : b;
             q == 3 ? VALUES(3) : q == 2 ? VALUES(2) : VALUES(1);
