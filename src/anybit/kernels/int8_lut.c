@@ -2310,14 +2310,24 @@ static inline __attribute__((always_inline)) __m256 cached8(const void *data, in
                   : _mm256_loadu_ps((const float *)data + i);
 }
 
+/* Asks for cached row j + ATTN_KEYS (D halves or floats), the next block's, while row j is used. On halves, in a
+ * block's first pass (`ahead`): one token's attention 1.05-1.09x at 512 positions, 1.11-1.23x at 2048 and 4096
+ * (two blocks ahead: 0.95-0.98x of one); on a long prompt's widened floats it made the attention 0.87x. */
+static inline __attribute__((always_inline)) void prefetch_row(const void *data, int64_t j, const int64_t D,
+                                                               const int halves) {
+    const char *row = (const char *)data + (j + ATTN_KEYS) * D * (halves ? 2 : 4);
+    for (int64_t b = 0; b < D * (halves ? 2 : 4); b += 64) _mm_prefetch(row + b, _MM_HINT_T0);
+}
+
 /* Scores of Q (1 to 3; inlined with Q, the head size D and `halves` constant) scaled queries qs (D floats apart)
  * against the n keys at `keys` (halves or floats): four keys per pass, query i's scores at s[i * ATTN_KEYS ..]. */
 static inline __attribute__((always_inline)) void block_scores(const float *qs, const void *keys, int64_t n,
                                                                const int64_t D, const int Q, const int halves,
-                                                               float *s) {
+                                                               const int ahead, float *s) {
     int64_t j = 0;
     for (; j + 4 <= n; j += 4) {
         const int64_t k = j * D;
+        for (int f = 0; ahead && f < 4; f++) prefetch_row(keys, j + f, D, halves);
         __m256 acc[3][4];
         for (int i = 0; i < Q; i++)
             for (int c = 0; c < 4; c++) acc[i][c] = _mm256_setzero_ps();
@@ -2385,8 +2395,8 @@ static inline float block_weights(float *s, int64_t first, int64_t last, float *
  * three, which keeps the sums, the values and a weight in AVX2's 16 registers), held in registers. */
 static inline __attribute__((always_inline)) void block_values(const float *w, const void *values, int64_t a,
                                                                int64_t b, const int64_t D, const int Q,
-                                                               const int halves, const float *rescale,
-                                                               float *acc) {
+                                                               const int halves, const int ahead,
+                                                               const float *rescale, float *acc) {
     const int C = Q == 3 ? 2 : 4;
     for (int64_t h = 0; h < D; h += 8 * C) {
         __m256 r[3][4], v[4];
@@ -2395,6 +2405,7 @@ static inline __attribute__((always_inline)) void block_values(const float *w, c
                 r[i][c] = _mm256_mul_ps(_mm256_loadu_ps(acc + i * D + h + 8 * c), _mm256_set1_ps(rescale[i]));
         int64_t j = a;
         for (; j < b; j++) {
+            if (ahead && h == 0) prefetch_row(values, j, D, halves);
             for (int c = 0; c < C; c++) v[c] = cached8(values, j * D + h + 8 * c, halves);
             for (int i = 0; i < Q; i++) {
                 const __m256 wi = _mm256_broadcast_ss(w + i * ATTN_KEYS + j);
@@ -2436,10 +2447,10 @@ static inline __attribute__((always_inline)) void attend_blocked(const query_set
         const void *kb = halves ? (const void *)(kv->keys + j0 * D) : kv->wide_keys + j0 * D;
         const void *vb = halves ? (const void *)(kv->values + j0 * D) : kv->wide_values + j0 * D;
         /* block_scores and block_values for Q of 1 to 3 queries from query i, with Q and `halves` constant */
-#define SCORES(Q) (halves ? block_scores(qs + i * D, kb, n, D, Q, 1, w + i * ATTN_KEYS)                              \
-                          : block_scores(qs + i * D, kb, n, D, Q, 0, w + i * ATTN_KEYS))
-#define VALUES(Q) (halves ? block_values(w + i * ATTN_KEYS, vb, a, b, D, Q, 1, rescale + i, acc + i * D)             \
-                          : block_values(w + i * ATTN_KEYS, vb, a, b, D, Q, 0, rescale + i, acc + i * D))
+#define SCORES(Q) (halves ? block_scores(qs + i * D, kb, n, D, Q, 1, i == 0, w + i * ATTN_KEYS)                      \
+                          : block_scores(qs + i * D, kb, n, D, Q, 0, 0, w + i * ATTN_KEYS))
+#define VALUES(Q) (halves ? block_values(w + i * ATTN_KEYS, vb, a, b, D, Q, 1, i == 0, rescale + i, acc + i * D)     \
+                          : block_values(w + i * ATTN_KEYS, vb, a, b, D, Q, 0, 0, rescale + i, acc + i * D))
         for (int i = 0, q; i < count; i += q) {
             q = count - i < most ? count - i : most;
             q == 3 ? SCORES(3) : q == 2 ? SCORES(2) : SCORES(1);
