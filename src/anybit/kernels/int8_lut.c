@@ -2311,7 +2311,7 @@ static inline __attribute__((always_inline)) __m256 cached8(const void *data, in
 }
 
 /* Asks for cached row j + ATTN_KEYS (D halves or floats), the next block's, while row j is used. On halves, in a
- * block's first pass (`ahead`): one token's attention 1.05-1.09x at 512 positions, 1.11-1.23x at 2048 and 4096
+ * block's first pass (`ahead`): one token's attention 1.06-1.09x at 2048 and 4096 positions, unchanged at 512
  * (two blocks ahead: 0.95-0.98x of one); on a long prompt's widened floats it made the attention 0.87x. */
 static inline __attribute__((always_inline)) void prefetch_row(const void *data, int64_t j, const int64_t D,
                                                                const int halves) {
@@ -2403,8 +2403,7 @@ static inline __attribute__((always_inline)) void block_values(const float *w, c
         for (int i = 0; i < Q; i++)
             for (int c = 0; c < C; c++)
                 r[i][c] = _mm256_mul_ps(_mm256_loadu_ps(acc + i * D + h + 8 * c), _mm256_set1_ps(rescale[i]));
-        int64_t j = a;
-        for (; j < b; j++) {
+        for (int64_t j = a; j < b; j++) {
             if (ahead && h == 0) prefetch_row(values, j, D, halves);
             for (int c = 0; c < C; c++) v[c] = cached8(values, j * D + h + 8 * c, halves);
             for (int i = 0; i < Q; i++) {
@@ -2430,7 +2429,7 @@ static inline __attribute__((always_inline)) void attend_blocked(const query_set
     float *qs = scratch, *acc = qs + ATTN_QUERIES * D, *w = acc + ATTN_QUERIES * D;
     const int halves = !kv->wide_keys; /* read the cache's halves, widening each as it is loaded */
     /* queries per pass: three where each key and value is widened as loaded (a GQA group of 3 reads each once:
-     * one token's attention 1.06-1.10x at 2048 positions); two on floats (three: a 2048-token prompt's 0.84-0.87x,
+     * one token's attention 1.08-1.09x at 2048 positions); two on floats (three: a 2048-token prompt's 0.84-0.87x,
      * with fewer independent sums and more loads per product; kernel_ab.py --attention) */
     const int most = halves ? 3 : 2;
     float top[ATTN_QUERIES], total[ATTN_QUERIES], rescale[ATTN_QUERIES];
