@@ -2664,6 +2664,22 @@ int anybit_attention(const float *q, const uint16_t *k_cache, const uint16_t *v_
     return 0;
 }
 
+/* gate[j] = silu(gate[j]) up[j] for the 8 elements from j (fewer at the end, n): g / (1 + e^-g) from e^-|g|, the
+ * SIMD builds' exp of 8 lanes (libm's expf took 2.5 % of a decode step, by hand). */
+static void silu_times_8(float *gate, const float *up, int64_t j, int64_t n) {
+#if defined(PATH_AVX512) || defined(PATH_AVX2)
+    if (j + 8 <= n) {
+        const __m256 g = _mm256_loadu_ps(gate + j), one = _mm256_set1_ps(1.0f);
+        const __m256 e = exp_lanes(_mm256_or_ps(g, _mm256_set1_ps(-0.0f))); /* e^-|g| */
+        const __m256 high = _mm256_div_ps(one, _mm256_add_ps(one, e));      /* sigmoid(|g|) */
+        const __m256 sigmoid = _mm256_blendv_ps(high, _mm256_mul_ps(e, high), g); /* g < 0: e / (1 + e) */
+        _mm256_storeu_ps(gate + j, _mm256_mul_ps(_mm256_mul_ps(g, sigmoid), _mm256_loadu_ps(up + j)));
+        return;
+    }
+#endif
+    for (int64_t i = j; i < j + 8 && i < n; i++) gate[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+}
+
 /* Runs T tokens (embedded in x, T × hidden, overwritten) at positions pos ..; writes the last token's logits
  * (vocab). Returns 0, or -1 when scratch memory cannot be allocated. */
 int anybit_decode_step(const anybit_model *M, float *x, int64_t T, int64_t pos, float *logits, int threads) {
@@ -2719,7 +2735,7 @@ int anybit_decode_step(const anybit_model *M, float *x, int64_t T, int64_t pos, 
                 float *gu_out[2] = {gate, up};
                 products(gu, 2, normed, T, gu_out, in);
 #pragma omp for schedule(static)
-                for (int64_t j = 0; j < T * M->intermediate; j++) gate[j] = gate[j] / (1.0f + expf(-gate[j])) * up[j];
+                for (int64_t j = 0; j < T * M->intermediate; j += 8) silu_times_8(gate, up, j, T * M->intermediate);
                 const anybit_matrix *down[1] = {&L->down};
                 float *down_out[1] = {out};
                 products(down, 1, gate, T, down_out, in);
