@@ -1377,6 +1377,12 @@ static void code_token(const anybit_matrix *const *m, int count, const float *x,
 static inline int has_extras(const anybit_matrix *m) { return m->n_outliers > 0 || m->bias; }
 
 #if defined(PATH_AVX512) || defined(PATH_AVX2)
+/* acc plus outlier e's delta times its column's 8 tokens in `lanes` (add_outliers_8). */
+static inline __m256 outlier_lanes(const anybit_matrix *m, int64_t e, const float *lanes, __m256 acc) {
+    const __m256 column = _mm256_loadu_ps(lanes + 8 * (int64_t)m->outlier_cols[e]);
+    return _mm256_fmadd_ps(_mm256_set1_ps(m->outlier_deltas[e]), column, acc);
+}
+
 /* The outliers of the rows at positions q0 .. q1 - 1 of m's `order` added to their outputs for tokens t0 ..
  * t0 + 7 of x: the tokens' inputs transposed into `lanes` (cols × 8), each row's outliers summed 8 tokens to a
  * register. */
@@ -1390,15 +1396,9 @@ static void add_outliers_8(const anybit_matrix *m, int64_t q0, int64_t q1, const
         int64_t e = m->outlier_start[q];
         if (e == end) continue;
         __m256 even = _mm256_setzero_ps(), odd = even;
-        for (; e + 2 <= end; e += 2) {
-            even = _mm256_fmadd_ps(_mm256_set1_ps(m->outlier_deltas[e]),
-                                   _mm256_loadu_ps(lanes + 8 * (int64_t)m->outlier_cols[e]), even);
-            odd = _mm256_fmadd_ps(_mm256_set1_ps(m->outlier_deltas[e + 1]),
-                                  _mm256_loadu_ps(lanes + 8 * (int64_t)m->outlier_cols[e + 1]), odd);
-        }
-        if (e < end)
-            even = _mm256_fmadd_ps(_mm256_set1_ps(m->outlier_deltas[e]),
-                                   _mm256_loadu_ps(lanes + 8 * (int64_t)m->outlier_cols[e]), even);
+        for (; e + 2 <= end; e += 2)
+            even = outlier_lanes(m, e, lanes, even), odd = outlier_lanes(m, e + 1, lanes, odd);
+        if (e < end) even = outlier_lanes(m, e, lanes, even);
         float sums[8];
         _mm256_storeu_ps(sums, _mm256_add_ps(even, odd));
         for (int k = 0; k < 8; k++) y[(t0 + k) * m->rows + m->order[q]] += sums[k];
@@ -2286,8 +2286,8 @@ typedef struct {
 } kv_view;
 
 #if defined(PATH_AVX512) || defined(PATH_AVX2)
-/* e^x for each lane (x <= 0 here: scores less their maximum), to about 2 ulp: 2^n times a degree-6 polynomial of
- * the remainder, Cody-Waite split ln 2; below -87.3 the lanes give about 1e-38 rather than 0. */
+/* e^x for each lane (x <= 0 here: scores less their maximum, or -|g| for SiLU), to about 2 ulp: 2^n times a
+ * degree-6 polynomial of the remainder, Cody-Waite split ln 2; below -87.3 the lanes give about 1e-38, not 0. */
 static inline __m256 exp_lanes(__m256 x) {
     x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
     const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
