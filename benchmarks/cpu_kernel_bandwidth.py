@@ -8,7 +8,10 @@ outliers with SKIM's scaling vector and a permutation, CLAQ's per-column codeboo
 vector codebooks: 4-D at 2.25-2.75 bits, 2-D at 4 and 4.5), a set of 4096×4096 matrices holding `--weights` weights in all (far more bytes than the last-level cache), with random codes: the time of one product
 of every matrix with a (batch, 4096) input, as the median of `--rounds`. Bandwidth is the bytes the
 kernel reads (its codes, re-laid or read in place, tables, scales and zero points) per second, beside the machine's read
-bandwidth measured in the same run by a streaming sum over 1 GiB. Beside it, the roof the machine's integer
+bandwidth measured in the same run by a streaming sum over 1 GiB (`fraction_of_read`: the two medians, taken
+minutes apart) and, as `paired_fraction`, the median over rounds of each round's kernel speed over a streaming
+read timed just before it (on a shared machine whose read speed drifts between minutes, the steadier figure).
+Beside it, the roof the machine's integer
 products set (`int8_dot_roof.c`: the multiplies per second of the code path's product instruction, on the
 kernel's threads): `roof_fraction` is the share of the read bandwidth a layout would reach if the kernel did
 nothing but its products at that rate (AVX-512: two byte products per weight and token, three with two-part
@@ -109,15 +112,20 @@ LAYOUTS = {
 }
 
 
+READ_DATA = 1 << 28  # float32 elements of the streaming read (1 GiB)
+
+
+def read_round(data: torch.Tensor) -> float:
+    """GB/s of one streaming sum over `data` (torch, all its threads): the machine's read speed."""
+    start = time.perf_counter()
+    data.sum()
+    return data.numel() * data.element_size() / (time.perf_counter() - start) / 1e9
+
+
 def read_bandwidth(rounds: int) -> float:
-    """GB/s of a streaming sum over 1 GiB of float32 (torch, all its threads): the machine's read speed."""
-    data = torch.ones(1 << 28)
-    seconds = []
-    for _ in range(rounds + 1):
-        start = time.perf_counter()
-        data.sum()
-        seconds.append(time.perf_counter() - start)
-    return data.numel() * 4 / statistics.median(seconds[1:]) / 1e9
+    """The median GB/s of `rounds` streaming reads of 1 GiB (after one to warm up)."""
+    data = torch.ones(READ_DATA)
+    return statistics.median([read_round(data) for _ in range(rounds + 1)][1:])
 
 
 def _declare_roof(lib: ctypes.CDLL) -> None:
@@ -180,6 +188,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     bandwidth = read_bandwidth(args.rounds)
+    data = torch.ones(READ_DATA)
     roof = dot_roof(args.rounds)
     count = max(1, args.weights // (SIDE * SIDE))
     weights = count * SIDE * SIDE
@@ -192,12 +201,14 @@ def main() -> None:
         for batch in (int(b) for b in args.batches.split(",")):
             per_weight = products_per_weight(matrices[0], batch)
             x = torch.randn(batch, SIDE)
-            seconds = []
+            seconds, fractions, reads = [], [], []
             for _ in range(args.rounds + 1):  # round 0 warms up
+                reads.append(read_round(data))
                 start = time.perf_counter()
                 for m in matrices:
                     cpu_fast.product(m, x)
                 seconds.append(time.perf_counter() - start)
+                fractions.append(read / seconds[-1] / 1e9 / reads[-1])
             median = statistics.median(seconds[1:])
             roof_fraction = None
             if roof and per_weight:  # the products alone, at the roof: weights/s times bytes per weight
@@ -209,6 +220,7 @@ def main() -> None:
                     "weights": weights, "counted_bits": qt.bits_per_weight(),
                     "kernel_bytes": read, "seconds": median, "kernel_gbs": read / median / 1e9,
                     "read_gbs": bandwidth, "fraction_of_read": read / median / 1e9 / bandwidth,
+                    "paired_read_gbs": statistics.median(reads[1:]), "paired_fraction": statistics.median(fractions[1:]),
                     "gweights_per_s": weights / median / 1e9, "gmacs": weights * batch / median / 1e9,
                     "dot_roof_gmuls": roof, "roof_fraction": roof_fraction,
                 },
