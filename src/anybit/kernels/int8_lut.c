@@ -1562,12 +1562,11 @@ static inline __attribute__((always_inline)) const uint8_t *decode_segment(const
         _mm512_storeu_si512(dst, tabled ? lookup(codes, b, table) : codes);
         if (tabled) _mm512_storeu_si512(dst + TILE_BYTES, lookup(codes, b, table + (1 << b)));
 #else
-        for (int half = 0; half < 2; half++) { /* a half's 32 wide values: 64 bytes, one part's row */
-            __m256i first, second;
-            half_wide_values(half_codes(w, b, half), b, tabled, table, &first, &second);
-            _mm256_storeu_si256((__m256i *)(dst + half * TILE_BYTES), first);
-            _mm256_storeu_si256((__m256i *)(dst + half * TILE_BYTES + 32), second);
-        }
+        __m256i v[4]; /* a half's 32 wide values: 64 bytes, one part's row (halves written out: half_codes
+                       * wants its half constant) */
+        half_wide_values(half_codes(w, b, 0), b, tabled, table, v, v + 1);
+        half_wide_values(half_codes(w, b, 1), b, tabled, table, v + 2, v + 3);
+        for (int q = 0; q < 4; q++) _mm256_storeu_si256((__m256i *)(dst + (q / 2) * TILE_BYTES + 32 * (q % 2)), v[q]);
 #endif
     }
     return w;
