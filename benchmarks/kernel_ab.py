@@ -7,8 +7,8 @@ Usage: python benchmarks/kernel_ab.py --old REV [--isa avx2] [--threads 1] [--to
 The old kernel is `src/anybit/kernels/int8_lut.c` at git revision REV, the new one the working tree's; both are
 built as anybit builds its kernels (`kernels.build.CompiledKernel`, for `ANYBIT_CPU_ISA`, into the anybit cache)
 and called through the same `anybit_matrix`, so the two versions must share the matrix structure and the re-laid
-code layout (the working tree's `cpu_fast.prepare` lays them out). For each layout of `cpu_kernel_bandwidth.py` (eight copies
-of its 4096×4096 matrix) and token count, the best of `--rounds` alternating rounds of each version: alternating
+code layout (the working tree's `cpu_fast.prepare` lays them out). For each layout of `cpu_kernel_bandwidth.py` (`--copies`
+of its 4096×4096 matrix, 8 by default: past the L3; 1 stays in it) and token count, the best of `--rounds` alternating rounds of each version: alternating
 in one process keeps this machine's drifts in speed (up to 30 % between runs minutes apart) out of the ratio.
 One JSON line per layout and token count to benchmarks/results/kernel_ab.jsonl. With --model DIR (a quantized
 directory the native decoder serves), also that model end to end, on `--threads` threads: a `--prompt-tokens`
@@ -138,6 +138,7 @@ def main() -> None:
     parser.add_argument("--tokens", default="1,8,64")
     parser.add_argument("--layouts", default="row codebooks 3.25,uniform g64, 4-bit")
     parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--copies", type=int, default=8, help="copies of each layout's matrix (1: held in the L3)")
     parser.add_argument("--model", help="a quantized directory whose native decode steps to time as well")
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -165,7 +166,7 @@ def main() -> None:
                 if not name.startswith(prefix):
                     continue
                 torch.manual_seed(0)
-                prepared = _copies(cpu_fast.prepare(make()), 8)
+                prepared = _copies(cpu_fast.prepare(make()), args.copies)
                 matrices = [p.matrix() for p in prepared]  # `prepared` keeps their memory alive
                 for tokens in (int(t) for t in args.tokens.split(",")):
                     best = best_seconds(libs, matrices, tokens, args.threads, args.rounds)
@@ -174,7 +175,7 @@ def main() -> None:
                         "kernel_ab",
                         {
                             "old": args.old, "isa": args.isa, "code_path": cpu_fast.code_path(), "layout": name,
-                            "tokens": tokens, "threads": args.threads, "old_gmacs": rate["old"],
+                            "tokens": tokens, "threads": args.threads, "copies": args.copies, "old_gmacs": rate["old"],
                             "new_gmacs": rate["new"], "speedup": rate["new"] / rate["old"],
                         },
                     )  # fmt: skip
