@@ -261,42 +261,13 @@ static inline __m512i lookup(__m512i codes, int b, const uint8_t *table) {
 }
 #define DOT(acc, v, x) _mm512_dpbusd_epi32(acc, v, _mm512_loadu_si512(x))
 #elif defined(PATH_AVX2)
-/* A part of the codes shifted from bit from[l] of each byte in lane l (128-bit lanes 0 and 1 with `wide` 0, 64-bit
- * lanes 0-3 with `wide` 1) to bit `to` where every lane moves the same way, in one variable shift (a bit
- * crossing into a neighbouring byte never lands on the part's bits); else to bit 0 (*back_to_zero set), for
- * placed_part to shift into place after masking. Inlined with constant shifts. */
-static inline __attribute__((always_inline)) __m256i part_to_place(__m256i v, int wide, const int *from, int to,
-                                                                   int *back_to_zero) {
-    int left = 1, right = 1;
-    for (int l = 0; l < 4; l++) left &= from[l] <= to, right &= from[l] >= to;
-    *back_to_zero = !left && !right;
-    const int target = *back_to_zero ? 0 : to, sign = left ? 1 : -1; /* right shifts where no lane moves left */
-    int by[4];
-    for (int l = 0; l < 4; l++) by[l] = sign * (target - from[l]);
-    if (wide) {
-        const __m256i counts = _mm256_setr_epi64x(by[0], by[1], by[2], by[3]);
-        return left && !*back_to_zero ? _mm256_sllv_epi64(v, counts) : _mm256_srlv_epi64(v, counts);
-    }
-    /* 32-bit lanes: from[0] for the low 128 bits, from[1] for the high */
-    const __m256i counts = _mm256_setr_epi32(by[0], by[0], by[0], by[0], by[1], by[1], by[1], by[1]);
-    return left && !*back_to_zero ? _mm256_sllv_epi32(v, counts) : _mm256_srlv_epi32(v, counts);
-}
-
-/* part_to_place's result masked to the part's bits (`mask` at bit 0) at bit `to`: where it shifted to bit 0,
- * masked there and shifted to the place. */
-static inline __attribute__((always_inline)) __m256i placed_part(__m256i part, int mask, int to, int two_steps) {
-    if (two_steps) return _mm256_sll_epi16(_mm256_and_si256(part, _mm256_set1_epi8((char)mask)), _mm_cvtsi32_si128(to));
-    return _mm256_and_si256(part, _mm256_set1_epi8((char)(mask << to)));
-}
-
 /* The 32 codes of half a block (half 0 or 1) from the AVX2 layout (see the top of this file): a 4-bit part
  * from its nibbles, a 2-bit part by a shift per 128-bit lane, a 1-bit part by a shift per 64-bit lane, each
- * shifted straight to its place in the code where its lanes all move one way (part_to_place). Inlined with b
- * constant. */
+ * moved to its place in the code. Inlined with b constant. */
 static inline __attribute__((always_inline)) __m256i half_codes(const uint8_t *block, int b, int half) {
     if (b == 8) return _mm256_loadu_si256((const __m256i *)(block + 32 * half));
     __m256i codes = _mm256_setzero_si256();
-    int shift = 0, two_steps;
+    int shift = 0;
     if (b >= 4) {
         const __m256i v = _mm256_loadu_si256((const __m256i *)block);
         codes = _mm256_and_si256(half ? _mm256_srli_epi16(v, 4) : v, _mm256_set1_epi8(15));
@@ -304,19 +275,18 @@ static inline __attribute__((always_inline)) __m256i half_codes(const uint8_t *b
     }
     if (b & 2) {
         const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)block));
-        const int from[4] = {4 * half, 4 * half + 2, 4 * half + 2, 4 * half + 2};
-        const __m256i moved = part_to_place(v, 0, from, shift, &two_steps);
-        const __m256i part = placed_part(moved, 3, shift, two_steps);
-        codes = shift ? _mm256_or_si256(codes, part) : part;
+        const __m256i by = half ? _mm256_setr_epi32(4, 4, 4, 4, 6, 6, 6, 6) : _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2);
+        const __m256i part = _mm256_and_si256(_mm256_srlv_epi32(v, by), _mm256_set1_epi8(3));
+        codes = shift ? _mm256_or_si256(codes, _mm256_sll_epi16(part, _mm_cvtsi32_si128(shift))) : part;
         block += 16, shift += 2;
     }
     if (b & 1) {
         uint64_t word;
         memcpy(&word, block, sizeof word);
-        const int from[4] = {4 * half, 4 * half + 1, 4 * half + 2, 4 * half + 3};
-        const __m256i moved = part_to_place(_mm256_set1_epi64x((long long)word), 1, from, shift, &two_steps);
-        const __m256i part = placed_part(moved, 1, shift, two_steps);
-        codes = shift ? _mm256_or_si256(codes, part) : part;
+        const __m256i by = half ? _mm256_setr_epi64x(4, 5, 6, 7) : _mm256_setr_epi64x(0, 1, 2, 3);
+        const __m256i part = _mm256_and_si256(_mm256_srlv_epi64(_mm256_set1_epi64x((long long)word), by),
+                                              _mm256_set1_epi8(1));
+        codes = shift ? _mm256_or_si256(codes, _mm256_sll_epi16(part, _mm_cvtsi32_si128(shift))) : part;
     }
     return codes;
 }
@@ -1562,11 +1532,12 @@ static inline __attribute__((always_inline)) const uint8_t *decode_segment(const
         _mm512_storeu_si512(dst, tabled ? lookup(codes, b, table) : codes);
         if (tabled) _mm512_storeu_si512(dst + TILE_BYTES, lookup(codes, b, table + (1 << b)));
 #else
-        __m256i v[4]; /* a half's 32 wide values: 64 bytes, one part's row (halves written out: half_codes
-                       * wants its half constant) */
-        half_wide_values(half_codes(w, b, 0), b, tabled, table, v, v + 1);
-        half_wide_values(half_codes(w, b, 1), b, tabled, table, v + 2, v + 3);
-        for (int q = 0; q < 4; q++) _mm256_storeu_si256((__m256i *)(dst + (q / 2) * TILE_BYTES + 32 * (q % 2)), v[q]);
+        for (int half = 0; half < 2; half++) { /* a half's 32 wide values: 64 bytes, one part's row */
+            __m256i first, second;
+            half_wide_values(half_codes(w, b, half), b, tabled, table, &first, &second);
+            _mm256_storeu_si256((__m256i *)(dst + half * TILE_BYTES), first);
+            _mm256_storeu_si256((__m256i *)(dst + half * TILE_BYTES + 32), second);
+        }
 #endif
     }
     return w;
