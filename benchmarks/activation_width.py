@@ -71,6 +71,10 @@ def main() -> None:
     args = parser.parse_args()
     loaded = load_model(args.dir, torch.float32, "dense")
     layers = [m for m in loaded.model.modules() if isinstance(m, QuantLinear)]
+    # Each layer multiplies by its simulated weight through its dense cache, which evaluate() leaves alone only
+    # where a CPU kernel serves the layer (`qlinear.dense_weights`): elsewhere the simulation would not apply.
+    if not all(layer.cpu_kernel_serves() for layer in layers):
+        raise SystemExit(f"{args.dir}: some layers have no CPU kernel; the simulation needs every one served")
     windows = eval_windows(corpus_ids(loaded, "wikitext2"), 2048, args.max_windows)
     first = None
     for config in args.configs.split(","):
